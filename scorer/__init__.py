@@ -1,0 +1,15 @@
+"""PatchCore (Roth et al., CVPR 2022): backbone, patch features, coreset, index, scores, maps, banks, metrics.
+
+Pure compute: nothing here knows about Redis or the streaming service.
+"""
+from .backbones import BACKBONES, BackboneError, load_backbone
+from .bank import BankError, Calibration, MemoryBank, bank_from_bytes, bank_to_bytes, load_bank, save_bank
+from .config import BuildConfig, CoresetConfig, FeatureConfig
+from .model import PatchCoreScorer, ScoreResult, build_bank, resolve_device
+from .preprocess import ImageDecodeError, decode_image, load_image, to_rgb
+
+__all__ = [
+    "BACKBONES", "BackboneError", "BankError", "BuildConfig", "Calibration", "CoresetConfig", "FeatureConfig",
+    "ImageDecodeError", "MemoryBank", "PatchCoreScorer", "ScoreResult", "bank_from_bytes", "bank_to_bytes",
+    "build_bank", "decode_image", "load_backbone", "load_bank", "load_image", "resolve_device", "save_bank", "to_rgb",
+]

@@ -1,0 +1,57 @@
+"""Settings that define a memory bank. A bank stores them, and a scorer refuses a mismatch."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that determines a patch feature vector."""
+
+    backbone: str = "wide_resnet50_2"
+    layers: tuple[str, ...] = ()  # empty: the backbone's default taps
+    weights_sha256: str = ""  # filled in from the weights actually loaded
+    resize: int = 256
+    crop: int = 224
+    patch_size: int = 3
+    pretrain_dim: int = 1024
+    target_dim: int = 1024
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FeatureConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["layers"] = tuple(values.get("layers", ()))
+        return cls(**values)
+
+    def differences(self, other: "FeatureConfig") -> list[str]:
+        """Human-readable list of fields where two configs disagree."""
+        return [
+            f"{f.name}: bank has {getattr(self, f.name)!r}, scorer has {getattr(other, f.name)!r}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+@dataclass(frozen=True)
+class CoresetConfig:
+    fraction: float = 0.1
+    projection_dim: int = 128
+    start_points: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    features: FeatureConfig = FeatureConfig()
+    coreset: CoresetConfig = CoresetConfig()
+    # share of train/good held back from the bank to calibrate the threshold on good images only
+    calibration_fraction: float = 0.1  # scored against a bank without them; the final bank uses all images
+    # threshold = mean + k * std of the held-back good images' scores
+    calibration_sigmas: float = 3.0
+    # b of the paper's Eq. 7; 1 means plain max of the patch scores
+    reweight_neighbours: int = 9
+    batch_size: int = 16

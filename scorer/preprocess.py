@@ -1,0 +1,89 @@
+"""Image decoding and the paper's pre-processing: resize 256, centre crop 224, ImageNet normalisation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+class ImageDecodeError(ValueError):
+    """Bytes or a file that are not a decodable image."""
+
+
+def to_rgb(image: np.ndarray, channel_order: str = "rgb") -> np.ndarray:
+    """Any uint8 grey (HxW, HxWx1), RGB/BGR (HxWx3) or RGBA/BGRA image -> HxWx3 RGB uint8."""
+    if image.dtype != np.uint8:
+        raise ImageDecodeError(f"expected uint8 pixels, got {image.dtype}")
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        return np.ascontiguousarray(np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2))
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ImageDecodeError(f"expected HxW, HxWx1, HxWx3 or HxWx4 pixels, got shape {image.shape}")
+    image = image[:, :, :3]
+    if channel_order == "bgr":
+        image = image[:, :, ::-1]
+    return np.ascontiguousarray(image)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG/JPEG/BMP bytes -> HxWx3 RGB uint8."""
+    decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if decoded is None:
+        raise ImageDecodeError("not a decodable PNG/JPEG/BMP image")
+    return to_rgb(decoded, "bgr")
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Image file -> HxWx3 RGB uint8; grey files are replicated to three channels."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read {path}: {exc}") from exc
+    try:
+        return decode_image(data)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{path}: {exc}") from None
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def preprocess(images: Sequence[np.ndarray], resize: int, crop: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """RGB uint8 images of any sizes -> normalised float batch [B, 3, crop, crop] on `device`.
+
+    Images of equal size are resized together; each image's result does not depend on the others.
+    """
+    out = torch.empty((len(images), 3, crop, crop), dtype=torch.float32, device=device)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(i)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    for indices in groups.values():
+        batch = torch.from_numpy(np.stack([images[i] for i in indices])).to(device).permute(0, 3, 1, 2)
+        batch = TF.resize(batch, [resize], antialias=True)  # shorter side -> resize, as the paper
+        batch = TF.center_crop(batch, [crop, crop])
+        out[indices] = (batch.float() / 255.0 - mean) / std
+    return out
+
+
+def preprocess_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """Ground-truth mask -> bool [crop, crop] aligned with `preprocess` output."""
+    tensor = torch.from_numpy((mask > 0).astype(np.uint8)).unsqueeze(0)
+    tensor = TF.resize(tensor, [resize], interpolation=TF.InterpolationMode.NEAREST)
+    return TF.center_crop(tensor, [crop, crop])[0].numpy() > 0
+
+
+def display_image(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """The RGB uint8 crop a scorer sees, for overlays: HxWx3 [crop, crop]."""
+    tensor = torch.from_numpy(image).permute(2, 0, 1)
+    tensor = TF.center_crop(TF.resize(tensor, [resize], antialias=True), [crop, crop])
+    return tensor.permute(1, 2, 0).numpy()

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+BOTTLE = SHARED / "datasets" / "mvtec_bottle"
+VIDEO = SHARED / "media" / "bottle-detection.mp4"
+
+needs_bottle = pytest.mark.skipif(not BOTTLE.is_dir(), reason="../shared/datasets/mvtec_bottle is absent")
+needs_video = pytest.mark.skipif(not VIDEO.is_file(), reason="../shared/media/bottle-detection.mp4 is absent")
+
+
+@pytest.fixture(scope="session")
+def mobilenet():
+    """Real ImageNet mobilenet_v2 weights from the torch hub cache (seeded by the README set-up)."""
+    from scorer.backbones import hub_weights_path, load_backbone
+
+    if not hub_weights_path("mobilenet_v2").is_file():
+        pytest.fail(f"{hub_weights_path('mobilenet_v2')} missing: run the README set-up (.ci/run seeds it)")
+    return load_backbone("mobilenet_v2")
+
+
+def synthetic_part(rng: np.random.Generator, size: int = 240, defect: bool = False) -> np.ndarray:
+    """A textured grey disc on a dark background; a defect is a bright scratch. RGB uint8."""
+    import cv2
+
+    image = np.full((size, size, 3), 30, np.uint8)
+    cv2.circle(image, (size // 2, size // 2), size // 3, (150, 150, 160), -1)
+    noise = rng.normal(0, 6, image.shape)
+    image = np.clip(image + noise, 0, 255).astype(np.uint8)
+    if defect:
+        x, y = rng.integers(size // 3, 2 * size // 3, 2)
+        cv2.line(image, (int(x), int(y)), (int(x) + 30, int(y) + 12), (255, 40, 40), 5)
+    return image

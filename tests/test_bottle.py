@@ -1,0 +1,62 @@
+"""Integration on the real MVTec bottle category through the CLI (skipped without ../shared)."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from patchcore.cli import app
+
+from .conftest import BOTTLE, needs_bottle
+
+pytestmark = [needs_bottle, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def bottle_bank(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bank") / "bottle.bank"
+    result = CliRunner().invoke(app, ["bank", "build", "--train", str(BOTTLE / "train" / "good"), "--out", str(out),
+                                      "--backbone", "mobilenet_v2", "--coreset", "0.1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["bank_size"] == int(209 * 784 * 0.1)
+    assert summary["info"]["n_calibration_images"] == 21
+    return out, summary
+
+
+def test_eval_reaches_the_official_numbers(bottle_bank, tmp_path):
+    bank, summary = bottle_bank
+    report_path = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["eval", "--data", str(BOTTLE), "--bank", str(bank), "--json", str(report_path),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["n_test_images"] == 83
+    assert report["image_auroc"] >= 0.995
+    assert report["pixel_auroc"] >= 0.975
+    assert report["pro"] >= 0.93
+    # the good-images-only threshold separates this test set: no false alarm, no miss
+    assert report["good_flagged"] == 0 and report["defects_missed"] == 0
+    assert report["images_per_second"] > 0
+
+
+def test_score_command_writes_heatmaps_that_point_at_the_defect(bottle_bank, tmp_path):
+    bank, summary = bottle_bank
+    defect = BOTTLE / "test" / "broken_large" / "000.png"
+    good = BOTTLE / "test" / "good" / "000.png"
+    result = CliRunner().invoke(app, ["score", str(bank), str(defect), str(good), "--heatmaps", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert lines[0]["anomalous"] is True and lines[1]["anomalous"] is False
+    heat = cv2.imread(lines[0]["heatmap"])
+    assert heat.shape == (224, 224, 3)
+    # red (at or above the threshold) covers most of the ground-truth defect and little else
+    mask = cv2.imread(str(BOTTLE / "ground_truth" / "broken_large" / "000_mask.png"), 0)
+    from scorer.preprocess import preprocess_mask
+
+    mask = preprocess_mask(mask, 256, 224)
+    red = (heat[..., 2].astype(int) - heat[..., 0].astype(int)) > 100
+    assert red[mask].mean() > 0.5
+    assert red[~mask].mean() < 0.2
+    assert lines[0]["heatmap"] != lines[1]["heatmap"]

@@ -1,0 +1,58 @@
+"""Patch features against a straightforward per-position computation."""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scorer.backbones import load_backbone
+from scorer.features import PatchFeatureExtractor
+
+
+def adaptive_pool_1d(vector: np.ndarray, out: int) -> np.ndarray:
+    """torch's adaptive average pooling windows, written out: [floor(i L / n), ceil((i+1) L / n))."""
+    length = len(vector)
+    return np.array([vector[(i * length) // out: math.ceil((i + 1) * length / out)].mean() for i in range(out)])
+
+
+def neighbourhood(fmap: np.ndarray, y: int, x: int) -> np.ndarray:
+    """C*9 values of the 3x3 neighbourhood at (y, x), zero outside, channel-major like unfold."""
+    channels, height, width = fmap.shape
+    values = np.zeros((channels, 3, 3), dtype=np.float64)
+    for dy in range(3):
+        for dx in range(3):
+            yy, xx = y + dy - 1, x + dx - 1
+            if 0 <= yy < height and 0 <= xx < width:
+                values[:, dy, dx] = fmap[:, yy, xx]
+    return values.reshape(-1)
+
+
+def test_patch_features_match_a_per_position_computation():
+    backbone, _ = load_backbone("resnet18", "random")
+    extractor = PatchFeatureExtractor(backbone, ("layer2", "layer3"), pretrain_dim=96, target_dim=64)
+    image = torch.randn(1, 3, 64, 64)
+    features, grid = extractor(image)
+    assert grid == (8, 8) and features.shape == (1, 64, 64)
+
+    with torch.no_grad():  # independent forward through the torchvision modules themselves
+        x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(image))))
+        layer2 = backbone.layer2(backbone.layer1(x))
+        layer3 = backbone.layer3(layer2)
+    l2 = layer2[0].numpy().astype(np.float64)
+    # the deeper layer's unfolded patches, bilinearly resized to layer2's grid
+    l3_patches = np.stack([neighbourhood(layer3[0].numpy(), y, x) for y in range(4) for x in range(4)], axis=1)
+    l3_resized = F.interpolate(torch.from_numpy(l3_patches.reshape(1, -1, 4, 4)), size=(8, 8), mode="bilinear",
+                               align_corners=False)[0].numpy()
+    for y, x in [(0, 0), (3, 5), (7, 7), (4, 0)]:
+        first = adaptive_pool_1d(neighbourhood(l2, y, x), 96)
+        second = adaptive_pool_1d(l3_resized[:, y, x], 96)
+        expected = adaptive_pool_1d(np.concatenate([first, second]), 64)
+        np.testing.assert_allclose(features[0, y * 8 + x].numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_network_stops_at_the_deepest_tap():
+    backbone, _ = load_backbone("resnet18", "random")
+    extractor = PatchFeatureExtractor(backbone, ("layer2", "layer3"))
+    names = {name for name, _ in extractor.body.named_modules()}
+    assert any(n.startswith("layer3") for n in names)
+    assert not any(n.startswith("layer4") or n == "fc" for n in names)

@@ -1,0 +1,33 @@
+"""Nearest-neighbour search against brute force in numpy; all kinds report true L2 distances."""
+import numpy as np
+import pytest
+import torch
+
+from scorer.index import IndexError_, NearestNeighbourIndex
+
+
+@pytest.mark.parametrize("kind", ["faiss-cpu", "torch", "auto"])
+def test_search_matches_brute_force(kind):
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(500, 64)).astype(np.float32)
+    queries = rng.normal(size=(300, 64)).astype(np.float32)
+    index = NearestNeighbourIndex(bank, kind, "cpu", max_block_bytes=4 * 500 * 37)  # forces several blocks
+    distances, indices = index.search(torch.from_numpy(queries), k=3)
+    full = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1))
+    expected_idx = np.argsort(full, axis=1)[:, :3]
+    np.testing.assert_array_equal(indices.numpy(), expected_idx)
+    np.testing.assert_allclose(distances.numpy(), np.take_along_axis(full, expected_idx, 1), rtol=1e-4)
+
+
+def test_k_is_capped_at_the_bank_size():
+    index = NearestNeighbourIndex(np.eye(3, dtype=np.float32), "torch")
+    distances, indices = index.search(torch.zeros(1, 3), k=9)
+    assert distances.shape == (1, 3)
+    np.testing.assert_allclose(distances.numpy(), np.ones((1, 3)), rtol=1e-6)
+
+
+def test_faiss_gpu_without_gpu_is_a_clear_error():
+    with pytest.raises(IndexError_, match="no GPU support|unknown"):
+        NearestNeighbourIndex(np.eye(3, dtype=np.float32), "faiss-gpu", "cpu")
+    with pytest.raises(IndexError_, match="unknown index kind"):
+        NearestNeighbourIndex(np.eye(3, dtype=np.float32), "hnsw", "cpu")
