@@ -222,5 +222,284 @@ def score_command(
         raise typer.Exit(1)
 
 
+# ---- streaming service ---------------------------------------------------------------------------
+RedisUrl = Annotated[Optional[str], typer.Option(envvar="REDIS_URL", help="redis:// or rediss:// URL (default: $REDIS_URL).")]
+PasswordFile = Annotated[Optional[Path], typer.Option(envvar="REDIS_PASSWORD_FILE", help="File holding the Redis password (never logged).")]
+Prefix = Annotated[str, typer.Option(help="Prefix of every Redis key and channel.")]
+
+
+def _client(redis_url: Optional[str], password_file: Optional[Path]):
+    from contracts.connection import DEFAULT_URL, connect
+
+    return connect(redis_url or DEFAULT_URL, password_file)
+
+
+def _stop_on_signals():
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _registry(redis_url, password_file, prefix):
+    from contracts.keys import Keys
+    from contracts.registry import BankRegistry
+
+    return BankRegistry(_client(redis_url, password_file), Keys(prefix))
+
+
+@bank_app.command("publish")
+def bank_publish(
+    bank: Annotated[Path, typer.Argument(help="Bank file to publish.")],
+    name: Annotated[str, typer.Option(help="Bank name cameras refer to.")],
+    activate: Annotated[bool, typer.Option(help="Make it the active version at once.")] = False,
+    redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
+) -> None:
+    """Store a bank file in the registry (bytes + sha256) as a new version of NAME."""
+    from scorer import BankError, bank_from_bytes
+    from scorer.evaluate import bank_summary
+
+    data = bank.read_bytes()
+    try:
+        summary = bank_summary(bank_from_bytes(data))  # never publish a file a worker would refuse
+    except BankError as exc:
+        _fail(f"{bank}: {exc}")
+    version = _registry(redis_url, password_file, prefix).publish(name, data, {"file": bank.name, **summary}, activate)
+    typer.echo(json.dumps({"name": name, "version": version, "active": activate}))
+
+
+@bank_app.command("list")
+def bank_list(redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc") -> None:
+    """Banks in the registry with their versions; * marks the active one."""
+    registry = _registry(redis_url, password_file, prefix)
+    for name in registry.names():
+        active = registry.active(name)
+        for v in registry.versions(name):
+            mark = "*" if v.version == active else " "
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.published_at))
+            typer.echo(f"{mark} {name} v{v.version}  {v.size / 1e6:.1f} MB  sha256 {v.sha256[:12]}  {when}Z  "
+                       f"{v.meta.get('features', {}).get('backbone', '')}")
+
+
+@bank_app.command("activate")
+def bank_activate(name: str, version: int, redis_url: RedisUrl = None, password_file: PasswordFile = None,
+                  prefix: Prefix = "pc") -> None:
+    """Make VERSION of NAME active; workers switch between batches."""
+    from contracts.registry import RegistryError
+
+    try:
+        _registry(redis_url, password_file, prefix).activate(name, version)
+    except RegistryError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"name": name, "active": version}))
+
+
+@bank_app.command("rollback")
+def bank_rollback(name: str, redis_url: RedisUrl = None, password_file: PasswordFile = None,
+                  prefix: Prefix = "pc") -> None:
+    """Re-activate the version that was active before the current one."""
+    from contracts.registry import RegistryError
+
+    try:
+        version = _registry(redis_url, password_file, prefix).rollback(name)
+    except RegistryError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"name": name, "active": version}))
+
+
+@app.command("ingest")
+def ingest_command(
+    source: Annotated[str, typer.Option(help="synthetic[:seed=N,defect_rate=R], video file, image folder, rtsp://|http:// URL, usb:N.")],
+    camera: Annotated[str, typer.Option(help="Camera name (its stream is <prefix>:frames:<camera>).")],
+    line: Annotated[str, typer.Option(help="Production line name.")] = "line-1",
+    bank: Annotated[str, typer.Option(help="Registry bank that inspects this camera.")] = "default",
+    fps: Annotated[Optional[float], typer.Option(help="Rate limit, frames per second.")] = None,
+    max_side: Annotated[Optional[int], typer.Option(help="Shrink frames to this longer side.")] = None,
+    encoding: Annotated[str, typer.Option(help="jpeg or raw.")] = "jpeg",
+    jpeg_quality: Annotated[int, typer.Option(help="JPEG quality 1-100.")] = 90,
+    maxlen: Annotated[int, typer.Option(help="Stream bound (live sources drop the oldest beyond it).")] = 256,
+    loop: Annotated[bool, typer.Option(help="Loop files and folders.")] = False,
+    frames: Annotated[Optional[int], typer.Option(help="Stop after this many frames.")] = None,
+    redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
+) -> None:
+    """Push a camera's frames into Redis until the source ends or SIGINT/SIGTERM."""
+    from contracts.keys import Keys
+    from ingest.camera import CameraIngest, IngestSettings
+    from ingest.sources import SourceError, parse_source
+
+    if encoding not in ("jpeg", "raw"):
+        _fail("--encoding must be jpeg or raw")
+    try:
+        src = parse_source(source, loop=loop)
+    except SourceError as exc:
+        _fail(str(exc))
+    settings = IngestSettings(camera=camera, line=line, bank=bank, fps=fps, max_side=max_side, encoding=encoding,
+                              jpeg_quality=jpeg_quality, maxlen=maxlen, max_frames=frames)
+    report = CameraIngest(_client(redis_url, password_file), src, settings, Keys(prefix), _stop_on_signals()).run()
+    typer.echo(json.dumps(vars(report)))
+
+
+@app.command("worker")
+def worker_command(
+    name: Annotated[Optional[str], typer.Option(help="Consumer name (default: host-pid).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Frames per batch at most.")] = 8,
+    max_wait_ms: Annotated[int, typer.Option(help="Wait at most this long to fill a batch.")] = 50,
+    claim_idle_ms: Annotated[int, typer.Option(help="Reclaim frames left unacknowledged this long by a dead worker.")] = 30000,
+    device: Device = "auto", index: Index = "auto", weights: Weights = None,
+    redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
+) -> None:
+    """Score frames of every camera until SIGINT/SIGTERM (finishing the current batch)."""
+    from contracts.keys import Keys
+    from workers.worker import Worker, WorkerSettings
+
+    settings = WorkerSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms,
+                              device=device, index=index, weights=weights)
+    if name:
+        from dataclasses import replace
+
+        settings = replace(settings, name=name)
+    report = Worker(_client(redis_url, password_file), settings, Keys(prefix), _stop_on_signals()).run()
+    typer.echo(json.dumps(vars(report)))
+
+
+def _rule(k: int, n: int, cooldown_s: float, threshold: Optional[float]):
+    from store.alarms import AlarmRule
+
+    try:
+        return AlarmRule(k=k, n=n, cooldown_s=cooldown_s, threshold=threshold)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+K = Annotated[int, typer.Option(help="Alarm when K of the last N frames are over the threshold.")]
+N = Annotated[int, typer.Option(help="Debounce window, frames.")]
+Cooldown = Annotated[float, typer.Option(help="Seconds without a new alarm after one.")]
+Threshold = Annotated[Optional[float], typer.Option(help="Override the bank's calibrated threshold.")]
+
+
+@app.command("store")
+def store_command(
+    k: K = 2, n: N = 3, cooldown_s: Cooldown = 10.0, threshold: Threshold = None,
+    name: Annotated[str, typer.Option(help="Consumer name.")] = "store-1",
+    redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
+) -> None:
+    """Keep per-camera state and raise alarms (stream + Pub/Sub) until SIGINT/SIGTERM."""
+    from contracts.keys import Keys
+    from store.service import ResultsStore, StoreSettings
+
+    settings = StoreSettings(name=name, default_rule=_rule(k, n, cooldown_s, threshold))
+    report = ResultsStore(_client(redis_url, password_file), settings, Keys(prefix), _stop_on_signals()).run()
+    typer.echo(json.dumps(vars(report)))
+
+
+@app.command("rule")
+def rule_command(
+    target: Annotated[str, typer.Argument(help="Camera name, or line:<name> for a whole line.")],
+    k: K = 2, n: N = 3, cooldown_s: Cooldown = 10.0, threshold: Threshold = None,
+    delete: Annotated[bool, typer.Option(help="Remove the override.")] = False,
+    redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
+) -> None:
+    """Set (or --delete) the alarm rule of a camera or line; stores pick it up within seconds."""
+    from contracts.keys import Keys
+
+    client, keys = _client(redis_url, password_file), Keys(prefix)
+    if delete:
+        client.hdel(keys.alarm_rules, target)
+    else:
+        client.hset(keys.alarm_rules, target, _rule(k, n, cooldown_s, threshold).to_json())
+    typer.echo(json.dumps({"target": target, "deleted": delete}))
+
+
+@app.command("alarms")
+def alarms_command(
+    count: Annotated[Optional[int], typer.Option(help="Exit after this many alarms.")] = None,
+    save_overlays: Annotated[Optional[Path], typer.Option(help="Write each alarm's heatmap JPEG here.")] = None,
+    redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
+) -> None:
+    """Tail live alarms from Pub/Sub, one JSON line each (as any subscriber would)."""
+    from contracts.keys import Keys
+    from contracts.messages import Alarm
+
+    stop = _stop_on_signals()
+    pubsub = _client(redis_url, password_file).pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(Keys(prefix).alarms_channel)
+    seen = 0
+    while not stop.is_set() and (count is None or seen < count):
+        message = pubsub.get_message(timeout=0.5)
+        if message is None:
+            continue
+        alarm = Alarm.unpack(message["data"])
+        line = {k: v for k, v in vars(alarm).items() if k != "overlay_jpeg"}
+        if save_overlays and alarm.overlay_jpeg:
+            save_overlays.mkdir(parents=True, exist_ok=True)
+            target = save_overlays / f"{alarm.camera}_{alarm.seq}.jpg"
+            target.write_bytes(alarm.overlay_jpeg)
+            line["overlay_file"] = str(target)
+        typer.echo(json.dumps(line), nl=True)
+        seen += 1
+
+
+@app.command("status")
+def status_command(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
+) -> None:
+    """Per camera: last sequence ingested, results, pending, dropped, dead-lettered; workers; active banks."""
+    from contracts.connection import redacted, redis_url as resolve_url
+    from contracts.status import collect_status
+
+    status = collect_status(_client(redis_url, password_file), prefix)
+    status["redis"] = redacted(resolve_url(redis_url))
+    if json_output:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    typer.echo(f"redis {status['redis']}")
+    for cam in status["cameras"]:
+        typer.echo(f"camera {cam['camera']}: last_seq {cam['last_seq']}  ingested {cam['ingested']}  results "
+                   f"{cam['results']}  pending {cam['pending']}  backlog {cam['backlog']}  dropped {cam['dropped']}  "
+                   f"dead-lettered {cam['deadlettered']}  alarms {cam['alarms']}  state: {cam['state']}")
+    for worker, seen in status["workers"].items():
+        typer.echo(f"worker {worker}: seen {seen:.0f} s ago")
+    for bank, version in status["banks"].items():
+        typer.echo(f"bank {bank}: active v{version}")
+
+
+@app.command("up")
+def up_command(
+    source: Annotated[str, typer.Option(help="Any ingest source; default: the synthetic production line.")] = "synthetic",
+    frames: Annotated[Optional[int], typer.Option(help="Stop after this many frames.")] = None,
+    seconds: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
+    bank: Annotated[Optional[Path], typer.Option(help="Bank file; default: build one.")] = None,
+    train: Annotated[Optional[Path], typer.Option(help="Build the bank from this folder of good images.")] = None,
+    warmup_frames: Annotated[int, typer.Option(help="Without --bank/--train: build the bank from the source's first frames.")] = 60,
+    backbone: Backbone = "mobilenet_v2",
+    fps: Annotated[Optional[float], typer.Option(help="Camera rate limit.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Worker batch size at most.")] = 8,
+    max_wait_ms: Annotated[int, typer.Option(help="Worker batching wait.")] = 50,
+    k: K = 2, n: N = 3, cooldown_s: Cooldown = 2.0, threshold: Threshold = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the summary here.")] = None,
+    device: Device = "auto", progress: Progress = True,
+    redis_url: Annotated[Optional[str], typer.Option(envvar="REDIS_URL", help="Use this Redis instead of an embedded one.")] = None,
+) -> None:
+    """The whole service in one command: embedded Redis, bank, ingest, worker, store; prints alarms."""
+    from .up import UpSettings, run_up
+
+    if frames is None and seconds is None and not source.startswith("synthetic"):
+        frames = None  # a file source ends by itself
+    elif frames is None and seconds is None:
+        frames = 200
+    settings = UpSettings(source=source, redis_url=redis_url, bank=bank, train=train, backbone=backbone,
+                          warmup_frames=warmup_frames, frames=frames, seconds=seconds, fps=fps, max_batch=max_batch,
+                          max_wait_ms=max_wait_ms, rule=_rule(k, n, cooldown_s, threshold), device=device)
+    summary = run_up(settings, echo=typer.echo, progress=progress)
+    text = json.dumps(summary, indent=2)
+    typer.echo(text)
+    if json_out:
+        json_out.write_text(text + "\n")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -1,0 +1,134 @@
+"""Versioned msgpack messages. Decoding validates every field; nothing here can execute code."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import msgpack
+
+FRAME_SCHEMA = 1
+RESULT_SCHEMA = 1
+ALARM_SCHEMA = 1
+ENCODINGS = ("jpeg", "raw")
+DEFAULT_MAX_FRAME_BYTES = 16 << 20
+
+
+class MessageError(ValueError):
+    """A message that cannot be accepted; the text is the dead-letter reason."""
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(asdict(obj), use_bin_type=True)
+
+
+def _unpack(data: bytes, max_bytes: int) -> dict:
+    if len(data) > max_bytes:
+        raise MessageError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        # strict limits: a hostile message cannot make the decoder allocate more than it carries
+        payload = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=max_bytes,
+                                  max_str_len=1 << 16, max_array_len=64, max_map_len=64)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
+        raise MessageError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(payload, dict):
+        raise MessageError("message is not a map")
+    return payload
+
+
+def _build(cls, payload: dict, schema: int):
+    version = payload.get("schema")
+    if version != schema:
+        raise MessageError(f"unknown schema version {version!r} (this build reads {schema})")
+    values = {f.name: payload[f.name] for f in fields(cls) if f.name in payload}  # unknown fields ignored
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise MessageError(f"missing fields: {exc}") from None
+
+
+def _require(condition: bool, reason: str) -> None:
+    if not condition:
+        raise MessageError(reason)
+
+
+@dataclass(frozen=True)
+class Frame:
+    camera: str
+    line: str
+    bank: str  # name of the bank (in the registry) that inspects this camera
+    seq: int
+    captured_at: float  # unix seconds
+    encoding: str  # "jpeg" or "raw" (uint8, BGR or grey, row-major)
+    shape: tuple[int, ...]  # (height, width, channels)
+    data: bytes
+    schema: int = FRAME_SCHEMA
+
+    def pack(self) -> bytes:
+        return _pack(self)
+
+    @classmethod
+    def unpack(cls, data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> "Frame":
+        frame = _build(cls, _unpack(data, max_bytes), FRAME_SCHEMA)
+        _require(isinstance(frame.camera, str) and 0 < len(frame.camera) <= 128, "bad camera name")
+        _require(isinstance(frame.line, str) and isinstance(frame.bank, str) and frame.bank, "bad line or bank")
+        _require(isinstance(frame.seq, int) and frame.seq >= 0, "bad sequence number")
+        _require(isinstance(frame.captured_at, (int, float)), "bad capture time")
+        _require(frame.encoding in ENCODINGS, f"unknown encoding {frame.encoding!r}")
+        _require(isinstance(frame.data, bytes), "frame data is not bytes")
+        shape = frame.shape
+        _require(isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(s, int) for s in shape),
+                 f"bad shape {shape!r}")
+        height, width, channels = shape
+        _require(0 < height <= 8192 and 0 < width <= 8192 and channels in (1, 3), f"bad shape {shape!r}")
+        if frame.encoding == "raw":
+            _require(len(frame.data) == height * width * channels,
+                     f"raw frame has {len(frame.data)} bytes, shape {tuple(shape)} needs {height * width * channels}")
+        return Frame(**{**asdict(frame), "shape": tuple(shape)})
+
+
+@dataclass(frozen=True)
+class Result:
+    camera: str
+    line: str
+    seq: int
+    captured_at: float
+    scored_at: float
+    score: float
+    threshold: float | None
+    anomalous: bool
+    bank: str
+    bank_version: int
+    worker: str
+    timings_ms: dict[str, float] = field(default_factory=dict)  # queue, decode, score
+    overlay_key: str | None = None  # Redis key of a heatmap overlay JPEG (anomalous frames)
+    schema: int = RESULT_SCHEMA
+
+    def pack(self) -> bytes:
+        return _pack(self)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "Result":
+        return _build(cls, _unpack(data, 1 << 20), RESULT_SCHEMA)
+
+
+@dataclass(frozen=True)
+class Alarm:
+    camera: str
+    line: str
+    seq: int
+    score: float
+    threshold: float
+    bank: str
+    bank_version: int
+    raised_at: float
+    rule: str  # e.g. "2-of-3, cooldown 10 s"
+    overlay_key: str | None = None
+    overlay_jpeg: bytes | None = None
+    schema: int = ALARM_SCHEMA
+
+    def pack(self) -> bytes:
+        return _pack(self)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "Alarm":
+        return _build(cls, _unpack(data, 4 << 20), ALARM_SCHEMA)

@@ -1,0 +1,39 @@
+"""What `patchcore status` reports, read from the keys the processes maintain."""
+from __future__ import annotations
+
+import time
+
+import redis
+
+from .keys import FRAME_GROUP, Keys
+
+
+def collect_status(client: redis.Redis, prefix: str = "pc") -> dict:
+    keys = Keys(prefix)
+    cameras = []
+    for camera in sorted(c.decode() for c in client.smembers(keys.cameras)):
+        stats = {k.decode(): v.decode() for k, v in client.hgetall(keys.camera_stats(camera)).items()}
+        stream = keys.frames(camera)
+        try:
+            pending = int(client.xpending(stream, FRAME_GROUP)["pending"])
+        except redis.ResponseError:  # no worker group yet
+            pending = 0
+        cameras.append({
+            "camera": camera,
+            "last_seq": int(stats["last_seq"]) if "last_seq" in stats else None,
+            "ingested": int(stats.get("ingested", 0)),
+            "results": int(stats.get("results", 0)),
+            "pending": pending,  # delivered to a worker, not yet acknowledged
+            "backlog": int(client.xlen(stream)),  # in the stream: waiting or pending (scored frames are deleted)
+            "dropped": int(stats.get("dropped", 0)),
+            "deadlettered": int(stats.get("deadlettered", 0)),
+            "alarms": int(stats.get("alarms", 0)),
+            "state": stats.get("state", ""),
+        })
+    now = time.time()
+    workers = {w.decode(): now - float(t) for w, t in client.hgetall(keys.workers).items()}
+    banks = {}
+    for name in sorted(n.decode() for n in client.smembers(keys.banks)):
+        active = client.get(keys.bank_active(name))
+        banks[name] = int(active) if active is not None else None
+    return {"cameras": cameras, "workers": workers, "banks": banks, "deadletter": int(client.xlen(keys.deadletter))}

@@ -1,0 +1,1 @@
+"""Camera processes: OpenCV sources push frames into Redis Streams."""

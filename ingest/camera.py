@@ -1,0 +1,153 @@
+"""One camera: read a source, rate-limit, encode, push versioned frames into the camera's Redis stream."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import redis
+
+from contracts.keys import Keys
+from contracts.messages import Frame
+
+from .sources import Source, SourceError
+
+log = logging.getLogger("patchcore.ingest")
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    camera: str
+    line: str = "line-1"
+    bank: str = "default"
+    fps: float | None = None  # at most this many frames per second; None: as fast as the source gives
+    max_side: int | None = None  # shrink so the longer side is at most this many pixels
+    encoding: str = "jpeg"
+    jpeg_quality: int = 90
+    maxlen: int = 256  # stream bound; live sources drop the oldest beyond it, files wait
+    max_frames: int | None = None
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+
+@dataclass
+class IngestReport:
+    frames: int = 0
+    dropped: int = 0
+    source_errors: int = 0
+    ended: str = ""
+
+
+def encode(frame: np.ndarray, settings: IngestSettings) -> tuple[bytes, tuple[int, int, int]]:
+    if settings.max_side and max(frame.shape[:2]) > settings.max_side:
+        scale = settings.max_side / max(frame.shape[:2])
+        frame = cv2.resize(frame, (round(frame.shape[1] * scale), round(frame.shape[0] * scale)),
+                           interpolation=cv2.INTER_AREA)
+    shape = (frame.shape[0], frame.shape[1], 1 if frame.ndim == 2 else frame.shape[2])
+    if settings.encoding == "raw":
+        return np.ascontiguousarray(frame).tobytes(), shape
+    ok, buffer = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, settings.jpeg_quality])
+    if not ok:
+        raise SourceError("JPEG encoding failed")
+    return buffer.tobytes(), shape
+
+
+class CameraIngest:
+    def __init__(self, client: redis.Redis, source: Source, settings: IngestSettings, keys: Keys = Keys(),
+                 stop: threading.Event | None = None):
+        self.client = client
+        self.source = source
+        self.settings = settings
+        self.keys = keys
+        self.stop = stop or threading.Event()
+        self.stream = keys.frames(settings.camera)
+        self.stats = keys.camera_stats(settings.camera)
+
+    def run(self) -> IngestReport:
+        report = IngestReport()
+        seq = self._next_seq()
+        self.client.sadd(self.keys.cameras, self.settings.camera)
+        self._set_state("running")
+        backoff = self.settings.backoff_initial_s
+        interval = 1.0 / self.settings.fps if self.settings.fps else 0.0
+        next_due = time.monotonic()
+        while not self.stop.is_set():
+            if self.settings.max_frames is not None and report.frames >= self.settings.max_frames:
+                report.ended = "max_frames"
+                break
+            try:
+                image = self.source.read()
+            except SourceError as exc:
+                report.source_errors += 1
+                self._set_state(f"source error: {exc}")
+                log.warning("source error", extra={"fields": {"camera": self.settings.camera, "error": str(exc),
+                                                              "retry_in_s": backoff}})
+                if not self.source.live:
+                    continue  # a bad file in a folder: reported, then the next one
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, self.settings.backoff_max_s)
+                self._reopen()
+                continue
+            if image is None:
+                report.ended = "source ended"
+                break
+            backoff = self.settings.backoff_initial_s
+            if interval:
+                now = time.monotonic()
+                if now < next_due:
+                    self.stop.wait(next_due - now)
+                next_due = max(next_due + interval, time.monotonic())
+            data, shape = encode(image, self.settings)
+            frame = Frame(camera=self.settings.camera, line=self.settings.line, bank=self.settings.bank, seq=seq,
+                          captured_at=time.time(), encoding=self.settings.encoding, shape=shape, data=data)
+            report.dropped += self._push(frame)
+            report.frames += 1
+            seq += 1
+        self._set_state(f"stopped: {report.ended or 'stop requested'}")
+        self.source.close()
+        return report
+
+    def _push(self, frame: Frame) -> int:
+        """XADD the frame (retrying through Redis outages); returns how many old frames were trimmed."""
+        backoff = self.settings.backoff_initial_s
+        while True:
+            try:
+                if not self.source.live:  # files and folders wait for the workers instead of dropping
+                    while self.client.xlen(self.stream) >= self.settings.maxlen and not self.stop.is_set():
+                        time.sleep(0.01)
+                with self.client.pipeline(transaction=True) as pipe:
+                    pipe.xlen(self.stream)
+                    pipe.xadd(self.stream, {"m": frame.pack()}, maxlen=self.settings.maxlen, approximate=True)
+                    pipe.xlen(self.stream)
+                    pipe.hset(self.stats, mapping={"last_seq": frame.seq, "last_ingest_at": frame.captured_at})
+                    pipe.hincrby(self.stats, "ingested", 1)
+                    before, _, after, _, _ = pipe.execute()
+                dropped = max(0, before + 1 - after)
+                if dropped:
+                    self.client.hincrby(self.stats, "dropped", dropped)
+                return dropped
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("redis unavailable", extra={"fields": {"camera": self.settings.camera, "error": str(exc),
+                                                                   "retry_in_s": backoff}})
+                if self.stop.wait(backoff):
+                    return 0
+                backoff = min(backoff * 2, self.settings.backoff_max_s)
+
+    def _next_seq(self) -> int:
+        last = self.client.hget(self.stats, "last_seq")
+        return int(last) + 1 if last is not None else 0
+
+    def _reopen(self) -> None:
+        try:
+            self.source.open()
+        except SourceError as exc:
+            self._set_state(f"reconnecting: {exc}")
+
+    def _set_state(self, state: str) -> None:
+        try:
+            self.client.hset(self.stats, "state", state)
+        except redis.RedisError:
+            pass

@@ -1,0 +1,187 @@
+"""Frame sources: video file, RTSP/HTTP stream, USB device, image folder, synthetic production line.
+
+Each source yields BGR uint8 frames (OpenCV's order); `None` from `read()` means the source ended.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+class SourceError(RuntimeError):
+    """The source cannot deliver frames now (disconnected, unreadable); live sources reconnect."""
+
+
+class Source(Protocol):
+    live: bool  # live sources drop the oldest frames under back-pressure and reconnect on failure
+
+    def open(self) -> None: ...
+    def read(self) -> np.ndarray | None: ...
+    def close(self) -> None: ...
+
+
+class CaptureSource:
+    """cv2.VideoCapture over a file, a stream URL or a USB device index."""
+
+    def __init__(self, target: str | int, live: bool, loop: bool = False):
+        self.target = target
+        self.live = live
+        self.loop = loop
+        self._capture: cv2.VideoCapture | None = None
+
+    def open(self) -> None:
+        self.close()
+        capture = cv2.VideoCapture(self.target)
+        if not capture.isOpened():
+            raise SourceError(f"cannot open {self.target!r}")
+        self._capture = capture
+
+    def read(self) -> np.ndarray | None:
+        if self._capture is None:
+            self.open()
+        ok, frame = self._capture.read()
+        if ok and frame is not None:
+            return frame
+        if self.live:
+            raise SourceError(f"{self.target!r} returned no frame")
+        if self.loop:
+            self.open()
+            ok, frame = self._capture.read()
+            return frame if ok else None
+        return None
+
+    @property
+    def fps(self) -> float:
+        return float(self._capture.get(cv2.CAP_PROP_FPS)) if self._capture is not None else 0.0
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+
+class FolderSource:
+    """Images of a folder in name order; unreadable files raise SourceError (reported, then skipped)."""
+
+    live = False
+
+    def __init__(self, folder: str | Path, loop: bool = False):
+        self.folder = Path(folder)
+        self.loop = loop
+        self._paths: list[Path] = []
+        self._next = 0
+
+    def open(self) -> None:
+        self._paths = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self._paths:
+            raise SourceError(f"no images in {self.folder}")
+        self._next = 0
+
+    def read(self) -> np.ndarray | None:
+        if not self._paths:
+            self.open()
+        if self._next >= len(self._paths):
+            if not self.loop:
+                return None
+            self._next = 0
+        path = self._paths[self._next]
+        self._next += 1
+        frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if frame is None:
+            raise SourceError(f"cannot decode {path}")
+        return frame
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class SyntheticLine:
+    """Procedurally drawn parts on a moving belt; a seeded share of them carries a defect.
+
+    Every `period` frames a new part enters; it is centred at the middle frame of its period, where
+    the ground truth is known: `defect_at(seq)` says whether the part in frame `seq` is defective.
+    """
+
+    seed: int = 0
+    defect_rate: float = 0.15
+    width: int = 320
+    height: int = 240
+    period: int = 4  # frames per part: a part crosses the view in `period` frames
+    max_frames: int | None = None
+    live: bool = False
+
+    def __post_init__(self) -> None:
+        self._seq = 0
+
+    def open(self) -> None:
+        self._seq = 0
+
+    def close(self) -> None:
+        pass
+
+    def defect_at(self, seq: int) -> bool:
+        part = seq // self.period
+        return bool(np.random.default_rng([self.seed, part, 1]).random() < self.defect_rate)
+
+    def read(self) -> np.ndarray | None:
+        if self.max_frames is not None and self._seq >= self.max_frames:
+            return None
+        frame = self.render(self._seq)
+        self._seq += 1
+        return frame
+
+    def render(self, seq: int, defect: bool | None = None) -> np.ndarray:
+        part = seq // self.period
+        rng = np.random.default_rng([self.seed, part, 0])
+        frame = np.empty((self.height, self.width, 3), np.uint8)
+        # belt: dark grey with moving stripes
+        frame[:] = (58, 60, 62)
+        offset = (seq * 7) % 40
+        for x in range(-40 + offset, self.width, 40):
+            cv2.line(frame, (x, 0), (x, self.height), (50, 52, 54), 3)
+        phase = (seq % self.period + 0.5) / self.period - 0.5
+        cx = int(self.width / 2 + phase * self.width * 0.8)
+        cy = self.height // 2
+        radius = int(min(self.width, self.height) * 0.33 + rng.integers(-3, 4))
+        cv2.circle(frame, (cx, cy), radius, (170, 172, 168), -1, cv2.LINE_AA)
+        cv2.circle(frame, (cx, cy), int(radius * 0.45), (120, 122, 125), -1, cv2.LINE_AA)
+        for k in range(6):  # bolt holes
+            angle = 2 * math.pi * k / 6 + rng.uniform(-0.02, 0.02)
+            hx, hy = int(cx + 0.72 * radius * math.cos(angle)), int(cy + 0.72 * radius * math.sin(angle))
+            cv2.circle(frame, (hx, hy), max(2, radius // 12), (40, 40, 42), -1, cv2.LINE_AA)
+        if self.defect_at(seq) if defect is None else defect:
+            angle = rng.uniform(0, 2 * math.pi)
+            r0 = rng.uniform(0.5, 0.85) * radius
+            x0, y0 = int(cx + r0 * math.cos(angle)), int(cy + r0 * math.sin(angle))
+            length = rng.uniform(0.25, 0.4) * radius
+            x1, y1 = int(x0 + length * math.cos(angle + 1.7)), int(y0 + length * math.sin(angle + 1.7))
+            cv2.line(frame, (x0, y0), (x1, y1), (30, 30, 200), max(3, radius // 14), cv2.LINE_AA)  # red scratch
+        noise = rng.normal(0, 3, frame.shape).astype(np.int16)
+        return np.clip(frame.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def parse_source(spec: str, loop: bool = False) -> Source:
+    """'synthetic[:seed=N,defect_rate=R,period=N,frames=N]', a video file, an image folder, rtsp/http URL, 'usb:N'."""
+    if spec.startswith("synthetic"):
+        options = dict(part.split("=", 1) for part in spec.partition(":")[2].split(",") if "=" in part)
+        return SyntheticLine(seed=int(options.get("seed", 0)), defect_rate=float(options.get("defect_rate", 0.15)),
+                             period=int(options.get("period", 4)),
+                             max_frames=int(options["frames"]) if "frames" in options else None)
+    if spec.startswith(("rtsp://", "rtsps://", "http://", "https://")):
+        return CaptureSource(spec, live=True)
+    if spec.startswith("usb:") or spec.isdigit():
+        return CaptureSource(int(spec.removeprefix("usb:")), live=True)
+    path = Path(spec)
+    if path.is_dir():
+        return FolderSource(path, loop=loop)
+    if path.is_file():
+        return CaptureSource(str(path), live=False, loop=loop)
+    raise SourceError(f"source {spec!r} is not synthetic, a URL, usb:N, a folder or a video file")

@@ -1,0 +1,163 @@
+"""`patchcore up`: the whole service in one process - Redis (embedded unless given), a bank in the
+registry, camera ingest, a worker and the store as threads, alarms printed as they happen."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from contracts.connection import connect
+from contracts.keys import Keys
+from contracts.messages import Alarm, Result
+from contracts.registry import BankRegistry
+from ingest.camera import CameraIngest, IngestSettings
+from ingest.sources import SyntheticLine, parse_source
+from scorer import BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_to_bytes, build_bank, load_bank
+from store.alarms import AlarmRule
+from store.service import ResultsStore, StoreSettings
+from workers.worker import Worker, WorkerSettings
+
+from .embedded_redis import EmbeddedRedis
+
+
+@dataclass(frozen=True)
+class UpSettings:
+    source: str = "synthetic"
+    redis_url: str | None = None
+    bank: Path | None = None
+    train: Path | None = None
+    bank_name: str = "default"
+    camera: str = "cam-1"
+    line: str = "line-1"
+    backbone: str = "mobilenet_v2"
+    warmup_frames: int = 60  # good frames the bank is built from when neither --bank nor --train is given
+    frames: int | None = 200
+    seconds: float | None = None
+    fps: float | None = None
+    max_batch: int = 8
+    max_wait_ms: int = 50
+    rule: AlarmRule = AlarmRule()
+    device: str = "auto"
+
+
+def warmup_bank(settings: UpSettings, workdir: Path, progress: bool) -> MemoryBank:
+    """A bank from the source's own first frames (the synthetic line renders defect-free parts)."""
+    import cv2
+
+    source = parse_source(settings.source)
+    frames_dir = workdir / "warmup"
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    source.open()
+    for i in range(settings.warmup_frames):
+        image = source.render(i, defect=False) if isinstance(source, SyntheticLine) else source.read()
+        if image is None:
+            break
+        cv2.imwrite(str(frames_dir / f"{i:05d}.png"), image)
+    source.close()
+    paths = sorted(frames_dir.glob("*.png"))
+    config = BuildConfig(features=FeatureConfig(backbone=settings.backbone), coreset=CoresetConfig(fraction=0.1))
+    return build_bank(paths, config, device=settings.device, progress=progress)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: bool = True) -> dict:
+    import tempfile
+
+    with contextlib.ExitStack() as stack:
+        url = settings.redis_url
+        if url is None:
+            url = stack.enter_context(EmbeddedRedis()).url
+            echo(f"embedded redis-server at {url}")
+        client = connect(url)
+        keys = Keys()
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="patchcore-up-")))
+        if settings.bank is not None:
+            bank = load_bank(settings.bank)
+        elif settings.train is not None:
+            from scorer.preprocess import list_images
+
+            bank = build_bank(list_images(settings.train), BuildConfig(features=FeatureConfig(backbone=settings.backbone)),
+                              device=settings.device, progress=progress)
+        else:
+            echo(f"building a bank from the first {settings.warmup_frames} frames of {settings.source}")
+            bank = warmup_bank(settings, workdir, progress)
+        registry = BankRegistry(client, keys)
+        version = registry.publish(settings.bank_name, bank_to_bytes(bank), {"source": "patchcore up"}, activate=True)
+        threshold = bank.calibration.threshold if bank.calibration else None
+        echo(f"bank {settings.bank_name} v{version}: {len(bank.features)} features, threshold {threshold}")
+
+        stop = threading.Event()
+        ingest_stop = threading.Event()
+        alarms: list[Alarm] = []
+        subscriber = client.pubsub(ignore_subscribe_messages=True)
+        subscriber.subscribe(keys.alarms_channel)
+
+        source = parse_source(settings.source)
+        ingest = CameraIngest(client, source, IngestSettings(camera=settings.camera, line=settings.line,
+                                                             bank=settings.bank_name, fps=settings.fps,
+                                                             max_frames=settings.frames), keys, ingest_stop)
+        worker = Worker(connect(url), WorkerSettings(name="worker-1", max_batch=settings.max_batch,
+                                                     max_wait_ms=settings.max_wait_ms, device=settings.device), keys, stop)
+        store = ResultsStore(connect(url), StoreSettings(default_rule=settings.rule), keys, stop)
+        reports: dict = {}
+        threads = [threading.Thread(target=lambda: reports.__setitem__("ingest", ingest.run()), name="ingest"),
+                   threading.Thread(target=worker.run, name="worker"),
+                   threading.Thread(target=store.run, name="store")]
+        started = time.time()
+        for thread in threads:
+            thread.start()
+        deadline = started + settings.seconds if settings.seconds else None
+        try:
+            while True:
+                message = subscriber.get_message(timeout=0.2)
+                if message is not None:
+                    alarm = Alarm.unpack(message["data"])
+                    alarms.append(alarm)
+                    echo(f"ALARM camera={alarm.camera} line={alarm.line} seq={alarm.seq} score={alarm.score:.3f} "
+                         f"threshold={alarm.threshold:.3f} bank={alarm.bank}@v{alarm.bank_version} ({alarm.rule})")
+                if deadline is not None and time.time() >= deadline:
+                    ingest_stop.set()
+                ingested = int(client.hget(keys.camera_stats(settings.camera), "ingested") or 0)
+                handled = store.report.results + int(client.hget(keys.camera_stats(settings.camera), "deadlettered") or 0)
+                if not threads[0].is_alive() and handled >= ingested:
+                    break
+        except KeyboardInterrupt:
+            echo("stopping")
+        finally:
+            ingest_stop.set()
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        elapsed = time.time() - started
+        while (message := subscriber.get_message(timeout=0.2)) is not None:  # alarms published just before stop
+            alarms.append(Alarm.unpack(message["data"]))
+        results = [Result.unpack(fields[b"m"]) for _, fields in client.xrange(keys.results(settings.camera))]
+        latencies = [(r.scored_at - r.captured_at) * 1000 for r in results]
+        stats = {k.decode(): v.decode() for k, v in client.hgetall(keys.camera_stats(settings.camera)).items()}
+        subscriber.close()
+        summary = {
+            "source": settings.source,
+            "frames_in": int(stats.get("ingested", 0)),
+            "results_out": len(results),
+            "dropped": int(stats.get("dropped", 0)),
+            "deadlettered": int(stats.get("deadlettered", 0)),
+            "alarms": len(alarms),
+            "anomalous_frames": sum(r.anomalous for r in results),
+            "alarm_seqs": [a.seq for a in alarms],
+            "latency_ms_p50": round(percentile(latencies, 50), 1),
+            "latency_ms_p99": round(percentile(latencies, 99), 1),
+            "frames_per_second": round(len(results) / elapsed, 2) if elapsed > 0 else 0.0,
+            "seconds": round(elapsed, 2),
+            "bank_version": version,
+            "threshold": threshold,
+            "max_batch": settings.max_batch,
+        }
+        return summary

@@ -1,0 +1,126 @@
+"""The store process: reads every camera's results (consumer group), keeps the latest state per
+camera, and turns results into alarms by each camera's rule. An alarm goes to the durable alarms
+stream and the live Pub/Sub channel in the same transaction that acknowledges its result."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+
+from contracts.keys import STORE_GROUP, Keys
+from contracts.messages import Alarm, MessageError, Result
+
+from .alarms import AlarmRule, AlarmState
+
+log = logging.getLogger("patchcore.store")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    name: str = "store-1"
+    default_rule: AlarmRule = AlarmRule()
+    alarms_maxlen: int = 100_000
+    batch: int = 256
+    refresh_s: float = 2.0
+    claim_idle_ms: int = 30_000
+
+
+@dataclass
+class StoreReport:
+    results: int = 0
+    alarms: int = 0
+    bad_results: int = 0
+
+
+class ResultsStore:
+    def __init__(self, client: redis.Redis, settings: StoreSettings = StoreSettings(), keys: Keys = Keys(),
+                 stop: threading.Event | None = None):
+        self.client = client
+        self.settings = settings
+        self.keys = keys
+        self.stop = stop or threading.Event()
+        self.report = StoreReport()
+        self._states: dict[str, AlarmState] = {}
+        self._rules: dict[str, AlarmRule] = {}
+        self._streams: list[str] = []
+        self._next_refresh = 0.0
+
+    def run(self) -> StoreReport:
+        backoff = 0.1
+        while not self.stop.is_set():
+            try:
+                self._maybe_refresh()
+                if not self._streams:
+                    self.stop.wait(0.1)
+                    continue
+                reply = self.client.xreadgroup(STORE_GROUP, self.settings.name, {s: ">" for s in self._streams},
+                                               count=self.settings.batch, block=200)
+                for stream, entries in reply or []:
+                    self.handle(stream.decode() if isinstance(stream, bytes) else stream, entries)
+                backoff = 0.1
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("redis unavailable", extra={"fields": {"error": str(exc), "retry_in_s": backoff}})
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        return self.report
+
+    def _maybe_refresh(self) -> None:
+        now = time.monotonic()
+        if now < self._next_refresh:
+            return
+        self._next_refresh = now + self.settings.refresh_s
+        cameras = sorted(c.decode() for c in self.client.smembers(self.keys.cameras))
+        streams = [self.keys.results(c) for c in cameras]
+        for stream in set(streams) - set(self._streams):
+            try:
+                self.client.xgroup_create(stream, STORE_GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._streams = streams
+        self._rules = {k.decode(): AlarmRule.from_json(v) for k, v in self.client.hgetall(self.keys.alarm_rules).items()}
+        for stream in self._streams:  # a store that died left results unacknowledged: take them over
+            _, claimed, *_ = self.client.xautoclaim(stream, STORE_GROUP, self.settings.name,
+                                                    min_idle_time=self.settings.claim_idle_ms, count=1000)
+            if claimed:
+                self.handle(stream, [(i, f) for i, f in claimed if f])
+
+    def rule_for(self, camera: str, line: str) -> AlarmRule:
+        return self._rules.get(camera) or self._rules.get(f"line:{line}") or self.settings.default_rule
+
+    def handle(self, stream: str, entries) -> None:
+        with self.client.pipeline(transaction=True) as pipe:
+            for entry_id, fields in entries:
+                try:
+                    result = Result.unpack((fields or {}).get(b"m", b""))
+                except MessageError as exc:
+                    self.report.bad_results += 1
+                    log.error("unreadable result", extra={"fields": {"stream": stream, "error": str(exc)}})
+                    pipe.xack(stream, STORE_GROUP, entry_id)
+                    continue
+                rule = self.rule_for(result.camera, result.line)
+                state = self._states.get(result.camera)
+                if state is None or state.rule != rule:
+                    state = self._states[result.camera] = AlarmState(rule)
+                raise_alarm, threshold = state.update(result.score, result.threshold, result.scored_at)
+                latest = {"seq": result.seq, "score": result.score, "anomalous": int(result.anomalous),
+                          "bank": result.bank, "bank_version": result.bank_version, "scored_at": result.scored_at,
+                          "threshold": "" if threshold is None else threshold}
+                if raise_alarm:
+                    alarm = Alarm(camera=result.camera, line=result.line, seq=result.seq, score=result.score,
+                                  threshold=threshold, bank=result.bank, bank_version=result.bank_version,
+                                  raised_at=time.time(), rule=rule.describe(), overlay_key=result.overlay_key,
+                                  overlay_jpeg=self.client.get(result.overlay_key) if result.overlay_key else None)
+                    packed = alarm.pack()
+                    pipe.xadd(self.keys.alarms, {"m": packed}, maxlen=self.settings.alarms_maxlen, approximate=True)
+                    pipe.publish(self.keys.alarms_channel, packed)
+                    pipe.hincrby(self.keys.camera_stats(result.camera), "alarms", 1)
+                    latest["last_alarm_seq"] = result.seq
+                    self.report.alarms += 1
+                pipe.hset(self.keys.latest(result.camera), mapping=latest)
+                pipe.xack(stream, STORE_GROUP, entry_id)
+                self.report.results += 1
+            pipe.execute()

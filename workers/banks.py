@@ -1,0 +1,60 @@
+"""The worker's scorers, one per bank name, following the registry's active version between batches."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from contracts.registry import BankRegistry, RegistryError
+from scorer import BackboneError, BankError, PatchCoreScorer, bank_from_bytes, resolve_device
+from scorer.model import build_extractor
+
+log = logging.getLogger("patchcore.worker")
+
+
+@dataclass
+class ActiveScorer:
+    name: str
+    version: int
+    scorer: PatchCoreScorer
+
+
+class BankCache:
+    """Loads banks from the registry; a bank that fails to load never replaces the one serving."""
+
+    def __init__(self, registry: BankRegistry, device: str = "auto", index: str = "auto",
+                 weights: str | None = None, max_bank_bytes: int = 2 << 30):
+        self.registry = registry
+        self.device = device
+        self.index = index
+        self.weights = weights
+        self.max_bank_bytes = max_bank_bytes
+        self._scorers: dict[str, ActiveScorer] = {}
+        self._extractors: dict = {}  # one backbone per feature config, shared by banks and versions
+        self._refused: set[tuple[str, int]] = set()
+
+    def get(self, name: str) -> ActiveScorer | None:
+        """The scorer of bank `name`'s active version (switching if it changed), or None if none can serve."""
+        version = self.registry.active(name)
+        current = self._scorers.get(name)
+        if version is None or (current is not None and current.version == version):
+            return current
+        if (name, version) in self._refused:
+            return current
+        try:
+            bank = bank_from_bytes(self.registry.fetch(name, version), self.max_bank_bytes)
+            extractor = self._extractors.get(bank.feature_config)
+            if extractor is None:
+                extractor, actual = build_extractor(replace(bank.feature_config, weights_sha256=""), self.weights,
+                                                    resolve_device(self.device))
+                self._extractors[actual] = extractor
+            # refuses (BankError) a bank whose settings or weights differ from the extractor's
+            scorer = PatchCoreScorer(bank, device=self.device, index=self.index, extractor=extractor)
+        except (RegistryError, BankError, BackboneError) as exc:
+            self._refused.add((name, version))
+            log.error("bank refused; the active one keeps serving",
+                      extra={"fields": {"bank": name, "version": version, "error": str(exc),
+                                        "serving": current.version if current else None}})
+            return current
+        self._scorers[name] = ActiveScorer(name, version, scorer)
+        log.info("bank loaded", extra={"fields": {"bank": name, "version": version}})
+        return self._scorers[name]

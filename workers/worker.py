@@ -1,0 +1,233 @@
+"""A consumer-group worker: dynamic batches across cameras, one backbone pass and one search per bank.
+
+A frame is acknowledged (and deleted from its stream) in the same transaction that writes its
+result, so a crash loses nothing: unacknowledged frames of a dead worker are reclaimed after
+`claim_idle_ms`. Undecodable frames go to the dead-letter stream with their reason and bytes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import redis
+
+from contracts.keys import FRAME_GROUP, Keys
+from contracts.messages import Frame, MessageError, Result
+from contracts.registry import BankRegistry
+from scorer import ImageDecodeError, decode_image, to_rgb
+from scorer.overlay import heatmap_overlay
+from scorer.preprocess import display_image
+
+from .banks import BankCache
+
+log = logging.getLogger("patchcore.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    max_batch: int = 8
+    max_wait_ms: int = 50
+    claim_idle_ms: int = 30_000  # reclaim frames a dead worker left unacknowledged after this long
+    results_maxlen: int = 10_000
+    overlay_ttl_s: int = 3600
+    max_frame_bytes: int = 16 << 20
+    device: str = "auto"
+    index: str = "auto"
+    weights: str | None = None
+    refresh_s: float = 2.0  # how often to look for new cameras and reclaim pending frames
+
+
+@dataclass
+class WorkerReport:
+    batches: int = 0
+    frames: int = 0
+    results: int = 0
+    deadlettered: int = 0
+    reclaimed: int = 0
+
+
+@dataclass
+class _Entry:
+    stream: str
+    entry_id: bytes
+    raw: bytes
+    picked_at: float
+
+
+class Worker:
+    def __init__(self, client: redis.Redis, settings: WorkerSettings = WorkerSettings(), keys: Keys = Keys(),
+                 stop: threading.Event | None = None):
+        self.client = client
+        self.settings = settings
+        self.keys = keys
+        self.stop = stop or threading.Event()
+        self.banks = BankCache(BankRegistry(client, keys), settings.device, settings.index, settings.weights)
+        self.report = WorkerReport()
+        self._streams: list[str] = []
+        self._next_refresh = 0.0
+        self._reclaimed: list[_Entry] = []
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self) -> WorkerReport:
+        backoff = 0.1
+        while not self.stop.is_set():
+            try:
+                self._maybe_refresh()
+                batch = self._collect()
+                if batch:
+                    self.process(batch)
+                backoff = 0.1
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("redis unavailable", extra={"fields": {"worker": self.settings.name, "error": str(exc),
+                                                                   "retry_in_s": backoff}})
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        return self.report
+
+    def _maybe_refresh(self) -> None:
+        now = time.monotonic()
+        if now < self._next_refresh:
+            return
+        self._next_refresh = now + self.settings.refresh_s
+        cameras = sorted(c.decode() for c in self.client.smembers(self.keys.cameras))
+        streams = [self.keys.frames(c) for c in cameras]
+        for stream in set(streams) - set(self._streams):
+            try:
+                self.client.xgroup_create(stream, FRAME_GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._streams = streams
+        self.client.hset(self.keys.workers, self.settings.name, time.time())
+        self._reclaim()
+
+    def _reclaim(self) -> None:
+        """Take over frames another consumer left unacknowledged for longer than claim_idle_ms."""
+        for stream in self._streams:
+            start = "0-0"
+            while True:
+                reply = self.client.xautoclaim(stream, FRAME_GROUP, self.settings.name,
+                                               min_idle_time=self.settings.claim_idle_ms, start_id=start, count=100)
+                start, claimed = reply[0], reply[1]
+                now = time.time()
+                for entry_id, fields in claimed:
+                    if fields is None or b"m" not in (fields or {}):  # trimmed away meanwhile: nothing to score
+                        self.client.xack(stream, FRAME_GROUP, entry_id)
+                        continue
+                    self._reclaimed.append(_Entry(stream, entry_id, fields[b"m"], now))
+                    self.report.reclaimed += 1
+                if start in (b"0-0", "0-0"):
+                    break
+
+    def _collect(self) -> list[_Entry]:
+        """Up to max_batch frames, waiting at most max_wait_ms after the first arrives."""
+        batch, self._reclaimed = self._reclaimed[: self.settings.max_batch], self._reclaimed[self.settings.max_batch:]
+        if not self._streams:
+            self.stop.wait(0.1)
+            return batch
+        deadline = None
+        while len(batch) < self.settings.max_batch and not self.stop.is_set():
+            if deadline is None:
+                block_ms = 200 if not batch else self.settings.max_wait_ms  # idle: wake to check `stop`
+            else:
+                block_ms = int((deadline - time.monotonic()) * 1000)
+                if block_ms <= 0:
+                    break
+            reply = self.client.xreadgroup(FRAME_GROUP, self.settings.name, {s: ">" for s in self._streams},
+                                           count=self.settings.max_batch - len(batch), block=max(1, block_ms))
+            now = time.time()
+            for stream, entries in reply or []:
+                stream = stream.decode() if isinstance(stream, bytes) else stream
+                for entry_id, fields in entries:
+                    batch.append(_Entry(stream, entry_id, (fields or {}).get(b"m", b""), now))
+            if batch and deadline is None:
+                deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+            if not reply and not batch:
+                return batch
+        return batch
+
+    # ---- one batch ------------------------------------------------------------------------------
+    def process(self, batch: list[_Entry]) -> None:
+        self.report.batches += 1
+        self.report.frames += len(batch)
+        decoded: dict[str, list[tuple[_Entry, Frame, np.ndarray, float]]] = {}
+        for entry in batch:
+            started = time.perf_counter()
+            try:
+                frame = Frame.unpack(entry.raw, self.settings.max_frame_bytes)
+                if self.keys.frames(frame.camera) != entry.stream:
+                    raise MessageError(f"frame of camera {frame.camera!r} arrived on {entry.stream}")
+                image = self._decode(frame)
+            except (MessageError, ImageDecodeError) as exc:
+                self._deadletter(entry, str(exc))
+                continue
+            decoded.setdefault(frame.bank, []).append((entry, frame, image, (time.perf_counter() - started) * 1000))
+        for bank_name, items in decoded.items():
+            active = self.banks.get(bank_name)
+            if active is None:
+                for entry, *_ in items:
+                    self._deadletter(entry, f"no loadable active bank {bank_name!r} in the registry")
+                continue
+            started = time.perf_counter()
+            result = active.scorer.score([image for _, _, image, _ in items], maps=True)
+            score_ms = (time.perf_counter() - started) * 1000 / len(items)
+            self._write_results(active, items, result, score_ms)
+
+    def _decode(self, frame: Frame) -> np.ndarray:
+        if frame.encoding == "jpeg":
+            image = decode_image(frame.data)
+            height, width, _ = frame.shape
+            if image.shape[:2] != (height, width):
+                raise ImageDecodeError(f"decoded {image.shape[:2]}, message says {(height, width)}")
+            return image
+        array = np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape)
+        return to_rgb(array, "bgr")
+
+    def _write_results(self, active, items, result, score_ms: float) -> None:
+        threshold = active.scorer.threshold
+        now = time.time()
+        with self.client.pipeline(transaction=True) as pipe:
+            for i, (entry, frame, image, decode_ms) in enumerate(items):
+                score = float(result.image_scores[i])
+                anomalous = threshold is not None and score >= threshold
+                overlay_key = None
+                if anomalous:
+                    overlay_key = self.keys.overlay(frame.camera, frame.seq)
+                    crop = display_image(image, active.scorer.config.resize, active.scorer.config.crop)
+                    jpeg = cv2.imencode(".jpg", heatmap_overlay(crop, result.maps[i], threshold),
+                                        [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+                    pipe.set(overlay_key, jpeg, ex=self.settings.overlay_ttl_s)
+                message = Result(
+                    camera=frame.camera, line=frame.line, seq=frame.seq, captured_at=frame.captured_at, scored_at=now,
+                    score=score, threshold=threshold, anomalous=anomalous, bank=active.name,
+                    bank_version=active.version, worker=self.settings.name,
+                    timings_ms={"queue": round((entry.picked_at - frame.captured_at) * 1000, 2),
+                                "decode": round(decode_ms, 2), "score": round(score_ms, 2)},
+                    overlay_key=overlay_key)
+                pipe.xadd(self.keys.results(frame.camera), {"m": message.pack()}, maxlen=self.settings.results_maxlen,
+                          approximate=True)
+                pipe.xack(entry.stream, FRAME_GROUP, entry.entry_id)
+                pipe.xdel(entry.stream, entry.entry_id)
+                pipe.hincrby(self.keys.camera_stats(frame.camera), "results", 1)
+            pipe.execute()
+        self.report.results += len(items)
+
+    def _deadletter(self, entry: _Entry, reason: str) -> None:
+        camera = entry.stream.removeprefix(self.keys.frames(""))
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.deadletter, {"reason": reason, "stream": entry.stream, "id": entry.entry_id,
+                                             "worker": self.settings.name, "at": time.time(), "m": entry.raw},
+                      maxlen=100_000, approximate=True)
+            pipe.xack(entry.stream, FRAME_GROUP, entry.entry_id)
+            pipe.xdel(entry.stream, entry.entry_id)
+            pipe.hincrby(self.keys.camera_stats(camera), "deadlettered", 1)
+            pipe.execute()
+        self.report.deadlettered += 1
+        log.warning("frame dead-lettered", extra={"fields": {"stream": entry.stream, "reason": reason}})
