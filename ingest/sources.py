@@ -144,11 +144,11 @@ class SyntheticLine:
         frame = np.empty((self.height, self.width, 3), np.uint8)
         # belt: dark grey with moving stripes
         frame[:] = (58, 60, 62)
-        offset = (seq * 7) % 40
+        offset = (seq % self.period) * 40 // self.period  # the belt moves with the part
         for x in range(-40 + offset, self.width, 40):
             cv2.line(frame, (x, 0), (x, self.height), (50, 52, 54), 3)
         phase = (seq % self.period + 0.5) / self.period - 0.5
-        cx = int(self.width / 2 + phase * self.width * 0.8)
+        cx = int(self.width / 2 + phase * self.width * 0.25)  # stays inside a centre crop
         cy = self.height // 2
         radius = int(min(self.width, self.height) * 0.33 + rng.integers(-3, 4))
         cv2.circle(frame, (cx, cy), radius, (170, 172, 168), -1, cv2.LINE_AA)
@@ -159,9 +159,9 @@ class SyntheticLine:
             cv2.circle(frame, (hx, hy), max(2, radius // 12), (40, 40, 42), -1, cv2.LINE_AA)
         if self.defect_at(seq) if defect is None else defect:
             angle = rng.uniform(0, 2 * math.pi)
-            r0 = rng.uniform(0.5, 0.85) * radius
+            r0 = rng.uniform(0.3, 0.6) * radius
             x0, y0 = int(cx + r0 * math.cos(angle)), int(cy + r0 * math.sin(angle))
-            length = rng.uniform(0.25, 0.4) * radius
+            length = rng.uniform(0.35, 0.5) * radius
             x1, y1 = int(x0 + length * math.cos(angle + 1.7)), int(y0 + length * math.sin(angle + 1.7))
             cv2.line(frame, (x0, y0), (x1, y1), (30, 30, 200), max(3, radius // 14), cv2.LINE_AA)  # red scratch
         noise = rng.normal(0, 3, frame.shape).astype(np.int16)

@@ -479,7 +479,7 @@ def up_command(
     fps: Annotated[Optional[float], typer.Option(help="Camera rate limit.")] = None,
     max_batch: Annotated[int, typer.Option(help="Worker batch size at most.")] = 8,
     max_wait_ms: Annotated[int, typer.Option(help="Worker batching wait.")] = 50,
-    k: K = 2, n: N = 3, cooldown_s: Cooldown = 2.0, threshold: Threshold = None,
+    k: K = 3, n: N = 4, cooldown_s: Cooldown = 2.0, threshold: Threshold = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the summary here.")] = None,
     device: Device = "auto", progress: Progress = True,
     redis_url: Annotated[Optional[str], typer.Option(envvar="REDIS_URL", help="Use this Redis instead of an embedded one.")] = None,

@@ -54,7 +54,10 @@ def warmup_bank(settings: UpSettings, workdir: Path, progress: bool) -> MemoryBa
     frames_dir.mkdir(parents=True, exist_ok=True)
     source.open()
     for i in range(settings.warmup_frames):
-        image = source.render(i, defect=False) if isinstance(source, SyntheticLine) else source.read()
+        if isinstance(source, SyntheticLine):  # one frame per part: calibration frames show unseen parts
+            image = source.render(i * source.period + i % source.period, defect=False)
+        else:
+            image = source.read()
         if image is None:
             break
         cv2.imwrite(str(frames_dir / f"{i:05d}.png"), image)
@@ -156,6 +159,8 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
             "latency_ms_p99": round(percentile(latencies, 99), 1),
             "frames_per_second": round(len(results) / elapsed, 2) if elapsed > 0 else 0.0,
             "seconds": round(elapsed, 2),
+            "score_ms_mean": round(float(np.mean([r.timings_ms.get("score", 0.0) for r in results])), 2) if results else 0.0,
+            "decode_ms_mean": round(float(np.mean([r.timings_ms.get("decode", 0.0) for r in results])), 2) if results else 0.0,
             "bank_version": version,
             "threshold": threshold,
             "max_batch": settings.max_batch,

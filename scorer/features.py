@@ -4,7 +4,45 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.models import MobileNetV2, ResNet
+
+
+def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The backbone's forward pass as an ordered list of named stages (torchvision's own modules).
+
+    Explicit rather than FX-traced: tracing patches nn.Module.__call__ process-wide, which breaks
+    forward passes running in other threads (several workers in one process).
+    """
+    if isinstance(backbone, ResNet):
+        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        return [(name, getattr(backbone, name)) for name in names]
+    if isinstance(backbone, MobileNetV2):
+        return [(f"features.{i}", stage) for i, stage in enumerate(backbone.features)]
+    raise TypeError(f"no stage list for {type(backbone).__name__}")
+
+
+class TruncatedBackbone(nn.Module):
+    """Runs the stages up to the deepest tap only, returning the tapped outputs by name."""
+
+    def __init__(self, backbone: nn.Module, taps: tuple[str, ...]):
+        super().__init__()
+        stages = backbone_stages(backbone)
+        names = [name for name, _ in stages]
+        missing = [t for t in taps if t not in names]
+        if missing:
+            raise ValueError(f"unknown taps {missing}; this backbone has {names}")
+        last = max(names.index(t) for t in taps)
+        self.names = names[: last + 1]
+        self.stages = nn.ModuleList(module for _, module in stages[: last + 1])
+        self.taps = set(taps)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, stage in zip(self.names, self.stages):
+            x = stage(x)
+            if name in self.taps:
+                out[name] = x
+        return out
 
 
 class PatchFeatureExtractor(nn.Module):
@@ -18,8 +56,7 @@ class PatchFeatureExtractor(nn.Module):
     def __init__(self, backbone: nn.Module, layers: tuple[str, ...], patch_size: int = 3,
                  pretrain_dim: int = 1024, target_dim: int = 1024):
         super().__init__()
-        # FX truncation: only the nodes the taps need are kept, so the network stops at the deepest tap
-        self.body = create_feature_extractor(backbone, return_nodes={layer: layer for layer in layers}).eval()
+        self.body = TruncatedBackbone(backbone, tuple(layers)).eval()  # stops at the deepest tap
         self.layers = tuple(layers)
         self.patch_size = patch_size
         self.pretrain_dim = pretrain_dim

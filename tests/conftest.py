@@ -36,3 +36,28 @@ def synthetic_part(rng: np.random.Generator, size: int = 240, defect: bool = Fal
         x, y = rng.integers(size // 3, 2 * size // 3, 2)
         cv2.line(image, (int(x), int(y)), (int(x) + 30, int(y) + 12), (255, 40, 40), 5)
     return image
+
+
+@pytest.fixture
+def redis_server():
+    """A real redis-server on a free port, one per test."""
+    from patchcore.embedded_redis import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def synthetic_bank_bytes(tmp_path_factory, mobilenet):
+    """A mobilenet bank of 60 defect-free synthetic-line frames, as bytes (built once per session)."""
+    import cv2
+
+    from ingest.sources import SyntheticLine
+    from scorer import BuildConfig, CoresetConfig, FeatureConfig, bank_to_bytes, build_bank
+
+    folder = tmp_path_factory.mktemp("synthetic-good")
+    line = SyntheticLine(seed=0)
+    for i in range(60):  # one frame per part, so held-back calibration frames show parts the bank never saw
+        cv2.imwrite(str(folder / f"{i:03d}.png"), line.render(i * line.period + i % line.period, defect=False))
+    config = BuildConfig(features=FeatureConfig(backbone="mobilenet_v2"), coreset=CoresetConfig(fraction=0.1))
+    return bank_to_bytes(build_bank(sorted(folder.glob("*.png")), config, device="cpu", progress=False))

@@ -53,6 +53,8 @@ def test_patch_features_match_a_per_position_computation():
 def test_network_stops_at_the_deepest_tap():
     backbone, _ = load_backbone("resnet18", "random")
     extractor = PatchFeatureExtractor(backbone, ("layer2", "layer3"))
-    names = {name for name, _ in extractor.body.named_modules()}
-    assert any(n.startswith("layer3") for n in names)
-    assert not any(n.startswith("layer4") or n == "fc" for n in names)
+    assert extractor.body.names[-1] == "layer3"
+    assert not any(module is backbone.layer4 or module is backbone.fc for module in extractor.modules())
+    mobile, _ = load_backbone("mobilenet_v2", "random")
+    taps = PatchFeatureExtractor(mobile, ("features.6", "features.13")).body
+    assert taps.names[-1] == "features.13" and len(taps.stages) == 14

@@ -1,0 +1,35 @@
+"""`patchcore up`, the one-command demo, on the synthetic line and on the real video."""
+import json
+
+from typer.testing import CliRunner
+
+from patchcore.cli import app
+
+from .conftest import VIDEO, needs_video
+
+
+def run_up(tmp_path, *args):
+    summary_path = tmp_path / "summary.json"
+    result = CliRunner().invoke(app, ["up", "--no-progress", "--json", str(summary_path), *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(summary_path.read_text()), result.output
+
+
+def test_up_on_the_synthetic_line_prints_alarms_and_a_summary(tmp_path, mobilenet):
+    summary, output = run_up(tmp_path, "--frames", "48", "--source", "synthetic:seed=5,defect_rate=0.3")
+    assert summary["frames_in"] == 48 and summary["results_out"] == 48
+    assert summary["dropped"] == 0 and summary["deadlettered"] == 0
+    assert summary["alarms"] >= 1 and output.count("ALARM camera=cam-1") == summary["alarms"]
+    from ingest.sources import SyntheticLine
+
+    line = SyntheticLine(seed=5, defect_rate=0.3)
+    # each alarm's 3-of-4 window (the alarm frame and the three before it) holds a defective part
+    assert all(any(line.defect_at(s) for s in range(seq - 3, seq + 1)) for seq in summary["alarm_seqs"])
+    for key in ("latency_ms_p50", "latency_ms_p99", "frames_per_second"):
+        assert summary[key] > 0
+
+
+@needs_video
+def test_up_on_the_real_video(tmp_path, mobilenet):
+    summary, _ = run_up(tmp_path, "--source", str(VIDEO), "--frames", "40", "--warmup-frames", "20")
+    assert summary["frames_in"] == 40 and summary["results_out"] == 40
