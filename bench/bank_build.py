@@ -20,15 +20,16 @@ from scorer.preprocess import preprocess
 
 
 def plain_coreset(features: np.ndarray, config: CoresetConfig) -> np.ndarray:
-    """The straightforward loop: one full distance pass over all points per selected point."""
+    """The straightforward loop: one full distance pass (a matrix-vector product) per selected point."""
     projected = random_projection(features, config.projection_dim, config.seed)
     mind = start_distances(projected, config.start_points, config.seed)
+    norms = np.einsum("ij,ij->i", projected, projected)
     chosen = []
     for _ in range(max(1, int(len(features) * config.fraction))):
         centre = int(np.argmax(mind))
         chosen.append(centre)
-        diff = projected - projected[centre]
-        mind = np.minimum(mind, np.sqrt(np.einsum("ij,ij->i", diff, diff)))
+        sq = norms + norms[centre] - 2.0 * (projected @ projected[centre])
+        np.minimum(mind, np.sqrt(np.maximum(sq, 0.0)), out=mind)
     return np.array(chosen)
 
 

@@ -16,7 +16,7 @@ def test_search_matches_brute_force(kind):
     full = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1))
     expected_idx = np.argsort(full, axis=1)[:, :3]
     np.testing.assert_array_equal(indices.numpy(), expected_idx)
-    np.testing.assert_allclose(distances.numpy(), np.take_along_axis(full, expected_idx, 1), rtol=1e-4)
+    np.testing.assert_allclose(distances.numpy(), np.take_along_axis(full, expected_idx, 1), rtol=1e-5)
 
 
 def test_k_is_capped_at_the_bank_size():
@@ -31,3 +31,15 @@ def test_faiss_gpu_without_gpu_is_a_clear_error():
         NearestNeighbourIndex(np.eye(3, dtype=np.float32), "faiss-gpu", "cpu")
     with pytest.raises(IndexError_, match="unknown index kind"):
         NearestNeighbourIndex(np.eye(3, dtype=np.float32), "hnsw", "cpu")
+
+
+def test_all_kinds_report_the_same_distance_for_the_same_neighbour():
+    rng = np.random.default_rng(1)
+    bank = (rng.normal(size=(2000, 256)) + 30.0).astype(np.float32)  # large norms: cancellation-prone
+    queries = torch.from_numpy(bank[:300] + rng.normal(0, 0.05, (300, 256)).astype(np.float32))
+    d_faiss, i_faiss = NearestNeighbourIndex(bank, "faiss-cpu").search(queries)
+    d_torch, i_torch = NearestNeighbourIndex(bank, "torch").search(queries)
+    assert torch.equal(i_faiss, i_torch)
+    assert torch.equal(d_faiss, d_torch)
+    exact = np.linalg.norm(queries.numpy().astype(np.float64) - bank[i_faiss[:, 0].numpy()], axis=1)
+    np.testing.assert_allclose(d_faiss[:, 0].numpy(), exact, rtol=1e-5)
