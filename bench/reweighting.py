@@ -1,0 +1,42 @@
+"""Plain max vs the paper's Eq. 7 reweighting (b = 9) as the image score, on one bank.
+
+    .venv/bin/python bench/reweighting.py --bank BANK [--category ../shared/datasets/mvtec_bottle]
+
+Prints image AUROC and the class margin (lowest defect score minus highest good score, over the
+spread of good scores) for each; the default (`--neighbours`) was chosen from this.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from scorer import PatchCoreScorer, load_bank
+from scorer.evaluate import test_samples
+from scorer.metrics import image_auroc
+from scorer.model import iter_image_batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bank", required=True)
+    parser.add_argument("--category", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/mvtec_bottle"))
+    args = parser.parse_args()
+    samples = test_samples(args.category)
+    labels = np.array([s.is_anomalous for s in samples])
+    images = [img for b in iter_image_batches([s.path for s in samples], 16) for img in b]
+    scorer = PatchCoreScorer(load_bank(args.bank), device="cpu")
+    for neighbours in (1, 3, 9, 27):
+        scorer.neighbours = neighbours
+        scores = np.concatenate([scorer.score(images[i:i + 16], maps=False).image_scores
+                                 for i in range(0, len(images), 16)])
+        good, bad = scores[~labels], scores[labels]
+        margin = (bad.min() - good.max()) / good.std()
+        print(f"neighbours {neighbours:2d}: image AUROC {image_auroc(labels, scores):.4f}, "
+              f"margin (min defect - max good) / std(good) = {margin:+.2f}, "
+              f"defects above max good: {(bad > good.max()).mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()
