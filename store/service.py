@@ -12,6 +12,7 @@ import redis
 
 from contracts.keys import STORE_GROUP, Keys
 from contracts.messages import Alarm, MessageError, Result
+from contracts.streams import ensure_groups, reclaim, stream_name
 
 from .alarms import AlarmRule, AlarmState
 
@@ -59,7 +60,7 @@ class ResultsStore:
                 reply = self.client.xreadgroup(STORE_GROUP, self.settings.name, {s: ">" for s in self._streams},
                                                count=self.settings.batch, block=200)
                 for stream, entries in reply or []:
-                    self.handle(stream.decode() if isinstance(stream, bytes) else stream, entries)
+                    self.handle(stream_name(stream), entries)
                 backoff = 0.1
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable", extra={"fields": {"error": str(exc), "retry_in_s": backoff}})
@@ -74,19 +75,13 @@ class ResultsStore:
         self._next_refresh = now + self.settings.refresh_s
         cameras = sorted(c.decode() for c in self.client.smembers(self.keys.cameras))
         streams = [self.keys.results(c) for c in cameras]
-        for stream in set(streams) - set(self._streams):
-            try:
-                self.client.xgroup_create(stream, STORE_GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        ensure_groups(self.client, sorted(set(streams) - set(self._streams)), STORE_GROUP)
         self._streams = streams
         self._rules = {k.decode(): AlarmRule.from_json(v) for k, v in self.client.hgetall(self.keys.alarm_rules).items()}
         for stream in self._streams:  # a store that died left results unacknowledged: take them over
-            _, claimed, *_ = self.client.xautoclaim(stream, STORE_GROUP, self.settings.name,
-                                                    min_idle_time=self.settings.claim_idle_ms, count=1000)
+            claimed = list(reclaim(self.client, stream, STORE_GROUP, self.settings.name, self.settings.claim_idle_ms))
             if claimed:
-                self.handle(stream, [(i, f) for i, f in claimed if f])
+                self.handle(stream, claimed)
 
     def rule_for(self, camera: str, line: str) -> AlarmRule:
         return self._rules.get(camera) or self._rules.get(f"line:{line}") or self.settings.default_rule

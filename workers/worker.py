@@ -20,6 +20,7 @@ import redis
 from contracts.keys import FRAME_GROUP, Keys
 from contracts.messages import Frame, MessageError, Result
 from contracts.registry import BankRegistry
+from contracts.streams import ensure_groups, reclaim, stream_name
 from scorer import ImageDecodeError, decode_image, to_rgb
 from scorer.overlay import heatmap_overlay
 from scorer.preprocess import display_image
@@ -98,12 +99,7 @@ class Worker:
         self._next_refresh = now + self.settings.refresh_s
         cameras = sorted(c.decode() for c in self.client.smembers(self.keys.cameras))
         streams = [self.keys.frames(c) for c in cameras]
-        for stream in set(streams) - set(self._streams):
-            try:
-                self.client.xgroup_create(stream, FRAME_GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        ensure_groups(self.client, sorted(set(streams) - set(self._streams)), FRAME_GROUP)
         self._streams = streams
         self.client.hset(self.keys.workers, self.settings.name, time.time())
         self._reclaim()
@@ -111,20 +107,10 @@ class Worker:
     def _reclaim(self) -> None:
         """Take over frames another consumer left unacknowledged for longer than claim_idle_ms."""
         for stream in self._streams:
-            start = "0-0"
-            while True:
-                reply = self.client.xautoclaim(stream, FRAME_GROUP, self.settings.name,
-                                               min_idle_time=self.settings.claim_idle_ms, start_id=start, count=100)
-                start, claimed = reply[0], reply[1]
-                now = time.time()
-                for entry_id, fields in claimed:
-                    if fields is None or b"m" not in (fields or {}):  # trimmed away meanwhile: nothing to score
-                        self.client.xack(stream, FRAME_GROUP, entry_id)
-                        continue
-                    self._reclaimed.append(_Entry(stream, entry_id, fields[b"m"], now))
-                    self.report.reclaimed += 1
-                if start in (b"0-0", "0-0"):
-                    break
+            for entry_id, fields in reclaim(self.client, stream, FRAME_GROUP, self.settings.name,
+                                            self.settings.claim_idle_ms):
+                self._reclaimed.append(_Entry(stream, entry_id, fields.get(b"m", b""), time.time()))
+                self.report.reclaimed += 1
 
     def _collect(self) -> list[_Entry]:
         """Up to max_batch frames, waiting at most max_wait_ms after the first arrives."""
@@ -144,9 +130,8 @@ class Worker:
                                            count=self.settings.max_batch - len(batch), block=max(1, block_ms))
             now = time.time()
             for stream, entries in reply or []:
-                stream = stream.decode() if isinstance(stream, bytes) else stream
                 for entry_id, fields in entries:
-                    batch.append(_Entry(stream, entry_id, (fields or {}).get(b"m", b""), now))
+                    batch.append(_Entry(stream_name(stream), entry_id, (fields or {}).get(b"m", b""), now))
             if batch and deadline is None:
                 deadline = time.monotonic() + self.settings.max_wait_ms / 1000
             if not reply and not batch:

@@ -1,0 +1,41 @@
+"""Consumer-group plumbing shared by the workers and the store (redis-py stream commands)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import redis
+
+
+def ensure_groups(client: redis.Redis, streams: list[str], group: str) -> None:
+    """Create `group` on each stream (and the stream) unless it exists; reads start at the beginning."""
+    for stream in streams:
+        try:
+            client.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+def reclaim(client: redis.Redis, stream: str, group: str, consumer: str, min_idle_ms: int,
+            page: int = 100) -> Iterator[tuple[bytes, dict]]:
+    """Entries other consumers left unacknowledged for min_idle_ms, now owned by `consumer`.
+
+    Entries deleted from the stream meanwhile (trimmed) have nothing left to process: acknowledged here.
+    """
+    start = "0-0"
+    while True:
+        reply = client.xautoclaim(stream, group, consumer, min_idle_time=min_idle_ms, start_id=start, count=page)
+        start, claimed = reply[0], reply[1]
+        for entry_id, fields in claimed:
+            if fields:
+                yield entry_id, fields
+            else:
+                client.xack(stream, group, entry_id)
+        for entry_id in reply[2] if len(reply) > 2 else ():  # Redis 7 lists deleted ids separately
+            client.xack(stream, group, entry_id)
+        if start in (b"0-0", "0-0"):
+            return
+
+
+def stream_name(name: bytes | str) -> str:
+    return name.decode() if isinstance(name, bytes) else name
