@@ -39,3 +39,19 @@ def reclaim(client: redis.Redis, stream: str, group: str, consumer: str, min_idl
 
 def stream_name(name: bytes | str) -> str:
     return name.decode() if isinstance(name, bytes) else name
+
+
+# Acknowledge a delivered entry and, only if this call acknowledged it (it was still pending),
+# append the outcome to another stream, delete the entry and count it - all atomically. A slow
+# worker whose frame was meanwhile reclaimed and finished by another finds XACK = 0 and writes
+# nothing, so each frame has exactly one outcome.
+# KEYS: source stream, target stream, stats hash. ARGV: group, entry id, target maxlen, stats field, field, value, ...
+ACK_AND_WRITE = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+return 1
+"""

@@ -20,7 +20,7 @@ import redis
 from contracts.keys import FRAME_GROUP, Keys
 from contracts.messages import Frame, MessageError, Result
 from contracts.registry import BankRegistry
-from contracts.streams import ensure_groups, reclaim, stream_name
+from contracts.streams import ACK_AND_WRITE, ensure_groups, reclaim, stream_name
 from scorer import ImageDecodeError, decode_image, to_rgb
 from scorer.overlay import heatmap_overlay
 from scorer.preprocess import display_image
@@ -71,6 +71,7 @@ class Worker:
         self.stop = stop or threading.Event()
         self.banks = BankCache(BankRegistry(client, keys), settings.device, settings.index, settings.weights)
         self.report = WorkerReport()
+        self._ack_and_write = client.register_script(ACK_AND_WRITE)
         self._streams: list[str] = []
         self._next_refresh = 0.0
         self._reclaimed: list[_Entry] = []
@@ -178,6 +179,7 @@ class Worker:
     def _write_results(self, active, items, result, score_ms: float) -> None:
         threshold = active.scorer.threshold
         now = time.time()
+        script_calls = []  # positions of the script replies among the pipeline's replies
         with self.client.pipeline(transaction=True) as pipe:
             for i, (entry, frame, image, decode_ms) in enumerate(items):
                 score = float(result.image_scores[i])
@@ -196,23 +198,19 @@ class Worker:
                     timings_ms={"queue": round((entry.picked_at - frame.captured_at) * 1000, 2),
                                 "decode": round(decode_ms, 2), "score": round(score_ms, 2)},
                     overlay_key=overlay_key)
-                pipe.xadd(self.keys.results(frame.camera), {"m": message.pack()}, maxlen=self.settings.results_maxlen,
-                          approximate=True)
-                pipe.xack(entry.stream, FRAME_GROUP, entry.entry_id)
-                pipe.xdel(entry.stream, entry.entry_id)
-                pipe.hincrby(self.keys.camera_stats(frame.camera), "results", 1)
-            pipe.execute()
-        self.report.results += len(items)
+                script_calls.append(len(pipe.command_stack))
+                self._ack_and_write(
+                    keys=[entry.stream, self.keys.results(frame.camera), self.keys.camera_stats(frame.camera)],
+                    args=[FRAME_GROUP, entry.entry_id, self.settings.results_maxlen, "results", "m", message.pack()],
+                    client=pipe)
+            replies = pipe.execute()
+        self.report.results += sum(replies[i] for i in script_calls)  # 0: another worker finished it first
 
     def _deadletter(self, entry: _Entry, reason: str) -> None:
         camera = entry.stream.removeprefix(self.keys.frames(""))
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.deadletter, {"reason": reason, "stream": entry.stream, "id": entry.entry_id,
-                                             "worker": self.settings.name, "at": time.time(), "m": entry.raw},
-                      maxlen=100_000, approximate=True)
-            pipe.xack(entry.stream, FRAME_GROUP, entry.entry_id)
-            pipe.xdel(entry.stream, entry.entry_id)
-            pipe.hincrby(self.keys.camera_stats(camera), "deadlettered", 1)
-            pipe.execute()
+        self._ack_and_write(
+            keys=[entry.stream, self.keys.deadletter, self.keys.camera_stats(camera)],
+            args=[FRAME_GROUP, entry.entry_id, 100_000, "deadlettered", "reason", reason, "stream", entry.stream,
+                  "id", entry.entry_id, "worker", self.settings.name, "at", time.time(), "m", entry.raw])
         self.report.deadlettered += 1
         log.warning("frame dead-lettered", extra={"fields": {"stream": entry.stream, "reason": reason}})

@@ -1,0 +1,73 @@
+"""Fault injection against a real redis-server: killed, stopped and slow workers."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from contracts.connection import connect
+from contracts.keys import FRAME_GROUP, Keys
+from contracts.registry import BankRegistry
+from workers.worker import Worker, WorkerSettings, _Entry
+
+from .test_pipeline import Running, ingest, results, wait_for
+
+KEYS = Keys()
+
+
+def worker_process(url, name, *args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "patchcore", "worker", "--redis-url", url, "--name", name,
+                             "--device", "cpu", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_slow_worker_whose_frames_were_reclaimed_writes_nothing(redis_server, synthetic_bank_bytes):
+    client = connect(redis_server.url)
+    BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
+    ingest(redis_server.url, 4)
+    client.xgroup_create(KEYS.frames("cam-1"), FRAME_GROUP, id="0")
+    slow = Worker(connect(redis_server.url), WorkerSettings(name="slow", device="cpu"), KEYS)
+    taken = client.xreadgroup(FRAME_GROUP, "slow", {KEYS.frames("cam-1"): ">"}, count=4)[0][1]
+    time.sleep(0.3)
+    with Running(redis_server.url, store=False, claim_idle_ms=200):  # reclaims and finishes them
+        wait_for(lambda: client.xlen(KEYS.results("cam-1")) == 4)
+    slow.process([_Entry(KEYS.frames("cam-1"), entry_id, fields[b"m"], time.time()) for entry_id, fields in taken])
+    assert slow.report.results == 0
+    assert sorted(r.seq for r in results(client)) == [0, 1, 2, 3]  # one result per frame, not two
+
+
+def test_sigkill_mid_batch_loses_nothing_and_scores_nothing_twice(redis_server, synthetic_bank_bytes):
+    client = connect(redis_server.url)
+    BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
+    ingest(redis_server.url, 40)
+    victim = worker_process(redis_server.url, "victim", "--max-batch", "4")
+    wait_for(lambda: client.xlen(KEYS.results("cam-1")) >= 4, timeout=120)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    done_by_victim = client.xlen(KEYS.results("cam-1"))
+    assert done_by_victim < 40
+    survivor = worker_process(redis_server.url, "survivor", "--claim-idle-ms", "500")
+    try:
+        wait_for(lambda: client.xlen(KEYS.results("cam-1")) >= 40, timeout=180)
+        time.sleep(1.0)
+    finally:
+        survivor.terminate()
+        survivor.wait(timeout=60)
+    assert sorted(r.seq for r in results(client)) == list(range(40))
+    assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0
+    assert client.xlen(KEYS.frames("cam-1")) == 0
+
+
+def test_sigterm_finishes_the_current_batch_then_exits(redis_server, synthetic_bank_bytes):
+    client = connect(redis_server.url)
+    BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
+    ingest(redis_server.url, 200)
+    worker = worker_process(redis_server.url, "w", "--max-batch", "8")
+    wait_for(lambda: client.xlen(KEYS.results("cam-1")) >= 8, timeout=120)
+    worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, err.decode()[-2000:]
+    # nothing left half-done: every frame it took was written and acknowledged
+    assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0
+    written = client.xlen(KEYS.results("cam-1"))
+    assert written < 200 and written + client.xlen(KEYS.frames("cam-1")) == 200
