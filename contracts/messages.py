@@ -80,6 +80,8 @@ class Frame:
                  f"bad shape {shape!r}")
         height, width, channels = shape
         _require(0 < height <= 8192 and 0 < width <= 8192 and channels in (1, 3), f"bad shape {shape!r}")
+        # resizing the shorter side to 256 would blow a 1 x 8192 strip up to 256 x 2M pixels
+        _require(max(height, width) <= 16 * min(height, width), f"aspect ratio of shape {tuple(shape)} over 16:1")
         if frame.encoding == "raw":
             _require(len(frame.data) == height * width * channels,
                      f"raw frame has {len(frame.data)} bytes, shape {tuple(shape)} needs {height * width * channels}")

@@ -113,8 +113,13 @@ class CameraIngest:
     def _push(self, frame: Frame) -> int:
         """XADD the frame (retrying through Redis outages); returns how many old frames were trimmed."""
         backoff = self.settings.backoff_initial_s
+        retry = False
         while True:
             try:
+                # after a connection error the transaction may have run without our hearing back:
+                # last_seq is written in it, so it says whether to send again (no duplicate frames)
+                if retry and self.client.hget(self.stats, "last_seq") == str(frame.seq).encode():
+                    return 0
                 if not self.source.live:  # files and folders wait for the workers instead of dropping
                     while self.client.xlen(self.stream) >= self.settings.maxlen and not self.stop.is_set():
                         time.sleep(0.01)
@@ -135,6 +140,7 @@ class CameraIngest:
                 if self.stop.wait(backoff):
                     return 0
                 backoff = min(backoff * 2, self.settings.backoff_max_s)
+                retry = True
 
     def _next_seq(self) -> int:
         last = self.client.hget(self.stats, "last_seq")

@@ -162,7 +162,13 @@ class Worker:
                     self._deadletter(entry, f"no loadable active bank {bank_name!r} in the registry")
                 continue
             started = time.perf_counter()
-            result = active.scorer.score([image for _, _, image, _ in items], maps=True)
+            try:
+                result = active.scorer.score([image for _, _, image, _ in items], maps=True)
+            except Exception as exc:  # noqa: BLE001 - a poison batch must not crash-loop the worker
+                log.exception("scoring failed", extra={"fields": {"bank": bank_name, "frames": len(items)}})
+                for entry, *_ in items:
+                    self._deadletter(entry, f"scoring failed: {type(exc).__name__}: {exc}")
+                continue
             score_ms = (time.perf_counter() - started) * 1000 / len(items)
             self._write_results(active, items, result, score_ms)
 

@@ -1,0 +1,71 @@
+"""Redis operations: password and ACL users, Redis restarts with AOF."""
+import json
+import threading
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from contracts.connection import connect
+from contracts.keys import Keys
+from patchcore.cli import app
+from patchcore.embedded_redis import EmbeddedRedis, free_port
+
+from .test_pipeline import Running, ingest, results, wait_for
+
+KEYS = Keys()
+
+
+def test_pipeline_runs_as_an_acl_user_limited_to_the_project_keys(tmp_path, synthetic_bank_bytes):
+    with EmbeddedRedis(extra_args=["--requirepass", "admin-secret"]) as server:
+        admin = redis.Redis(port=server.port, password="admin-secret")
+        admin.execute_command("ACL", "SETUSER", "inspect", "on", ">line-secret", "resetkeys", "~pc:*",
+                              "resetchannels", "&pc:*", "+@all", "-@admin", "-@dangerous")
+        url = f"redis://inspect:line-secret@127.0.0.1:{server.port}/0"
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port).ping()
+        limited = connect(url)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            limited.set("other:key", 1)
+        bank = tmp_path / "b.bank"
+        bank.write_bytes(synthetic_bank_bytes)
+        summary = tmp_path / "s.json"
+        result = CliRunner().invoke(app, ["up", "--redis-url", url, "--bank", str(bank), "--frames", "12",
+                                          "--no-progress", "--json", str(summary)])
+        assert result.exit_code == 0, result.output
+        assert json.loads(summary.read_text())["results_out"] == 12
+        status = CliRunner().invoke(app, ["status", "--redis-url", url])
+        assert status.exit_code == 0 and "line-secret" not in status.output and "inspect:***@" in status.output
+        assert "line-secret" not in result.output
+
+
+def test_password_from_a_secrets_file(tmp_path):
+    secret = tmp_path / "redis-password"
+    secret.write_text("from-file\n")
+    with EmbeddedRedis(extra_args=["--requirepass", "from-file"]) as server:
+        assert connect(server.url, password_file=secret).ping()
+
+
+def test_redis_restart_with_aof_loses_nothing_acknowledged(tmp_path, synthetic_bank_bytes):
+    port, data = free_port(), tmp_path / "redis-data"
+    data.mkdir()
+    server = EmbeddedRedis(port=port, appendonly=True, data_dir=data).start()
+    url = server.url
+    client = connect(url)
+    from contracts.registry import BankRegistry
+
+    BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
+    try:
+        with Running(url, max_batch=4) as running:
+            feeder = threading.Thread(target=ingest, args=(url, 60), kwargs={"fps": 12})
+            feeder.start()
+            wait_for(lambda: client.xlen(KEYS.results("cam-1")) >= 8)
+            server.stop()  # SIGTERM: Redis writes its AOF and exits; everybody sees connection errors
+            server = EmbeddedRedis(port=port, appendonly=True, data_dir=data).start()
+            feeder.join(timeout=180)
+            wait_for(lambda: client.xlen(KEYS.results("cam-1")) == 60, timeout=180)
+            wait_for(lambda: running.store.report.results >= 60, timeout=60)
+        got = results(client)
+        assert sorted(r.seq for r in got) == list(range(60))  # every frame once, across the restart
+    finally:
+        server.stop()
