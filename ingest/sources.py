@@ -30,15 +30,18 @@ class Source(Protocol):
 class CaptureSource:
     """cv2.VideoCapture over a file, a stream URL or a USB device index."""
 
-    def __init__(self, target: str | int, live: bool, loop: bool = False):
+    def __init__(self, target: str | int, live: bool, loop: bool = False, timeout_s: float = 10.0):
         self.target = target
         self.live = live
         self.loop = loop
+        self.timeout_ms = int(timeout_s * 1000)
         self._capture: cv2.VideoCapture | None = None
 
     def open(self) -> None:
         self.close()
-        capture = cv2.VideoCapture(self.target)
+        # a stalled stream must fail the read (and reconnect), not hang the camera process
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.timeout_ms]
+        capture = cv2.VideoCapture(self.target, cv2.CAP_ANY, params) if self.live else cv2.VideoCapture(self.target)
         if not capture.isOpened():
             raise SourceError(f"cannot open {self.target!r}")
         self._capture = capture

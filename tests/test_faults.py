@@ -71,3 +71,27 @@ def test_sigterm_finishes_the_current_batch_then_exits(redis_server, synthetic_b
     assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0
     written = client.xlen(KEYS.results("cam-1"))
     assert written < 200 and written + client.xlen(KEYS.frames("cam-1")) == 200
+
+
+def test_a_bad_bank_version_is_refused_and_the_active_one_keeps_serving(redis_server, synthetic_bank_bytes):
+    import numpy as np
+
+    from scorer import MemoryBank, bank_to_bytes
+    from scorer.config import CoresetConfig, FeatureConfig
+
+    client = connect(redis_server.url)
+    registry = BankRegistry(client, KEYS)
+    good = registry.publish("default", synthetic_bank_bytes, activate=True)
+    other_backbone = bank_to_bytes(MemoryBank(np.zeros((10, 1024), np.float32), FeatureConfig(
+        backbone="resnet18", layers=("layer2", "layer3"), weights_sha256="ab" * 32), CoresetConfig()))
+    bad_versions = [registry.publish("default", synthetic_bank_bytes[:-100]),  # truncated
+                    registry.publish("default", other_backbone)]  # weights this worker cannot match
+    tampered = registry.publish("default", synthetic_bank_bytes)
+    client.setrange(KEYS.bank_blob("default", tampered), 200, b"!")  # bytes no longer match their sha256
+    with Running(redis_server.url, store=False, max_batch=2) as running:
+        for seq, version in enumerate([good, *bad_versions, tampered]):
+            registry.activate("default", version)
+            ingest(redis_server.url, 2, seed=seq)
+            wait_for(lambda: client.xlen(KEYS.results("cam-1")) == 2 * (seq + 1))
+    assert {r.bank_version for r in results(client)} == {good}  # every frame scored by the good bank
+    assert running.workers[0].report.deadlettered == 0
