@@ -65,8 +65,12 @@ def main() -> None:
         time.sleep(20)  # warm-up: models loaded
         memory_start = {name: rss_mb(p.pid) for name, p in {**cameras, **workers, "store": store}.items()}
         started, kills, next_kill, serial = time.time(), 0, time.time() + args.kill_every, args.workers
+        steady_rss, next_sample = [], time.time()  # w0 is never killed: its memory over the whole soak
         while time.time() - started < args.minutes * 60:
             time.sleep(1)
+            if time.time() >= next_sample:
+                steady_rss.append(rss_mb(workers["w0"].pid))
+                next_sample += 60
             if time.time() >= next_kill:
                 # w0 is never killed, so its memory at start and end shows whether a worker's memory stays flat
                 victim = rng.choice(sorted(set(workers) - {"w0"}) or sorted(workers))
@@ -112,6 +116,7 @@ def main() -> None:
             print(f"  {name:8s} RSS {start:7.1f} MB after warm-up"
                   + (f", {end:7.1f} MB at the end" if end is not None else " (camera, stopped first)"
                      if name.startswith("cam") else " (killed during the soak)"))
+        print("  w0 RSS each minute (MB): " + " ".join(f"{v:.0f}" for v in steady_rss))
         for name in sorted(set(memory_end) - set(memory_start)):
             print(f"  {name:8s} RSS {memory_end[name]:7.1f} MB at the end (replacement)")
 

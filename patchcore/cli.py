@@ -348,6 +348,7 @@ def worker_command(
     max_batch: Annotated[int, typer.Option(help="Frames per batch at most.")] = 8,
     max_wait_ms: Annotated[int, typer.Option(help="Wait at most this long to fill a batch.")] = 50,
     claim_idle_ms: Annotated[int, typer.Option(help="Reclaim frames left unacknowledged this long by a dead worker.")] = 30000,
+    max_frame_bytes: Annotated[int, typer.Option(help="Dead-letter frame messages larger than this.")] = 16 << 20,
     device: Device = "auto", index: Index = "auto", weights: Weights = None,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
@@ -356,7 +357,7 @@ def worker_command(
     from workers.worker import Worker, WorkerSettings
 
     settings = WorkerSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms,
-                              device=device, index=index, weights=weights)
+                              max_frame_bytes=max_frame_bytes, device=device, index=index, weights=weights)
     if name:
         from dataclasses import replace
 
@@ -487,10 +488,8 @@ def up_command(
     """The whole service in one command: embedded Redis, bank, ingest, worker, store; prints alarms."""
     from .up import UpSettings, run_up
 
-    if frames is None and seconds is None and not source.startswith("synthetic"):
-        frames = None  # a file source ends by itself
-    elif frames is None and seconds is None:
-        frames = 200
+    if frames is None and seconds is None and source.startswith("synthetic"):
+        frames = 200  # the synthetic line never ends; files end by themselves, live sources at Ctrl-C
     settings = UpSettings(source=source, redis_url=redis_url, bank=bank, train=train, backbone=backbone,
                           warmup_frames=warmup_frames, frames=frames, seconds=seconds, fps=fps, max_batch=max_batch,
                           max_wait_ms=max_wait_ms, rule=_rule(k, n, cooldown_s, threshold), device=device)

@@ -114,6 +114,17 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         threads = [threading.Thread(target=lambda: reports.__setitem__("ingest", ingest.run()), name="ingest"),
                    threading.Thread(target=worker.run, name="worker"),
                    threading.Thread(target=store.run, name="store")]
+
+        def absolute_counters() -> dict[str, int]:
+            raw = client.hgetall(keys.camera_stats(settings.camera))
+            return {k.decode(): int(v) for k, v in raw.items()
+                    if k.decode() in ("ingested", "results", "dropped", "deadlettered")}
+
+        before = absolute_counters()  # a given Redis may hold earlier runs' counts
+
+        def counters() -> dict[str, int]:
+            return {k: v - before.get(k, 0) for k, v in absolute_counters().items()}
+
         started = time.time()
         for thread in threads:
             thread.start()
@@ -128,9 +139,9 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
                          f"threshold={alarm.threshold:.3f} bank={alarm.bank}@v{alarm.bank_version} ({alarm.rule})")
                 if deadline is not None and time.time() >= deadline:
                     ingest_stop.set()
-                ingested = int(client.hget(keys.camera_stats(settings.camera), "ingested") or 0)
-                handled = store.report.results + int(client.hget(keys.camera_stats(settings.camera), "deadlettered") or 0)
-                if not threads[0].is_alive() and handled >= ingested:
+                now = counters()
+                if not threads[0].is_alive() and now.get("results", 0) + now.get("deadlettered", 0) >= now.get("ingested", 0) \
+                        and store.report.results >= now.get("results", 0):
                     break
         except KeyboardInterrupt:
             echo("stopping")
@@ -143,13 +154,14 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         while (message := subscriber.get_message(timeout=0.2)) is not None:  # alarms published just before stop
             alarms.append(Alarm.unpack(message["data"]))
         results = [Result.unpack(fields[b"m"]) for _, fields in client.xrange(keys.results(settings.camera))]
+        results = [r for r in results if r.captured_at >= started - 1]  # this run's frames
         latencies = [(r.scored_at - r.captured_at) * 1000 for r in results]
-        stats = {k.decode(): v.decode() for k, v in client.hgetall(keys.camera_stats(settings.camera)).items()}
+        stats = counters()
         subscriber.close()
         summary = {
             "source": settings.source,
             "frames_in": int(stats.get("ingested", 0)),
-            "results_out": len(results),
+            "results_out": int(stats.get("results", 0)),  # the results stream keeps only the newest 10 000
             "dropped": int(stats.get("dropped", 0)),
             "deadlettered": int(stats.get("deadlettered", 0)),
             "alarms": len(alarms),
@@ -157,7 +169,7 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
             "alarm_seqs": [a.seq for a in alarms],
             "latency_ms_p50": round(percentile(latencies, 50), 1),
             "latency_ms_p99": round(percentile(latencies, 99), 1),
-            "frames_per_second": round(len(results) / elapsed, 2) if elapsed > 0 else 0.0,
+            "frames_per_second": round(int(stats.get("results", 0)) / elapsed, 2) if elapsed > 0 else 0.0,
             "seconds": round(elapsed, 2),
             "score_ms_mean": round(float(np.mean([r.timings_ms.get("score", 0.0) for r in results])), 2) if results else 0.0,
             "decode_ms_mean": round(float(np.mean([r.timings_ms.get("decode", 0.0) for r in results])), 2) if results else 0.0,
