@@ -55,3 +55,17 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 return 1
 """
+
+
+def serve(step, stop, log, name: str) -> None:
+    """Call `step` until `stop` is set; Redis outages back off exponentially (0.1 s doubling to 10 s)."""
+    backoff = 0.1
+    while not stop.is_set():
+        try:
+            step()
+            backoff = 0.1
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("redis unavailable", extra={"fields": {"process": name, "error": str(exc),
+                                                               "retry_in_s": backoff}})
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 10.0)

@@ -12,7 +12,7 @@ import redis
 
 from contracts.keys import STORE_GROUP, Keys
 from contracts.messages import Alarm, MessageError, Result
-from contracts.streams import ensure_groups, reclaim, stream_name
+from contracts.streams import ensure_groups, reclaim, serve, stream_name
 
 from .alarms import AlarmRule, AlarmState
 
@@ -50,23 +50,18 @@ class ResultsStore:
         self._next_refresh = 0.0
 
     def run(self) -> StoreReport:
-        backoff = 0.1
-        while not self.stop.is_set():
-            try:
-                self._maybe_refresh()
-                if not self._streams:
-                    self.stop.wait(0.1)
-                    continue
-                reply = self.client.xreadgroup(STORE_GROUP, self.settings.name, {s: ">" for s in self._streams},
-                                               count=self.settings.batch, block=200)
-                for stream, entries in reply or []:
-                    self.handle(stream_name(stream), entries)
-                backoff = 0.1
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis unavailable", extra={"fields": {"error": str(exc), "retry_in_s": backoff}})
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+        serve(self._step, self.stop, log, self.settings.name)
         return self.report
+
+    def _step(self) -> None:
+        self._maybe_refresh()
+        if not self._streams:
+            self.stop.wait(0.1)
+            return
+        reply = self.client.xreadgroup(STORE_GROUP, self.settings.name, {s: ">" for s in self._streams},
+                                       count=self.settings.batch, block=200)
+        for stream, entries in reply or []:
+            self.handle(stream_name(stream), entries)
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()

@@ -20,7 +20,7 @@ import redis
 from contracts.keys import FRAME_GROUP, Keys
 from contracts.messages import Frame, MessageError, Result
 from contracts.registry import BankRegistry
-from contracts.streams import ACK_AND_WRITE, ensure_groups, reclaim, stream_name
+from contracts.streams import ACK_AND_WRITE, ensure_groups, reclaim, serve, stream_name
 from scorer import ImageDecodeError, decode_image, to_rgb
 from scorer.overlay import heatmap_overlay
 from scorer.preprocess import display_image
@@ -78,20 +78,14 @@ class Worker:
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> WorkerReport:
-        backoff = 0.1
-        while not self.stop.is_set():
-            try:
-                self._maybe_refresh()
-                batch = self._collect()
-                if batch:
-                    self.process(batch)
-                backoff = 0.1
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis unavailable", extra={"fields": {"worker": self.settings.name, "error": str(exc),
-                                                                   "retry_in_s": backoff}})
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+        serve(self._step, self.stop, log, self.settings.name)
         return self.report
+
+    def _step(self) -> None:
+        self._maybe_refresh()
+        batch = self._collect()
+        if batch:
+            self.process(batch)
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()
