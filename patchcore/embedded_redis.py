@@ -32,7 +32,8 @@ class EmbeddedRedis:
     """`with EmbeddedRedis() as server: server.url` - stopped (and its files removed) on exit."""
 
     def __init__(self, port: int | None = None, extra_args: list[str] | None = None, appendonly: bool = False,
-                 data_dir: str | Path | None = None):
+                 data_dir: str | Path | None = None, binary: str | None = None):
+        self.binary = binary
         self.port = port or free_port()
         self._owned_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="patchcore-redis-"))
@@ -45,7 +46,7 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
-        args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+        args = [self.binary or find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", *self.extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout

@@ -95,3 +95,19 @@ def test_a_bad_bank_version_is_refused_and_the_active_one_keeps_serving(redis_se
             wait_for(lambda: client.xlen(KEYS.results("cam-1")) == 2 * (seq + 1))
     assert {r.bank_version for r in results(client)} == {good}  # every frame scored by the good bank
     assert running.workers[0].report.deadlettered == 0
+
+
+def test_sigterm_stops_ingest_after_the_frame_in_hand(redis_server):
+    camera = subprocess.Popen([sys.executable, "-m", "patchcore", "ingest", "--source", "synthetic", "--camera", "c1",
+                               "--fps", "20", "--redis-url", redis_server.url],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    client = connect(redis_server.url)
+    wait_for(lambda: client.xlen(KEYS.frames("c1")) >= 10, timeout=60)
+    camera.send_signal(signal.SIGTERM)
+    out, err = camera.communicate(timeout=30)
+    assert camera.returncode == 0, err.decode()[-2000:]
+    import json
+
+    report = json.loads(out.decode().strip().splitlines()[-1])
+    assert report["frames"] == client.xlen(KEYS.frames("c1")) == int(client.hget(KEYS.camera_stats("c1"), "ingested"))
+    assert client.hget(KEYS.camera_stats("c1"), "state").decode().startswith("stopped")

