@@ -88,6 +88,12 @@ class PatchCoreScorer:
     @torch.inference_mode()
     def score_tensor(self, batch: torch.Tensor, maps: bool = True) -> ScoreResult:
         features, grid = self.extractor(batch)
+        return self.score_features(features, grid, maps)
+
+    @torch.inference_mode()
+    def score_features(self, features: torch.Tensor, grid: tuple[int, int], maps: bool = True) -> ScoreResult:
+        """Patch features [B, h*w, D] (from this scorer's extractor) -> scores, one search for the batch."""
+        features = features.to(self.device)
         n_images, n_patches, dim = features.shape
         distances, nearest = self.index.search(features.reshape(-1, dim), k=1)
         patch = distances.reshape(n_images, n_patches)
@@ -136,10 +142,10 @@ def build_bank(paths: Sequence[Path], config: BuildConfig = BuildConfig(), weigh
     started = time.perf_counter()
     device = resolve_device(device)
     extractor, feature_config = build_extractor(config.features, weights, device)
-    chunks = []
+    chunks, grid = [], (0, 0)
     with tqdm(total=len(paths), desc="features", unit="img", disable=not progress) as bar:
         for images in iter_image_batches(paths, config.batch_size):
-            features, _ = extractor(preprocess(images, feature_config.resize, feature_config.crop, device))
+            features, grid = extractor(preprocess(images, feature_config.resize, feature_config.crop, device))
             chunks.append(features.cpu().numpy())
             bar.update(len(images))
     per_image = np.concatenate(chunks)  # [n_images, patches, dim]
@@ -158,8 +164,10 @@ def build_bank(paths: Sequence[Path], config: BuildConfig = BuildConfig(), weigh
     if held.any():
         calibration_bank = coreset_bank(per_image[~held].reshape(-1, per_image.shape[-1]), "calibration coreset")
         scorer = PatchCoreScorer(calibration_bank, device=device, extractor=extractor)
-        held_paths = [p for p, h in zip(paths, held) if h]
-        good = scorer.score_paths(held_paths, config.batch_size, maps=False).image_scores
+        # the held-back images' features are already computed: score them without a second backbone pass
+        held_features = torch.from_numpy(per_image[held])
+        good = np.concatenate([scorer.score_features(held_features[b:b + config.batch_size], grid, maps=False).image_scores
+                               for b in range(0, len(held_features), config.batch_size)])
         calibration = Calibration(threshold=good_threshold(good, config.calibration_sigmas), method="good-sigma",
                                   good_scores=tuple(float(s) for s in good), sigmas=config.calibration_sigmas)
     all_features = per_image.reshape(-1, per_image.shape[-1])
