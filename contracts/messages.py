@@ -103,6 +103,10 @@ class Result:
     worker: str
     timings_ms: dict[str, float] = field(default_factory=dict)  # queue, decode, score
     overlay_key: str | None = None  # Redis key of a heatmap overlay JPEG (anomalous frames)
+    # optional small anomaly map: the patch-distance grid as uint8 rows, 255 = patch_map_max
+    patch_map: bytes | None = None
+    patch_map_shape: tuple[int, int] | None = None
+    patch_map_max: float | None = None
     schema: int = RESULT_SCHEMA
 
     def pack(self) -> bytes:
@@ -110,7 +114,10 @@ class Result:
 
     @classmethod
     def unpack(cls, data: bytes) -> "Result":
-        return _build(cls, _unpack(data, 1 << 20), RESULT_SCHEMA)
+        result = _build(cls, _unpack(data, 1 << 20), RESULT_SCHEMA)
+        if result.patch_map_shape is not None:  # msgpack has no tuples
+            result = Result(**{**asdict(result), "patch_map_shape": tuple(result.patch_map_shape)})
+        return result
 
 
 @dataclass(frozen=True)

@@ -349,6 +349,7 @@ def worker_command(
     max_wait_ms: Annotated[int, typer.Option(help="Wait at most this long to fill a batch.")] = 50,
     claim_idle_ms: Annotated[int, typer.Option(help="Reclaim frames left unacknowledged this long by a dead worker.")] = 30000,
     max_frame_bytes: Annotated[int, typer.Option(help="Dead-letter frame messages larger than this.")] = 16 << 20,
+    result_maps: Annotated[bool, typer.Option(help="Attach the small patch-distance map (uint8 grid) to every result.")] = False,
     device: Device = "auto", index: Index = "auto", weights: Weights = None,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
@@ -357,7 +358,8 @@ def worker_command(
     from workers.worker import Worker, WorkerSettings
 
     settings = WorkerSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms,
-                              max_frame_bytes=max_frame_bytes, device=device, index=index, weights=weights)
+                              max_frame_bytes=max_frame_bytes, result_maps=result_maps, device=device, index=index,
+                              weights=weights)
     if name:
         from dataclasses import replace
 

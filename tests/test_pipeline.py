@@ -88,7 +88,7 @@ def test_two_workers_score_every_frame_exactly_once_and_alarm_on_defects(redis_s
     assert alarms, "defective parts must raise alarms"
     for alarm in alarms:
         line = lines[0] if alarm.camera == "cam-1" else lines[1]
-        assert any(line.defect_at(s) for s in range(alarm.seq - 2, alarm.seq + 1))  # its 2-of-3 window
+        assert any(line.defect_at(s) for s in range(max(0, alarm.seq - 2), alarm.seq + 1))  # its 2-of-3 window
         assert alarm.overlay_jpeg and decode_image(alarm.overlay_jpeg).shape == (224, 224, 3)
     live, deadline = [], time.time() + 3
     while time.time() < deadline and len(live) < len(alarms):
@@ -187,3 +187,28 @@ def test_registry_refuses_tampered_bytes_and_unknown_versions(redis_server, synt
         registry.activate("default", 7)
     with pytest.raises(RegistryError, match="no earlier"):
         registry.rollback("default")
+
+
+def test_results_can_carry_the_small_anomaly_map_and_alarms_reach_a_cli_subscriber(redis_server, synthetic_bank_bytes):
+    import subprocess
+    import sys
+
+    client = connect(redis_server.url)
+    publish(client, synthetic_bank_bytes)
+    subscriber = subprocess.Popen([sys.executable, "-m", "patchcore", "alarms", "--count", "1", "--redis-url",
+                                   redis_server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(3)  # the subscriber is connected before anything is published
+    line = ingest(redis_server.url, 24, seed=4)
+    with Running(redis_server.url, result_maps=True):
+        wait_for(lambda: client.xlen(KEYS.results("cam-1")) == 24)
+        out, _ = subscriber.communicate(timeout=60)
+    alarm = __import__("json").loads(out.decode().splitlines()[0])
+    assert any(line.defect_at(s) for s in range(max(0, alarm["seq"] - 2), alarm["seq"] + 1))
+    got = results(client)
+    for r in got:
+        grid = np.frombuffer(r.patch_map, np.uint8).reshape(r.patch_map_shape)
+        assert r.patch_map_shape == (28, 28) and grid.max() == 255
+    peak = {r.seq: r.patch_map_max for r in got}
+    defective = [peak[r.seq] for r in got if line.defect_at(r.seq)]
+    good = [peak[r.seq] for r in got if not line.defect_at(r.seq)]
+    assert defective and good and min(defective) > max(good)  # the map's peak is where the defect is

@@ -38,6 +38,7 @@ class WorkerSettings:
     claim_idle_ms: int = 30_000  # reclaim frames a dead worker left unacknowledged after this long
     results_maxlen: int = 10_000
     overlay_ttl_s: int = 3600
+    result_maps: bool = False  # attach the patch-distance grid (uint8, e.g. 28x28) to every result
     max_frame_bytes: int = 16 << 20
     device: str = "auto"
     index: str = "auto"
@@ -197,7 +198,7 @@ class Worker:
                     bank_version=active.version, worker=self.settings.name,
                     timings_ms={"queue": round((entry.picked_at - frame.captured_at) * 1000, 2),
                                 "decode": round(decode_ms, 2), "score": round(score_ms, 2)},
-                    overlay_key=overlay_key)
+                    overlay_key=overlay_key, **(self._patch_map(result.patch_scores[i]) if self.settings.result_maps else {}))
                 script_calls.append(len(pipe.command_stack))
                 self._ack_and_write(
                     keys=[entry.stream, self.keys.results(frame.camera), self.keys.camera_stats(frame.camera)],
@@ -205,6 +206,12 @@ class Worker:
                     client=pipe)
             replies = pipe.execute()
         self.report.results += sum(replies[i] for i in script_calls)  # 0: another worker finished it first
+
+    @staticmethod
+    def _patch_map(grid: np.ndarray) -> dict:
+        top = float(grid.max())
+        quantised = np.round(grid / top * 255).astype(np.uint8) if top > 0 else np.zeros(grid.shape, np.uint8)
+        return {"patch_map": quantised.tobytes(), "patch_map_shape": tuple(grid.shape), "patch_map_max": top}
 
     def _deadletter(self, entry: _Entry, reason: str) -> None:
         camera = entry.stream.removeprefix(self.keys.frames(""))
