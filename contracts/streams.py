@@ -1,6 +1,7 @@
 """Consumer-group plumbing shared by the workers and the store (redis-py stream commands)."""
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import redis
@@ -69,3 +70,31 @@ def serve(step, stop, log, name: str) -> None:
                                                                "retry_in_s": backoff}})
             stop.wait(backoff)
             backoff = min(backoff * 2, 10.0)
+
+
+class CameraStreams:
+    """The per-camera streams a consumer group reads, rediscovered at most every `refresh_s`.
+
+    `due()` says whether a refresh is due (and starts the next interval); `refresh()` rereads the
+    camera set, creates `group` on streams it has not seen yet, and returns the stream names.
+    """
+
+    def __init__(self, client: redis.Redis, cameras_key: str, stream_of, group: str, refresh_s: float):
+        self.client, self.cameras_key, self.stream_of, self.group = client, cameras_key, stream_of, group
+        self.refresh_s = refresh_s
+        self.names: list[str] = []
+        self._next = 0.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.refresh_s
+        return True
+
+    def refresh(self) -> list[str]:
+        cameras = sorted(c.decode() for c in self.client.smembers(self.cameras_key))
+        streams = [self.stream_of(c) for c in cameras]
+        ensure_groups(self.client, sorted(set(streams) - set(self.names)), self.group)
+        self.names = streams
+        return streams

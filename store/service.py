@@ -12,7 +12,7 @@ import redis
 
 from contracts.keys import STORE_GROUP, Keys
 from contracts.messages import Alarm, MessageError, Result
-from contracts.streams import ensure_groups, reclaim, serve, stream_name
+from contracts.streams import CameraStreams, reclaim, serve, stream_name
 
 from .alarms import AlarmRule, AlarmState
 
@@ -46,8 +46,7 @@ class ResultsStore:
         self.report = StoreReport()
         self._states: dict[str, AlarmState] = {}
         self._rules: dict[str, AlarmRule] = {}
-        self._streams: list[str] = []
-        self._next_refresh = 0.0
+        self._streams = CameraStreams(client, keys.cameras, keys.results, STORE_GROUP, settings.refresh_s)
 
     def run(self) -> StoreReport:
         serve(self._step, self.stop, log, self.settings.name)
@@ -55,25 +54,20 @@ class ResultsStore:
 
     def _step(self) -> None:
         self._maybe_refresh()
-        if not self._streams:
+        if not self._streams.names:
             self.stop.wait(0.1)
             return
-        reply = self.client.xreadgroup(STORE_GROUP, self.settings.name, {s: ">" for s in self._streams},
+        reply = self.client.xreadgroup(STORE_GROUP, self.settings.name, {s: ">" for s in self._streams.names},
                                        count=self.settings.batch, block=200)
         for stream, entries in reply or []:
             self.handle(stream_name(stream), entries)
 
     def _maybe_refresh(self) -> None:
-        now = time.monotonic()
-        if now < self._next_refresh:
+        if not self._streams.due():
             return
-        self._next_refresh = now + self.settings.refresh_s
-        cameras = sorted(c.decode() for c in self.client.smembers(self.keys.cameras))
-        streams = [self.keys.results(c) for c in cameras]
-        ensure_groups(self.client, sorted(set(streams) - set(self._streams)), STORE_GROUP)
-        self._streams = streams
+        self._streams.refresh()
         self._rules = {k.decode(): AlarmRule.from_json(v) for k, v in self.client.hgetall(self.keys.alarm_rules).items()}
-        for stream in self._streams:  # a store that died left results unacknowledged: take them over
+        for stream in self._streams.names:  # a store that died left results unacknowledged: take them over
             claimed = list(reclaim(self.client, stream, STORE_GROUP, self.settings.name, self.settings.claim_idle_ms))
             if claimed:
                 self.handle(stream, claimed)
