@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import redis
+import torch
 
 from contracts.keys import FRAME_GROUP, Keys
 from contracts.messages import Frame, MessageError, Result
 from contracts.registry import BankRegistry
-from contracts.streams import ACK_AND_WRITE, ensure_groups, reclaim, serve, stream_name
+from contracts.streams import ACK_AND_WRITE, CameraStreams, reclaim, serve, stream_name
 from scorer import ImageDecodeError, decode_image, to_rgb
 from scorer.overlay import heatmap_overlay
+from scorer.scoring import anomaly_maps
 from scorer.preprocess import display_image
 
 from .banks import BankCache
@@ -73,8 +75,7 @@ class Worker:
         self.banks = BankCache(BankRegistry(client, keys), settings.device, settings.index, settings.weights)
         self.report = WorkerReport()
         self._ack_and_write = client.register_script(ACK_AND_WRITE)
-        self._streams: list[str] = []
-        self._next_refresh = 0.0
+        self._streams = CameraStreams(client, keys.cameras, keys.frames, FRAME_GROUP, settings.refresh_s)
         self._reclaimed: list[_Entry] = []
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -89,20 +90,15 @@ class Worker:
             self.process(batch)
 
     def _maybe_refresh(self) -> None:
-        now = time.monotonic()
-        if now < self._next_refresh:
+        if not self._streams.due():
             return
-        self._next_refresh = now + self.settings.refresh_s
-        cameras = sorted(c.decode() for c in self.client.smembers(self.keys.cameras))
-        streams = [self.keys.frames(c) for c in cameras]
-        ensure_groups(self.client, sorted(set(streams) - set(self._streams)), FRAME_GROUP)
-        self._streams = streams
+        self._streams.refresh()
         self.client.hset(self.keys.workers, self.settings.name, time.time())
         self._reclaim()
 
     def _reclaim(self) -> None:
         """Take over frames another consumer left unacknowledged for longer than claim_idle_ms."""
-        for stream in self._streams:
+        for stream in self._streams.names:
             for entry_id, fields in reclaim(self.client, stream, FRAME_GROUP, self.settings.name,
                                             self.settings.claim_idle_ms):
                 self._reclaimed.append(_Entry(stream, entry_id, fields.get(b"m", b""), time.time()))
@@ -111,7 +107,7 @@ class Worker:
     def _collect(self) -> list[_Entry]:
         """Up to max_batch frames, waiting at most max_wait_ms after the first arrives."""
         batch, self._reclaimed = self._reclaimed[: self.settings.max_batch], self._reclaimed[self.settings.max_batch:]
-        if not self._streams:
+        if not self._streams.names:
             self.stop.wait(0.1)
             return batch
         deadline = None
@@ -122,7 +118,7 @@ class Worker:
                 block_ms = int((deadline - time.monotonic()) * 1000)
                 if block_ms <= 0:
                     break
-            reply = self.client.xreadgroup(FRAME_GROUP, self.settings.name, {s: ">" for s in self._streams},
+            reply = self.client.xreadgroup(FRAME_GROUP, self.settings.name, {s: ">" for s in self._streams.names},
                                            count=self.settings.max_batch - len(batch), block=max(1, block_ms))
             now = time.time()
             for stream, entries in reply or []:
@@ -158,7 +154,7 @@ class Worker:
                 continue
             started = time.perf_counter()
             try:
-                result = active.scorer.score([image for _, _, image, _ in items], maps=True)
+                result = active.scorer.score([image for _, _, image, _ in items], maps=False)
             except Exception as exc:  # noqa: BLE001 - a poison batch must not crash-loop the worker
                 log.exception("scoring failed", extra={"fields": {"bank": bank_name, "frames": len(items)}})
                 for entry, *_ in items:
@@ -180,16 +176,22 @@ class Worker:
     def _write_results(self, active, items, result, score_ms: float) -> None:
         threshold = active.scorer.threshold
         now = time.time()
+        rows = [i for i, score in enumerate(result.image_scores) if threshold is not None and score >= threshold]
+        maps = {}  # heatmaps only for the frames that get an overlay, in one batched call
+        if rows:
+            patches = torch.from_numpy(result.patch_scores[rows]).reshape(len(rows), -1)
+            heat = anomaly_maps(patches, result.patch_scores.shape[1:], active.scorer.config.crop).numpy()
+            maps = dict(zip(rows, heat))
         script_calls = []  # positions of the script replies among the pipeline's replies
         with self.client.pipeline(transaction=True) as pipe:
             for i, (entry, frame, image, decode_ms) in enumerate(items):
                 score = float(result.image_scores[i])
-                anomalous = threshold is not None and score >= threshold
+                anomalous = i in maps
                 overlay_key = None
                 if anomalous:
                     overlay_key = self.keys.overlay(frame.camera, frame.seq)
                     crop = display_image(image, active.scorer.config.resize, active.scorer.config.crop)
-                    jpeg = cv2.imencode(".jpg", heatmap_overlay(crop, result.maps[i], threshold),
+                    jpeg = cv2.imencode(".jpg", heatmap_overlay(crop, maps[i], threshold),
                                         [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
                     pipe.set(overlay_key, jpeg, ex=self.settings.overlay_ttl_s)
                 message = Result(
