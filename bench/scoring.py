@@ -25,7 +25,7 @@ def baseline(scorer: PatchCoreScorer, images) -> float:
     bank = torch.from_numpy(scorer.bank.features)
     started = time.perf_counter()
     for image in images:
-        batch = preprocess([image], scorer.config.resize, scorer.config.crop)
+        batch = preprocess([image], scorer.view.resize, scorer.view.crop)  # the crop view
         features, grid = scorer.extractor(batch)
         distances = torch.cdist(features[0], bank).min(dim=1).values
         up = F.interpolate(distances.reshape(1, 1, *grid), size=(224, 224), mode="bilinear", align_corners=False)

@@ -36,6 +36,13 @@ class Keys:
     def overlay(self, camera: str, seq: int) -> str:  # JPEG bytes, with a TTL
         return f"{self.prefix}:overlay:{camera}:{seq}"
 
+    def frame_copy(self, camera: str, seq: int) -> str:  # an anomalous frame's Frame message, with a TTL
+        return f"{self.prefix}:framecopy:{camera}:{seq}"
+
+    @property
+    def dismissed(self) -> str:  # hash: "<camera>:<seq>" -> JSON {at, bank, by}: alarms dismissed as false
+        return f"{self.prefix}:alarms:dismissed"
+
     @property
     def alarms(self) -> str:  # durable stream of Alarm messages
         return f"{self.prefix}:alarms"
@@ -71,3 +78,6 @@ class Keys:
 
     def bank_counter(self, name: str) -> str:  # INCR source of version numbers
         return f"{self.prefix}:bank:{name}:next"
+
+    def bank_updates(self, name: str) -> str:  # stream of good frames (Frame messages) queued for the next update
+        return f"{self.prefix}:bank:{name}:updates"

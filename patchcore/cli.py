@@ -15,6 +15,8 @@ app = typer.Typer(help="PatchCore visual inspection: banks, evaluation, and the 
                   no_args_is_help=True, pretty_exceptions_enable=False)
 bank_app = typer.Typer(help="Build, inspect, publish, activate and roll back memory banks.", no_args_is_help=True)
 app.add_typer(bank_app, name="bank")
+alarm_app = typer.Typer(help="Act on alarms: dismiss a false alarm.", no_args_is_help=True)
+app.add_typer(alarm_app, name="alarm")
 
 # Options shared by the commands that build a bank.
 Backbone = Annotated[str, typer.Option(help="wide_resnet50_2 (paper), resnet18, resnet50 or mobilenet_v2.")]
@@ -22,10 +24,17 @@ Layers = Annotated[Optional[str], typer.Option(help="Comma-separated taps; defau
 Weights = Annotated[Optional[str], typer.Option(help="Local state-dict file; default: torchvision's ImageNet file in the torch hub cache. 'random' only for tests.")]
 Coreset = Annotated[float, typer.Option(help="Coreset fraction of all training patches (0.01-0.25 typical).")]
 Seed = Annotated[int, typer.Option(help="Seed of the coreset and the calibration split.")]
-Resize = Annotated[int, typer.Option(help="Shorter side after resizing, pixels.")]
-Crop = Annotated[int, typer.Option(help="Centre-crop size, pixels.")]
-CalibrationFraction = Annotated[float, typer.Option(help="Share of good images held back to calibrate the threshold (0: no threshold).")]
-Sigmas = Annotated[float, typer.Option(help="Threshold = mean + SIGMAS x std of held-back good scores.")]
+View = Annotated[str, typer.Option(help="crop (paper: resize, centre crop), full (whole frame, aspect kept) or tiles (overlapping tiles).")]
+Resize = Annotated[int, typer.Option(help="crop view: shorter side after resizing, pixels.")]
+Crop = Annotated[int, typer.Option(help="crop view: centre-crop side, pixels.")]
+Size = Annotated[int, typer.Option(help="full view: long side of the resized frame, pixels.")]
+Scale = Annotated[float, typer.Option(help="tiles view: frame resize factor before tiling.")]
+Tile = Annotated[int, typer.Option(help="tiles view: tile side, pixels (after --scale).")]
+Overlap = Annotated[float, typer.Option(help="tiles view: share of a tile its neighbour overlaps.")]
+Roi = Annotated[Optional[Path], typer.Option(help="Region-of-interest mask image (white = inspect), any resolution, stretched over the frame.")]
+Folds = Annotated[int, typer.Option(help="k-fold scoring of every training image for the threshold (0: no threshold).")]
+Contiguous = Annotated[bool, typer.Option(help="Folds of consecutive images (video frames), so near-twins are not in a fold's bank.")]
+FalseAlarmRate = Annotated[float, typer.Option(help="Target share of good images at or over the threshold.")]
 Neighbours = Annotated[int, typer.Option(help="b of the paper's Eq. 7 reweighting; 1 = plain max patch score.")]
 BatchSize = Annotated[int, typer.Option(help="Images per backbone pass.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
@@ -44,24 +53,42 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _build_config(backbone: str, layers: Optional[str], coreset: float, seed: int, resize: int, crop: int,
-                  calibration_fraction: float, sigmas: float, neighbours: int, batch_size: int):
+def _build_config(backbone: str, layers: Optional[str], coreset: float, seed: int, view: str, resize: int, crop: int,
+                  size: int, scale: float, tile: int, overlap: float, folds: int, contiguous: bool,
+                  false_alarm_rate: float, neighbours: int, batch_size: int):
     from scorer import BuildConfig, CoresetConfig, FeatureConfig
+    from scorer.calibration import CalibrationConfig
+    from scorer.views import ViewConfig, ViewError
 
     if not 0 < coreset <= 1:
         _fail("--coreset must be in (0, 1]")
-    if crop > resize:
-        _fail("--crop must not exceed --resize")
     taps = tuple(t.strip() for t in layers.split(",") if t.strip()) if layers else ()
-    return BuildConfig(
-        features=FeatureConfig(backbone=backbone, layers=taps, resize=resize, crop=crop),
-        coreset=CoresetConfig(fraction=coreset, seed=seed),
-        calibration_fraction=calibration_fraction, calibration_sigmas=sigmas,
-        reweight_neighbours=neighbours, batch_size=batch_size,
-    )
+    try:
+        return BuildConfig(
+            features=FeatureConfig(backbone=backbone, layers=taps),
+            view=ViewConfig(kind=view, resize=resize, crop=crop, size=size, scale=scale, tile=tile, overlap=overlap),
+            coreset=CoresetConfig(fraction=coreset, seed=seed),
+            calibration=CalibrationConfig(folds=folds, contiguous=contiguous, false_alarm_rate=false_alarm_rate),
+            reweight_neighbours=neighbours, batch_size=batch_size,
+        )
+    except (ViewError, ValueError) as exc:
+        _fail(str(exc))
 
 
-def _build(train: Path, config, weights: Optional[str], device: str, progress: bool):
+def _roi(path: Optional[Path]):
+    if path is None:
+        return None
+    import cv2
+
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        _fail(f"cannot read the region-of-interest mask {path}")
+    if not (mask > 0).any():
+        _fail(f"the region-of-interest mask {path} is empty (no white pixels)")
+    return mask > 0
+
+
+def _build(train: Path, config, weights: Optional[str], device: str, progress: bool, roi=None):
     from scorer import BackboneError, build_bank
     from scorer.preprocess import list_images
 
@@ -71,8 +98,8 @@ def _build(train: Path, config, weights: Optional[str], device: str, progress: b
     if not paths:
         _fail(f"no PNG/JPEG/BMP images in {train}")
     try:
-        return build_bank(paths, config, weights, device, progress)
-    except BackboneError as exc:
+        return build_bank(paths, config, weights, device, progress, roi=roi)
+    except (BackboneError, ValueError) as exc:
         _fail(str(exc))
 
 
@@ -81,17 +108,18 @@ def bank_build(
     train: Annotated[Path, typer.Option(help="Folder of good images (e.g. MVTec train/good).")],
     out: Annotated[Path, typer.Option(help="Bank file to write (.bank, safetensors).")],
     backbone: Backbone = "wide_resnet50_2", layers: Layers = None, weights: Weights = None,
-    coreset: Coreset = 0.1, seed: Seed = 0, resize: Resize = 256, crop: Crop = 224,
-    calibration_fraction: CalibrationFraction = 0.1, sigmas: Sigmas = 3.0, neighbours: Neighbours = 9,
+    coreset: Coreset = 0.1, seed: Seed = 0, view: View = "crop", resize: Resize = 256, crop: Crop = 224,
+    size: Size = 320, scale: Scale = 0.5, tile: Tile = 224, overlap: Overlap = 0.25, roi: Roi = None,
+    folds: Folds = 5, contiguous: Contiguous = False, false_alarm_rate: FalseAlarmRate = 0.01, neighbours: Neighbours = 9,
     batch_size: BatchSize = 16, device: Device = "auto", progress: Progress = True,
 ) -> None:
     """Build a memory bank from good images (features, coreset, threshold calibration)."""
     from scorer import save_bank
     from scorer.evaluate import bank_summary
 
-    config = _build_config(backbone, layers, coreset, seed, resize, crop, calibration_fraction, sigmas,
-                           neighbours, batch_size)
-    bank = _build(train, config, weights, device, progress)
+    config = _build_config(backbone, layers, coreset, seed, view, resize, crop, size, scale, tile, overlap,
+                           folds, contiguous, false_alarm_rate, neighbours, batch_size)
+    bank = _build(train, config, weights, device, progress, _roi(roi))
     save_bank(bank, out)
     typer.echo(json.dumps({"bank": str(out), **bank_summary(bank)}, indent=2))
 
@@ -132,7 +160,7 @@ def bank_calibrate(
     previous = loaded.calibration
     calibration = Calibration(threshold=threshold, method="f1", f1=f1,
                               good_scores=previous.good_scores if previous else (),
-                              sigmas=previous.sigmas if previous else 3.0)
+                              folds=previous.folds if previous else None)
     save_bank(loaded.with_calibration(calibration), out or bank)
     typer.echo(json.dumps({"bank": str(out or bank), "threshold": threshold, "f1": f1,
                            "previous_threshold": previous.threshold if previous else None}, indent=2))
@@ -144,8 +172,9 @@ def evaluate_command(
     bank: Annotated[Optional[Path], typer.Option(help="Evaluate this bank instead of building one from DATA/train/good.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report here.")] = None,
     backbone: Backbone = "wide_resnet50_2", layers: Layers = None, weights: Weights = None,
-    coreset: Coreset = 0.1, seed: Seed = 0, resize: Resize = 256, crop: Crop = 224,
-    calibration_fraction: CalibrationFraction = 0.1, sigmas: Sigmas = 3.0, neighbours: Neighbours = 9,
+    coreset: Coreset = 0.1, seed: Seed = 0, view: View = "crop", resize: Resize = 256, crop: Crop = 224,
+    size: Size = 320, scale: Scale = 0.5, tile: Tile = 224, overlap: Overlap = 0.25, roi: Roi = None,
+    folds: Folds = 5, contiguous: Contiguous = False, false_alarm_rate: FalseAlarmRate = 0.01, neighbours: Neighbours = 9,
     batch_size: BatchSize = 16, device: Device = "auto", index: Index = "auto", progress: Progress = True,
 ) -> None:
     """Image AUROC, pixel AUROC and PRO on a category's test set (builds the bank unless --bank)."""
@@ -156,10 +185,10 @@ def evaluate_command(
         if bank is not None:
             loaded, fit_seconds = load_bank(bank), 0.0
         else:
-            config = _build_config(backbone, layers, coreset, seed, resize, crop, calibration_fraction, sigmas,
-                                   neighbours, batch_size)
+            config = _build_config(backbone, layers, coreset, seed, view, resize, crop, size, scale, tile,
+                                   overlap, folds, contiguous, false_alarm_rate, neighbours, batch_size)
             started = time.perf_counter()
-            loaded = _build(data / "train" / "good", config, weights, device, progress)
+            loaded = _build(data / "train" / "good", config, weights, device, progress, _roi(roi))
             fit_seconds = time.perf_counter() - started
         scorer = PatchCoreScorer(loaded, device=device, index=index, weights=weights)
     except BankError as exc:
@@ -184,8 +213,6 @@ def score_command(
 ) -> None:
     """Score images: one JSON line per image with score, threshold and verdict."""
     from scorer import BankError, ImageDecodeError, PatchCoreScorer, load_bank, load_image
-    from scorer.overlay import heatmap_overlay
-    from scorer.preprocess import display_image
 
     try:
         scorer = PatchCoreScorer(load_bank(bank), device=device, index=index, weights=weights)
@@ -208,14 +235,13 @@ def score_command(
         for i, path in enumerate(paths):
             score = float(result.image_scores[i])
             line = {"image": str(path), "score": round(score, 4), "threshold": threshold,
-                    "anomalous": None if threshold is None else score >= threshold}
+                    "anomalous": None if threshold is None else scorer.verdict(score)}
             if heatmaps is not None:
                 import cv2
 
                 heatmaps.mkdir(parents=True, exist_ok=True)
-                crop = display_image(decoded[i], scorer.config.resize, scorer.config.crop)
                 target = heatmaps / f"{begin + i:05d}_{path.stem}_heatmap.png"  # unique even for equal names
-                cv2.imwrite(str(target), heatmap_overlay(crop, result.maps[i], threshold))
+                cv2.imwrite(str(target), scorer.overlay(decoded[i], result.maps[i], score))
                 line["heatmap"] = str(target)
             typer.echo(json.dumps(line))
     if failed:
@@ -416,6 +442,51 @@ def rule_command(
     typer.echo(json.dumps({"target": target, "deleted": delete}))
 
 
+@bank_app.command("update")
+def bank_update(
+    name: Annotated[str, typer.Argument(help="Bank name in the registry; its active version is extended.")],
+    images: Annotated[Optional[list[Path]], typer.Option("--image", help="A good image file to add (repeatable).")] = None,
+    frames: Annotated[Optional[list[str]], typer.Option("--frame", help="A stored anomalous frame CAMERA:SEQ to add as good (repeatable).")] = None,
+    queue: Annotated[bool, typer.Option(help="Also take the frames queued by `patchcore alarm dismiss`.")] = True,
+    activate: Annotated[bool, typer.Option(help="Activate the new version at once.")] = True,
+    weights: Weights = None, device: Device = "auto", progress: Progress = False,
+    redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
+) -> None:
+    """Add good images to a published bank (continuing its coreset, no rebuild), re-calibrate, publish."""
+    from dataclasses import asdict
+
+    from contracts.keys import Keys
+    from contracts.registry import RegistryError
+    from contracts.updates import UpdateError
+    from scorer import BackboneError, BankError, ImageDecodeError
+
+    from .bank_update import update_published_bank
+
+    try:
+        report = update_published_bank(_client(redis_url, password_file), Keys(prefix), name, images or [],
+                                       frames or [], queue, activate, weights, device, progress)
+    except (UpdateError, RegistryError, BankError, BackboneError, ImageDecodeError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(asdict(report)))
+
+
+@alarm_app.command("dismiss")
+def alarm_dismiss(
+    camera: Annotated[str, typer.Argument(help="Camera of the alarm.")],
+    seq: Annotated[int, typer.Argument(help="Sequence number of the alarmed frame.")],
+    redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
+) -> None:
+    """Mark an alarm as a false alarm: its frame is queued as good for the next `patchcore bank update`."""
+    from contracts.keys import Keys
+    from contracts.updates import UpdateError, dismiss_alarm
+
+    try:
+        bank = dismiss_alarm(_client(redis_url, password_file), Keys(prefix), camera, seq)
+    except UpdateError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"camera": camera, "seq": seq, "dismissed": True, "queued_for_bank": bank}))
+
+
 @app.command("alarms")
 def alarms_command(
     count: Annotated[Optional[int], typer.Option(help="Exit after this many alarms.")] = None,
@@ -478,7 +549,8 @@ def up_command(
     bank: Annotated[Optional[Path], typer.Option(help="Bank file; default: build one.")] = None,
     train: Annotated[Optional[Path], typer.Option(help="Build the bank from this folder of good images.")] = None,
     warmup_frames: Annotated[int, typer.Option(help="Without --bank/--train: build the bank from the source's first frames.")] = 60,
-    backbone: Backbone = "mobilenet_v2",
+    backbone: Backbone = "mobilenet_v2", coreset: Coreset = 0.1, view: View = "crop", size: Size = 320,
+    scale: Scale = 0.5, tile: Tile = 224, overlap: Overlap = 0.25,
     fps: Annotated[Optional[float], typer.Option(help="Camera rate limit.")] = None,
     max_batch: Annotated[int, typer.Option(help="Worker batch size at most.")] = 8,
     max_wait_ms: Annotated[int, typer.Option(help="Worker batching wait.")] = 50,
@@ -492,7 +564,19 @@ def up_command(
 
     if frames is None and seconds is None and source.startswith("synthetic"):
         frames = 200  # the synthetic line never ends; files end by themselves, live sources at Ctrl-C
-    settings = UpSettings(source=source, redis_url=redis_url, bank=bank, train=train, backbone=backbone,
+    from dataclasses import replace
+
+    from scorer.views import ViewConfig, ViewError
+
+    defaults = UpSettings().build
+    try:
+        build = replace(defaults, features=replace(defaults.features, backbone=backbone),
+                        view=ViewConfig(kind=view, size=size, scale=scale, tile=tile, overlap=overlap),
+                        coreset=replace(defaults.coreset, fraction=coreset),
+                        calibration=replace(defaults.calibration, contiguous=train is None))
+    except ViewError as exc:
+        _fail(str(exc))
+    settings = UpSettings(source=source, redis_url=redis_url, bank=bank, train=train, build=build,
                           warmup_frames=warmup_frames, frames=frames, seconds=seconds, fps=fps, max_batch=max_batch,
                           max_wait_ms=max_wait_ms, rule=_rule(k, n, cooldown_s, threshold), device=device)
     summary = run_up(settings, echo=typer.echo, progress=progress)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +18,7 @@ from contracts.registry import BankRegistry
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine, parse_source
 from scorer import BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_to_bytes, build_bank, load_bank
+from scorer.calibration import CalibrationConfig
 from store.alarms import AlarmRule
 from store.service import ResultsStore, StoreSettings
 from workers.worker import Worker, WorkerSettings
@@ -34,7 +35,11 @@ class UpSettings:
     bank_name: str = "default"
     camera: str = "cam-1"
     line: str = "line-1"
-    backbone: str = "mobilenet_v2"
+    # the bank built when no --bank is given: from --train, or the source's first frames (consecutive
+    # frames are near-twins, so calibration folds are contiguous runs of them)
+    build: BuildConfig = field(default_factory=lambda: BuildConfig(
+        features=FeatureConfig(backbone="mobilenet_v2"), coreset=CoresetConfig(fraction=0.1),
+        calibration=CalibrationConfig(contiguous=True)))
     warmup_frames: int = 60  # good frames the bank is built from when neither --bank nor --train is given
     frames: int | None = 200
     seconds: float | None = None
@@ -62,9 +67,7 @@ def warmup_bank(settings: UpSettings, workdir: Path, progress: bool) -> MemoryBa
             break
         cv2.imwrite(str(frames_dir / f"{i:05d}.png"), image)
     source.close()
-    paths = sorted(frames_dir.glob("*.png"))
-    config = BuildConfig(features=FeatureConfig(backbone=settings.backbone), coreset=CoresetConfig(fraction=0.1))
-    return build_bank(paths, config, device=settings.device, progress=progress)
+    return build_bank(sorted(frames_dir.glob("*.png")), settings.build, device=settings.device, progress=progress)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -87,8 +90,7 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         elif settings.train is not None:
             from scorer.preprocess import list_images
 
-            bank = build_bank(list_images(settings.train), BuildConfig(features=FeatureConfig(backbone=settings.backbone)),
-                              device=settings.device, progress=progress)
+            bank = build_bank(list_images(settings.train), settings.build, device=settings.device, progress=progress)
         else:
             echo(f"building a bank from the first {settings.warmup_frames} frames of {settings.source}")
             bank = warmup_bank(settings, workdir, progress)

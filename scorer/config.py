@@ -1,7 +1,10 @@
 """Settings that define a memory bank. A bank stores them, and a scorer refuses a mismatch."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+
+from .calibration import CalibrationConfig
+from .views import ViewConfig
 
 
 @dataclass(frozen=True)
@@ -11,8 +14,6 @@ class FeatureConfig:
     backbone: str = "wide_resnet50_2"
     layers: tuple[str, ...] = ()  # empty: the backbone's default taps
     weights_sha256: str = ""  # filled in from the weights actually loaded
-    resize: int = 256
-    crop: int = 224
     patch_size: int = 3
     pretrain_dim: int = 1024
     target_dim: int = 1024
@@ -46,12 +47,11 @@ class CoresetConfig:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    features: FeatureConfig = FeatureConfig()
-    coreset: CoresetConfig = CoresetConfig()
-    # share of train/good held back from the bank to calibrate the threshold on good images only
-    calibration_fraction: float = 0.1  # scored against a bank without them; the final bank uses all images
-    # threshold = mean + k * std of the held-back good images' scores
-    calibration_sigmas: float = 3.0
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    view: ViewConfig = field(default_factory=ViewConfig)
+    coreset: CoresetConfig = field(default_factory=CoresetConfig)
+    # threshold from good images only: k-fold scores of every training image, Gumbel tail at a target rate
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     # b of the paper's Eq. 7; 1 means plain max of the patch scores
     reweight_neighbours: int = 9
     batch_size: int = 16

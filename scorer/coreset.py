@@ -44,12 +44,17 @@ def coreset_size(n_total: int, fraction: float) -> int:
     return max(1, min(n_total, int(n_total * fraction)))
 
 
-def greedy_coreset(features: np.ndarray, config: CoresetConfig,
-                   progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Indices of the coreset of `features` [N, D] (at least one point), in selection order."""
-    n_total = len(features)
+def greedy_coreset(features: np.ndarray | None, config: CoresetConfig,
+                   progress: Callable[[int], None] | None = None, projected: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the coreset of `features` [N, D] (at least one point), in selection order.
+
+    `projected`: the features already passed through `random_projection` (chunk by chunk, for builds
+    that never hold all features in memory); then `features` is not needed.
+    """
+    if projected is None:
+        projected = random_projection(features, config.projection_dim, config.seed)
+    n_total = len(projected)
     n_select = coreset_size(n_total, config.fraction)
-    projected = random_projection(features, config.projection_dim, config.seed)
     initial = start_distances(projected, config.start_points, config.seed)
     order, offsets, block_centres, block_radius = _blocks(projected, config.seed)
     points = np.ascontiguousarray(projected[order])
@@ -149,3 +154,35 @@ def coverage_radius(features: np.ndarray, coreset: np.ndarray, batch: int = 4096
         sq = (block * block).sum(1)[:, None] + core_sq[None, :] - 2.0 * block @ core.T
         worst = max(worst, float(np.sqrt(max(sq.min(axis=1).max(), 0.0))))
     return worst
+
+
+def extend_coreset(existing: np.ndarray, new: np.ndarray, radius: float, max_new: int,
+                   progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Continue the greedy selection over new points: indices (into `new`) of the points to add.
+
+    existing [M, d], new [N, d]: projected points. A new point's start distance is its distance to the
+    nearest existing coreset point; farthest-point steps then run over the new points until every new
+    point lies within `radius` (the bank's coverage radius when it was built) or `max_new` were added.
+    """
+    existing = np.ascontiguousarray(existing, dtype=np.float32)
+    new = np.ascontiguousarray(new, dtype=np.float32)
+    if len(new) == 0:
+        return np.zeros(0, dtype=np.int64)
+    mind = np.full(len(new), np.inf, dtype=np.float32)
+    ex_sq = (existing * existing).sum(1)
+    for begin in range(0, len(new), 4096):
+        block = new[begin:begin + 4096]
+        sq = (block * block).sum(1)[:, None] + ex_sq[None, :] - 2.0 * block @ existing.T
+        mind[begin:begin + 4096] = np.sqrt(np.maximum(sq.min(axis=1), 0.0))
+    new_sq = (new * new).sum(1)
+    chosen: list[int] = []
+    while len(chosen) < max_new:
+        centre = int(np.argmax(mind))
+        if mind[centre] <= radius:
+            break
+        chosen.append(centre)
+        sq = new_sq + new_sq[centre] - 2.0 * (new @ new[centre])
+        np.minimum(mind, np.sqrt(np.maximum(sq, 0.0)), out=mind)
+        if progress is not None:
+            progress(1)
+    return np.asarray(chosen, dtype=np.int64)

@@ -11,7 +11,8 @@ import numpy as np
 from .bank import MemoryBank
 from .metrics import f1_optimal_threshold, image_auroc, pixel_auroc, pro_score
 from .model import PatchCoreScorer, iter_image_batches
-from .preprocess import list_images, preprocess_mask
+from .preprocess import list_images
+from .views import ViewConfig, frame_mask, layout
 
 
 @dataclass(frozen=True)
@@ -45,19 +46,26 @@ def test_samples(category: str | Path) -> list[TestSample]:
     return samples
 
 
-def load_masks(samples: list[TestSample], resize: int, crop: int) -> np.ndarray:
-    masks = np.zeros((len(samples), crop, crop), dtype=bool)
-    for i, sample in enumerate(samples):
-        if sample.mask_path is not None:
-            raw = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE)
-            if raw is None:
-                raise ValueError(f"cannot read mask {sample.mask_path}")
-            masks[i] = preprocess_mask(raw, resize, crop)
+def load_masks(samples: list[TestSample], images: list[np.ndarray], view: ViewConfig) -> list[np.ndarray]:
+    """Ground truth aligned with the view's maps: nearest-neighbour resizing of the whole frame's mask to
+    the working frame (crop: then the centre crop, the paper's protocol). Good images: all False."""
+    masks = []
+    for sample, image in zip(samples, images):
+        if sample.mask_path is None:
+            masks.append(np.zeros(layout(view, *image.shape[:2]).work, dtype=bool))
+            continue
+        raw = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE)
+        if raw is None:
+            raise ValueError(f"cannot read mask {sample.mask_path}")
+        if raw.shape != image.shape[:2]:
+            raise ValueError(f"mask {sample.mask_path} is {raw.shape}, its image {image.shape[:2]}")
+        masks.append(frame_mask(raw, view))
     return masks
 
 
 @dataclass(frozen=True)
 class EvalReport:
+    view: str  # the view and its sizes
     image_auroc: float
     pixel_auroc: float
     pro: float
@@ -65,10 +73,14 @@ class EvalReport:
     images_per_second: float
     n_test_images: int
     threshold: float | None
+    false_alarm_rate: float | None  # share of good test images at or over the bank's threshold
+    recall: float | None  # share of defective test images at or over it
     good_flagged: int  # normal test images at or above the bank's threshold (false alarms)
     defects_missed: int  # anomalous test images below it
     f1_threshold: float
     f1: float
+    recall_at_f1: float  # recall at the F1-optimal threshold on these test scores (the best one could do)
+    map_size: list  # [h, w] of the maps (and masks) the pixel metrics use
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,27 +100,32 @@ def evaluate(scorer: PatchCoreScorer, category: str | Path, fit_seconds: float, 
         for begin in range(0, len(images), batch_size):
             result = scorer.score(images[begin:begin + batch_size])
             scores.append(result.image_scores)
-            maps.append(result.maps)
+            maps.extend(result.maps)
             bar.update(len(result.image_scores))
     seconds = time.perf_counter() - started
     scores_all = np.concatenate(scores)
-    maps_all = np.concatenate(maps)
     labels = np.array([s.is_anomalous for s in samples])
-    masks = load_masks(samples, scorer.config.resize, scorer.config.crop)
+    masks = load_masks(samples, images, scorer.view)
     threshold = scorer.threshold
+    flagged = scorer.verdict(scores_all)
     f1_threshold, f1 = f1_optimal_threshold(labels, scores_all)
     return EvalReport(
+        view=scorer.view.describe(),
         image_auroc=image_auroc(labels, scores_all),
-        pixel_auroc=pixel_auroc(masks, maps_all),
-        pro=pro_score(masks, maps_all),
+        pixel_auroc=pixel_auroc(masks, maps),
+        pro=pro_score(masks, maps),
         fit_seconds=round(fit_seconds, 2),
         images_per_second=round(len(images) / seconds, 2),
         n_test_images=len(images),
         threshold=threshold,
-        good_flagged=int(((scores_all >= threshold) & ~labels).sum()) if threshold is not None else -1,
-        defects_missed=int(((scores_all < threshold) & labels).sum()) if threshold is not None else -1,
+        false_alarm_rate=float(flagged[~labels].mean()) if threshold is not None else None,
+        recall=float(flagged[labels].mean()) if threshold is not None else None,
+        good_flagged=int((flagged & ~labels).sum()) if threshold is not None else -1,
+        defects_missed=int((~flagged & labels).sum()) if threshold is not None else -1,
         f1_threshold=f1_threshold,
         f1=f1,
+        recall_at_f1=float((scores_all[labels] >= f1_threshold).mean()),
+        map_size=list(maps[0].shape),
     )
 
 
@@ -121,6 +138,8 @@ def labelled_scores(scorer: PatchCoreScorer, category: str | Path, batch_size: i
 
 
 def bank_summary(bank: MemoryBank) -> dict:
-    return {"features": bank.feature_config.to_dict(), "bank_size": int(len(bank.features)),
+    return {"features": bank.feature_config.to_dict(), "view": bank.view.relevant(), "bank_size": int(len(bank.features)),
+            "roi": list(bank.roi.shape) if bank.roi is not None else None,
             "coreset": vars(bank.coreset), "reweight_neighbours": bank.reweight_neighbours,
-            "threshold": bank.calibration.threshold if bank.calibration else None, "info": bank.info}
+            "threshold": bank.calibration.threshold if bank.calibration else None,
+            "calibration": bank.calibration.to_dict() if bank.calibration else None, "info": bank.info}

@@ -10,30 +10,39 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(np.asarray(labels).astype(bool), np.asarray(scores)))
 
 
-def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
-    return float(roc_auc_score(np.asarray(masks).astype(bool).ravel(), np.asarray(maps).ravel()))
+def _flat(arrays, dtype) -> np.ndarray:
+    """An [N, H, W] array, or a list of 2-D arrays of any sizes, as one flat array."""
+    if isinstance(arrays, np.ndarray):
+        return arrays.astype(dtype, copy=False).ravel()
+    return np.concatenate([np.asarray(a).astype(dtype, copy=False).ravel() for a in arrays])
 
 
-def pro_score(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
+def pixel_auroc(masks, maps) -> float:
+    """AUROC over all pixels; masks and maps as [N, H, W] arrays or lists of equally shaped 2-D pairs."""
+    return float(roc_auc_score(_flat(masks, bool), _flat(maps, np.float32)))
+
+
+def pro_score(masks, maps, max_fpr: float = 0.3) -> float:
     """Area under the per-region-overlap curve for FPR in [0, max_fpr], divided by max_fpr.
 
     Regions are the 8-connected components of each image's ground-truth mask. At a threshold t,
     PRO(t) is the mean over all regions of the share of the region's pixels scoring >= t, and FPR(t)
     the share of normal pixels scoring >= t. Every distinct score is a threshold, computed in one sort.
     """
-    masks = np.asarray(masks).astype(bool)
-    maps = np.asarray(maps, dtype=np.float64)
-    weights = np.zeros(masks.shape, dtype=np.float64)  # each region pixel weighs 1 / (n_regions * |region|)
     n_regions = 0
     region_sizes = []
-    labelled = np.zeros(masks.shape, dtype=np.int64)
+    labelled_parts = []
     structure = np.ones((3, 3), dtype=bool)
-    for i in range(len(masks)):
-        labels, count = ndimage.label(masks[i], structure=structure)
+    for mask in masks:
+        labels, count = ndimage.label(np.asarray(mask).astype(bool), structure=structure)
+        labelled_parts.append(np.where(labels > 0, labels + n_regions, 0).ravel())
         if count:
-            labelled[i] = np.where(labels > 0, labels + n_regions, 0)
             region_sizes.extend(np.bincount(labels.ravel())[1:].tolist())
             n_regions += count
+    labelled = np.concatenate(labelled_parts)
+    masks = labelled > 0
+    maps = _flat(maps, np.float64)
+    weights = np.zeros(masks.shape, dtype=np.float64)  # each region pixel weighs 1 / (n_regions * |region|)
     if n_regions == 0:
         raise ValueError("PRO needs at least one anomalous region")
     normal = ~masks
@@ -42,10 +51,10 @@ def pro_score(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> floa
         raise ValueError("PRO needs normal pixels for the false-positive rate")
     sizes = np.asarray(region_sizes, dtype=np.float64)
     weights[masks] = 1.0 / (n_regions * sizes[labelled[masks] - 1])
-    order = np.argsort(-maps.ravel(), kind="stable")
-    sorted_scores = maps.ravel()[order]
-    fpr = np.cumsum(normal.ravel()[order]) / n_normal
-    pro = np.cumsum(weights.ravel()[order])
+    order = np.argsort(-maps, kind="stable")
+    sorted_scores = maps[order]
+    fpr = np.cumsum(normal[order]) / n_normal
+    pro = np.cumsum(weights[order])
     # keep the last position of each run of equal scores: all of them pass the threshold together
     last = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
     fpr = np.r_[0.0, fpr[last]]

@@ -1,11 +1,17 @@
-"""PatchCore fit (bank building) and predict (scoring), in scikit-learn's spirit."""
+"""PatchCore fit (bank building) and predict (scoring), in scikit-learn's spirit.
+
+`build_bank(images)` fits: patch features of good images (paths or RGB arrays) under a view, a coreset,
+and a threshold from k-fold scores of every training image. `PatchCoreScorer(bank).score(images)`
+predicts image scores and anomaly maps; `verdict`, `heatmaps` and `overlay` are what a frame consumer needs.
+"""
 from __future__ import annotations
 
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -13,12 +19,17 @@ from tqdm.auto import tqdm
 
 from .backbones import BACKBONES, load_backbone
 from .bank import BankError, Calibration, MemoryBank
-from .config import BuildConfig, FeatureConfig
-from .coreset import coreset_size, greedy_coreset
+from .calibration import fold_ids, threshold_for_rate
+from .config import BuildConfig, CoresetConfig, FeatureConfig
+from .coreset import coreset_size, coverage_radius, extend_coreset, greedy_coreset, random_projection
 from .features import PatchFeatureExtractor
 from .index import NearestNeighbourIndex
-from .preprocess import load_image, preprocess
-from .scoring import anomaly_maps, image_scores
+from .overlay import heatmap_overlay
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb
+from .scoring import reweight, smooth
+from .views import Layout, ViewConfig, ViewError, layout, stitch, valid_patches, windows, inspected_region
+
+Image = Union[np.ndarray, str, Path]  # an RGB uint8 array, or an image file
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -37,33 +48,50 @@ def build_extractor(config: FeatureConfig, weights: str | Path | None = None,
     return extractor.to(device), extractor.config
 
 
-def iter_image_batches(paths: Sequence[Path], batch_size: int) -> Iterator[list[np.ndarray]]:
-    """Decoded RGB batches; the next batch is read in threads while the caller computes."""
+def iter_image_batches(sources: Sequence[Image], batch_size: int) -> Iterator[list[np.ndarray]]:
+    """Decoded RGB batches of image files or arrays; files of the next batch are read in threads meanwhile."""
+    def load(source: Image) -> np.ndarray:
+        return to_rgb(source) if isinstance(source, np.ndarray) else load_image(source)
+
     with ThreadPoolExecutor(max_workers=4) as pool:
         pending = None
-        for begin in range(0, len(paths), batch_size):
-            current = pending or [pool.submit(load_image, p) for p in paths[begin:begin + batch_size]]
+        for begin in range(0, len(sources), batch_size):
+            current = pending or [pool.submit(load, p) for p in sources[begin:begin + batch_size]]
             nxt = begin + batch_size
-            pending = [pool.submit(load_image, p) for p in paths[nxt:nxt + batch_size]] if nxt < len(paths) else None
+            pending = [pool.submit(load, p) for p in sources[nxt:nxt + batch_size]] if nxt < len(sources) else None
             yield [f.result() for f in current]
+
+
+def shape_groups(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
+    """Positions of equally sized images: each group goes through the network together."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(i)
+    return groups
 
 
 @dataclass(frozen=True)
 class ScoreResult:
     image_scores: np.ndarray  # [B] float32
-    maps: np.ndarray | None  # [B, crop, crop] float32, or None when not asked for
-    patch_scores: np.ndarray  # [B, h, w] float32
+    maps: list[np.ndarray] | None  # per image [h, w] float32 in the view's working coordinates, or None
+    patch_scores: list[np.ndarray]  # per image [n_windows, gh, gw] float32 (0 outside the frame / ROI)
+    layouts: list[Layout]  # per image: where its windows lie
 
 
 class PatchCoreScorer:
-    """Scores images against a memory bank. The extractor must match the bank's settings exactly."""
+    """Scores images against a memory bank. The extractor and view must match the bank's settings exactly."""
+
+    max_windows_per_pass = 64  # bounds the memory of one backbone pass and search (tiles: many per frame)
 
     def __init__(self, bank: MemoryBank, device: str | torch.device = "auto", index: str = "auto",
                  weights: str | Path | None = None, extractor: PatchFeatureExtractor | None = None,
-                 reweight_neighbours: int | None = None):
+                 reweight_neighbours: int | None = None, view: ViewConfig | None = None):
         self.bank = bank
         self.device = resolve_device(device)
         self.config = bank.feature_config
+        if view is not None and bank.view.differences(view):
+            raise BankError("bank does not match this view: " + "; ".join(bank.view.differences(view)))
+        self.view = bank.view
         if extractor is None:
             extractor, _ = build_extractor(replace(self.config, weights_sha256=""), weights, self.device)
         differences = self.config.differences(extractor.config)
@@ -75,35 +103,105 @@ class PatchCoreScorer:
         self.neighbours = bank.reweight_neighbours if reweight_neighbours is None else reweight_neighbours
         self.index = NearestNeighbourIndex(bank.features, index, self.device)
         self._bank = torch.from_numpy(np.ascontiguousarray(bank.features)).to(self.device)
+        self._valid: dict[tuple, torch.Tensor] = {}
 
     @property
     def threshold(self) -> float | None:
         return self.bank.calibration.threshold if self.bank.calibration else None
 
+    def verdict(self, scores: np.ndarray | float) -> np.ndarray | bool:
+        """Anomalous: score at or over the bank's threshold (never, for a bank without one)."""
+        if self.threshold is None:
+            return np.zeros(np.shape(scores), dtype=bool) if np.ndim(scores) else False
+        result = np.asarray(scores) >= self.threshold
+        return result if np.ndim(scores) else bool(result)
+
+    def refusal(self, height: int, width: int) -> str | None:
+        """Why a frame of this size cannot be scored in this bank's view (None: it can)."""
+        try:
+            layout(self.view, height, width)
+        except ViewError as exc:
+            return str(exc)
+        return None
+
+    @torch.inference_mode()
     def score(self, images: Sequence[np.ndarray], maps: bool = True) -> ScoreResult:
-        """RGB uint8 images -> scores (and anomaly maps), one backbone pass and one search for the batch."""
-        batch = preprocess(images, self.config.resize, self.config.crop, self.device)
-        return self.score_tensor(batch, maps)
+        """RGB uint8 images (any sizes) -> scores (and anomaly maps); one backbone pass and one search per
+        group of equally sized images. An image's result does not depend on its batch companions."""
+        scores = np.zeros(len(images), dtype=np.float32)
+        heat: list = [None] * len(images)
+        patches: list = [None] * len(images)
+        layouts: list = [None] * len(images)
+        for (height, width, *_), rows in shape_groups(images).items():
+            lay = layout(self.view, height, width)
+            group_scores, group_patches = self._score_group([images[i] for i in rows], lay)
+            group_maps = smooth(stitch(group_patches, lay)).cpu().numpy() if maps else None
+            group_patches = group_patches.cpu().numpy()
+            for j, i in enumerate(rows):
+                scores[i], patches[i], layouts[i] = group_scores[j], group_patches[j], lay
+                if maps:
+                    heat[i] = group_maps[j]
+        return ScoreResult(scores, heat if maps else None, patches, layouts)
+
+    def _score_group(self, images: list[np.ndarray], lay: Layout) -> tuple[np.ndarray, torch.Tensor]:
+        batch = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2)
+        inputs = windows(batch, self.view, lay, IMAGENET_MEAN, IMAGENET_STD)  # [B * T, 3, h, w], frame-major
+        n_windows = len(lay.origins)
+        grids, best, anchor, best_feature, grid = [], [], [], [], (0, 0)
+        for begin in range(0, len(inputs), self.max_windows_per_pass):
+            features, grid = self.extractor(inputs[begin:begin + self.max_windows_per_pass])
+            count, n_patches, dim = features.shape
+            valid = self._valid_mask(lay, grid)[(torch.arange(begin, begin + count) % n_windows)]  # [c, L]
+            distances, nearest = self.index.search(features.reshape(-1, dim), k=1)
+            distances, nearest = distances.reshape(count, n_patches), nearest.reshape(count, n_patches)
+            top, where = torch.where(valid, distances, float("-inf")).max(dim=1)
+            rows = torch.arange(count, device=features.device)
+            best.append(top)
+            anchor.append(nearest[rows, where])
+            best_feature.append(features[rows, where])
+            grids.append(torch.where(valid, distances, 0.0))
+        n_images = len(images)
+        best_t = torch.cat(best).reshape(n_images, n_windows)
+        top, window = best_t.max(dim=1)  # each image's highest patch over all its windows
+        pick = torch.arange(n_images, device=top.device) * n_windows + window
+        scores = reweight(top, torch.cat(anchor)[pick], torch.cat(best_feature)[pick], self._bank, self.index,
+                          self.neighbours)
+        scores = torch.where(torch.isfinite(top), scores, 0.0)  # nothing to inspect (empty region of interest)
+        return scores.cpu().numpy().astype(np.float32), torch.cat(grids).reshape(n_images, n_windows, *grid)
+
+    def _valid_mask(self, lay: Layout, grid: tuple[int, int]) -> torch.Tensor:
+        key = (lay, grid)
+        if key not in self._valid:
+            mask = valid_patches(lay, grid, self.bank.roi)
+            self._valid[key] = torch.from_numpy(mask.reshape(len(mask), -1)).to(self.device)
+        return self._valid[key]
+
+    def heatmaps(self, result: ScoreResult, rows: Sequence[int]) -> list[np.ndarray]:
+        """Smoothed maps of some images of a result scored with maps=False (e.g. only the anomalous ones)."""
+        out = []
+        for i in rows:
+            patches = torch.from_numpy(result.patch_scores[i][None])
+            out.append(smooth(stitch(patches, result.layouts[i]))[0].numpy())
+        return out
+
+    def overlay(self, image: np.ndarray, anomaly_map: np.ndarray, score: float) -> np.ndarray:
+        """The image with its anomaly map, score and threshold drawn on it: BGR uint8 (for cv2.imwrite / JPEG)."""
+        return heatmap_overlay(inspected_region(image, self.view), anomaly_map, self.threshold, score,
+                               self.verdict(score) if self.threshold is not None else None)
 
     @torch.inference_mode()
-    def score_tensor(self, batch: torch.Tensor, maps: bool = True) -> ScoreResult:
-        features, grid = self.extractor(batch)
-        return self.score_features(features, grid, maps)
+    def score_patches(self, patch_sets: Sequence[np.ndarray]) -> np.ndarray:
+        """Image scores from already extracted patch features, one [P_i, D] array per image (P_i >= 1)."""
+        scores = np.zeros(len(patch_sets), dtype=np.float32)
+        for i, patches in enumerate(patch_sets):
+            features = torch.from_numpy(np.array(patches, dtype=np.float32)).to(self.device)
+            distances, nearest = self.index.search(features, k=1)
+            top, where = distances[:, 0].max(dim=0)
+            scores[i] = float(reweight(top[None], nearest[where, 0][None], features[where][None], self._bank,
+                                       self.index, self.neighbours)[0])
+        return scores
 
-    @torch.inference_mode()
-    def score_features(self, features: torch.Tensor, grid: tuple[int, int], maps: bool = True) -> ScoreResult:
-        """Patch features [B, h*w, D] (from this scorer's extractor) -> scores, one search for the batch."""
-        features = features.to(self.device)
-        n_images, n_patches, dim = features.shape
-        distances, nearest = self.index.search(features.reshape(-1, dim), k=1)
-        patch = distances.reshape(n_images, n_patches)
-        scores = image_scores(patch, nearest.reshape(n_images, n_patches), features, self._bank,
-                              self.index, self.neighbours)
-        heat = anomaly_maps(patch, grid, self.config.crop).cpu().numpy() if maps else None
-        return ScoreResult(scores.cpu().numpy().astype(np.float32), heat,
-                           patch.reshape(n_images, *grid).cpu().numpy())
-
-    def score_paths(self, paths: Sequence[Path], batch_size: int = 16, maps: bool = True,
+    def score_paths(self, paths: Sequence[Image], batch_size: int = 16, maps: bool = True,
                     progress: bool = False, desc: str = "scoring") -> ScoreResult:
         results = []
         with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
@@ -112,67 +210,169 @@ class PatchCoreScorer:
                 bar.update(len(images))
         return ScoreResult(
             np.concatenate([r.image_scores for r in results]),
-            np.concatenate([r.maps for r in results]) if maps else None,
-            np.concatenate([r.patch_scores for r in results]),
+            [m for r in results for m in r.maps] if maps else None,
+            [p for r in results for p in r.patch_scores],
+            [lay for r in results for lay in r.layouts],
         )
 
 
-def split_calibration(n_images: int, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of the images held back for calibration (a seeded random share, never all)."""
-    n_hold = min(int(round(n_images * fraction)), n_images - 1) if fraction > 0 else 0
-    held = np.zeros(n_images, dtype=bool)
-    held[np.random.default_rng(seed).permutation(n_images)[:n_hold]] = True
-    return held
+class PatchStore:
+    """Training patch features in bounded memory: the full vectors in a temporary file, their random
+    projection (what the coreset works on) in memory, and which image each patch came from."""
+
+    def __init__(self, folder: Path, dim: int, coreset: CoresetConfig):
+        self.path = Path(folder) / "patches.f32"
+        self.dim, self.coreset = dim, coreset
+        self._file = open(self.path, "wb")
+        self._projected: list[np.ndarray] = []
+        self.counts: list[int] = []
+        self._features: np.ndarray | None = None
+
+    def add(self, patches: np.ndarray) -> None:
+        patches = np.ascontiguousarray(patches, dtype=np.float32)
+        self._file.write(patches.tobytes())
+        self._projected.append(random_projection(patches, self.coreset.projection_dim, self.coreset.seed))
+        self.counts.append(len(patches))
+
+    def close(self) -> None:
+        self._file.close()
+        total = sum(self.counts)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self.projected = np.concatenate(self._projected) if self._projected else np.zeros((0, 1), np.float32)
+        self._projected = []
+        self._features = np.memmap(self.path, dtype=np.float32, mode="r", shape=(total, self.dim)) if total else None
+
+    def image(self, i: int) -> np.ndarray:
+        return np.asarray(self._features[self.offsets[i]:self.offsets[i + 1]])
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        order = np.argsort(indices)  # sequential reads, then back to the selection order
+        rows = np.empty((len(indices), self.dim), dtype=np.float32)
+        rows[order] = self._features[indices[order]]
+        return rows
+
+    def points_of(self, images: np.ndarray) -> np.ndarray:
+        """Indices of the patches of the given images (bool mask over images)."""
+        return np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in np.flatnonzero(images)])
 
 
-def good_threshold(scores: np.ndarray, sigmas: float) -> float:
-    """Threshold from good images only: mean + sigmas * std of their scores (population std)."""
-    return float(np.mean(scores) + sigmas * np.std(scores))
+def extract_patches(extractor: PatchFeatureExtractor, sources: Sequence[Image], view: ViewConfig,
+                    roi: np.ndarray | None, batch_size: int, device: torch.device,
+                    progress: bool = False) -> Iterator[np.ndarray]:
+    """The valid patch features [P_i, D] of each image, in order (the view's windows, padding and ROI applied)."""
+    masks: dict = {}
+    with torch.inference_mode(), tqdm(total=len(sources), desc="features", unit="img", disable=not progress) as bar:
+        for images in iter_image_batches(sources, batch_size):
+            out: list = [None] * len(images)
+            for (height, width, *_), rows in shape_groups(images).items():
+                lay = layout(view, height, width)
+                batch = torch.from_numpy(np.stack([images[i] for i in rows])).to(device).permute(0, 3, 1, 2)
+                inputs = windows(batch, view, lay, IMAGENET_MEAN, IMAGENET_STD)
+                chunks = [extractor(inputs[b:b + PatchCoreScorer.max_windows_per_pass])
+                          for b in range(0, len(inputs), PatchCoreScorer.max_windows_per_pass)]
+                grid = chunks[0][1]
+                features = torch.cat([c[0] for c in chunks]).cpu().numpy()
+                features = features.reshape(len(rows), -1, features.shape[-1])  # [b, T * L, D]
+                key = (lay, grid)
+                if key not in masks:
+                    masks[key] = valid_patches(lay, grid, roi).reshape(-1)
+                if not masks[key].any():
+                    raise ValueError(f"no patch of a {height}x{width} image lies in the region of interest")
+                for j, i in enumerate(rows):
+                    out[i] = features[j][masks[key]]
+            yield from out
+            bar.update(len(images))
 
 
-def build_bank(paths: Sequence[Path], config: BuildConfig = BuildConfig(), weights: str | Path | None = None,
-               device: str | torch.device = "auto", progress: bool = True) -> MemoryBank:
-    """Fit: patch features of good images -> coreset memory bank with a calibrated threshold.
+def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), weights: str | Path | None = None,
+               device: str | torch.device = "auto", progress: bool = True, roi: np.ndarray | None = None,
+               index: str = "auto") -> MemoryBank:
+    """Fit: patch features of good images (files or RGB arrays) -> coreset memory bank with a threshold.
 
-    Calibration uses good images only: a held-back share is scored against a bank built without it;
-    their score distribution sets the threshold. The returned bank is then built from all images.
+    The threshold comes from good images only: the training images are split into k folds, each fold is
+    scored against a coreset of the other folds, and a Gumbel fitted to those scores gives the threshold at
+    the target false-alarm rate. The returned bank is built from all images. Features live in a temporary
+    file, so memory is bounded by the projected points (projection_dim floats per patch).
     """
-    if not paths:
+    if not len(images):
         raise ValueError("no training images given")
     started = time.perf_counter()
     device = resolve_device(device)
     extractor, feature_config = build_extractor(config.features, weights, device)
-    chunks, grid = [], (0, 0)
-    with tqdm(total=len(paths), desc="features", unit="img", disable=not progress) as bar:
-        for images in iter_image_batches(paths, config.batch_size):
-            features, grid = extractor(preprocess(images, feature_config.resize, feature_config.crop, device))
-            chunks.append(features.cpu().numpy())
-            bar.update(len(images))
-    per_image = np.concatenate(chunks)  # [n_images, patches, dim]
-    del chunks
-    feature_seconds = time.perf_counter() - started
+    roi = None if roi is None else np.asarray(roi).astype(bool)
+    with tempfile.TemporaryDirectory(prefix="patchcore-build-") as folder:
+        store = PatchStore(Path(folder), feature_config.target_dim, config.coreset)
+        for patches in extract_patches(extractor, images, config.view, roi, config.batch_size, device, progress):
+            store.add(patches)
+        store.close()
+        feature_seconds = time.perf_counter() - started
 
-    def coreset_bank(features: np.ndarray, desc: str) -> MemoryBank:
-        with tqdm(total=coreset_size(len(features), config.coreset.fraction), desc=desc, unit="pt",
-                  disable=not progress) as bar:
-            selected = greedy_coreset(features, config.coreset, progress=bar.update)
-        return MemoryBank(np.ascontiguousarray(features[selected]), feature_config, config.coreset,
-                          reweight_neighbours=config.reweight_neighbours)
+        def coreset(points: np.ndarray | None, desc: str) -> np.ndarray:
+            """Coreset of the given patches (all when None), as sorted-by-selection global indices."""
+            projected = store.projected if points is None else store.projected[points]
+            with tqdm(total=coreset_size(len(projected), config.coreset.fraction), desc=desc, unit="pt",
+                      disable=not progress) as bar:
+                chosen = greedy_coreset(None, config.coreset, progress=bar.update, projected=projected)
+            return chosen if points is None else points[chosen]
 
-    held = split_calibration(len(paths), config.calibration_fraction, config.coreset.seed)
-    calibration = None
-    if held.any():
-        calibration_bank = coreset_bank(per_image[~held].reshape(-1, per_image.shape[-1]), "calibration coreset")
-        scorer = PatchCoreScorer(calibration_bank, device=device, extractor=extractor)
-        # the held-back images' features are already computed: score them without a second backbone pass
-        held_features = torch.from_numpy(per_image[held])
-        good = np.concatenate([scorer.score_features(held_features[b:b + config.batch_size], grid, maps=False).image_scores
-                               for b in range(0, len(held_features), config.batch_size)])
-        calibration = Calibration(threshold=good_threshold(good, config.calibration_sigmas), method="good-sigma",
-                                  good_scores=tuple(float(s) for s in good), sigmas=config.calibration_sigmas)
-    all_features = per_image.reshape(-1, per_image.shape[-1])
-    bank = coreset_bank(all_features, "coreset")
-    info = {"n_train_images": len(paths), "n_train_patches": int(len(all_features)),
-            "n_calibration_images": int(held.sum()), "feature_seconds": round(feature_seconds, 2),
-            "build_seconds": round(time.perf_counter() - started, 2)}
-    return MemoryBank(bank.features, feature_config, config.coreset, calibration, config.reweight_neighbours, info)
+        def bank_of(selected: np.ndarray, calibration: Calibration | None = None, info: dict | None = None) -> MemoryBank:
+            return MemoryBank(store.gather(selected), feature_config, config.coreset, calibration,
+                              config.reweight_neighbours, info or {}, config.view, roi)
+
+        calibration = None
+        folds = config.calibration.folds
+        if folds:
+            ids = fold_ids(len(images), folds, config.calibration.contiguous, config.coreset.seed)
+            good = np.zeros(len(images), dtype=np.float64)
+            for k in range(folds):
+                held = ids == k
+                fold_bank = bank_of(coreset(store.points_of(~held), f"calibration fold {k + 1}/{folds}"))
+                scorer = PatchCoreScorer(fold_bank, device=device, index=index, extractor=extractor)
+                good[held] = scorer.score_patches([store.image(i) for i in np.flatnonzero(held)])
+            rate = config.calibration.false_alarm_rate
+            calibration = Calibration(threshold=threshold_for_rate(good, rate), method="kfold-gumbel",
+                                      good_scores=tuple(float(s) for s in good), false_alarm_rate=rate, folds=folds)
+        selected = coreset(None, "coreset")
+        info = {"n_train_images": len(images), "n_train_patches": int(len(store.projected)),
+                # every training patch lies within this distance (projected space) of the bank: bank updates
+                # add new patches until they do too
+                "coverage_radius": round(coverage_radius(store.projected, selected), 6),
+                "feature_seconds": round(feature_seconds, 2), "build_seconds": round(time.perf_counter() - started, 2)}
+        return bank_of(selected, calibration, info)
+
+
+def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path | None = None,
+                device: str | torch.device = "auto", progress: bool = False, index: str = "auto",
+                batch_size: int = 16) -> MemoryBank:
+    """A bank that also knows new good images (e.g. dismissed false alarms), without a full rebuild.
+
+    The greedy selection continues from the bank's coreset over the new images' patches until every new
+    patch lies within the bank's recorded coverage radius (at most `coreset fraction` of the new patches
+    are added). Each new image is scored against the bank before the update (a bank that did not see it),
+    its score joins the stored good scores, and the threshold is refitted at the bank's false-alarm rate.
+    """
+    if not len(images):
+        raise ValueError("no new images given")
+    device = resolve_device(device)
+    extractor, _ = build_extractor(replace(bank.feature_config, weights_sha256=""), weights, device)
+    scorer = PatchCoreScorer(bank, device=device, index=index, extractor=extractor)  # refuses a mismatch
+    patches = list(extract_patches(extractor, images, bank.view, bank.roi, batch_size, device, progress))
+    new_scores = scorer.score_patches(patches)
+    new = np.concatenate(patches)
+    config = bank.coreset
+    radius = bank.info.get("coverage_radius")
+    if radius is None:
+        raise BankError("this bank records no coverage radius (built before bank updates existed): rebuild it")
+    added = extend_coreset(random_projection(bank.features, config.projection_dim, config.seed),
+                           random_projection(new, config.projection_dim, config.seed), float(radius),
+                           max_new=coreset_size(len(new), config.fraction))
+    calibration = bank.calibration
+    if calibration is not None and calibration.false_alarm_rate is not None:
+        good = np.concatenate([np.asarray(calibration.good_scores), new_scores])
+        calibration = replace(calibration, threshold=threshold_for_rate(good, calibration.false_alarm_rate),
+                              good_scores=tuple(float(g) for g in good))
+    info = {**bank.info, "n_train_images": int(bank.info.get("n_train_images", 0)) + len(images),
+            "updates": int(bank.info.get("updates", 0)) + 1, "last_update_images": len(images),
+            "last_update_added": int(len(added))}
+    features = np.concatenate([bank.features, new[added]]) if len(added) else bank.features
+    return replace(bank, features=np.ascontiguousarray(features, dtype=np.float32), calibration=calibration, info=info)

@@ -1,4 +1,4 @@
-"""Image decoding and the paper's pre-processing: resize 256, centre crop 224, ImageNet normalisation."""
+"""Image decoding, and the paper's pre-processing as a batch (resize 256, centre crop 224, ImageNet normalisation)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,6 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,33 +56,18 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def preprocess(images: Sequence[np.ndarray], resize: int, crop: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """RGB uint8 images of any sizes -> normalised float batch [B, 3, crop, crop] on `device`.
+    """RGB uint8 images of any sizes -> the paper's crop view: normalised float batch [B, 3, crop, crop].
 
     Images of equal size are resized together; each image's result does not depend on the others.
     """
+    from .views import ViewConfig, layout, windows
+
+    view = ViewConfig(kind="crop", resize=resize, crop=crop)
     out = torch.empty((len(images), 3, crop, crop), dtype=torch.float32, device=device)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(image.shape, []).append(i)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    for indices in groups.values():
+    for (height, width, *_), indices in groups.items():
         batch = torch.from_numpy(np.stack([images[i] for i in indices])).to(device).permute(0, 3, 1, 2)
-        batch = TF.resize(batch, [resize], antialias=True)  # shorter side -> resize, as the paper
-        batch = TF.center_crop(batch, [crop, crop])
-        out[indices] = (batch.float() / 255.0 - mean) / std
+        out[indices] = windows(batch, view, layout(view, height, width), IMAGENET_MEAN, IMAGENET_STD)
     return out
-
-
-def preprocess_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
-    """Ground-truth mask -> bool [crop, crop] aligned with `preprocess` output."""
-    tensor = torch.from_numpy((mask > 0).astype(np.uint8)).unsqueeze(0)
-    tensor = TF.resize(tensor, [resize], interpolation=TF.InterpolationMode.NEAREST)
-    return TF.center_crop(tensor, [crop, crop])[0].numpy() > 0
-
-
-def display_image(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
-    """The RGB uint8 crop a scorer sees, for overlays: HxWx3 [crop, crop]."""
-    tensor = torch.from_numpy(image).permute(2, 0, 1)
-    tensor = TF.center_crop(TF.resize(tensor, [resize], antialias=True), [crop, crop])
-    return tensor.permute(1, 2, 0).numpy()

@@ -71,3 +71,43 @@ def test_bank_for_another_backbone_or_weights_is_refused(mobilenet):
         PatchCoreScorer(wrong_dim, device="cpu", extractor=extractor)
     matching = MemoryBank(wrong_weights.features, config, CoresetConfig())
     assert PatchCoreScorer(matching, device="cpu").config == config
+
+
+def test_view_and_region_of_interest_round_trip(tmp_path):
+    from dataclasses import replace
+
+    from scorer.views import ViewConfig
+
+    roi = np.zeros((10, 16), bool)
+    roi[2:8, 3:12] = True
+    bank = replace(small_bank(), view=ViewConfig("tiles", scale=0.3, tile=160, overlap=0.5), roi=roi)
+    save_bank(bank, tmp_path / "t.bank")
+    loaded = load_bank(tmp_path / "t.bank")
+    assert loaded.view == bank.view
+    np.testing.assert_array_equal(loaded.roi, roi)
+    data = bytearray(bank_to_bytes(bank))
+    data[-3] ^= 0x01  # the ROI tensor is covered by the checksum too
+    with pytest.raises(BankError):
+        bank_from_bytes(bytes(data))
+
+
+def test_format_1_files_read_as_the_crop_view():
+    """Banks written before views existed kept resize/crop in the feature settings."""
+    import hashlib
+
+    from safetensors.numpy import save as st_save
+
+    bank = small_bank()
+    settings = bank.metadata()
+    settings["format_version"] = 1
+    settings.pop("view")
+    settings["features"] = {**settings["features"], "resize": 288, "crop": 256}
+    settings["calibration"] = {"threshold": 2.0, "method": "good-sigma", "good_scores": [1.0], "sigmas": 3.0, "f1": None}
+    text = json.dumps(settings, sort_keys=True)
+    features = np.ascontiguousarray(bank.features, dtype="<f4")
+    digest = hashlib.sha256(text.encode())
+    digest.update(features.tobytes())
+    loaded = bank_from_bytes(st_save({"features": features}, metadata={"settings": text, "sha256": digest.hexdigest()}))
+    assert loaded.view.kind == "crop" and (loaded.view.resize, loaded.view.crop) == (288, 256)
+    assert loaded.calibration.threshold == 2.0 and loaded.calibration.method == "good-sigma"
+    assert loaded.feature_config == bank.feature_config

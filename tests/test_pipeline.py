@@ -89,7 +89,8 @@ def test_two_workers_score_every_frame_exactly_once_and_alarm_on_defects(redis_s
     for alarm in alarms:
         line = lines[0] if alarm.camera == "cam-1" else lines[1]
         assert any(line.defect_at(s) for s in range(max(0, alarm.seq - 2), alarm.seq + 1))  # its 2-of-3 window
-        assert alarm.overlay_jpeg and decode_image(alarm.overlay_jpeg).shape == (224, 224, 3)
+        picture = decode_image(alarm.overlay_jpeg)  # the inspected region beside its heatmap, with a header
+        assert picture.shape[1] > 2 * 200 and picture.shape[0] > 200
     live, deadline = [], time.time() + 3
     while time.time() < deadline and len(live) < len(alarms):
         if (m := pubsub.get_message(timeout=0.2)) is not None:
@@ -109,6 +110,30 @@ def test_streamed_score_equals_offline_score_of_the_decoded_frame(redis_server, 
     expected = offline.score([decode_image(f.data) for f in frames], maps=False).image_scores
     streamed = {r.seq: r.score for r in results(client)}
     np.testing.assert_allclose([streamed[f.seq] for f in frames], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("view", ["full", "tiles"])
+def test_streamed_score_equals_offline_score_in_every_view(redis_server, view):
+    """A bank of another view (whole frame; tiles) through the worker: the same scores as offline, and
+    the result's small map covers the whole frame."""
+    from scorer import BuildConfig, CalibrationConfig, CoresetConfig, FeatureConfig, ViewConfig, bank_to_bytes, build_bank
+
+    line = SyntheticLine(seed=0)
+    good = [line.render(i * line.period + i % line.period, defect=False)[:, :, ::-1] for i in range(6)]
+    views = {"full": ViewConfig("full", size=320), "tiles": ViewConfig("tiles", scale=1.0, tile=160)}
+    bank = build_bank(good, BuildConfig(features=FeatureConfig(backbone="mobilenet_v2"), view=views[view],
+                                        coreset=CoresetConfig(fraction=0.1), calibration=CalibrationConfig(folds=3)),
+                      device="cpu", progress=False)
+    client = connect(redis_server.url)
+    publish(client, bank_to_bytes(bank))
+    ingest(redis_server.url, 6)
+    frames = [Frame.unpack(f[b"m"]) for _, f in client.xrange(KEYS.frames("cam-1"))]
+    with Running(redis_server.url, store=False, max_batch=4, result_maps=True):
+        wait_for(lambda: client.xlen(KEYS.results("cam-1")) == 6)
+    expected = PatchCoreScorer(bank, device="cpu").score([decode_image(f.data) for f in frames], maps=False)
+    streamed = {r.seq: r for r in results(client)}
+    np.testing.assert_allclose([streamed[f.seq].score for f in frames], expected.image_scores, rtol=1e-4, atol=1e-4)
+    assert streamed[frames[0].seq].patch_map_shape == (240 // 8, 320 // 8)  # the whole 320 x 240 frame
 
 
 def test_bank_switch_mid_stream_loses_no_frame(redis_server, synthetic_bank_bytes):

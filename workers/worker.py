@@ -16,16 +16,13 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import redis
-import torch
 
 from contracts.keys import FRAME_GROUP, Keys
 from contracts.messages import Frame, MessageError, Result
 from contracts.registry import BankRegistry
 from contracts.streams import ACK_AND_WRITE, CameraStreams, reclaim, serve, stream_name
 from scorer import ImageDecodeError, decode_image, to_rgb
-from scorer.overlay import heatmap_overlay
-from scorer.scoring import anomaly_maps
-from scorer.preprocess import display_image
+from scorer.views import patch_canvas
 
 from .banks import BankCache
 
@@ -63,6 +60,18 @@ class _Entry:
     entry_id: bytes
     raw: bytes
     picked_at: float
+
+
+def decode_frame(frame: Frame) -> np.ndarray:
+    """A frame message's pixels as RGB uint8, checked against its declared shape."""
+    if frame.encoding == "jpeg":
+        image = decode_image(frame.data)
+        height, width, _ = frame.shape
+        if image.shape[:2] != (height, width):
+            raise ImageDecodeError(f"decoded {image.shape[:2]}, message says {(height, width)}")
+        return image
+    array = np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape)
+    return to_rgb(array, "bgr")
 
 
 class Worker:
@@ -152,6 +161,13 @@ class Worker:
                 for entry, *_ in items:
                     self._deadletter(entry, f"no loadable active bank {bank_name!r} in the registry")
                 continue
+            refused = [(item, active.scorer.refusal(*item[2].shape[:2])) for item in items]
+            for (entry, *_), reason in refused:
+                if reason is not None:
+                    self._deadletter(entry, f"frame cannot be scored in bank {bank_name!r}: {reason}")
+            items = [item for item, reason in refused if reason is None]
+            if not items:
+                continue
             started = time.perf_counter()
             try:
                 result = active.scorer.score([image for _, _, image, _ in items], maps=False)
@@ -164,43 +180,36 @@ class Worker:
             self._write_results(active, items, result, score_ms)
 
     def _decode(self, frame: Frame) -> np.ndarray:
-        if frame.encoding == "jpeg":
-            image = decode_image(frame.data)
-            height, width, _ = frame.shape
-            if image.shape[:2] != (height, width):
-                raise ImageDecodeError(f"decoded {image.shape[:2]}, message says {(height, width)}")
-            return image
-        array = np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape)
-        return to_rgb(array, "bgr")
+        return decode_frame(frame)
 
     def _write_results(self, active, items, result, score_ms: float) -> None:
-        threshold = active.scorer.threshold
+        scorer = active.scorer
+        threshold = scorer.threshold
         now = time.time()
-        rows = [i for i, score in enumerate(result.image_scores) if threshold is not None and score >= threshold]
-        maps = {}  # heatmaps only for the frames that get an overlay, in one batched call
-        if rows:
-            patches = torch.from_numpy(result.patch_scores[rows]).reshape(len(rows), -1)
-            heat = anomaly_maps(patches, result.patch_scores.shape[1:], active.scorer.config.crop).numpy()
-            maps = dict(zip(rows, heat))
+        verdicts = scorer.verdict(result.image_scores)
+        rows = np.flatnonzero(verdicts).tolist()
+        maps = dict(zip(rows, scorer.heatmaps(result, rows)))  # heatmaps only for the frames that get an overlay
         script_calls = []  # positions of the script replies among the pipeline's replies
         with self.client.pipeline(transaction=True) as pipe:
             for i, (entry, frame, image, decode_ms) in enumerate(items):
                 score = float(result.image_scores[i])
-                anomalous = i in maps
+                anomalous = bool(verdicts[i])
                 overlay_key = None
                 if anomalous:
                     overlay_key = self.keys.overlay(frame.camera, frame.seq)
-                    crop = display_image(image, active.scorer.config.resize, active.scorer.config.crop)
-                    jpeg = cv2.imencode(".jpg", heatmap_overlay(crop, maps[i], threshold),
+                    jpeg = cv2.imencode(".jpg", scorer.overlay(image, maps[i], score),
                                         [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
                     pipe.set(overlay_key, jpeg, ex=self.settings.overlay_ttl_s)
+                    # the frame itself, so an operator can dismiss a false alarm into the next bank update
+                    pipe.set(self.keys.frame_copy(frame.camera, frame.seq), entry.raw, ex=self.settings.overlay_ttl_s)
                 message = Result(
                     camera=frame.camera, line=frame.line, seq=frame.seq, captured_at=frame.captured_at, scored_at=now,
                     score=score, threshold=threshold, anomalous=anomalous, bank=active.name,
                     bank_version=active.version, worker=self.settings.name,
                     timings_ms={"queue": round((entry.picked_at - frame.captured_at) * 1000, 2),
                                 "decode": round(decode_ms, 2), "score": round(score_ms, 2)},
-                    overlay_key=overlay_key, **(self._patch_map(result.patch_scores[i]) if self.settings.result_maps else {}))
+                    overlay_key=overlay_key, **(self._patch_map(patch_canvas(result.patch_scores[i], result.layouts[i]))
+                       if self.settings.result_maps else {}))
                 script_calls.append(len(pipe.command_stack))
                 self._ack_and_write(
                     keys=[entry.stream, self.keys.results(frame.camera), self.keys.camera_stats(frame.camera)],

@@ -1,0 +1,66 @@
+"""Decision thresholds from good images only, with a stated false-alarm rate.
+
+Every training image is scored against a bank that did not see it (k-fold: each fold against a bank
+built from the other folds; contiguous folds for video frames, so a frame's near-twins are not in its
+bank). An image score is the maximum over many patch distances, so its distribution has an
+extreme-value (Gumbel) tail: a Gumbel fitted to the good scores by maximum likelihood gives the
+threshold at a target false-alarm rate, far steadier than mean + k std or an empirical quantile of
+a few hundred images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    folds: int = 5  # k of the k-fold scoring of the training images (0: no threshold)
+    contiguous: bool = False  # folds of consecutive images (video frames) instead of a seeded shuffle
+    false_alarm_rate: float = 0.01  # target share of good images at or over the threshold
+
+    def __post_init__(self) -> None:
+        if self.folds == 1 or self.folds < 0:
+            raise ValueError(f"calibration folds must be 0 (none) or >= 2, got {self.folds}")
+        if not 0 < self.false_alarm_rate < 0.5:
+            raise ValueError(f"false-alarm rate must be in (0, 0.5), got {self.false_alarm_rate}")
+
+
+def fold_ids(n_images: int, folds: int, contiguous: bool, seed: int) -> np.ndarray:
+    """The fold (0..k-1) of each image: contiguous runs, or a seeded balanced shuffle."""
+    if folds < 2 or n_images < folds:
+        raise ValueError(f"{folds}-fold calibration needs at least {max(folds, 2)} training images, got {n_images}")
+    ids = np.arange(n_images) * folds // n_images  # balanced contiguous runs
+    if not contiguous:
+        ids = ids[np.random.default_rng(seed).permutation(n_images)]
+    return ids
+
+
+@dataclass(frozen=True)
+class TailFit:
+    location: float
+    scale: float
+
+    def quantile(self, false_alarm_rate: float) -> float:
+        return float(stats.gumbel_r.ppf(1.0 - false_alarm_rate, loc=self.location, scale=self.scale))
+
+    def false_alarm_rate(self, threshold: float) -> float:
+        return float(stats.gumbel_r.sf(threshold, loc=self.location, scale=self.scale))
+
+
+def fit_tail(good_scores: np.ndarray) -> TailFit:
+    """Maximum-likelihood Gumbel fit of good image scores (at least 5)."""
+    scores = np.asarray(good_scores, dtype=np.float64)
+    if len(scores) < 5 or not np.all(np.isfinite(scores)):
+        raise ValueError(f"a tail fit needs at least 5 finite good scores, got {len(scores)}")
+    if float(np.ptp(scores)) == 0.0:  # identical scores: a degenerate, very narrow tail
+        return TailFit(float(scores[0]), max(abs(float(scores[0])) * 1e-6, 1e-12))
+    location, scale = stats.gumbel_r.fit(scores)
+    return TailFit(float(location), float(scale))
+
+
+def threshold_for_rate(good_scores: np.ndarray, false_alarm_rate: float) -> float:
+    """The score a share `false_alarm_rate` of good images reaches or exceeds, from the fitted tail."""
+    return fit_tail(good_scores).quantile(false_alarm_rate)

@@ -1,0 +1,79 @@
+"""Good-only thresholds: k-fold scores of every training image and a Gumbel tail at a target false-alarm rate."""
+import numpy as np
+import pytest
+from scipy import stats
+
+from scorer import BuildConfig, CoresetConfig, FeatureConfig, PatchCoreScorer, build_bank
+from scorer.calibration import CalibrationConfig, fit_tail, fold_ids, threshold_for_rate
+from scorer.views import ViewConfig
+
+
+def test_folds_are_balanced_and_contiguous_when_asked():
+    ids = fold_ids(23, 5, contiguous=True, seed=0)
+    assert list(ids) == sorted(ids)
+    assert sorted(np.bincount(ids)) == [4, 4, 5, 5, 5]
+    shuffled = fold_ids(23, 5, contiguous=False, seed=0)
+    assert sorted(np.bincount(shuffled)) == [4, 4, 5, 5, 5] and list(shuffled) != sorted(shuffled)
+    assert np.array_equal(shuffled, fold_ids(23, 5, contiguous=False, seed=0))
+    with pytest.raises(ValueError):
+        fold_ids(3, 5, contiguous=False, seed=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gumbel_scores_give_the_known_quantile(seed):
+    rng = np.random.default_rng(seed)
+    location, scale = 10.0, 0.8
+    good = stats.gumbel_r.rvs(loc=location, scale=scale, size=200, random_state=rng)
+    threshold = threshold_for_rate(good, 0.01)
+    truth = stats.gumbel_r.ppf(0.99, loc=location, scale=scale)  # 13.68
+    assert abs(threshold - truth) < 0.6  # ~ 2.5 standard errors of the 99 % quantile at n = 200
+    fresh = stats.gumbel_r.rvs(loc=location, scale=scale, size=200_000, random_state=rng)
+    assert 0.003 < (fresh >= threshold).mean() < 0.03
+
+
+def test_the_tail_fit_beats_mean_plus_three_std_on_few_images():
+    """With 20 good images, mean + 3 std lands far from the 1 % point; the fitted tail is closer on average."""
+    rng = np.random.default_rng(7)
+    truth = stats.gumbel_r.ppf(0.99, loc=10, scale=1)
+    fitted, sigma = [], []
+    for _ in range(200):
+        good = stats.gumbel_r.rvs(loc=10, scale=1, size=20, random_state=rng)
+        fitted.append(threshold_for_rate(good, 0.01))
+        sigma.append(good.mean() + 3 * good.std())
+    assert abs(np.median(fitted) - truth) < 0.5 * abs(np.median(sigma) - truth) + 0.1
+
+
+def test_degenerate_and_too_few_scores():
+    assert fit_tail(np.full(10, 3.0)).quantile(0.01) == pytest.approx(3.0, rel=1e-4)
+    with pytest.raises(ValueError):
+        fit_tail(np.array([1.0, 2.0]))
+    with pytest.raises(ValueError):
+        CalibrationConfig(folds=1)
+    with pytest.raises(ValueError):
+        CalibrationConfig(false_alarm_rate=0.0)
+
+
+def test_kfold_scores_equal_scoring_each_fold_against_a_bank_without_it(mobilenet):
+    """Independent computation: rebuild the bank of one fold's complement and score the fold's images."""
+    from .conftest import synthetic_part
+
+    rng = np.random.default_rng(3)
+    images = [synthetic_part(rng, 96) for _ in range(10)]
+    folds = 5
+    calibration = CalibrationConfig(folds=folds, contiguous=True, false_alarm_rate=0.05)
+    features = FeatureConfig(backbone="mobilenet_v2")
+    view = ViewConfig("full", size=96)
+    coreset = CoresetConfig(fraction=0.2)
+    bank = build_bank(images, BuildConfig(features=features, view=view, coreset=coreset, calibration=calibration),
+                      device="cpu", progress=False)
+    good = np.array(bank.calibration.good_scores)
+    assert len(good) == 10 and bank.calibration.method == "kfold-gumbel"
+    assert bank.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.05))
+    ids = fold_ids(10, folds, contiguous=True, seed=0)
+    for k in (0, 3):
+        rest = [img for img, f in zip(images, ids) if f != k]
+        held = [img for img, f in zip(images, ids) if f == k]
+        alone = build_bank(rest, BuildConfig(features=features, view=view, coreset=coreset,
+                                             calibration=CalibrationConfig(folds=0)), device="cpu", progress=False)
+        expected = PatchCoreScorer(alone, device="cpu").score(held, maps=False).image_scores
+        np.testing.assert_allclose(good[ids == k], expected, rtol=1e-4)
