@@ -78,8 +78,12 @@ def _build(train: Path, config, weights: Optional[str], device: str, progress: b
 
 @bank_app.command("build")
 def bank_build(
-    train: Annotated[Path, typer.Option(help="Folder of good images (e.g. MVTec train/good).")],
     out: Annotated[Path, typer.Option(help="Bank file to write (.bank, safetensors).")],
+    train: Annotated[Optional[Path], typer.Option(help="Folder of good images (e.g. MVTec train/good).")] = None,
+    warmup_source: Annotated[Optional[str], typer.Option(
+        help="Instead of --train: the first --warmup-frames frames of this ingest source (the synthetic line renders "
+             "defect-free parts).")] = None,
+    warmup_frames: Annotated[int, typer.Option(help="Frames taken from --warmup-source.")] = 60,
     backbone: Backbone = "wide_resnet50_2", layers: Layers = None, weights: Weights = None,
     coreset: Coreset = 0.1, seed: Seed = 0, resize: Resize = 256, crop: Crop = 224,
     calibration_fraction: CalibrationFraction = 0.1, sigmas: Sigmas = 3.0, neighbours: Neighbours = 9,
@@ -91,7 +95,23 @@ def bank_build(
 
     config = _build_config(backbone, layers, coreset, seed, resize, crop, calibration_fraction, sigmas,
                            neighbours, batch_size)
-    bank = _build(train, config, weights, device, progress)
+    if (train is None) == (warmup_source is None):
+        _fail("give either --train or --warmup-source")
+    if warmup_source is not None:
+        import tempfile
+
+        from ingest.sources import SourceError
+
+        from .up import warmup_images
+
+        with tempfile.TemporaryDirectory(prefix="patchcore-warmup-") as folder:
+            try:
+                warmup_images(warmup_source, warmup_frames, Path(folder))
+            except SourceError as exc:
+                _fail(str(exc))
+            bank = _build(Path(folder), config, weights, device, progress)
+    else:
+        bank = _build(train, config, weights, device, progress)
     save_bank(bank, out)
     typer.echo(json.dumps({"bank": str(out), **bank_summary(bank)}, indent=2))
 

@@ -52,24 +52,28 @@ class UpError(RuntimeError):
     pass
 
 
-def warmup_bank(settings: UpSettings, workdir: Path, progress: bool) -> MemoryBank:
-    """A bank from the source's own first frames (the synthetic line renders defect-free parts)."""
+def warmup_images(source_spec: str, count: int, folder: Path) -> list[Path]:
+    """The source's first `count` frames as PNG files in `folder` (the synthetic line renders defect-free parts)."""
     import cv2
 
-    source = parse_source(settings.source)
-    frames_dir = workdir / "warmup"
-    frames_dir.mkdir(parents=True, exist_ok=True)
+    source = parse_source(source_spec)
+    folder.mkdir(parents=True, exist_ok=True)
     source.open()
-    for i in range(settings.warmup_frames):
+    for i in range(count):
         if isinstance(source, SyntheticLine):  # one frame per part: calibration frames show unseen parts
             image = source.render(i * source.period + i % source.period, defect=False)
         else:
             image = source.read()
         if image is None:
             break
-        cv2.imwrite(str(frames_dir / f"{i:05d}.png"), image)
+        cv2.imwrite(str(folder / f"{i:05d}.png"), image)
     source.close()
-    paths = sorted(frames_dir.glob("*.png"))
+    return sorted(folder.glob("*.png"))
+
+
+def warmup_bank(settings: UpSettings, workdir: Path, progress: bool) -> MemoryBank:
+    """A bank from the source's own first frames."""
+    paths = warmup_images(settings.source, settings.warmup_frames, workdir / "warmup")
     config = BuildConfig(features=FeatureConfig(backbone=settings.backbone), coreset=CoresetConfig(fraction=0.1))
     return build_bank(paths, config, device=settings.device, progress=progress)
 

@@ -1,4 +1,4 @@
-"""Bank signatures (HMAC-SHA256 with a key only operators hold) and bank blob retention, against a real redis-server."""
+"""Banks: HMAC-SHA256 signatures (a key only operators hold), blob retention, the bootstrap build. Real redis-server."""
 import hashlib
 import json
 import logging
@@ -148,3 +148,19 @@ def test_bank_publish_keep_option(redis_server, synthetic_bank_bytes, tmp_path):
                                           "--redis-url", redis_server.url])
         assert result.exit_code == 0, result.output
     assert [v.version for v in BankRegistry(connect(redis_server.url), KEYS).versions("n")] == [3]
+
+
+def test_bank_build_from_the_synthetic_lines_first_frames(tmp_path, mobilenet):
+    """What compose's one-shot bank-init runs when no folder of good images is mounted."""
+    from scorer import load_bank
+
+    out = tmp_path / "warm.bank"
+    built = CliRunner().invoke(app, ["bank", "build", "--warmup-source", "synthetic", "--warmup-frames", "8",
+                                     "--backbone", "mobilenet_v2", "--calibration-fraction", "0.25", "--device", "cpu",
+                                     "--no-progress", "--out", str(out)])
+    assert built.exit_code == 0, built.output
+    bank = load_bank(out)
+    assert bank.calibration is not None and len(bank.calibration.good_scores) == 2  # 8 frames, a quarter held back
+    for args in ([], ["--train", str(tmp_path), "--warmup-source", "synthetic"]):
+        refused = CliRunner().invoke(app, ["bank", "build", "--out", str(tmp_path / "x.bank"), *args])
+        assert refused.exit_code == 2 and "either --train or --warmup-source" in refused.output
