@@ -114,8 +114,13 @@ def test_a_camera_adds_frames_to_its_own_stream_and_nothing_else(acl_server, syn
         camera.xadd(KEYS.alarms, {"m": b"forged"})
     with pytest.raises(DENIED):
         camera.publish(KEYS.alarms_channel, b"forged")
-    with pytest.raises(DENIED):  # a script runs with the caller's rights: no way around the key patterns
-        camera.eval("return redis.call('SET', KEYS[1], 'x')", 1, KEYS.bank_active("default"))
+    # a script runs with the caller's rights: its declared keys, and the keys it touches undeclared, are checked
+    append = camera.register_script("return redis.call('XADD', ARGV[1], '*', 'm', 'forged')")
+    with pytest.raises(DENIED):
+        append(keys=[KEYS.results("cam-1")], args=[KEYS.results("cam-1")])
+    with pytest.raises(redis.ResponseError, match="can't access"):
+        append(keys=[KEYS.frames("cam-1")], args=[KEYS.results("cam-1")])
+    assert operator.xlen(KEYS.results("cam-1")) == 0
     assert operator.get(KEYS.bank_active("default")) is None and operator.hlen(KEYS.alarm_rules) == 0
     denied = CliRunner().invoke(app, ["bank", "activate", "default", str(version), "--redis-url",
                                       acl_server.url("camera-cam-1")])
