@@ -6,6 +6,8 @@ from typing import Any
 
 import msgpack
 
+from .keys import Keys
+
 FRAME_SCHEMA = 1
 RESULT_SCHEMA = 1
 ALARM_SCHEMA = 1
@@ -141,3 +143,11 @@ class Alarm:
     @classmethod
     def unpack(cls, data: bytes) -> "Alarm":
         return _build(cls, _unpack(data, 4 << 20), ALARM_SCHEMA)
+
+
+def check_overlay_key(result: Result, keys: Keys) -> None:
+    """A result may name only the overlay its worker writes for it (`Keys.overlay` of its camera and seq):
+    the store copies that key's bytes into an alarm, so any other key is refused."""
+    expected = keys.overlay(result.camera, result.seq)
+    if result.overlay_key is not None and result.overlay_key != expected:
+        raise MessageError(f"overlay_key {result.overlay_key[:100]!r} is not this result's overlay {expected!r}")

@@ -1,13 +1,19 @@
 """Bank registry in Redis: versioned bank bytes with their sha256, an active version, rollback history.
 
-Workers on any host fetch banks from here; no shared filesystem is needed.
+Workers on any host fetch banks from here; no shared filesystem is needed. With a signing key,
+every version carries an HMAC-SHA256 over its name, version number and bytes: a registry that holds
+the key signs what it publishes and loads only versions signed with it, so whoever can write to
+Redis without holding the key cannot make a worker load a bank. Publishing keeps the blobs of the
+newest `keep_versions` versions (and the active one and the rollback target) and deletes the rest.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 
@@ -18,6 +24,27 @@ class RegistryError(RuntimeError):
     pass
 
 
+MIN_KEY_BYTES = 32
+
+
+def load_signing_key(path: str | Path) -> bytes:
+    """The bank signing key: the file's bytes, surrounding whitespace stripped (e.g. `openssl rand -hex 32`)."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise RegistryError(f"cannot read the bank signing key file {path}: {exc.strerror}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise RegistryError(f"the bank signing key in {path} has {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
+    return key
+
+
+def bank_signature(key: bytes, name: str, version: int, data: bytes) -> str:
+    """HMAC-SHA256 (hex) over the bank's name, version number and bytes."""
+    mac = hmac.new(key, b"patchcore-bank-v1\0%s\0%d\0" % (name.encode(), version), hashlib.sha256)
+    mac.update(data)
+    return mac.hexdigest()
+
+
 @dataclass(frozen=True)
 class BankVersion:
     name: str
@@ -26,13 +53,26 @@ class BankVersion:
     size: int
     published_at: float
     meta: dict
+    signed: bool = False
 
 
 class BankRegistry:
-    def __init__(self, client: redis.Redis, keys: Keys = Keys(), max_bank_bytes: int = 2 << 30):
+    """`signing_key`: sign on publish, and refuse to fetch versions not signed with it (None: no signatures).
+    `keep_versions`: blobs kept per bank name after a publish, besides the active version and the rollback target."""
+
+    def __init__(self, client: redis.Redis, keys: Keys = Keys(), max_bank_bytes: int = 2 << 30,
+                 signing_key: bytes | None = None, keep_versions: int = 3):
+        if keep_versions < 1:
+            raise RegistryError("keep_versions must be at least 1")
         self.client = client
         self.keys = keys
         self.max_bank_bytes = max_bank_bytes
+        self._signing_key = signing_key
+        self.keep_versions = keep_versions
+
+    @property
+    def verifies(self) -> bool:
+        return self._signing_key is not None
 
     def publish(self, name: str, data: bytes, meta: dict | None = None, activate: bool = False) -> int:
         if not name or ":" in name:
@@ -42,6 +82,8 @@ class BankRegistry:
         version = int(self.client.incr(self.keys.bank_counter(name)))
         record = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "published_at": time.time(),
                   "meta": meta or {}}
+        if self._signing_key is not None:
+            record["hmac_sha256"] = bank_signature(self._signing_key, name, version, data)
         with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.bank_blob(name, version), data)
             pipe.hset(self.keys.bank_versions(name), str(version), json.dumps(record))
@@ -49,7 +91,35 @@ class BankRegistry:
             pipe.execute()
         if activate:
             self.activate(name, version)
+        self.prune(name)
         return version
+
+    def prune(self, name: str) -> list[int]:
+        """Delete the versions (blob and record) older than the newest `keep_versions`, except the active
+        one and the rollback target; returns the deleted version numbers."""
+        versions_key, active_key, history_key = (self.keys.bank_versions(name), self.keys.bank_active(name),
+                                                 self.keys.bank_history(name))
+        deleted: list[int] = []
+
+        def drop(pipe: redis.client.Pipeline) -> None:  # WATCHed: a concurrent activation retries it
+            versions = sorted(int(v) for v in pipe.hkeys(versions_key))
+            protected = set(versions[-self.keep_versions:])
+            protected.update(int(v) for v in (pipe.get(active_key), pipe.lindex(history_key, -1)) if v is not None)
+            old = [v for v in versions if v not in protected]
+            pipe.multi()
+            for version in old:
+                pipe.delete(self.keys.bank_blob(name, version))
+                pipe.hdel(versions_key, str(version))
+                pipe.lrem(history_key, 0, str(version))  # rollback never lands on a deleted version
+            deleted[:] = old
+
+        self.client.transaction(drop, versions_key, active_key, history_key)
+        return deleted
+
+    def exists(self, name: str) -> bool:
+        """Whether bank `name` was ever published here (a version, an active version or a version counter)."""
+        return bool(self.client.exists(self.keys.bank_versions(name), self.keys.bank_active(name),
+                                       self.keys.bank_counter(name)))
 
     def names(self) -> list[str]:
         return sorted(n.decode() for n in self.client.smembers(self.keys.banks))
@@ -59,7 +129,8 @@ class BankRegistry:
         out = []
         for version, record in raw.items():
             data = json.loads(record)
-            out.append(BankVersion(name, int(version), data["sha256"], data["size"], data["published_at"], data["meta"]))
+            out.append(BankVersion(name, int(version), data["sha256"], data["size"], data["published_at"], data["meta"],
+                                   "hmac_sha256" in data))
         return sorted(out, key=lambda v: v.version)
 
     def active(self, name: str) -> int | None:
@@ -67,18 +138,19 @@ class BankRegistry:
         return int(value) if value is not None else None
 
     def activate(self, name: str, version: int) -> None:
-        if not self.client.hexists(self.keys.bank_versions(name), str(version)):
-            raise RegistryError(f"bank {name} has no version {version}")
-        active_key, history_key = self.keys.bank_active(name), self.keys.bank_history(name)
+        versions_key, active_key = self.keys.bank_versions(name), self.keys.bank_active(name)
+        history_key = self.keys.bank_history(name)
 
-        def swap(pipe: redis.client.Pipeline) -> None:  # WATCHed: concurrent activations cannot interleave
+        def swap(pipe: redis.client.Pipeline) -> None:  # WATCHed: concurrent activations and prunes cannot interleave
+            if not pipe.hexists(versions_key, str(version)):
+                raise RegistryError(f"bank {name} has no version {version}")
             current = pipe.get(active_key)
             pipe.multi()
             if current is not None and int(current) != version:
                 pipe.rpush(history_key, current)
             pipe.set(active_key, version)
 
-        self.client.transaction(swap, active_key)
+        self.client.transaction(swap, active_key, versions_key)
 
     def rollback(self, name: str) -> int:
         """Re-activate the previously active version; returns it."""
@@ -98,11 +170,24 @@ class BankRegistry:
         return result[0]
 
     def fetch(self, name: str, version: int) -> bytes:
-        """Bank bytes, checked against the sha256 recorded at publication."""
+        """Bank bytes, checked against the sha256 recorded at publication and, with a signing key, its signature."""
         record = self.client.hget(self.keys.bank_versions(name), str(version))
         data = self.client.get(self.keys.bank_blob(name, version))
         if record is None or data is None:
             raise RegistryError(f"bank {name} version {version} is not in the registry")
-        if hashlib.sha256(data).hexdigest() != json.loads(record)["sha256"]:
+        try:
+            record = json.loads(record)
+            published_sha256 = record["sha256"]
+        except (ValueError, TypeError, KeyError):
+            raise RegistryError(f"bank {name} version {version}: unreadable registry record") from None
+        if self._signing_key is not None:
+            signature = record.get("hmac_sha256")
+            if not isinstance(signature, str):
+                raise RegistryError(f"bank {name} version {version} is unsigned; only banks signed with this "
+                                    "worker's key are loaded")
+            if not hmac.compare_digest(signature, bank_signature(self._signing_key, name, version, data)):
+                raise RegistryError(f"bank {name} version {version}: signature does not match (signed with another "
+                                    "key, or bytes or record altered)")
+        if hashlib.sha256(data).hexdigest() != published_sha256:
             raise RegistryError(f"bank {name} version {version}: bytes do not match their published sha256")
         return data

@@ -105,8 +105,12 @@ def _build(train: Path, config, weights: Optional[str], device: str, progress: b
 
 @bank_app.command("build")
 def bank_build(
-    train: Annotated[Path, typer.Option(help="Folder of good images (e.g. MVTec train/good).")],
     out: Annotated[Path, typer.Option(help="Bank file to write (.bank, safetensors).")],
+    train: Annotated[Optional[Path], typer.Option(help="Folder of good images (e.g. MVTec train/good).")] = None,
+    warmup_source: Annotated[Optional[str], typer.Option(
+        help="Instead of --train: the first --warmup-frames frames of this ingest source (the synthetic line renders "
+             "defect-free parts).")] = None,
+    warmup_frames: Annotated[int, typer.Option(help="Frames taken from --warmup-source.")] = 60,
     backbone: Backbone = "wide_resnet50_2", layers: Layers = None, weights: Weights = None,
     coreset: Coreset = 0.1, seed: Seed = 0, view: View = "crop", resize: Resize = 256, crop: Crop = 224,
     size: Size = 320, scale: Scale = 0.5, tile: Tile = 224, overlap: Overlap = 0.25, roi: Roi = None,
@@ -118,8 +122,24 @@ def bank_build(
     from scorer.evaluate import bank_summary
 
     config = _build_config(backbone, layers, coreset, seed, view, resize, crop, size, scale, tile, overlap,
-                           folds, contiguous, false_alarm_rate, neighbours, batch_size)
-    bank = _build(train, config, weights, device, progress, _roi(roi))
+                           folds, contiguous or warmup_source is not None, false_alarm_rate, neighbours, batch_size)
+    if (train is None) == (warmup_source is None):
+        _fail("give either --train or --warmup-source")
+    if warmup_source is not None:
+        import tempfile
+
+        from ingest.sources import SourceError
+
+        from .up import warmup_images
+
+        with tempfile.TemporaryDirectory(prefix="patchcore-warmup-") as folder:
+            try:
+                warmup_images(warmup_source, warmup_frames, Path(folder))
+            except SourceError as exc:
+                _fail(str(exc))
+            bank = _build(Path(folder), config, weights, device, progress, _roi(roi))
+    else:
+        bank = _build(train, config, weights, device, progress, _roi(roi))
     save_bank(bank, out)
     typer.echo(json.dumps({"bank": str(out), **bank_summary(bank)}, indent=2))
 
@@ -252,6 +272,8 @@ def score_command(
 RedisUrl = Annotated[Optional[str], typer.Option(envvar="REDIS_URL", help="redis:// or rediss:// URL (default: $REDIS_URL).")]
 PasswordFile = Annotated[Optional[Path], typer.Option(envvar="REDIS_PASSWORD_FILE", help="File holding the Redis password (never logged).")]
 Prefix = Annotated[str, typer.Option(help="Prefix of every Redis key and channel.")]
+SigningKeyFile = Annotated[Optional[Path], typer.Option(
+    envvar="PATCHCORE_BANK_KEY_FILE", help="File holding the bank signing key (HMAC-SHA256, >= 32 bytes; never logged).")]
 
 
 def _client(redis_url: Optional[str], password_file: Optional[Path]):
@@ -270,11 +292,21 @@ def _stop_on_signals():
     return stop
 
 
-def _registry(redis_url, password_file, prefix):
+def _signing_key(path: Optional[Path]) -> Optional[bytes]:
+    from contracts.registry import RegistryError, load_signing_key
+
+    try:
+        return load_signing_key(path) if path else None
+    except RegistryError as exc:
+        _fail(str(exc))
+
+
+def _registry(redis_url, password_file, prefix, signing_key_file=None, keep_versions: int = 3):
     from contracts.keys import Keys
     from contracts.registry import BankRegistry
 
-    return BankRegistry(_client(redis_url, password_file), Keys(prefix))
+    return BankRegistry(_client(redis_url, password_file), Keys(prefix), signing_key=_signing_key(signing_key_file),
+                        keep_versions=keep_versions)
 
 
 @bank_app.command("publish")
@@ -282,9 +314,12 @@ def bank_publish(
     bank: Annotated[Path, typer.Argument(help="Bank file to publish.")],
     name: Annotated[str, typer.Option(help="Bank name cameras refer to.")],
     activate: Annotated[bool, typer.Option(help="Make it the active version at once.")] = False,
+    signing_key_file: SigningKeyFile = None,
+    keep: Annotated[int, typer.Option(min=1, help="Keep the newest KEEP versions of NAME (and the active one and the "
+                                                  "rollback target); older ones are deleted.")] = 3,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
-    """Store a bank file in the registry (bytes + sha256) as a new version of NAME."""
+    """Store a bank file in the registry (bytes + sha256, signed with the key) as a new version of NAME."""
     from scorer import BankError, bank_from_bytes
     from scorer.evaluate import bank_summary
 
@@ -293,8 +328,9 @@ def bank_publish(
         summary = bank_summary(bank_from_bytes(data))  # never publish a file a worker would refuse
     except BankError as exc:
         _fail(f"{bank}: {exc}")
-    version = _registry(redis_url, password_file, prefix).publish(name, data, {"file": bank.name, **summary}, activate)
-    typer.echo(json.dumps({"name": name, "version": version, "active": activate}))
+    registry = _registry(redis_url, password_file, prefix, signing_key_file, keep)
+    version = registry.publish(name, data, {"file": bank.name, **summary}, activate)
+    typer.echo(json.dumps({"name": name, "version": version, "active": activate, "signed": registry.verifies}))
 
 
 @bank_app.command("list")
@@ -306,8 +342,8 @@ def bank_list(redis_url: RedisUrl = None, password_file: PasswordFile = None, pr
         for v in registry.versions(name):
             mark = "*" if v.version == active else " "
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.published_at))
-            typer.echo(f"{mark} {name} v{v.version}  {v.size / 1e6:.1f} MB  sha256 {v.sha256[:12]}  {when}Z  "
-                       f"{v.meta.get('features', {}).get('backbone', '')}")
+            typer.echo(f"{mark} {name} v{v.version}  {v.size / 1e6:.1f} MB  sha256 {v.sha256[:12]}  "
+                       f"{'signed' if v.signed else 'unsigned'}  {when}Z  {v.meta.get('features', {}).get('backbone', '')}")
 
 
 @bank_app.command("activate")
@@ -377,15 +413,18 @@ def worker_command(
     max_frame_bytes: Annotated[int, typer.Option(help="Dead-letter frame messages larger than this.")] = 16 << 20,
     result_maps: Annotated[bool, typer.Option(help="Attach the small patch-distance map (uint8 grid) to every result.")] = False,
     device: Device = "auto", index: Index = "auto", weights: Weights = None,
+    signing_key_file: SigningKeyFile = None,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
-    """Score frames of every camera until SIGINT/SIGTERM (finishing the current batch)."""
+    """Score frames of every camera until SIGINT/SIGTERM (finishing the current batch).
+
+    With a signing key, only banks signed with it are loaded; without one, any bank that matches its sha256."""
     from contracts.keys import Keys
     from workers.worker import Worker, WorkerSettings
 
     settings = WorkerSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms,
                               max_frame_bytes=max_frame_bytes, result_maps=result_maps, device=device, index=index,
-                              weights=weights)
+                              weights=weights, bank_key=_signing_key(signing_key_file))
     if name:
         from dataclasses import replace
 
@@ -558,9 +597,14 @@ def up_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the summary here.")] = None,
     device: Device = "auto", progress: Progress = True,
     redis_url: Annotated[Optional[str], typer.Option(envvar="REDIS_URL", help="Use this Redis instead of an embedded one.")] = None,
+    bank_name: Annotated[str, typer.Option(help="Registry name the run's bank is published under.")] = "default",
+    force: Annotated[bool, typer.Option(help="With --redis-url: publish over (and activate) an existing bank of that name.")] = False,
+    signing_key_file: SigningKeyFile = None,
 ) -> None:
-    """The whole service in one command: embedded Redis, bank, ingest, worker, store; prints alarms."""
-    from .up import UpSettings, run_up
+    """The whole service in one command: embedded Redis, bank, ingest, worker, store; prints alarms.
+
+    The bank is signed with --signing-key-file's key, or with a key made for this run."""
+    from .up import UpError, UpSettings, run_up
 
     if frames is None and seconds is None and source.startswith("synthetic"):
         frames = 200  # the synthetic line never ends; files end by themselves, live sources at Ctrl-C
@@ -578,8 +622,12 @@ def up_command(
         _fail(str(exc))
     settings = UpSettings(source=source, redis_url=redis_url, bank=bank, train=train, build=build,
                           warmup_frames=warmup_frames, frames=frames, seconds=seconds, fps=fps, max_batch=max_batch,
-                          max_wait_ms=max_wait_ms, rule=_rule(k, n, cooldown_s, threshold), device=device)
-    summary = run_up(settings, echo=typer.echo, progress=progress)
+                          max_wait_ms=max_wait_ms, rule=_rule(k, n, cooldown_s, threshold), device=device,
+                          bank_name=bank_name, force=force, bank_key=_signing_key(signing_key_file))
+    try:
+        summary = run_up(settings, echo=typer.echo, progress=progress)
+    except UpError as exc:
+        _fail(str(exc))
     text = json.dumps(summary, indent=2)
     typer.echo(text)
     if json_out:

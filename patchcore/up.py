@@ -3,6 +3,7 @@ registry, camera ingest, a worker and the store as threads, alarms printed as th
 from __future__ import annotations
 
 import contextlib
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from contracts.connection import connect
+from contracts.connection import connect, redacted
 from contracts.keys import Keys
 from contracts.messages import Alarm, Result
 from contracts.registry import BankRegistry
@@ -48,26 +49,37 @@ class UpSettings:
     max_wait_ms: int = 50
     rule: AlarmRule = AlarmRule()
     device: str = "auto"
+    force: bool = False  # publish over (and activate) an existing bank of a Redis that `up` did not start
+    bank_key: bytes | None = field(default=None, repr=False)  # signing key; None: a fresh one for this run
 
 
-def warmup_bank(settings: UpSettings, workdir: Path, progress: bool) -> MemoryBank:
-    """A bank from the source's own first frames (the synthetic line renders defect-free parts)."""
+class UpError(RuntimeError):
+    pass
+
+
+def warmup_images(source_spec: str, count: int, folder: Path) -> list[Path]:
+    """The source's first `count` frames as PNG files in `folder` (the synthetic line renders defect-free parts)."""
     import cv2
 
-    source = parse_source(settings.source)
-    frames_dir = workdir / "warmup"
-    frames_dir.mkdir(parents=True, exist_ok=True)
+    source = parse_source(source_spec)
+    folder.mkdir(parents=True, exist_ok=True)
     source.open()
-    for i in range(settings.warmup_frames):
+    for i in range(count):
         if isinstance(source, SyntheticLine):  # one frame per part: calibration frames show unseen parts
             image = source.render(i * source.period + i % source.period, defect=False)
         else:
             image = source.read()
         if image is None:
             break
-        cv2.imwrite(str(frames_dir / f"{i:05d}.png"), image)
+        cv2.imwrite(str(folder / f"{i:05d}.png"), image)
     source.close()
-    return build_bank(sorted(frames_dir.glob("*.png")), settings.build, device=settings.device, progress=progress)
+    return sorted(folder.glob("*.png"))
+
+
+def warmup_bank(settings: UpSettings, workdir: Path, progress: bool) -> MemoryBank:
+    """A bank from the source's own first frames."""
+    paths = warmup_images(settings.source, settings.warmup_frames, workdir / "warmup")
+    return build_bank(paths, settings.build, device=settings.device, progress=progress)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -84,6 +96,12 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
             echo(f"embedded redis-server at {url}")
         client = connect(url)
         keys = Keys()
+        bank_key = settings.bank_key or secrets.token_bytes(32)  # workers load only banks signed with it
+        registry = BankRegistry(client, keys, signing_key=bank_key)
+        if settings.redis_url is not None and not settings.force and registry.exists(settings.bank_name):
+            raise UpError(f"bank {settings.bank_name!r} already exists on {redacted(url)}, a Redis this command did "
+                          "not start: pass --bank-name with a new name to run beside it, or --force to publish over "
+                          "it and activate the new version")
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="patchcore-up-")))
         if settings.bank is not None:
             bank = load_bank(settings.bank)
@@ -94,7 +112,6 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         else:
             echo(f"building a bank from the first {settings.warmup_frames} frames of {settings.source}")
             bank = warmup_bank(settings, workdir, progress)
-        registry = BankRegistry(client, keys)
         version = registry.publish(settings.bank_name, bank_to_bytes(bank), {"source": "patchcore up"}, activate=True)
         threshold = bank.calibration.threshold if bank.calibration else None
         echo(f"bank {settings.bank_name} v{version}: {len(bank.features)} features, threshold {threshold}")
@@ -110,7 +127,8 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
                                                              bank=settings.bank_name, fps=settings.fps,
                                                              max_frames=settings.frames), keys, ingest_stop)
         worker = Worker(connect(url), WorkerSettings(name="worker-1", max_batch=settings.max_batch,
-                                                     max_wait_ms=settings.max_wait_ms, device=settings.device), keys, stop)
+                                                     max_wait_ms=settings.max_wait_ms, device=settings.device,
+                                                     bank_key=bank_key), keys, stop)
         store = ResultsStore(connect(url), StoreSettings(default_rule=settings.rule), keys, stop)
         reports: dict = {}
         threads = [threading.Thread(target=lambda: reports.__setitem__("ingest", ingest.run()), name="ingest"),

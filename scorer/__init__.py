@@ -2,6 +2,9 @@
 
 Pure compute: nothing here knows about Redis or the streaming service.
 """
+from .numba_cache import ensure_numba_cache_dir
+
+ensure_numba_cache_dir()  # before any numba-compiled module is imported
 from .backbones import BACKBONES, BackboneError, load_backbone
 from .bank import BankError, Calibration, MemoryBank, bank_from_bytes, bank_to_bytes, load_bank, save_bank
 from .calibration import CalibrationConfig

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import redis
 
 from contracts.keys import STORE_GROUP, Keys
-from contracts.messages import Alarm, MessageError, Result
+from contracts.messages import Alarm, MessageError, Result, check_overlay_key
 from contracts.streams import CameraStreams, reclaim, serve, stream_name
 
 from .alarms import AlarmRule, AlarmState
@@ -80,6 +80,7 @@ class ResultsStore:
             for entry_id, fields in entries:
                 try:
                     result = Result.unpack((fields or {}).get(b"m", b""))
+                    check_overlay_key(result, self.keys)  # never copy an arbitrary key into an alarm
                 except MessageError as exc:
                     self.report.bad_results += 1
                     log.error("unreadable result", extra={"fields": {"stream": stream, "error": str(exc)}})

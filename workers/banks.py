@@ -31,6 +31,8 @@ class BankCache:
         self._scorers: dict[str, ActiveScorer] = {}
         self._extractors: dict = {}  # one backbone per feature config, shared by banks and versions
         self._refused: set[tuple[str, int]] = set()
+        if not registry.verifies:
+            log.warning("no bank signing key: banks are loaded unsigned (checked against their sha256 only)")
 
     def get(self, name: str) -> ActiveScorer | None:
         """The scorer of bank `name`'s active version (switching if it changed), or None if none can serve."""

@@ -43,6 +43,7 @@ class WorkerSettings:
     index: str = "auto"
     weights: str | None = None
     refresh_s: float = 2.0  # how often to look for new cameras and reclaim pending frames
+    bank_key: bytes | None = field(default=None, repr=False)  # load only banks signed with this key (HMAC-SHA256)
 
 
 @dataclass
@@ -81,7 +82,8 @@ class Worker:
         self.settings = settings
         self.keys = keys
         self.stop = stop or threading.Event()
-        self.banks = BankCache(BankRegistry(client, keys), settings.device, settings.index, settings.weights)
+        self.banks = BankCache(BankRegistry(client, keys, signing_key=settings.bank_key), settings.device,
+                               settings.index, settings.weights)
         self.report = WorkerReport()
         self._ack_and_write = client.register_script(ACK_AND_WRITE)
         self._streams = CameraStreams(client, keys.cameras, keys.frames, FRAME_GROUP, settings.refresh_s)
