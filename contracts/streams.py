@@ -56,6 +56,10 @@ def reclaim(client: redis.Redis, stream: str, group: str, consumer: str, min_idl
             return
 
 
+# Every script starts with `#!lua` (Redis >= 7 script flags): a server out of memory refuses the whole
+# script before it runs, never half of it - a Lua error does not undo the writes made before it.
+
+
 def stream_name(name: bytes | str) -> str:
     return name.decode() if isinstance(name, bytes) else name
 
@@ -67,7 +71,7 @@ def stream_name(name: bytes | str) -> str:
 # was counted as dropped by the writer that trimmed it, and gets no second outcome. A client retry
 # that sends the call again finds it acknowledged: nothing is written twice.
 # KEYS: source stream, target stream, stats hash. ARGV: group, entry id, target maxlen, stats field, field, value, ...
-ACK_AND_WRITE = """
+ACK_AND_WRITE = """#!lua
 local present = #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) > 0
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 or not present then return 0 end
 local fields = {}
@@ -83,7 +87,7 @@ return 1
 # MAXLEN ~ maxlen; entries trimmed to make room are counted as `dropped`, in the same atomic step.
 # KEYS: frame stream, stats hash. ARGV: seq, maxlen, captured_at, frame bytes.
 # Returns -1 for a duplicate, else the number of frames trimmed.
-ADD_FRAME = """
+ADD_FRAME = """#!lua
 local last = redis.call('HGET', KEYS[2], 'last_seq')
 if last and tonumber(last) >= tonumber(ARGV[1]) then return -1 end
 local before = redis.call('XLEN', KEYS[1])
@@ -100,7 +104,7 @@ return dropped
 # what is left, and streams that filled their share are read again while room is left. A backlogged
 # camera cannot starve the others, and the total never exceeds the cap.
 # KEYS: streams. ARGV: group, consumer, cap. Returns [[stream, [[id, [field, value, ...]], ...]], ...].
-READ_FAIR = """
+READ_FAIR = """#!lua
 local remaining = tonumber(ARGV[3])
 local active, out = KEYS, {}
 while remaining > 0 and #active > 0 do

@@ -26,7 +26,7 @@ log = logging.getLogger("patchcore.store")
 # ARGV: group, expected state version, window JSON, alarms maxlen, alarms channel, number of ids, ids...,
 #       number of latest values (2 per field), field, value, ..., then (alarm seq, alarm bytes) pairs.
 # Returns 1 (committed), 0 (some result no longer pending: nothing done), -1 (state changed since read).
-COMMIT_RESULTS = """
+COMMIT_RESULTS = """#!lua
 local ids = tonumber(ARGV[6])
 for i = 7, 6 + ids do
   if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1) == 0 then return 0 end
