@@ -387,13 +387,15 @@ Threshold = Annotated[Optional[float], typer.Option(help="Override the bank's ca
 def store_command(
     k: K = 2, n: N = 3, cooldown_s: Cooldown = 10.0, threshold: Threshold = None,
     name: Annotated[str, typer.Option(help="Consumer name.")] = "store-1",
+    reorder: Annotated[int, typer.Option(min=1, help="Results up to this many frames out of order raise the "
+                                                   "in-order alarms (a missing frame delays alarms this many frames).")] = 8,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
     """Keep per-camera state and raise alarms (stream + Pub/Sub) until SIGINT/SIGTERM."""
     from contracts.keys import Keys
     from store.service import ResultsStore, StoreSettings
 
-    settings = StoreSettings(name=name, default_rule=_rule(k, n, cooldown_s, threshold))
+    settings = StoreSettings(name=name, default_rule=_rule(k, n, cooldown_s, threshold), reorder=reorder)
     report = ResultsStore(_client(redis_url, password_file), settings, Keys(prefix), _stop_on_signals()).run()
     typer.echo(json.dumps(vars(report)))
 

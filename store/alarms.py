@@ -3,7 +3,8 @@
 The debounce window is defined by sequence numbers, not by arrival: the window of frame e is the
 frames e-n+1 .. e of its camera (a frame that never got a result counts as not over). Windows are
 decided in sequence order: frame e is decided when e-1 was, or once a result `reorder` sequence
-numbers later has arrived (its predecessors are then taken as missing). Results that arrive out of
+numbers later has arrived (its predecessors are then taken as missing), or when the camera has
+sent nothing for a while (`flush`: the store calls it). Results that arrive out of
 order by fewer than `reorder` positions therefore raise exactly the alarms that in-order arrival
 raises; a result later than that is too late to change a decided window. The cooldown runs on the
 frames' capture times, so it too does not depend on arrival order. The whole state is a small JSON
@@ -89,20 +90,32 @@ class AlarmWindow:
                            "frames": {str(seq): value for seq, value in self.frames.items()}})
 
     @classmethod
-    def from_json(cls, rule: AlarmRule, reorder: int, text: str | bytes | None) -> "AlarmWindow":
+    def from_json(cls, rule: AlarmRule | None, reorder: int, text: str | bytes) -> "AlarmWindow":
+        """The window saved by to_json; with rule None, under the rule it was saved with."""
         state = json.loads(text) if text else None
         if state and state.get("quiet_until") is None:
             state["quiet_until"] = float("-inf")
-        return cls(rule, reorder, state)
+        return cls(rule or AlarmRule(**state["rule"]), reorder, state)
+
+    @property
+    def undecided(self) -> bool:
+        return any(self.decided is None or s > self.decided for s in self.frames)
 
     def add(self, seq: int, over: bool, captured_at: float, info) -> list:
         if self.decided is not None and seq <= self.decided:
             self.late += 1  # its windows were decided without it
             return []
         self.frames[seq] = [bool(over), captured_at, info]
-        newest, alarms = max(self.frames), []
+        return self._decide(max(self.frames) - self.reorder)
+
+    def flush(self) -> list:
+        """Decide every frame received so far (the camera went quiet: the missing ones are not coming)."""
+        return self._decide(max(self.frames, default=-1))
+
+    def _decide(self, up_to: int) -> list:
+        alarms = []
         for e in sorted(s for s in self.frames if self.decided is None or s > self.decided):
-            if not (self.decided is None or e == self.decided + 1 or e <= newest - self.reorder):
+            if not (self.decided is None or e == self.decided + 1 or e <= up_to):
                 break  # wait for the frames before e (or for `reorder` later ones)
             self.decided = e
             if self._fires(e):

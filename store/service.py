@@ -59,6 +59,7 @@ class StoreSettings:
     refresh_s: float = 2.0
     claim_idle_ms: int = 30_000
     reorder: int = 8  # results this many sequence numbers out of order still raise the in-order alarms
+    quiet_s: float = 2.0  # a camera without new results this long: frames still waiting for a gap are decided
 
 
 @dataclass
@@ -78,6 +79,7 @@ class ResultsStore:
         self.stop = stop or threading.Event()
         self.report = StoreReport()
         self._rules: dict[str, AlarmRule] = {}
+        self._last_result: dict[str, float] = {}  # camera -> when its last result was handled (monotonic)
         self._commit = client.register_script(COMMIT_RESULTS)
         self._ack_and_write = client.register_script(ACK_AND_WRITE)
         self._streams = CameraStreams(client, keys.cameras, keys.results, STORE_GROUP, settings.refresh_s)
@@ -111,6 +113,10 @@ class ResultsStore:
             claimed = list(reclaim(self.client, stream, STORE_GROUP, self.settings.name, self.settings.claim_idle_ms))
             if claimed:
                 self.handle(stream, claimed)
+            camera = stream.removeprefix(self.keys.results(""))
+            if time.monotonic() - self._last_result.setdefault(camera, time.monotonic()) > self.settings.quiet_s:
+                while self._commit_results(stream, camera, [], flush=True) is None:  # decide what waits for a gap
+                    self.report.conflicts += 1
 
     def rule_for(self, camera: str, line: str) -> AlarmRule:
         return self._rules.get(camera) or self._rules.get(f"line:{line}") or self.settings.default_rule
@@ -137,25 +143,40 @@ class ResultsStore:
                 return
             self.report.conflicts += 1  # another store changed this camera's state: decide again
 
-    def _commit_results(self, stream: str, camera: str, items: list[tuple[bytes, Result]]) -> bool | None:
-        """True: committed; False: not pending any more (nothing to do); None: state changed, retry."""
+    def _commit_results(self, stream: str, camera: str, items: list[tuple[bytes, Result]],
+                        flush: bool = False) -> bool | None:
+        """True: committed; False: not pending any more, or nothing to do; None: state changed, retry.
+
+        With `flush`, decides the frames that wait for missing predecessors (no results are added).
+        """
         state_key = self.keys.alarm_state(camera)
         version, text = self.client.hmget(state_key, ["version", "window"])
         items = sorted(items, key=lambda item: item[1].seq)
-        rule = self.rule_for(camera, items[-1][1].line)
+        if items:
+            self._last_result[camera] = time.monotonic()
+            rule = self.rule_for(camera, items[-1][1].line)
+        elif flush and text:
+            rule = None  # the rule the waiting frames were judged with
+        else:
+            return False
         window = AlarmWindow.from_json(rule, self.settings.reorder, text)
-        alarm_infos = []
+        rule = window.rule
+        if not items and not window.undecided:
+            return False
+        alarm_infos = window.flush() if flush else []
         for _, result in items:
             threshold = rule.threshold if rule.threshold is not None else result.threshold
             over = threshold is not None and result.score >= threshold
             info = {"seq": result.seq, "line": result.line, "score": result.score, "threshold": threshold,
                     "bank": result.bank, "bank_version": result.bank_version, "overlay_key": result.overlay_key}
             alarm_infos += window.add(result.seq, over, result.captured_at, info)
-        newest = items[-1][1]
-        threshold = rule.threshold if rule.threshold is not None else newest.threshold
-        latest = {"seq": newest.seq, "score": newest.score, "anomalous": int(newest.anomalous), "bank": newest.bank,
-                  "bank_version": newest.bank_version, "scored_at": newest.scored_at,
-                  "threshold": "" if threshold is None else threshold}
+        latest = {}
+        if items:
+            newest = items[-1][1]
+            threshold = rule.threshold if rule.threshold is not None else newest.threshold
+            latest = {"seq": newest.seq, "score": newest.score, "anomalous": int(newest.anomalous), "bank": newest.bank,
+                      "bank_version": newest.bank_version, "scored_at": newest.scored_at,
+                      "threshold": "" if threshold is None else threshold}
         alarms = []
         for info in alarm_infos:
             overlay = self.client.get(info["overlay_key"]) if info["overlay_key"] else None

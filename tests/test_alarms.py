@@ -34,6 +34,12 @@ def test_a_missing_frame_counts_as_not_over_and_is_waited_for_only_reorder_frame
     assert window.add(1, True, 1, 1) == [] and window.late == 1  # too late to change decided windows
 
 
+def test_flush_decides_the_frames_that_wait_for_a_gap():
+    window = AlarmWindow(AlarmRule(k=2, n=3, cooldown_s=0), reorder=8)
+    assert window.add(0, True, 0, 0) == [] and window.add(2, True, 2, 2) == [] and window.undecided
+    assert window.flush() == [2] and not window.undecided and window.flush() == []
+
+
 @settings(max_examples=200, deadline=None)
 @given(overs=st.lists(st.booleans(), min_size=1, max_size=60), k=st.integers(1, 4), extra=st.integers(0, 3),
        cooldown=st.sampled_from([0.0, 2.5, 7.0]), reorder=st.integers(1, 8), keys=st.data())

@@ -286,6 +286,19 @@ def test_out_of_order_results_raise_the_in_order_alarms(redis_server):
     assert shuffled != in_order
 
 
+def test_frames_after_a_gap_are_decided_once_the_camera_goes_quiet(redis_server):
+    client = connect(redis_server.url)
+    add_results(client, [result(seq=0), result(seq=2)])  # frame 1 never got a result (dropped, dead-lettered)
+    s = store(redis_server.url, reorder=8, quiet_s=0.3)
+    s._step()
+    assert not alarms(client)  # 2 waits for 1, which could still come
+    time.sleep(0.4)
+    s._step()  # quiet for longer than quiet_s: 1 is taken as missing, 0 and 2 make 2 of 3
+    assert [a.seq for a in alarms(client)] == [2]
+    s._step()
+    assert len(alarms(client)) == 1
+
+
 # ---- item 5: results and rules validated field by field ---------------------------------------------
 
 BAD_RESULTS = {
@@ -334,3 +347,37 @@ def test_result_decoding_gives_a_valid_result_or_a_message_error(changes):
     assert isinstance(decoded.score, float | int) and math.isfinite(decoded.score)
     assert isinstance(decoded.seq, int) and decoded.seq >= 0 and isinstance(decoded.anomalous, bool)
     assert Result.unpack(decoded.pack()) == decoded  # what is accepted round-trips
+
+
+# ---- item 6: Redis killed with SIGKILL under appendfsync always -------------------------------------
+
+def test_redis_killed_with_sigkill_under_appendfsync_always_loses_nothing_acknowledged(tmp_path, synthetic_bank_bytes):
+    from patchcore.embedded_redis import free_port
+
+    from .test_pipeline import ingest
+
+    port, data = free_port(), tmp_path / "redis-data"
+    data.mkdir()
+    durable = dict(port=port, appendonly=True, data_dir=data, extra_args=["--appendfsync", "always"])
+    server = EmbeddedRedis(**durable).start()
+    client = connect(server.url)
+    BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
+    try:
+        with Running(server.url, max_batch=4) as running:
+            feeder = threading.Thread(target=ingest, args=(server.url, 60), kwargs={"fps": 12})
+            feeder.start()
+            wait_for(lambda: client.xlen(KEYS.results("cam-1")) >= 8)
+            acknowledged = {r.seq for r in results(client)}  # results the workers had written (and heard back)
+            ingested = int(client.hget(KEYS.camera_stats("cam-1"), "last_seq"))
+            server.process.send_signal(signal.SIGKILL)  # no shutdown: only what was fsynced survives
+            server.process.wait(timeout=30)
+            server = EmbeddedRedis(**durable).start()
+            feeder.join(timeout=180)
+            wait_for(lambda: client.xlen(KEYS.results("cam-1")) == 60, timeout=180)
+            wait_for(lambda: running.store.report.results >= 60, timeout=60)
+        got = results(client)
+        assert acknowledged <= {r.seq for r in got} and ingested < 60
+        assert sorted(r.seq for r in got) == list(range(60))  # every frame once, across the kill
+        assert stats(client)["ingested"] == 60 == stats(client)["results"]
+    finally:
+        server.stop()
