@@ -56,13 +56,12 @@ def reclaim(client: redis.Redis, stream: str, group: str, consumer: str, min_idl
             return
 
 
-# Every script starts with `#!lua` (Redis >= 7 script flags): a server out of memory refuses the whole
-# script before it runs, never half of it - a Lua error does not undo the writes made before it.
-
-
 def stream_name(name: bytes | str) -> str:
     return name.decode() if isinstance(name, bytes) else name
 
+
+# Every script below starts with `#!lua` (Redis >= 7 script flags): a server out of memory refuses the
+# whole script before it runs, never half of it (a Lua error does not undo the writes made before it).
 
 # Acknowledge a delivered entry and, only if this call acknowledged it (it was still pending) and the
 # entry is still in its stream, append the outcome to another stream, delete the entry and count it -
