@@ -162,7 +162,7 @@ class Result:
         if result.patch_map is not None:
             shape = result.patch_map_shape
             _require(isinstance(shape, (list, tuple)) and len(shape) == 2
-                     and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 256 for v in shape),
+                     and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 8192 for v in shape),
                      f"bad patch_map_shape {shape!r}"[:200])
             _require(isinstance(result.patch_map, bytes) and len(result.patch_map) == shape[0] * shape[1],
                      "patch_map size does not match patch_map_shape")
