@@ -426,7 +426,7 @@ def alarms_command(
 ) -> None:
     """Tail live alarms from Pub/Sub, one JSON line each (as any subscriber would)."""
     from contracts.keys import Keys
-    from contracts.messages import Alarm
+    from contracts.messages import Alarm, MessageError
 
     stop = _stop_on_signals()
     pubsub = _client(redis_url, password_file).pubsub(ignore_subscribe_messages=True)
@@ -436,7 +436,11 @@ def alarms_command(
         message = pubsub.get_message(timeout=0.5)
         if message is None:
             continue
-        alarm = Alarm.unpack(message["data"])
+        try:
+            alarm = Alarm.unpack(message["data"])
+        except MessageError as exc:  # someone else's malformed message: reported, not fatal
+            typer.echo(f"skipped a malformed alarm: {exc}", err=True)
+            continue
         line = {k: v for k, v in vars(alarm).items() if k != "overlay_jpeg"}
         if save_overlays and alarm.overlay_jpeg:
             save_overlays.mkdir(parents=True, exist_ok=True)

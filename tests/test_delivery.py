@@ -331,6 +331,22 @@ def test_malformed_results_are_dead_lettered_with_a_reason_and_the_store_carries
     assert client.xpending(KEYS.results("cam-1"), STORE_GROUP)["pending"] == 0
 
 
+def test_the_alarms_subscriber_skips_a_malformed_alarm(redis_server):
+    import json
+
+    client = connect(redis_server.url)
+    tail = subprocess.Popen([sys.executable, "-m", "patchcore", "alarms", "--count", "1", "--redis-url", redis_server.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: client.pubsub_numsub(KEYS.alarms_channel)[0][1] == 1, 60)
+    good = Alarm(camera="cam-1", line="l", seq=7, score=2.0, threshold=1.0, bank="b", bank_version=1,
+                 raised_at=time.time(), rule="1-of-1")
+    client.publish(KEYS.alarms_channel, msgpack.packb({**msgpack.unpackb(good.pack()), "score": "high"}))
+    client.publish(KEYS.alarms_channel, good.pack())
+    out, err = tail.communicate(timeout=60)
+    assert tail.returncode == 0 and json.loads(out.decode().splitlines()[0])["seq"] == 7
+    assert "skipped a malformed alarm: bad score" in err.decode()
+
+
 FIELDS = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(), st.text(max_size=300),
                    st.binary(max_size=300), st.lists(st.integers(-5, 1000), max_size=4),
                    st.dictionaries(st.text(max_size=40), st.one_of(st.floats(), st.text(max_size=5)), max_size=20))
