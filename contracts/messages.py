@@ -1,10 +1,9 @@
 """Versioned msgpack messages. Decoding validates every field; nothing here can execute code."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
-
-import math
 
 import msgpack
 

@@ -79,6 +79,7 @@ class ResultsStore:
         self.stop = stop or threading.Event()
         self.report = StoreReport()
         self._rules: dict[str, AlarmRule] = {}
+        self._unfinished = True  # results may be pending to this consumer name: handle those first
         self._last_result: dict[str, float] = {}  # camera -> when its last result was handled (monotonic)
         self._commit = client.register_script(COMMIT_RESULTS)
         self._ack_and_write = client.register_script(ACK_AND_WRITE)
@@ -93,10 +94,15 @@ class ResultsStore:
         if not self._streams.names:
             self.stop.wait(0.1)
             return
-        reply = self.client.xreadgroup(STORE_GROUP, self.settings.name, {s: ">" for s in self._streams.names},
-                                       count=self.settings.batch, block=200)
+        # after a failed step (and at start, for a predecessor of the same name) the results still pending
+        # to this store go first: handled after newer ones, they would find their windows decided
+        start = "0" if self._unfinished else ">"
+        reply = self.client.xreadgroup(STORE_GROUP, self.settings.name, {s: start for s in self._streams.names},
+                                       count=self.settings.batch, block=None if self._unfinished else 200)
+        self._unfinished = True
         for stream, entries in reply or []:
             self.handle(stream_name(stream), entries)
+        self._unfinished = start == "0" and any(entries for _, entries in reply or [])
 
     def _maybe_refresh(self) -> None:
         if not self._streams.due():
@@ -126,7 +132,10 @@ class ResultsStore:
         camera = stream.removeprefix(self.keys.results(""))
         valid = []
         for entry_id, fields in entries:
-            raw = (fields or {}).get(b"m", b"")
+            if not fields:  # trimmed while pending to this store (XREADGROUP 0 gives no fields): nothing to handle
+                self.client.xack(stream, STORE_GROUP, entry_id)
+                continue
+            raw = fields.get(b"m", b"")
             try:
                 result = Result.unpack(raw)
                 if result.camera != camera:
