@@ -3,13 +3,11 @@ lost replies (a proxy that drops them), store state kept in Redis and changed on
 malformed results and rules. Run against every supported server with PATCHCORE_TEST_REDIS=all."""
 import math
 import random
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import msgpack
 import pytest
