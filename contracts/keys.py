@@ -33,6 +33,9 @@ class Keys:
     def latest(self, camera: str) -> str:  # hash: the camera's latest result and alarm state
         return f"{self.prefix}:latest:{camera}"
 
+    def alarm_state(self, camera: str) -> str:  # hash: version, window (the store's debounce state, JSON)
+        return f"{self.prefix}:alarmstate:{camera}"
+
     def overlay(self, camera: str, seq: int) -> str:  # JPEG bytes, with a TTL
         return f"{self.prefix}:overlay:{camera}:{seq}"
 

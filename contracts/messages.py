@@ -1,6 +1,7 @@
 """Versioned msgpack messages. Decoding validates every field; nothing here can execute code."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -51,6 +52,28 @@ def _build(cls, payload: dict, schema: int):
 def _require(condition: bool, reason: str) -> None:
     if not condition:
         raise MessageError(reason)
+
+
+def _text(value, name: str, max_len: int = 128, empty: bool = False) -> None:
+    _require(isinstance(value, str) and (empty or value) and len(value) <= max_len,
+             f"bad {name}: a {'' if empty else 'non-empty '}string of at most {max_len} characters expected")
+
+
+def _integer(value, name: str) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63,
+             f"bad {name}: a non-negative integer expected, got {type(value).__name__}")
+
+
+def _finite(value, name: str, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+             f"bad {name}: a finite number expected, got {value!r}"[:200])
+
+
+def _optional_text(value, name: str, max_len: int) -> None:
+    if value is not None:
+        _text(value, name, max_len)
 
 
 @dataclass(frozen=True)
@@ -116,9 +139,36 @@ class Result:
 
     @classmethod
     def unpack(cls, data: bytes) -> "Result":
+        """Decode and validate every field (types, finite numbers, sizes); MessageError says which is wrong."""
         result = _build(cls, _unpack(data, 1 << 20), RESULT_SCHEMA)
-        if result.patch_map_shape is not None:  # msgpack has no tuples
-            result = Result(**{**asdict(result), "patch_map_shape": tuple(result.patch_map_shape)})
+        for name in ("camera", "bank"):
+            _text(getattr(result, name), name)
+        _text(result.line, "line", empty=True)
+        _text(result.worker, "worker", 256, empty=True)
+        for name in ("seq", "bank_version"):
+            _integer(getattr(result, name), name)
+        for name in ("captured_at", "scored_at", "score"):
+            _finite(getattr(result, name), name)
+        _finite(result.threshold, "threshold", optional=True)
+        _require(isinstance(result.anomalous, bool), "bad anomalous: true or false expected")
+        _optional_text(result.overlay_key, "overlay_key", 512)
+        timings = result.timings_ms
+        _require(isinstance(timings, dict) and len(timings) <= 16, "bad timings_ms: a map of at most 16 entries expected")
+        for key, value in timings.items():
+            _text(key, "timings_ms key", 32)
+            _finite(value, f"timings_ms[{key!r}]")
+        maps = (result.patch_map, result.patch_map_shape, result.patch_map_max)
+        _require(all(m is None for m in maps) or all(m is not None for m in maps),
+                 "patch_map, patch_map_shape and patch_map_max come together")
+        if result.patch_map is not None:
+            shape = result.patch_map_shape
+            _require(isinstance(shape, (list, tuple)) and len(shape) == 2
+                     and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 8192 for v in shape),
+                     f"bad patch_map_shape {shape!r}"[:200])
+            _require(isinstance(result.patch_map, bytes) and len(result.patch_map) == shape[0] * shape[1],
+                     "patch_map size does not match patch_map_shape")
+            _finite(result.patch_map_max, "patch_map_max")
+            result = Result(**{**asdict(result), "patch_map_shape": tuple(shape)})  # msgpack has no tuples
         return result
 
 
@@ -142,7 +192,19 @@ class Alarm:
 
     @classmethod
     def unpack(cls, data: bytes) -> "Alarm":
-        return _build(cls, _unpack(data, 4 << 20), ALARM_SCHEMA)
+        """Decode and validate every field, as Result.unpack."""
+        alarm = _build(cls, _unpack(data, 4 << 20), ALARM_SCHEMA)
+        for name in ("camera", "bank"):
+            _text(getattr(alarm, name), name)
+        _text(alarm.line, "line", empty=True)
+        _text(alarm.rule, "rule", 256)
+        for name in ("seq", "bank_version"):
+            _integer(getattr(alarm, name), name)
+        for name in ("score", "threshold", "raised_at"):
+            _finite(getattr(alarm, name), name)
+        _optional_text(alarm.overlay_key, "overlay_key", 512)
+        _require(alarm.overlay_jpeg is None or isinstance(alarm.overlay_jpeg, bytes), "bad overlay_jpeg: bytes expected")
+        return alarm
 
 
 def check_overlay_key(result: Result, keys: Keys) -> None:

@@ -1,10 +1,29 @@
-"""Consumer-group plumbing shared by the workers and the store (redis-py stream commands)."""
+"""Consumer-group plumbing shared by ingest, the workers and the store (redis-py stream commands and
+the Lua scripts that make each write happen once, even when a client retry sends it twice)."""
 from __future__ import annotations
 
 import time
 from typing import Iterator
 
 import redis
+
+MIN_REDIS_VERSION = (7, 0)  # XAUTOCLAIM reports deleted entries (6.2 returns nils without their ids)
+
+
+class RedisVersionError(RuntimeError):
+    """The server is older than MIN_REDIS_VERSION."""
+
+
+def require_redis_7(client: redis.Redis) -> str:
+    """The server's name and version (HELLO: allowed to every ACL user), or RedisVersionError if too old."""
+    hello = client.execute_command("HELLO")
+    server, version = (hello.get(k, hello.get(k.encode(), b"")) for k in ("server", "version"))
+    server, version = (v.decode() if isinstance(v, bytes) else str(v) for v in (server, version))
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if numbers < MIN_REDIS_VERSION:
+        raise RedisVersionError(f"{server} {version} is too old: patchcore needs Redis >= "
+                                f"{'.'.join(map(str, MIN_REDIS_VERSION))} (or Valkey)")
+    return f"{server} {version}"
 
 
 def ensure_groups(client: redis.Redis, streams: list[str], group: str) -> None:
@@ -21,19 +40,18 @@ def reclaim(client: redis.Redis, stream: str, group: str, consumer: str, min_idl
             page: int = 100) -> Iterator[tuple[bytes, dict]]:
     """Entries other consumers left unacknowledged for min_idle_ms, now owned by `consumer`.
 
-    Entries deleted from the stream meanwhile (trimmed) have nothing left to process: acknowledged here.
+    Entries trimmed from the stream meanwhile have nothing left to process: Redis >= 7 drops them
+    from the pending list itself and lists their ids apart (reply[2]); they are not yielded. Their
+    drop was counted by the writer that trimmed them (ingest's `dropped`), so nothing counts them here.
     """
     start = "0-0"
     while True:
-        reply = client.xautoclaim(stream, group, consumer, min_idle_time=min_idle_ms, start_id=start, count=page)
-        start, claimed = reply[0], reply[1]
-        for entry_id, fields in claimed:
-            if fields:
-                yield entry_id, fields
-            else:
-                client.xack(stream, group, entry_id)
-        for entry_id in reply[2] if len(reply) > 2 else ():  # Redis 7 lists deleted ids separately
-            client.xack(stream, group, entry_id)
+        start, claimed, *_deleted = client.xautoclaim(stream, group, consumer, min_idle_time=min_idle_ms,
+                                                      start_id=start, count=page)
+        for entry in claimed:
+            if entry is None or entry[0] is None:  # Redis 6.2: a deleted entry without its id
+                raise RedisVersionError("XAUTOCLAIM returned a deleted entry without its id: Redis >= 7 needed")
+            yield entry
         if start in (b"0-0", "0-0"):
             return
 
@@ -42,19 +60,68 @@ def stream_name(name: bytes | str) -> str:
     return name.decode() if isinstance(name, bytes) else name
 
 
-# Acknowledge a delivered entry and, only if this call acknowledged it (it was still pending),
-# append the outcome to another stream, delete the entry and count it - all atomically. A slow
-# worker whose frame was meanwhile reclaimed and finished by another finds XACK = 0 and writes
-# nothing, so each frame has exactly one outcome.
+# Every script below starts with `#!lua` (Redis >= 7 script flags): a server out of memory refuses the
+# whole script before it runs, never half of it (a Lua error does not undo the writes made before it).
+
+# Acknowledge a delivered entry and, only if this call acknowledged it (it was still pending) and the
+# entry is still in its stream, append the outcome to another stream, delete the entry and count it -
+# all atomically. A slow worker whose frame was meanwhile reclaimed and finished by another finds
+# XACK = 0 and writes nothing, so each frame has exactly one outcome; a frame trimmed while pending
+# was counted as dropped by the writer that trimmed it, and gets no second outcome. A client retry
+# that sends the call again finds it acknowledged: nothing is written twice.
 # KEYS: source stream, target stream, stats hash. ARGV: group, entry id, target maxlen, stats field, field, value, ...
-ACK_AND_WRITE = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+ACK_AND_WRITE = """#!lua
+local present = #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) > 0
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 or not present then return 0 end
 local fields = {}
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 return 1
+"""
+
+# Append a camera's frame once: a frame whose sequence number is not above the camera's `last_seq`
+# was already written (a client retry after a lost reply) and is skipped. The stream is bounded by
+# MAXLEN ~ maxlen; entries trimmed to make room are counted as `dropped`, in the same atomic step.
+# KEYS: frame stream, stats hash. ARGV: seq, maxlen, captured_at, frame bytes.
+# Returns -1 for a duplicate, else the number of frames trimmed.
+ADD_FRAME = """#!lua
+local last = redis.call('HGET', KEYS[2], 'last_seq')
+if last and tonumber(last) >= tonumber(ARGV[1]) then return -1 end
+local before = redis.call('XLEN', KEYS[1])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[4])
+local dropped = before + 1 - redis.call('XLEN', KEYS[1])
+redis.call('HSET', KEYS[2], 'last_seq', ARGV[1], 'last_ingest_at', ARGV[3])
+redis.call('HINCRBY', KEYS[2], 'ingested', 1)
+if dropped > 0 then redis.call('HINCRBY', KEYS[2], 'dropped', dropped) end
+return dropped
+"""
+
+# Read at most ARGV[3] entries in all from the streams in KEYS, in the order given (the caller rotates
+# it between calls): XREADGROUP's COUNT applies per stream, so each stream is read with a share of
+# what is left, and streams that filled their share are read again while room is left. A backlogged
+# camera cannot starve the others, and the total never exceeds the cap.
+# KEYS: streams. ARGV: group, consumer, cap. Returns [[stream, [[id, [field, value, ...]], ...]], ...].
+READ_FAIR = """#!lua
+local remaining = tonumber(ARGV[3])
+local active, out = KEYS, {}
+while remaining > 0 and #active > 0 do
+  local share, again = math.max(1, math.floor(remaining / #active)), {}
+  for _, stream in ipairs(active) do
+    if remaining == 0 then break end
+    local count = math.min(share, remaining)
+    local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', stream, '>')
+    if reply then
+      local entries = reply[1][2]
+      out[#out + 1] = {stream, entries}
+      remaining = remaining - #entries
+      if #entries == count then again[#again + 1] = stream end
+    end
+  end
+  active = again
+end
+return out
 """
 
 
@@ -76,14 +143,19 @@ class CameraStreams:
     """The per-camera streams a consumer group reads, rediscovered at most every `refresh_s`.
 
     `due()` says whether a refresh is due (and starts the next interval); `refresh()` rereads the
-    camera set, creates `group` on streams it has not seen yet, and returns the stream names.
+    camera set, creates `group` on streams it has not seen yet, and returns the stream names (the
+    first refresh also checks the server's version). `read_fair()` reads at most `cap` new entries
+    across all streams, starting each call where the last one stopped.
     """
 
     def __init__(self, client: redis.Redis, cameras_key: str, stream_of, group: str, refresh_s: float):
         self.client, self.cameras_key, self.stream_of, self.group = client, cameras_key, stream_of, group
         self.refresh_s = refresh_s
         self.names: list[str] = []
+        self.server: str | None = None
         self._next = 0.0
+        self._offset = 0
+        self._read_fair = client.register_script(READ_FAIR)
 
     def due(self) -> bool:
         now = time.monotonic()
@@ -93,8 +165,23 @@ class CameraStreams:
         return True
 
     def refresh(self) -> list[str]:
+        if self.server is None:
+            self.server = require_redis_7(self.client)
         cameras = sorted(c.decode() for c in self.client.smembers(self.cameras_key))
         streams = [self.stream_of(c) for c in cameras]
         ensure_groups(self.client, sorted(set(streams) - set(self.names)), self.group)
         self.names = streams
         return streams
+
+    def read_fair(self, consumer: str, cap: int) -> list[tuple[str, list[tuple[bytes, dict]]]]:
+        """Up to `cap` new entries in all, without blocking: [(stream, [(entry id, fields), ...]), ...]."""
+        if not self.names or cap <= 0:
+            return []
+        start = self._offset % len(self.names)
+        order = self.names[start:] + self.names[:start]
+        reply = self._read_fair(keys=order, args=[self.group, consumer, cap])
+        out = [(stream_name(stream), [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in entries])
+               for stream, entries in reply]
+        if out:  # the next call starts after the last stream served: every backlogged stream gets its turn
+            self._offset = start + max(order.index(stream) for stream, _ in out) + 1
+        return out

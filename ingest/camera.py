@@ -12,6 +12,7 @@ import redis
 
 from contracts.keys import Keys
 from contracts.messages import Frame
+from contracts.streams import ADD_FRAME, require_redis_7
 
 from .sources import Source, SourceError
 
@@ -65,9 +66,11 @@ class CameraIngest:
         self.stop = stop or threading.Event()
         self.stream = keys.frames(settings.camera)
         self.stats = keys.camera_stats(settings.camera)
+        self._add_frame = client.register_script(ADD_FRAME)
 
     def run(self) -> IngestReport:
         report = IngestReport()
+        require_redis_7(self.client)
         seq = self._next_seq()
         self.client.sadd(self.keys.cameras, self.settings.camera)
         self._set_state("running")
@@ -111,36 +114,27 @@ class CameraIngest:
         return report
 
     def _push(self, frame: Frame) -> int:
-        """XADD the frame (retrying through Redis outages); returns how many old frames were trimmed."""
+        """Append the frame (retrying through Redis outages); returns how many old frames were trimmed.
+
+        The append is one script keyed by the camera's sequence number (streams.ADD_FRAME): when a
+        reply is lost and the call is sent again (by redis-py's retry or by this loop), the second
+        send finds `last_seq` already at this frame and writes nothing.
+        """
         backoff = self.settings.backoff_initial_s
-        retry = False
         while True:
             try:
-                # after a connection error the transaction may have run without our hearing back:
-                # last_seq is written in it, so it says whether to send again (no duplicate frames)
-                if retry and self.client.hget(self.stats, "last_seq") == str(frame.seq).encode():
-                    return 0
                 if not self.source.live:  # files and folders wait for the workers instead of dropping
                     while self.client.xlen(self.stream) >= self.settings.maxlen and not self.stop.is_set():
                         time.sleep(0.01)
-                with self.client.pipeline(transaction=True) as pipe:
-                    pipe.xlen(self.stream)
-                    pipe.xadd(self.stream, {"m": frame.pack()}, maxlen=self.settings.maxlen, approximate=True)
-                    pipe.xlen(self.stream)
-                    pipe.hset(self.stats, mapping={"last_seq": frame.seq, "last_ingest_at": frame.captured_at})
-                    pipe.hincrby(self.stats, "ingested", 1)
-                    before, _, after, _, _ = pipe.execute()
-                dropped = max(0, before + 1 - after)
-                if dropped:
-                    self.client.hincrby(self.stats, "dropped", dropped)
-                return dropped
+                dropped = self._add_frame(keys=[self.stream, self.stats],
+                                          args=[frame.seq, self.settings.maxlen, frame.captured_at, frame.pack()])
+                return max(0, dropped)  # -1: already written by an earlier send
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable", extra={"fields": {"camera": self.settings.camera, "error": str(exc),
                                                                    "retry_in_s": backoff}})
                 if self.stop.wait(backoff):
                     return 0
                 backoff = min(backoff * 2, self.settings.backoff_max_s)
-                retry = True
 
     def _next_seq(self) -> int:
         last = self.client.hget(self.stats, "last_seq")

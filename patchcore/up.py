@@ -160,7 +160,8 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
                 if deadline is not None and time.time() >= deadline:
                     ingest_stop.set()
                 now = counters()
-                if not threads[0].is_alive() and now.get("results", 0) + now.get("deadlettered", 0) >= now.get("ingested", 0) \
+                if not threads[0].is_alive() and now.get("results", 0) + now.get("deadlettered", 0) + now.get("dropped", 0) \
+                        >= now.get("ingested", 0) \
                         and store.report.results >= now.get("results", 0):
                     break
         except KeyboardInterrupt:

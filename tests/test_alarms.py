@@ -1,23 +1,78 @@
-"""Alarm rule logic: k-of-n debounce, cooldown, threshold override."""
-from store.alarms import AlarmRule, AlarmState
+"""Alarm rule logic: k-of-n debounce by sequence number, cooldown, threshold override, reordering."""
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from store.alarms import AlarmRule, AlarmWindow
 
 
-def feed(state, scores, threshold=1.0, dt=1.0):
-    return [state.update(s, threshold, i * dt)[0] for i, s in enumerate(scores)]
+def feed(window, overs, order=None, dt=1.0):
+    """Feed frames (seq i over threshold if overs[i]) in `order`; returns the alarmed sequence numbers."""
+    raised = []
+    for seq in order if order is not None else range(len(overs)):
+        raised += window.add(seq, bool(overs[seq]), seq * dt, seq)
+    return raised
 
 
 def test_k_of_n_debounce():
-    state = AlarmState(AlarmRule(k=2, n=3, cooldown_s=0))
-    assert feed(state, [2, 0, 0, 2, 0, 2, 2]) == [False, False, False, False, False, True, False]
+    window = AlarmWindow(AlarmRule(k=2, n=3, cooldown_s=0))
+    assert feed(window, [1, 0, 0, 1, 0, 1, 1]) == [5]  # 3 and 5 in 3..5; the window starts afresh after it
 
 
 def test_cooldown_silences_then_rearms():
-    state = AlarmState(AlarmRule(k=1, n=1, cooldown_s=2.5))
-    assert feed(state, [2, 2, 2, 2, 2]) == [True, False, False, True, False]
+    assert feed(AlarmWindow(AlarmRule(k=1, n=1, cooldown_s=2.5)), [1, 1, 1, 1, 1]) == [0, 3]
 
 
-def test_threshold_override_and_missing_threshold():
-    state = AlarmState(AlarmRule(k=1, n=1, cooldown_s=0, threshold=5.0))
-    assert state.update(4.0, 1.0, 0.0) == (False, 5.0)
-    assert state.update(5.0, 1.0, 1.0) == (True, 5.0)
-    assert AlarmState(AlarmRule(k=1, n=1)).update(100.0, None, 0.0) == (False, None)
+def test_a_missing_frame_counts_as_not_over_and_is_waited_for_only_reorder_frames():
+    window = AlarmWindow(AlarmRule(k=2, n=2, cooldown_s=0), reorder=3)
+    assert window.add(0, True, 0, 0) == []
+    assert window.add(2, True, 2, 2) == []  # 1 may still come
+    assert window.add(3, False, 3, 3) == [] and window.add(4, False, 4, 4) == []
+    assert window.add(5, False, 5, 5) == []  # 2 is decided now (1 taken as missing: 1 of 2 over)
+    assert window.add(1, True, 1, 1) == [] and window.late == 1  # too late to change decided windows
+
+
+def test_flush_decides_the_frames_that_wait_for_a_gap():
+    window = AlarmWindow(AlarmRule(k=2, n=3, cooldown_s=0), reorder=8)
+    assert window.add(0, True, 0, 0) == [] and window.add(2, True, 2, 2) == [] and window.undecided
+    assert window.flush() == [2] and not window.undecided and window.flush() == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(overs=st.lists(st.booleans(), min_size=1, max_size=60), k=st.integers(1, 4), extra=st.integers(0, 3),
+       cooldown=st.sampled_from([0.0, 2.5, 7.0]), reorder=st.integers(1, 8), keys=st.data())
+def test_out_of_order_within_reorder_raises_the_in_order_alarms(overs, k, extra, cooldown, reorder, keys):
+    rule = AlarmRule(k=k, n=k + extra, cooldown_s=cooldown)
+    # an arrival order where every frame arrives fewer than `reorder` positions late, frame 0 first
+    jitter = keys.draw(st.lists(st.floats(0, reorder - 0.01), min_size=len(overs), max_size=len(overs)))
+    order = [0] + sorted(range(1, len(overs)), key=lambda s: s + jitter[s])
+    assert all(order.index(s) < s + reorder for s in range(len(overs)))
+    assert feed(AlarmWindow(rule, reorder), overs, order) == feed(AlarmWindow(rule, reorder), overs)
+
+
+def test_the_state_survives_json_and_a_new_rule_starts_afresh():
+    rule = AlarmRule(k=2, n=3, cooldown_s=0)
+    window = AlarmWindow(rule)
+    assert window.add(0, True, 0.0, "info-0") == []
+    restored = AlarmWindow.from_json(rule, 8, window.to_json())
+    assert restored.add(1, True, 1.0, "info-1") == ["info-1"]  # the first over frame was remembered
+    changed = AlarmWindow.from_json(AlarmRule(k=2, n=4, cooldown_s=0), 8, window.to_json())
+    assert changed.frames == {} and changed.decided is None
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('{"k": "2"}', "integer"), ('{"k": true}', "integer"), ('{"k": 4, "n": 3}', "1 <= k <= n"),
+    ('{"n": 100000}', "1 <= k <= n"), ('{"cooldown_s": NaN}', "cooldown_s"), ('{"cooldown_s": -1}', "cooldown_s"),
+    ('{"threshold": "high"}', "threshold"), ('{"threshold": Infinity}', "threshold"), ('[1, 2]', "not a JSON object"),
+    ('{"k": 1, "evil": 1}', "unknown keys"), ("not json", "not JSON"), ('{"k": 1, "pad": "' + "x" * 5000 + '"}', "bytes"),
+])
+def test_a_malformed_rule_is_refused_with_its_reason(text, reason):
+    with pytest.raises(ValueError, match=reason):
+        AlarmRule.from_json(text)
+
+
+def test_a_rule_round_trips_through_json():
+    rule = AlarmRule(k=1, n=4, cooldown_s=0.5, threshold=3.25)
+    assert AlarmRule.from_json(rule.to_json()) == rule and json.loads(rule.to_json())["n"] == 4

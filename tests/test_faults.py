@@ -42,8 +42,21 @@ def test_sigkill_mid_batch_loses_nothing_and_scores_nothing_twice(redis_server, 
     ingest(redis_server.url, 40)
     victim = worker_process(redis_server.url, "victim", "--max-batch", "4")
     wait_for(lambda: client.xlen(KEYS.results("cam-1")) >= 4, timeout=120)
+
+    def held_by_victim():
+        return client.xpending_range(KEYS.frames("cam-1"), FRAME_GROUP, "-", "+", 100, consumername="victim")
+
+    deadline = time.time() + 60
+    while time.time() < deadline:  # freeze it while it holds frames (SIGSTOP, look, SIGCONT until it does)
+        victim.send_signal(signal.SIGSTOP)
+        if held_by_victim():
+            break
+        victim.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
+    held = held_by_victim()
+    assert 0 < len(held) <= 4  # the kill left part of a batch pending, never acknowledged
     done_by_victim = client.xlen(KEYS.results("cam-1"))
     assert done_by_victim < 40
     survivor = worker_process(redis_server.url, "survivor", "--claim-idle-ms", "500")

@@ -116,25 +116,35 @@ class Worker:
                 self.report.reclaimed += 1
 
     def _collect(self) -> list[_Entry]:
-        """Up to max_batch frames, waiting at most max_wait_ms after the first arrives."""
-        batch, self._reclaimed = self._reclaimed[: self.settings.max_batch], self._reclaimed[self.settings.max_batch:]
+        """At most max_batch frames over all cameras, waiting at most max_wait_ms after the first arrives.
+
+        Reads go through CameraStreams.read_fair (a hard cap, and a backlogged camera cannot starve
+        the others). When nothing is waiting, one blocking read (COUNT 1 per stream) wakes on the
+        first arrival; any frames it returns beyond the cap are already ours and go first next batch.
+        """
+        cap = self.settings.max_batch
+        batch, self._reclaimed = self._reclaimed[:cap], self._reclaimed[cap:]
         if not self._streams.names:
             self.stop.wait(0.1)
             return batch
         deadline = None
-        while len(batch) < self.settings.max_batch and not self.stop.is_set():
-            if deadline is None:
-                block_ms = 200 if not batch else self.settings.max_wait_ms  # idle: wake to check `stop`
-            else:
-                block_ms = int((deadline - time.monotonic()) * 1000)
-                if block_ms <= 0:
-                    break
-            reply = self.client.xreadgroup(FRAME_GROUP, self.settings.name, {s: ">" for s in self._streams.names},
-                                           count=self.settings.max_batch - len(batch), block=max(1, block_ms))
+        while len(batch) < cap and not self.stop.is_set():
+            reply = self._streams.read_fair(self.settings.name, cap - len(batch))
+            if not reply:
+                if deadline is None:
+                    block_ms = 200 if not batch else self.settings.max_wait_ms  # idle: wake to check `stop`
+                else:
+                    block_ms = int((deadline - time.monotonic()) * 1000)
+                    if block_ms <= 0:
+                        break
+                reply = self.client.xreadgroup(FRAME_GROUP, self.settings.name, {s: ">" for s in self._streams.names},
+                                               count=1, block=max(1, block_ms))
             now = time.time()
-            for stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    batch.append(_Entry(stream_name(stream), entry_id, (fields or {}).get(b"m", b""), now))
+            entries = [_Entry(stream_name(stream), entry_id, (fields or {}).get(b"m", b""), now)
+                       for stream, stream_entries in reply or [] for entry_id, fields in stream_entries]
+            room = cap - len(batch)
+            batch += entries[:room]
+            self._reclaimed += entries[room:]
             if batch and deadline is None:
                 deadline = time.monotonic() + self.settings.max_wait_ms / 1000
             if not reply and not batch:
