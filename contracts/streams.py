@@ -1,8 +1,9 @@
 """Consumer-group plumbing shared by the workers and the store (redis-py stream commands)."""
 from __future__ import annotations
 
+import re
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import redis
 
@@ -58,18 +59,75 @@ return 1
 """
 
 
-def serve(step, stop, log, name: str) -> None:
-    """Call `step` until `stop` is set; Redis outages back off exponentially (0.1 s doubling to 10 s)."""
+# Replies that say "not now" rather than "never": memory full under noeviction (OOM), a replica after
+# failover (READONLY), a server loading its data (LOADING), a replica cut off from its primary
+# (MASTERDOWN), a busy script (BUSY), too few replicas (NOREPLICAS), a stream or group lost with the
+# data (NOGROUP). Inside a Lua script Redis may wrap them ("... -OOM command not allowed ..."), so
+# they are matched anywhere at the start of a word.
+_PASSING = re.compile(r"(?:^|[-\s])(OOM|READONLY|LOADING|MASTERDOWN|BUSY|NOREPLICAS|NOGROUP|TRYAGAIN)\b")
+
+
+_CLASSES = ((redis.exceptions.OutOfMemoryError, "oom"), (redis.exceptions.ReadOnlyError, "readonly"),
+            (redis.exceptions.MasterDownError, "masterdown"), (redis.exceptions.TryAgainError, "tryagain"))
+
+
+def redis_fault(exc: BaseException) -> str | None:
+    """The kind of a Redis error that passes with time ('outage', 'oom', 'readonly', 'loading',
+    'nogroup', ...), or None for one that retrying cannot fix (a wrong command, no permission)."""
+    if isinstance(exc, redis.BusyLoadingError):
+        return "loading"
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return "outage"
+    for kind, name in _CLASSES:  # redis-py strips the reply's first word when it maps it to a class
+        if isinstance(exc, kind):
+            return name
+    if isinstance(exc, redis.ResponseError) and not isinstance(exc, redis.exceptions.NoPermissionError):
+        match = _PASSING.search(str(exc))
+        if match:
+            return match.group(1).lower()
+    return None
+
+
+def serve(step: Callable[[], None], stop, log, name: str, on_lost_group: Callable[[], None] | None = None) -> None:
+    """Call `step` until `stop` is set. Redis outages and the replies of `redis_fault` back off
+    exponentially (0.1 s doubling to 10 s); after NOGROUP, `on_lost_group` lets the caller re-create
+    its consumer groups. Any other error propagates."""
     backoff = 0.1
     while not stop.is_set():
         try:
             step()
             backoff = 0.1
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("redis unavailable", extra={"fields": {"process": name, "error": str(exc),
+        except redis.RedisError as exc:
+            fault = redis_fault(exc)
+            if fault is None:
+                raise
+            if fault == "nogroup" and on_lost_group is not None:
+                on_lost_group()
+            log.warning("redis unavailable", extra={"fields": {"process": name, "fault": fault, "error": str(exc),
                                                                "retry_in_s": backoff}})
             stop.wait(backoff)
             backoff = min(backoff * 2, 10.0)
+
+
+def deliveries(client: redis.Redis, stream: str, group: str, consumer: str, ids: list[bytes]) -> dict[bytes, int]:
+    """Delivery counts (XPENDING) of those `ids` that `consumer` owns; ids it does not own are left out."""
+    if not ids:
+        return {}
+    with client.pipeline(transaction=False) as pipe:
+        for entry_id in ids:
+            pipe.xpending_range(stream, group, min=entry_id, max=entry_id, count=1, consumername=consumer)
+        rows = pipe.execute()
+    return {entry_id: int(found[0]["times_delivered"]) for entry_id, found in zip(ids, rows) if found}
+
+
+def keep_pending(client: redis.Redis, stream: str, group: str, consumer: str, ids: list[bytes]) -> set[bytes]:
+    """Of `ids`, those `consumer` still owns, with their idle time reset so that no other consumer
+    reclaims them as abandoned. XCLAIM JUSTID leaves the delivery count as it is: waiting out an
+    infrastructure fault is not a delivery."""
+    owned = list(deliveries(client, stream, group, consumer, ids))
+    if owned:
+        client.xclaim(stream, group, consumer, 0, owned, justid=True)
+    return set(owned)
 
 
 class CameraStreams:
@@ -91,6 +149,11 @@ class CameraStreams:
             return False
         self._next = now + self.refresh_s
         return True
+
+    def forget(self) -> None:
+        """After NOGROUP (data lost): the next refresh, due at once, re-creates the group on every stream."""
+        self.names = []
+        self._next = 0.0
 
     def refresh(self) -> list[str]:
         cameras = sorted(c.decode() for c in self.client.smembers(self.cameras_key))
