@@ -294,17 +294,7 @@ class Worker:
             pass
 
     def _decode(self, frame: Frame) -> np.ndarray:
-        height, width, _ = frame.shape
-        if height * width > self.settings.max_pixels:
-            raise ImageDecodeError(f"frame of {height}x{width} pixels, over the {self.settings.max_pixels}-pixel limit")
-        if frame.encoding == "jpeg":
-            check_header(frame.data, height, width, self.settings.max_pixels)  # before a decoder allocates
-            image = decode_image(frame.data)
-            if image.shape[:2] != (height, width):
-                raise ImageDecodeError(f"decoded {image.shape[:2]}, message says {(height, width)}")
-            return image
-        array = np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape)
-        return to_rgb(array, "bgr")
+        return decode_frame(frame, self.settings.max_pixels)
 
     def _write_results(self, active, items, result, score_ms: float) -> None:
         threshold = active.scorer.threshold
@@ -352,6 +342,22 @@ class Worker:
         if self._deadletters.add(entry.stream, FRAME_GROUP, entry.entry_id, entry.raw, reason, self.settings.name):
             self.report.deadlettered += 1
         log.warning("frame dead-lettered", extra={"fields": {"stream": entry.stream, "reason": reason}})
+
+
+def decode_frame(frame: Frame, max_pixels: int) -> np.ndarray:
+    """A frame's pixels as RGB; its size is checked against `max_pixels` and, for JPEG/PNG/BMP
+    bytes, the header's size against the frame's shape before any decoder allocates pixels."""
+    height, width, _ = frame.shape
+    if height * width > max_pixels:
+        raise ImageDecodeError(f"frame of {height}x{width} pixels, over the {max_pixels}-pixel limit")
+    if frame.encoding == "jpeg":
+        check_header(frame.data, height, width, max_pixels)
+        image = decode_image(frame.data)
+        if image.shape[:2] != (height, width):
+            raise ImageDecodeError(f"decoded {image.shape[:2]}, message says {(height, width)}")
+        return image
+    array = np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape)
+    return to_rgb(array, "bgr")
 
 
 def _host_fault(exc: BaseException) -> bool:
