@@ -62,9 +62,9 @@ return 1
 # Replies that say "not now" rather than "never": memory full under noeviction (OOM), a replica after
 # failover (READONLY), a server loading its data (LOADING), a replica cut off from its primary
 # (MASTERDOWN), a busy script (BUSY), too few replicas (NOREPLICAS), a stream or group lost with the
-# data (NOGROUP). Inside a Lua script Redis may wrap them ("... -OOM command not allowed ..."), so
+# data (NOGROUP), a blocking read cut short by a demotion (UNBLOCKED). Inside a Lua script Redis may wrap them ("... -OOM command not allowed ..."), so
 # they are matched anywhere at the start of a word.
-_PASSING = re.compile(r"(?:^|[-\s])(OOM|READONLY|LOADING|MASTERDOWN|BUSY|NOREPLICAS|NOGROUP|TRYAGAIN)\b")
+_PASSING = re.compile(r"(?:^|[-\s])(OOM|READONLY|LOADING|MASTERDOWN|BUSY|NOREPLICAS|NOGROUP|TRYAGAIN|UNBLOCKED)\b")
 
 
 _CLASSES = ((redis.exceptions.OutOfMemoryError, "oom"), (redis.exceptions.ReadOnlyError, "readonly"),

@@ -12,6 +12,7 @@ import redis
 
 from contracts.keys import Keys
 from contracts.messages import Frame
+from contracts.streams import redis_fault
 
 from .sources import Source, SourceError
 
@@ -129,14 +130,18 @@ class CameraIngest:
                     pipe.xlen(self.stream)
                     pipe.hset(self.stats, mapping={"last_seq": frame.seq, "last_ingest_at": frame.captured_at})
                     pipe.hincrby(self.stats, "ingested", 1)
-                    before, _, after, _, _ = pipe.execute()
+                    pipe.sadd(self.keys.cameras, self.settings.camera)  # registered again after a data loss
+                    before, _, after, *_ = pipe.execute()
                 dropped = max(0, before + 1 - after)
                 if dropped:
                     self.client.hincrby(self.stats, "dropped", dropped)
                 return dropped
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis unavailable", extra={"fields": {"camera": self.settings.camera, "error": str(exc),
-                                                                   "retry_in_s": backoff}})
+            except redis.RedisError as exc:  # outages, OOM, READONLY, LOADING: wait; anything else is a bug
+                fault = redis_fault(exc)
+                if fault is None:
+                    raise
+                log.warning("redis unavailable", extra={"fields": {"camera": self.settings.camera, "fault": fault,
+                                                                   "error": str(exc), "retry_in_s": backoff}})
                 if self.stop.wait(backoff):
                     return 0
                 backoff = min(backoff * 2, self.settings.backoff_max_s)
