@@ -19,16 +19,16 @@ from patchcore.embedded_redis import EmbeddedRedis, free_port
 from store.service import ResultsStore, StoreSettings
 from workers.worker import Worker, WorkerSettings
 
-from .test_pipeline import results, wait_for
+from .test_pipeline import Running, results, wait_for
 
 KEYS = Keys()
 FRAMES = 40
 
 
-class Pipeline:
+class Pipeline(Running):
     """A camera, a worker and the store in threads, each on its own connection; errors are kept."""
 
-    def __init__(self, url: str, frames: int = FRAMES):
+    def __init__(self, url: str, frames: int = FRAMES):  # its own processes; Running gives __enter__ and __exit__
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.ingest = CameraIngest(connect(url), SyntheticLine(seed=1, max_frames=frames),
@@ -48,16 +48,6 @@ class Pipeline:
 
     def serving(self) -> bool:
         return not self.errors and self.threads[1].is_alive() and self.threads[2].is_alive()
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
 
 def faults_logged(caplog) -> set[str]:

@@ -99,7 +99,6 @@ class Worker:
         self._reclaimed: list[_Entry] = []
         self._deadletters = DeadLetters(client, keys, settings.deadletters)
         self._held: list[_Entry] = []  # pending through an infrastructure fault, retried at _retry_at
-        self._held_reason: dict[str, str] = {}  # stream -> why its frames are held
         self._retry_at = 0.0
         self._retry_s = settings.retry_initial_s
         self._sick = False  # this host cannot score now: take no frames, keep none from other workers
@@ -278,7 +277,6 @@ class Worker:
             self._retry_at = max(self._retry_at, time.monotonic() + self._retry_s)
             log.warning("frames held pending", extra={"fields": {"frames": len(held), "retry_in_s": self._retry_s,
                                                                  "reasons": sorted(set(reasons.values()))}})
-        self._held_reason = {s: reasons.get(s) or self._held_reason.get(s, "") for s in {e.stream for e in self._held}}
         try:
             for stream, reason in reasons.items():
                 camera = stream.removeprefix(self.keys.frames(""))
@@ -286,7 +284,8 @@ class Worker:
                     "fault": f"{reason} (worker {self.settings.name} holds its frames, retrying)",
                     "fault_at": time.time()})
                 self._faulted.add(camera)
-            cleared = {c for c in self._faulted if self.keys.frames(c) not in self._held_reason}
+            holding = {entry.stream for entry in self._held}
+            cleared = {c for c in self._faulted if self.keys.frames(c) not in holding}
             for camera in cleared:
                 self.client.hdel(self.keys.camera_stats(camera), "fault", "fault_at")
             self._faulted -= cleared
