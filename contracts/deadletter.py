@@ -109,8 +109,8 @@ class DeadLetters:
 
     def select(self, ids: list[str], camera: str | None = None) -> list[DeadLetter]:
         """The dead letters with these ids (all of `camera`'s, or all, when `ids` is empty)."""
-        letters = self.list(camera)
-        return [letter for letter in letters if letter.id in set(ids)] if ids else letters
+        letters, wanted = self.list(camera), set(ids)
+        return [letter for letter in letters if letter.id in wanted] if ids else letters
 
     def payload(self, letter: DeadLetter) -> bytes | None:
         if letter.payload_id is None:

@@ -82,7 +82,7 @@ try:
         decode_frame(Frame(camera="c", line="l", bank="b", seq=0, captured_at=0.0, encoding="jpeg", shape=(320, 320, 3),
                            data=data), 7680 * 4320)
     else:
-        cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        print("decoded", cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE).shape, file=sys.stderr)
 except Exception as exc:
     print(type(exc).__name__, file=sys.stderr)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
@@ -92,15 +92,15 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 def test_the_worker_refuses_a_bomb_without_allocating_its_pixels(tmp_path):
     path = tmp_path / "bomb.jpg"
     path.write_bytes(bombs()["jpeg"])
-    growth = {}
+    growth, stderr = {}, {}
     for how in ("worker", "cv2"):  # peak RSS growth in a fresh process, MB
         done = subprocess.run([sys.executable, "-c", PEAK, str(path), how], capture_output=True, text=True,
                               cwd=ROOT, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-        growth[how] = int(done.stdout.split()[-1])
+        growth[how], stderr[how] = int(done.stdout.split()[-1]), done.stderr[-500:]
         if how == "worker":
             assert "ImageDecodeError" in done.stderr
-    assert growth["cv2"] > 300  # decoding it costs 12000 x 12000 x 3 bytes (the measurement can see that) ...
+    assert growth["cv2"] > 100, stderr  # decoding it costs 12000 x 12000 bytes (the measurement can see that) ...
     assert growth["worker"] < 20, growth  # ... the worker's check costs nothing of the kind
 
 
