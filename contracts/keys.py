@@ -23,8 +23,12 @@ class Keys:
         return f"{self.prefix}:stats:{camera}"
 
     @property
-    def deadletter(self) -> str:  # stream: reason, camera, stream, id, original bytes
+    def deadletter(self) -> str:  # stream: reason, stream, id, worker, at, size, head, payload (id below)
         return f"{self.prefix}:deadletter"
+
+    @property
+    def deadletter_payloads(self) -> str:  # stream: the original bytes of the newest dead letters (bounded)
+        return f"{self.prefix}:deadletter:payloads"
 
     # results and alarms
     def results(self, camera: str) -> str:  # stream of Result messages

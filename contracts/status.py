@@ -29,6 +29,8 @@ def collect_status(client: redis.Redis, prefix: str = "pc") -> dict:
             "deadlettered": int(stats.get("deadlettered", 0)),
             "alarms": int(stats.get("alarms", 0)),
             "state": stats.get("state", ""),
+            "replayed": int(stats.get("replayed", 0)),
+            "fault": stats.get("fault", ""),  # an infrastructure fault holding its frames pending (workers set it)
         })
     now = time.time()
     workers = {w.decode(): now - float(t) for w, t in client.hgetall(keys.workers).items()}
@@ -36,4 +38,22 @@ def collect_status(client: redis.Redis, prefix: str = "pc") -> dict:
     for name in sorted(n.decode() for n in client.smembers(keys.banks)):
         active = client.get(keys.bank_active(name))
         banks[name] = int(active) if active is not None else None
-    return {"cameras": cameras, "workers": workers, "banks": banks, "deadletter": int(client.xlen(keys.deadletter))}
+    return {"cameras": cameras, "workers": workers, "banks": banks, "deadletter": int(client.xlen(keys.deadletter)),
+            "redis_faults": redis_faults(client)}
+
+
+def redis_faults(client: redis.Redis) -> list[str]:
+    """Conditions of the server itself that make processes hold frames: memory full, a read-only replica, loading."""
+    try:
+        info = client.info("memory") | client.info("replication") | client.info("persistence")
+    except redis.ResponseError as exc:  # INFO not allowed for this user
+        return [f"unknown ({exc})"]
+    faults = []
+    used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    if limit and used >= limit and info.get("maxmemory_policy") == "noeviction":
+        faults.append(f"memory full ({used} of {limit} bytes, noeviction): writes are refused")
+    if info.get("role") == "slave":
+        faults.append(f"read-only replica of {info.get('master_host')}:{info.get('master_port')}")
+    if int(info.get("loading", 0)):
+        faults.append("loading its data")
+    return faults

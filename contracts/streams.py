@@ -2,8 +2,9 @@
 the Lua scripts that make each write happen once, even when a client retry sends it twice)."""
 from __future__ import annotations
 
+import re
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import redis
 
@@ -84,7 +85,8 @@ return 1
 # Append a camera's frame once: a frame whose sequence number is not above the camera's `last_seq`
 # was already written (a client retry after a lost reply) and is skipped. The stream is bounded by
 # MAXLEN ~ maxlen; entries trimmed to make room are counted as `dropped`, in the same atomic step.
-# KEYS: frame stream, stats hash. ARGV: seq, maxlen, captured_at, frame bytes.
+# The camera is (re-)registered in the camera set, so a data loss cannot hide it.
+# KEYS: frame stream, stats hash, camera set. ARGV: seq, maxlen, captured_at, frame bytes, camera.
 # Returns -1 for a duplicate, else the number of frames trimmed.
 ADD_FRAME = """#!lua
 local last = redis.call('HGET', KEYS[2], 'last_seq')
@@ -95,6 +97,7 @@ local dropped = before + 1 - redis.call('XLEN', KEYS[1])
 redis.call('HSET', KEYS[2], 'last_seq', ARGV[1], 'last_ingest_at', ARGV[3])
 redis.call('HINCRBY', KEYS[2], 'ingested', 1)
 if dropped > 0 then redis.call('HINCRBY', KEYS[2], 'dropped', dropped) end
+redis.call('SADD', KEYS[3], ARGV[5])
 return dropped
 """
 
@@ -125,18 +128,75 @@ return out
 """
 
 
-def serve(step, stop, log, name: str) -> None:
-    """Call `step` until `stop` is set; Redis outages back off exponentially (0.1 s doubling to 10 s)."""
+# Replies that say "not now" rather than "never": memory full under noeviction (OOM), a replica after
+# failover (READONLY), a server loading its data (LOADING), a replica cut off from its primary
+# (MASTERDOWN), a busy script (BUSY), too few replicas (NOREPLICAS), a stream or group lost with the
+# data (NOGROUP), a blocking read cut short by a demotion (UNBLOCKED). Inside a Lua script Redis may wrap them ("... -OOM command not allowed ..."), so
+# they are matched anywhere at the start of a word.
+_PASSING = re.compile(r"(?:^|[-\s])(OOM|READONLY|LOADING|MASTERDOWN|BUSY|NOREPLICAS|NOGROUP|TRYAGAIN|UNBLOCKED)\b")
+
+
+_CLASSES = ((redis.exceptions.OutOfMemoryError, "oom"), (redis.exceptions.ReadOnlyError, "readonly"),
+            (redis.exceptions.MasterDownError, "masterdown"), (redis.exceptions.TryAgainError, "tryagain"))
+
+
+def redis_fault(exc: BaseException) -> str | None:
+    """The kind of a Redis error that passes with time ('outage', 'oom', 'readonly', 'loading',
+    'nogroup', ...), or None for one that retrying cannot fix (a wrong command, no permission)."""
+    if isinstance(exc, redis.BusyLoadingError):
+        return "loading"
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return "outage"
+    for kind, name in _CLASSES:  # redis-py strips the reply's first word when it maps it to a class
+        if isinstance(exc, kind):
+            return name
+    if isinstance(exc, redis.ResponseError) and not isinstance(exc, redis.exceptions.NoPermissionError):
+        match = _PASSING.search(str(exc))
+        if match:
+            return match.group(1).lower()
+    return None
+
+
+def serve(step: Callable[[], None], stop, log, name: str, on_lost_group: Callable[[], None] | None = None) -> None:
+    """Call `step` until `stop` is set. Redis outages and the replies of `redis_fault` back off
+    exponentially (0.1 s doubling to 10 s); after NOGROUP, `on_lost_group` lets the caller re-create
+    its consumer groups. Any other error propagates."""
     backoff = 0.1
     while not stop.is_set():
         try:
             step()
             backoff = 0.1
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("redis unavailable", extra={"fields": {"process": name, "error": str(exc),
+        except redis.RedisError as exc:
+            fault = redis_fault(exc)
+            if fault is None:
+                raise
+            if fault == "nogroup" and on_lost_group is not None:
+                on_lost_group()
+            log.warning("redis unavailable", extra={"fields": {"process": name, "fault": fault, "error": str(exc),
                                                                "retry_in_s": backoff}})
             stop.wait(backoff)
             backoff = min(backoff * 2, 10.0)
+
+
+def deliveries(client: redis.Redis, stream: str, group: str, consumer: str, ids: list[bytes]) -> dict[bytes, int]:
+    """Delivery counts (XPENDING) of those `ids` that `consumer` owns; ids it does not own are left out."""
+    if not ids:
+        return {}
+    with client.pipeline(transaction=False) as pipe:
+        for entry_id in ids:
+            pipe.xpending_range(stream, group, min=entry_id, max=entry_id, count=1, consumername=consumer)
+        rows = pipe.execute()
+    return {entry_id: int(found[0]["times_delivered"]) for entry_id, found in zip(ids, rows) if found}
+
+
+def keep_pending(client: redis.Redis, stream: str, group: str, consumer: str, ids: list[bytes]) -> set[bytes]:
+    """Of `ids`, those `consumer` still owns, with their idle time reset so that no other consumer
+    reclaims them as abandoned. XCLAIM JUSTID leaves the delivery count as it is: waiting out an
+    infrastructure fault is not a delivery."""
+    owned = list(deliveries(client, stream, group, consumer, ids))
+    if owned:
+        client.xclaim(stream, group, consumer, 0, owned, justid=True)
+    return set(owned)
 
 
 class CameraStreams:
@@ -164,6 +224,11 @@ class CameraStreams:
         self._next = now + self.refresh_s
         return True
 
+    def forget(self) -> None:
+        """After NOGROUP (data lost): the next refresh, due at once, re-creates the group on every stream."""
+        self.names = []
+        self._next = 0.0
+
     def refresh(self) -> list[str]:
         if self.server is None:
             self.server = require_redis_7(self.client)
@@ -173,12 +238,15 @@ class CameraStreams:
         self.names = streams
         return streams
 
-    def read_fair(self, consumer: str, cap: int) -> list[tuple[str, list[tuple[bytes, dict]]]]:
-        """Up to `cap` new entries in all, without blocking: [(stream, [(entry id, fields), ...]), ...]."""
-        if not self.names or cap <= 0:
+    def read_fair(self, consumer: str, cap: int, streams: list[str] | None = None
+                  ) -> list[tuple[str, list[tuple[bytes, dict]]]]:
+        """Up to `cap` new entries in all (from `streams`, default all), without blocking:
+        [(stream, [(entry id, fields), ...]), ...]."""
+        names = self.names if streams is None else streams
+        if not names or cap <= 0:
             return []
-        start = self._offset % len(self.names)
-        order = self.names[start:] + self.names[:start]
+        start = self._offset % len(names)
+        order = names[start:] + names[:start]
         reply = self._read_fair(keys=order, args=[self.group, consumer, cap])
         out = [(stream_name(stream), [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in entries])
                for stream, entries in reply]

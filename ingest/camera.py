@@ -12,7 +12,7 @@ import redis
 
 from contracts.keys import Keys
 from contracts.messages import Frame
-from contracts.streams import ADD_FRAME, require_redis_7
+from contracts.streams import ADD_FRAME, redis_fault, require_redis_7
 
 from .sources import Source, SourceError
 
@@ -126,12 +126,16 @@ class CameraIngest:
                 if not self.source.live:  # files and folders wait for the workers instead of dropping
                     while self.client.xlen(self.stream) >= self.settings.maxlen and not self.stop.is_set():
                         time.sleep(0.01)
-                dropped = self._add_frame(keys=[self.stream, self.stats],
-                                          args=[frame.seq, self.settings.maxlen, frame.captured_at, frame.pack()])
+                dropped = self._add_frame(keys=[self.stream, self.stats, self.keys.cameras],
+                                          args=[frame.seq, self.settings.maxlen, frame.captured_at, frame.pack(),
+                                                self.settings.camera])
                 return max(0, dropped)  # -1: already written by an earlier send
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis unavailable", extra={"fields": {"camera": self.settings.camera, "error": str(exc),
-                                                                   "retry_in_s": backoff}})
+            except redis.RedisError as exc:  # outages, OOM, READONLY, LOADING: wait; anything else is a bug
+                fault = redis_fault(exc)
+                if fault is None:
+                    raise
+                log.warning("redis unavailable", extra={"fields": {"camera": self.settings.camera, "fault": fault,
+                                                                   "error": str(exc), "retry_in_s": backoff}})
                 if self.stop.wait(backoff):
                     return 0
                 backoff = min(backoff * 2, self.settings.backoff_max_s)

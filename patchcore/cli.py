@@ -412,6 +412,8 @@ def worker_command(
     claim_idle_ms: Annotated[int, typer.Option(help="Reclaim frames left unacknowledged this long by a dead worker.")] = 30000,
     max_frame_bytes: Annotated[int, typer.Option(help="Dead-letter frame messages larger than this.")] = 16 << 20,
     result_maps: Annotated[bool, typer.Option(help="Attach the small patch-distance map (uint8 grid) to every result.")] = False,
+    max_pixels: Annotated[int, typer.Option(help="Dead-letter frames larger than this many pixels (checked in the image header, before decoding).")] = 7680 * 4320,
+    max_deliveries: Annotated[int, typer.Option(help="Dead-letter a frame as poison once delivered more often than this.")] = 5,
     device: Device = "auto", index: Index = "auto", weights: Weights = None,
     signing_key_file: SigningKeyFile = None,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
@@ -423,8 +425,9 @@ def worker_command(
     from workers.worker import Worker, WorkerSettings
 
     settings = WorkerSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms,
-                              max_frame_bytes=max_frame_bytes, result_maps=result_maps, device=device, index=index,
-                              weights=weights, bank_key=_signing_key(signing_key_file))
+                              max_frame_bytes=max_frame_bytes, result_maps=result_maps, max_pixels=max_pixels,
+                              max_deliveries=max_deliveries, device=device, index=index, weights=weights,
+                              bank_key=_signing_key(signing_key_file))
     if name:
         from dataclasses import replace
 
@@ -579,11 +582,65 @@ def status_command(
     for cam in status["cameras"]:
         typer.echo(f"camera {cam['camera']}: last_seq {cam['last_seq']}  ingested {cam['ingested']}  results "
                    f"{cam['results']}  pending {cam['pending']}  backlog {cam['backlog']}  dropped {cam['dropped']}  "
-                   f"dead-lettered {cam['deadlettered']}  alarms {cam['alarms']}  state: {cam['state']}")
+                   f"dead-lettered {cam['deadlettered']}  alarms {cam['alarms']}  state: {cam['state']}"
+                   + (f"  FAULT: {cam['fault']}" if cam["fault"] else ""))
+    for fault in status["redis_faults"]:
+        typer.echo(f"redis FAULT: {fault}")
     for worker, seen in status["workers"].items():
         typer.echo(f"worker {worker}: seen {seen:.0f} s ago")
     for bank, version in status["banks"].items():
         typer.echo(f"bank {bank}: active v{version}")
+
+
+deadletter_app = typer.Typer(help="Frames that got no result: list, replay onto their camera's stream, purge.",
+                              no_args_is_help=True)
+app.add_typer(deadletter_app, name="deadletter")
+Ids = Annotated[Optional[list[str]], typer.Argument(help="Dead-letter ids (from `deadletter list`).")]
+CameraFilter = Annotated[Optional[str], typer.Option(help="Only this camera's dead letters.")]
+All = Annotated[bool, typer.Option("--all", help="Every dead letter (of --camera, if given).")]
+
+
+def _deadletters(redis_url, password_file, prefix):
+    from contracts.deadletter import DeadLetters
+    from contracts.keys import Keys
+
+    return DeadLetters(_client(redis_url, password_file), Keys(prefix))
+
+
+def _selected(letters, ids, camera, all_):
+    if not ids and not all_:
+        _fail("name dead-letter ids, or --all (with --camera to limit it)")
+    return letters.select(ids or [], camera)
+
+
+@deadletter_app.command("list")
+def deadletter_list(camera: CameraFilter = None,
+                    count: Annotated[int, typer.Option(help="The newest this many.")] = 20,
+                    redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc") -> None:
+    """One JSON line per dead letter, oldest first: id, camera, reason, size, whether it can be replayed."""
+    for letter in _deadletters(redis_url, password_file, prefix).list(camera, count):
+        typer.echo(json.dumps({"id": letter.id, "camera": letter.camera, "entry_id": letter.entry_id,
+                               "reason": letter.reason, "worker": letter.worker, "at": letter.at, "size": letter.size,
+                               "replayable": letter.payload_id is not None}))
+
+
+@deadletter_app.command("replay")
+def deadletter_replay(ids: Ids = None, camera: CameraFilter = None, all_: All = False,
+                      redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc") -> None:
+    """Put the original bytes back on the camera's stream (once) and remove the dead letter."""
+    letters = _deadletters(redis_url, password_file, prefix)
+    outcome = letters.replay(_selected(letters, ids, camera, all_))
+    typer.echo(json.dumps({k: len(v) for k, v in outcome.items()}))
+    if outcome["no_payload"]:
+        typer.echo(f"not replayable (bytes not kept or expired): {' '.join(outcome['no_payload'])}", err=True)
+
+
+@deadletter_app.command("purge")
+def deadletter_purge(ids: Ids = None, camera: CameraFilter = None, all_: All = False,
+                     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc") -> None:
+    """Delete dead letters and their kept bytes."""
+    letters = _deadletters(redis_url, password_file, prefix)
+    typer.echo(json.dumps({"purged": letters.purge(_selected(letters, ids, camera, all_))}))
 
 
 @app.command("up")

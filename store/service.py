@@ -86,7 +86,7 @@ class ResultsStore:
         self._streams = CameraStreams(client, keys.cameras, keys.results, STORE_GROUP, settings.refresh_s)
 
     def run(self) -> StoreReport:
-        serve(self._step, self.stop, log, self.settings.name)
+        serve(self._step, self.stop, log, self.settings.name, on_lost_group=self._streams.forget)
         return self.report
 
     def _step(self) -> None:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
+
+import torch
 
 from contracts.registry import BankRegistry, RegistryError
 from scorer import BackboneError, BankError, PatchCoreScorer, bank_from_bytes, resolve_device
@@ -28,19 +31,30 @@ class BankCache:
         self.index = index
         self.weights = weights
         self.max_bank_bytes = max_bank_bytes
+        self.host_retry_s = 10.0
         self._scorers: dict[str, ActiveScorer] = {}
         self._extractors: dict = {}  # one backbone per feature config, shared by banks and versions
         self._refused: set[tuple[str, int]] = set()
         if not registry.verifies:
             log.warning("no bank signing key: banks are loaded unsigned (checked against their sha256 only)")
+        self._retry_after: dict[tuple[str, int], float] = {}  # host faults (weights, memory): try again later
+        self._errors: dict[str, str] = {}
+
+    def why(self, name: str) -> tuple[str, bool]:
+        """Why bank `name` has no scorer here, and whether the cause is this host (weights, memory)
+        rather than the registry (no active version, a refused one)."""
+        reason = self._errors.get(name, "no active version in the registry")
+        return reason, "on this host" in reason
 
     def get(self, name: str) -> ActiveScorer | None:
         """The scorer of bank `name`'s active version (switching if it changed), or None if none can serve."""
         version = self.registry.active(name)
         current = self._scorers.get(name)
+        if version is None:
+            self._errors.pop(name, None)
         if version is None or (current is not None and current.version == version):
             return current
-        if (name, version) in self._refused:
+        if (name, version) in self._refused or time.monotonic() < self._retry_after.get((name, version), 0.0):
             return current
         try:
             bank = bank_from_bytes(self.registry.fetch(name, version), self.max_bank_bytes)
@@ -51,8 +65,15 @@ class BankCache:
                 self._extractors[actual] = extractor
             # refuses (BankError) a bank whose settings or weights differ from the extractor's
             scorer = PatchCoreScorer(bank, device=self.device, index=self.index, extractor=extractor)
-        except (RegistryError, BankError, BackboneError) as exc:
+        except (BackboneError, OSError, MemoryError, torch.cuda.OutOfMemoryError) as exc:  # this host, not the bank
+            self._retry_after[(name, version)] = time.monotonic() + self.host_retry_s
+            self._errors[name] = f"v{version} cannot load on this host: {exc}"
+            log.error("bank cannot load on this host; retrying later",
+                      extra={"fields": {"bank": name, "version": version, "error": str(exc), "retry_in_s": self.host_retry_s}})
+            return current
+        except (RegistryError, BankError) as exc:
             self._refused.add((name, version))
+            self._errors[name] = f"v{version} refused: {exc}"
             log.error("bank refused; the active one keeps serving",
                       extra={"fields": {"bank": name, "version": version, "error": str(exc),
                                         "serving": current.version if current else None}})

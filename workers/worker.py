@@ -2,7 +2,16 @@
 
 A frame is acknowledged (and deleted from its stream) in the same transaction that writes its
 result, so a crash loses nothing: unacknowledged frames of a dead worker are reclaimed after
-`claim_idle_ms`. Undecodable frames go to the dead-letter stream with their reason and bytes.
+`claim_idle_ms`. Frames that cannot be accepted (malformed, undecodable, an image header that
+disagrees with the frame) go to the dead-letter stream at once. Infrastructure faults (no loadable
+bank, a host that cannot score: memory, device, files; Redis refusing writes) never do: the frames
+stay pending, held by this worker (their idle time kept fresh, their delivery count unchanged) and
+retried with backoff, and the condition shows in the camera's `fault`. A fault of this host
+(its weights, memory or device) also stops it taking frames and lets its held ones go to other
+workers after `claim_idle_ms` (a counted delivery). A batch whose scoring raises
+anything else is split in halves until the frames that raise alone are found; those are left
+pending, and a frame delivered more than `max_deliveries` times (XPENDING's count: each reclaim,
+including after a worker died on it) is dead-lettered as poison.
 """
 from __future__ import annotations
 
@@ -17,11 +26,14 @@ import cv2
 import numpy as np
 import redis
 
+from contracts.deadletter import DeadLetters, DeadLetterSettings
 from contracts.keys import FRAME_GROUP, Keys
 from contracts.messages import Frame, MessageError, Result
 from contracts.registry import BankRegistry
-from contracts.streams import ACK_AND_WRITE, CameraStreams, reclaim, serve, stream_name
-from scorer import ImageDecodeError, decode_image, to_rgb
+from contracts.streams import (ACK_AND_WRITE, CameraStreams, deliveries, keep_pending, reclaim, redis_fault, serve,
+                               stream_name)
+from scorer import BackboneError, ImageDecodeError, decode_image, to_rgb
+from scorer.imageheader import check_header
 from scorer.views import patch_canvas
 
 from .banks import BankCache
@@ -39,6 +51,11 @@ class WorkerSettings:
     overlay_ttl_s: int = 3600
     result_maps: bool = False  # attach the patch-distance grid (uint8, e.g. 28x28) to every result
     max_frame_bytes: int = 16 << 20
+    max_pixels: int = 7680 * 4320  # a frame's height x width at most (8K UHD); checked in the header, before decoding
+    max_deliveries: int = 5  # a frame delivered more often than this is dead-lettered as poison
+    retry_initial_s: float = 0.5  # held frames (infrastructure faults) are retried after this, doubling ...
+    retry_max_s: float = 10.0  # ... up to this
+    deadletters: DeadLetterSettings = DeadLetterSettings()
     device: str = "auto"
     index: str = "auto"
     weights: str | None = None
@@ -53,6 +70,8 @@ class WorkerReport:
     results: int = 0
     deadlettered: int = 0
     reclaimed: int = 0
+    held: int = 0  # frames kept pending through an infrastructure fault (each time)
+    suspects: int = 0  # frames left pending because their scoring raised on their own
 
 
 @dataclass
@@ -61,18 +80,7 @@ class _Entry:
     entry_id: bytes
     raw: bytes
     picked_at: float
-
-
-def decode_frame(frame: Frame) -> np.ndarray:
-    """A frame message's pixels as RGB uint8, checked against its declared shape."""
-    if frame.encoding == "jpeg":
-        image = decode_image(frame.data)
-        height, width, _ = frame.shape
-        if image.shape[:2] != (height, width):
-            raise ImageDecodeError(f"decoded {image.shape[:2]}, message says {(height, width)}")
-        return image
-    array = np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape)
-    return to_rgb(array, "bgr")
+    deliveries: int = 1  # XPENDING's count when this worker got it
 
 
 class Worker:
@@ -88,31 +96,76 @@ class Worker:
         self._ack_and_write = client.register_script(ACK_AND_WRITE)
         self._streams = CameraStreams(client, keys.cameras, keys.frames, FRAME_GROUP, settings.refresh_s)
         self._reclaimed: list[_Entry] = []
+        self._deadletters = DeadLetters(client, keys, settings.deadletters)
+        self._held: list[_Entry] = []  # pending through an infrastructure fault, retried at _retry_at
+        self._retry_at = 0.0
+        self._retry_s = settings.retry_initial_s
+        self._sick = False  # this host cannot score now: take no frames, keep none from other workers
+        self._faulted: set[str] = set()  # cameras whose `fault` this worker has set
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> WorkerReport:
-        serve(self._step, self.stop, log, self.settings.name)
+        serve(self._step, self.stop, log, self.settings.name, on_lost_group=self._lost_group)
         return self.report
 
     def _step(self) -> None:
         self._maybe_refresh()
+        if self._held and time.monotonic() >= self._retry_at:
+            retry, self._held, self._sick = self._held, [], False
+            for begin in range(0, len(retry), self.settings.max_batch):
+                self.process(retry[begin:begin + self.settings.max_batch])
+            # still failing: back off further; all through: the next fault starts afresh
+            self._retry_s = min(self._retry_s * 2, self.settings.retry_max_s) if self._held else self.settings.retry_initial_s
+            self._retry_at = time.monotonic() + self._retry_s
         batch = self._collect()
         if batch:
             self.process(batch)
+
+    def _lost_group(self) -> None:
+        """NOGROUP: the stream or its group is gone (data loss); re-create groups, drop what we hold."""
+        self._streams.forget()
+        self._held, self._reclaimed, self._sick = [], [], False
+
+    def _readable(self) -> list[str]:
+        """Streams to read new frames from: not those of which this worker already holds a batch."""
+        if self._sick:
+            return []
+        held: dict[str, int] = {}
+        for entry in self._held:
+            held[entry.stream] = held.get(entry.stream, 0) + 1
+        return [s for s in self._streams.names if held.get(s, 0) < self.settings.max_batch]
 
     def _maybe_refresh(self) -> None:
         if not self._streams.due():
             return
         self._streams.refresh()
         self.client.hset(self.keys.workers, self.settings.name, time.time())
+        self._keep_held()
         self._reclaim()
+
+    def _keep_held(self) -> None:
+        """Keep held frames from looking abandoned; forget those another consumer took or finished."""
+        by_stream: dict[str, list[_Entry]] = {}
+        for entry in self._held:
+            by_stream.setdefault(entry.stream, []).append(entry)
+        kept = []
+        for stream, entries in by_stream.items():
+            ids = [e.entry_id for e in entries]
+            owned = (deliveries if self._sick else keep_pending)(self.client, stream, FRAME_GROUP, self.settings.name, ids)
+            kept += [e for e in entries if e.entry_id in owned]
+        self._held = kept
+        self._sick = self._sick and bool(kept)  # all taken over: probe with new frames again
 
     def _reclaim(self) -> None:
         """Take over frames another consumer left unacknowledged for longer than claim_idle_ms."""
+        if self._sick:
+            return
         for stream in self._streams.names:
-            for entry_id, fields in reclaim(self.client, stream, FRAME_GROUP, self.settings.name,
-                                            self.settings.claim_idle_ms):
-                self._reclaimed.append(_Entry(stream, entry_id, fields.get(b"m", b""), time.time()))
+            claimed = list(reclaim(self.client, stream, FRAME_GROUP, self.settings.name, self.settings.claim_idle_ms))
+            counts = deliveries(self.client, stream, FRAME_GROUP, self.settings.name, [i for i, _ in claimed])
+            for entry_id, fields in claimed:
+                self._reclaimed.append(_Entry(stream, entry_id, fields.get(b"m", b""), time.time(),
+                                              counts.get(entry_id, 1)))
                 self.report.reclaimed += 1
 
     def _collect(self) -> list[_Entry]:
@@ -124,12 +177,13 @@ class Worker:
         """
         cap = self.settings.max_batch
         batch, self._reclaimed = self._reclaimed[:cap], self._reclaimed[cap:]
-        if not self._streams.names:
+        readable = self._readable()
+        if not readable:
             self.stop.wait(0.1)
             return batch
         deadline = None
         while len(batch) < cap and not self.stop.is_set():
-            reply = self._streams.read_fair(self.settings.name, cap - len(batch))
+            reply = self._streams.read_fair(self.settings.name, cap - len(batch), readable)
             if not reply:
                 if deadline is None:
                     block_ms = 200 if not batch else self.settings.max_wait_ms  # idle: wake to check `stop`
@@ -137,7 +191,7 @@ class Worker:
                     block_ms = int((deadline - time.monotonic()) * 1000)
                     if block_ms <= 0:
                         break
-                reply = self.client.xreadgroup(FRAME_GROUP, self.settings.name, {s: ">" for s in self._streams.names},
+                reply = self.client.xreadgroup(FRAME_GROUP, self.settings.name, {s: ">" for s in readable},
                                                count=1, block=max(1, block_ms))
             now = time.time()
             entries = [_Entry(stream_name(stream), entry_id, (fields or {}).get(b"m", b""), now)
@@ -153,10 +207,27 @@ class Worker:
 
     # ---- one batch ------------------------------------------------------------------------------
     def process(self, batch: list[_Entry]) -> None:
+        """Give each frame of the batch its outcome, or hold it (infrastructure) or leave it pending (suspect)."""
         self.report.batches += 1
         self.report.frames += len(batch)
+        held: list[tuple[_Entry, str, bool]] = []
+        try:
+            held = self._outcomes(batch)
+        except redis.RedisError as exc:  # e.g. OOM or READONLY while writing: outcomes already written stay
+            fault = redis_fault(exc)     # written (a retry finds them acknowledged and writes nothing twice)
+            if fault in (None, "nogroup"):
+                raise
+            held = [(entry, f"redis {fault}: {exc}", False) for entry in batch]
+        self._hold(held)
+
+    def _outcomes(self, batch: list[_Entry]) -> list[tuple[_Entry, str, bool]]:
+        """Write results and dead letters; returns the frames to hold, why, and whether this host is the cause."""
         decoded: dict[str, list[tuple[_Entry, Frame, np.ndarray, float]]] = {}
         for entry in batch:
+            if entry.deliveries > self.settings.max_deliveries:
+                self._deadletter(entry, f"poison: delivered {entry.deliveries} times without an outcome "
+                                        f"(limit {self.settings.max_deliveries})")
+                continue
             started = time.perf_counter()
             try:
                 frame = Frame.unpack(entry.raw, self.settings.max_frame_bytes)
@@ -167,32 +238,78 @@ class Worker:
                 self._deadletter(entry, str(exc))
                 continue
             decoded.setdefault(frame.bank, []).append((entry, frame, image, (time.perf_counter() - started) * 1000))
+        held = []
         for bank_name, items in decoded.items():
             active = self.banks.get(bank_name)
             if active is None:
-                for entry, *_ in items:
-                    self._deadletter(entry, f"no loadable active bank {bank_name!r} in the registry")
+                reason, host = self.banks.why(bank_name)
+                held += [(entry, f"no loadable active bank {bank_name!r}: {reason}", host) for entry, *_ in items]
                 continue
-            refused = [(item, active.scorer.refusal(*item[2].shape[:2])) for item in items]
-            for (entry, *_), reason in refused:
+            refusals = [(item, active.scorer.refusal(*item[2].shape[:2])) for item in items]
+            for (entry, *_), reason in refusals:
                 if reason is not None:
                     self._deadletter(entry, f"frame cannot be scored in bank {bank_name!r}: {reason}")
-            items = [item for item, reason in refused if reason is None]
+            items = [item for item, reason in refusals if reason is None]
             if not items:
                 continue
-            started = time.perf_counter()
             try:
-                result = active.scorer.score([image for _, _, image, _ in items], maps=False)
-            except Exception as exc:  # noqa: BLE001 - a poison batch must not crash-loop the worker
-                log.exception("scoring failed", extra={"fields": {"bank": bank_name, "frames": len(items)}})
-                for entry, *_ in items:
-                    self._deadletter(entry, f"scoring failed: {type(exc).__name__}: {exc}")
+                scored, suspects = self._score(active, items)
+            except Exception as exc:  # noqa: BLE001 - classified by _host_fault; anything else is split
+                held += [(entry, f"scoring failed on this host: {type(exc).__name__}: {exc}", True) for entry, *_ in items]
                 continue
-            score_ms = (time.perf_counter() - started) * 1000 / len(items)
-            self._write_results(active, items, result, score_ms)
+            for part, result, score_ms in scored:
+                self._write_results(active, part, result, score_ms)
+            for entry, error in suspects:  # left pending: reclaimed after claim_idle_ms, counted each time
+                self.report.suspects += 1
+                log.error("frame raises when scored alone; left pending",
+                          extra={"fields": {"stream": entry.stream, "id": entry.entry_id.decode(),
+                                            "deliveries": entry.deliveries, "error": error}})
+        return held
+
+    def _score(self, active, items):
+        """Score `items` in one pass; if that raises (not a host fault), halve until the frames that
+        raise on their own are found. Returns ([(items, result, ms per frame)], [(entry, error)])."""
+        started = time.perf_counter()
+        try:
+            result = active.scorer.score([image for _, _, image, _ in items], maps=False)
+        except Exception as exc:  # noqa: BLE001 - a poison batch must not take good frames down with it
+            if _host_fault(exc):
+                raise
+            if len(items) == 1:
+                return [], [(items[0][0], f"{type(exc).__name__}: {exc}")]
+            log.warning("batch scoring failed; splitting it", extra={"fields": {"frames": len(items), "error": str(exc)}})
+            half = len(items) // 2
+            first, second = self._score(active, items[:half]), self._score(active, items[half:])
+            return first[0] + second[0], first[1] + second[1]
+        return [(items, result, (time.perf_counter() - started) * 1000 / len(items))], []
+
+    def _hold(self, held: list[tuple[_Entry, str, bool]]) -> None:
+        """Keep frames pending through an infrastructure fault; show it on their cameras; retry with backoff."""
+        self._held += [entry for entry, _, _ in held]
+        self._sick = self._sick or any(host for _, _, host in held)
+        self.report.held += len(held)
+        reasons = {entry.stream: reason for entry, reason, _ in held}
+        if held:
+            self._retry_at = max(self._retry_at, time.monotonic() + self._retry_s)
+            log.warning("frames held pending", extra={"fields": {"frames": len(held), "retry_in_s": self._retry_s,
+                                                                 "reasons": sorted(set(reasons.values()))}})
+        try:
+            for stream, reason in reasons.items():
+                camera = stream.removeprefix(self.keys.frames(""))
+                self.client.hset(self.keys.camera_stats(camera), mapping={
+                    "fault": f"{reason} (worker {self.settings.name} holds its frames, retrying)",
+                    "fault_at": time.time()})
+                self._faulted.add(camera)
+            holding = {entry.stream for entry in self._held}
+            cleared = {c for c in self._faulted if self.keys.frames(c) not in holding}
+            for camera in cleared:
+                self.client.hdel(self.keys.camera_stats(camera), "fault", "fault_at")
+            self._faulted -= cleared
+        except redis.RedisError:  # the fault may be Redis itself (OOM, READONLY): status shows that from INFO
+            pass
 
     def _decode(self, frame: Frame) -> np.ndarray:
-        return decode_frame(frame)
+        return decode_frame(frame, self.settings.max_pixels)
 
     def _write_results(self, active, items, result, score_ms: float) -> None:
         scorer = active.scorer
@@ -237,10 +354,30 @@ class Worker:
         return {"patch_map": quantised.tobytes(), "patch_map_shape": tuple(grid.shape), "patch_map_max": top}
 
     def _deadletter(self, entry: _Entry, reason: str) -> None:
-        camera = entry.stream.removeprefix(self.keys.frames(""))
-        self._ack_and_write(
-            keys=[entry.stream, self.keys.deadletter, self.keys.camera_stats(camera)],
-            args=[FRAME_GROUP, entry.entry_id, 100_000, "deadlettered", "reason", reason, "stream", entry.stream,
-                  "id", entry.entry_id, "worker", self.settings.name, "at", time.time(), "m", entry.raw])
-        self.report.deadlettered += 1
+        if self._deadletters.add(entry.stream, FRAME_GROUP, entry.entry_id, entry.raw, reason, self.settings.name):
+            self.report.deadlettered += 1
         log.warning("frame dead-lettered", extra={"fields": {"stream": entry.stream, "reason": reason}})
+
+
+def decode_frame(frame: Frame, max_pixels: int = WorkerSettings.max_pixels) -> np.ndarray:
+    """A frame's pixels as RGB; its size is checked against `max_pixels` and, for JPEG/PNG/BMP
+    bytes, the header's size against the frame's shape before any decoder allocates pixels."""
+    height, width, _ = frame.shape
+    if height * width > max_pixels:
+        raise ImageDecodeError(f"frame of {height}x{width} pixels, over the {max_pixels}-pixel limit")
+    if frame.encoding == "jpeg":
+        check_header(frame.data, height, width, max_pixels)
+        image = decode_image(frame.data)
+        if image.shape[:2] != (height, width):
+            raise ImageDecodeError(f"decoded {image.shape[:2]}, message says {(height, width)}")
+        return image
+    array = np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape)
+    return to_rgb(array, "bgr")
+
+
+def _host_fault(exc: BaseException) -> bool:
+    """Exceptions that say this host cannot score now (memory, device, files, weights), not that a frame is bad."""
+    if isinstance(exc, (MemoryError, OSError, BackboneError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in ("CUDA", "cuDNN", "out of memory"))

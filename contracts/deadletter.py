@@ -1,0 +1,156 @@
+"""Dead letters: frames that get no result, with their reason; list, replay and purge for operators.
+
+An entry of the dead-letter stream (`pc:deadletter`, at most `maxlen`, approximate) says why and
+where from: `reason`, `stream`, `id`, `worker`, `at`, `size`, `head` (the first 64 bytes). The
+original bytes go to a second stream (`pc:deadletter:payloads`), only for frames of at most
+`payload_bytes`, and only for the newest `payloads` dead letters younger than `payload_ttl_s`: so
+dead letters take at most about `payloads x payload_bytes` plus `maxlen` small entries of memory.
+A dead letter whose payload was kept can be replayed onto its camera's stream, once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+
+from .keys import Keys
+
+HEAD_BYTES = 64
+
+# Acknowledge a pending frame and, only if this call acknowledged it, record the dead letter (and its
+# payload when given), delete the frame from its stream and count it: one atomic step, as ACK_AND_WRITE.
+# KEYS: source stream, dead-letter stream, stats hash, payload stream.
+# ARGV: group, entry id, dead-letter maxlen, payloads kept, oldest payload id kept (MINID), payload or '', field, value, ...
+WRITE = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local fields = {}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+if ARGV[6] ~= '' then
+  fields[#fields + 1] = 'payload'
+  fields[#fields + 1] = redis.call('XADD', KEYS[4], 'MAXLEN', ARGV[4], '*', 'm', ARGV[6])
+  redis.call('XTRIM', KEYS[4], 'MINID', ARGV[5])
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'deadlettered', 1)
+return 1
+"""
+
+# Put a dead letter's original bytes back on its camera's stream and delete the dead letter, once:
+# a second call (a retry, a second operator) finds no entry and adds nothing.
+# KEYS: dead-letter stream, payload stream, frame stream, cameras set, stats hash. ARGV: dead-letter id, payload id, camera.
+# Returns 1 replayed, 0 no such dead letter, -1 its payload is gone (expired or never kept).
+REPLAY = """
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+local payload = redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2])
+if #payload == 0 then return -1 end
+redis.call('XADD', KEYS[3], '*', 'm', payload[1][2][2])
+redis.call('SADD', KEYS[4], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('XDEL', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[5], 'replayed', 1)
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class DeadLetterSettings:
+    maxlen: int = 10_000  # dead-letter entries (reason and origin, without the frame), approximate
+    payloads: int = 256  # original frames kept for replay, newest first
+    payload_bytes: int = 4 << 20  # larger frames keep only their reason and first bytes
+    payload_ttl_s: int = 7 * 86_400  # payloads older than this are dropped
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: str  # entry id in the dead-letter stream
+    reason: str
+    stream: str  # the frame stream it came from
+    entry_id: str  # its id there
+    worker: str
+    at: float
+    size: int
+    head: bytes
+    payload_id: str | None  # id in the payload stream, when the bytes were kept
+
+    @property
+    def camera(self) -> str:
+        return self.stream.split(":frames:", 1)[-1]
+
+
+class DeadLetters:
+    def __init__(self, client: redis.Redis, keys: Keys = Keys(), settings: DeadLetterSettings = DeadLetterSettings()):
+        self.client, self.keys, self.settings = client, keys, settings
+        self._write = client.register_script(WRITE)
+        self._replay = client.register_script(REPLAY)
+
+    def add(self, stream: str, group: str, entry_id: bytes | str, raw: bytes, reason: str, worker: str) -> bool:
+        """Dead-letter a pending frame; False when it was no longer pending (another consumer finished it)."""
+        camera = stream.removeprefix(self.keys.frames(""))
+        keep = raw if 0 < len(raw) <= self.settings.payload_bytes and self.settings.payloads > 0 else b""
+        oldest = f"{int((time.time() - self.settings.payload_ttl_s) * 1000)}-0"
+        return bool(self._write(
+            keys=[stream, self.keys.deadletter, self.keys.camera_stats(camera), self.keys.deadletter_payloads],
+            args=[group, entry_id, self.settings.maxlen, self.settings.payloads, oldest, keep,
+                  "reason", reason, "stream", stream, "id", entry_id, "worker", worker, "at", time.time(),
+                  "size", len(raw), "head", raw[:HEAD_BYTES]]))
+
+    def list(self, camera: str | None = None, count: int | None = None) -> list[DeadLetter]:
+        """Dead letters, oldest first (of `camera` only, when given; at most `count`, the newest)."""
+        letters, start = [], "-"
+        while True:
+            page = self.client.xrange(self.keys.deadletter, min=start, count=1000)
+            letters += [letter for letter in map(_letter, page) if camera is None or letter.camera == camera]
+            if len(page) < 1000:
+                break
+            start = "(" + page[-1][0].decode()
+        return letters[-count:] if count else letters
+
+    def select(self, ids: list[str], camera: str | None = None) -> list[DeadLetter]:
+        """The dead letters with these ids (all of `camera`'s, or all, when `ids` is empty)."""
+        letters, wanted = self.list(camera), set(ids)
+        return [letter for letter in letters if letter.id in wanted] if ids else letters
+
+    def payload(self, letter: DeadLetter) -> bytes | None:
+        if letter.payload_id is None:
+            return None
+        found = self.client.xrange(self.keys.deadletter_payloads, letter.payload_id, letter.payload_id)
+        return found[0][1][b"m"] if found else None
+
+    def replay(self, letters: list[DeadLetter]) -> dict[str, list[str]]:
+        """Put each letter's original bytes back on its camera's stream (workers score it again)."""
+        outcome: dict[str, list[str]] = {"replayed": [], "gone": [], "no_payload": []}
+        for letter in letters:
+            if letter.payload_id is None or not letter.stream.startswith(self.keys.frames("")):
+                outcome["no_payload"].append(letter.id)
+                continue
+            done = self._replay(keys=[self.keys.deadletter, self.keys.deadletter_payloads, letter.stream,
+                                      self.keys.cameras, self.keys.camera_stats(letter.camera)],
+                                args=[letter.id, letter.payload_id, letter.camera])
+            outcome[{1: "replayed", 0: "gone", -1: "no_payload"}[done]].append(letter.id)
+        return outcome
+
+    def purge(self, letters: list[DeadLetter]) -> int:
+        """Delete dead letters and their payloads; returns how many entries were deleted."""
+        if not letters:
+            return 0
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.xdel(self.keys.deadletter, *[letter.id for letter in letters])
+            payloads = [letter.payload_id for letter in letters if letter.payload_id]
+            if payloads:
+                pipe.xdel(self.keys.deadletter_payloads, *payloads)
+            return pipe.execute()[0]
+
+
+def _letter(entry) -> DeadLetter:
+    entry_id, fields = entry
+    text = {k.decode(): v for k, v in fields.items()}
+
+    def get(name: str, default: str = "") -> str:
+        value = text.get(name)
+        return value.decode(errors="replace") if value is not None else default
+
+    return DeadLetter(id=entry_id.decode(), reason=get("reason"), stream=get("stream"), entry_id=get("id"),
+                      worker=get("worker"), at=float(get("at", "0") or 0), size=int(get("size", "0") or 0),
+                      head=text.get("head", b""), payload_id=get("payload") or None)
