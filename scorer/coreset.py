@@ -4,15 +4,27 @@ Features are randomly projected to `projection_dim` dims; the minimum distances 
 distance to `start_points` random points (not themselves selected, as the official code); then
 each step picks the point farthest from the selected set.
 
-The loop is compiled with numba and skips, exactly, the points a new centre c cannot move closer
-(triangle inequality), so the selection equals the plain algorithm's up to float rounding:
-- per point: if x's nearest selected centre is a and d(a, c) >= 2 * mind(x), then d(x, c) >= mind(x);
-- per block of nearby points (centre mu, radius r): if d(mu, c) - r >= max mind in the block,
-  no point of the block gets closer.
+Bounded memory: `random_projection` is deterministic and row-wise (projecting chunks and stacking
+equals projecting the whole, bit for bit), so a build can project each feature batch as it comes off
+the backbone and hand the projected [N, 128] points to `select_coreset(..., projected=True)`.
+
+CPU engine ("numba"): points are grouped into compact blocks (centre, radius); a step skips every
+block the new centre cannot reach (triangle inequality). Inside the reached blocks it runs one of two
+exact passes, chosen per chunk of steps from counts (never from timings, so runs are reproducible):
+- pruned: per point, if x's nearest selected centre a has d(a, c) >= 2 * mind(x), skip x;
+- dense: one fused sweep (distance, min-update, block maximum) over every point of the reached blocks,
+  optionally multi-threaded over blocks.
+The pruned pass pays on clustered data (bottle); on texture-like data almost every point must be
+computed anyway and its bookkeeping makes it slower than a plain sweep, so the dense pass takes over.
+Both give the plain algorithm's selection up to float rounding.
+
+GPU engine ("torch"): the plain dense step in torch (matrix-vector product, min, argmax), with no
+host synchronisation per step; it runs on any torch device, CPU included, optionally in float16.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numba
@@ -21,15 +33,44 @@ import numpy as np
 from .config import CoresetConfig
 
 BLOCKS_PER_SQRT_N = 8.0  # measured on bottle features: 2 -> 11 s, 8 -> 9 s, 24 -> slower
+PROJECTION_ROWS = 512  # rows per matrix product: fixed, so any chunking gives the same floats
+CHUNKS = 200  # pass choice and progress every 1/CHUNKS of the steps
+# pruned pass when the share of reached points it had to compute stays below this; measured
+# (bench/bank_build.py): bottle ~0.1-0.3 late in the loop (pruning 2-3x faster), textures ~0.9
+PRUNE_WORTH = 0.5
+REPROBE = 8  # in dense mode, try the pruned pass again every REPROBE chunks (pruning improves as radii shrink)
+
+
+@dataclass(frozen=True)
+class CoresetSelection:
+    indices: np.ndarray  # [M] int64, positions in the input, in selection order
+    radius: float  # coverage radius in the projected space: max over inputs of the distance to the nearest selected point
+
+
+def projection_matrix(in_dim: int, dim: int, seed: int) -> np.ndarray:
+    """The Gaussian map [in_dim, dim] used by `random_projection` (depends only on its arguments)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((in_dim, dim), dtype=np.float32) / np.float32(math.sqrt(dim))
 
 
 def random_projection(features: np.ndarray, dim: int, seed: int) -> np.ndarray:
-    """Gaussian random linear map to `dim` dims (Johnson-Lindenstrauss), float32."""
+    """Gaussian random linear map to `dim` dims (Johnson-Lindenstrauss), float32; identity if D <= dim.
+
+    Row-wise and deterministic: projecting any split of the rows and stacking gives the same floats
+    (products run in fixed blocks of PROJECTION_ROWS rows, the last one zero-padded).
+    """
+    if features.ndim != 2:
+        raise ValueError(f"expected features [N, D], got shape {features.shape}")
     if features.shape[1] <= dim:
         return np.ascontiguousarray(features, dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    matrix = rng.standard_normal((features.shape[1], dim), dtype=np.float32) / np.float32(math.sqrt(dim))
-    return np.ascontiguousarray(features @ matrix, dtype=np.float32)
+    matrix = projection_matrix(features.shape[1], dim, seed)
+    out = np.empty((len(features), dim), dtype=np.float32)
+    for begin in range(0, len(features), PROJECTION_ROWS):
+        block = np.asarray(features[begin:begin + PROJECTION_ROWS], dtype=np.float32)
+        if len(block) < PROJECTION_ROWS:
+            block = np.concatenate([block, np.zeros((PROJECTION_ROWS - len(block), block.shape[1]), np.float32)])
+        out[begin:begin + PROJECTION_ROWS] = (block @ matrix)[:len(out) - begin]
+    return out
 
 
 def start_distances(projected: np.ndarray, n_start: int, seed: int) -> np.ndarray:
@@ -40,60 +81,237 @@ def start_distances(projected: np.ndarray, n_start: int, seed: int) -> np.ndarra
     return np.sqrt(np.maximum(sq, 0.0)).mean(axis=1).astype(np.float32)
 
 
+def nearest_distance(points: np.ndarray, core: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """[N] Euclidean distance from each point to its nearest row of `core` (float32, batched)."""
+    core = np.asarray(core, dtype=np.float32)
+    core_sq = (core * core).sum(1)
+    out = np.empty(len(points), dtype=np.float32)
+    for begin in range(0, len(points), batch):
+        block = np.asarray(points[begin:begin + batch], dtype=np.float32)
+        sq = (block * block).sum(1)[:, None] + core_sq[None, :] - 2.0 * block @ core.T
+        out[begin:begin + batch] = np.sqrt(np.maximum(sq.min(axis=1), 0.0))
+    return out
+
+
+def coverage_radius(points: np.ndarray, coreset: np.ndarray, batch: int = 4096) -> float:
+    """Largest distance from any point to its nearest coreset point (in the given space)."""
+    return float(nearest_distance(points, points[coreset], batch).max())
+
+
 def coreset_size(n_total: int, fraction: float) -> int:
     return max(1, min(n_total, int(n_total * fraction)))
 
 
 def greedy_coreset(features: np.ndarray, config: CoresetConfig,
-                   progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Indices of the coreset of `features` [N, D] (at least one point), in selection order."""
-    n_total = len(features)
-    n_select = coreset_size(n_total, config.fraction)
-    projected = random_projection(features, config.projection_dim, config.seed)
-    initial = start_distances(projected, config.start_points, config.seed)
-    order, offsets, block_centres, block_radius = _blocks(projected, config.seed)
-    points = np.ascontiguousarray(projected[order])
+                   progress: Callable[[int], None] | None = None, **options) -> np.ndarray:
+    """Indices of the coreset of `features` [N, D] in selection order (`select_coreset` without the radius)."""
+    return select_coreset(features, config, progress, **options).indices
+
+
+def select_coreset(points: np.ndarray, config: CoresetConfig, progress: Callable[[int], None] | None = None, *,
+                   projected: bool = False, engine: str = "numba", device: str = "cpu", half: bool = False,
+                   threads: int = 1) -> CoresetSelection:
+    """Greedy coreset of `points` (int(N * fraction) of them, at least one) and its coverage radius.
+
+    points: features [N, D], or with `projected=True` points already mapped by
+        `random_projection(..., config.projection_dim, config.seed)` (same selection, bounded memory).
+    engine: "numba" (CPU, `threads` threads for the dense pass) or "torch" (`device`, e.g. "cuda";
+        `half` stores the points in float16 there: half the memory traffic, selection may differ by rounding).
+    progress: called with the number of points selected since the last call.
+    """
+    if not projected:
+        points = random_projection(points, config.projection_dim, config.seed)
+    elif points.ndim != 2 or points.shape[1] > config.projection_dim:
+        raise ValueError(f"projected points must be [N, {config.projection_dim}], got shape {points.shape}")
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    if len(points) == 0:
+        raise ValueError("no points to select a coreset from")
+    initial = start_distances(points, config.start_points, config.seed)
+    n_select = coreset_size(len(points), config.fraction)
+    return _greedy(points, initial, False, n_select, -1.0, config.seed, progress, engine, device, half, threads)
+
+
+def extend_coreset(coreset_features: np.ndarray, new_features: np.ndarray, config: CoresetConfig, radius: float,
+                   progress: Callable[[int], None] | None = None, *, projected: bool = False, engine: str = "numba",
+                   device: str = "cpu", half: bool = False, threads: int = 1) -> CoresetSelection:
+    """Continue the greedy selection of a bank over new points (bank updates without a full rebuild).
+
+    coreset_features: the bank's coreset vectors [M, D] (what a bank stores); new_features: [K, D]
+    (or both projected, with `projected=True`); radius: the coverage radius the bank recorded.
+    New points start at their distance to the nearest existing coreset point; farthest-point steps
+    over them stop as soon as every new point is within `radius` (so already covered data adds
+    nothing) or after coreset_size(K, config.fraction) points (the build's own budget for K points).
+    Returns the indices of the new points to add, in order, and the coverage radius of the new
+    points by the extended coreset (the bank's radius afterwards is max(radius, that)).
+    """
+    if not projected:
+        coreset_features = random_projection(coreset_features, config.projection_dim, config.seed)
+        new_features = random_projection(new_features, config.projection_dim, config.seed)
+    if coreset_features.shape[1] != new_features.shape[1]:
+        raise ValueError(f"coreset {coreset_features.shape} and new points {new_features.shape} differ in dimension")
+    if len(new_features) == 0:
+        return CoresetSelection(np.empty(0, dtype=np.int64), 0.0)
+    new = np.ascontiguousarray(new_features, dtype=np.float32)
+    initial = nearest_distance(new, coreset_features)
+    n_max = coreset_size(len(new), config.fraction)
+    return _greedy(new, initial, True, n_max, float(radius), config.seed, progress, engine, device, half, threads)
+
+
+def _greedy(points: np.ndarray, initial: np.ndarray, initial_is_distance: bool, n_max: int, stop_at: float,
+            seed: int, progress: Callable[[int], None] | None, engine: str, device: str, half: bool,
+            threads: int) -> CoresetSelection:
+    """Farthest-point steps from `initial` min-distances: up to n_max, stopping once the max is <= stop_at.
+
+    initial_is_distance: the initial values are distances to real centres (extension), so the final
+    min-distances are exact; otherwise (start estimates) points never updated are measured at the end.
+    """
+    if engine == "torch":
+        selected, mind = _greedy_torch(points, initial, n_max, stop_at, progress, device, half)
+    elif engine == "numba":
+        if half:
+            raise ValueError("half precision is available with engine='torch' only (numba has no float16)")
+        selected, mind = _greedy_numba(points, initial, n_max, stop_at, seed, progress, threads)
+    else:
+        raise ValueError(f"unknown coreset engine {engine!r}: use 'numba' or 'torch'")
+    # points never moved below their start value may be farther from the selection than that value
+    stale = mind >= initial
+    if not initial_is_distance and stale.any() and len(selected):
+        mind[stale] = nearest_distance(points[stale], points[selected])
+    return CoresetSelection(selected, float(mind.max()))
+
+
+def _greedy_numba(points, initial, n_max, stop_at, seed, progress, threads) -> tuple[np.ndarray, np.ndarray]:
+    order, offsets = _blocks(points, seed)
+    sorted_points = np.ascontiguousarray(points[order])
+    block_centres, block_radius = _block_geometry(sorted_points, offsets)
     mind = np.ascontiguousarray(initial[order])
     block_max = np.maximum.reduceat(mind, offsets[:-1]).astype(np.float32)
-    selected = np.empty(n_select, dtype=np.int64)
-    nearest = np.full(n_total, -1, dtype=np.int32)
-    centre_dist = np.empty(n_select, dtype=np.float32)
-    centre_stamp = np.full(n_select, -1, dtype=np.int64)
-    chunk = max(1, n_select // 100)
-    for begin in range(0, n_select, chunk):
-        end = min(n_select, begin + chunk)
-        _select_range(points, mind, nearest, selected, centre_dist, centre_stamp,
-                      offsets, block_centres, block_radius, block_max, begin, end)
+    selected = np.empty(n_max, dtype=np.int64)
+    nearest = np.full(len(points), -1, dtype=np.int32)
+    centre_dist = np.empty(n_max, dtype=np.float32)
+    centre_stamp = np.full(n_max, -1, dtype=np.int64)
+    if threads > 1:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    chunk = max(1, n_max // CHUNKS)
+    done, dense_since, dense = 0, 0, False
+    while done < n_max:
+        end = min(n_max, done + chunk)
+        if dense:
+            reached = _dense_steps_parallel if threads > 1 else _dense_steps
+            stop = reached(sorted_points, mind, nearest, selected, offsets, block_centres, block_radius, block_max,
+                           done, end, stop_at)
+            dense_since += 1
+            dense = dense_since % REPROBE != 0
+        else:
+            stop, scanned, computed = _pruned_steps(sorted_points, mind, nearest, selected, centre_dist, centre_stamp,
+                                                    offsets, block_centres, block_radius, block_max, done, end,
+                                                    stop_at)
+            dense = computed > PRUNE_WORTH * scanned
+            dense_since = 0
         if progress is not None:
-            progress(end - begin)
-    return order[selected]
+            progress(stop - done)
+        done = stop
+        if stop < end:
+            break
+    mind_out = np.empty_like(mind)
+    mind_out[order] = mind
+    return order[selected[:done]], mind_out
 
 
-def _blocks(points: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Partition points into compact blocks: each joins the nearest of ~2 sqrt(N) random seeds.
+def _greedy_torch(points, initial, n_max, stop_at, progress, device, half) -> tuple[np.ndarray, np.ndarray]:
+    import torch
 
-    Returns the sort order grouping blocks, block offsets into it, block centres and radii.
-    The blocks only decide what can be skipped; they never change the selection.
+    data = torch.from_numpy(points).to(device)
+    norms = (data * data).sum(1)
+    if half:
+        data = data.half()
+    mind = torch.from_numpy(initial).to(device).clone()
+    selected = torch.empty(n_max, dtype=torch.int64, device=device)
+    reached = torch.empty(n_max, dtype=torch.float32, device=device)  # max min-distance when each was picked
+    chunk = max(1, n_max // CHUNKS)
+    done = 0
+    with torch.no_grad():
+        while done < n_max:
+            end = min(n_max, done + chunk)
+            for step in range(done, end):
+                centre = torch.argmax(mind)
+                selected[step] = centre
+                reached[step] = mind[centre]
+                sq = norms + norms[centre] - 2.0 * (data @ data[centre]).float()
+                torch.minimum(mind, sq.clamp_(min=0.0).sqrt_(), out=mind)
+            if stop_at >= 0:
+                covered = torch.nonzero(reached[done:end] <= stop_at)
+                if len(covered):  # greedy is prefix-consistent: drop the steps after the cover was reached
+                    end = done + int(covered[0])
+                    if progress is not None:
+                        progress(end - done)
+                    done = end
+                    break
+            if progress is not None:
+                progress(end - done)
+            done = end
+    if done < n_max:  # recompute the min-distances of the kept prefix
+        mind = torch.from_numpy(initial).to(device).clone()
+        for centre in selected[:done]:
+            sq = norms + norms[centre] - 2.0 * (data @ data[centre]).float()
+            torch.minimum(mind, sq.clamp_(min=0.0).sqrt_(), out=mind)
+    return selected[:done].cpu().numpy(), mind.cpu().numpy()
+
+
+def _blocks(points: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Partition points into ~8 sqrt(N) compact blocks, in two levels so it costs O(N * N^(1/4) * d):
+    each point joins the nearest of ~sqrt(blocks) random coarse seeds, then the nearest of its coarse
+    group's own random fine seeds (as many as the group's share of the blocks).
+
+    Returns the sort order grouping blocks and the block offsets into it. The blocks only decide
+    what can be skipped; they never change the selection.
     """
     n_blocks = int(min(len(points), max(1, BLOCKS_PER_SQRT_N * math.sqrt(len(points)))))
     rng = np.random.default_rng(seed + 1)
-    seeds = points[rng.choice(len(points), size=n_blocks, replace=False)]
+    coarse = _nearest_seed(points, points[rng.choice(len(points), size=max(1, int(math.sqrt(n_blocks))), replace=False)])
+    labels = np.empty(len(points), dtype=np.int64)
+    groups = np.argsort(coarse, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(coarse))])
+    next_label = 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        members = groups[lo:hi]
+        if len(members) == 0:
+            continue
+        n_fine = max(1, min(len(members), int(round(n_blocks * len(members) / len(points)))))
+        fine = points[members[rng.choice(len(members), size=n_fine, replace=False)]]
+        labels[members] = next_label + _nearest_seed(points[members], fine)
+        next_label += n_fine
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    return order, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def _nearest_seed(points: np.ndarray, seeds: np.ndarray, batch: int = 8192) -> np.ndarray:
     seed_sq = (seeds * seeds).sum(1)
     labels = np.empty(len(points), dtype=np.int64)
-    for begin in range(0, len(points), 8192):
-        block = points[begin:begin + 8192]
-        labels[begin:begin + 8192] = np.argmin(seed_sq[None, :] - 2.0 * block @ seeds.T, axis=1)
-    order = np.argsort(labels, kind="stable")
-    counts = np.bincount(labels, minlength=n_blocks)
-    counts = counts[counts > 0]
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    sorted_points = points[order]
-    centres = (np.add.reduceat(sorted_points.astype(np.float64), offsets[:-1]) / counts[:, None]).astype(np.float32)
-    owner = np.repeat(np.arange(len(counts)), counts)
-    spread = np.sqrt(((sorted_points - centres[owner]) ** 2).sum(1))
-    radius = np.maximum.reduceat(spread, offsets[:-1]).astype(np.float32)
-    # a small margin so float rounding can never skip a point that should be updated
-    return order, offsets, centres, radius * np.float32(1.001) + np.float32(1e-5)
+    for begin in range(0, len(points), batch):
+        labels[begin:begin + batch] = np.argmin(seed_sq[None, :] - 2.0 * points[begin:begin + batch] @ seeds.T, axis=1)
+    return labels
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_geometry(points, offsets):
+    """Centre (mean) and radius of each block of the block-sorted points, the radius with a margin
+    so float rounding can never skip a point that should be updated."""
+    n_blocks = len(offsets) - 1
+    centres = np.empty((n_blocks, points.shape[1]), dtype=np.float32)
+    radius = np.empty(n_blocks, dtype=np.float32)
+    for b in range(n_blocks):
+        acc = np.zeros(points.shape[1], dtype=np.float64)
+        for i in range(offsets[b], offsets[b + 1]):
+            acc += points[i]
+        centres[b] = acc / (offsets[b + 1] - offsets[b])
+        worst = np.float32(0.0)
+        for i in range(offsets[b], offsets[b + 1]):
+            worst = max(worst, _distance(points[i], centres[b]))
+        radius[b] = worst * np.float32(1.001) + np.float32(1e-5)
+    return centres, radius
 
 
 # fastmath lets LLVM vectorise the reduction; only the summation order changes
@@ -107,18 +325,29 @@ def _distance(a: np.ndarray, b: np.ndarray) -> np.float32:
 
 
 @numba.njit(cache=True, nogil=True)
-def _select_range(points, mind, nearest, selected, centre_dist, centre_stamp,
-                  offsets, block_centres, block_radius, block_max, begin, end):
+def _farthest(mind, offsets, block_max):
+    best_block = np.int64(np.argmax(block_max))
+    lo = offsets[best_block]
+    return lo + np.int64(np.argmax(mind[lo:offsets[best_block + 1]]))
+
+
+@numba.njit(cache=True, nogil=True)
+def _pruned_steps(points, mind, nearest, selected, centre_dist, centre_stamp,
+                  offsets, block_centres, block_radius, block_max, begin, end, stop_at):
+    """Steps begin..end with per-point pruning; returns (steps done, points in reached blocks, distances computed)."""
     n_blocks = block_centres.shape[0]
+    scanned = 0
+    computed = 0
     for step in range(begin, end):
-        best_block = np.int64(np.argmax(block_max))
-        lo = offsets[best_block]
-        centre = lo + np.int64(np.argmax(mind[lo:offsets[best_block + 1]]))
+        centre = _farthest(mind, offsets, block_max)
+        if mind[centre] <= stop_at:
+            return step, scanned, computed
         selected[step] = centre
         new = points[centre]
         for b in range(n_blocks):
             if _distance(block_centres[b], new) - block_radius[b] >= block_max[b]:
                 continue
+            scanned += offsets[b + 1] - offsets[b]
             worst = np.float32(0.0)
             for i in range(offsets[b], offsets[b + 1]):
                 current = mind[i]
@@ -127,25 +356,61 @@ def _select_range(points, mind, nearest, selected, centre_dist, centre_stamp,
                     if centre_stamp[owner] != step:  # d(owner, new centre), once per step
                         centre_dist[owner] = _distance(points[selected[owner]], new)
                         centre_stamp[owner] = step
+                        computed += 1
                     if centre_dist[owner] >= 2.0 * current:
                         worst = max(worst, current)
                         continue
                 d = _distance(points[i], new)
+                computed += 1
                 if d < current:
                     mind[i] = d
                     nearest[i] = step
                     current = d
                 worst = max(worst, current)
             block_max[b] = worst
+    return end, scanned, computed
 
 
-def coverage_radius(features: np.ndarray, coreset: np.ndarray, batch: int = 4096) -> float:
-    """Largest distance from any point to its nearest coreset point (in the given space)."""
-    core = features[coreset].astype(np.float32)
-    core_sq = (core * core).sum(1)
-    worst = 0.0
-    for begin in range(0, len(features), batch):
-        block = features[begin:begin + batch].astype(np.float32)
-        sq = (block * block).sum(1)[:, None] + core_sq[None, :] - 2.0 * block @ core.T
-        worst = max(worst, float(np.sqrt(max(sq.min(axis=1).max(), 0.0))))
-    return worst
+@numba.njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _dense_block(points, mind, nearest, offsets, block_centres, block_radius, block_max, b, new, step):
+    """One fused sweep of block b: distance, min-update and the block's new maximum."""
+    if _distance(block_centres[b], new) - block_radius[b] >= block_max[b]:
+        return
+    worst = np.float32(0.0)
+    for i in range(offsets[b], offsets[b + 1]):
+        current = mind[i]
+        d = _distance(points[i], new)
+        if d < current:
+            mind[i] = d
+            nearest[i] = step
+            current = d
+        worst = max(worst, current)
+    block_max[b] = worst
+
+
+@numba.njit(cache=True, nogil=True)
+def _dense_steps(points, mind, nearest, selected, offsets, block_centres, block_radius, block_max,
+                 begin, end, stop_at):
+    for step in range(begin, end):
+        centre = _farthest(mind, offsets, block_max)
+        if mind[centre] <= stop_at:
+            return step
+        selected[step] = centre
+        new = points[centre]
+        for b in range(block_centres.shape[0]):
+            _dense_block(points, mind, nearest, offsets, block_centres, block_radius, block_max, b, new, step)
+    return end
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _dense_steps_parallel(points, mind, nearest, selected, offsets, block_centres, block_radius, block_max,
+                          begin, end, stop_at):
+    for step in range(begin, end):
+        centre = _farthest(mind, offsets, block_max)
+        if mind[centre] <= stop_at:
+            return step
+        selected[step] = centre
+        new = points[centre]
+        for b in numba.prange(block_centres.shape[0]):
+            _dense_block(points, mind, nearest, offsets, block_centres, block_radius, block_max, b, new, step)
+    return end

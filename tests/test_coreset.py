@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 
+from scorer import coreset
 from scorer.config import CoresetConfig
-from scorer.coreset import coverage_radius, greedy_coreset, random_projection, start_distances
+from scorer.coreset import (coverage_radius, extend_coreset, greedy_coreset, random_projection, select_coreset,
+                            start_distances)
 
 
 def plain_greedy(features: np.ndarray, config: CoresetConfig) -> np.ndarray:
@@ -28,11 +30,26 @@ def exact_greedy(points: np.ndarray, n: int, first: int) -> np.ndarray:
     return np.array(chosen)
 
 
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
+    return len(set(a.tolist()) & set(b.tolist())) / len(b)
+
+
 @pytest.fixture(scope="module")
 def clustered():
     rng = np.random.default_rng(7)
     centres = rng.normal(0, 5, (20, 300))
     return (centres[rng.integers(0, 20, 4000)] + rng.normal(0, 1, (4000, 300))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def uniform():
+    """Texture-like: no cluster structure, high intrinsic dimension (triangle-inequality pruning fails)."""
+    return np.random.default_rng(8).uniform(-1, 1, (4000, 300)).astype(np.float32)
+
+
+@pytest.fixture(params=["clustered", "uniform"])
+def data(request):
+    return request.getfixturevalue(request.param)
 
 
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 0.25])
@@ -42,6 +59,60 @@ def test_same_selection_as_the_plain_algorithm(clustered, fraction):
     assert len(fast) == int(len(clustered) * fraction)
     assert len(set(fast.tolist())) == len(fast)
     np.testing.assert_array_equal(fast, plain_greedy(clustered, config))
+
+
+@pytest.mark.parametrize("prune_worth", [0.0, 10.0], ids=["dense-pass", "pruned-pass"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_pass_gives_the_plain_selection_on_each_kind_of_data(data, prune_worth, threads, monkeypatch):
+    monkeypatch.setattr(coreset, "PRUNE_WORTH", prune_worth)  # 0: dense after the first chunk; 10: always pruned
+    config = CoresetConfig(fraction=0.1, seed=5)
+    np.testing.assert_array_equal(greedy_coreset(data, config, threads=threads), plain_greedy(data, config))
+
+
+def test_torch_engine_gives_the_plain_selection(data):
+    config = CoresetConfig(fraction=0.1, seed=5)
+    selection = select_coreset(data, config, engine="torch", device="cpu")
+    np.testing.assert_array_equal(selection.indices, plain_greedy(data, config))
+
+
+def test_torch_half_precision_is_close(data):
+    config = CoresetConfig(fraction=0.1, seed=5)
+    full, half = select_coreset(data, config), select_coreset(data, config, engine="torch", half=True)
+    projected = random_projection(data, config.projection_dim, config.seed)
+    assert overlap(half.indices, full.indices) > 0.8  # rounding changes some picks ...
+    assert coverage_radius(projected, half.indices) <= 1.02 * full.radius  # ... hardly the coverage
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_radius_is_the_coverage_radius_in_the_projected_space(data, engine):
+    config = CoresetConfig(fraction=0.05, seed=2)
+    selection = select_coreset(data, config, engine=engine)
+    projected = random_projection(data, config.projection_dim, config.seed)
+    assert selection.radius == pytest.approx(coverage_radius(projected, selection.indices), rel=1e-5)
+
+
+def test_radius_counts_points_the_loop_never_updated():
+    """With one centre, most points keep their start estimate; the radius must still be exact."""
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(0, 0.1, (500, 8)), [[50.0] * 8]]).astype(np.float32)
+    selection = select_coreset(points, CoresetConfig(fraction=0.001, seed=0))
+    assert selection.radius == pytest.approx(coverage_radius(points, selection.indices), rel=1e-5)
+
+
+def test_projected_input_gives_the_same_selection(data):
+    config = CoresetConfig(fraction=0.1, seed=4)
+    projected = random_projection(data, config.projection_dim, config.seed)
+    a = select_coreset(data, config)
+    b = select_coreset(projected, config, projected=True)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert a.radius == b.radius
+
+
+def test_chunkwise_projection_equals_the_whole(clustered):
+    whole = random_projection(clustered, 128, 9)
+    cuts = [0, 1, 7, 520, 1500, 1501, 3999, 4000]
+    chunks = np.concatenate([random_projection(clustered[a:b], 128, 9) for a, b in zip(cuts[:-1], cuts[1:])])
+    np.testing.assert_array_equal(chunks, whole)
 
 
 def test_coverage_close_to_exact_k_center_greedy(clustered):
@@ -71,3 +142,65 @@ def test_tiny_inputs():
     points = np.arange(6, dtype=np.float32).reshape(3, 2)
     assert len(greedy_coreset(points, CoresetConfig(fraction=0.01))) == 1
     assert sorted(greedy_coreset(points, CoresetConfig(fraction=1.0)).tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_extension_covers_the_union_about_as_well_as_a_rebuild(data, engine):
+    config = CoresetConfig(fraction=0.1, seed=6)
+    old, new = data[:3000], data[3000:]
+    base = select_coreset(old, config)
+    added = extend_coreset(old[base.indices], new, config, base.radius, engine=engine)
+    assert 0 < len(added.indices) <= int(len(new) * config.fraction)
+    projected = random_projection(data, config.projection_dim, config.seed)
+    bank = np.concatenate([base.indices, 3000 + added.indices])
+    incremental = coverage_radius(projected, bank)
+    rebuild = select_coreset(data, config)
+    # measured: 1.011 (clustered, 337 vs 400 points), 0.992 (uniform, 357 vs 400)
+    assert incremental <= 1.05 * rebuild.radius
+    # the returned radius is the new points' coverage by old + added centres
+    assert added.radius == pytest.approx(float(coreset.nearest_distance(projected[3000:], projected[bank]).max()),
+                                         rel=1e-5)
+    assert incremental == pytest.approx(max(base.radius, added.radius), rel=1e-5)
+
+
+def test_extension_adds_nothing_for_covered_points(clustered):
+    config = CoresetConfig(fraction=0.1, seed=6)
+    base = select_coreset(clustered, config)
+    copies = clustered[::7].copy()
+    assert len(extend_coreset(clustered[base.indices], copies, config, base.radius).indices) == 0
+    assert len(extend_coreset(clustered[base.indices], copies, config, base.radius, engine="torch").indices) == 0
+
+
+def test_extension_of_far_new_data_stops_at_its_budget(clustered):
+    config = CoresetConfig(fraction=0.1, seed=6)
+    base = select_coreset(clustered, config)
+    far = clustered[:500] + 100.0  # nothing of it is near the bank
+    added = extend_coreset(clustered[base.indices], far, config, base.radius)
+    assert len(added.indices) == 50
+    projected = random_projection(far, config.projection_dim, config.seed)
+    # the added points are the plain greedy continuation from the bank's coreset
+    np.testing.assert_array_equal(added.indices, _plain_continuation(random_projection(
+        clustered[base.indices], config.projection_dim, config.seed), projected, 50))
+
+
+def _plain_continuation(core: np.ndarray, new: np.ndarray, n: int) -> np.ndarray:
+    mind = np.sqrt(((new[:, None, :] - core[None, :, :]) ** 2).sum(-1)).min(1)
+    chosen = []
+    for _ in range(n):
+        chosen.append(int(np.argmax(mind)))
+        mind = np.minimum(mind, np.sqrt(((new - new[chosen[-1]]) ** 2).sum(1)))
+    return np.array(chosen)
+
+
+def test_bad_input_is_refused(clustered):
+    config = CoresetConfig(fraction=0.1)
+    with pytest.raises(ValueError, match="projected points"):
+        select_coreset(clustered, config, projected=True)
+    with pytest.raises(ValueError, match="engine"):
+        select_coreset(clustered, config, engine="cuda")
+    with pytest.raises(ValueError, match="half precision"):
+        select_coreset(clustered, config, half=True)
+    with pytest.raises(ValueError, match="no points"):
+        select_coreset(clustered[:0], config)
+    with pytest.raises(ValueError, match="differ in dimension"):
+        extend_coreset(clustered[:10, :64], clustered[:10, :32], config, 1.0, projected=True)
