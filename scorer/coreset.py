@@ -8,14 +8,17 @@ Bounded memory: `random_projection` is deterministic and row-wise (projecting ch
 equals projecting the whole, bit for bit), so a build can project each feature batch as it comes off
 the backbone and hand the projected [N, 128] points to `select_coreset(..., projected=True)`.
 
-CPU engine ("numba"): points are grouped into compact blocks (centre, radius); a step skips every
-block the new centre cannot reach (triangle inequality). Inside the reached blocks it runs one of two
-exact passes, chosen per chunk of steps from counts (never from timings, so runs are reproducible):
-- pruned: per point, if x's nearest selected centre a has d(a, c) >= 2 * mind(x), skip x;
-- dense: one fused sweep (distance, min-update, block maximum) over every point of the reached blocks,
-  optionally multi-threaded over blocks.
-The pruned pass pays on clustered data (bottle); on texture-like data almost every point must be
-computed anyway and its bookkeeping makes it slower than a plain sweep, so the dense pass takes over.
+CPU engine ("numba"), two exact passes, chosen per chunk of steps from counts (never from timings,
+so runs are reproducible):
+- dense: the plain step (one BLAS matrix-vector product over all points), then one fused pass that
+  turns the products into distances, updates the minimum distances and the running maxima (numpy needs
+  five passes for that). Never slower than the plain loop; the loop starts with it.
+- pruned: after PROBE_AFTER of the steps the points are grouped into compact blocks (centre, radius);
+  a step skips every block the new centre cannot reach and, per point, every x whose nearest selected
+  centre a has d(a, c) >= 2 * mind(x) (triangle inequality). It pays on clustered data (bottle: most
+  points skipped late in the loop); on texture-like data it still has to compute ~98 % of the points and
+  its bookkeeping makes it slower than the dense pass, so the dense pass takes over when the pruned pass
+  computed more than PRUNE_WORTH of the points it reached, and pruning is re-tried every REPROBE chunks.
 Both give the plain algorithm's selection up to float rounding.
 
 GPU engine ("torch"): the plain dense step in torch (matrix-vector product, min, argmax), with no
@@ -39,6 +42,8 @@ CHUNKS = 200  # pass choice and progress every 1/CHUNKS of the steps
 # (bench/bank_build.py): bottle ~0.1-0.3 late in the loop (pruning 2-3x faster), textures ~0.9
 PRUNE_WORTH = 0.5
 REPROBE = 8  # in dense mode, try the pruned pass again every REPROBE chunks (pruning improves as radii shrink)
+PROBE_AFTER = 0.05  # share of the steps run dense before the blocks are built and pruning is first tried
+MIN_STEPS_FOR_BLOCKS = 200  # fewer steps left than this: building blocks (~N * 100 * d flops) does not pay
 
 
 @dataclass(frozen=True)
@@ -109,13 +114,12 @@ def greedy_coreset(features: np.ndarray, config: CoresetConfig,
 
 
 def select_coreset(points: np.ndarray, config: CoresetConfig, progress: Callable[[int], None] | None = None, *,
-                   projected: bool = False, engine: str = "numba", device: str = "cpu", half: bool = False,
-                   threads: int = 1) -> CoresetSelection:
+                   projected: bool = False, engine: str = "numba", device: str = "cpu", half: bool = False) -> CoresetSelection:
     """Greedy coreset of `points` (int(N * fraction) of them, at least one) and its coverage radius.
 
     points: features [N, D], or with `projected=True` points already mapped by
         `random_projection(..., config.projection_dim, config.seed)` (same selection, bounded memory).
-    engine: "numba" (CPU, `threads` threads for the dense pass) or "torch" (`device`, e.g. "cuda";
+    engine: "numba" (CPU; the dense pass's product uses BLAS's threads) or "torch" (`device`, e.g. "cuda";
         `half` stores the points in float16 there: half the memory traffic, selection may differ by rounding).
     progress: called with the number of points selected since the last call.
     """
@@ -128,12 +132,12 @@ def select_coreset(points: np.ndarray, config: CoresetConfig, progress: Callable
         raise ValueError("no points to select a coreset from")
     initial = start_distances(points, config.start_points, config.seed)
     n_select = coreset_size(len(points), config.fraction)
-    return _greedy(points, initial, False, n_select, -1.0, config.seed, progress, engine, device, half, threads)
+    return _greedy(points, initial, False, n_select, -1.0, config.seed, progress, engine, device, half)
 
 
 def extend_coreset(coreset_features: np.ndarray, new_features: np.ndarray, config: CoresetConfig, radius: float,
                    progress: Callable[[int], None] | None = None, *, projected: bool = False, engine: str = "numba",
-                   device: str = "cpu", half: bool = False, threads: int = 1) -> CoresetSelection:
+                   device: str = "cpu", half: bool = False) -> CoresetSelection:
     """Continue the greedy selection of a bank over new points (bank updates without a full rebuild).
 
     coreset_features: the bank's coreset vectors [M, D] (what a bank stores); new_features: [K, D]
@@ -154,12 +158,12 @@ def extend_coreset(coreset_features: np.ndarray, new_features: np.ndarray, confi
     new = np.ascontiguousarray(new_features, dtype=np.float32)
     initial = nearest_distance(new, coreset_features)
     n_max = coreset_size(len(new), config.fraction)
-    return _greedy(new, initial, True, n_max, float(radius), config.seed, progress, engine, device, half, threads)
+    return _greedy(new, initial, True, n_max, float(radius), config.seed, progress, engine, device, half)
 
 
 def _greedy(points: np.ndarray, initial: np.ndarray, initial_is_distance: bool, n_max: int, stop_at: float,
-            seed: int, progress: Callable[[int], None] | None, engine: str, device: str, half: bool,
-            threads: int) -> CoresetSelection:
+            seed: int, progress: Callable[[int], None] | None, engine: str, device: str,
+            half: bool) -> CoresetSelection:
     """Farthest-point steps from `initial` min-distances: up to n_max, stopping once the max is <= stop_at.
 
     initial_is_distance: the initial values are distances to real centres (extension), so the final
@@ -170,7 +174,7 @@ def _greedy(points: np.ndarray, initial: np.ndarray, initial_is_distance: bool, 
     elif engine == "numba":
         if half:
             raise ValueError("half precision is available with engine='torch' only (numba has no float16)")
-        selected, mind = _greedy_numba(points, initial, n_max, stop_at, seed, progress, threads)
+        selected, mind = _greedy_numba(points, initial, n_max, stop_at, seed, progress)
     else:
         raise ValueError(f"unknown coreset engine {engine!r}: use 'numba' or 'torch'")
     # points never moved below their start value may be farther from the selection than that value
@@ -180,30 +184,46 @@ def _greedy(points: np.ndarray, initial: np.ndarray, initial_is_distance: bool, 
     return CoresetSelection(selected, float(mind.max()))
 
 
-def _greedy_numba(points, initial, n_max, stop_at, seed, progress, threads) -> tuple[np.ndarray, np.ndarray]:
-    order, offsets = _blocks(points, seed)
-    sorted_points = np.ascontiguousarray(points[order])
-    block_centres, block_radius = _block_geometry(sorted_points, offsets)
-    mind = np.ascontiguousarray(initial[order])
-    block_max = np.maximum.reduceat(mind, offsets[:-1]).astype(np.float32)
+def _greedy_numba(points, initial, n_max, stop_at, seed, progress) -> tuple[np.ndarray, np.ndarray]:
+    """CPU loop. Starts with dense steps over all points in input order (early on nothing can be pruned);
+    after PROBE_AFTER of the steps, when enough steps remain to pay for it, groups the points into blocks
+    and from then on picks, per chunk of steps, the pruned or the dense pass from the pruned pass's counts."""
+    order = np.arange(len(points))
+    offsets = np.array([0, len(points)], dtype=np.int64)  # one block until the blocks are built
+    block_centres = block_radius = None
+    mind = initial.copy()
+    norms = np.einsum("ij,ij->i", points, points)
+    block_max = np.array([mind.max()], dtype=np.float32)
     selected = np.empty(n_max, dtype=np.int64)
     nearest = np.full(len(points), -1, dtype=np.int32)
     centre_dist = np.empty(n_max, dtype=np.float32)
     centre_stamp = np.full(n_max, -1, dtype=np.int64)
-    if threads > 1:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     chunk = max(1, n_max // CHUNKS)
-    done, dense_since, dense = 0, 0, False
+    done, dense_since, dense = 0, 0, True
     while done < n_max:
         end = min(n_max, done + chunk)
+        if block_centres is None and done >= PROBE_AFTER * n_max and n_max - done >= MIN_STEPS_FOR_BLOCKS:
+            order, offsets = _blocks(points, seed)
+            position = np.empty_like(order)
+            position[order] = np.arange(len(order))
+            selected[:done] = position[selected[:done]]
+            points, mind, nearest, norms = (np.ascontiguousarray(a[order]) for a in (points, mind, nearest, norms))
+            block_centres, block_radius = _block_geometry(points, offsets)
+            block_max = np.maximum.reduceat(mind, offsets[:-1]).astype(np.float32)
+            dense = False
         if dense:
-            reached = _dense_steps_parallel if threads > 1 else _dense_steps
-            stop = reached(sorted_points, mind, nearest, selected, offsets, block_centres, block_radius, block_max,
-                           done, end, stop_at)
+            stop = end
+            for step in range(done, end):  # the matrix-vector product is BLAS's; the rest one fused pass
+                centre = _farthest(mind, offsets, block_max)
+                if mind[centre] <= stop_at:
+                    stop = step
+                    break
+                selected[step] = centre
+                _dense_update(points @ points[centre], norms, norms[centre], mind, nearest, step, offsets, block_max)
             dense_since += 1
-            dense = dense_since % REPROBE != 0
+            dense = block_centres is None or dense_since % REPROBE != 0
         else:
-            stop, scanned, computed = _pruned_steps(sorted_points, mind, nearest, selected, centre_dist, centre_stamp,
+            stop, scanned, computed = _pruned_steps(points, mind, nearest, selected, centre_dist, centre_stamp,
                                                     offsets, block_centres, block_radius, block_max, done, end,
                                                     stop_at)
             dense = computed > PRUNE_WORTH * scanned
@@ -371,46 +391,17 @@ def _pruned_steps(points, mind, nearest, selected, centre_dist, centre_stamp,
     return end, scanned, computed
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _dense_block(points, mind, nearest, offsets, block_centres, block_radius, block_max, b, new, step):
-    """One fused sweep of block b: distance, min-update and the block's new maximum."""
-    if _distance(block_centres[b], new) - block_radius[b] >= block_max[b]:
-        return
-    worst = np.float32(0.0)
-    for i in range(offsets[b], offsets[b + 1]):
-        current = mind[i]
-        d = _distance(points[i], new)
-        if d < current:
-            mind[i] = d
-            nearest[i] = step
-            current = d
-        worst = max(worst, current)
-    block_max[b] = worst
-
-
 @numba.njit(cache=True, nogil=True)
-def _dense_steps(points, mind, nearest, selected, offsets, block_centres, block_radius, block_max,
-                 begin, end, stop_at):
-    for step in range(begin, end):
-        centre = _farthest(mind, offsets, block_max)
-        if mind[centre] <= stop_at:
-            return step
-        selected[step] = centre
-        new = points[centre]
-        for b in range(block_centres.shape[0]):
-            _dense_block(points, mind, nearest, offsets, block_centres, block_radius, block_max, b, new, step)
-    return end
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _dense_steps_parallel(points, mind, nearest, selected, offsets, block_centres, block_radius, block_max,
-                          begin, end, stop_at):
-    for step in range(begin, end):
-        centre = _farthest(mind, offsets, block_max)
-        if mind[centre] <= stop_at:
-            return step
-        selected[step] = centre
-        new = points[centre]
-        for b in numba.prange(block_centres.shape[0]):
-            _dense_block(points, mind, nearest, offsets, block_centres, block_radius, block_max, b, new, step)
-    return end
+def _dense_update(dots, norms, centre_norm, mind, nearest, step, offsets, block_max):
+    """One fused pass after the product: distance from the dot products, min-update, block maxima."""
+    for b in range(len(offsets) - 1):
+        worst = np.float32(0.0)
+        for i in range(offsets[b], offsets[b + 1]):
+            current = mind[i]
+            d = np.float32(math.sqrt(max(norms[i] + centre_norm - np.float32(2.0) * dots[i], np.float32(0.0))))
+            if d < current:
+                mind[i] = d
+                nearest[i] = step
+                current = d
+            worst = max(worst, current)
+        block_max[b] = worst
