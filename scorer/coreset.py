@@ -41,8 +41,11 @@ CHUNKS = 200  # pass choice and progress every 1/CHUNKS of the steps
 # pruned pass when the share of reached points it had to compute stays below this; measured
 # (bench/bank_build.py): bottle ~0.1-0.3 late in the loop (pruning 2-3x faster), textures ~0.9
 PRUNE_WORTH = 0.5
-REPROBE = 8  # in dense mode, try the pruned pass again every REPROBE chunks (pruning improves as radii shrink)
-PROBE_AFTER = 0.05  # share of the steps run dense before the blocks are built and pruning is first tried
+# in dense mode, probe the pruned pass again after REPROBE chunks, the spacing doubling after each failed
+# probe up to 1/16 of the steps (pruning improves as the radii shrink; on textures it never pays)
+REPROBE = 8
+PROBE_AFTER = 0.05  # share of the steps always run dense (early on nothing can be pruned)
+PROBE_STEPS = 1  # pruned steps per probe (one costs ~1.5-2 dense steps)
 MIN_STEPS_FOR_BLOCKS = 200  # fewer steps left than this: building blocks (~N * 100 * d flops) does not pay
 
 
@@ -185,12 +188,13 @@ def _greedy(points: np.ndarray, initial: np.ndarray, initial_is_distance: bool, 
 
 
 def _greedy_numba(points, initial, n_max, stop_at, seed, progress) -> tuple[np.ndarray, np.ndarray]:
-    """CPU loop. Starts with dense steps over all points in input order (early on nothing can be pruned);
-    after PROBE_AFTER of the steps, when enough steps remain to pay for it, groups the points into blocks
-    and from then on picks, per chunk of steps, the pruned or the dense pass from the pruned pass's counts."""
+    """CPU loop: dense steps over all points in input order (one block); from PROBE_AFTER of the steps on,
+    probes of PROBE_STEPS pruned steps (spacing above REPROBE); when one computed at most PRUNE_WORTH of
+    the points, the points are grouped into blocks (once, if enough steps remain) and pruned chunks follow
+    until a chunk computes more than that share again."""
     order = np.arange(len(points))
-    offsets = np.array([0, len(points)], dtype=np.int64)  # one block until the blocks are built
-    block_centres = block_radius = None
+    offsets = np.array([0, len(points)], dtype=np.int64)  # one block until pruning is found to pay
+    block_centres, block_radius = _block_geometry(points, offsets)
     mind = initial.copy()
     norms = np.einsum("ij,ij->i", points, points)
     block_max = np.array([mind.max()], dtype=np.float32)
@@ -199,19 +203,26 @@ def _greedy_numba(points, initial, n_max, stop_at, seed, progress) -> tuple[np.n
     centre_dist = np.empty(n_max, dtype=np.float32)
     centre_stamp = np.full(n_max, -1, dtype=np.int64)
     chunk = max(1, n_max // CHUNKS)
-    done, dense_since, dense = 0, 0, True
+    done, dense, spacing, next_probe = 0, True, REPROBE * chunk, int(PROBE_AFTER * n_max)
     while done < n_max:
         end = min(n_max, done + chunk)
-        if block_centres is None and done >= PROBE_AFTER * n_max and n_max - done >= MIN_STEPS_FOR_BLOCKS:
-            order, offsets = _blocks(points, seed)
-            position = np.empty_like(order)
-            position[order] = np.arange(len(order))
-            selected[:done] = position[selected[:done]]
-            points, mind, nearest, norms = (np.ascontiguousarray(a[order]) for a in (points, mind, nearest, norms))
-            block_centres, block_radius = _block_geometry(points, offsets)
-            block_max = np.maximum.reduceat(mind, offsets[:-1]).astype(np.float32)
-            dense = False
-        if dense:
+        if dense and done >= next_probe:
+            end = min(end, done + PROBE_STEPS)
+            stop, scanned, computed = _pruned_steps(points, mind, nearest, selected, centre_dist, centre_stamp,
+                                                    offsets, block_centres, block_radius, block_max, done, end,
+                                                    stop_at)
+            dense = computed > PRUNE_WORTH * scanned
+            spacing = min(2 * spacing, max(chunk, n_max // 16)) if dense else REPROBE * chunk  # back off on failure
+            next_probe = stop + spacing
+            if not dense and len(offsets) == 2 and n_max - done >= MIN_STEPS_FOR_BLOCKS:
+                order, offsets = _blocks(points, seed)
+                position = np.empty_like(order)
+                position[order] = np.arange(len(order))
+                selected[:stop] = position[selected[:stop]]
+                points, mind, nearest, norms = (np.ascontiguousarray(a[order]) for a in (points, mind, nearest, norms))
+                block_centres, block_radius = _block_geometry(points, offsets)
+                block_max = np.maximum.reduceat(mind, offsets[:-1]).astype(np.float32)
+        elif dense:
             stop = end
             for step in range(done, end):  # the matrix-vector product is BLAS's; the rest one fused pass
                 centre = _farthest(mind, offsets, block_max)
@@ -220,18 +231,17 @@ def _greedy_numba(points, initial, n_max, stop_at, seed, progress) -> tuple[np.n
                     break
                 selected[step] = centre
                 _dense_update(points @ points[centre], norms, norms[centre], mind, nearest, step, offsets, block_max)
-            dense_since += 1
-            dense = block_centres is None or dense_since % REPROBE != 0
         else:
             stop, scanned, computed = _pruned_steps(points, mind, nearest, selected, centre_dist, centre_stamp,
                                                     offsets, block_centres, block_radius, block_max, done, end,
                                                     stop_at)
             dense = computed > PRUNE_WORTH * scanned
-            dense_since = 0
+            next_probe = stop + spacing
         if progress is not None:
             progress(stop - done)
+        covered = stop < end  # the loop reached stop_at
         done = stop
-        if stop < end:
+        if covered:
             break
     mind_out = np.empty_like(mind)
     mind_out[order] = mind
