@@ -92,7 +92,7 @@ def compare(name: str, projected: np.ndarray, config: CoresetConfig, max_steps: 
           f"coverage radius {plain_radius:.4f}", flush=True)
     for label, options in engines.items():
         started = time.perf_counter()
-        selection = select_coreset(projected, run, projected=True, **options)
+        selection = select_coreset(None, run, projected=projected, **options)
         seconds = time.perf_counter() - started
         assert len(selection.indices) == n_select
         same = np.array_equal(selection.indices, plain)

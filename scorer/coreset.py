@@ -6,7 +6,7 @@ each step picks the point farthest from the selected set.
 
 Bounded memory: `random_projection` is deterministic and row-wise (projecting chunks and stacking
 equals projecting the whole, bit for bit), so a build can project each feature batch as it comes off
-the backbone and hand the projected [N, 128] points to `select_coreset(..., projected=True)`.
+the backbone and hand the projected [N, 128] points to `select_coreset(None, config, projected=...)`.
 
 CPU engine ("numba"), two exact passes, chosen per chunk of steps from counts (never from timings,
 so runs are reproducible):
@@ -52,7 +52,7 @@ MIN_STEPS_FOR_BLOCKS = 200  # fewer steps left than this: building blocks (~N * 
 @dataclass(frozen=True)
 class CoresetSelection:
     indices: np.ndarray  # [M] int64, positions in the input, in selection order
-    radius: float  # coverage radius in the projected space: max over inputs of the distance to the nearest selected point
+    radius: float  # coverage radius in the projected space: largest distance of an input to its nearest pick
 
 
 def projection_matrix(in_dim: int, dim: int, seed: int) -> np.ndarray:
@@ -110,27 +110,29 @@ def coreset_size(n_total: int, fraction: float) -> int:
     return max(1, min(n_total, int(n_total * fraction)))
 
 
-def greedy_coreset(features: np.ndarray, config: CoresetConfig,
-                   progress: Callable[[int], None] | None = None, **options) -> np.ndarray:
-    """Indices of the coreset of `features` [N, D] in selection order (`select_coreset` without the radius)."""
-    return select_coreset(features, config, progress, **options).indices
+def greedy_coreset(features: np.ndarray | None, config: CoresetConfig, progress: Callable[[int], None] | None = None,
+                   projected: np.ndarray | None = None, **engine) -> np.ndarray:
+    """Indices of the coreset in selection order (`select_coreset` without the radius)."""
+    return select_coreset(features, config, progress, projected, **engine).indices
 
 
-def select_coreset(points: np.ndarray, config: CoresetConfig, progress: Callable[[int], None] | None = None, *,
-                   projected: bool = False, engine: str = "numba", device: str = "cpu", half: bool = False) -> CoresetSelection:
-    """Greedy coreset of `points` (int(N * fraction) of them, at least one) and its coverage radius.
+def select_coreset(features: np.ndarray | None, config: CoresetConfig, progress: Callable[[int], None] | None = None,
+                   projected: np.ndarray | None = None, *, engine: str = "numba", device: str = "cpu",
+                   half: bool = False) -> CoresetSelection:
+    """Greedy coreset (int(N * fraction) points, at least one) and its coverage radius.
 
-    points: features [N, D], or with `projected=True` points already mapped by
-        `random_projection(..., config.projection_dim, config.seed)` (same selection, bounded memory).
+    features: [N, D]; or None with `projected`: the features already passed through
+        `random_projection(..., config.projection_dim, config.seed)`, chunk by chunk (same selection;
+        builds that never hold all features in memory).
     engine: "numba" (CPU; the dense pass's product uses BLAS's threads) or "torch" (`device`, e.g. "cuda";
         `half` stores the points in float16 there: half the memory traffic, selection may differ by rounding).
     progress: called with the number of points selected since the last call.
     """
-    if not projected:
-        points = random_projection(points, config.projection_dim, config.seed)
-    elif points.ndim != 2 or points.shape[1] > config.projection_dim:
-        raise ValueError(f"projected points must be [N, {config.projection_dim}], got shape {points.shape}")
-    points = np.ascontiguousarray(points, dtype=np.float32)
+    if projected is None:
+        projected = random_projection(features, config.projection_dim, config.seed)
+    elif projected.ndim != 2 or projected.shape[1] > config.projection_dim:
+        raise ValueError(f"projected points must be [N, {config.projection_dim}], got shape {projected.shape}")
+    points = np.ascontiguousarray(projected, dtype=np.float32)
     if len(points) == 0:
         raise ValueError("no points to select a coreset from")
     initial = start_distances(points, config.start_points, config.seed)
@@ -138,30 +140,27 @@ def select_coreset(points: np.ndarray, config: CoresetConfig, progress: Callable
     return _greedy(points, initial, False, n_select, -1.0, config.seed, progress, engine, device, half)
 
 
-def extend_coreset(coreset_features: np.ndarray, new_features: np.ndarray, config: CoresetConfig, radius: float,
-                   progress: Callable[[int], None] | None = None, *, projected: bool = False, engine: str = "numba",
-                   device: str = "cpu", half: bool = False) -> CoresetSelection:
+def extend_coreset(existing: np.ndarray, new: np.ndarray, radius: float, max_new: int,
+                   progress: Callable[[int], None] | None = None, *, engine: str = "numba", device: str = "cpu",
+                   half: bool = False) -> CoresetSelection:
     """Continue the greedy selection of a bank over new points (bank updates without a full rebuild).
 
-    coreset_features: the bank's coreset vectors [M, D] (what a bank stores); new_features: [K, D]
-    (or both projected, with `projected=True`); radius: the coverage radius the bank recorded.
-    New points start at their distance to the nearest existing coreset point; farthest-point steps
-    over them stop as soon as every new point is within `radius` (so already covered data adds
-    nothing) or after coreset_size(K, config.fraction) points (the build's own budget for K points).
-    Returns the indices of the new points to add, in order, and the coverage radius of the new
+    existing [M, d]: the bank's coreset, new [K, d]: the new patches, both projected with the bank's
+    `random_projection`; radius: the coverage radius the bank recorded. New points start at their
+    distance to the nearest existing coreset point; farthest-point steps over them stop as soon as every
+    new point is within `radius` (so already covered data adds nothing) or after `max_new` points (a bank
+    update passes coreset_size(K, fraction), the build's own budget for K points).
+    Returns the indices into `new` of the points to add, in order, and the coverage radius of the new
     points by the extended coreset (the bank's radius afterwards is max(radius, that)).
     """
-    if not projected:
-        coreset_features = random_projection(coreset_features, config.projection_dim, config.seed)
-        new_features = random_projection(new_features, config.projection_dim, config.seed)
-    if coreset_features.shape[1] != new_features.shape[1]:
-        raise ValueError(f"coreset {coreset_features.shape} and new points {new_features.shape} differ in dimension")
-    if len(new_features) == 0:
-        return CoresetSelection(np.empty(0, dtype=np.int64), 0.0)
-    new = np.ascontiguousarray(new_features, dtype=np.float32)
-    initial = nearest_distance(new, coreset_features)
-    n_max = coreset_size(len(new), config.fraction)
-    return _greedy(new, initial, True, n_max, float(radius), config.seed, progress, engine, device, half)
+    if existing.ndim != 2 or new.ndim != 2 or existing.shape[1] != new.shape[1]:
+        raise ValueError(f"coreset {existing.shape} and new points {new.shape} must be [M, d] and [K, d]")
+    if len(new) == 0 or max_new < 1:
+        initial = nearest_distance(new, existing) if len(new) else np.zeros(1, np.float32)
+        return CoresetSelection(np.empty(0, dtype=np.int64), float(initial.max()))
+    new = np.ascontiguousarray(new, dtype=np.float32)
+    initial = nearest_distance(new, existing)
+    return _greedy(new, initial, True, max_new, float(radius), 0, progress, engine, device, half)
 
 
 def _greedy(points: np.ndarray, initial: np.ndarray, initial_is_distance: bool, n_max: int, stop_at: float,
@@ -219,7 +218,7 @@ def _greedy_numba(points, initial, n_max, stop_at, seed, progress) -> tuple[np.n
                 position = np.empty_like(order)
                 position[order] = np.arange(len(order))
                 selected[:stop] = position[selected[:stop]]
-                points, mind, nearest, norms = (np.ascontiguousarray(a[order]) for a in (points, mind, nearest, norms))
+                points, mind, nearest, norms = (np.ascontiguousarray(x[order]) for x in (points, mind, nearest, norms))
                 block_centres, block_radius = _block_geometry(points, offsets)
                 block_max = np.maximum.reduceat(mind, offsets[:-1]).astype(np.float32)
         elif dense:
@@ -298,7 +297,8 @@ def _blocks(points: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """
     n_blocks = int(min(len(points), max(1, BLOCKS_PER_SQRT_N * math.sqrt(len(points)))))
     rng = np.random.default_rng(seed + 1)
-    coarse = _nearest_seed(points, points[rng.choice(len(points), size=max(1, int(math.sqrt(n_blocks))), replace=False)])
+    n_coarse = max(1, int(math.sqrt(n_blocks)))
+    coarse = _nearest_seed(points, points[rng.choice(len(points), size=n_coarse, replace=False)])
     labels = np.empty(len(points), dtype=np.int64)
     groups = np.argsort(coarse, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(coarse))])

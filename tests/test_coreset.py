@@ -117,7 +117,7 @@ def test_projected_input_gives_the_same_selection(data):
     config = CoresetConfig(fraction=0.1, seed=4)
     projected = random_projection(data, config.projection_dim, config.seed)
     a = select_coreset(data, config)
-    b = select_coreset(projected, config, projected=True)
+    b = select_coreset(None, config, projected=projected)
     np.testing.assert_array_equal(a.indices, b.indices)
     assert a.radius == b.radius
 
@@ -158,12 +158,19 @@ def test_tiny_inputs():
     assert sorted(greedy_coreset(points, CoresetConfig(fraction=1.0)).tolist()) == [0, 1, 2]
 
 
+def extend(config: CoresetConfig, bank: np.ndarray, new: np.ndarray, radius: float, **engine):
+    """A bank update as the bank does it: both projected, at most coreset_size(K, fraction) new points."""
+    return extend_coreset(random_projection(bank, config.projection_dim, config.seed),
+                          random_projection(new, config.projection_dim, config.seed), radius,
+                          coreset.coreset_size(len(new), config.fraction), **engine)
+
+
 @pytest.mark.parametrize("engine", ["numba", "torch"])
 def test_extension_covers_the_union_about_as_well_as_a_rebuild(data, engine):
     config = CoresetConfig(fraction=0.1, seed=6)
     old, new = data[:3000], data[3000:]
     base = select_coreset(old, config)
-    added = extend_coreset(old[base.indices], new, config, base.radius, engine=engine)
+    added = extend(config, old[base.indices], new, base.radius, engine=engine)
     assert 0 < len(added.indices) <= int(len(new) * config.fraction)
     projected = random_projection(data, config.projection_dim, config.seed)
     bank = np.concatenate([base.indices, 3000 + added.indices])
@@ -181,15 +188,15 @@ def test_extension_adds_nothing_for_covered_points(clustered):
     config = CoresetConfig(fraction=0.1, seed=6)
     base = select_coreset(clustered, config)
     copies = clustered[::7].copy()
-    assert len(extend_coreset(clustered[base.indices], copies, config, base.radius).indices) == 0
-    assert len(extend_coreset(clustered[base.indices], copies, config, base.radius, engine="torch").indices) == 0
+    assert len(extend(config, clustered[base.indices], copies, base.radius).indices) == 0
+    assert len(extend(config, clustered[base.indices], copies, base.radius, engine="torch").indices) == 0
 
 
 def test_extension_of_far_new_data_stops_at_its_budget(clustered):
     config = CoresetConfig(fraction=0.1, seed=6)
     base = select_coreset(clustered, config)
     far = clustered[:500] + 100.0  # nothing of it is near the bank
-    added = extend_coreset(clustered[base.indices], far, config, base.radius)
+    added = extend(config, clustered[base.indices], far, base.radius)
     assert len(added.indices) == 50
     projected = random_projection(far, config.projection_dim, config.seed)
     # the added points are the plain greedy continuation from the bank's coreset (near-ties aside: same set)
@@ -210,12 +217,12 @@ def _plain_continuation(core: np.ndarray, new: np.ndarray, n: int) -> np.ndarray
 def test_bad_input_is_refused(clustered):
     config = CoresetConfig(fraction=0.1)
     with pytest.raises(ValueError, match="projected points"):
-        select_coreset(clustered, config, projected=True)
+        select_coreset(None, config, projected=clustered)
     with pytest.raises(ValueError, match="engine"):
         select_coreset(clustered, config, engine="cuda")
     with pytest.raises(ValueError, match="half precision"):
         select_coreset(clustered, config, half=True)
     with pytest.raises(ValueError, match="no points"):
         select_coreset(clustered[:0], config)
-    with pytest.raises(ValueError, match="differ in dimension"):
-        extend_coreset(clustered[:10, :64], clustered[:10, :32], config, 1.0, projected=True)
+    with pytest.raises(ValueError, match="must be"):
+        extend_coreset(clustered[:10, :64], clustered[:10, :32], 1.0, 5)
