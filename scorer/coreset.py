@@ -17,8 +17,9 @@ so runs are reproducible):
   a step skips every block the new centre cannot reach and, per point, every x whose nearest selected
   centre a has d(a, c) >= 2 * mind(x) (triangle inequality). It pays on clustered data (bottle: most
   points skipped late in the loop); on texture-like data it still has to compute ~98 % of the points and
-  its bookkeeping makes it slower than the dense pass, so the dense pass takes over when the pruned pass
-  computed more than PRUNE_WORTH of the points it reached, and pruning is re-tried every REPROBE chunks.
+  its bookkeeping makes it slower than the dense pass. One-step probes decide (`_pruning_pays`, a cost
+  model over the counts); after a failed probe the spacing to the next doubles (up to 1/16 of the steps),
+  so trying costs well under 1 % of a build where pruning never pays.
 Both give the plain algorithm's selection up to float rounding.
 
 GPU engine ("torch"): the plain dense step in torch (matrix-vector product, min, argmax), with no
@@ -38,8 +39,8 @@ from .config import CoresetConfig
 BLOCKS_PER_SQRT_N = 8.0  # measured on bottle features: 2 -> 11 s, 8 -> 9 s, 24 -> slower
 PROJECTION_ROWS = 512  # rows per matrix product: fixed, so any chunking gives the same floats
 CHUNKS = 200  # pass choice and progress every 1/CHUNKS of the steps
-# pruned pass when the share of reached points it had to compute stays below this; measured
-# (bench/bank_build.py): bottle ~0.1-0.3 late in the loop (pruning 2-3x faster), textures ~0.9
+# pruned pass while (computed + reached / 4) stays below this share of all points per step (_pruning_pays);
+# measured: on textures the pruned pass computes ~98 % of the points at every step, on bottle far fewer
 PRUNE_WORTH = 0.5
 # in dense mode, probe the pruned pass again after REPROBE chunks, the spacing doubling after each failed
 # probe up to 1/16 of the steps (pruning improves as the radii shrink; on textures it never pays)
@@ -187,10 +188,10 @@ def _greedy(points: np.ndarray, initial: np.ndarray, initial_is_distance: bool, 
 
 
 def _greedy_numba(points, initial, n_max, stop_at, seed, progress) -> tuple[np.ndarray, np.ndarray]:
-    """CPU loop: dense steps over all points in input order (one block); from PROBE_AFTER of the steps on,
-    probes of PROBE_STEPS pruned steps (spacing above REPROBE); when one computed at most PRUNE_WORTH of
-    the points, the points are grouped into blocks (once, if enough steps remain) and pruned chunks follow
-    until a chunk computes more than that share again."""
+    """CPU loop: dense steps over all points in input order (one block) up to PROBE_AFTER of the steps;
+    then the points are grouped into blocks (if enough steps remain) and probes of PROBE_STEPS pruned
+    steps follow (spacing from REPROBE chunks, doubling after each failure); when one computed at most
+    PRUNE_WORTH of the points it reached, pruned chunks run until one computes more than that again."""
     order = np.arange(len(points))
     offsets = np.array([0, len(points)], dtype=np.int64)  # one block until pruning is found to pay
     block_centres, block_radius = _block_geometry(points, offsets)
@@ -206,35 +207,35 @@ def _greedy_numba(points, initial, n_max, stop_at, seed, progress) -> tuple[np.n
     while done < n_max:
         end = min(n_max, done + chunk)
         if dense and done >= next_probe:
+            if len(offsets) == 2 and n_max - done >= MIN_STEPS_FOR_BLOCKS:  # group into blocks once
+                order, offsets = _blocks(points, seed)
+                position = np.empty_like(order)
+                position[order] = np.arange(len(order))
+                selected[:done] = position[selected[:done]]
+                points, mind, nearest, norms = (np.ascontiguousarray(x[order]) for x in (points, mind, nearest, norms))
+                block_centres, block_radius = _block_geometry(points, offsets)
+                block_max = np.maximum.reduceat(mind, offsets[:-1]).astype(np.float32)
             end = min(end, done + PROBE_STEPS)
             stop, scanned, computed = _pruned_steps(points, mind, nearest, selected, centre_dist, centre_stamp,
                                                     offsets, block_centres, block_radius, block_max, done, end,
                                                     stop_at)
-            dense = computed > PRUNE_WORTH * scanned
+            dense = not _pruning_pays(scanned, computed, stop - done, len(points))
             spacing = min(2 * spacing, max(chunk, n_max // 16)) if dense else REPROBE * chunk  # back off on failure
             next_probe = stop + spacing
-            if not dense and len(offsets) == 2 and n_max - done >= MIN_STEPS_FOR_BLOCKS:
-                order, offsets = _blocks(points, seed)
-                position = np.empty_like(order)
-                position[order] = np.arange(len(order))
-                selected[:stop] = position[selected[:stop]]
-                points, mind, nearest, norms = (np.ascontiguousarray(x[order]) for x in (points, mind, nearest, norms))
-                block_centres, block_radius = _block_geometry(points, offsets)
-                block_max = np.maximum.reduceat(mind, offsets[:-1]).astype(np.float32)
         elif dense:
-            stop = end
+            stop, centre = end, _farthest(mind, offsets, block_max)
             for step in range(done, end):  # the matrix-vector product is BLAS's; the rest one fused pass
-                centre = _farthest(mind, offsets, block_max)
                 if mind[centre] <= stop_at:
                     stop = step
                     break
                 selected[step] = centre
-                _dense_update(points @ points[centre], norms, norms[centre], mind, nearest, step, offsets, block_max)
+                centre = _dense_update(points @ points[centre], norms, norms[centre], mind, nearest, step, offsets,
+                                       block_max)
         else:
             stop, scanned, computed = _pruned_steps(points, mind, nearest, selected, centre_dist, centre_stamp,
                                                     offsets, block_centres, block_radius, block_max, done, end,
                                                     stop_at)
-            dense = computed > PRUNE_WORTH * scanned
+            dense = not _pruning_pays(scanned, computed, stop - done, len(points))
             next_probe = stop + spacing
         if progress is not None:
             progress(stop - done)
@@ -245,6 +246,12 @@ def _greedy_numba(points, initial, n_max, stop_at, seed, progress) -> tuple[np.n
     mind_out = np.empty_like(mind)
     mind_out[order] = mind
     return order[selected[:done]], mind_out
+
+
+def _pruning_pays(scanned: int, computed: int, steps: int, n_points: int) -> bool:
+    """Cost model: a pruned step costs a distance per computed point plus a quarter of one per point of
+    a reached block (bookkeeping); a dense step one BLAS product row per point, ~PRUNE_WORTH of a distance."""
+    return computed + scanned / 4 <= PRUNE_WORTH * n_points * max(steps, 1)
 
 
 def _greedy_torch(points, initial, n_max, stop_at, progress, device, half) -> tuple[np.ndarray, np.ndarray]:
@@ -403,7 +410,9 @@ def _pruned_steps(points, mind, nearest, selected, centre_dist, centre_stamp,
 
 @numba.njit(cache=True, nogil=True)
 def _dense_update(dots, norms, centre_norm, mind, nearest, step, offsets, block_max):
-    """One fused pass after the product: distance from the dot products, min-update, block maxima."""
+    """One fused pass after the product: distance from the dot products, min-update, block maxima;
+    returns the next centre (the first point of largest min-distance, as np.argmax)."""
+    best, best_value = np.int64(0), np.float32(-1.0)
     for b in range(len(offsets) - 1):
         worst = np.float32(0.0)
         for i in range(offsets[b], offsets[b + 1]):
@@ -413,5 +422,9 @@ def _dense_update(dots, norms, centre_norm, mind, nearest, step, offsets, block_
                 mind[i] = d
                 nearest[i] = step
                 current = d
-            worst = max(worst, current)
+            if current > worst:
+                worst = current
+                if current > best_value:
+                    best, best_value = i, current
         block_max[b] = worst
+    return best
