@@ -189,12 +189,12 @@ def _greedy(points: np.ndarray, initial: np.ndarray, initial_is_distance: bool, 
 
 def _greedy_numba(points, initial, n_max, stop_at, seed, progress) -> tuple[np.ndarray, np.ndarray]:
     """CPU loop: dense steps over all points in input order (one block) up to PROBE_AFTER of the steps;
-    then the points are grouped into blocks (if enough steps remain) and probes of PROBE_STEPS pruned
-    steps follow (spacing from REPROBE chunks, doubling after each failure); when one computed at most
-    PRUNE_WORTH of the points it reached, pruned chunks run until one computes more than that again."""
+    then, if enough steps remain (else the loop stays dense), the points are grouped into blocks and
+    probes of PROBE_STEPS pruned steps follow (spacing from REPROBE chunks, doubling after each failure);
+    when one pays (`_pruning_pays`), pruned chunks run until one does not."""
     order = np.arange(len(points))
-    offsets = np.array([0, len(points)], dtype=np.int64)  # one block until pruning is found to pay
-    block_centres, block_radius = _block_geometry(points, offsets)
+    offsets = np.array([0, len(points)], dtype=np.int64)  # one block until the blocks are built
+    block_centres = block_radius = None
     mind = initial.copy()
     norms = np.einsum("ij,ij->i", points, points)
     block_max = np.array([mind.max()], dtype=np.float32)
@@ -203,11 +203,12 @@ def _greedy_numba(points, initial, n_max, stop_at, seed, progress) -> tuple[np.n
     centre_dist = np.empty(n_max, dtype=np.float32)
     centre_stamp = np.full(n_max, -1, dtype=np.int64)
     chunk = max(1, n_max // CHUNKS)
-    done, dense, spacing, next_probe = 0, True, REPROBE * chunk, int(PROBE_AFTER * n_max)
+    done, dense, blocked, spacing, next_probe = 0, True, False, REPROBE * chunk, int(PROBE_AFTER * n_max)
     while done < n_max:
         end = min(n_max, done + chunk)
-        if dense and done >= next_probe:
-            if len(offsets) == 2 and n_max - done >= MIN_STEPS_FOR_BLOCKS:  # group into blocks once
+        if dense and done >= next_probe and (blocked or n_max - done >= MIN_STEPS_FOR_BLOCKS):
+            if not blocked:  # group into blocks once
+                blocked = True
                 order, offsets = _blocks(points, seed)
                 position = np.empty_like(order)
                 position[order] = np.arange(len(order))
@@ -266,6 +267,11 @@ def _greedy_torch(points, initial, n_max, stop_at, progress, device, half) -> tu
     reached = torch.empty(n_max, dtype=torch.float32, device=device)  # max min-distance when each was picked
     chunk = max(1, n_max // CHUNKS)
     done = 0
+
+    def add_centre(centre: torch.Tensor) -> None:
+        sq = norms + norms[centre] - 2.0 * (data @ data[centre]).float()
+        torch.minimum(mind, sq.clamp_(min=0.0).sqrt_(), out=mind)
+
     with torch.no_grad():
         while done < n_max:
             end = min(n_max, done + chunk)
@@ -273,8 +279,7 @@ def _greedy_torch(points, initial, n_max, stop_at, progress, device, half) -> tu
                 centre = torch.argmax(mind)
                 selected[step] = centre
                 reached[step] = mind[centre]
-                sq = norms + norms[centre] - 2.0 * (data @ data[centre]).float()
-                torch.minimum(mind, sq.clamp_(min=0.0).sqrt_(), out=mind)
+                add_centre(centre)
             if stop_at >= 0:
                 covered = torch.nonzero(reached[done:end] <= stop_at)
                 if len(covered):  # greedy is prefix-consistent: drop the steps after the cover was reached
@@ -287,10 +292,10 @@ def _greedy_torch(points, initial, n_max, stop_at, progress, device, half) -> tu
                 progress(end - done)
             done = end
     if done < n_max:  # recompute the min-distances of the kept prefix
-        mind = torch.from_numpy(initial).to(device).clone()
-        for centre in selected[:done]:
-            sq = norms + norms[centre] - 2.0 * (data @ data[centre]).float()
-            torch.minimum(mind, sq.clamp_(min=0.0).sqrt_(), out=mind)
+        mind.copy_(torch.from_numpy(initial))
+        with torch.no_grad():
+            for centre in selected[:done]:
+                add_centre(centre)
     return selected[:done].cpu().numpy(), mind.cpu().numpy()
 
 
