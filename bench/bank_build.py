@@ -1,31 +1,46 @@
-"""Bank build time on MVTec bottle (features + coreset), beside the plain numpy coreset loop.
+"""Coreset selection time beside the plain numpy loop, on real and texture-like features, in one run.
 
-    .venv/bin/python bench/bank_build.py [--category ../shared/datasets/mvtec_bottle] [--no-baseline]
+    .venv/bin/python bench/bank_build.py [--sets bottle,macaroni1,texture,large] [--max-steps 3000]
 
-Prints the build time split, and the plain algorithm's time and coverage on the same features.
+Sets (mobilenet_v2 features, today's crop view, projected batch by batch as a bounded-memory build does):
+- bottle: MVTec bottle train/good (209 images, 163,856 patches);
+- macaroni1: VisA macaroni1 train/good (`--macaroni-images`, default all 300);
+- texture: 209 synthetic noise textures (multi-scale, anisotropic filtered noise, greyscale) through the
+  same backbone: stationary texture without object structure, where triangle-inequality pruning stops
+  paying (the pruned pass has to compute ~98 % of the points at every step, as on real texture sets);
+- large: `--large-points` (default 1M) projected points drawn from the texture set plus small jitter,
+  the size a full-frame build of 300 images reaches.
+Each set times the greedy loop alone (start distances to the last step) on the same projected points:
+the plain loop (one matrix-vector product per step) against `select_coreset` (and with --torch the
+torch engine, on CUDA when present), and reports the coverage radius and the selection overlap with the plain loop.
+`--max-steps` caps the steps per set (the first k picks of greedy are the same whatever the total);
+0 runs the full int(N * fraction). Timings are wall-clock; the machine is named by `lscpu`.
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from scorer.config import BuildConfig, CoresetConfig, FeatureConfig
-from scorer.coreset import coverage_radius, greedy_coreset, random_projection, start_distances
+from scorer.config import CoresetConfig, FeatureConfig
+from scorer.coreset import coverage_radius, random_projection, select_coreset, start_distances
 from scorer.evaluate import train_images
-from scorer.model import build_bank, build_extractor, iter_image_batches
+from scorer.model import build_extractor, iter_image_batches
 from scorer.preprocess import preprocess
 
+DATASETS = Path(__file__).resolve().parents[2] / "shared/datasets"
 
-def plain_coreset(features: np.ndarray, config: CoresetConfig) -> np.ndarray:
+
+def plain_coreset(projected: np.ndarray, n_select: int, config: CoresetConfig) -> np.ndarray:
     """The straightforward loop: one full distance pass (a matrix-vector product) per selected point."""
-    projected = random_projection(features, config.projection_dim, config.seed)
     mind = start_distances(projected, config.start_points, config.seed)
     norms = np.einsum("ij,ij->i", projected, projected)
     chosen = []
-    for _ in range(max(1, int(len(features) * config.fraction))):
+    for _ in range(n_select):
         centre = int(np.argmax(mind))
         chosen.append(centre)
         sq = norms + norms[centre] - 2.0 * (projected @ projected[centre])
@@ -33,39 +48,107 @@ def plain_coreset(features: np.ndarray, config: CoresetConfig) -> np.ndarray:
     return np.array(chosen)
 
 
+def noise_textures(n_images: int, seed: int = 0, size: int = 256):
+    """Batches of greyscale textures: a random mix of Gaussian-filtered noise at three anisotropic scales."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    for begin in range(0, n_images, 16):
+        batch = []
+        for _ in range(begin, min(n_images, begin + 16)):
+            image = np.zeros((size, size), np.float32)
+            for sigma in (1.0, 3.0, 8.0):
+                noise = rng.standard_normal((size, size)).astype(np.float32)
+                image += rng.uniform(0.3, 1) * cv2.GaussianBlur(noise, (0, 0), sigmaX=sigma * rng.uniform(0.5, 2),
+                                                                sigmaY=sigma * rng.uniform(0.5, 2))
+            grey = np.clip(128 + 40 * (image - image.mean()) / image.std(), 0, 255).astype(np.uint8)
+            batch.append(np.repeat(grey[:, :, None], 3, axis=2))
+        yield batch
+
+
+def projected_features(batches, config: CoresetConfig) -> tuple[np.ndarray, float]:
+    """Backbone features of image batches, projected batch by batch (the full [N, 1024] is never held)."""
+    import torch
+
+    extractor, fc = build_extractor(FeatureConfig(backbone="mobilenet_v2"))
+    started, chunks = time.perf_counter(), []
+    with torch.no_grad():
+        for images in batches:
+            features = extractor(preprocess(images, 256, 224))[0]  # the crop view.reshape(-1, fc.target_dim).numpy()
+            chunks.append(random_projection(features, config.projection_dim, config.seed))
+    return np.concatenate(chunks), time.perf_counter() - started
+
+
+def compare(name: str, projected: np.ndarray, config: CoresetConfig, max_steps: int, engines: dict) -> None:
+    n_select = max(1, int(len(projected) * config.fraction))
+    if max_steps:
+        n_select = min(n_select, max_steps)
+    run = replace(config, fraction=(n_select + 0.5) / len(projected))  # int(N * fraction) == n_select
+    started = time.perf_counter()
+    plain = plain_coreset(projected, n_select, config)
+    plain_s = time.perf_counter() - started
+    plain_radius = coverage_radius(projected, plain)
+    radius_s = time.perf_counter() - started - plain_s
+    print(f"{name}: {len(projected):,} points, {n_select:,} steps; plain numpy loop {plain_s:.1f} s, "
+          f"coverage radius {plain_radius:.4f} (computing it: {radius_s:.1f} s more)", flush=True)
+    for label, options in engines.items():
+        started = time.perf_counter()
+        selection = select_coreset(None, run, projected=projected, **options)
+        seconds = time.perf_counter() - started
+        assert len(selection.indices) == n_select
+        same = np.array_equal(selection.indices, plain)
+        shared = len(set(selection.indices.tolist()) & set(plain.tolist())) / n_select
+        print(f"  {label:12s} {seconds:6.1f} s (radius included)  x{plain_s / seconds:4.2f} vs plain, "
+              f"x{(plain_s + radius_s) / seconds:4.2f} vs plain + radius;  radius {selection.radius:.4f}  "
+              f"same order {same}, set overlap {shared:.4f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--category", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/mvtec_bottle"))
-    parser.add_argument("--backbone", default="mobilenet_v2")
-    parser.add_argument("--coreset", type=float, default=0.1)
-    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--sets", default="bottle,macaroni1,texture,large")
+    parser.add_argument("--coreset", type=float, default=0.1, help="coreset fraction")
+    parser.add_argument("--max-steps", type=int, default=3000, help="steps per set (0: all)")
+    parser.add_argument("--macaroni-images", type=int, default=300)
+    parser.add_argument("--large-points", type=int, default=1_000_000)
+    parser.add_argument("--large-steps", type=int, default=300)
+    parser.add_argument("--torch", action="store_true", help="also time the torch engine (CUDA when present)")
     args = parser.parse_args()
-    paths = train_images(args.category)
-    config = BuildConfig(features=FeatureConfig(backbone=args.backbone), coreset=CoresetConfig(fraction=args.coreset))
+    engines = {"numba": {}}
+    if args.torch:
+        import torch
 
-    started = time.perf_counter()
-    bank = build_bank(paths, config, device="cpu", progress=False)
-    total = time.perf_counter() - started
-    print(f"bank build, {len(paths)} images, {args.backbone}, coreset {args.coreset}: {total:.1f} s "
-          f"(features {bank.info['feature_seconds']} s, bank {len(bank.features)} x {bank.features.shape[1]}, "
-          f"incl. calibration coreset + scoring)")
-
-    extractor, fc = build_extractor(config.features)
-    features = np.concatenate([extractor(preprocess(b, fc.resize, fc.crop))[0].reshape(-1, fc.target_dim).numpy()
-                               for b in iter_image_batches(paths, 16)])
-    t = time.perf_counter()
-    fast = greedy_coreset(features, config.coreset)
-    fast_s = time.perf_counter() - t
-    projected = random_projection(features, config.coreset.projection_dim, config.coreset.seed)
-    print(f"coreset alone ({len(features)} patches -> {len(fast)}): {fast_s:.1f} s, "
-          f"coverage radius (projected) {coverage_radius(projected, fast):.4f}")
-    if not args.no_baseline:
-        t = time.perf_counter()
-        plain = plain_coreset(features, config.coreset)
-        plain_s = time.perf_counter() - t
-        print(f"baseline plain numpy loop: {plain_s:.1f} s, coverage radius {coverage_radius(projected, plain):.4f}, "
-              f"same selection: {np.array_equal(fast, plain)} (overlap {len(set(fast) & set(plain)) / len(fast):.4f}), "
-              f"speed-up x{plain_s / fast_s:.1f}")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        engines[f"torch {device}"] = {"engine": "torch", "device": device}
+        if device == "cuda":
+            engines["torch fp16"] = {"engine": "torch", "device": device, "half": True}
+    config = CoresetConfig(fraction=args.coreset)
+    model = [line for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+             if line.startswith(("Model name", "CPU(s):"))]
+    print("machine:", "; ".join(" ".join(line.split()) for line in model))
+    sets = args.sets.split(",")
+    texture = None
+    for name in sets:
+        if name in ("bottle", "macaroni1"):
+            folder = DATASETS / ("mvtec_bottle" if name == "bottle" else "visa_macaroni1")
+            paths = train_images(folder)[:args.macaroni_images if name == "macaroni1" else None]
+            projected, seconds = projected_features(iter_image_batches(paths, 16), config)
+            print(f"{name}: {len(paths)} images, features + projection {seconds:.1f} s")
+            compare(name, projected, config, args.max_steps, engines)
+        elif name in ("texture", "large"):
+            if texture is None:
+                texture, seconds = projected_features(noise_textures(209), config)
+                print(f"texture: 209 synthetic images, features + projection {seconds:.1f} s")
+            if name == "texture":
+                compare(name, texture, config, args.max_steps, engines)
+            else:
+                rng = np.random.default_rng(1)
+                rows = rng.integers(0, len(texture), args.large_points)
+                scale = np.float32(0.05 * texture.std())
+                large = texture[rows] + scale * rng.standard_normal((args.large_points, texture.shape[1]),
+                                                                    dtype=np.float32)
+                compare(f"large ({args.large_points:,} texture-like points)", large, config, args.large_steps, engines)
+        else:
+            parser.error(f"unknown set {name!r}")
 
 
 if __name__ == "__main__":

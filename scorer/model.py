@@ -21,7 +21,7 @@ from .backbones import BACKBONES, load_backbone
 from .bank import BankError, Calibration, MemoryBank
 from .calibration import fold_ids, threshold_for_rate
 from .config import BuildConfig, CoresetConfig, FeatureConfig
-from .coreset import coreset_size, coverage_radius, extend_coreset, greedy_coreset, random_projection
+from .coreset import coreset_size, extend_coreset, random_projection, select_coreset
 from .features import PatchFeatureExtractor
 from .index import NearestNeighbourIndex
 from .overlay import heatmap_overlay
@@ -307,13 +307,16 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
         store.close()
         feature_seconds = time.perf_counter() - started
 
+        radius = {}
+
         def coreset(points: np.ndarray | None, desc: str) -> np.ndarray:
-            """Coreset of the given patches (all when None), as sorted-by-selection global indices."""
+            """Coreset of the given patches (all when None), as global indices in selection order."""
             projected = store.projected if points is None else store.projected[points]
             with tqdm(total=coreset_size(len(projected), config.coreset.fraction), desc=desc, unit="pt",
                       disable=not progress) as bar:
-                chosen = greedy_coreset(None, config.coreset, progress=bar.update, projected=projected)
-            return chosen if points is None else points[chosen]
+                chosen = select_coreset(None, config.coreset, progress=bar.update, projected=projected)
+            radius[desc] = chosen.radius
+            return chosen.indices if points is None else points[chosen.indices]
 
         def bank_of(selected: np.ndarray, calibration: Calibration | None = None, info: dict | None = None) -> MemoryBank:
             return MemoryBank(store.gather(selected), feature_config, config.coreset, calibration,
@@ -336,7 +339,7 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
         info = {"n_train_images": len(images), "n_train_patches": int(len(store.projected)),
                 # every training patch lies within this distance (projected space) of the bank: bank updates
                 # add new patches until they do too
-                "coverage_radius": round(coverage_radius(store.projected, selected), 6),
+                "coverage_radius": round(float(radius["coreset"]), 6),
                 "feature_seconds": round(feature_seconds, 2), "build_seconds": round(time.perf_counter() - started, 2)}
         return bank_of(selected, calibration, info)
 
@@ -363,9 +366,10 @@ def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path |
     radius = bank.info.get("coverage_radius")
     if radius is None:
         raise BankError("this bank records no coverage radius (built before bank updates existed): rebuild it")
-    added = extend_coreset(random_projection(bank.features, config.projection_dim, config.seed),
-                           random_projection(new, config.projection_dim, config.seed), float(radius),
-                           max_new=coreset_size(len(new), config.fraction))
+    extension = extend_coreset(random_projection(bank.features, config.projection_dim, config.seed),
+                               random_projection(new, config.projection_dim, config.seed), float(radius),
+                               max_new=coreset_size(len(new), config.fraction))
+    added = extension.indices
     calibration = bank.calibration
     if calibration is not None and calibration.false_alarm_rate is not None:
         good = np.concatenate([np.asarray(calibration.good_scores), new_scores])
@@ -373,6 +377,7 @@ def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path |
                               good_scores=tuple(float(g) for g in good))
     info = {**bank.info, "n_train_images": int(bank.info.get("n_train_images", 0)) + len(images),
             "updates": int(bank.info.get("updates", 0)) + 1, "last_update_images": len(images),
-            "last_update_added": int(len(added))}
+            "last_update_added": int(len(added)),
+            "coverage_radius": round(max(float(radius), float(extension.radius)), 6)}
     features = np.concatenate([bank.features, new[added]]) if len(added) else bank.features
     return replace(bank, features=np.ascontiguousarray(features, dtype=np.float32), calibration=calibration, info=info)
