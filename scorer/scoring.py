@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 from .index import NearestNeighbourIndex
 
@@ -36,10 +35,46 @@ def gaussian_kernel_size(sigma: float) -> int:
     return 2 * int(4.0 * sigma + 0.5) + 1
 
 
-def anomaly_maps(patch_scores: torch.Tensor, grid: tuple[int, int], size: int, sigma: float = MAP_SIGMA) -> torch.Tensor:
-    """Patch scores [B, h*w] -> maps [B, size, size]: bilinear upsampling then Gaussian smoothing, batched."""
+# Border handling of the Gaussian, named as scipy.ndimage names them (torch's "reflect" is scipy's "mirror").
+BORDERS = ("mirror", "reflect")  # mirror: d c b | a b c d | c b a; reflect: c b a | a b c d | d c b
+
+
+def _border_indices(n: int, radius: int, border: str, device: torch.device) -> torch.Tensor:
+    """Source index of each of the n + 2 * radius padded positions (any n >= 1, any radius)."""
+    i = torch.arange(-radius, n + radius, device=device)
+    if border == "reflect":
+        i = i % (2 * n)
+        return torch.where(i < n, i, 2 * n - 1 - i)
+    if border == "mirror":
+        if n == 1:
+            return torch.zeros_like(i)
+        i = i % (2 * n - 2)
+        return torch.where(i < n, i, 2 * n - 2 - i)
+    raise ValueError(f"unknown border {border!r}; choose from {', '.join(BORDERS)}")
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float, border: str = "mirror") -> torch.Tensor:
+    """Separable Gaussian of maps [B, H, W] (kernel +-4 sigma, scipy.ndimage.gaussian_filter's, same border names)."""
+    radius = gaussian_kernel_size(sigma) // 2
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = maps.unsqueeze(1)  # [B, 1, H, W]
+    for dim in (2, 3):
+        out = out.index_select(dim, _border_indices(out.shape[dim], radius, border, maps.device))
+        shape = (1, 1, -1, 1) if dim == 2 else (1, 1, 1, -1)
+        out = F.conv2d(out, kernel.view(shape))
+    return out[:, 0]
+
+
+def anomaly_maps(patch_scores: torch.Tensor, grid: tuple[int, int], size: int | tuple[int, int],
+                 sigma: float = MAP_SIGMA, border: str = "mirror") -> torch.Tensor:
+    """Patch scores [B, h*w] -> maps [B, H, W] (size: H = W, or (H, W)): bilinear upsampling, then a Gaussian.
+
+    Distances are smoothed as they are, with scipy's "mirror" border: measured against the official code's
+    squared distances and "reflect" border (bench/maps.py), that localises as well or better.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
     maps = patch_scores.reshape(-1, 1, grid[0], grid[1])
-    maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
-    if sigma > 0:
-        maps = TF.gaussian_blur(maps, kernel_size=[gaussian_kernel_size(sigma)] * 2, sigma=[sigma, sigma])
-    return maps[:, 0]
+    maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(maps, sigma, border) if sigma > 0 else maps
