@@ -34,9 +34,17 @@ LITE0_STAGES = (
 
 class Conv2dSame(nn.Conv2d):
     """nn.Conv2d with TensorFlow's 'SAME' padding: output size ceil(input / stride), the extra pixel
-    of an odd total padding on the bottom/right."""
+    of an odd total padding on the bottom/right. At stride 1 (odd kernels) that is the usual symmetric padding."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.symmetric = self.stride == (1, 1) and all(k % 2 == 1 for k in self.kernel_size)
+        if self.symmetric:
+            self.padding = tuple(k // 2 for k in self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.symmetric:
+            return super().forward(x)
         pads = []
         for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
