@@ -53,8 +53,11 @@ def _border_indices(n: int, radius: int, border: str, device: torch.device) -> t
     raise ValueError(f"unknown border {border!r}; choose from {', '.join(BORDERS)}")
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float, border: str = "mirror") -> torch.Tensor:
-    """Separable Gaussian of maps [B, H, W] (kernel +-4 sigma, scipy.ndimage.gaussian_filter's, same border names)."""
+def smooth(maps: torch.Tensor, sigma: float = MAP_SIGMA, border: str = "mirror") -> torch.Tensor:
+    """Gaussian smoothing of maps [B, H, W], batched and separable: scipy.ndimage.gaussian_filter's result
+    (kernel +-4 sigma, same border names) for any map size, tiny maps and thin strips included."""
+    if sigma <= 0:
+        return maps
     radius = gaussian_kernel_size(sigma) // 2
     x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
@@ -77,4 +80,4 @@ def anomaly_maps(patch_scores: torch.Tensor, grid: tuple[int, int], size: int | 
     height, width = (size, size) if isinstance(size, int) else size
     maps = patch_scores.reshape(-1, 1, grid[0], grid[1])
     maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-    return gaussian_blur(maps, sigma, border) if sigma > 0 else maps
+    return smooth(maps, sigma, border)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from scorer.index import NearestNeighbourIndex
-from scorer.scoring import anomaly_maps, gaussian_blur, image_scores
+from scorer.scoring import anomaly_maps, smooth, image_scores
 
 from .conftest import synthetic_part
 
@@ -42,7 +42,7 @@ def test_gaussian_equals_scipys_for_both_borders_any_size():
     for shape in [(224, 300), (17, 5), (3, 1), (1, 1)]:
         maps = rng.random((2, *shape)).astype(np.float32)
         for border in ("mirror", "reflect"):
-            out = gaussian_blur(torch.from_numpy(maps), 4.0, border).numpy()
+            out = smooth(torch.from_numpy(maps), 4.0, border).numpy()
             for i in range(2):
                 expected = ndimage.gaussian_filter(maps[i].astype(np.float64), sigma=4, mode=border, truncate=4.0)
                 np.testing.assert_allclose(out[i], expected, atol=1e-5)
