@@ -16,6 +16,7 @@ from scorer import PatchCoreScorer, load_bank
 from scorer.evaluate import test_samples
 from scorer.metrics import image_auroc
 from scorer.model import iter_image_batches
+from scorer.preprocess import preprocess
 
 
 def main() -> None:
@@ -25,12 +26,14 @@ def main() -> None:
     args = parser.parse_args()
     samples = test_samples(args.category)
     labels = np.array([s.is_anomalous for s in samples])
-    images = [img for b in iter_image_batches([s.path for s in samples], 16) for img in b]
     scorer = PatchCoreScorer(load_bank(args.bank), device="cpu")
+    # one backbone pass per image; each setting of b then re-scores the same features
+    batches = [scorer.extractor(preprocess(images, scorer.config.resize, scorer.config.crop))
+               for images in iter_image_batches([s.path for s in samples], 16)]
     for neighbours in (1, 3, 9, 27):
         scorer.neighbours = neighbours
-        scores = np.concatenate([scorer.score(images[i:i + 16], maps=False).image_scores
-                                 for i in range(0, len(images), 16)])
+        scores = np.concatenate([scorer.score_features(features, grid, maps=False).image_scores
+                                 for features, grid in batches])
         good, bad = scores[~labels], scores[labels]
         margin = (bad.min() - good.max()) / good.std()
         print(f"neighbours {neighbours:2d}: image AUROC {image_auroc(labels, scores):.4f}, "

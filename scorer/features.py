@@ -6,6 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import MobileNetV2, ResNet
 
+from .efficientnet_lite import EfficientNetLite
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
 
 def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     """The backbone's forward pass as an ordered list of named stages (torchvision's own modules).
@@ -16,7 +19,7 @@ def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     if isinstance(backbone, ResNet):
         names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
         return [(name, getattr(backbone, name)) for name in names]
-    if isinstance(backbone, MobileNetV2):
+    if isinstance(backbone, (MobileNetV2, EfficientNetLite)):
         return [(f"features.{i}", stage) for i, stage in enumerate(backbone.features)]
     raise TypeError(f"no stage list for {type(backbone).__name__}")
 
@@ -48,14 +51,25 @@ class TruncatedBackbone(nn.Module):
 class PatchFeatureExtractor(nn.Module):
     """Backbone taps -> one `target_dim` feature per position of the shallowest tapped grid.
 
+    Input: batches normalised with ImageNet's mean/std (scorer.preprocess); a backbone trained with
+    another normalisation (`mean`, `std` on [0, 1] pixels, from its BackboneSpec) gets its own,
+    by one per-channel affine map of the input.
+
     Per tapped layer: 3x3 neighbourhood (stride 1, zero padding) -> the deeper grids bilinearly
     resized to the first tap's grid -> the C*9 values adaptive-average-pooled to `pretrain_dim`;
     the layers' vectors are concatenated and pooled again to `target_dim` (as the official code).
     """
 
     def __init__(self, backbone: nn.Module, layers: tuple[str, ...], patch_size: int = 3,
-                 pretrain_dim: int = 1024, target_dim: int = 1024):
+                 pretrain_dim: int = 1024, target_dim: int = 1024,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         super().__init__()
+        self.renormalise = (tuple(mean), tuple(std)) != (IMAGENET_MEAN, IMAGENET_STD)
+        # x_backbone = (x_imagenet * std_in + mean_in - mean) / std = x_imagenet * scale + shift
+        scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
+        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
         self.body = TruncatedBackbone(backbone, tuple(layers)).eval()  # stops at the deepest tap
         self.layers = tuple(layers)
         self.patch_size = patch_size
@@ -66,6 +80,8 @@ class PatchFeatureExtractor(nn.Module):
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """images [B, 3, H, W] -> (features [B, h*w, target_dim], (h, w))."""
+        if self.renormalise:
+            images = images * self.scale + self.shift
         maps = self.body(images)
         grid = maps[self.layers[0]].shape[-2:]
         pooled = [self._layer_patches(maps[layer], grid) for layer in self.layers]

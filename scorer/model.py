@@ -42,8 +42,10 @@ def build_extractor(config: FeatureConfig, weights: str | Path | None = None,
                     device: torch.device | str = "cpu") -> tuple[PatchFeatureExtractor, FeatureConfig]:
     """The extractor a config describes, and the config completed with default taps and weights hash."""
     backbone, weights_sha = load_backbone(config.backbone, weights)
-    layers = config.layers or BACKBONES[config.backbone].default_layers
-    extractor = PatchFeatureExtractor(backbone, layers, config.patch_size, config.pretrain_dim, config.target_dim)
+    spec = BACKBONES[config.backbone]
+    layers = config.layers or spec.default_layers
+    extractor = PatchFeatureExtractor(backbone, layers, config.patch_size, config.pretrain_dim, config.target_dim,
+                                      spec.mean, spec.std)
     extractor.config = replace(config, layers=tuple(layers), weights_sha256=weights_sha)
     return extractor.to(device), extractor.config
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 from .index import NearestNeighbourIndex
 
@@ -41,24 +40,49 @@ def gaussian_kernel_size(sigma: float) -> int:
     return 2 * int(4.0 * sigma + 0.5) + 1
 
 
-def smooth(maps: torch.Tensor, sigma: float = MAP_SIGMA) -> torch.Tensor:
-    """Gaussian smoothing of maps [B, H, W] (kernel +-4 sigma, mirrored borders), batched."""
+# Border handling of the Gaussian, named as scipy.ndimage names them (torch's "reflect" is scipy's "mirror").
+BORDERS = ("mirror", "reflect")  # mirror: d c b | a b c d | c b a; reflect: c b a | a b c d | d c b
+
+
+def _border_indices(n: int, radius: int, border: str, device: torch.device) -> torch.Tensor:
+    """Source index of each of the n + 2 * radius padded positions (any n >= 1, any radius)."""
+    i = torch.arange(-radius, n + radius, device=device)
+    if border == "reflect":
+        i = i % (2 * n)
+        return torch.where(i < n, i, 2 * n - 1 - i)
+    if border == "mirror":
+        if n == 1:
+            return torch.zeros_like(i)
+        i = i % (2 * n - 2)
+        return torch.where(i < n, i, 2 * n - 2 - i)
+    raise ValueError(f"unknown border {border!r}; choose from {', '.join(BORDERS)}")
+
+
+def smooth(maps: torch.Tensor, sigma: float = MAP_SIGMA, border: str = "mirror") -> torch.Tensor:
+    """Gaussian smoothing of maps [B, H, W], batched and separable: scipy.ndimage.gaussian_filter's result
+    (kernel +-4 sigma, same border names) for any map size, tiny maps and thin strips included."""
     if sigma <= 0:
         return maps
-    size = gaussian_kernel_size(sigma)
-    height, width = maps.shape[-2:]
-    # mirroring needs a side longer than half the kernel: tiny maps (thin strips) are edge-extended first
-    grow_y, grow_x = max(0, size // 2 + 1 - height), max(0, size // 2 + 1 - width)
-    padded = F.pad(maps[:, None], (0, grow_x, 0, grow_y), mode="replicate") if grow_y or grow_x else maps[:, None]
-    blurred = TF.gaussian_blur(padded, kernel_size=[size, size], sigma=[sigma, sigma])
-    return blurred[:, 0, :height, :width]
+    radius = gaussian_kernel_size(sigma) // 2
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = maps.unsqueeze(1)  # [B, 1, H, W]
+    for dim in (2, 3):
+        out = out.index_select(dim, _border_indices(out.shape[dim], radius, border, maps.device))
+        shape = (1, 1, -1, 1) if dim == 2 else (1, 1, 1, -1)
+        out = F.conv2d(out, kernel.view(shape))
+    return out[:, 0]
 
 
 def anomaly_maps(patch_scores: torch.Tensor, grid: tuple[int, int], size: int | tuple[int, int],
-                 sigma: float = MAP_SIGMA) -> torch.Tensor:
-    """Patch scores [B, h*w] -> maps [B, H, W] (size: an int for square maps): bilinear upsampling then
-    Gaussian smoothing, batched."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
+                 sigma: float = MAP_SIGMA, border: str = "mirror") -> torch.Tensor:
+    """Patch scores [B, h*w] -> maps [B, H, W] (size: H = W, or (H, W)): bilinear upsampling, then a Gaussian.
+
+    Distances are smoothed as they are, with scipy's "mirror" border: measured against the official code's
+    squared distances and "reflect" border (bench/maps.py), that localises as well or better.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
     maps = patch_scores.reshape(-1, 1, grid[0], grid[1])
-    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    return smooth(maps[:, 0], sigma)
+    maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+    return smooth(maps, sigma, border)

