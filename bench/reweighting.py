@@ -28,12 +28,12 @@ def main() -> None:
     labels = np.array([s.is_anomalous for s in samples])
     scorer = PatchCoreScorer(load_bank(args.bank), device="cpu")
     # one backbone pass per image; each setting of b then re-scores the same features
-    batches = [scorer.extractor(preprocess(images, scorer.config.resize, scorer.config.crop))
-               for images in iter_image_batches([s.path for s in samples], 16)]
+    # the crop view (the paper's); patch features of each image, extracted once
+    patches = [features for images in iter_image_batches([s.path for s in samples], 16)
+               for features in scorer.extractor(preprocess(images, scorer.view.resize, scorer.view.crop))[0].numpy()]
     for neighbours in (1, 3, 9, 27):
         scorer.neighbours = neighbours
-        scores = np.concatenate([scorer.score_features(features, grid, maps=False).image_scores
-                                 for features, grid in batches])
+        scores = scorer.score_patches(patches)
         good, bad = scores[~labels], scores[labels]
         margin = (bad.min() - good.max()) / good.std()
         print(f"neighbours {neighbours:2d}: image AUROC {image_auroc(labels, scores):.4f}, "

@@ -156,11 +156,11 @@ def test_bank_build_from_the_synthetic_lines_first_frames(tmp_path, mobilenet):
 
     out = tmp_path / "warm.bank"
     built = CliRunner().invoke(app, ["bank", "build", "--warmup-source", "synthetic", "--warmup-frames", "8",
-                                     "--backbone", "mobilenet_v2", "--calibration-fraction", "0.25", "--device", "cpu",
+                                     "--backbone", "mobilenet_v2", "--folds", "4", "--device", "cpu",
                                      "--no-progress", "--out", str(out)])
     assert built.exit_code == 0, built.output
     bank = load_bank(out)
-    assert bank.calibration is not None and len(bank.calibration.good_scores) == 2  # 8 frames, a quarter held back
+    assert bank.calibration is not None and len(bank.calibration.good_scores) == 8  # every frame, by 4 contiguous folds
     for args in ([], ["--train", str(tmp_path), "--warmup-source", "synthetic"]):
         refused = CliRunner().invoke(app, ["bank", "build", "--out", str(tmp_path / "x.bank"), *args])
         assert refused.exit_code == 2 and "either --train or --warmup-source" in refused.output
