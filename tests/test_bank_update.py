@@ -3,7 +3,6 @@ import json
 
 import cv2
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 from contracts.connection import connect
@@ -13,7 +12,7 @@ from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import FolderSource, SyntheticLine
 from patchcore.cli import app
 from scorer import BuildConfig, CalibrationConfig, CoresetConfig, FeatureConfig, PatchCoreScorer, ViewConfig
-from scorer import bank_from_bytes, build_bank, update_bank
+from scorer import build_bank, update_bank
 from scorer.coreset import coverage_radius, random_projection
 
 from .test_pipeline import Running, results, wait_for

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import redis
+import torch
 
 from contracts.deadletter import DeadLetters, DeadLetterSettings
 from contracts.keys import FRAME_GROUP, Keys
