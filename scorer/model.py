@@ -27,7 +27,7 @@ from .index import NearestNeighbourIndex
 from .overlay import heatmap_overlay
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb
 from .scoring import reweight, smooth
-from .views import Layout, ViewConfig, ViewError, layout, stitch, valid_patches, windows, inspected_region
+from .views import Layout, ViewConfig, ViewError, layout, shape_groups, stitch, valid_patches, windows, inspected_region
 
 Image = Union[np.ndarray, str, Path]  # an RGB uint8 array, or an image file
 
@@ -62,14 +62,6 @@ def iter_image_batches(sources: Sequence[Image], batch_size: int) -> Iterator[li
             nxt = begin + batch_size
             pending = [pool.submit(load, p) for p in sources[nxt:nxt + batch_size]] if nxt < len(sources) else None
             yield [f.result() for f in current]
-
-
-def shape_groups(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
-    """Positions of equally sized images: each group goes through the network together."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(image.shape, []).append(i)
-    return groups
 
 
 @dataclass(frozen=True)

@@ -60,14 +60,11 @@ def preprocess(images: Sequence[np.ndarray], resize: int, crop: int, device: tor
 
     Images of equal size are resized together; each image's result does not depend on the others.
     """
-    from .views import ViewConfig, layout, windows
+    from .views import ViewConfig, layout, shape_groups, windows
 
     view = ViewConfig(kind="crop", resize=resize, crop=crop)
     out = torch.empty((len(images), 3, crop, crop), dtype=torch.float32, device=device)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(image.shape, []).append(i)
-    for (height, width, *_), indices in groups.items():
+    for (height, width, *_), indices in shape_groups(images).items():
         batch = torch.from_numpy(np.stack([images[i] for i in indices])).to(device).permute(0, 3, 1, 2)
         out[indices] = windows(batch, view, layout(view, height, width), IMAGENET_MEAN, IMAGENET_STD)
     return out

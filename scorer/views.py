@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -112,6 +113,14 @@ class Layout:
         """Working coordinates -> frame coordinates (pixel centres)."""
         sy, sx = self.scale
         return (y + self.offset[0]) / sy, (x + self.offset[1]) / sx
+
+
+def shape_groups(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
+    """Positions of equally sized images: each group goes through the network together."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(i)
+    return groups
 
 
 def _padded(n: int) -> int:
