@@ -1,124 +1,356 @@
-"""Bounded soak: several cameras, workers killed with SIGKILL at random, nothing may be lost.
+"""Soak: cameras, workers and the store under random SIGKILLs, Redis killed and restarted from its AOF,
+one camera sending garbage. Nothing may be lost or duplicated.
 
-    .venv/bin/python bench/soak.py [--minutes 10] [--cameras 3] [--workers 2] [--fps 2] [--kill-every 30]
+    .venv/bin/python bench/soak.py [--minutes 30] [--cameras 8] [--workers 2] [--fps 1]
+                                   [--kill-every 45] [--redis-restarts 2] [--worker-threads N] [--json FILE]
 
-Every process is a real `patchcore` process on an embedded redis-server. Prints frames sent,
-results, duplicates, dead-lettered, dropped, lost (sent - results - dead-lettered - dropped; must
-be 0), and each process's memory (RSS) after warm-up and at the end.
+Every process is a real `patchcore` process (ingest per camera, workers, store) on a real redis-server
+with `appendonly yes` and `appendfsync always`. During the soak:
+- every `--kill-every` seconds a worker or the store (one time in three) is SIGKILLed and a
+  replacement started at once, with the same consumer name for the store and a new name for workers;
+- Redis itself is SIGKILLed `--redis-restarts` times, evenly spaced, down for 5 s, and started again
+  from its AOF on the same port: every process has to ride out the outage;
+- the last camera is garbage: raw XADDs of random bytes, msgpack that is not a frame, frames whose JPEG
+  is corrupt, and frames whose encoded size contradicts their declared shape (all must be dead-lettered).
+
+At the end the cameras stop, the backlog drains, and it prints per camera: frames sent (accepted by
+Redis: the camera's `ingested` counter, or the garbage sender's own count), results (distinct sequence
+numbers in the results stream), duplicates, dead-lettered (with reasons), dropped, and lost
+(sent - results - dead-lettered - dropped: must be 0); alarms and duplicate alarms; and the resident
+memory of every process slot and of Redis, sampled every `--sample-s` seconds (a slot's process is
+marked `*` where it was replaced by a kill).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
+
+import msgpack
 
 from contracts.connection import connect
 from contracts.keys import Keys
-from contracts.messages import Result
+from contracts.messages import Alarm, Frame, Result
 from contracts.registry import BankRegistry
 from patchcore.embedded_redis import EmbeddedRedis
 from patchcore.up import UpSettings, warmup_bank
 from scorer import bank_to_bytes
 
+GARBAGE_KINDS = ("random bytes", "msgpack list", "corrupt jpeg", "shape mismatch")
 
-def rss_mb(pid: int) -> float:
+
+def rss_mb(process: subprocess.Popen) -> int | None:
+    """Resident memory of a running process, MB; None once it has exited."""
+    if process.poll() is not None:
+        return None
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+                return round(int(line.split()[1]) / 1024)
     except OSError:
         pass
-    return float("nan")
+    return None
 
 
-def spawn(url: str, *args: str) -> subprocess.Popen:
+def spawn(url: str, log_dir: Path, name: str, *args: str, threads: int = 0) -> subprocess.Popen:
+    log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     return subprocess.Popen([sys.executable, "-m", "patchcore", *args, "--redis-url", url],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=log, stderr=log, env=env)
+
+
+class GarbageCamera(threading.Thread):
+    """A broken camera: one message per 1/fps seconds, cycling through GARBAGE_KINDS; counts what Redis accepted."""
+
+    def __init__(self, url: str, camera: str, fps: float, keys: Keys, seed: int):
+        super().__init__(daemon=True)
+        self.url, self.camera, self.interval, self.keys = url, camera, 1.0 / fps, keys
+        self.rng = random.Random(seed)
+        self.sent = Counter()
+        self.stop = threading.Event()
+
+    def message(self, seq: int, kind: str) -> bytes:
+        if kind == "random bytes":
+            return self.rng.randbytes(self.rng.randint(1, 4096))
+        if kind == "msgpack list":
+            return msgpack.packb([1, 2, 3, "not a frame"])
+        data = b"\xff\xd8\xff\xe0" + self.rng.randbytes(2000)  # a JPEG start, then noise
+        shape = (240, 320, 3)
+        if kind == "shape mismatch":  # a valid 64 x 64 JPEG declared as 240 x 320
+            import cv2
+            import numpy as np
+
+            ok, encoded = cv2.imencode(".jpg", np.full((64, 64, 3), 127, np.uint8))
+            data = encoded.tobytes()
+        return Frame(camera=self.camera, line="line-1", bank="default", seq=seq, captured_at=time.time(),
+                     encoding="jpeg", shape=shape, data=data).pack()
+
+    def run(self) -> None:
+        client, seq = connect(self.url), 0
+        while not self.stop.wait(self.interval):
+            kind = GARBAGE_KINDS[seq % len(GARBAGE_KINDS)]
+            try:
+                client.sadd(self.keys.cameras, self.camera)
+                client.xadd(self.keys.frames(self.camera), {"m": self.message(seq, kind)})
+            except Exception:  # noqa: BLE001 - Redis is down (a restart): this message was not sent
+                continue
+            self.sent[kind] += 1
+            seq += 1
+
+
+class Soak:
+    def __init__(self, args: argparse.Namespace, server: EmbeddedRedis, workdir: Path):
+        self.args, self.server, self.keys = args, server, Keys()
+        self.rng = random.Random(args.seed)
+        self.log_dir = workdir / "logs"
+        self.log_dir.mkdir()
+        self.cameras = [f"cam-{i}" for i in range(args.cameras - 1)]
+        self.garbage_camera = f"cam-{args.cameras - 1}-garbage"
+        self.processes: dict[str, subprocess.Popen] = {}  # slot -> current process
+        self.started_at: dict[str, float] = {}  # slot -> when its current process started
+        self.consumer: dict[str, str] = {}  # worker slot -> its consumer name
+        self.replaced: set[str] = set()  # slots replaced since the last sample
+        self.events: list[str] = []
+        self.serial = 0
+        self.samples: list[dict] = []
+
+    # processes -------------------------------------------------------------------------------------------
+    def start_worker(self, slot: str) -> None:
+        self.serial += 1
+        self.started_at[slot], self.consumer[slot] = time.monotonic(), f"worker-{self.serial}"
+        self.processes[slot] = spawn(self.server.url, self.log_dir, slot, "worker", "--name", f"worker-{self.serial}",
+                                     "--claim-idle-ms", "3000", "--device", "cpu", threads=self.args.worker_threads)
+
+    def start_store(self) -> None:
+        self.started_at["store"] = time.monotonic()
+        self.processes["store"] = spawn(self.server.url, self.log_dir, "store", "store")
+
+    def start_all(self) -> None:
+        for i, camera in enumerate(self.cameras):
+            self.processes[camera] = spawn(self.server.url, self.log_dir, camera, "ingest",
+                                           "--source", f"synthetic:seed={i}", "--camera", camera,
+                                           "--fps", str(self.args.fps))
+        for i in range(self.args.workers):
+            self.start_worker(f"worker{i}")
+        self.start_store()
+
+    def working(self, client) -> list[str]:
+        """Slots whose process has run for --min-uptime s and (workers) has sent a heartbeat: killing a
+        process that is still importing torch tests nothing (on a loaded machine that takes minutes)."""
+        try:
+            beating = {name.decode() for name in client.hkeys(self.keys.workers)}
+        except Exception:  # noqa: BLE001 - Redis down: nothing to choose from now
+            return []
+        old = {slot for slot, at in self.started_at.items() if time.monotonic() - at >= self.args.min_uptime}
+        return sorted(slot for slot in old if slot == "store" or self.consumer.get(slot) in beating)
+
+    def kill_one(self, elapsed: float, client) -> None:
+        candidates = self.working(client)
+        if not candidates:
+            self.events.append(f"{elapsed:6.0f} s no kill: no worker or store up for {self.args.min_uptime:g} s yet")
+            return
+        stores = [c for c in candidates if c == "store"]
+        victim = stores[0] if stores and self.rng.random() < 1 / 3 else self.rng.choice(
+            [c for c in candidates if c != "store"] or candidates)
+        self.processes[victim].send_signal(signal.SIGKILL)
+        self.processes[victim].wait()
+        self.start_store() if victim == "store" else self.start_worker(victim)
+        self.replaced.add(victim)
+        self.events.append(f"{elapsed:6.0f} s SIGKILL {victim}")
+
+    def restart_redis(self, elapsed: float) -> None:
+        self.server.process.send_signal(signal.SIGKILL)
+        self.server.process.wait()
+        time.sleep(5)
+        self.server.start(timeout=60)
+        self.replaced.add("redis")
+        self.events.append(f"{elapsed:6.0f} s SIGKILL redis-server, restarted from its AOF after 5 s")
+
+    def sample(self, elapsed: float) -> None:
+        row = {"t": round(elapsed), **{slot: rss_mb(p) for slot, p in self.processes.items()},
+               "redis": rss_mb(self.server.process)}
+        row["replaced"] = sorted(self.replaced)
+        self.replaced = set()
+        self.samples.append(row)
+
+    # accounting ------------------------------------------------------------------------------------------
+    def count(self, client) -> dict:
+        per_camera = {}
+        for camera in [*self.cameras, self.garbage_camera]:
+            stats = {k.decode(): v.decode() for k, v in client.hgetall(self.keys.camera_stats(camera)).items()}
+            seqs = [Result.unpack(fields[b"m"]).seq for _, fields in client.xrange(self.keys.results(camera))]
+            per_camera[camera] = {
+                "sent": int(stats.get("ingested", 0)), "results": len(set(seqs)),
+                "duplicates": len(seqs) - len(set(seqs)), "deadlettered": int(stats.get("deadlettered", 0)),
+                "dropped": int(stats.get("dropped", 0)), "pending": client.xlen(self.keys.frames(camera))}
+        reasons = Counter()
+        for _, fields in client.xrange(self.keys.deadletter):
+            reason = fields.get(b"reason", b"?").decode(errors="replace")
+            reasons[(fields.get(b"stream", b"?").decode(), reason.split(":")[0][:60])] += 1
+        alarms = [Alarm.unpack(fields[b"m"]) for _, fields in client.xrange(self.keys.alarms)]
+        alarm_ids = [(a.camera, a.seq) for a in alarms]
+        return {"cameras": per_camera, "deadletter_reasons": reasons, "alarms": len(alarms),
+                "duplicate_alarms": len(alarm_ids) - len(set(alarm_ids))}
+
+    def drained(self, counts: dict, garbage_sent: int) -> bool:
+        cams = counts["cameras"]
+        good = all(c["results"] + c["deadlettered"] + c["dropped"] >= c["sent"] for n, c in cams.items()
+                   if n != self.garbage_camera)
+        return good and cams[self.garbage_camera]["deadlettered"] + cams[self.garbage_camera]["results"] >= garbage_sent
+
+    # the soak --------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        args = self.args
+        self.start_all()
+        garbage = GarbageCamera(self.server.url, self.garbage_camera, args.fps, self.keys, args.seed)
+        garbage.start()
+        client = connect(self.server.url)
+        ready_wait = time.monotonic()
+        while not client.hlen(self.keys.workers) and time.monotonic() - ready_wait < 1800:
+            time.sleep(1)  # the soak's clock starts once a worker is up (model loaded, heartbeat sent)
+        self.events.append(f"     0 s first worker heartbeat after {time.monotonic() - ready_wait:.0f} s of start-up")
+        duration = args.minutes * 60
+        restarts = [duration * (i + 1) / (args.redis_restarts + 1) for i in range(args.redis_restarts)]
+        started = time.monotonic()
+        next_kill, next_sample = args.kill_every, 0.0
+        while (elapsed := time.monotonic() - started) < duration:
+            time.sleep(0.5)
+            if elapsed >= next_sample:
+                self.sample(elapsed)
+                next_sample += args.sample_s
+            if restarts and elapsed >= restarts[0]:
+                restarts.pop(0)
+                self.restart_redis(elapsed)
+            if elapsed >= next_kill:
+                self.kill_one(elapsed, client)
+                next_kill += args.kill_every
+            for slot, process in self.processes.items():  # a process that died on its own is a finding
+                if process.poll() is not None and not slot.startswith("cam"):
+                    self.events.append(f"{elapsed:6.0f} s {slot} EXITED by itself (rc {process.returncode}); restarted")
+                    self.start_store() if slot == "store" else self.start_worker(slot)
+                    self.replaced.add(slot)
+        garbage.stop.set()
+        garbage.join()
+        for camera in self.cameras:
+            self.processes[camera].send_signal(signal.SIGTERM)
+        for camera in self.cameras:
+            self.processes[camera].wait(timeout=120)
+        garbage_sent = sum(garbage.sent.values())
+        drain_started = time.monotonic()
+        while time.monotonic() - drain_started < args.drain_s:
+            counts = self.count(client)
+            if self.drained(counts, garbage_sent):
+                break
+            time.sleep(2)
+        self.sample(time.monotonic() - started)
+        for slot in [s for s in self.processes if not s.startswith("cam")]:
+            self.processes[slot].send_signal(signal.SIGTERM)
+        for slot in [s for s in self.processes if not s.startswith("cam")]:
+            self.processes[slot].wait(timeout=120)
+        counts = self.count(client)
+        counts["cameras"][self.garbage_camera]["sent"] = garbage_sent
+        counts["garbage_sent_by_kind"] = dict(garbage.sent)
+        counts["drain_seconds"] = round(time.monotonic() - drain_started, 1)
+        counts["redis_used_memory_mb"] = round(int(client.info("memory")["used_memory"]) / 2**20, 1)
+        return counts
+
+
+def report(args: argparse.Namespace, soak: Soak, counts: dict) -> dict:
+    cams = counts["cameras"]
+    for c in cams.values():
+        c["lost"] = c["sent"] - c["results"] - c["deadlettered"] - c["dropped"]
+    total = {k: sum(c[k] for c in cams.values()) for k in ("sent", "results", "duplicates", "deadlettered",
+                                                           "dropped", "lost", "pending")}
+    print(f"soak {args.minutes:g} min on {os.cpu_count()} cores: {args.cameras} cameras at {args.fps:g} fps "
+          f"(one sending garbage), {args.workers} workers, {sum('SIGKILL worker' in e for e in soak.events)} worker "
+          f"and {sum('SIGKILL store' in e for e in soak.events)} store SIGKILLs, "
+          f"{sum('redis-server' in e for e in soak.events)} Redis SIGKILL+restarts (AOF, appendfsync always)")
+    print(f"{'camera':18s} {'sent':>6s} {'results':>7s} {'dup':>4s} {'dead':>5s} {'dropped':>7s} {'lost':>5s}")
+    for name, c in cams.items():
+        print(f"{name:18s} {c['sent']:6d} {c['results']:7d} {c['duplicates']:4d} {c['deadlettered']:5d} "
+              f"{c['dropped']:7d} {c['lost']:5d}")
+    print(f"{'total':18s} {total['sent']:6d} {total['results']:7d} {total['duplicates']:4d} "
+          f"{total['deadlettered']:5d} {total['dropped']:7d} {total['lost']:5d}")
+    print(f"garbage sent by kind: {counts['garbage_sent_by_kind']}")
+    print("dead letters by stream and reason:")
+    for (stream, reason), n in sorted(counts["deadletter_reasons"].items()):
+        print(f"  {n:5d}  {stream}  {reason}")
+    print(f"alarms {counts['alarms']}, duplicate alarms {counts['duplicate_alarms']}; drained in "
+          f"{counts['drain_seconds']} s; Redis used_memory at the end {counts['redis_used_memory_mb']} MB")
+    print("events:")
+    for event in soak.events:
+        print("  " + event)
+    slots = [s for s in soak.samples[0] if s not in ("t", "replaced")]
+    print("resident memory (MB) over time; * = that slot's process was replaced since the previous sample")
+    print(f"{'t (s)':>6s} " + " ".join(f"{s[:9]:>9s}" for s in slots))
+    for row in soak.samples:
+        print(f"{row['t']:6d} " + " ".join(f"{str(row.get(s) or '-') + ('*' if s in row['replaced'] else ''):>9s}"
+                                           for s in slots))
+    out = {"settings": vars(args), "cameras": cams, "total": total, "alarms": counts["alarms"],
+           "duplicate_alarms": counts["duplicate_alarms"], "garbage_sent_by_kind": counts["garbage_sent_by_kind"],
+           "deadletter_reasons": {f"{s} | {r}": n for (s, r), n in counts["deadletter_reasons"].items()},
+           "events": soak.events, "memory_mb": soak.samples, "redis_used_memory_mb": counts["redis_used_memory_mb"]}
+    return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--minutes", type=float, default=10)
-    parser.add_argument("--cameras", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--cameras", type=int, default=8, help="including the one garbage camera")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--fps", type=float, default=2)
-    parser.add_argument("--kill-every", type=float, default=30)
+    parser.add_argument("--fps", type=float, default=1)
+    parser.add_argument("--kill-every", type=float, default=45)
+    parser.add_argument("--min-uptime", type=float, default=60,
+                        help="kill only workers (with a heartbeat) and stores that have run this long")
+    parser.add_argument("--redis-restarts", type=int, default=2)
+    parser.add_argument("--sample-s", type=float, default=120)
+    parser.add_argument("--drain-s", type=float, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker-threads", type=int, default=0,
+                        help="OMP_NUM_THREADS of each worker (0: the libraries' default); 1 on a shared machine")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--logs", type=Path, default=None, help="keep every process's log in this folder")
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    keys = Keys()
-    with EmbeddedRedis() as server, tempfile.TemporaryDirectory() as tmp:
-        client = connect(server.url)
-        bank = warmup_bank(UpSettings(source="synthetic"), Path(tmp), progress=False)
-        BankRegistry(client, keys).publish("default", bank_to_bytes(bank), activate=True)
-        cameras = {f"cam-{i}": spawn(server.url, "ingest", "--source", f"synthetic:seed={i}", "--camera", f"cam-{i}",
-                                     "--fps", str(args.fps)) for i in range(args.cameras)}
-        worker_args = ("worker", "--claim-idle-ms", "3000", "--device", "cpu")
-        workers = {f"w{i}": spawn(server.url, *worker_args, "--name", f"w{i}") for i in range(args.workers)}
-        store = spawn(server.url, "store")
-        time.sleep(20)  # warm-up: models loaded
-        memory_start = {name: rss_mb(p.pid) for name, p in {**cameras, **workers, "store": store}.items()}
-        started, kills, next_kill, serial = time.time(), 0, time.time() + args.kill_every, args.workers
-        steady_rss, next_sample = [], time.time()  # w0 is never killed: its memory over the whole soak
-        while time.time() - started < args.minutes * 60:
-            time.sleep(1)
-            if time.time() >= next_sample:
-                steady_rss.append(rss_mb(workers["w0"].pid))
-                next_sample += 60
-            if time.time() >= next_kill:
-                # w0 is never killed, so its memory at start and end shows whether a worker's memory stays flat
-                victim = rng.choice(sorted(set(workers) - {"w0"}) or sorted(workers))
-                workers.pop(victim).send_signal(signal.SIGKILL)
-                workers[f"w{serial}"] = spawn(server.url, *worker_args, "--name", f"w{serial}")
-                serial, kills, next_kill = serial + 1, kills + 1, time.time() + args.kill_every
-        for process in cameras.values():
-            process.send_signal(signal.SIGTERM)
-        for process in cameras.values():
-            process.wait(timeout=60)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        server = EmbeddedRedis(appendonly=True, data_dir=workdir / "redis",
+                               extra_args=["--appendfsync", "always"])
+        (workdir / "redis").mkdir()
+        with server:
+            bank = warmup_bank(UpSettings(source="synthetic"), workdir, progress=False)
+            BankRegistry(connect(server.url), Keys()).publish("default", bank_to_bytes(bank), activate=True)
+            soak = Soak(args, server, workdir)
+            try:
+                counts = soak.run()
+            finally:
+                for process in soak.processes.values():
+                    if process.poll() is None:
+                        process.kill()
+            out = report(args, soak, counts)
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=1))
+            logs = sorted(soak.log_dir.glob("*.log"))
+            tracebacks = [p.name for p in logs if b"Traceback" in p.read_bytes()]
+            print(f"process logs with a Traceback: {tracebacks or 'none'}")
+            for name in tracebacks[:3]:
+                print(f"--- {name} (tail)\n" + p_tail(soak.log_dir / name))
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for path in logs:
+                    (args.logs / path.name).write_bytes(path.read_bytes())
 
-        def counts() -> tuple[int, int, int, int, int]:
-            sent = dropped = dead = 0
-            seen, total = set(), 0
-            for camera in cameras:
-                stats = client.hgetall(keys.camera_stats(camera))
-                sent += int(stats.get(b"ingested", 0))
-                dropped += int(stats.get(b"dropped", 0))
-                dead += int(stats.get(b"deadlettered", 0))
-                for _, fields in client.xrange(keys.results(camera)):
-                    total += 1
-                    seen.add((camera, Result.unpack(fields[b"m"]).seq))
-            return sent, len(seen), total - len(seen), dead, dropped
 
-        deadline = time.time() + 300
-        while time.time() < deadline:  # drain what is still queued
-            sent, results, duplicates, dead, dropped = counts()
-            if results + dead + dropped >= sent:
-                break
-            time.sleep(2)
-        memory_end = {name: rss_mb(p.pid) for name, p in {**workers, "store": store}.items()}
-        for process in [*workers.values(), store]:
-            process.send_signal(signal.SIGTERM)
-        for process in [*workers.values(), store]:
-            process.wait(timeout=60)
-        sent, results, duplicates, dead, dropped = counts()
-        print(f"soak {args.minutes:g} min, {args.cameras} cameras at {args.fps:g} fps, {args.workers} workers, "
-              f"{kills} SIGKILLs")
-        print(f"frames sent {sent}, results {results}, duplicates {duplicates}, dead-lettered {dead}, "
-              f"dropped {dropped}, lost {sent - results - dead - dropped}")
-        for name, start in memory_start.items():
-            end = memory_end.get(name)
-            print(f"  {name:8s} RSS {start:7.1f} MB after warm-up"
-                  + (f", {end:7.1f} MB at the end" if end is not None else " (camera, stopped first)"
-                     if name.startswith("cam") else " (killed during the soak)"))
-        print("  w0 RSS each minute (MB): " + " ".join(f"{v:.0f}" for v in steady_rss))
-        for name in sorted(set(memory_end) - set(memory_start)):
-            print(f"  {name:8s} RSS {memory_end[name]:7.1f} MB at the end (replacement)")
+def p_tail(path: Path, lines: int = 25) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 if __name__ == "__main__":

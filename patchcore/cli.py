@@ -217,11 +217,11 @@ def evaluate_command(
     report.update(backbone=loaded.feature_config.backbone, layers=list(loaded.feature_config.layers),
                   coreset=loaded.coreset.fraction, seed=loaded.coreset.seed, bank_size=int(len(loaded.features)),
                   reweight_neighbours=scorer.neighbours, index=scorer.index.kind, device=str(scorer.device))
-    text = json.dumps(report, indent=2)
-    typer.echo(text)
+    images = report.pop("images")  # per-image scores: in the JSON file, not on the terminal
+    typer.echo(json.dumps(report, indent=2))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(text + "\n")
+        json_out.write_text(json.dumps({**report, "images": images}, indent=2) + "\n")
 
 
 @app.command("score")

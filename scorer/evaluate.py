@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from .bank import MemoryBank
-from .metrics import f1_optimal_threshold, image_auroc, pixel_auroc, pro_score
+from .metrics import best_recall_at_rate, f1_optimal_threshold, image_auroc, pixel_auroc, pro_score
 from .model import PatchCoreScorer, iter_image_batches
 from .preprocess import list_images
 from .views import ViewConfig, frame_mask, layout
@@ -80,7 +80,10 @@ class EvalReport:
     f1_threshold: float
     f1: float
     recall_at_f1: float  # recall at the F1-optimal threshold on these test scores (the best one could do)
+    false_alarm_rate_at_f1: float  # and the false-alarm rate that threshold costs
+    best_recall_at_rate: dict  # {rate: the highest recall any threshold reaches at most at that false-alarm rate}
     map_size: list  # [h, w] of the maps (and masks) the pixel metrics use
+    images: list  # per test image: {"image", "type", "score"} (for re-deriving any threshold analysis)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,8 +128,19 @@ def evaluate(scorer: PatchCoreScorer, category: str | Path, fit_seconds: float, 
         f1_threshold=f1_threshold,
         f1=f1,
         recall_at_f1=float((scores_all[labels] >= f1_threshold).mean()),
+        false_alarm_rate_at_f1=float((scores_all[~labels] >= f1_threshold).mean()),
+        best_recall_at_rate={str(rate): best_recall_at_rate(labels, scores_all, rate)
+                             for rate in sorted({0.01, 0.05, *scorer_rate(scorer)})},
         map_size=list(maps[0].shape),
+        images=[{"image": str(s.path.relative_to(Path(category))), "type": s.defect_type, "score": float(v)}
+                for s, v in zip(samples, scores_all)],
     )
+
+
+def scorer_rate(scorer: PatchCoreScorer) -> list[float]:
+    """The bank's target false-alarm rate, when its threshold was calibrated for one."""
+    calibration = scorer.bank.calibration
+    return [calibration.false_alarm_rate] if calibration and calibration.false_alarm_rate else []
 
 
 def labelled_scores(scorer: PatchCoreScorer, category: str | Path, batch_size: int = 16,

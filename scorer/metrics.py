@@ -77,3 +77,17 @@ def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float,
     f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)[:-1]
     best = int(np.argmax(f1))
     return float(thresholds[best]), float(f1[best])
+
+
+def best_recall_at_rate(labels: np.ndarray, scores: np.ndarray, false_alarm_rate: float) -> float:
+    """The highest share of anomalous images any threshold flags (`score >= t`) while flagging at most
+    `false_alarm_rate` of the normal images: what a perfectly placed threshold with that false-alarm
+    budget would catch on these scores (an upper bound for any threshold chosen without the test set)."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    good = np.sort(scores[~labels])[::-1]
+    allowed = int(np.floor(false_alarm_rate * len(good) + 1e-9))  # false alarms the budget allows
+    if allowed >= len(good):
+        return 1.0
+    # flag every score strictly above the (allowed + 1)-th highest good score: exactly `allowed` good ones pass
+    return float((scores[labels] > good[allowed]).mean())

@@ -41,6 +41,16 @@ def test_eval_reaches_the_official_numbers(bottle_bank, tmp_path):
     assert report["false_alarm_rate"] <= 0.05
     assert report["recall"] >= report["recall_at_f1"] - 0.10
     assert report["images_per_second"] > 0
+    # per-image scores in the JSON file (not on the terminal): the rates re-derived from them agree
+    scores = {row["image"]: (row["type"] != "good", row["score"]) for row in report["images"]}
+    assert len(scores) == 83 and "images" not in json.loads(result.output)
+    good = np.array([s for bad, s in scores.values() if not bad])
+    bad = np.array([s for is_bad, s in scores.values() if is_bad])
+    assert report["false_alarm_rate"] == pytest.approx((good >= report["threshold"]).mean())
+    assert report["recall"] == pytest.approx((bad >= report["threshold"]).mean())
+    assert report["false_alarm_rate_at_f1"] == pytest.approx((good >= report["f1_threshold"]).mean())
+    assert set(report["best_recall_at_rate"]) == {"0.01", "0.05"}
+    assert report["best_recall_at_rate"]["0.05"] >= report["recall"] or report["false_alarm_rate"] > 0.05
 
 
 def test_score_command_writes_heatmaps_that_point_at_the_defect(bottle_bank, tmp_path):

@@ -77,3 +77,21 @@ def test_kfold_scores_equal_scoring_each_fold_against_a_bank_without_it(mobilene
                                              calibration=CalibrationConfig(folds=0)), device="cpu", progress=False)
         expected = PatchCoreScorer(alone, device="cpu").score(held, maps=False).image_scores
         np.testing.assert_allclose(good[ids == k], expected, rtol=1e-4)
+
+
+def test_best_recall_at_rate_against_brute_force():
+    """The oracle recall at a false-alarm budget equals a search over every possible threshold."""
+    from scorer.metrics import best_recall_at_rate
+
+    rng = np.random.default_rng(3)
+    for trial in range(50):
+        good = rng.normal(0, 1, rng.integers(5, 60)).round(1)  # rounded: ties between good and bad scores
+        bad = rng.normal(1.5, 1, rng.integers(1, 40)).round(1)
+        labels = np.r_[np.zeros(len(good), bool), np.ones(len(bad), bool)]
+        scores = np.r_[good, bad]
+        for rate in (0.0, 0.01, 0.05, 0.2, 1.0):
+            best = 0.0
+            for t in np.r_[scores, scores.max() + 1]:
+                if (good >= t).mean() <= rate + 1e-12:
+                    best = max(best, (bad >= t).mean())
+            assert best_recall_at_rate(labels, scores, rate) == pytest.approx(best), (trial, rate)
