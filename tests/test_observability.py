@@ -228,3 +228,30 @@ def test_status_shows_lag_and_dead_letters_by_reason(redis_server):
     assert status["deadletter_reasons"] == {"poison": 1, "undecodable": 1}
     shown = CliRunner().invoke(app, ["status", "--redis-url", redis_server.url])
     assert "lag 3" in shown.output and "dead letters: poison 1  undecodable 1" in shown.output
+
+
+def test_dead_letter_reasons_fall_into_a_few_kinds():
+    """The worker's real reasons (from the real checks) map to the bounded `reason` label."""
+    import numpy as np
+    import pytest
+
+    from contracts.messages import Frame, MessageError
+    from contracts.metrics import reason_kind
+    from scorer import ImageDecodeError
+    from workers.worker import decode_frame
+
+    def reason(call) -> str:
+        with pytest.raises((MessageError, ImageDecodeError)) as caught:
+            call()
+        return str(caught.value)
+
+    frame = Frame(camera="c", line="l", bank="b", seq=0, captured_at=0.0, encoding="jpeg", shape=(8, 8, 3),
+                  data=b"GIF89a" + bytes(32))
+    huge = Frame(camera="c", line="l", bank="b", seq=0, captured_at=0.0, encoding="raw", shape=(9000, 9000, 1),
+                 data=np.zeros(1, np.uint8).tobytes())
+    assert reason_kind(reason(lambda: Frame.unpack(b"\xc1"))) == "malformed"
+    assert reason_kind(reason(lambda: Frame.unpack(frame.pack(), 16))) == "too_large"
+    assert reason_kind(reason(lambda: decode_frame(frame))) == "undecodable"
+    assert reason_kind(reason(lambda: decode_frame(huge))) == "too_large"
+    assert reason_kind("poison: delivered 6 times without an outcome (limit 5)") == "poison"
+    assert reason_kind("frame cannot be scored in bank 'default': more than 256 tiles") == "unscorable"
