@@ -255,3 +255,42 @@ def test_dead_letter_reasons_fall_into_a_few_kinds():
     assert reason_kind(reason(lambda: decode_frame(huge))) == "too_large"
     assert reason_kind("poison: delivered 6 times without an outcome (limit 5)") == "poison"
     assert reason_kind("frame cannot be scored in bank 'default': more than 256 tiles") == "unscorable"
+
+
+def test_up_serves_metrics_health_and_readiness_of_the_whole_demo(synthetic_bank_bytes, tmp_path):
+    from prometheus_client.registry import REGISTRY
+
+    from patchcore.up import UpSettings, run_up
+
+    bank = tmp_path / "demo.bank"
+    bank.write_bytes(synthetic_bank_bytes)
+    port, done = free_port(), threading.Event()
+    seen: dict = {"ready": set(), "health": set(), "lag": set()}
+
+    def poll():
+        while not done.is_set():
+            try:
+                seen["ready"].add(get(port, "/readyz")[0])
+                seen["health"].add(get(port, "/healthz")[0])
+                seen["lag"] |= {dict(labels)["camera"] for name, labels in samples(port)
+                                if name == "patchcore_consumer_lag"}
+            except (urllib.error.URLError, ConnectionError):  # not serving yet, or already stopped
+                pass
+            time.sleep(0.2)
+
+    def counted(verdict: str) -> float:  # the process's registry is what /metrics serves
+        return REGISTRY.get_sample_value("patchcore_results_total", {"camera": "cam-1", "verdict": verdict}) or 0.0
+
+    before = counted("normal") + counted("anomalous")
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        summary = run_up(UpSettings(bank=bank, frames=24, fps=6, device="cpu", metrics_port=port),
+                         echo=lambda _: None, progress=False)
+    finally:
+        done.set()
+        poller.join(timeout=30)
+    assert summary["results_out"] == 24
+    assert counted("normal") + counted("anomalous") - before == 24
+    assert seen["health"] == {200} and 200 in seen["ready"] and seen["lag"] == {"cam-1"}
+    assert get_refused(port)  # served for the run only
