@@ -1,6 +1,6 @@
 """One HTTP port per process: /metrics (prometheus-client's WSGI app), /healthz and /readyz.
 
-/healthz: 200 when the process is alive and Redis answers PING within `ping_timeout_s`, else 503.
+/healthz: 200 when the process is alive and Redis answers PING within 2 s (`redis_alive`), else 503.
 /readyz: 200 when the process's own readiness check says so (a worker: a bank loaded and its
 consumer group joined; the store: its group joined; ingest: connected), else 503. Both answer a
 small JSON body. Served by wsgiref on a thread per request, in a daemon thread.
@@ -17,7 +17,7 @@ import redis
 from prometheus_client import make_wsgi_app
 
 from .keys import FRAME_GROUP, Keys
-from .metrics import GpuMemoryCollector, LagCollector, register_once
+from .metrics import GpuMemoryCollector, LagCollector, register
 
 Check = Callable[[], tuple[bool, dict]]
 
@@ -68,8 +68,8 @@ def serve_process(port: int, client: redis.Redis, ready: Check, keys: Keys | Non
     if not port:
         return None
     if keys is not None:
-        register_once("lag", LagCollector(client, keys.cameras, keys.frames, FRAME_GROUP))
-        register_once("gpu", GpuMemoryCollector())
+        register("lag", LagCollector(client, keys.cameras, keys.frames, FRAME_GROUP))
+        register("gpu", GpuMemoryCollector())
     return serve(port, redis_alive(client), ready)
 
 

@@ -136,11 +136,14 @@ class GpuMemoryCollector(Collector):
         yield reserved
 
 
-_registered: set[str] = set()
+_registered: dict[str, Collector] = {}
 
 
-def register_once(name: str, collector: Collector) -> None:
-    """Add a custom collector to the default registry, once per process (e.g. `patchcore up`'s threads)."""
-    if name not in _registered:
-        REGISTRY.register(collector)
-        _registered.add(name)
+def register(name: str, collector: Collector) -> None:
+    """Add a custom collector to the default registry under `name`, replacing the one added before under it
+    (a second `patchcore up` in one process reads its own Redis, not the first one's)."""
+    old = _registered.pop(name, None)
+    if old is not None:
+        REGISTRY.unregister(old)
+    REGISTRY.register(collector)
+    _registered[name] = collector
