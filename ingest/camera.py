@@ -11,8 +11,8 @@ import numpy as np
 import redis
 
 from contracts.keys import Keys
-from contracts.metrics import frame_appended
 from contracts.messages import Frame
+from contracts.metrics import frame_appended
 from contracts.streams import ADD_FRAME, redis_fault, require_redis_7
 
 from .sources import Source, SourceError
