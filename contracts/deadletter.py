@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import redis
 
 from .keys import Keys
+from .metrics import deadlettered
 
 HEAD_BYTES = 64
 
@@ -90,11 +91,14 @@ class DeadLetters:
         camera = stream.removeprefix(self.keys.frames(""))
         keep = raw if 0 < len(raw) <= self.settings.payload_bytes and self.settings.payloads > 0 else b""
         oldest = f"{int((time.time() - self.settings.payload_ttl_s) * 1000)}-0"
-        return bool(self._write(
+        written = bool(self._write(
             keys=[stream, self.keys.deadletter, self.keys.camera_stats(camera), self.keys.deadletter_payloads],
             args=[group, entry_id, self.settings.maxlen, self.settings.payloads, oldest, keep,
                   "reason", reason, "stream", stream, "id", entry_id, "worker", worker, "at", time.time(),
                   "size", len(raw), "head", raw[:HEAD_BYTES]]))
+        if written:
+            deadlettered(reason)
+        return written
 
     def list(self, camera: str | None = None, count: int | None = None) -> list[DeadLetter]:
         """Dead letters, oldest first (of `camera` only, when given; at most `count`, the newest)."""

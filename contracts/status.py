@@ -1,17 +1,24 @@
-"""What `patchcore status` reports, read from the keys the processes maintain."""
+"""What `patchcore status` reports, read from the keys the processes maintain; pruning dead consumers."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import redis
 
-from .keys import FRAME_GROUP, Keys
+from .deadletter import DeadLetters
+from .keys import FRAME_GROUP, STORE_GROUP, Keys
+from .metrics import consumer_lag, reason_kind
+
+DEAD_AFTER_S = 120.0  # a consumer idle this long (and without a fresh heartbeat) is marked dead
 
 
-def collect_status(client: redis.Redis, prefix: str = "pc") -> dict:
+def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float = DEAD_AFTER_S) -> dict:
     keys = Keys(prefix)
+    names = sorted(c.decode() for c in client.smembers(keys.cameras))
+    lags = consumer_lag(client, {camera: keys.frames(camera) for camera in names}, FRAME_GROUP)
     cameras = []
-    for camera in sorted(c.decode() for c in client.smembers(keys.cameras)):
+    for camera in names:
         stats = {k.decode(): v.decode() for k, v in client.hgetall(keys.camera_stats(camera)).items()}
         stream = keys.frames(camera)
         try:
@@ -25,6 +32,7 @@ def collect_status(client: redis.Redis, prefix: str = "pc") -> dict:
             "results": int(stats.get("results", 0)),
             "pending": pending,  # delivered to a worker, not yet acknowledged
             "backlog": int(client.xlen(stream)),  # in the stream: waiting or pending (scored frames are deleted)
+            "lag": lags.get(camera, 0),  # not yet delivered to a worker, plus pending (patchcore_consumer_lag)
             "dropped": int(stats.get("dropped", 0)),
             "deadlettered": int(stats.get("deadlettered", 0)),
             "alarms": int(stats.get("alarms", 0)),
@@ -39,7 +47,69 @@ def collect_status(client: redis.Redis, prefix: str = "pc") -> dict:
         active = client.get(keys.bank_active(name))
         banks[name] = int(active) if active is not None else None
     return {"cameras": cameras, "workers": workers, "banks": banks, "deadletter": int(client.xlen(keys.deadletter)),
-            "redis_faults": redis_faults(client)}
+            "deadletter_reasons": dict(Counter(reason_kind(letter.reason) for letter in DeadLetters(client, keys).list())),
+            "consumers": consumers(client, keys, names, dead_after_s), "redis_faults": redis_faults(client)}
+
+
+def consumers(client: redis.Redis, keys: Keys, cameras: list[str], dead_after_s: float = DEAD_AFTER_S) -> list[dict]:
+    """Every consumer of the workers' group (frame streams) and the store's (results streams), from XINFO
+    CONSUMERS: its smallest idle time over the streams, its pending entries in all, its heartbeat age
+    (workers), and `dead`. Redis 7.0 counts idle time from a consumer's last delivery or claim, not from
+    its last read, so a live consumer of a quiet stream looks idle: a worker is dead when idle and without
+    a heartbeat for more than `dead_after_s`; a store (no heartbeat) when idle that long while holding
+    pending results (a live store acknowledges within seconds)."""
+    groups = [(FRAME_GROUP, keys.frames(camera)) for camera in cameras] + \
+             [(STORE_GROUP, keys.results(camera)) for camera in cameras]
+    with client.pipeline(transaction=False) as pipe:
+        for group, stream in groups:
+            pipe.xinfo_consumers(stream, group)
+        replies = pipe.execute(raise_on_error=False)
+    now = time.time()
+    beats = {w.decode(): now - float(t) for w, t in client.hgetall(keys.workers).items()}
+    rows: dict[tuple[str, str], dict] = {}
+    for (group, stream), reply in zip(groups, replies):
+        if isinstance(reply, Exception):  # no such stream or group yet
+            continue
+        for info in reply:
+            name = info["name"].decode() if isinstance(info["name"], bytes) else str(info["name"])
+            row = rows.setdefault((group, name), {"name": name, "group": group, "idle_s": float("inf"), "pending": 0,
+                                                  "streams": []})
+            row["idle_s"] = min(row["idle_s"], int(info["idle"]) / 1000)
+            row["pending"] += int(info["pending"])
+            row["streams"].append(stream)
+    for row in rows.values():
+        row["heartbeat_s"] = beats.get(row["name"]) if row["group"] == FRAME_GROUP else None
+        if row["group"] == FRAME_GROUP:
+            silent = row["heartbeat_s"] is None or row["heartbeat_s"] > dead_after_s
+        else:
+            silent = row["pending"] > 0
+        row["dead"] = row["idle_s"] > dead_after_s and silent
+    return sorted(rows.values(), key=lambda row: (row["group"], row["name"]))
+
+
+def prune_dead(client: redis.Redis, prefix: str = "pc", after_s: float = 3600.0) -> list[str]:
+    """Delete the consumers idle (workers: and without a heartbeat) for more than `after_s` that hold no
+    pending entries (XGROUP DELCONSUMER on each of their streams, and their heartbeat); those holding
+    entries are left for a live consumer to reclaim. A live consumer deleted this way (a store on a quiet
+    line) loses nothing: Redis re-creates it at its next delivery. Returns "group/name" of each consumer
+    deleted. Needs a user allowed XGROUP (operator)."""
+    keys = Keys(prefix)
+    cameras = sorted(c.decode() for c in client.smembers(keys.cameras))
+    pruned = []
+    for row in consumers(client, keys, cameras, after_s):
+        beat = row["heartbeat_s"]
+        if row["pending"] or row["idle_s"] <= after_s or (beat is not None and beat <= after_s):
+            continue
+        for stream in row["streams"]:
+            # a consumer that took entries since we looked has pending ones now: DELCONSUMER would drop them
+            if client.xpending_range(stream, row["group"], "-", "+", 1, consumername=row["name"]):
+                break
+            client.xgroup_delconsumer(stream, row["group"], row["name"])
+        else:
+            if row["group"] == FRAME_GROUP:
+                client.hdel(keys.workers, row["name"])
+            pruned.append(f"{row['group']}/{row['name']}")
+    return pruned
 
 
 def redis_faults(client: redis.Redis) -> list[str]:

@@ -12,6 +12,7 @@ import redis
 
 from contracts.keys import Keys
 from contracts.messages import Frame
+from contracts.metrics import frame_appended
 from contracts.streams import ADD_FRAME, redis_fault, require_redis_7
 
 from .sources import Source, SourceError
@@ -67,6 +68,7 @@ class CameraIngest:
         self.stream = keys.frames(settings.camera)
         self.stats = keys.camera_stats(settings.camera)
         self._add_frame = client.register_script(ADD_FRAME)
+        self.connected = threading.Event()  # set once registered with Redis (readiness)
 
     def run(self) -> IngestReport:
         report = IngestReport()
@@ -74,6 +76,7 @@ class CameraIngest:
         seq = self._next_seq()
         self.client.sadd(self.keys.cameras, self.settings.camera)
         self._set_state("running")
+        self.connected.set()
         backoff = self.settings.backoff_initial_s
         interval = 1.0 / self.settings.fps if self.settings.fps else 0.0
         next_due = time.monotonic()
@@ -129,6 +132,7 @@ class CameraIngest:
                 dropped = self._add_frame(keys=[self.stream, self.stats, self.keys.cameras],
                                           args=[frame.seq, self.settings.maxlen, frame.captured_at, frame.pack(),
                                                 self.settings.camera])
+                frame_appended(self.settings.camera, dropped)
                 return max(0, dropped)  # -1: already written by an earlier send
             except redis.RedisError as exc:  # outages, OOM, READONLY, LOADING: wait; anything else is a bug
                 fault = redis_fault(exc)

@@ -274,12 +274,24 @@ PasswordFile = Annotated[Optional[Path], typer.Option(envvar="REDIS_PASSWORD_FIL
 Prefix = Annotated[str, typer.Option(help="Prefix of every Redis key and channel.")]
 SigningKeyFile = Annotated[Optional[Path], typer.Option(
     envvar="PATCHCORE_BANK_KEY_FILE", help="File holding the bank signing key (HMAC-SHA256, >= 32 bytes; never logged).")]
+MetricsPort = Annotated[int, typer.Option(envvar="PATCHCORE_METRICS_PORT", min=0, max=65535, help=(
+    "Serve Prometheus /metrics, /healthz and /readyz on this port (0: off)."))]
 
 
 def _client(redis_url: Optional[str], password_file: Optional[Path]):
     from contracts.connection import DEFAULT_URL, connect
 
     return connect(redis_url or DEFAULT_URL, password_file)
+
+
+def _serve_metrics(port: int, client, ready, keys=None) -> None:
+    """/metrics, /healthz and /readyz on `port`, unless 0 (contracts.health.serve_process)."""
+    from contracts.health import serve_process
+
+    try:
+        serve_process(port, client, ready, keys)
+    except OSError as exc:
+        _fail(f"cannot serve metrics on port {port}: {exc}")
 
 
 def _stop_on_signals():
@@ -385,6 +397,7 @@ def ingest_command(
     maxlen: Annotated[int, typer.Option(help="Stream bound (live sources drop the oldest beyond it).")] = 256,
     loop: Annotated[bool, typer.Option(help="Loop files and folders.")] = False,
     frames: Annotated[Optional[int], typer.Option(help="Stop after this many frames.")] = None,
+    metrics_port: MetricsPort = 0,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
     """Push a camera's frames into Redis until the source ends or SIGINT/SIGTERM."""
@@ -400,7 +413,10 @@ def ingest_command(
         _fail(str(exc))
     settings = IngestSettings(camera=camera, line=line, bank=bank, fps=fps, max_side=max_side, encoding=encoding,
                               jpeg_quality=jpeg_quality, maxlen=maxlen, max_frames=frames)
-    report = CameraIngest(_client(redis_url, password_file), src, settings, Keys(prefix), _stop_on_signals()).run()
+    client = _client(redis_url, password_file)
+    ingest = CameraIngest(client, src, settings, Keys(prefix), _stop_on_signals())
+    _serve_metrics(metrics_port, client, lambda: (ingest.connected.is_set(), {"camera": camera}))
+    report = ingest.run()
     typer.echo(json.dumps(vars(report)))
 
 
@@ -415,7 +431,7 @@ def worker_command(
     max_pixels: Annotated[int, typer.Option(help="Dead-letter frames larger than this many pixels (checked in the image header, before decoding).")] = 7680 * 4320,
     max_deliveries: Annotated[int, typer.Option(help="Dead-letter a frame as poison once delivered more often than this.")] = 5,
     device: Device = "auto", index: Index = "auto", weights: Weights = None,
-    signing_key_file: SigningKeyFile = None,
+    signing_key_file: SigningKeyFile = None, metrics_port: MetricsPort = 0,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
     """Score frames of every camera until SIGINT/SIGTERM (finishing the current batch).
@@ -432,7 +448,10 @@ def worker_command(
         from dataclasses import replace
 
         settings = replace(settings, name=name)
-    report = Worker(_client(redis_url, password_file), settings, Keys(prefix), _stop_on_signals()).run()
+    client = _client(redis_url, password_file)
+    worker = Worker(client, settings, Keys(prefix), _stop_on_signals())
+    _serve_metrics(metrics_port, client, worker.readiness, Keys(prefix))
+    report = worker.run()
     typer.echo(json.dumps(vars(report)))
 
 
@@ -457,6 +476,7 @@ def store_command(
     name: Annotated[str, typer.Option(help="Consumer name.")] = "store-1",
     reorder: Annotated[int, typer.Option(min=1, help="Results up to this many frames out of order raise the "
                                                    "in-order alarms (a missing frame delays alarms this many frames).")] = 8,
+    metrics_port: MetricsPort = 0,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
     """Keep per-camera state and raise alarms (stream + Pub/Sub) until SIGINT/SIGTERM."""
@@ -464,7 +484,10 @@ def store_command(
     from store.service import ResultsStore, StoreSettings
 
     settings = StoreSettings(name=name, default_rule=_rule(k, n, cooldown_s, threshold), reorder=reorder)
-    report = ResultsStore(_client(redis_url, password_file), settings, Keys(prefix), _stop_on_signals()).run()
+    client = _client(redis_url, password_file)
+    store = ResultsStore(client, settings, Keys(prefix), _stop_on_signals())
+    _serve_metrics(metrics_port, client, store.readiness)
+    report = store.run()
     typer.echo(json.dumps(vars(report)))
 
 
@@ -567,27 +590,43 @@ def alarms_command(
 @app.command("status")
 def status_command(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    dead_after_s: Annotated[float, typer.Option(help="Mark a consumer dead when idle (and, a worker, without a "
+                                                     "heartbeat) this long.")] = 120.0,
+    prune: Annotated[bool, typer.Option(help="Delete consumers dead for --prune-after-s that hold no pending "
+                                             "frames (XGROUP DELCONSUMER; operator role).")] = False,
+    prune_after_s: Annotated[float, typer.Option(help="With --prune: dead this long.")] = 3600.0,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
-    """Per camera: last sequence ingested, results, pending, dropped, dead-lettered; workers; active banks."""
+    """Per camera: last sequence ingested, results, lag, pending, dropped, dead-lettered; consumers (dead ones
+    marked); dead letters by reason; active banks."""
     from contracts.connection import redacted, redis_url as resolve_url
-    from contracts.status import collect_status
+    from contracts.status import collect_status, prune_dead
 
-    status = collect_status(_client(redis_url, password_file), prefix)
+    client = _client(redis_url, password_file)
+    pruned = prune_dead(client, prefix, prune_after_s) if prune else []
+    status = collect_status(client, prefix, dead_after_s)
     status["redis"] = redacted(resolve_url(redis_url))
+    status["pruned"] = pruned
     if json_output:
         typer.echo(json.dumps(status, indent=2))
         return
     typer.echo(f"redis {status['redis']}")
     for cam in status["cameras"]:
         typer.echo(f"camera {cam['camera']}: last_seq {cam['last_seq']}  ingested {cam['ingested']}  results "
-                   f"{cam['results']}  pending {cam['pending']}  backlog {cam['backlog']}  dropped {cam['dropped']}  "
+                   f"{cam['results']}  lag {cam['lag']}  pending {cam['pending']}  backlog {cam['backlog']}  dropped {cam['dropped']}  "
                    f"dead-lettered {cam['deadlettered']}  alarms {cam['alarms']}  state: {cam['state']}"
                    + (f"  FAULT: {cam['fault']}" if cam["fault"] else ""))
     for fault in status["redis_faults"]:
         typer.echo(f"redis FAULT: {fault}")
     for worker, seen in status["workers"].items():
         typer.echo(f"worker {worker}: seen {seen:.0f} s ago")
+    for row in status["consumers"]:
+        typer.echo(f"consumer {row['group']}/{row['name']}: idle {row['idle_s']:.0f} s  pending {row['pending']}"
+                   + ("  DEAD" if row["dead"] else ""))
+    for name in pruned:
+        typer.echo(f"pruned consumer {name}")
+    if status["deadletter_reasons"]:
+        typer.echo("dead letters: " + "  ".join(f"{kind} {n}" for kind, n in sorted(status["deadletter_reasons"].items())))
     for bank, version in status["banks"].items():
         typer.echo(f"bank {bank}: active v{version}")
 
@@ -662,7 +701,7 @@ def up_command(
     redis_url: Annotated[Optional[str], typer.Option(envvar="REDIS_URL", help="Use this Redis instead of an embedded one.")] = None,
     bank_name: Annotated[str, typer.Option(help="Registry name the run's bank is published under.")] = "default",
     force: Annotated[bool, typer.Option(help="With --redis-url: publish over (and activate) an existing bank of that name.")] = False,
-    signing_key_file: SigningKeyFile = None,
+    signing_key_file: SigningKeyFile = None, metrics_port: MetricsPort = 0,
 ) -> None:
     """The whole service in one command: embedded Redis, bank, ingest, worker, store; prints alarms.
 
@@ -686,10 +725,11 @@ def up_command(
     settings = UpSettings(source=source, redis_url=redis_url, bank=bank, train=train, build=build,
                           warmup_frames=warmup_frames, frames=frames, seconds=seconds, fps=fps, max_batch=max_batch,
                           max_wait_ms=max_wait_ms, rule=_rule(k, n, cooldown_s, threshold), device=device,
-                          bank_name=bank_name, force=force, bank_key=_signing_key(signing_key_file))
+                          bank_name=bank_name, force=force, bank_key=_signing_key(signing_key_file),
+                          metrics_port=metrics_port)
     try:
         summary = run_up(settings, echo=typer.echo, progress=progress)
-    except UpError as exc:
+    except (UpError, OSError) as exc:
         _fail(str(exc))
     text = json.dumps(summary, indent=2)
     typer.echo(text)

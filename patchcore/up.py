@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from contracts.connection import connect, redacted
+from contracts.health import both, serve_process
 from contracts.keys import Keys
 from contracts.messages import Alarm, Result
 from contracts.registry import BankRegistry
@@ -51,6 +52,7 @@ class UpSettings:
     device: str = "auto"
     force: bool = False  # publish over (and activate) an existing bank of a Redis that `up` did not start
     bank_key: bytes | None = field(default=None, repr=False)  # signing key; None: a fresh one for this run
+    metrics_port: int = 0  # /metrics, /healthz, /readyz of the whole demo (0: off)
 
 
 class UpError(RuntimeError):
@@ -130,6 +132,13 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
                                                      max_wait_ms=settings.max_wait_ms, device=settings.device,
                                                      bank_key=bank_key), keys, stop)
         store = ResultsStore(connect(url), StoreSettings(default_rule=settings.rule), keys, stop)
+        server = serve_process(settings.metrics_port, client, both(
+            worker.readiness, store.readiness, lambda: (ingest.connected.is_set(), {"ingest": ingest.connected.is_set()})),
+            keys)
+        if server is not None:
+            stack.callback(server.server_close)
+            stack.callback(server.shutdown)
+            echo(f"metrics on http://127.0.0.1:{server.server_port}/metrics (/healthz, /readyz)")
         reports: dict = {}
         threads = [threading.Thread(target=lambda: reports.__setitem__("ingest", ingest.run()), name="ingest"),
                    threading.Thread(target=worker.run, name="worker"),

@@ -16,6 +16,7 @@ import redis
 
 from contracts.keys import STORE_GROUP, Keys
 from contracts.messages import Alarm, MessageError, Result, check_overlay_key
+from contracts.metrics import ALARMS, DEADLETTERED
 from contracts.streams import ACK_AND_WRITE, CameraStreams, reclaim, serve, stream_name
 
 from .alarms import AlarmRule, AlarmWindow
@@ -124,6 +125,10 @@ class ResultsStore:
                 while self._commit_results(stream, camera, [], flush=True) is None:  # decide what waits for a gap
                     self.report.conflicts += 1
 
+    def readiness(self) -> tuple[bool, dict]:
+        """Ready (/readyz): the store's group joined on at least one results stream."""
+        return bool(self._streams.names), {"result_streams": len(self._streams.names)}
+
     def rule_for(self, camera: str, line: str) -> AlarmRule:
         return self._rules.get(camera) or self._rules.get(f"line:{line}") or self.settings.default_rule
 
@@ -200,12 +205,14 @@ class ResultsStore:
         if reply == 1:
             self.report.results += len(items)
             self.report.alarms += len(alarm_infos)
+            ALARMS.labels(camera).inc(len(alarm_infos))
         return reply == 1
 
     def _refuse(self, stream: str, camera: str, entry_id: bytes, raw: bytes, reason: str) -> None:
         """Dead-letter an invalid result with its reason (acknowledged, removed and counted at once)."""
         self.report.bad_results += 1
         log.error("invalid result dead-lettered", extra={"fields": {"stream": stream, "error": reason}})
-        self._ack_and_write(keys=[stream, self.keys.deadletter, self.keys.camera_stats(camera)],
-                            args=[STORE_GROUP, entry_id, 100_000, "bad_results", "reason", reason, "stream", stream,
-                                  "id", entry_id, "worker", self.settings.name, "at", time.time(), "m", raw])
+        if self._ack_and_write(keys=[stream, self.keys.deadletter, self.keys.camera_stats(camera)],
+                               args=[STORE_GROUP, entry_id, 100_000, "bad_results", "reason", reason, "stream", stream,
+                                     "id", entry_id, "worker", self.settings.name, "at", time.time(), "m", raw]):
+            DEADLETTERED.labels("bad_result").inc()

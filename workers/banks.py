@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from contracts.metrics import BANK_VERSION
 from contracts.registry import BankRegistry, RegistryError
 from scorer import BackboneError, BankError, PatchCoreScorer, bank_from_bytes, resolve_device
 from scorer.model import build_extractor
@@ -46,6 +47,15 @@ class BankCache:
         reason = self._errors.get(name, "no active version in the registry")
         return reason, "on this host" in reason
 
+    def loaded(self) -> dict[str, int]:
+        """The versions serving now, by bank name."""
+        return {name: active.version for name, active in list(self._scorers.items())}  # read by /readyz's thread
+
+    def preload(self) -> None:
+        """Load (or switch to) the active version of every bank in the registry."""
+        for name in self.registry.names():
+            self.get(name)
+
     def get(self, name: str) -> ActiveScorer | None:
         """The scorer of bank `name`'s active version (switching if it changed), or None if none can serve."""
         version = self.registry.active(name)
@@ -79,5 +89,6 @@ class BankCache:
                                         "serving": current.version if current else None}})
             return current
         self._scorers[name] = ActiveScorer(name, version, scorer)
+        BANK_VERSION.labels(name).set(version)
         log.info("bank loaded", extra={"fields": {"bank": name, "version": version}})
         return self._scorers[name]

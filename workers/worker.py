@@ -30,6 +30,7 @@ import torch
 from contracts.deadletter import DeadLetters, DeadLetterSettings
 from contracts.keys import FRAME_GROUP, Keys
 from contracts.messages import Frame, MessageError, Result
+from contracts.metrics import BATCH_SIZE, results_written
 from contracts.registry import BankRegistry
 from contracts.streams import (ACK_AND_WRITE, CameraStreams, deliveries, keep_pending, reclaim, redis_fault, serve,
                                stream_name)
@@ -141,6 +142,7 @@ class Worker:
             return
         self._streams.refresh()
         self.client.hset(self.keys.workers, self.settings.name, time.time())
+        self.banks.preload()  # every active bank, before its first frame: readiness means "can score"
         self._keep_held()
         self._reclaim()
 
@@ -211,6 +213,7 @@ class Worker:
         """Give each frame of the batch its outcome, or hold it (infrastructure) or leave it pending (suspect)."""
         self.report.batches += 1
         self.report.frames += len(batch)
+        BATCH_SIZE.observe(len(batch))
         held: list[tuple[_Entry, str, bool]] = []
         try:
             held = self._outcomes(batch)
@@ -316,6 +319,7 @@ class Worker:
         scorer = active.scorer
         threshold = scorer.threshold
         now = time.time()
+        started = time.perf_counter()
         verdicts = scorer.verdict(result.image_scores)
         rows = np.flatnonzero(verdicts).tolist()
         maps = dict(zip(rows, scorer.heatmaps(result, rows)))  # heatmaps only for the frames that get an overlay
@@ -346,7 +350,16 @@ class Worker:
                     args=[FRAME_GROUP, entry.entry_id, self.settings.results_maxlen, "results", "m", message.pack()],
                     client=pipe)
             replies = pipe.execute()
-        self.report.results += sum(replies[i] for i in script_calls)  # 0: another worker finished it first
+        written = [replies[i] for i in script_calls]  # 0: another worker finished it first
+        self.report.results += sum(written)
+        results_written([(frame.camera, bool(verdicts[i]), frame.captured_at, entry.picked_at, decode_ms / 1000)
+                         for i, (entry, frame, _, decode_ms) in enumerate(items) if written[i]],
+                        score_ms / 1000, (time.perf_counter() - started) / len(items), time.time())
+
+    def readiness(self) -> tuple[bool, dict]:
+        """Ready (/readyz): a bank loaded and the workers' group joined on at least one camera stream."""
+        banks, streams = self.banks.loaded(), len(self._streams.names)
+        return bool(banks) and streams > 0, {"banks": banks, "frame_streams": streams}
 
     @staticmethod
     def _patch_map(grid: np.ndarray) -> dict:

@@ -1,0 +1,149 @@
+"""Prometheus metrics of every process, defined once (prometheus-client's default registry).
+
+Processes record with the one-line helpers below; `contracts.health` serves the registry on
+`--metrics-port` with /healthz and /readyz. Counters count what was written to Redis, exactly once:
+a frame counts as ingested when its append ran, a result when the acknowledge-and-write script wrote
+it (not when another worker had already finished that frame), a dead letter when it was recorded.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Iterable
+
+import redis
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+FRAMES_INGESTED = Counter("patchcore_frames_ingested", "Frames appended to their camera's stream.", ["camera"])
+FRAMES_DROPPED = Counter("patchcore_frames_dropped", "Oldest frames trimmed from a full stream (live sources).",
+                         ["camera"])
+RESULTS = Counter("patchcore_results", "Results written by workers.", ["camera", "verdict"])
+DEADLETTERED = Counter("patchcore_deadlettered", "Frames and results dead-lettered, by kind of reason.", ["reason"])
+ALARMS = Counter("patchcore_alarms", "Alarms raised by the store.", ["camera"])
+BATCH_SIZE = Histogram("patchcore_batch_size", "Frames per worker batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+STAGE_SECONDS = Histogram("patchcore_stage_seconds", "Seconds per frame in each stage: queue (capture to picked by "
+                          "a worker), decode, score (batch time / frames), write (batch write / frames).", ["stage"],
+                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+END_TO_END = Histogram("patchcore_end_to_end_latency_seconds", "Capture to result written.",
+                       buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+BANK_VERSION = Gauge("patchcore_bank_version", "Version of each bank this worker scores with.", ["bank"])
+
+# Dead-letter reasons are free text; the label is its kind (a bounded set), tried in this order.
+REASON_KINDS = (
+    ("poison", re.compile(r"^poison\b")),
+    ("unscorable", re.compile(r"^frame cannot be scored")),
+    ("too_large", re.compile(r"exceeds the \d+-byte limit|-pixel limit")),
+    ("undecodable", re.compile(r"JPEG|PNG|BMP|IHDR|SOF|decod|header", re.IGNORECASE)),
+    ("malformed", re.compile(r"msgpack|schema|missing fields|not a map|^bad |arrived on|overlay_key")),
+)
+
+
+def reason_kind(reason: str) -> str:
+    """The bounded label of a dead-letter reason: poison, unscorable, too_large, undecodable, malformed, other."""
+    for kind, pattern in REASON_KINDS:
+        if pattern.search(reason):
+            return kind
+    return "other"
+
+
+def frame_appended(camera: str, dropped: int) -> None:
+    """Ingest: an append ran (dropped < 0: a retry found it already written, nothing counted)."""
+    if dropped >= 0:
+        FRAMES_INGESTED.labels(camera).inc()
+        if dropped:
+            FRAMES_DROPPED.labels(camera).inc(dropped)
+
+
+def results_written(rows: Iterable[tuple[str, bool, float, float, float]], score_s: float, write_s: float,
+                    now: float) -> None:
+    """Worker: the results written, each (camera, anomalous, captured_at, picked_at, decode seconds);
+    `score_s` and `write_s` are per frame."""
+    for camera, anomalous, captured_at, picked_at, decode_s in rows:
+        RESULTS.labels(camera, "anomalous" if anomalous else "normal").inc()
+        STAGE_SECONDS.labels("queue").observe(max(0.0, picked_at - captured_at))
+        STAGE_SECONDS.labels("decode").observe(decode_s)
+        STAGE_SECONDS.labels("score").observe(score_s)
+        STAGE_SECONDS.labels("write").observe(write_s)
+        END_TO_END.observe(max(0.0, now - captured_at))
+
+
+def deadlettered(reason: str) -> None:
+    DEADLETTERED.labels(reason_kind(reason)).inc()
+
+
+def consumer_lag(client: redis.Redis, streams: dict[str, str], group: str) -> dict[str, int]:
+    """Per name (e.g. camera) of `streams` {name: stream}: entries not yet delivered to `group` plus those
+    pending (XINFO GROUPS lag + pending). Where Redis cannot tell the lag (NULL: entries deleted ahead of
+    the group), XLEN stands in: every outcome deletes its frame, so the stream holds exactly the
+    undelivered and the pending ones. Streams without the group are left out."""
+    names = list(streams)
+    with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.xinfo_groups(streams[name])
+            pipe.xlen(streams[name])
+        replies = pipe.execute(raise_on_error=False)
+    lags = {}
+    for i, name in enumerate(names):
+        groups, length = replies[2 * i], replies[2 * i + 1]
+        if isinstance(groups, Exception):
+            continue
+        for info in groups:
+            if _text(info.get("name")) == group:
+                lag = info.get("lag")
+                lags[name] = int(lag) + int(info["pending"]) if lag is not None else int(length)
+    return lags
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class LagCollector(Collector):
+    """patchcore_consumer_lag{camera}, read from Redis at scrape time (one pipelined round trip)."""
+
+    def __init__(self, client: redis.Redis, cameras_key: str, stream_of, group: str):
+        self.client, self.cameras_key, self.stream_of, self.group = client, cameras_key, stream_of, group
+
+    def collect(self):
+        family = GaugeMetricFamily("patchcore_consumer_lag", "Frames not yet delivered to a worker plus those "
+                                   "pending (delivered, not yet acknowledged), per camera.", labels=["camera"])
+        try:
+            cameras = sorted(_text(c) for c in self.client.smembers(self.cameras_key))
+            for camera, lag in consumer_lag(self.client, {c: self.stream_of(c) for c in cameras}, self.group).items():
+                family.add_metric([camera], lag)
+        except redis.RedisError:  # Redis unreachable: no samples (and /healthz says 503)
+            pass
+        yield family
+
+
+class GpuMemoryCollector(Collector):
+    """patchcore_gpu_memory_allocated_bytes / _reserved_bytes{device}, where this process runs CUDA
+    (read from torch's caching allocator; nothing when torch is not loaded or CUDA not initialised)."""
+
+    def collect(self):
+        allocated = GaugeMetricFamily("patchcore_gpu_memory_allocated_bytes", "GPU memory held by tensors.",
+                                      labels=["device"])
+        reserved = GaugeMetricFamily("patchcore_gpu_memory_reserved_bytes", "GPU memory reserved by torch's "
+                                     "caching allocator.", labels=["device"])
+        torch = sys.modules.get("torch")  # contracts never imports torch; a worker already has
+        if torch is not None and torch.cuda.is_initialized():
+            for index in range(torch.cuda.device_count()):
+                allocated.add_metric([f"cuda:{index}"], torch.cuda.memory_allocated(index))
+                reserved.add_metric([f"cuda:{index}"], torch.cuda.memory_reserved(index))
+        yield allocated
+        yield reserved
+
+
+_registered: dict[str, Collector] = {}
+
+
+def register(name: str, collector: Collector) -> None:
+    """Add a custom collector to the default registry under `name`, replacing the one added before under it
+    (a second `patchcore up` in one process reads its own Redis, not the first one's)."""
+    old = _registered.pop(name, None)
+    if old is not None:
+        REGISTRY.unregister(old)
+    REGISTRY.register(collector)
+    _registered[name] = collector
