@@ -155,8 +155,7 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
                 if message is not None:
                     alarm = Alarm.unpack(message["data"])
                     alarms.append(alarm)
-                    echo(f"ALARM camera={alarm.camera} line={alarm.line} seq={alarm.seq} score={alarm.score:.3f} "
-                         f"threshold={alarm.threshold:.3f} bank={alarm.bank}@v{alarm.bank_version} ({alarm.rule})")
+                    echo(alarm.describe())
                 if deadline is not None and time.time() >= deadline:
                     ingest_stop.set()
                 now = counters()
