@@ -653,7 +653,9 @@ def up_command(
     warmup_frames: Annotated[int, typer.Option(help="Without --bank/--train: build the bank from the source's first frames.")] = 60,
     backbone: Backbone = "mobilenet_v2", coreset: Coreset = 0.1, view: View = "crop", size: Size = 320,
     scale: Scale = 0.5, tile: Tile = 224, overlap: Overlap = 0.25,
-    fps: Annotated[Optional[float], typer.Option(help="Camera rate limit.")] = None,
+    fps: Annotated[Optional[float], typer.Option(
+        min=0, help="Frames per second the camera runs at; default 10 for the synthetic line, files and folders (the "
+                    "latency a line camera sees), a live source's own rate. 0: unthrottled, for throughput.")] = None,
     max_batch: Annotated[int, typer.Option(help="Worker batch size at most.")] = 8,
     max_wait_ms: Annotated[int, typer.Option(help="Worker batching wait.")] = 50,
     k: K = 3, n: N = 4, cooldown_s: Cooldown = 2.0, threshold: Threshold = None,
