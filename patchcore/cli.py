@@ -8,55 +8,15 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
+from .helptext import Typer
 from .logs import setup_logging
 
-
-class _ValueNames:
-    """Help with click's value names: nothing after a flag, TEXT / INTEGER / FLOAT / PATH after an option or
-    argument that takes a value. Typer's rich help prints Python types instead (`<str>`, `<list[Path]>`, and
-    `<bool>` after every flag, --help included). Options get it as their metavar (one they set still wins);
-    arguments, whose type column typer draws from the type alone, get it as that column."""
-
-    NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "int range": "INTEGER", "float range": "FLOAT"}
-
-    def format_help(self, ctx, formatter) -> None:
-        for param in self.get_params(ctx):
-            label = param.display_type(ctx).strip("<>")
-            many = label.startswith("list[")
-            label = label.removeprefix("list[").removesuffix("]").lower()
-            name = self.NAMES.get(label, label.upper())
-            if isinstance(param, TyperOption) and param.metavar is None:
-                param.metavar = "" if param.is_flag or param.count else name
-            elif isinstance(param, TyperArgument):
-                param.display_type_rich = lambda ctx, name=name + ("..." if many else ""): name
-        super().format_help(ctx, formatter)
-
-
-class _Command(_ValueNames, TyperCommand):
-    pass
-
-
-class _Group(_ValueNames, TyperGroup):
-    pass
-
-
-class _Typer(typer.Typer):
-    """typer.Typer whose commands and groups write their help with _ValueNames."""
-
-    def __init__(self, **kwargs):
-        super().__init__(cls=_Group, **kwargs)
-
-    def command(self, *args, **kwargs):
-        return super().command(*args, **{"cls": _Command, **kwargs})
-
-
-app = _Typer(help="PatchCore visual inspection: banks, evaluation, and the streaming service.",
-             no_args_is_help=True, pretty_exceptions_enable=False)
-bank_app = _Typer(help="Build, inspect, publish, activate and roll back memory banks.", no_args_is_help=True)
+app = Typer(help="PatchCore visual inspection: banks, evaluation, and the streaming service.",
+            no_args_is_help=True, pretty_exceptions_enable=False)
+bank_app = Typer(help="Build, inspect, publish, activate and roll back memory banks.", no_args_is_help=True)
 app.add_typer(bank_app, name="bank")
-alarm_app = _Typer(help="Act on alarms: dismiss a false alarm.", no_args_is_help=True)
+alarm_app = Typer(help="Act on alarms: dismiss a false alarm.", no_args_is_help=True)
 app.add_typer(alarm_app, name="alarm")
 
 # Options shared by the commands that build a bank.
@@ -633,8 +593,8 @@ def status_command(
         typer.echo(f"bank {bank}: active v{version}")
 
 
-deadletter_app = _Typer(help="Frames that got no result: list, replay onto their camera's stream, purge.",
-                         no_args_is_help=True)
+deadletter_app = Typer(help="Frames that got no result: list, replay onto their camera's stream, purge.",
+                        no_args_is_help=True)
 app.add_typer(deadletter_app, name="deadletter")
 Ids = Annotated[Optional[list[str]], typer.Argument(help="Dead-letter ids (from `deadletter list`).")]
 CameraFilter = Annotated[Optional[str], typer.Option(help="Only this camera's dead letters.")]
