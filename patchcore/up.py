@@ -211,9 +211,9 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
                 if live.enabled and time.time() - shown_at >= 0.5:
                     shown_at = time.time()
                     tail.poll()
-                    now = counters()
+                    now, p50 = counters(), percentile(tail.latencies_ms(), 50)
                     live.show(f"frames in {now.get('ingested', 0)}  out {now.get('results', 0)}  alarms {len(alarms)}"
-                              f"  latency p50 {percentile(tail.latencies_ms(), 50):.0f} ms  {shown_at - started:.0f} s")
+                              f"  latency p50 {'-' if np.isnan(p50) else f'{p50:.0f}'} ms  {shown_at - started:.0f} s")
                 if deadline is not None and time.time() >= deadline:
                     ingest_stop.set()
                 now = counters()
