@@ -14,6 +14,7 @@ RESULT_SCHEMA = 1
 ALARM_SCHEMA = 1
 ENCODINGS = ("jpeg", "raw")
 DEFAULT_MAX_FRAME_BYTES = 16 << 20
+MAX_WINDOW_SCORES = 64  # an alarm carries the scores of at most this many frames of its window (the newest)
 
 
 class MessageError(ValueError):
@@ -69,6 +70,11 @@ def _finite(value, name: str, optional: bool = False) -> None:
         return
     _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
              f"bad {name}: a finite number expected, got {value!r}"[:200])
+
+
+def _optional_integer(value, name: str) -> None:
+    if value is not None:
+        _integer(value, name)
 
 
 def _optional_text(value, name: str, max_len: int) -> None:
@@ -185,6 +191,19 @@ class Alarm:
     rule: str  # e.g. "2-of-3, cooldown 10 s"
     overlay_key: str | None = None
     overlay_jpeg: bytes | None = None
+    # Why it fired (absent from alarms of older stores): k of the window's n frames at or over the threshold
+    # were needed and `over` were; the window's scores by sequence number from `window_first` up to `seq`
+    # (None: the frame got no result; the newest MAX_WINDOW_SCORES of a longer window); its highest score and
+    # that frame; the frame whose overlay the alarm carries (the highest-scoring one that has an overlay).
+    # `score` stays the alarm frame's own score, which may be under the threshold.
+    k: int | None = None
+    n: int | None = None
+    over: int | None = None
+    window_first: int | None = None
+    window_scores: tuple[float | None, ...] | None = None
+    peak_seq: int | None = None
+    peak_score: float | None = None
+    overlay_seq: int | None = None
     schema: int = ALARM_SCHEMA
 
     def pack(self) -> bytes:
@@ -204,7 +223,31 @@ class Alarm:
             _finite(getattr(alarm, name), name)
         _optional_text(alarm.overlay_key, "overlay_key", 512)
         _require(alarm.overlay_jpeg is None or isinstance(alarm.overlay_jpeg, bytes), "bad overlay_jpeg: bytes expected")
+        for name in ("k", "n", "over", "window_first", "peak_seq", "overlay_seq"):
+            _optional_integer(getattr(alarm, name), name)
+        _finite(alarm.peak_score, "peak_score", optional=True)
+        _require((alarm.peak_seq is None) == (alarm.peak_score is None), "peak_seq and peak_score come together")
+        scores = alarm.window_scores
+        if scores is not None:
+            _require(isinstance(scores, (list, tuple)) and 0 < len(scores) <= MAX_WINDOW_SCORES,
+                     f"bad window_scores: a list of 1 to {MAX_WINDOW_SCORES} entries expected")
+            for score in scores:
+                _finite(score, "window_scores entry", optional=True)
+            _require(alarm.window_first is not None and alarm.window_first + len(scores) - 1 == alarm.seq,
+                     "window_scores must run from window_first to seq")
+            alarm = Alarm(**{**asdict(alarm), "window_scores": tuple(scores)})  # msgpack has no tuples
         return alarm
+
+    def describe(self) -> str:
+        """One line saying what fired: the rule, the window's scores and its highest, the frame's own score."""
+        head = f"ALARM camera={self.camera} line={self.line} seq={self.seq} bank={self.bank}@v{self.bank_version}"
+        if self.window_scores is None or self.peak_score is None:  # an older store's alarm: no window details
+            return f"{head} score={self.score:.3f} threshold={self.threshold:.3f} ({self.rule})"
+        scores = " ".join(f"{self.window_first + i}:" + ("-" if v is None else f"{v:.3f}")
+                          for i, v in enumerate(self.window_scores))
+        return (f"{head} ({self.rule}): {self.over} frames at or over threshold {self.threshold:.3f} in "
+                f"seq {self.window_first}..{self.seq} [{scores}]; highest {self.peak_score:.3f} at seq {self.peak_seq}; "
+                f"this frame {self.score:.3f}, {'over' if self.score >= self.threshold else 'under'} the threshold")
 
 
 def check_overlay_key(result: Result, keys: Keys) -> None:

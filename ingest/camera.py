@@ -105,10 +105,11 @@ class CameraIngest:
                 now = time.monotonic()
                 if now < next_due:
                     self.stop.wait(next_due - now)
-                next_due = max(next_due + interval, time.monotonic())
+                next_due = max(next_due, time.monotonic()) + interval  # a late frame never makes the next one early
+            captured_at = time.time()  # the moment the paced camera takes the frame (encoding is part of the latency)
             data, shape = encode(image, self.settings)
             frame = Frame(camera=self.settings.camera, line=self.settings.line, bank=self.settings.bank, seq=seq,
-                          captured_at=time.time(), encoding=self.settings.encoding, shape=shape, data=data)
+                          captured_at=captured_at, encoding=self.settings.encoding, shape=shape, data=data)
             report.dropped += self._push(frame)
             report.frames += 1
             seq += 1

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+REPLAY_FPS = 10.0  # recorded and synthetic sources are replayed at this camera rate unless told otherwise
 
 
 class SourceError(RuntimeError):
@@ -169,6 +170,17 @@ class SyntheticLine:
             cv2.line(frame, (x0, y0), (x1, y1), (30, 30, 200), max(3, radius // 14), cv2.LINE_AA)  # red scratch
         noise = rng.normal(0, 3, frame.shape).astype(np.int16)
         return np.clip(frame.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def replay_fps(source: Source, fps: float | None) -> float | None:
+    """The rate the camera loop paces `source` at (None: unpaced). `fps` when given, 0 meaning as fast as the
+    service takes the frames (a throughput run); else a camera's rate for recorded and synthetic sources
+    (REPLAY_FPS), and none for live ones, whose camera sets the pace."""
+    if fps is not None:
+        if not math.isfinite(fps) or fps < 0:
+            raise ValueError(f"fps must be a non-negative number, got {fps!r}")
+        return float(fps) or None
+    return None if source.live else REPLAY_FPS
 
 
 def parse_source(spec: str, loop: bool = False) -> Source:

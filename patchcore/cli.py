@@ -9,13 +9,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from .helptext import Typer
 from .logs import setup_logging
 
-app = typer.Typer(help="PatchCore visual inspection: banks, evaluation, and the streaming service.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-bank_app = typer.Typer(help="Build, inspect, publish, activate and roll back memory banks.", no_args_is_help=True)
+app = Typer(help="PatchCore visual inspection: banks, evaluation, and the streaming service.",
+            no_args_is_help=True, pretty_exceptions_enable=False)
+bank_app = Typer(help="Build, inspect, publish, activate and roll back memory banks.", no_args_is_help=True)
 app.add_typer(bank_app, name="bank")
-alarm_app = typer.Typer(help="Act on alarms: dismiss a false alarm.", no_args_is_help=True)
+alarm_app = Typer(help="Act on alarms: dismiss a false alarm.", no_args_is_help=True)
 app.add_typer(alarm_app, name="alarm")
 
 # Options shared by the commands that build a bank.
@@ -631,8 +632,8 @@ def status_command(
         typer.echo(f"bank {bank}: active v{version}")
 
 
-deadletter_app = typer.Typer(help="Frames that got no result: list, replay onto their camera's stream, purge.",
-                              no_args_is_help=True)
+deadletter_app = Typer(help="Frames that got no result: list, replay onto their camera's stream, purge.",
+                        no_args_is_help=True)
 app.add_typer(deadletter_app, name="deadletter")
 Ids = Annotated[Optional[list[str]], typer.Argument(help="Dead-letter ids (from `deadletter list`).")]
 CameraFilter = Annotated[Optional[str], typer.Option(help="Only this camera's dead letters.")]
@@ -692,7 +693,9 @@ def up_command(
     warmup_frames: Annotated[int, typer.Option(help="Without --bank/--train: build the bank from the source's first frames.")] = 60,
     backbone: Backbone = "mobilenet_v2", coreset: Coreset = 0.1, view: View = "crop", size: Size = 320,
     scale: Scale = 0.5, tile: Tile = 224, overlap: Overlap = 0.25,
-    fps: Annotated[Optional[float], typer.Option(help="Camera rate limit.")] = None,
+    fps: Annotated[Optional[float], typer.Option(
+        min=0, help="Frames per second the camera runs at; default 10 for the synthetic line, files and folders (the "
+                    "latency a line camera sees), a live source's own rate. 0: unthrottled, for throughput.")] = None,
     max_batch: Annotated[int, typer.Option(help="Worker batch size at most.")] = 8,
     max_wait_ms: Annotated[int, typer.Option(help="Worker batching wait.")] = 50,
     k: K = 3, n: N = 4, cooldown_s: Cooldown = 2.0, threshold: Threshold = None,

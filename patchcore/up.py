@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TextIO
 
 import numpy as np
 
@@ -18,8 +19,9 @@ from contracts.keys import Keys
 from contracts.messages import Alarm, Result
 from contracts.registry import BankRegistry
 from ingest.camera import CameraIngest, IngestSettings
-from ingest.sources import SyntheticLine, parse_source
-from scorer import BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_to_bytes, build_bank, load_bank
+from ingest.sources import SyntheticLine, parse_source, replay_fps
+from scorer import (BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_to_bytes, build_bank, load_bank,
+                    load_image)
 from scorer.calibration import CalibrationConfig
 from store.alarms import AlarmRule
 from store.service import ResultsStore, StoreSettings
@@ -45,7 +47,7 @@ class UpSettings:
     warmup_frames: int = 60  # good frames the bank is built from when neither --bank nor --train is given
     frames: int | None = 200
     seconds: float | None = None
-    fps: float | None = None
+    fps: float | None = None  # None: a camera's rate for recorded and synthetic sources (ingest.sources.replay_fps); 0: unpaced
     max_batch: int = 8
     max_wait_ms: int = 50
     rule: AlarmRule = AlarmRule()
@@ -88,6 +90,41 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+class LiveLine:
+    """One status line rewritten in place on a terminal (stderr by default); silent when that is not a terminal."""
+
+    def __init__(self, enabled: bool = True, stream: TextIO | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled and self.stream.isatty()
+
+    def show(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write("\r\x1b[K" + text)
+            self.stream.flush()
+
+    def clear(self) -> None:
+        self.show("")
+
+
+class ResultTail:
+    """This run's results (captured from `since` on) as they arrive: XRANGE from the last entry read."""
+
+    def __init__(self, client, stream: str, since: float):
+        self.client, self.stream, self.since = client, stream, since
+        self.last = "-"
+        self.results: list[Result] = []
+
+    def poll(self) -> None:
+        while entries := self.client.xrange(self.stream, min=self.last if self.last == "-" else f"({self.last}",
+                                            count=1000):
+            self.last = entries[-1][0].decode()
+            results = (Result.unpack(fields[b"m"]) for _, fields in entries)
+            self.results += [r for r in results if r.captured_at >= self.since]
+
+    def latencies_ms(self) -> list[float]:
+        return [(r.scored_at - r.captured_at) * 1000 for r in self.results]
+
+
 def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: bool = True) -> dict:
     import tempfile
 
@@ -125,12 +162,23 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         subscriber.subscribe(keys.alarms_channel)
 
         source = parse_source(settings.source)
+        fps = replay_fps(source, settings.fps)
+        mode = "paced" if fps else "live" if source.live else "unthrottled"
+        echo(f"camera paced at {fps:g} frames/s: the latency a line camera sees (--fps 0: throughput)" if fps else
+             "live source at its camera's own rate" if source.live else
+             "camera unthrottled (--fps 0): throughput; latency is that of a full queue")
         ingest = CameraIngest(client, source, IngestSettings(camera=settings.camera, line=settings.line,
-                                                             bank=settings.bank_name, fps=settings.fps,
+                                                             bank=settings.bank_name, fps=fps,
                                                              max_frames=settings.frames), keys, ingest_stop)
         worker = Worker(connect(url), WorkerSettings(name="worker-1", max_batch=settings.max_batch,
                                                      max_wait_ms=settings.max_wait_ms, device=settings.device,
                                                      bank_key=bank_key), keys, stop)
+        # load the bank (and run the network once on a frame of the source) before the camera starts:
+        # start-up is not latency
+        active = worker.banks.get(settings.bank_name)
+        warm = sorted((workdir / "warmup").glob("*.png"))[:1]
+        if active is not None and warm:
+            active.scorer.score([load_image(warm[0])], maps=False)
         store = ResultsStore(connect(url), StoreSettings(default_rule=settings.rule), keys, stop)
         server = serve_process(settings.metrics_port, client, both(
             worker.readiness, store.readiness, lambda: (ingest.connected.is_set(), {"ingest": ingest.connected.is_set()})),
@@ -155,6 +203,9 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
             return {k: v - before.get(k, 0) for k, v in absolute_counters().items()}
 
         started = time.time()
+        tail = ResultTail(client, keys.results(settings.camera), started - 1)
+        live = LiveLine(progress)
+        shown_at = 0.0
         for thread in threads:
             thread.start()
         deadline = started + settings.seconds if settings.seconds else None
@@ -164,8 +215,14 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
                 if message is not None:
                     alarm = Alarm.unpack(message["data"])
                     alarms.append(alarm)
-                    echo(f"ALARM camera={alarm.camera} line={alarm.line} seq={alarm.seq} score={alarm.score:.3f} "
-                         f"threshold={alarm.threshold:.3f} bank={alarm.bank}@v{alarm.bank_version} ({alarm.rule})")
+                    live.clear()
+                    echo(alarm.describe())
+                if live.enabled and time.time() - shown_at >= 0.5:
+                    shown_at = time.time()
+                    tail.poll()
+                    now, p50 = counters(), percentile(tail.latencies_ms(), 50)
+                    live.show(f"frames in {now.get('ingested', 0)}  out {now.get('results', 0)}  alarms {len(alarms)}"
+                              f"  latency p50 {'-' if np.isnan(p50) else f'{p50:.0f}'} ms  {shown_at - started:.0f} s")
                 if deadline is not None and time.time() >= deadline:
                     ingest_stop.set()
                 now = counters()
@@ -176,6 +233,7 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         except KeyboardInterrupt:
             echo("stopping")
         finally:
+            live.clear()
             ingest_stop.set()
             stop.set()
             for thread in threads:
@@ -183,13 +241,22 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         elapsed = time.time() - started
         while (message := subscriber.get_message(timeout=0.2)) is not None:  # alarms published just before stop
             alarms.append(Alarm.unpack(message["data"]))
-        results = [Result.unpack(fields[b"m"]) for _, fields in client.xrange(keys.results(settings.camera))]
-        results = [r for r in results if r.captured_at >= started - 1]  # this run's frames
-        latencies = [(r.scored_at - r.captured_at) * 1000 for r in results]
+        tail.poll()
+        results = tail.results  # this run's frames
+        latencies = tail.latencies_ms()
         stats = counters()
         subscriber.close()
+        # frames/s from the first capture to the last result: the camera's rate when paced and kept up with,
+        # the service's capacity when unthrottled (or when it fell behind the camera)
+        span = max(r.scored_at for r in results) - min(r.captured_at for r in results) if results else 0.0
+        throughput = round(len(results) / span, 2) if span > 0 else 0.0
         summary = {
             "source": settings.source,
+            "mode": mode,
+            "fps_target": fps,
+            "measured": {"paced": "latency at the camera's rate (throughput is the camera's; --fps 0 measures capacity)",
+                         "live": "latency at the live camera's rate",
+                         "unthrottled": "throughput (latency is a full queue's; the default --fps measures latency)"}[mode],
             "frames_in": int(stats.get("ingested", 0)),
             "results_out": int(stats.get("results", 0)),  # the results stream keeps only the newest 10 000
             "dropped": int(stats.get("dropped", 0)),
@@ -199,7 +266,8 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
             "alarm_seqs": [a.seq for a in alarms],
             "latency_ms_p50": round(percentile(latencies, 50), 1),
             "latency_ms_p99": round(percentile(latencies, 99), 1),
-            "frames_per_second": round(int(stats.get("results", 0)) / elapsed, 2) if elapsed > 0 else 0.0,
+            "frames_per_second": throughput,
+            "kept_up": None if not fps else throughput >= 0.9 * fps,  # paced: did the service keep the camera's pace
             "seconds": round(elapsed, 2),
             "score_ms_mean": round(float(np.mean([r.timings_ms.get("score", 0.0) for r in results])), 2) if results else 0.0,
             "decode_ms_mean": round(float(np.mean([r.timings_ms.get("decode", 0.0) for r in results])), 2) if results else 0.0,

@@ -27,7 +27,7 @@ from .index import NearestNeighbourIndex
 from .overlay import heatmap_overlay
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb
 from .scoring import reweight, smooth
-from .views import Layout, ViewConfig, ViewError, layout, shape_groups, stitch, valid_patches, windows, inspected_region
+from .views import Layout, ViewConfig, ViewError, layout, shape_groups, stitch, valid_patches, windows, inspected_box
 
 Image = Union[np.ndarray, str, Path]  # an RGB uint8 array, or an image file
 
@@ -180,8 +180,9 @@ class PatchCoreScorer:
 
     def overlay(self, image: np.ndarray, anomaly_map: np.ndarray, score: float) -> np.ndarray:
         """The image with its anomaly map, score and threshold drawn on it: BGR uint8 (for cv2.imwrite / JPEG)."""
-        return heatmap_overlay(inspected_region(image, self.view), anomaly_map, self.threshold, score,
-                               self.verdict(score) if self.threshold is not None else None)
+        return heatmap_overlay(image, anomaly_map, self.threshold, score,
+                               self.verdict(score) if self.threshold is not None else None,
+                               region=inspected_box(*image.shape[:2], self.view))
 
     @torch.inference_mode()
     def score_patches(self, patch_sets: Sequence[np.ndarray]) -> np.ndarray:

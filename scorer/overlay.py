@@ -19,17 +19,25 @@ def heatmap_colours(anomaly_map: np.ndarray, threshold: float | None) -> tuple[n
 
 
 def heatmap_overlay(rgb: np.ndarray, anomaly_map: np.ndarray, threshold: float | None,
-                    score: float | None = None, anomalous: bool | None = None, alpha: float = 0.45) -> np.ndarray:
-    """RGB region [H, W, 3] + its anomaly map (any resolution) -> BGR uint8 picture: the region on the
-    left, the blended heatmap on the right, a header with the verdict (the scorer's), score and threshold,
-    a colour scale below."""
+                    score: float | None = None, anomalous: bool | None = None, alpha: float = 0.45,
+                    region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """RGB frame [H, W, 3] + the anomaly map (any resolution) of its `region` (y0, x0, y1, x1 in frame pixels;
+    default: the whole frame) -> BGR uint8 picture: the whole frame on the left, on the right the frame with
+    the heatmap blended over the region (outside it dimmed: not inspected; the region outlined on both), a
+    header with the verdict (the scorer's), score and threshold, a colour scale below."""
     height, width = rgb.shape[:2]
     factor = min(1.0, MAX_SIDE / max(height, width))
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
     frame = cv2.cvtColor(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if factor < 1 else rgb, cv2.COLOR_RGB2BGR)
-    colours, top = heatmap_colours(cv2.resize(anomaly_map.astype(np.float32), size, interpolation=cv2.INTER_LINEAR),
-                                   threshold)
-    blended = cv2.addWeighted(frame, 1.0 - alpha, colours, alpha, 0.0)
+    y0, x0, y1, x1 = (round(v * factor) for v in (region or (0, 0, height, width)))
+    y1, x1 = min(max(y1, y0 + 1), size[1]), min(max(x1, x0 + 1), size[0])
+    colours, top = heatmap_colours(cv2.resize(anomaly_map.astype(np.float32), (x1 - x0, y1 - y0),
+                                              interpolation=cv2.INTER_LINEAR), threshold)
+    blended = frame // 2
+    blended[y0:y1, x0:x1] = cv2.addWeighted(frame[y0:y1, x0:x1], 1.0 - alpha, colours, alpha, 0.0)
+    if (y1 - y0, x1 - x0) != frame.shape[:2]:
+        for panel in (frame, blended):
+            cv2.rectangle(panel, (x0, y0), (x1 - 1, y1 - 1), (255, 255, 255), 1)
     panel_w = size[0]
     canvas = np.full((HEADER + size[1] + SCALE_BAR, 2 * panel_w + 4, 3), 255, np.uint8)
     canvas[HEADER:HEADER + size[1], :panel_w] = frame

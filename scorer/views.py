@@ -240,11 +240,12 @@ def frame_mask(mask: np.ndarray, view: ViewConfig) -> np.ndarray:
     return resized[0, top:top + lay.work[0], left:left + lay.work[1]].numpy() > 0
 
 
-def inspected_region(image: np.ndarray, view: ViewConfig) -> np.ndarray:
-    """The part of a frame (at its own resolution) that the maps cover: the whole frame for full and
-    tiles, the centre crop's footprint for crop. For overlays."""
-    lay = layout(view, *image.shape[:2])
+def inspected_box(height: int, width: int, view: ViewConfig) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1): the part of a frame (at its own resolution) that the maps cover: the whole frame for
+    full and tiles, the centre crop's footprint for crop. For overlays."""
+    lay = layout(view, height, width)
     (top, left), (sy, sx) = lay.offset, lay.scale
     y0, x0 = int(round(top / sy)), int(round(left / sx))
     y1, x1 = int(round((top + lay.work[0]) / sy)), int(round((left + lay.work[1]) / sx))
-    return image[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+    return y0, x0, max(y1, y0 + 1), max(x1, x0 + 1)
+

@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3.11}
-command -v "$PYTHON" >/dev/null || PYTHON=python3
+# any CPython 3.11-3.13 (wheels of every dependency exist for each); PYTHON=python3.12 picks one
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' \
+  || { echo "setup: $("$PYTHON" --version 2>&1) is too old: Python 3.11-3.13 needed (set PYTHON=python3.X)" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch 2.14.1 / torchvision 0.29.1 come from the machine's local copy (a CUDA build that runs on the CPU)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 MAX_WINDOW = 1000
 MAX_RULE_BYTES = 4096
@@ -67,11 +68,24 @@ class AlarmRule:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class Fired:
+    """An alarm decided for one frame: its `info`, and the window that fired it, oldest first, as
+    (seq, over threshold, info) - info None for a frame that got no result (counted as not over)."""
+    info: Any
+    window: tuple[tuple[int, bool, Any], ...]
+
+    @property
+    def over(self) -> int:
+        return sum(over for _, over, _ in self.window)
+
+
 class AlarmWindow:
     """One camera's debounce state. `add` feeds a result and returns the alarms it decides.
 
     `info` is whatever the caller needs to build an alarm for that frame (JSON-serialisable); an
-    alarm for frame e is returned as e's info, possibly when a later result completes e's window.
+    alarm for frame e is returned as a `Fired` with e's info and e's window, possibly when a later
+    result completes that window.
     """
 
     def __init__(self, rule: AlarmRule, reorder: int = 8, state: dict | None = None):
@@ -101,31 +115,33 @@ class AlarmWindow:
     def undecided(self) -> bool:
         return any(self.decided is None or s > self.decided for s in self.frames)
 
-    def add(self, seq: int, over: bool, captured_at: float, info) -> list:
+    def add(self, seq: int, over: bool, captured_at: float, info) -> list[Fired]:
         if self.decided is not None and seq <= self.decided:
             self.late += 1  # its windows were decided without it
             return []
         self.frames[seq] = [bool(over), captured_at, info]
         return self._decide(max(self.frames) - self.reorder)
 
-    def flush(self) -> list:
+    def flush(self) -> list[Fired]:
         """Decide every frame received so far (the camera went quiet: the missing ones are not coming)."""
         return self._decide(max(self.frames, default=-1))
 
-    def _decide(self, up_to: int) -> list:
+    def _decide(self, up_to: int) -> list[Fired]:
         alarms = []
         for e in sorted(s for s in self.frames if self.decided is None or s > self.decided):
             if not (self.decided is None or e == self.decided + 1 or e <= up_to):
                 break  # wait for the frames before e (or for `reorder` later ones)
             self.decided = e
-            if self._fires(e):
-                alarms.append(self.frames[e][2])
+            fired = Fired(self.frames[e][2], self._window(e))
+            if fired.over >= self.rule.k and self.frames[e][1] >= self.quiet_until:
+                alarms.append(fired)
                 self.last_alarm, self.quiet_until = e, self.frames[e][1] + self.rule.cooldown_s
         for s in [s for s in self.frames if s <= self.decided - self.rule.n]:
             del self.frames[s]
         return alarms
 
-    def _fires(self, e: int) -> bool:
-        first = e - self.rule.n + 1 if self.last_alarm is None else max(e - self.rule.n + 1, self.last_alarm + 1)
-        over = sum(1 for s in range(first, e + 1) if s in self.frames and self.frames[s][0])
-        return over >= self.rule.k and self.frames[e][1] >= self.quiet_until
+    def _window(self, e: int) -> tuple[tuple[int, bool, Any], ...]:
+        """The frames that count for frame e: the last n (none before 0), none up to the previous alarm."""
+        first = max(0, e - self.rule.n + 1, -1 if self.last_alarm is None else self.last_alarm + 1)
+        return tuple((s, self.frames[s][0], self.frames[s][2]) if s in self.frames else (s, False, None)
+                     for s in range(first, e + 1))

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import redis
 
 from contracts.keys import STORE_GROUP, Keys
-from contracts.messages import Alarm, MessageError, Result, check_overlay_key
+from contracts.messages import MAX_WINDOW_SCORES, Alarm, MessageError, Result, check_overlay_key
 from contracts.metrics import ALARMS, DEADLETTERED
 from contracts.streams import ACK_AND_WRITE, CameraStreams, reclaim, serve, stream_name
 
-from .alarms import AlarmRule, AlarmWindow
+from .alarms import AlarmRule, AlarmWindow, Fired
 
 log = logging.getLogger("patchcore.store")
 
@@ -191,9 +191,8 @@ class ResultsStore:
                       "bank_version": newest.bank_version, "scored_at": newest.scored_at,
                       "threshold": "" if threshold is None else threshold}
         alarms = []
-        for info in alarm_infos:
-            overlay = self.client.get(info["overlay_key"]) if info["overlay_key"] else None
-            alarm = Alarm(camera=camera, raised_at=time.time(), rule=rule.describe(), overlay_jpeg=overlay, **info)
+        for fired in alarm_infos:
+            alarm = self._alarm(camera, rule, fired)
             alarms += [alarm.seq, alarm.pack()]
         args = [STORE_GROUP, int(version or 0), window.to_json(), self.settings.alarms_maxlen, self.keys.alarms_channel,
                 len(items), *(entry_id for entry_id, _ in items),
@@ -207,6 +206,19 @@ class ResultsStore:
             self.report.alarms += len(alarm_infos)
             ALARMS.labels(camera).inc(len(alarm_infos))
         return reply == 1
+
+    def _alarm(self, camera: str, rule: AlarmRule, fired: Fired) -> Alarm:
+        """The alarm of a fired window: the alarm frame's own score, the window's scores and its highest, and
+        the overlay of the highest-scoring frame that has one (the alarm frame itself may be under the threshold)."""
+        scored = [info for _, _, info in fired.window if info is not None]
+        peak = max(scored, key=lambda info: info["score"])
+        pictured = max((info for info in scored if info["overlay_key"]), key=lambda info: info["score"], default=None)
+        shown = fired.window[-MAX_WINDOW_SCORES:]
+        info = {**fired.info, "overlay_key": pictured["overlay_key"] if pictured else None}
+        return Alarm(camera=camera, raised_at=time.time(), rule=rule.describe(), k=rule.k, n=rule.n, over=fired.over,
+                     window_first=shown[0][0], window_scores=tuple(None if i is None else i["score"] for _, _, i in shown),
+                     peak_seq=peak["seq"], peak_score=peak["score"], overlay_seq=pictured["seq"] if pictured else None,
+                     overlay_jpeg=self.client.get(pictured["overlay_key"]) if pictured else None, **info)
 
     def _refuse(self, stream: str, camera: str, entry_id: bytes, raw: bytes, reason: str) -> None:
         """Dead-letter an invalid result with its reason (acknowledged, removed and counted at once)."""

@@ -5,14 +5,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from store.alarms import AlarmRule, AlarmWindow
+from store.alarms import AlarmRule, AlarmWindow, Fired
 
 
 def feed(window, overs, order=None, dt=1.0):
     """Feed frames (seq i over threshold if overs[i]) in `order`; returns the alarmed sequence numbers."""
     raised = []
     for seq in order if order is not None else range(len(overs)):
-        raised += window.add(seq, bool(overs[seq]), seq * dt, seq)
+        raised += [fired.info for fired in window.add(seq, bool(overs[seq]), seq * dt, seq)]
     return raised
 
 
@@ -37,7 +37,18 @@ def test_a_missing_frame_counts_as_not_over_and_is_waited_for_only_reorder_frame
 def test_flush_decides_the_frames_that_wait_for_a_gap():
     window = AlarmWindow(AlarmRule(k=2, n=3, cooldown_s=0), reorder=8)
     assert window.add(0, True, 0, 0) == [] and window.add(2, True, 2, 2) == [] and window.undecided
-    assert window.flush() == [2] and not window.undecided and window.flush() == []
+    assert [f.info for f in window.flush()] == [2] and not window.undecided and window.flush() == []
+
+
+def test_a_fired_alarm_carries_its_window_missing_frames_and_all():
+    window = AlarmWindow(AlarmRule(k=2, n=4, cooldown_s=0), reorder=1)
+    assert window.add(0, True, 0, "a") == [] and window.add(2, False, 2, "c") == []  # 1 never comes
+    fired = window.add(3, True, 3, "d")
+    assert fired == [Fired("d", ((0, True, "a"), (1, False, None), (2, False, "c"), (3, True, "d")))]
+    assert fired[0].over == 2  # the alarm frame's own verdict is one of them, not the reason
+    assert window.add(4, True, 4, "e") == []  # a new window starts after the alarm: 4 alone is 1 of 2
+    assert window.add(5, False, 5, "f") == [] and window.add(6, False, 6, "g") == []
+    assert window.add(7, True, 7, "h") == [Fired("h", ((4, True, "e"), (5, False, "f"), (6, False, "g"), (7, True, "h")))]
 
 
 @settings(max_examples=200, deadline=None)
@@ -57,7 +68,8 @@ def test_the_state_survives_json_and_a_new_rule_starts_afresh():
     window = AlarmWindow(rule)
     assert window.add(0, True, 0.0, "info-0") == []
     restored = AlarmWindow.from_json(rule, 8, window.to_json())
-    assert restored.add(1, True, 1.0, "info-1") == ["info-1"]  # the first over frame was remembered
+    # the first over frame was remembered
+    assert restored.add(1, True, 1.0, "info-1") == [Fired("info-1", ((0, True, "info-0"), (1, True, "info-1")))]
     changed = AlarmWindow.from_json(AlarmRule(k=2, n=4, cooldown_s=0), 8, window.to_json())
     assert changed.frames == {} and changed.decided is None
 

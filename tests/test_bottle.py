@@ -2,7 +2,6 @@
 import json
 
 import cv2
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -62,7 +61,7 @@ def test_score_command_writes_heatmaps_that_point_at_the_defect(bottle_bank, tmp
     lines = [json.loads(line) for line in result.output.splitlines()]
     assert lines[0]["anomalous"] is True and lines[1]["anomalous"] is False
     picture = cv2.imread(lines[0]["heatmap"])
-    # the inspected region (the crop's footprint in the 900 px frame) beside its heatmap, a header above
+    # the whole 900 px frame beside its heatmap (over the crop's footprint; outside it dimmed), a header above
     from scorer.overlay import HEADER
 
     side = (picture.shape[1] - 4) // 2
@@ -70,10 +69,7 @@ def test_score_command_writes_heatmaps_that_point_at_the_defect(bottle_bank, tmp
     heat = picture[HEADER:HEADER + side, side + 4:]
     # red (at or above the threshold) covers most of the ground-truth defect and little else
     mask = cv2.imread(str(BOTTLE / "ground_truth" / "broken_large" / "000_mask.png"), 0)
-    from scorer.views import ViewConfig, frame_mask
-
-    mask = cv2.resize(frame_mask(mask, ViewConfig("crop")).astype(np.uint8), (side, side),
-                      interpolation=cv2.INTER_NEAREST) > 0
+    mask = cv2.resize(mask, (side, side), interpolation=cv2.INTER_NEAREST) > 0
     red = (heat[..., 2].astype(int) - heat[..., 0].astype(int)) > 100
     assert red[mask].mean() > 0.5
     assert red[~mask].mean() < 0.2

@@ -27,6 +27,19 @@ def test_up_on_the_synthetic_line_prints_alarms_and_a_summary(tmp_path, mobilene
     assert all(any(line.defect_at(s) for s in range(max(0, seq - 3), seq + 1)) for seq in summary["alarm_seqs"])
     for key in ("latency_ms_p50", "latency_ms_p99", "frames_per_second"):
         assert summary[key] > 0
+    # paced like a camera by default, and the summary says what it measured
+    assert (summary["mode"], summary["fps_target"]) == ("paced", 10.0) and summary["measured"].startswith("latency")
+    assert "camera paced at 10 frames/s" in output
+    assert summary["frames_per_second"] <= 10.0 * 1.05  # never faster than the camera
+
+
+def test_up_with_fps_0_is_a_throughput_run(tmp_path, synthetic_bank_bytes):
+    bank = tmp_path / "synthetic.bank"
+    bank.write_bytes(synthetic_bank_bytes)
+    summary, output = run_up(tmp_path, "--frames", "16", "--fps", "0", "--bank", str(bank))
+    assert summary["results_out"] == 16
+    assert (summary["mode"], summary["fps_target"], summary["kept_up"]) == ("unthrottled", None, None)
+    assert summary["measured"].startswith("throughput") and "camera unthrottled" in output
 
 
 @needs_video
