@@ -20,6 +20,7 @@ from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine, parse_source
 from scorer import BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_to_bytes, build_bank, load_bank
 from scorer.calibration import CalibrationConfig
+from scorer.index import SearchConfig
 from store.alarms import AlarmRule
 from store.service import ResultsStore, StoreSettings
 from workers.worker import Worker, WorkerSettings
@@ -49,6 +50,7 @@ class UpSettings:
     max_wait_ms: int = 50
     rule: AlarmRule = AlarmRule()
     device: str = "auto"
+    search: SearchConfig = SearchConfig()  # the worker's nearest-neighbour search
     force: bool = False  # publish over (and activate) an existing bank of a Redis that `up` did not start
     bank_key: bytes | None = field(default=None, repr=False)  # signing key; None: a fresh one for this run
 
@@ -128,7 +130,7 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
                                                              max_frames=settings.frames), keys, ingest_stop)
         worker = Worker(connect(url), WorkerSettings(name="worker-1", max_batch=settings.max_batch,
                                                      max_wait_ms=settings.max_wait_ms, device=settings.device,
-                                                     bank_key=bank_key), keys, stop)
+                                                     search=settings.search, bank_key=bank_key), keys, stop)
         store = ResultsStore(connect(url), StoreSettings(default_rule=settings.rule), keys, stop)
         reports: dict = {}
         threads = [threading.Thread(target=lambda: reports.__setitem__("ingest", ingest.run()), name="ingest"),

@@ -131,3 +131,18 @@ def pooling_weights(length: int, n_layers: int, position: int, pretrain_dim: int
     vector (its own pooling to pretrain_dim, then its rows of the pooling of the concatenation)."""
     final = adaptive_pool_matrix(n_layers * pretrain_dim, target_dim)
     return adaptive_pool_matrix(length, pretrain_dim) @ final[position * pretrain_dim:(position + 1) * pretrain_dim]
+
+
+def unfolded_pooling(maps: list[torch.Tensor], patch_size: int, pretrain_dim: int, target_dim: int) -> torch.Tensor:
+    """The official code's path, kept as the reference the convolution is tested and timed against: tapped
+    maps -> unfold, resize the patches to the first map's grid, adaptive_avg_pool1d per layer and once more."""
+    grid = maps[0].shape[-2:]
+    pooled = []
+    for fmap in maps:
+        batch, channels, height, width = fmap.shape
+        patches = F.unfold(fmap, patch_size, padding=(patch_size - 1) // 2).reshape(batch, -1, height, width)
+        if (height, width) != tuple(grid):
+            patches = F.interpolate(patches, size=tuple(grid), mode="bilinear", align_corners=False)
+        pooled.append(F.adaptive_avg_pool1d(patches.permute(0, 2, 3, 1).reshape(-1, 1, patches.shape[1]), pretrain_dim))
+    out = F.adaptive_avg_pool1d(torch.cat(pooled, dim=2), target_dim)
+    return out.reshape(maps[0].shape[0], -1, target_dim)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from scorer.backbones import load_backbone
-from scorer.features import PatchFeatureExtractor
+from scorer.features import PatchFeatureExtractor, unfolded_pooling
 
 
 def adaptive_pool_1d(vector: np.ndarray, out: int) -> np.ndarray:
@@ -61,21 +61,6 @@ def test_network_stops_at_the_deepest_tap():
     assert taps.names[-1] == "features.13" and len(taps.stages) == 14
 
 
-def official_pooling(maps: list[torch.Tensor], patch_size: int, pretrain_dim: int, target_dim: int) -> torch.Tensor:
-    """Today's (and the official code's) path: unfold, resize the patches, adaptive_avg_pool1d twice."""
-    grid = maps[0].shape[-2:]
-    pooled = []
-    for fmap in maps:
-        batch, channels, height, width = fmap.shape
-        patches = F.unfold(fmap, patch_size, padding=(patch_size - 1) // 2).reshape(batch, -1, height, width)
-        if (height, width) != tuple(grid):
-            patches = F.interpolate(patches, size=tuple(grid), mode="bilinear", align_corners=False)
-        flat = patches.permute(0, 2, 3, 1).reshape(-1, 1, channels * patch_size ** 2)
-        pooled.append(F.adaptive_avg_pool1d(flat, pretrain_dim))
-    out = F.adaptive_avg_pool1d(torch.cat(pooled, dim=2), target_dim)
-    return out.reshape(maps[0].shape[0], -1, target_dim)
-
-
 @pytest.mark.parametrize("backbone_name, layers, pretrain_dim, target_dim", [
     ("mobilenet_v2", ("features.6", "features.13"), 1024, 1024),  # 288 and 864 values: pooled up and down
     ("resnet18", ("layer2", "layer3"), 1024, 1024),
@@ -88,7 +73,8 @@ def test_pooling_convolution_equals_adaptive_average_pooling(backbone_name, laye
     features, grid = extractor(images)
     with torch.no_grad():
         taps = extractor.body(images)
-    expected = official_pooling([taps[layer] for layer in layers], 3, pretrain_dim, target_dim)
+    # the official unfold / adaptive_avg_pool1d path, independent of the convolution
+    expected = unfolded_pooling([taps[layer] for layer in layers], 3, pretrain_dim, target_dim)
     assert features.shape == expected.shape == (2, grid[0] * grid[1], target_dim)
     scale = float(expected.abs().max())
     assert float((features - expected).abs().max()) <= 1e-6 * scale
