@@ -96,3 +96,32 @@ def test_search_settings_are_checked():
     distances, indices = make_index(bank, "half").search(torch.zeros(2, 4), k=9)  # k capped at the bank size
     assert distances.shape == indices.shape == (2, 4)
     np.testing.assert_allclose(distances.numpy(), 1.0, rtol=1e-6)
+
+
+def test_search_option_on_the_command_line(features, tmp_path):
+    import json
+
+    import cv2
+    from typer.testing import CliRunner
+
+    from patchcore.cli import app
+    from scorer import CoresetConfig, FeatureConfig, MemoryBank, save_bank
+    from scorer.model import build_extractor
+
+    bank, _ = features
+    _, config = build_extractor(FeatureConfig(backbone="mobilenet_v2"))
+    save_bank(MemoryBank(bank, config, CoresetConfig()), tmp_path / "bank.safetensors")
+    image = tmp_path / "part.png"
+    cv2.imwrite(str(image), synthetic_part(np.random.default_rng(3), defect=True)[:, :, ::-1])
+    scores = {}
+    for method in ("exact", "subspace", "half"):
+        result = CliRunner().invoke(app, ["score", str(tmp_path / "bank.safetensors"), str(image), "--search", method,
+                                          "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        scores[method] = json.loads(result.output.splitlines()[0])["score"]
+    assert scores["subspace"] == pytest.approx(scores["exact"], rel=1e-4)
+    assert scores["half"] == pytest.approx(scores["exact"], rel=1e-4)
+    for args, message in ((["--search", "hnsw", "--index", "torch"], "runs on faiss-cpu"),
+                          (["--search", "annoy"], "unknown search")):
+        result = CliRunner().invoke(app, ["score", str(tmp_path / "bank.safetensors"), str(image), *args])
+        assert result.exit_code == 2 and message in result.output
