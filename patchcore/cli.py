@@ -40,7 +40,7 @@ BatchSize = Annotated[int, typer.Option(help="Images per backbone pass.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 Index = Annotated[str, typer.Option(help="Engine of the flat search: auto, faiss-cpu, faiss-gpu or torch.")]
 Search = Annotated[Optional[str], typer.Option(
-    help="Nearest-neighbour search: exact, subspace, half, ivf or hnsw (shortlist re-ranked exactly); default: subspace.")]
+    help="Nearest-neighbour search: exact, subspace, half, ivf or hnsw (shortlist re-ranked exactly); default: exact.")]
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
 LogLevel = Annotated[str, typer.Option(help="debug, info, warning, error.")]
 
