@@ -1,24 +1,48 @@
-"""Scoring throughput (images/s) on the 83 bottle test images, beside a straightforward baseline.
+"""Scoring speed and quality of every search option, beside the exact search and a straightforward baseline.
 
-    .venv/bin/python bench/scoring.py --bank BANK [--category ../shared/datasets/mvtec_bottle]
+    .venv/bin/python bench/scoring.py --bank BOTTLE_BANK --category ../shared/datasets/mvtec_bottle \
+        [--bank MACARONI_BANK --category ../shared/datasets/visa_macaroni1]
 
-Baseline: one image at a time, brute-force torch.cdist nearest neighbours, scipy Gaussian on the CPU
-(the shape of the reference implementation's scoring loop).
+Per category, in one run: image AUROC, pixel AUROC, PRO and end-to-end images/s (batch 16, maps included) of
+every option; the search alone (ms per image, on the features of 16 test images), how often it picks the exact
+search's neighbour, and the largest image-score change against exact. Options: exact flat search (FAISS),
+subspace (full rank = exact ranking; fewer principal directions + shortlist), half (16-bit product +
+shortlist), FAISS IVF-Flat and HNSW (+ shortlist), and a 10x smaller coreset of the bank (exact search).
+Baseline: one image at a time, brute-force torch.cdist nearest neighbours, scipy Gaussian on the CPU (the
+shape of the reference implementation's scoring loop). Also the feature pooling: one convolution per layer
+against the official unfold + adaptive_avg_pool1d path.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import time
-from pathlib import Path
+from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from scorer import PatchCoreScorer, load_bank
-from scorer.evaluate import test_samples
+from scorer import PatchCoreScorer, SearchConfig, load_bank
+from scorer.coreset import select_coreset
+from scorer.evaluate import evaluate, test_samples
+from scorer.features import unfolded_pooling
 from scorer.model import iter_image_batches
 from scorer.preprocess import preprocess
+
+OPTIONS = [  # (label, search settings, bank fraction kept)
+    ("exact", SearchConfig("exact"), 1.0),
+    ("subspace full rank", SearchConfig("subspace", dims=0, shortlist=1), 1.0),
+    ("subspace 256, shortlist 8", SearchConfig("subspace", dims=256, shortlist=8), 1.0),
+    ("subspace 128, shortlist 16", SearchConfig("subspace", dims=128, shortlist=16), 1.0),
+    ("subspace 64, shortlist 32", SearchConfig("subspace", dims=64, shortlist=32), 1.0),
+    ("half (bf16 on CPU), shortlist 16", SearchConfig("half", shortlist=16), 1.0),
+    ("ivf 4 sqrt(M) lists, 16 probes, shortlist 16", SearchConfig("ivf", shortlist=16), 1.0),
+    ("hnsw 32 links, ef 128, shortlist 16", SearchConfig("hnsw", shortlist=16), 1.0),
+    ("coreset 1/10 of the bank, exact", SearchConfig("exact"), 0.1),
+]
 
 
 def baseline(scorer: PatchCoreScorer, images) -> float:
@@ -34,28 +58,85 @@ def baseline(scorer: PatchCoreScorer, images) -> float:
     return len(images) / (time.perf_counter() - started)
 
 
-def throughput(scorer: PatchCoreScorer, images, batch: int) -> float:
-    scorer.score(images[:batch])  # warm-up
-    started = time.perf_counter()
-    for begin in range(0, len(images), batch):
-        scorer.score(images[begin:begin + batch])
-    return len(images) / (time.perf_counter() - started)
+def fastest(run, repeats: int = 3) -> tuple[float, object]:
+    """(seconds of the fastest of `repeats` calls after a warm-up, the result)."""
+    result = run()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = run()
+        best = min(best, time.perf_counter() - started)
+    return best, result
+
+
+def pooling(scorer: PatchCoreScorer, images) -> tuple[float, float, float]:
+    """(ms per image of the convolution, of the official path, their largest relative difference) at batch 16."""
+    extractor = scorer.extractor
+    batch = preprocess(images[:16], scorer.view.resize, scorer.view.crop)
+    with torch.inference_mode():
+        backbone, taps = fastest(lambda: extractor.body(batch))
+        maps = [taps[layer] for layer in extractor.layers]
+        whole, features = fastest(lambda: extractor(batch)[0])  # backbone + convolutions
+        official, expected = fastest(lambda: unfolded_pooling(maps, extractor.patch_size, extractor.pretrain_dim,
+                                                              extractor.target_dim))
+    difference = float((features - expected).abs().max() / expected.abs().max())
+    return (whole - backbone) * 1000 / len(batch), official * 1000 / len(batch), difference
+
+
+def smaller_bank(bank, fraction: float):
+    chosen = select_coreset(bank.features, replace(bank.coreset, fraction=fraction))
+    return replace(bank, features=np.ascontiguousarray(bank.features[np.sort(chosen.indices)]))
+
+
+def run_category(bank_path: str, category: str) -> None:
+    bank = load_bank(bank_path)
+    samples = test_samples(category)
+    images = [img for b in iter_image_batches([s.path for s in samples], 16) for img in b]
+    exact = PatchCoreScorer(bank, device="cpu", index="faiss-cpu", search=SearchConfig("exact"))
+    with torch.inference_mode():
+        probe = exact.extractor(preprocess(images[:16], bank.view.resize, bank.view.crop))[0].reshape(-1, bank.features.shape[1])
+    _, exact_nearest = exact.index.search(probe)
+    print(f"\n{category}: bank {len(bank.features)} x {bank.features.shape[1]} ({bank.feature_config.backbone}, "
+          f"{bank.view.describe()}), {len(images)} test images")
+    conv_ms, unfold_ms, difference = pooling(exact, images)
+    print(f"  feature pooling, batch 16: one convolution per layer {conv_ms:.1f} ms/image, official unfold + "
+          f"adaptive_avg_pool1d {unfold_ms:.1f} ms/image (x{unfold_ms / conv_ms:.1f}), largest relative difference {difference:.1e}")
+    print(f"  {'option':46s} {'build s':>7s} {'search ms/img':>13s} {'x exact':>7s} {'same NN':>7s} {'img/s':>6s} "
+          f"{'x exact':>7s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'PRO':>6s}")
+    reference = None
+    for label, search, fraction in OPTIONS:
+        started = time.perf_counter()
+        option_bank = bank if fraction == 1.0 else smaller_bank(bank, fraction)
+        scorer = PatchCoreScorer(option_bank, device="cpu", index="auto", search=search, extractor=exact.extractor)
+        build = time.perf_counter() - started
+        scorer.index.search(probe[:784])  # warm-up
+        started = time.perf_counter()
+        _, nearest = scorer.index.search(probe)
+        search_ms = (time.perf_counter() - started) * 1000 * 784 / len(probe)
+        same = float((nearest == exact_nearest).float().mean()) if fraction == 1.0 else float("nan")
+        report = evaluate(scorer, category, 0.0, 16, progress=False, images=images)
+        if reference is None:
+            reference = (search_ms, report)
+        row = (f"  {label:46s} {build:7.1f} {search_ms:13.1f} {reference[0] / search_ms:7.1f} {same:7.4f} "
+               f"{report.images_per_second:6.2f} {report.images_per_second / reference[1].images_per_second:7.2f} "
+               f"{report.image_auroc:11.4f} {report.pixel_auroc:11.4f} {report.pro:6.4f}")
+        print(row, flush=True)
+    print(f"  {'baseline (per image, cdist, scipy; 16 images)':46s} {'':7s} {'':13s} {'':7s} {'':7s} "
+          f"{baseline(exact, images[:16]):6.2f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--bank", required=True)
-    parser.add_argument("--category", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/mvtec_bottle"))
+    parser.add_argument("--bank", action="append", required=True, help="a bank, paired with the --category at the same position")
+    parser.add_argument("--category", action="append", required=True)
     args = parser.parse_args()
-    bank = load_bank(args.bank)
-    images = [img for b in iter_image_batches([s.path for s in test_samples(args.category)], 16) for img in b]
-    print(f"bank {len(bank.features)} x {bank.features.shape[1]} ({bank.feature_config.backbone}), "
-          f"{len(images)} images, torch threads {torch.get_num_threads()}")
-    for kind in ("faiss-cpu", "torch"):
-        scorer = PatchCoreScorer(bank, device="cpu", index=kind)
-        for batch in (1, 2, 16):
-            print(f"  {kind:9s} batch {batch:2d}: {throughput(scorer, images, batch):6.2f} images/s (with maps)")
-    print(f"  baseline (per image, cdist, scipy map): {baseline(PatchCoreScorer(bank, device='cpu'), images):6.2f} images/s")
+    if len(args.bank) != len(args.category):
+        parser.error("give one --category per --bank")
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
+    print(f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
+    for bank, category in zip(args.bank, args.category):
+        run_category(bank, category)
 
 
 if __name__ == "__main__":

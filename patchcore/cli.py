@@ -39,7 +39,9 @@ FalseAlarmRate = Annotated[float, typer.Option(help="Target share of good images
 Neighbours = Annotated[int, typer.Option(help="b of the paper's Eq. 7 reweighting; 1 = plain max patch score.")]
 BatchSize = Annotated[int, typer.Option(help="Images per backbone pass.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
-Index = Annotated[str, typer.Option(help="auto, faiss-cpu, faiss-gpu or torch.")]
+Index = Annotated[str, typer.Option(help="Engine of the flat search: auto, faiss-cpu, faiss-gpu or torch.")]
+Search = Annotated[Optional[str], typer.Option(
+    help="Nearest-neighbour search: exact, subspace, half, ivf or hnsw (shortlist re-ranked exactly); default: exact.")]
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
 LogLevel = Annotated[str, typer.Option(help="debug, info, warning, error.")]
 
@@ -52,6 +54,18 @@ def main(log_level: LogLevel = "warning") -> None:
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def _search(method: Optional[str], index: str):
+    """The scorer's search settings: its defaults, with --search's method when given (checked against --index)."""
+    from scorer.index import IndexError_, SearchConfig, check_engine
+
+    try:
+        config = SearchConfig() if method is None else SearchConfig(method=method)
+        check_engine(config, index)
+    except IndexError_ as exc:
+        _fail(str(exc))
+    return config
 
 
 def _build_config(backbone: str, layers: Optional[str], coreset: float, seed: int, view: str, resize: int, crop: int,
@@ -196,11 +210,13 @@ def evaluate_command(
     coreset: Coreset = 0.1, seed: Seed = 0, view: View = "crop", resize: Resize = 256, crop: Crop = 224,
     size: Size = 320, scale: Scale = 0.5, tile: Tile = 224, overlap: Overlap = 0.25, roi: Roi = None,
     folds: Folds = 5, contiguous: Contiguous = False, false_alarm_rate: FalseAlarmRate = 0.01, neighbours: Neighbours = 9,
-    batch_size: BatchSize = 16, device: Device = "auto", index: Index = "auto", progress: Progress = True,
+    batch_size: BatchSize = 16, device: Device = "auto", index: Index = "auto", search: Search = None,
+    progress: Progress = True,
 ) -> None:
     """Image AUROC, pixel AUROC and PRO on a category's test set (builds the bank unless --bank)."""
     from scorer import BankError, PatchCoreScorer, load_bank
     from scorer.evaluate import evaluate
+    from scorer.index import IndexError_
 
     try:
         if bank is not None:
@@ -211,13 +227,14 @@ def evaluate_command(
             started = time.perf_counter()
             loaded = _build(data / "train" / "good", config, weights, device, progress, _roi(roi))
             fit_seconds = time.perf_counter() - started
-        scorer = PatchCoreScorer(loaded, device=device, index=index, weights=weights)
-    except BankError as exc:
+        scorer = PatchCoreScorer(loaded, device=device, index=index, weights=weights, search=_search(search, index))
+    except (BankError, IndexError_) as exc:
         _fail(str(exc))
     report = evaluate(scorer, data, fit_seconds, batch_size, progress).to_dict()
     report.update(backbone=loaded.feature_config.backbone, layers=list(loaded.feature_config.layers),
                   coreset=loaded.coreset.fraction, seed=loaded.coreset.seed, bank_size=int(len(loaded.features)),
-                  reweight_neighbours=scorer.neighbours, index=scorer.index.kind, device=str(scorer.device))
+                  reweight_neighbours=scorer.neighbours, index=scorer.index.kind, search=scorer.index.method,
+                  device=str(scorer.device))
     images = report.pop("images")  # per-image scores: in the JSON file, not on the terminal
     typer.echo(json.dumps(report, indent=2))
     if json_out:
@@ -230,14 +247,17 @@ def score_command(
     bank: Annotated[Path, typer.Argument(help="Bank file.")],
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG/JPEG/BMP).")],
     heatmaps: Annotated[Optional[Path], typer.Option(help="Write a heatmap overlay PNG per image into this folder.")] = None,
-    weights: Weights = None, device: Device = "auto", index: Index = "auto", batch_size: BatchSize = 16,
+    weights: Weights = None, device: Device = "auto", index: Index = "auto", search: Search = None,
+    batch_size: BatchSize = 16,
 ) -> None:
     """Score images: one JSON line per image with score, threshold and verdict."""
     from scorer import BankError, ImageDecodeError, PatchCoreScorer, load_bank, load_image
+    from scorer.index import IndexError_
 
     try:
-        scorer = PatchCoreScorer(load_bank(bank), device=device, index=index, weights=weights)
-    except BankError as exc:
+        scorer = PatchCoreScorer(load_bank(bank), device=device, index=index, weights=weights,
+                                 search=_search(search, index))
+    except (BankError, IndexError_) as exc:
         _fail(str(exc))
     threshold = scorer.threshold
     failed = 0
@@ -431,7 +451,7 @@ def worker_command(
     result_maps: Annotated[bool, typer.Option(help="Attach the small patch-distance map (uint8 grid) to every result.")] = False,
     max_pixels: Annotated[int, typer.Option(help="Dead-letter frames larger than this many pixels (checked in the image header, before decoding).")] = 7680 * 4320,
     max_deliveries: Annotated[int, typer.Option(help="Dead-letter a frame as poison once delivered more often than this.")] = 5,
-    device: Device = "auto", index: Index = "auto", weights: Weights = None,
+    device: Device = "auto", index: Index = "auto", search: Search = None, weights: Weights = None,
     signing_key_file: SigningKeyFile = None, metrics_port: MetricsPort = 0,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
@@ -443,8 +463,8 @@ def worker_command(
 
     settings = WorkerSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms,
                               max_frame_bytes=max_frame_bytes, result_maps=result_maps, max_pixels=max_pixels,
-                              max_deliveries=max_deliveries, device=device, index=index, weights=weights,
-                              bank_key=_signing_key(signing_key_file))
+                              max_deliveries=max_deliveries, device=device, index=index, search=_search(search, index),
+                              weights=weights, bank_key=_signing_key(signing_key_file))
     if name:
         from dataclasses import replace
 
@@ -700,7 +720,7 @@ def up_command(
     max_wait_ms: Annotated[int, typer.Option(help="Worker batching wait.")] = 50,
     k: K = 3, n: N = 4, cooldown_s: Cooldown = 2.0, threshold: Threshold = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the summary here.")] = None,
-    device: Device = "auto", progress: Progress = True,
+    device: Device = "auto", search: Search = None, progress: Progress = True,
     redis_url: Annotated[Optional[str], typer.Option(envvar="REDIS_URL", help="Use this Redis instead of an embedded one.")] = None,
     bank_name: Annotated[str, typer.Option(help="Registry name the run's bank is published under.")] = "default",
     force: Annotated[bool, typer.Option(help="With --redis-url: publish over (and activate) an existing bank of that name.")] = False,
@@ -728,8 +748,8 @@ def up_command(
     settings = UpSettings(source=source, redis_url=redis_url, bank=bank, train=train, build=build,
                           warmup_frames=warmup_frames, frames=frames, seconds=seconds, fps=fps, max_batch=max_batch,
                           max_wait_ms=max_wait_ms, rule=_rule(k, n, cooldown_s, threshold), device=device,
-                          bank_name=bank_name, force=force, bank_key=_signing_key(signing_key_file),
-                          metrics_port=metrics_port)
+                          search=_search(search, "auto"), bank_name=bank_name, force=force,
+                          bank_key=_signing_key(signing_key_file), metrics_port=metrics_port)
     try:
         summary = run_up(settings, echo=typer.echo, progress=progress)
     except (UpError, OSError) as exc:

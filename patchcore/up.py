@@ -23,6 +23,7 @@ from ingest.sources import SyntheticLine, parse_source, replay_fps
 from scorer import (BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_to_bytes, build_bank, load_bank,
                     load_image)
 from scorer.calibration import CalibrationConfig
+from scorer.index import SearchConfig
 from store.alarms import AlarmRule
 from store.service import ResultsStore, StoreSettings
 from workers.worker import Worker, WorkerSettings
@@ -52,6 +53,7 @@ class UpSettings:
     max_wait_ms: int = 50
     rule: AlarmRule = AlarmRule()
     device: str = "auto"
+    search: SearchConfig = SearchConfig()  # the worker's nearest-neighbour search
     force: bool = False  # publish over (and activate) an existing bank of a Redis that `up` did not start
     bank_key: bytes | None = field(default=None, repr=False)  # signing key; None: a fresh one for this run
     metrics_port: int = 0  # /metrics, /healthz, /readyz of the whole demo (0: off)
@@ -172,7 +174,7 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
                                                              max_frames=settings.frames), keys, ingest_stop)
         worker = Worker(connect(url), WorkerSettings(name="worker-1", max_batch=settings.max_batch,
                                                      max_wait_ms=settings.max_wait_ms, device=settings.device,
-                                                     bank_key=bank_key), keys, stop)
+                                                     search=settings.search, bank_key=bank_key), keys, stop)
         # load the bank (and run the network once on a frame of the source) before the camera starts:
         # start-up is not latency
         active = worker.banks.get(settings.bank_name)

@@ -90,10 +90,11 @@ class EvalReport:
 
 
 def evaluate(scorer: PatchCoreScorer, category: str | Path, fit_seconds: float, batch_size: int = 16,
-             progress: bool = True) -> EvalReport:
+             progress: bool = True, images: list[np.ndarray] | None = None) -> EvalReport:
+    """images: the test images already decoded, in test_samples order (one decoding for several scorers)."""
     samples = test_samples(category)
-    paths = [s.path for s in samples]
-    images = [img for batch in iter_image_batches(paths, batch_size) for img in batch]  # decode outside the timing
+    if images is None:  # decode outside the timing
+        images = [img for batch in iter_image_batches([s.path for s in samples], batch_size) for img in batch]
     scorer.score(images[:1])  # warm-up: first-call allocations are not throughput
     from tqdm.auto import tqdm
 

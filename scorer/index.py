@@ -1,15 +1,31 @@
-"""Nearest-neighbour search over the memory bank. Every kind returns true (not squared) L2 distances.
+"""Nearest-neighbour search over the memory bank. Every search returns true (not squared) L2 distances.
 
-The search finds the neighbours with the fast |q|^2 + |b|^2 - 2 q.b expansion; the distances it
-reports are then recomputed as |q - b| for those neighbours, so every kind reports the same value
-for the same neighbour (the expansion alone loses digits to cancellation, ~1e-3 relative).
+Engines of the flat search (`kind`, `--index`):
 
 - "faiss-cpu": FAISS IndexFlatL2 on the CPU.
 - "faiss-gpu": FAISS GpuIndexFlatL2 on the scorer's CUDA device, when faiss is built with GPU support.
 - "torch": batched matrix-product search with torch, on any device (the CUDA path without faiss-gpu).
 - "auto": faiss-gpu if possible on CUDA, else torch on CUDA, else faiss-cpu.
+
+The flat search finds the neighbours with the fast |q|^2 + |b|^2 - 2 q.b expansion; the distances it
+reports are then recomputed as |q - b| for those neighbours, so every kind reports the same value
+for the same neighbour (the expansion alone loses digits to cancellation, ~1e-3 relative).
+
+Search methods (`SearchConfig.method`, `--search`): "exact" is the flat search over the whole bank. The
+others find a shortlist of candidates cheaply and re-rank it exactly (|q - b| in float32 over all
+dimensions): the reported distance is the true one, and the k nearest within the shortlist are exact.
+
+- "subspace": flat search (engine: `kind`) in the bank's principal subspace, bank mean removed. For b in
+  the subspace, |q - b|^2 = |P(q - b)|^2 + |R q|^2 and |R q|^2 is the same for every b: with all the
+  bank's dimensions (`dims` 0, its numerical rank) the ranking is exact; with fewer, approximate.
+- "half": the flat search as one 16-bit matrix product over the centred bank (float16 on CUDA,
+  bfloat16 where float16 products are slow, e.g. the CPU).
+- "ivf", "hnsw": FAISS IVF-Flat / HNSW graph on the CPU.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,10 +36,37 @@ except ImportError:  # pragma: no cover - both packages are optional at import t
     faiss = None
 
 INDEX_KINDS = ("auto", "faiss-cpu", "faiss-gpu", "torch")
+SEARCH_METHODS = ("exact", "subspace", "half", "ivf", "hnsw")
 
 
 class IndexError_(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How the scorer finds the nearest bank features (every method reports true L2 distances)."""
+
+    method: str = "exact"
+    shortlist: int = 16  # candidates re-ranked exactly per query (k - 1 more when k neighbours are asked)
+    dims: int = 0  # subspace: principal directions kept; 0 = the bank's numerical rank (exact ranking)
+    ivf_lists: int = 0  # ivf: k-means cells; 0 = 4 sqrt(bank size)
+    ivf_probes: int = 16  # ivf: cells visited per query
+    hnsw_links: int = 32  # hnsw: graph neighbours per node
+    hnsw_ef: int = 128  # hnsw: search beam width
+
+    def __post_init__(self):
+        if self.method not in SEARCH_METHODS:
+            raise IndexError_(f"unknown search {self.method!r}; choose from {', '.join(SEARCH_METHODS)}")
+        if min(self.shortlist, self.ivf_probes, self.hnsw_links, self.hnsw_ef) < 1 or min(self.dims, self.ivf_lists) < 0:
+            raise IndexError_(f"search settings out of range: {self}")
+
+
+def check_engine(search: SearchConfig, kind: str) -> None:
+    """Refuse an index kind that a search method does not run on (half: torch; ivf, hnsw: faiss-cpu)."""
+    engine = {"half": "torch", "ivf": "faiss-cpu", "hnsw": "faiss-cpu"}.get(search.method)
+    if engine is not None and kind not in ("auto", engine):
+        raise IndexError_(f"search {search.method} runs on {engine}; index kind {kind} does not apply to it")
 
 
 def faiss_has_gpu() -> bool:
@@ -40,8 +83,30 @@ def resolve_kind(kind: str, device: torch.device) -> str:
     return "faiss-cpu" if faiss is not None else "torch"
 
 
+def make_index(bank: np.ndarray, search: SearchConfig | str = SearchConfig(), kind: str = "auto",
+               device: torch.device | str = "cpu") -> "NearestNeighbourIndex | ShortlistIndex":
+    """The index `search` describes over bank [M, D] (a method name takes that method's default settings)."""
+    search = SearchConfig(method=search) if isinstance(search, str) else search
+    if search.method == "exact":
+        return NearestNeighbourIndex(bank, kind, device)
+    return ShortlistIndex(bank, search, kind, device)
+
+
+def exact_distances(queries: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor,
+                    max_block_bytes: int = 256 << 20) -> torch.Tensor:
+    """|q - bank[i]| for queries [Q, D] and indices [Q, S] (inf where an index is -1: none found), in blocks."""
+    if not len(queries):
+        return queries.new_zeros(indices.shape)
+    rows = max(1, max_block_bytes // (4 * bank.shape[1] * indices.shape[1]))
+    out = torch.cat([torch.linalg.vector_norm(queries[b:b + rows, None, :] - bank[indices[b:b + rows].clamp(min=0)], dim=2)
+                     for b in range(0, len(queries), rows)])
+    return torch.where(indices >= 0, out, math.inf)
+
+
 class NearestNeighbourIndex:
     """Exact k-NN over a fixed bank [M, D] (float32)."""
+
+    method = "exact"
 
     def __init__(self, bank: np.ndarray, kind: str = "auto", device: torch.device | str = "cpu",
                  max_block_bytes: int = 256 << 20):
@@ -69,20 +134,18 @@ class NearestNeighbourIndex:
 
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [Q, D] -> (distances [Q, k] true L2, indices [Q, k] int64), on the queries' device."""
-        k = min(k, self.size)
         local = queries.to(self.device, torch.float32)
-        if self.kind == "torch":
-            indices = self._torch_search(local, k)
-        else:
-            _, idx = self._faiss.search(np.ascontiguousarray(local.detach().cpu().numpy()), k)
-            indices = torch.from_numpy(idx).to(self.device)
-        distances = self._exact_distances(local, indices)
+        indices = self.candidates(local, k)
+        distances = exact_distances(local, self._bank, indices, self._max_block_bytes)
         return distances.to(queries.device), indices.to(queries.device)
 
-    def _exact_distances(self, queries: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        rows = max(1, self._max_block_bytes // (4 * self.dim * indices.shape[1]))
-        return torch.cat([torch.linalg.vector_norm(queries[b:b + rows, None, :] - self._bank[indices[b:b + rows]], dim=2)
-                          for b in range(0, len(queries), rows)]) if len(queries) else queries.new_zeros(indices.shape)
+    def candidates(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """Indices [Q, k] of the k nearest, nearest first, on this index's device."""
+        k = min(k, self.size)
+        if self.kind == "torch":
+            return self._torch_search(queries, k)
+        _, idx = self._faiss.search(np.ascontiguousarray(queries.detach().cpu().numpy()), k)
+        return torch.from_numpy(idx).to(self.device)
 
     def _torch_search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         rows = max(1, self._max_block_bytes // (4 * self.size))  # bound the [rows, M] distance block
@@ -93,3 +156,88 @@ class NearestNeighbourIndex:
             partial = self._bank_sq[None, :] - 2.0 * block @ self._bank.T
             found.append(torch.topk(partial, k, dim=1, largest=False).indices)
         return torch.cat(found) if found else queries.new_zeros((0, k), dtype=torch.int64)
+
+
+def principal_subspace(bank: np.ndarray, dims: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [D], basis [D, r]) of the centred bank's leading principal directions: r = dims, or with
+    dims 0 every direction with variance above 1e-10 of the largest (the numerical rank)."""
+    bank = np.asarray(bank, dtype=np.float64)
+    mean = bank.mean(0)
+    centred = bank - mean
+    variance, vectors = np.linalg.eigh(centred.T @ centred)  # ascending
+    rank = int((variance > variance[-1] * 1e-10).sum()) if variance[-1] > 0 else 1
+    keep = min(dims, rank) if dims else rank
+    return mean, np.ascontiguousarray(vectors[:, ::-1][:, :keep])
+
+
+class ShortlistIndex:
+    """A cheap search for a shortlist of candidates, re-ranked exactly in float32: true L2 distances, and
+    the exact k nearest among the candidates. Same interface as NearestNeighbourIndex."""
+
+    def __init__(self, bank: np.ndarray, search: SearchConfig, kind: str = "auto",
+                 device: torch.device | str = "cpu", max_block_bytes: int = 256 << 20):
+        check_engine(search, kind)
+        self.device = torch.device(device)
+        self.method, self.shortlist = search.method, search.shortlist
+        self.size, self.dim = bank.shape
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        self._max_block_bytes = max_block_bytes
+        self._bank = torch.from_numpy(bank).to(self.device)
+        if search.method == "subspace":
+            mean, basis = principal_subspace(bank, search.dims)
+            self._mean = torch.from_numpy(mean.astype(np.float32)).to(self.device)
+            self._basis = torch.from_numpy(basis.astype(np.float32)).to(self.device)
+            self._coarse = NearestNeighbourIndex(self._project(self._bank).cpu().numpy(), kind, self.device)
+            self.kind, self.dims = self._coarse.kind, basis.shape[1]
+            return
+        if search.method == "half":
+            self.kind = "torch"
+            # float16 products on CUDA; on the CPU bfloat16 (float16 matrix products are slow there)
+            self._low = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+            self._mean = self._bank.mean(0)
+            self._low_bank = (self._bank - self._mean).to(self._low)
+            self._low_sq = self._low_bank.float().square().sum(1)  # of the rounded vectors, as the products see them
+            return
+        self.kind = "faiss-cpu"
+        if faiss is None:
+            raise IndexError_(f"search {search.method} needs faiss, which is not installed")
+        if search.method == "ivf":
+            lists = search.ivf_lists or max(1, int(4 * math.sqrt(self.size)))
+            lists = min(lists, self.size)
+            self._faiss = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim), self.dim, lists)
+            self._faiss.train(bank)
+            self._faiss.nprobe = min(search.ivf_probes, lists)
+        else:
+            self._faiss = faiss.IndexHNSWFlat(self.dim, search.hnsw_links)
+            self._faiss.hnsw.efSearch = search.hnsw_ef
+        self._faiss.add(bank)
+
+    def _project(self, vectors: torch.Tensor) -> torch.Tensor:
+        return (vectors - self._mean) @ self._basis
+
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [Q, D] -> (distances [Q, k] true L2, indices [Q, k] int64), on the queries' device."""
+        k = min(k, self.size)
+        local = queries.to(self.device, torch.float32)
+        candidates = self.candidates(local, min(self.size, self.shortlist + k - 1))
+        distances = exact_distances(local, self._bank, candidates, self._max_block_bytes)
+        distances, order = torch.topk(distances, k, dim=1, largest=False)  # sorted, nearest first
+        return distances.to(queries.device), candidates.gather(1, order).to(queries.device)
+
+    def candidates(self, queries: torch.Tensor, count: int) -> torch.Tensor:
+        """Indices [Q, count] of the shortlist (-1 where the method found fewer), on this index's device."""
+        if self.method == "subspace":
+            return self._coarse.candidates(self._project(queries), count)
+        if self.method == "half":
+            return self._half_search(queries, count)
+        _, idx = self._faiss.search(np.ascontiguousarray(queries.detach().cpu().numpy()), count)
+        return torch.from_numpy(idx).to(self.device)
+
+    def _half_search(self, queries: torch.Tensor, count: int) -> torch.Tensor:
+        low = (queries - self._mean).to(self._low)
+        rows = max(1, self._max_block_bytes // (4 * self.size))
+        found = []
+        for begin in range(0, len(low), rows):
+            products = (low[begin:begin + rows] @ self._low_bank.T).float()
+            found.append(torch.topk(self._low_sq[None, :] - 2.0 * products, count, dim=1, largest=False).indices)
+        return torch.cat(found) if found else queries.new_zeros((0, count), dtype=torch.int64)

@@ -23,7 +23,7 @@ from .calibration import fold_ids, threshold_for_rate
 from .config import BuildConfig, CoresetConfig, FeatureConfig
 from .coreset import coreset_size, extend_coreset, random_projection, select_coreset
 from .features import PatchFeatureExtractor
-from .index import NearestNeighbourIndex
+from .index import SearchConfig, make_index
 from .overlay import heatmap_overlay
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb
 from .scoring import reweight, smooth
@@ -79,7 +79,8 @@ class PatchCoreScorer:
 
     def __init__(self, bank: MemoryBank, device: str | torch.device = "auto", index: str = "auto",
                  weights: str | Path | None = None, extractor: PatchFeatureExtractor | None = None,
-                 reweight_neighbours: int | None = None, view: ViewConfig | None = None):
+                 reweight_neighbours: int | None = None, view: ViewConfig | None = None,
+                 search: SearchConfig | str = SearchConfig()):
         self.bank = bank
         self.device = resolve_device(device)
         self.config = bank.feature_config
@@ -95,7 +96,7 @@ class PatchCoreScorer:
             raise BankError(f"bank features have shape {bank.features.shape}, expected [M, {self.config.target_dim}]")
         self.extractor = extractor.to(self.device)
         self.neighbours = bank.reweight_neighbours if reweight_neighbours is None else reweight_neighbours
-        self.index = NearestNeighbourIndex(bank.features, index, self.device)
+        self.index = make_index(bank.features, search, index, self.device)  # `index`: the flat engine
         self._bank = torch.from_numpy(np.ascontiguousarray(bank.features)).to(self.device)
         self._valid: dict[tuple, torch.Tensor] = {}
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .index import NearestNeighbourIndex
+from .index import NearestNeighbourIndex, ShortlistIndex
 
 MAP_SIGMA = 4.0
 
 
 def image_scores(patch_scores: torch.Tensor, nearest: torch.Tensor, features: torch.Tensor,
-                 bank: torch.Tensor, index: NearestNeighbourIndex, neighbours: int) -> torch.Tensor:
+                 bank: torch.Tensor, index: NearestNeighbourIndex | ShortlistIndex, neighbours: int) -> torch.Tensor:
     """Per-image score [B] from patch scores [B, L], their nearest bank indices [B, L] and features [B, L, D].
 
     neighbours <= 1: the largest patch score. Otherwise Eq. 7: s = (1 - softmax(d)[0]) * s*, where s* is
@@ -23,7 +23,7 @@ def image_scores(patch_scores: torch.Tensor, nearest: torch.Tensor, features: to
 
 
 def reweight(best: torch.Tensor, anchor: torch.Tensor, test_patch: torch.Tensor, bank: torch.Tensor,
-             index: NearestNeighbourIndex, neighbours: int) -> torch.Tensor:
+             index: NearestNeighbourIndex | ShortlistIndex, neighbours: int) -> torch.Tensor:
     """Eq. 7 for each image's highest patch: its score `best` [B], nearest bank index m* `anchor` [B] and
     feature `test_patch` [B, D]. neighbours <= 1: the plain maximum."""
     if neighbours <= 1 or len(best) == 0:

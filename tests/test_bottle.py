@@ -2,6 +2,7 @@
 import json
 
 import cv2
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 

@@ -2,11 +2,12 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from scorer.backbones import load_backbone
-from scorer.features import PatchFeatureExtractor
+from scorer.features import PatchFeatureExtractor, unfolded_pooling
 
 
 def adaptive_pool_1d(vector: np.ndarray, out: int) -> np.ndarray:
@@ -58,3 +59,22 @@ def test_network_stops_at_the_deepest_tap():
     mobile, _ = load_backbone("mobilenet_v2", "random")
     taps = PatchFeatureExtractor(mobile, ("features.6", "features.13")).body
     assert taps.names[-1] == "features.13" and len(taps.stages) == 14
+
+
+@pytest.mark.parametrize("backbone_name, layers, pretrain_dim, target_dim", [
+    ("mobilenet_v2", ("features.6", "features.13"), 1024, 1024),  # 288 and 864 values: pooled up and down
+    ("resnet18", ("layer2", "layer3"), 1024, 1024),
+    ("resnet18", ("layer1", "layer2", "layer3"), 700, 333),  # windows that straddle the layers' boundaries
+])
+def test_pooling_convolution_equals_adaptive_average_pooling(backbone_name, layers, pretrain_dim, target_dim):
+    backbone, _ = load_backbone(backbone_name, "random")
+    extractor = PatchFeatureExtractor(backbone, layers, pretrain_dim=pretrain_dim, target_dim=target_dim)
+    images = torch.randn(2, 3, 96, 128)
+    features, grid = extractor(images)
+    with torch.no_grad():
+        taps = extractor.body(images)
+    # the official unfold / adaptive_avg_pool1d path, independent of the convolution
+    expected = unfolded_pooling([taps[layer] for layer in layers], 3, pretrain_dim, target_dim)
+    assert features.shape == expected.shape == (2, grid[0] * grid[1], target_dim)
+    scale = float(expected.abs().max())
+    assert float((features - expected).abs().max()) <= 1e-6 * scale

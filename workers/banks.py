@@ -10,6 +10,7 @@ import torch
 from contracts.metrics import BANK_VERSION
 from contracts.registry import BankRegistry, RegistryError
 from scorer import BackboneError, BankError, PatchCoreScorer, bank_from_bytes, resolve_device
+from scorer.index import IndexError_, SearchConfig
 from scorer.model import build_extractor
 
 log = logging.getLogger("patchcore.worker")
@@ -26,10 +27,11 @@ class BankCache:
     """Loads banks from the registry; a bank that fails to load never replaces the one serving."""
 
     def __init__(self, registry: BankRegistry, device: str = "auto", index: str = "auto",
-                 weights: str | None = None, max_bank_bytes: int = 2 << 30):
+                 weights: str | None = None, max_bank_bytes: int = 2 << 30, search: SearchConfig = SearchConfig()):
         self.registry = registry
         self.device = device
         self.index = index
+        self.search = search
         self.weights = weights
         self.max_bank_bytes = max_bank_bytes
         self.host_retry_s = 10.0
@@ -74,8 +76,10 @@ class BankCache:
                                                     resolve_device(self.device))
                 self._extractors[actual] = extractor
             # refuses (BankError) a bank whose settings or weights differ from the extractor's
-            scorer = PatchCoreScorer(bank, device=self.device, index=self.index, extractor=extractor)
-        except (BackboneError, OSError, MemoryError, torch.cuda.OutOfMemoryError) as exc:  # this host, not the bank
+            scorer = PatchCoreScorer(bank, device=self.device, index=self.index, extractor=extractor,
+                                     search=self.search)
+        # this host, not the bank (IndexError_: a search this host cannot run, e.g. without faiss)
+        except (BackboneError, IndexError_, OSError, MemoryError, torch.cuda.OutOfMemoryError) as exc:
             self._retry_after[(name, version)] = time.monotonic() + self.host_retry_s
             self._errors[name] = f"v{version} cannot load on this host: {exc}"
             log.error("bank cannot load on this host; retrying later",

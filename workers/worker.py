@@ -36,6 +36,7 @@ from contracts.streams import (ACK_AND_WRITE, CameraStreams, deliveries, keep_pe
                                stream_name)
 from scorer import BackboneError, ImageDecodeError, decode_image, to_rgb
 from scorer.imageheader import check_header
+from scorer.index import SearchConfig
 from scorer.views import patch_canvas
 
 from .banks import BankCache
@@ -59,7 +60,8 @@ class WorkerSettings:
     retry_max_s: float = 10.0  # ... up to this
     deadletters: DeadLetterSettings = DeadLetterSettings()
     device: str = "auto"
-    index: str = "auto"
+    index: str = "auto"  # engine of the flat search
+    search: SearchConfig = SearchConfig()  # nearest-neighbour search (scorer.index)
     weights: str | None = None
     refresh_s: float = 2.0  # how often to look for new cameras and reclaim pending frames
     bank_key: bytes | None = field(default=None, repr=False)  # load only banks signed with this key (HMAC-SHA256)
@@ -93,7 +95,7 @@ class Worker:
         self.keys = keys
         self.stop = stop or threading.Event()
         self.banks = BankCache(BankRegistry(client, keys, signing_key=settings.bank_key), settings.device,
-                               settings.index, settings.weights)
+                               settings.index, settings.weights, search=settings.search)
         self.report = WorkerReport()
         self._ack_and_write = client.register_script(ACK_AND_WRITE)
         self._streams = CameraStreams(client, keys.cameras, keys.frames, FRAME_GROUP, settings.refresh_s)
