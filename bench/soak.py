@@ -37,9 +37,11 @@ from pathlib import Path
 
 import msgpack
 
+from contracts.alarmfeed import read_alarms
 from contracts.connection import connect
+from contracts.deadletter import DeadLetters
 from contracts.keys import Keys
-from contracts.messages import Alarm, Frame, Result
+from contracts.messages import Frame, Result
 from contracts.registry import BankRegistry
 from patchcore.embedded_redis import EmbeddedRedis
 from patchcore.up import UpSettings, warmup_bank
@@ -193,10 +195,9 @@ class Soak:
                 "duplicates": len(seqs) - len(set(seqs)), "deadlettered": int(stats.get("deadlettered", 0)),
                 "dropped": int(stats.get("dropped", 0)), "pending": client.xlen(self.keys.frames(camera))}
         reasons = Counter()
-        for _, fields in client.xrange(self.keys.deadletter):
-            reason = fields.get(b"reason", b"?").decode(errors="replace")
-            reasons[(fields.get(b"stream", b"?").decode(), reason.split(":")[0][:60])] += 1
-        alarms = [Alarm.unpack(fields[b"m"]) for _, fields in client.xrange(self.keys.alarms)]
+        for letter in DeadLetters(client, self.keys).list():
+            reasons[(letter.camera, letter.reason.split(":")[0][:60])] += 1
+        alarms, _ = read_alarms(client, self.keys, count=1_000_000)
         alarm_ids = [(a.camera, a.seq) for a in alarms]
         return {"cameras": per_camera, "deadletter_reasons": reasons, "alarms": len(alarms),
                 "duplicate_alarms": len(alarm_ids) - len(set(alarm_ids))}
@@ -281,7 +282,7 @@ def report(args: argparse.Namespace, soak: Soak, counts: dict) -> dict:
     print(f"{'total':18s} {total['sent']:6d} {total['results']:7d} {total['duplicates']:4d} "
           f"{total['deadlettered']:5d} {total['dropped']:7d} {total['lost']:5d}")
     print(f"garbage sent by kind: {counts['garbage_sent_by_kind']}")
-    print("dead letters by stream and reason:")
+    print("dead letters by camera and reason:")
     for (stream, reason), n in sorted(counts["deadletter_reasons"].items()):
         print(f"  {n:5d}  {stream}  {reason}")
     print(f"alarms {counts['alarms']}, duplicate alarms {counts['duplicate_alarms']}; drained in "

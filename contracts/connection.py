@@ -1,4 +1,9 @@
-"""Redis connections from a URL (redis://, rediss://) with optional secrets file; retries with backoff."""
+"""Redis connections from a URL (redis://, rediss://) with optional secrets file; retries with backoff.
+
+The URL may name a single Redis or any node of a Redis Cluster: `connect` asks the server (HELLO's
+`mode`, else INFO's `cluster_enabled`) and returns redis-py's `RedisCluster` for a cluster, a plain
+`Redis` otherwise. Code that must know where a key lives (a pipeline of Lua scripts, which redis-py's
+cluster pipeline refuses) asks `node_groups`."""
 from __future__ import annotations
 
 import os
@@ -7,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -26,8 +32,9 @@ def redacted(url: str) -> str:
 
 
 def connect(url: str | None = None, password_file: str | Path | None = None,
-            socket_timeout: float = 10.0) -> redis.Redis:
-    """A client that retries connection errors with exponential backoff (redis-py's own Retry).
+            socket_timeout: float = 10.0) -> redis.Redis | RedisCluster:
+    """A client that retries connection errors with exponential backoff (redis-py's own Retry):
+    a `RedisCluster` when the URL names a node of a cluster, else a `Redis`.
 
     The password may come from the URL, from `password_file`, or from REDIS_PASSWORD_FILE.
     """
@@ -35,12 +42,49 @@ def connect(url: str | None = None, password_file: str | Path | None = None,
     kwargs = {}
     if password_file:
         kwargs["password"] = Path(password_file).read_text().strip()
-    return redis.Redis.from_url(
-        redis_url(url),
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=5.0,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=8),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        **kwargs,
-    )
+    common = dict(socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
+                  retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=8), **kwargs)
+    client = redis.Redis.from_url(redis_url(url), retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                                  **common)
+    if not cluster_enabled(client):
+        return client
+    client.close()
+    return RedisCluster.from_url(redis_url(url), **common)
+
+
+def cluster_enabled(client: redis.Redis) -> bool:
+    """Whether the server is a node of a Redis Cluster: HELLO's `mode` (allowed to every ACL user), else
+    INFO's `cluster_enabled`."""
+    try:
+        hello = client.execute_command("HELLO")
+        mode = hello.get("mode", hello.get(b"mode"))
+        if mode is not None:
+            return (mode.decode() if isinstance(mode, bytes) else mode) == "cluster"
+    except redis.ResponseError:
+        pass
+    return bool(int(client.info("cluster").get("cluster_enabled", 0)))
+
+
+def is_cluster(client) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def node_groups(client, keys: list[str]) -> list[tuple[redis.Redis, list[int]]]:
+    """The positions of `keys` grouped by the server that holds them, with a plain client of that server:
+    one group (the client itself) on a single Redis; one per master on a cluster (from the client's slot map)."""
+    if not is_cluster(client):
+        return [(client, list(range(len(keys))))] if keys else []
+    groups: dict[str, tuple[redis.Redis, list[int]]] = {}
+    for i, key in enumerate(keys):
+        node = client.get_node_from_key(key)
+        groups.setdefault(node.name, (client.get_redis_connection(node), []))[1].append(i)
+    return list(groups.values())
+
+
+def refresh_topology(client) -> None:
+    """After a fault met through a node's own client (see node_groups): reread the cluster's slot map."""
+    if is_cluster(client):
+        try:
+            client.nodes_manager.initialize()
+        except (redis.RedisError, redis.exceptions.RedisClusterException):
+            pass  # the next command through the cluster client tries again

@@ -1,10 +1,12 @@
 """Dead letters: frames that get no result, with their reason; list, replay and purge for operators.
 
-An entry of the dead-letter stream (`pc:deadletter`, at most `maxlen`, approximate) says why and
-where from: `reason`, `stream`, `id`, `worker`, `at`, `size`, `head` (the first 64 bytes). The
-original bytes go to a second stream (`pc:deadletter:payloads`), only for frames of at most
-`payload_bytes`, and only for the newest `payloads` dead letters younger than `payload_ttl_s`: so
-dead letters take at most about `payloads x payload_bytes` plus `maxlen` small entries of memory.
+Each camera has its dead-letter stream (`pc:deadletter:{<camera>}`, in the camera's hash slot, so that
+acknowledging a frame and dead-lettering it is one atomic step on a Redis Cluster too; at most
+`maxlen`, approximate). An entry says why and where from: `reason`, `stream`, `id`, `worker`, `at`,
+`size`, `head` (the first 64 bytes). The original bytes go to a second stream of the camera
+(`pc:deadletter:payloads:{<camera>}`), only for frames of at most `payload_bytes`, and only for the
+newest `payloads` dead letters younger than `payload_ttl_s`: so a camera's dead letters take at most
+about `payloads x payload_bytes` plus `maxlen` small entries of memory.
 A dead letter whose payload was kept can be replayed onto its camera's stream, once.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import redis
 
-from .keys import Keys
+from .keys import Keys, camera_of
 from .metrics import deadlettered
 
 HEAD_BYTES = 64
@@ -40,25 +42,24 @@ return 1
 
 # Put a dead letter's original bytes back on its camera's stream and delete the dead letter, once:
 # a second call (a retry, a second operator) finds no entry and adds nothing.
-# KEYS: dead-letter stream, payload stream, frame stream, cameras set, stats hash. ARGV: dead-letter id, payload id, camera.
+# KEYS: dead-letter stream, payload stream, frame stream, stats hash (one camera's: one slot). ARGV: dead-letter id, payload id.
 # Returns 1 replayed, 0 no such dead letter, -1 its payload is gone (expired or never kept).
 REPLAY = """
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
 local payload = redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2])
 if #payload == 0 then return -1 end
 redis.call('XADD', KEYS[3], '*', 'm', payload[1][2][2])
-redis.call('SADD', KEYS[4], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[1])
 redis.call('XDEL', KEYS[2], ARGV[2])
-redis.call('HINCRBY', KEYS[5], 'replayed', 1)
+redis.call('HINCRBY', KEYS[4], 'replayed', 1)
 return 1
 """
 
 
 @dataclass(frozen=True)
 class DeadLetterSettings:
-    maxlen: int = 10_000  # dead-letter entries (reason and origin, without the frame), approximate
-    payloads: int = 256  # original frames kept for replay, newest first
+    maxlen: int = 10_000  # dead-letter entries per camera (reason and origin, without the frame), approximate
+    payloads: int = 256  # original frames kept for replay per camera, newest first
     payload_bytes: int = 4 << 20  # larger frames keep only their reason and first bytes
     payload_ttl_s: int = 7 * 86_400  # payloads older than this are dropped
 
@@ -77,7 +78,7 @@ class DeadLetter:
 
     @property
     def camera(self) -> str:
-        return self.stream.split(":frames:", 1)[-1]
+        return camera_of(self.stream)
 
 
 class DeadLetters:
@@ -88,11 +89,11 @@ class DeadLetters:
 
     def add(self, stream: str, group: str, entry_id: bytes | str, raw: bytes, reason: str, worker: str) -> bool:
         """Dead-letter a pending frame; False when it was no longer pending (another consumer finished it)."""
-        camera = stream.removeprefix(self.keys.frames(""))
+        camera = camera_of(stream)
         keep = raw if 0 < len(raw) <= self.settings.payload_bytes and self.settings.payloads > 0 else b""
         oldest = f"{int((time.time() - self.settings.payload_ttl_s) * 1000)}-0"
         written = bool(self._write(
-            keys=[stream, self.keys.deadletter, self.keys.camera_stats(camera), self.keys.deadletter_payloads],
+            keys=[stream, self.keys.deadletter(camera), self.keys.camera_stats(camera), self.keys.deadletter_payloads(camera)],
             args=[group, entry_id, self.settings.maxlen, self.settings.payloads, oldest, keep,
                   "reason", reason, "stream", stream, "id", entry_id, "worker", worker, "at", time.time(),
                   "size", len(raw), "head", raw[:HEAD_BYTES]]))
@@ -100,15 +101,21 @@ class DeadLetters:
             deadlettered(reason)
         return written
 
+    def cameras(self) -> list[str]:
+        return sorted(c.decode() for c in self.client.smembers(self.keys.cameras))
+
     def list(self, camera: str | None = None, count: int | None = None) -> list[DeadLetter]:
-        """Dead letters, oldest first (of `camera` only, when given; at most `count`, the newest)."""
-        letters, start = [], "-"
-        while True:
-            page = self.client.xrange(self.keys.deadletter, min=start, count=1000)
-            letters += [letter for letter in map(_letter, page) if camera is None or letter.camera == camera]
-            if len(page) < 1000:
-                break
-            start = "(" + page[-1][0].decode()
+        """Dead letters, oldest first (of `camera` only, when given, else of every camera; at most `count`, the newest)."""
+        letters = []
+        for name in [camera] if camera is not None else self.cameras():
+            start = "-"
+            while True:
+                page = self.client.xrange(self.keys.deadletter(name), min=start, count=1000)
+                letters += map(_letter, page)
+                if len(page) < 1000:
+                    break
+                start = "(" + page[-1][0].decode()
+        letters.sort(key=lambda letter: (letter.at, letter.id))
         return letters[-count:] if count else letters
 
     def select(self, ids: list[str], camera: str | None = None) -> list[DeadLetter]:
@@ -119,32 +126,37 @@ class DeadLetters:
     def payload(self, letter: DeadLetter) -> bytes | None:
         if letter.payload_id is None:
             return None
-        found = self.client.xrange(self.keys.deadletter_payloads, letter.payload_id, letter.payload_id)
+        found = self.client.xrange(self.keys.deadletter_payloads(letter.camera), letter.payload_id, letter.payload_id)
         return found[0][1][b"m"] if found else None
 
     def replay(self, letters: list[DeadLetter]) -> dict[str, list[str]]:
         """Put each letter's original bytes back on its camera's stream (workers score it again)."""
         outcome: dict[str, list[str]] = {"replayed": [], "gone": [], "no_payload": []}
         for letter in letters:
-            if letter.payload_id is None or not letter.stream.startswith(self.keys.frames("")):
+            if letter.payload_id is None or letter.stream != self.keys.frames(letter.camera):
                 outcome["no_payload"].append(letter.id)
                 continue
-            done = self._replay(keys=[self.keys.deadletter, self.keys.deadletter_payloads, letter.stream,
-                                      self.keys.cameras, self.keys.camera_stats(letter.camera)],
-                                args=[letter.id, letter.payload_id, letter.camera])
+            self.client.sadd(self.keys.cameras, letter.camera)  # a data loss cannot hide the camera from the workers
+            done = self._replay(keys=[self.keys.deadletter(letter.camera), self.keys.deadletter_payloads(letter.camera),
+                                      letter.stream, self.keys.camera_stats(letter.camera)],
+                                args=[letter.id, letter.payload_id])
             outcome[{1: "replayed", 0: "gone", -1: "no_payload"}[done]].append(letter.id)
         return outcome
 
     def purge(self, letters: list[DeadLetter]) -> int:
         """Delete dead letters and their payloads; returns how many entries were deleted."""
-        if not letters:
-            return 0
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.xdel(self.keys.deadletter, *[letter.id for letter in letters])
-            payloads = [letter.payload_id for letter in letters if letter.payload_id]
-            if payloads:
-                pipe.xdel(self.keys.deadletter_payloads, *payloads)
-            return pipe.execute()[0]
+        by_camera: dict[str, list[DeadLetter]] = {}
+        for letter in letters:
+            by_camera.setdefault(letter.camera, []).append(letter)
+        deleted = 0
+        for camera, mine in by_camera.items():  # one transaction per camera: its two streams share its slot
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.xdel(self.keys.deadletter(camera), *[letter.id for letter in mine])
+                payloads = [letter.payload_id for letter in mine if letter.payload_id]
+                if payloads:
+                    pipe.xdel(self.keys.deadletter_payloads(camera), *payloads)
+                deleted += pipe.execute()[0]
+        return deleted
 
 
 def _letter(entry) -> DeadLetter:

@@ -1,4 +1,11 @@
-"""Redis key and channel names: the one place they are spelled. All start with a configurable prefix."""
+"""Redis key and channel names: the one place they are spelled. All start with a configurable prefix.
+
+Hash tags (Redis Cluster): every key of one camera carries the tag `{<camera>}` (its frames, results,
+stats, latest state, alarm window, overlays, frame copies, alarms and dead letters), so each atomic step
+of the pipeline (a Lua script, a MULTI) touches one hash slot; the bank registry (and the dismissals and
+update queues written with it) carries `{bank}`. The remaining keys (camera set, workers, alarm rules) are
+only ever used alone. On a single Redis the tags are plain characters of the names.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,9 +14,33 @@ FRAME_GROUP = "workers"  # consumer group of the workers on every frame stream
 STORE_GROUP = "store"  # consumer group of the store on every results stream
 
 
+def check_camera(camera: str) -> str:
+    """A camera name, refused if it would break its hash tag (braces)."""
+    if not camera or "{" in camera or "}" in camera:
+        raise ValueError(f"bad camera name {camera!r}: braces are not allowed (they delimit its hash tag)")
+    return camera
+
+
+def camera_of(key: str | bytes) -> str:
+    """The camera whose hash tag a per-camera key carries (`pc:frames:{cam-1}` -> `cam-1`)."""
+    key = key.decode() if isinstance(key, bytes) else key
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    if start < 0 or end < 0:
+        raise ValueError(f"{key!r} is not a per-camera key")
+    return key[start + 1:end]
+
+
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "pc"
+
+    def _camera(self, kind: str, camera: str) -> str:
+        return f"{self.prefix}:{kind}:{{{check_camera(camera)}}}"
+
+    @property
+    def _bank(self) -> str:  # the registry's hash tag: all of it in one slot
+        return f"{self.prefix}:{{bank}}"
 
     # cameras and frames
     @property
@@ -17,42 +48,39 @@ class Keys:
         return f"{self.prefix}:cameras"
 
     def frames(self, camera: str) -> str:  # stream of Frame messages
-        return f"{self.prefix}:frames:{camera}"
+        return self._camera("frames", camera)
 
     def camera_stats(self, camera: str) -> str:  # hash: ingested, dropped, last_seq, results, deadlettered, state
-        return f"{self.prefix}:stats:{camera}"
+        return self._camera("stats", camera)
 
-    @property
-    def deadletter(self) -> str:  # stream: reason, stream, id, worker, at, size, head, payload (id below)
-        return f"{self.prefix}:deadletter"
+    def deadletter(self, camera: str) -> str:  # stream: reason, stream, id, worker, at, size, head, payload (id below)
+        return self._camera("deadletter", camera)
 
-    @property
-    def deadletter_payloads(self) -> str:  # stream: the original bytes of the newest dead letters (bounded)
-        return f"{self.prefix}:deadletter:payloads"
+    def deadletter_payloads(self, camera: str) -> str:  # stream: the original bytes of its newest dead letters (bounded)
+        return self._camera("deadletter:payloads", camera)
 
     # results and alarms
     def results(self, camera: str) -> str:  # stream of Result messages
-        return f"{self.prefix}:results:{camera}"
+        return self._camera("results", camera)
 
     def latest(self, camera: str) -> str:  # hash: the camera's latest result and alarm state
-        return f"{self.prefix}:latest:{camera}"
+        return self._camera("latest", camera)
 
     def alarm_state(self, camera: str) -> str:  # hash: version, window (the store's debounce state, JSON)
-        return f"{self.prefix}:alarmstate:{camera}"
+        return self._camera("alarmstate", camera)
 
     def overlay(self, camera: str, seq: int) -> str:  # JPEG bytes, with a TTL
-        return f"{self.prefix}:overlay:{camera}:{seq}"
+        return f"{self._camera('overlay', camera)}:{seq}"
 
     def frame_copy(self, camera: str, seq: int) -> str:  # an anomalous frame's Frame message, with a TTL
-        return f"{self.prefix}:framecopy:{camera}:{seq}"
+        return f"{self._camera('framecopy', camera)}:{seq}"
 
     @property
     def dismissed(self) -> str:  # hash: "<camera>:<seq>" -> JSON {at, bank, by}: alarms dismissed as false
-        return f"{self.prefix}:alarms:dismissed"
+        return f"{self._bank}:dismissed"  # in the registry's slot: written together with a bank's update queue
 
-    @property
-    def alarms(self) -> str:  # durable stream of Alarm messages
-        return f"{self.prefix}:alarms"
+    def alarms(self, camera: str) -> str:  # durable stream of the camera's Alarm messages (contracts.alarmfeed reads all)
+        return self._camera("alarms", camera)
 
     @property
     def alarms_channel(self) -> str:  # Pub/Sub channel of Alarm messages (live, best effort)
@@ -69,22 +97,22 @@ class Keys:
     # bank registry
     @property
     def banks(self) -> str:  # set of bank names
-        return f"{self.prefix}:banks"
+        return f"{self._bank}:names"
 
     def bank_versions(self, name: str) -> str:  # hash: version -> JSON metadata (sha256, size, published_at, ...)
-        return f"{self.prefix}:bank:{name}:versions"
+        return f"{self._bank}:{name}:versions"
 
     def bank_blob(self, name: str, version: int) -> str:  # bank file bytes
-        return f"{self.prefix}:bank:{name}:blob:{version}"
+        return f"{self._bank}:{name}:blob:{version}"
 
     def bank_active(self, name: str) -> str:  # string: the active version
-        return f"{self.prefix}:bank:{name}:active"
+        return f"{self._bank}:{name}:active"
 
     def bank_history(self, name: str) -> str:  # list of previously active versions, newest last (for rollback)
-        return f"{self.prefix}:bank:{name}:history"
+        return f"{self._bank}:{name}:history"
 
     def bank_counter(self, name: str) -> str:  # INCR source of version numbers
-        return f"{self.prefix}:bank:{name}:next"
+        return f"{self._bank}:{name}:next"
 
     def bank_updates(self, name: str) -> str:  # stream of good frames (Frame messages) queued for the next update
-        return f"{self.prefix}:bank:{name}:updates"
+        return f"{self._bank}:{name}:updates"

@@ -100,7 +100,8 @@ class Frame:
     @classmethod
     def unpack(cls, data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> "Frame":
         frame = _build(cls, _unpack(data, max_bytes), FRAME_SCHEMA)
-        _require(isinstance(frame.camera, str) and 0 < len(frame.camera) <= 128, "bad camera name")
+        _require(isinstance(frame.camera, str) and 0 < len(frame.camera) <= 128
+                 and "{" not in frame.camera and "}" not in frame.camera, "bad camera name")  # braces: hash tags
         _require(isinstance(frame.line, str) and isinstance(frame.bank, str) and frame.bank, "bad line or bank")
         _require(isinstance(frame.seq, int) and frame.seq >= 0, "bad sequence number")
         _require(isinstance(frame.captured_at, (int, float)), "bad capture time")

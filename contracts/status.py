@@ -6,6 +6,7 @@ from collections import Counter
 
 import redis
 
+from .connection import is_cluster
 from .deadletter import DeadLetters
 from .keys import FRAME_GROUP, STORE_GROUP, Keys
 from .metrics import consumer_lag, reason_kind
@@ -46,7 +47,8 @@ def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float 
     for name in sorted(n.decode() for n in client.smembers(keys.banks)):
         active = client.get(keys.bank_active(name))
         banks[name] = int(active) if active is not None else None
-    return {"cameras": cameras, "workers": workers, "banks": banks, "deadletter": int(client.xlen(keys.deadletter)),
+    deadletter = sum(int(client.xlen(keys.deadletter(c["camera"]))) for c in cameras)
+    return {"cameras": cameras, "workers": workers, "banks": banks, "deadletter": deadletter,
             "deadletter_reasons": dict(Counter(reason_kind(letter.reason) for letter in DeadLetters(client, keys).list())),
             "consumers": consumers(client, keys, names, dead_after_s), "redis_faults": redis_faults(client)}
 
@@ -113,7 +115,18 @@ def prune_dead(client: redis.Redis, prefix: str = "pc", after_s: float = 3600.0)
 
 
 def redis_faults(client: redis.Redis) -> list[str]:
-    """Conditions of the server itself that make processes hold frames: memory full, a read-only replica, loading."""
+    """Conditions of the server itself that make processes hold frames: memory full, a read-only replica, loading;
+    on a Redis Cluster, those of every master, and the cluster's own state."""
+    if is_cluster(client):
+        try:
+            state = client.cluster_info()
+            masters = client.get_primaries()
+        except redis.RedisError as exc:
+            return [f"unknown ({exc})"]
+        faults = [] if state.get("cluster_state") == "ok" else [f"cluster state {state.get('cluster_state')}"]
+        for node in masters:
+            faults += [f"{node.name}: {fault}" for fault in redis_faults(client.get_redis_connection(node))]
+        return faults
     try:
         info = client.info("memory") | client.info("replication") | client.info("persistence")
     except redis.ResponseError as exc:  # INFO not allowed for this user

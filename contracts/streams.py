@@ -7,6 +7,9 @@ import time
 from typing import Callable, Iterator
 
 import redis
+from redis.exceptions import SlotNotCoveredError
+
+from .connection import is_cluster, node_groups
 
 MIN_REDIS_VERSION = (7, 0)  # XAUTOCLAIM reports deleted entries (6.2 returns nils without their ids)
 
@@ -17,7 +20,8 @@ class RedisVersionError(RuntimeError):
 
 def require_redis_7(client: redis.Redis) -> str:
     """The server's name and version (HELLO: allowed to every ACL user), or RedisVersionError if too old."""
-    hello = client.execute_command("HELLO")
+    on_node = {"target_nodes": client.get_default_node()} if is_cluster(client) else {}  # HELLO names no key
+    hello = client.execute_command("HELLO", **on_node)
     server, version = (hello.get(k, hello.get(k.encode(), b"")) for k in ("server", "version"))
     server, version = (v.decode() if isinstance(v, bytes) else str(v) for v in (server, version))
     numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
@@ -85,8 +89,9 @@ return 1
 # Append a camera's frame once: a frame whose sequence number is not above the camera's `last_seq`
 # was already written (a client retry after a lost reply) and is skipped. The stream is bounded by
 # MAXLEN ~ maxlen; entries trimmed to make room are counted as `dropped`, in the same atomic step.
-# The camera is (re-)registered in the camera set, so a data loss cannot hide it.
-# KEYS: frame stream, stats hash, camera set. ARGV: seq, maxlen, captured_at, frame bytes, camera.
+# The camera is (re-)registered in the camera set (when given: on a Redis Cluster the set lies in another
+# slot, and ingest registers the camera apart), so a data loss cannot hide it.
+# KEYS: frame stream, stats hash[, camera set]. ARGV: seq, maxlen, captured_at, frame bytes, camera.
 # Returns -1 for a duplicate, else the number of frames trimmed.
 ADD_FRAME = """#!lua
 local last = redis.call('HGET', KEYS[2], 'last_seq')
@@ -97,29 +102,32 @@ local dropped = before + 1 - redis.call('XLEN', KEYS[1])
 redis.call('HSET', KEYS[2], 'last_seq', ARGV[1], 'last_ingest_at', ARGV[3])
 redis.call('HINCRBY', KEYS[2], 'ingested', 1)
 if dropped > 0 then redis.call('HINCRBY', KEYS[2], 'dropped', dropped) end
-redis.call('SADD', KEYS[3], ARGV[5])
+if KEYS[3] then redis.call('SADD', KEYS[3], ARGV[5]) end
 return dropped
 """
 
-# Read at most ARGV[3] entries in all from the streams in KEYS, in the order given (the caller rotates
+# Read at most ARGV[3] entries in all from the streams ARGV[5..], in the order given (the caller rotates
 # it between calls): XREADGROUP's COUNT applies per stream, so each stream is read with a share of
-# what is left, and streams that filled their share are read again while room is left. A backlogged
-# camera cannot starve the others, and the total never exceeds the cap.
-# KEYS: streams. ARGV: group, consumer, cap. Returns [[stream, [[id, [field, value, ...]], ...]], ...].
-READ_FAIR = """#!lua
+# what is left, and streams that filled their share are read again while room is left (new entries,
+# ARGV[4] = '>', only: a re-read of pending ones, '0', would return the same entries). A backlogged
+# camera cannot starve the others, and the total never exceeds the cap. On a Redis Cluster the streams
+# lie in different slots of one node (the caller groups them by node): KEYS[1], the first stream, routes
+# the call, and `allow-cross-slot-keys` lets the script read the node's other slots.
+# KEYS: the first stream. ARGV: group, consumer, cap, start id, streams... Returns [[stream, [[id, [field, value, ...]], ...]], ...].
+READ_FAIR = """#!lua flags=allow-cross-slot-keys
 local remaining = tonumber(ARGV[3])
-local active, out = KEYS, {}
+local active, out = {unpack(ARGV, 5)}, {}
 while remaining > 0 and #active > 0 do
   local share, again = math.max(1, math.floor(remaining / #active)), {}
   for _, stream in ipairs(active) do
     if remaining == 0 then break end
     local count = math.min(share, remaining)
-    local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', stream, '>')
-    if reply then
+    local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', stream, ARGV[4])
+    if reply and #reply[1][2] > 0 then
       local entries = reply[1][2]
       out[#out + 1] = {stream, entries}
       remaining = remaining - #entries
-      if #entries == count then again[#again + 1] = stream end
+      if #entries == count and ARGV[4] == '>' then again[#again + 1] = stream end
     end
   end
   active = again
@@ -131,13 +139,20 @@ return out
 # Replies that say "not now" rather than "never": memory full under noeviction (OOM), a replica after
 # failover (READONLY), a server loading its data (LOADING), a replica cut off from its primary
 # (MASTERDOWN), a busy script (BUSY), too few replicas (NOREPLICAS), a stream or group lost with the
-# data (NOGROUP), a blocking read cut short by a demotion (UNBLOCKED). Inside a Lua script Redis may wrap them ("... -OOM command not allowed ..."), so
+# data (NOGROUP), a blocking read cut short by a demotion (UNBLOCKED); on a Redis Cluster, a slot moved
+# or being moved (MOVED, ASK, TRYAGAIN, a script that met a key no longer on its node) or not served
+# while a failover runs (CLUSTERDOWN). Inside a Lua script Redis may wrap them ("... -OOM command not allowed ..."), so
 # they are matched anywhere at the start of a word.
-_PASSING = re.compile(r"(?:^|[-\s])(OOM|READONLY|LOADING|MASTERDOWN|BUSY|NOREPLICAS|NOGROUP|TRYAGAIN|UNBLOCKED)\b")
+_PASSING = re.compile(r"(?:^|[-\s])(OOM|READONLY|LOADING|MASTERDOWN|BUSY|NOREPLICAS|NOGROUP|TRYAGAIN|UNBLOCKED"
+                      r"|CLUSTERDOWN|MOVED|ASK)\b")
 
+# What a Redis call can raise: redis-py's errors, and the cluster client's error for a slot no known node serves.
+REDIS_ERRORS = (redis.RedisError, SlotNotCoveredError)
 
 _CLASSES = ((redis.exceptions.OutOfMemoryError, "oom"), (redis.exceptions.ReadOnlyError, "readonly"),
-            (redis.exceptions.MasterDownError, "masterdown"), (redis.exceptions.TryAgainError, "tryagain"))
+            (redis.exceptions.MasterDownError, "masterdown"), (redis.exceptions.TryAgainError, "tryagain"),
+            (redis.exceptions.ClusterDownError, "clusterdown"), (SlotNotCoveredError, "clusterdown"),
+            (redis.exceptions.AskError, "moved"), (redis.exceptions.ClusterError, "clusterdown"))
 
 
 def redis_fault(exc: BaseException) -> str | None:
@@ -154,6 +169,8 @@ def redis_fault(exc: BaseException) -> str | None:
         match = _PASSING.search(str(exc))
         if match:
             return match.group(1).lower()
+        if "non local key" in str(exc):  # a cross-slot script routed to a node that lost one of its slots
+            return "moved"
     return None
 
 
@@ -166,7 +183,7 @@ def serve(step: Callable[[], None], stop, log, name: str, on_lost_group: Callabl
         try:
             step()
             backoff = 0.1
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             fault = redis_fault(exc)
             if fault is None:
                 raise
@@ -205,8 +222,13 @@ class CameraStreams:
     `due()` says whether a refresh is due (and starts the next interval); `refresh()` rereads the
     camera set, creates `group` on streams it has not seen yet, and returns the stream names (the
     first refresh also checks the server's version). `read_fair()` reads at most `cap` new entries
-    across all streams, starting each call where the last one stopped.
+    across all streams, starting each call where the last one stopped; `read_blocking()` waits for the
+    first. On a Redis Cluster a multi-stream XREADGROUP cannot span slots: the streams are grouped by
+    the node that holds them (from the client's slot map, so new cameras and moved slots need nothing
+    by hand), each node is read by one script call with its share of the cap, and waiting is polling.
     """
+
+    POLL_S = 0.01  # on a cluster: how often an idle reader looks again
 
     def __init__(self, client: redis.Redis, cameras_key: str, stream_of, group: str, refresh_s: float):
         self.client, self.cameras_key, self.stream_of, self.group = client, cameras_key, stream_of, group
@@ -238,18 +260,56 @@ class CameraStreams:
         self.names = streams
         return streams
 
-    def read_fair(self, consumer: str, cap: int, streams: list[str] | None = None
+    def read_fair(self, consumer: str, cap: int, streams: list[str] | None = None, start_id: str = ">"
                   ) -> list[tuple[str, list[tuple[bytes, dict]]]]:
-        """Up to `cap` new entries in all (from `streams`, default all), without blocking:
+        """Up to `cap` entries in all (from `streams`, default all), without blocking: new ones, or with
+        `start_id` "0" those already delivered to `consumer` and not acknowledged (one pass):
         [(stream, [(entry id, fields), ...]), ...]."""
         names = self.names if streams is None else streams
         if not names or cap <= 0:
             return []
         start = self._offset % len(names)
         order = names[start:] + names[:start]
-        reply = self._read_fair(keys=order, args=[self.group, consumer, cap])
-        out = [(stream_name(stream), [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in entries])
-               for stream, entries in reply]
+        out = []
+        groups = node_groups(self.client, order)  # one group on a single Redis; in rotated order on a cluster
+        for i, (_, positions) in enumerate(groups):
+            remaining = cap - sum(len(entries) for _, entries in out)
+            if remaining <= 0:
+                break
+            part = [order[p] for p in positions]
+            share = -(-remaining // (len(groups) - i))  # what is left, spread over the nodes still to read
+            reply = self._read_fair(keys=part[:1], args=[self.group, consumer, share, start_id, *part])
+            out += [(stream_name(stream), [(entry_id, dict(zip(fields[::2], fields[1::2])) if fields else None)
+                                           for entry_id, fields in entries]) for stream, entries in reply]
         if out:  # the next call starts after the last stream served: every backlogged stream gets its turn
             self._offset = start + max(order.index(stream) for stream, _ in out) + 1
         return out
+
+    def read_each(self, consumer: str, count: int, start_id: str = ">", block_ms: int | None = None
+                  ) -> list[tuple[str, list[tuple[bytes, dict | None]]]]:
+        """XREADGROUP over all streams, up to `count` entries from each, waiting up to `block_ms` for new ones
+        (start_id ">"). On a cluster: read_fair with `count` as the cap over each node's streams, then polling."""
+        if not self.names:
+            return []
+        if not is_cluster(self.client):
+            reply = self.client.xreadgroup(self.group, consumer, {s: start_id for s in self.names}, count=count,
+                                           block=block_ms)
+            return [(stream_name(stream), entries) for stream, entries in reply or []]
+        reply = self.read_fair(consumer, count * len(self.names), start_id=start_id)
+        if reply or not block_ms or start_id != ">":
+            return reply
+        return self.read_blocking(consumer, count, self.names, block_ms)
+
+    def read_blocking(self, consumer: str, cap: int, streams: list[str], block_ms: int
+                      ) -> list[tuple[str, list[tuple[bytes, dict]]]]:
+        """Wait up to `block_ms` for new entries on `streams`. A single Redis blocks in one XREADGROUP
+        (COUNT 1 per stream: it may return more than `cap`); a cluster polls read_fair every POLL_S."""
+        if not is_cluster(self.client):
+            reply = self.client.xreadgroup(self.group, consumer, {s: ">" for s in streams}, count=1, block=block_ms)
+            return [(stream_name(stream), entries) for stream, entries in reply or []]
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            reply = self.read_fair(consumer, cap, streams)
+            if reply or time.monotonic() >= deadline:
+                return reply
+            time.sleep(min(self.POLL_S, max(0.0, deadline - time.monotonic())))

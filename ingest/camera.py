@@ -10,10 +10,11 @@ import cv2
 import numpy as np
 import redis
 
+from contracts.connection import is_cluster, node_groups, refresh_topology
 from contracts.keys import Keys
 from contracts.messages import Frame
 from contracts.metrics import frame_appended
-from contracts.streams import ADD_FRAME, redis_fault, require_redis_7
+from contracts.streams import ADD_FRAME, REDIS_ERRORS, redis_fault, require_redis_7
 
 from .sources import Source, SourceError
 
@@ -33,6 +34,12 @@ class IngestSettings:
     max_frames: int | None = None
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    # a frame counts as sent once this many replicas have it (Redis WAIT, at most wait_ms; a reply lost with a
+    # dying primary resends the frame, which the new primary writes unless it has it): 0 = do not wait, and a
+    # frame the primary acknowledged but had not yet replicated when it died is lost
+    wait_replicas: int = 0
+    wait_ms: int = 100
+    register_s: float = 5.0  # on a Redis Cluster, how often the camera re-registers in the camera set
 
 
 @dataclass
@@ -40,6 +47,7 @@ class IngestReport:
     frames: int = 0
     dropped: int = 0
     source_errors: int = 0
+    unconfirmed: int = 0  # frames sent whose WAIT timed out before wait_replicas replicas had them
     ended: str = ""
 
 
@@ -69,6 +77,9 @@ class CameraIngest:
         self.stats = keys.camera_stats(settings.camera)
         self._add_frame = client.register_script(ADD_FRAME)
         self.connected = threading.Event()  # set once registered with Redis (readiness)
+        # the camera set lies in another slot of a cluster: registered apart, every register_s
+        self._cluster = is_cluster(client)
+        self._registered_at = float("-inf")
 
     def run(self) -> IngestReport:
         report = IngestReport()
@@ -110,15 +121,18 @@ class CameraIngest:
             data, shape = encode(image, self.settings)
             frame = Frame(camera=self.settings.camera, line=self.settings.line, bank=self.settings.bank, seq=seq,
                           captured_at=captured_at, encoding=self.settings.encoding, shape=shape, data=data)
-            report.dropped += self._push(frame)
+            dropped, confirmed = self._push(frame)
+            report.dropped += dropped
+            report.unconfirmed += not confirmed
             report.frames += 1
             seq += 1
         self._set_state(f"stopped: {report.ended or 'stop requested'}")
         self.source.close()
         return report
 
-    def _push(self, frame: Frame) -> int:
-        """Append the frame (retrying through Redis outages); returns how many old frames were trimmed.
+    def _push(self, frame: Frame) -> tuple[int, bool]:
+        """Append the frame (retrying through Redis outages); returns how many old frames were trimmed and
+        whether the wanted replicas confirmed it.
 
         The append is one script keyed by the camera's sequence number (streams.ADD_FRAME): when a
         reply is lost and the call is sent again (by redis-py's retry or by this loop), the second
@@ -130,19 +144,31 @@ class CameraIngest:
                 if not self.source.live:  # files and folders wait for the workers instead of dropping
                     while self.client.xlen(self.stream) >= self.settings.maxlen and not self.stop.is_set():
                         time.sleep(0.01)
-                dropped = self._add_frame(keys=[self.stream, self.stats, self.keys.cameras],
-                                          args=[frame.seq, self.settings.maxlen, frame.captured_at, frame.pack(),
-                                                self.settings.camera])
+                if self._cluster and time.monotonic() - self._registered_at > self.settings.register_s:
+                    self.client.sadd(self.keys.cameras, self.settings.camera)
+                    self._registered_at = time.monotonic()
+                keys = [self.stream, self.stats] + ([] if self._cluster else [self.keys.cameras])
+                args = [frame.seq, self.settings.maxlen, frame.captured_at, frame.pack(), self.settings.camera]
+                if not self.settings.wait_replicas:
+                    dropped = self._add_frame(keys=keys, args=args)
+                    frame_appended(self.settings.camera, dropped)
+                    return max(0, dropped), True  # -1: already written by an earlier send
+                node = node_groups(self.client, [self.stream])[0][0]  # WAIT must follow the write on its connection
+                with node.pipeline(transaction=False) as pipe:
+                    self._add_frame(keys=keys, args=args, client=pipe)
+                    pipe.execute_command("WAIT", self.settings.wait_replicas, self.settings.wait_ms)
+                    dropped, replicas = pipe.execute()
                 frame_appended(self.settings.camera, dropped)
-                return max(0, dropped)  # -1: already written by an earlier send
-            except redis.RedisError as exc:  # outages, OOM, READONLY, LOADING: wait; anything else is a bug
+                return max(0, dropped), int(replicas) >= self.settings.wait_replicas
+            except REDIS_ERRORS as exc:  # outages, OOM, READONLY, LOADING, failovers: wait; anything else is a bug
                 fault = redis_fault(exc)
                 if fault is None:
                     raise
+                refresh_topology(self.client)
                 log.warning("redis unavailable", extra={"fields": {"camera": self.settings.camera, "fault": fault,
                                                                    "error": str(exc), "retry_in_s": backoff}})
                 if self.stop.wait(backoff):
-                    return 0
+                    return 0, False
                 backoff = min(backoff * 2, self.settings.backoff_max_s)
 
     def _next_seq(self) -> int:
@@ -158,5 +184,5 @@ class CameraIngest:
     def _set_state(self, state: str) -> None:
         try:
             self.client.hset(self.stats, "state", state)
-        except redis.RedisError:
+        except REDIS_ERRORS:
             pass

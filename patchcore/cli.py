@@ -293,6 +293,9 @@ def score_command(
 RedisUrl = Annotated[Optional[str], typer.Option(envvar="REDIS_URL", help="redis:// or rediss:// URL (default: $REDIS_URL).")]
 PasswordFile = Annotated[Optional[Path], typer.Option(envvar="REDIS_PASSWORD_FILE", help="File holding the Redis password (never logged).")]
 Prefix = Annotated[str, typer.Option(help="Prefix of every Redis key and channel.")]
+WaitReplicas = Annotated[int, typer.Option(help="After each write, wait until this many replicas have it (Redis WAIT; "
+                                                 "narrows what a failover loses; 0: do not wait).")]
+WaitMs = Annotated[int, typer.Option(help="Wait for replicas at most this long (ms).")]
 SigningKeyFile = Annotated[Optional[Path], typer.Option(
     envvar="PATCHCORE_BANK_KEY_FILE", help="File holding the bank signing key (HMAC-SHA256, >= 32 bytes; never logged).")]
 MetricsPort = Annotated[int, typer.Option(envvar="PATCHCORE_METRICS_PORT", min=0, max=65535, help=(
@@ -408,7 +411,7 @@ def bank_rollback(name: str, redis_url: RedisUrl = None, password_file: Password
 @app.command("ingest")
 def ingest_command(
     source: Annotated[str, typer.Option(help="synthetic[:seed=N,defect_rate=R], video file, image folder, rtsp://|http:// URL, usb:N.")],
-    camera: Annotated[str, typer.Option(help="Camera name (its stream is <prefix>:frames:<camera>).")],
+    camera: Annotated[str, typer.Option(help="Camera name (its stream is <prefix>:frames:{<camera>}).")],
     line: Annotated[str, typer.Option(help="Production line name.")] = "line-1",
     bank: Annotated[str, typer.Option(help="Registry bank that inspects this camera.")] = "default",
     fps: Annotated[Optional[float], typer.Option(help="Rate limit, frames per second.")] = None,
@@ -418,7 +421,7 @@ def ingest_command(
     maxlen: Annotated[int, typer.Option(help="Stream bound (live sources drop the oldest beyond it).")] = 256,
     loop: Annotated[bool, typer.Option(help="Loop files and folders.")] = False,
     frames: Annotated[Optional[int], typer.Option(help="Stop after this many frames.")] = None,
-    metrics_port: MetricsPort = 0,
+    metrics_port: MetricsPort = 0, wait_replicas: WaitReplicas = 0, wait_ms: WaitMs = 100,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
     """Push a camera's frames into Redis until the source ends or SIGINT/SIGTERM."""
@@ -433,7 +436,8 @@ def ingest_command(
     except SourceError as exc:
         _fail(str(exc))
     settings = IngestSettings(camera=camera, line=line, bank=bank, fps=fps, max_side=max_side, encoding=encoding,
-                              jpeg_quality=jpeg_quality, maxlen=maxlen, max_frames=frames)
+                              jpeg_quality=jpeg_quality, maxlen=maxlen, max_frames=frames,
+                              wait_replicas=wait_replicas, wait_ms=wait_ms)
     client = _client(redis_url, password_file)
     ingest = CameraIngest(client, src, settings, Keys(prefix), _stop_on_signals())
     _serve_metrics(metrics_port, client, lambda: (ingest.connected.is_set(), {"camera": camera}))
@@ -453,6 +457,7 @@ def worker_command(
     max_deliveries: Annotated[int, typer.Option(help="Dead-letter a frame as poison once delivered more often than this.")] = 5,
     device: Device = "auto", index: Index = "auto", search: Search = None, weights: Weights = None,
     signing_key_file: SigningKeyFile = None, metrics_port: MetricsPort = 0,
+    wait_replicas: WaitReplicas = 0, wait_ms: WaitMs = 100,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
     """Score frames of every camera until SIGINT/SIGTERM (finishing the current batch).
@@ -464,7 +469,8 @@ def worker_command(
     settings = WorkerSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms,
                               max_frame_bytes=max_frame_bytes, result_maps=result_maps, max_pixels=max_pixels,
                               max_deliveries=max_deliveries, device=device, index=index, search=_search(search, index),
-                              weights=weights, bank_key=_signing_key(signing_key_file))
+                              weights=weights, bank_key=_signing_key(signing_key_file), wait_replicas=wait_replicas,
+                              wait_ms=wait_ms)
     if name:
         from dataclasses import replace
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import redis
 
-from contracts.keys import STORE_GROUP, Keys
+from contracts.keys import STORE_GROUP, Keys, camera_of
 from contracts.messages import MAX_WINDOW_SCORES, Alarm, MessageError, Result, check_overlay_key
 from contracts.metrics import ALARMS, DEADLETTERED
-from contracts.streams import ACK_AND_WRITE, CameraStreams, reclaim, serve, stream_name
+from contracts.streams import ACK_AND_WRITE, CameraStreams, reclaim, serve
 
 from .alarms import AlarmRule, AlarmWindow, Fired
 
@@ -55,7 +55,7 @@ return 1
 class StoreSettings:
     name: str = "store-1"
     default_rule: AlarmRule = AlarmRule()
-    alarms_maxlen: int = 100_000
+    alarms_maxlen: int = 100_000  # per camera
     batch: int = 256
     refresh_s: float = 2.0
     claim_idle_ms: int = 30_000
@@ -98,12 +98,12 @@ class ResultsStore:
         # after a failed step (and at start, for a predecessor of the same name) the results still pending
         # to this store go first: handled after newer ones, they would find their windows decided
         start = "0" if self._unfinished else ">"
-        reply = self.client.xreadgroup(STORE_GROUP, self.settings.name, {s: start for s in self._streams.names},
-                                       count=self.settings.batch, block=None if self._unfinished else 200)
+        reply = self._streams.read_each(self.settings.name, self.settings.batch, start,
+                                        None if self._unfinished else 200)
         self._unfinished = True
-        for stream, entries in reply or []:
-            self.handle(stream_name(stream), entries)
-        self._unfinished = start == "0" and any(entries for _, entries in reply or [])
+        for stream, entries in reply:
+            self.handle(stream, entries)
+        self._unfinished = start == "0" and any(entries for _, entries in reply)
 
     def _maybe_refresh(self) -> None:
         if not self._streams.due():
@@ -120,7 +120,7 @@ class ResultsStore:
             claimed = list(reclaim(self.client, stream, STORE_GROUP, self.settings.name, self.settings.claim_idle_ms))
             if claimed:
                 self.handle(stream, claimed)
-            camera = stream.removeprefix(self.keys.results(""))
+            camera = camera_of(stream)
             if time.monotonic() - self._last_result.setdefault(camera, time.monotonic()) > self.settings.quiet_s:
                 while self._commit_results(stream, camera, [], flush=True) is None:  # decide what waits for a gap
                     self.report.conflicts += 1
@@ -134,7 +134,7 @@ class ResultsStore:
 
     def handle(self, stream: str, entries) -> None:
         """One camera's results: invalid ones dead-lettered with their reason, the rest committed at once."""
-        camera = stream.removeprefix(self.keys.results(""))
+        camera = camera_of(stream)
         valid = []
         for entry_id, fields in entries:
             if not fields:  # trimmed while pending to this store (XREADGROUP 0 gives no fields): nothing to handle
@@ -197,7 +197,7 @@ class ResultsStore:
         args = [STORE_GROUP, int(version or 0), window.to_json(), self.settings.alarms_maxlen, self.keys.alarms_channel,
                 len(items), *(entry_id for entry_id, _ in items),
                 2 * len(latest), *(x for pair in latest.items() for x in pair), *alarms]
-        reply = self._commit(keys=[stream, state_key, self.keys.latest(camera), self.keys.alarms,
+        reply = self._commit(keys=[stream, state_key, self.keys.latest(camera), self.keys.alarms(camera),
                                    self.keys.camera_stats(camera)], args=args)
         if reply == -1:
             return None
@@ -224,7 +224,7 @@ class ResultsStore:
         """Dead-letter an invalid result with its reason (acknowledged, removed and counted at once)."""
         self.report.bad_results += 1
         log.error("invalid result dead-lettered", extra={"fields": {"stream": stream, "error": reason}})
-        if self._ack_and_write(keys=[stream, self.keys.deadletter, self.keys.camera_stats(camera)],
+        if self._ack_and_write(keys=[stream, self.keys.deadletter(camera), self.keys.camera_stats(camera)],
                                args=[STORE_GROUP, entry_id, 100_000, "bad_results", "reason", reason, "stream", stream,
                                      "id", entry_id, "worker", self.settings.name, "at", time.time(), "m", raw]):
             DEADLETTERED.labels("bad_result").inc()

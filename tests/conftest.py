@@ -80,3 +80,15 @@ def synthetic_bank_bytes(tmp_path_factory, mobilenet):
         cv2.imwrite(str(folder / f"{i:03d}.png"), line.render(i * line.period + i % line.period, defect=False))
     config = BuildConfig(features=FeatureConfig(backbone="mobilenet_v2"), coreset=CoresetConfig(fraction=0.1))
     return bank_to_bytes(build_bank(sorted(folder.glob("*.png")), config, device="cpu", progress=False))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A real Redis Cluster (3 masters, 3 replicas, AOF, cluster-node-timeout 1.5 s) on free loopback ports, for
+    the whole session; skipped where redis-server >= 7.0 and redis-cli are not installed."""
+    from .cluster import LocalCluster, cluster_tools
+
+    if cluster_tools() is None:
+        pytest.skip("redis-server >= 7.0 and redis-cli (Debian: redis-server, redis-tools) are needed for a cluster")
+    with LocalCluster() as cluster:
+        yield cluster

@@ -11,6 +11,7 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
+from contracts.alarmfeed import read_alarms
 from contracts.connection import connect
 from contracts.keys import Keys
 from contracts.messages import Alarm
@@ -111,7 +112,7 @@ def test_a_camera_adds_frames_to_its_own_stream_and_nothing_else(acl_server, syn
     with pytest.raises(DENIED):
         camera.xreadgroup("workers", "me", {KEYS.frames("cam-1"): ">"})
     with pytest.raises(DENIED):
-        camera.xadd(KEYS.alarms, {"m": b"forged"})
+        camera.xadd(KEYS.alarms("cam-1"), {"m": b"forged"})
     with pytest.raises(DENIED):
         camera.publish(KEYS.alarms_channel, b"forged")
     # a script runs with the caller's rights: its declared keys, and the keys it touches undeclared, are checked
@@ -142,7 +143,7 @@ def test_a_worker_cannot_publish_banks_or_change_rules(acl_server, synthetic_ban
     with pytest.raises(DENIED):
         worker.hset(KEYS.alarm_rules, "cam-1", "{}")
     with pytest.raises(DENIED):
-        worker.xadd(KEYS.alarms, {"m": b"forged"})
+        worker.xadd(KEYS.alarms("cam-1"), {"m": b"forged"})
     with pytest.raises(DENIED):
         worker.hset(KEYS.latest("cam-1"), "score", 0)
     with pytest.raises(DENIED):
@@ -167,9 +168,9 @@ def test_the_store_and_the_viewer(acl_server, synthetic_bank_bytes):
     assert json.loads(status.output)["cameras"][0]["ingested"] == 2
     assert acl_server.password("viewer") not in status.output
     assert viewer.xrange(KEYS.frames("cam-1")) and viewer.get(KEYS.bank_active("default")) == b"1"
-    for write in (lambda: viewer.set("pc:x", 1), lambda: viewer.xadd(KEYS.alarms, {"m": b"x"}),
+    for write in (lambda: viewer.set("pc:x", 1), lambda: viewer.xadd(KEYS.alarms("cam-1"), {"m": b"x"}),
                   lambda: viewer.hset(KEYS.alarm_rules, "cam-1", "{}"), lambda: viewer.publish(KEYS.alarms_channel, b"x"),
-                  lambda: viewer.xgroup_create(KEYS.alarms, "mine", mkstream=True),
+                  lambda: viewer.xgroup_create(KEYS.alarms("cam-1"), "mine", mkstream=True),
                   lambda: viewer.delete(KEYS.frames("cam-1")), lambda: viewer.incr(KEYS.bank_counter("default"))):
         with pytest.raises(DENIED):
             write()
@@ -214,7 +215,7 @@ def test_the_whole_pipeline_runs_with_each_process_on_its_own_role(acl_server, s
     assert sorted(r.seq for r in got) == list(range(16)) and {r.bank_version for r in got} == {1}
     anomalous = sorted(r.seq for r in got if r.anomalous)
     assert anomalous and any(line.defect_at(s) for s in anomalous)
-    alarms = [Alarm.unpack(f[b"m"]) for _, f in viewer.xrange(KEYS.alarms)]
+    alarms = read_alarms(viewer, KEYS)[0]
     assert sorted(a.seq for a in alarms) == anomalous  # k=1 of n=1: one alarm per anomalous frame
     assert all(a.overlay_jpeg for a in alarms)  # the store read the worker's overlays
     live, deadline = [], time.time() + 10
@@ -222,7 +223,7 @@ def test_the_whole_pipeline_runs_with_each_process_on_its_own_role(acl_server, s
         if (message := listener.get_message(timeout=0.2)) is not None:
             live.append(Alarm.unpack(message["data"]).seq)
     assert sorted(live) == anomalous  # the viewer received them live
-    assert viewer.xlen(KEYS.deadletter) == 1
+    assert viewer.xlen(KEYS.deadletter("cam-1")) == 1
     stats = viewer.hgetall(KEYS.camera_stats("cam-1"))
     assert (stats[b"ingested"], stats[b"results"], stats[b"deadlettered"], stats[b"alarms"]) == (
         b"16", b"16", b"1", str(len(alarms)).encode())

@@ -77,10 +77,10 @@ def test_worker_gives_every_hostile_message_one_outcome_and_keeps_running(redis_
     worker = Worker(client, WorkerSettings(name="w", device="cpu"), KEYS)
     for begin in range(0, len(entries), 8):
         worker.process(entries[begin:begin + 8])
-    outcomes = client.xlen(KEYS.results("cam-1")) + client.xlen(KEYS.deadletter)
+    outcomes = client.xlen(KEYS.results("cam-1")) + client.xlen(KEYS.deadletter("cam-1"))
     assert outcomes == len(payloads)
     assert client.xpending(KEYS.frames("cam-1"), "workers")["pending"] == 0
-    reasons = [f[b"reason"].decode() for _, f in client.xrange(KEYS.deadletter)]
+    reasons = [f[b"reason"].decode() for _, f in client.xrange(KEYS.deadletter("cam-1"))]
     assert any("aspect ratio" in r for r in reasons)  # the 1 x 4096 strip
     assert any("png header declares 3x3" in r for r in reasons)  # a 3x3 PNG claiming to be 240x320
     assert client.xlen(KEYS.results("cam-1")) >= 1  # the intact frame was scored

@@ -15,6 +15,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from contracts.alarmfeed import read_alarms
 from contracts.connection import connect
 from contracts.keys import FRAME_GROUP, STORE_GROUP, Keys
 from contracts.messages import Alarm, MessageError, Result
@@ -70,7 +71,7 @@ def test_trimmed_pending_frames_get_no_outcome_and_are_counted_once_as_dropped(r
     counts = stats(client)
     assert sorted(r.seq for r in results(client)) == sorted(survivors)  # no result for a dropped frame
     assert counts["ingested"] == 16 == counts["results"] + counts["dropped"]  # each frame counted once
-    assert counts.get("deadlettered", 0) == 0 and client.xlen(KEYS.deadletter) == 0
+    assert counts.get("deadlettered", 0) == 0 and client.xlen(KEYS.deadletter("cam-1")) == 0
 
 
 def redis_6_binary() -> str | None:
@@ -184,7 +185,7 @@ def add_results(client, items, camera="cam-1"):
 
 
 def alarms(client):
-    return [Alarm.unpack(f[b"m"]) for _, f in client.xrange(KEYS.alarms)]
+    return read_alarms(client, KEYS)[0]
 
 
 def store(url, rule=AlarmRule(k=2, n=3, cooldown_s=0), **settings):
@@ -323,7 +324,7 @@ def test_malformed_results_are_dead_lettered_with_a_reason_and_the_store_carries
     with Running(redis_server.url, workers=0) as running:
         wait_for(lambda: client.hget(KEYS.latest("cam-1"), "seq") == b"3", 60)
         assert running.threads[0].is_alive()
-    reasons = [f[b"reason"].decode() for _, f in client.xrange(KEYS.deadletter)]
+    reasons = [f[b"reason"].decode() for _, f in client.xrange(KEYS.deadletter("cam-1"))]
     assert len(reasons) == len(BAD_RESULTS) + 1 == stats(client)["bad_results"]
     for expected, reason in zip(["score", "score", "captured_at", "seq", "seq", "camera", "arrived on", "overlay_key",
                                  "timings_ms", "patch_map", "anomalous", "not a map"], reasons):

@@ -3,9 +3,10 @@ copies that key's bytes into an alarm, so a forged key must never leak another k
 import threading
 import time
 
+from contracts.alarmfeed import read_alarms
 from contracts.connection import connect
 from contracts.keys import Keys
-from contracts.messages import Alarm, Result
+from contracts.messages import Result
 from store.alarms import AlarmRule
 from store.service import ResultsStore, StoreSettings
 
@@ -47,7 +48,7 @@ def test_the_store_copies_only_the_results_own_overlay_into_an_alarm(redis_serve
         stop.set()
         thread.join(timeout=30)
     assert store.report.bad_results == len(forged) and store.report.results == 2
-    alarms = [Alarm.unpack(f[b"m"]) for _, f in client.xrange(KEYS.alarms)]
+    alarms = read_alarms(client, KEYS)[0]
     assert [(a.seq, a.overlay_key, a.overlay_jpeg) for a in alarms] == [
         (3, KEYS.overlay("cam-1", 3), b"JPEG of cam-1 seq 3"), (4, None, None)]
     assert client.xpending(KEYS.results("cam-1"), "store")["pending"] == 0  # refused results are not retried forever

@@ -5,6 +5,7 @@ import time
 import numpy as np
 import pytest
 
+from contracts.alarmfeed import read_alarms
 from contracts.connection import connect
 from contracts.deadletter import DeadLetters
 from contracts.keys import FRAME_GROUP, Keys
@@ -85,7 +86,7 @@ def test_two_workers_score_every_frame_exactly_once_and_alarm_on_defects(redis_s
         assert truth.any() and (~truth).any()
         assert (truth == verdict).mean() >= 0.95
         assert client.xlen(KEYS.frames(camera)) == 0  # scored frames are acknowledged and deleted
-    alarms = [Alarm.unpack(f[b"m"]) for _, f in client.xrange(KEYS.alarms)]
+    alarms = read_alarms(client, KEYS)[0]
     assert alarms, "defective parts must raise alarms"
     for alarm in alarms:
         line = lines[0] if alarm.camera == "cam-1" else lines[1]
@@ -176,7 +177,7 @@ def test_bad_frames_go_to_the_dead_letter_stream_and_the_worker_continues(redis_
     for payload in payloads:
         client.xadd(KEYS.frames("cam-1"), {"m": payload})
     with Running(redis_server.url, store=False):
-        wait_for(lambda: client.xlen(KEYS.deadletter) == 3 and client.xlen(KEYS.results("cam-1")) == 1)
+        wait_for(lambda: client.xlen(KEYS.deadletter("cam-1")) == 3 and client.xlen(KEYS.results("cam-1")) == 1)
     letters = DeadLetters(client, KEYS)
     reasons = {letters.payload(d): d.reason for d in letters.list()}  # original bytes kept
     assert set(reasons) == set(payloads[:3])

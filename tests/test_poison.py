@@ -57,7 +57,7 @@ def test_without_a_loadable_bank_frames_stay_pending_show_the_fault_and_are_scor
         time.sleep(2.0)  # several claim_idle_ms periods and retries
         camera = collect_status(client)["cameras"][0]
         assert "no loadable active bank 'default'" in camera["fault"] and "sha256" in camera["fault"]
-        assert camera["deadlettered"] == 0 and client.xlen(KEYS.deadletter) == 0
+        assert camera["deadlettered"] == 0 and client.xlen(KEYS.deadletter("cam-1")) == 0
         pending = client.xpending_range(STREAM, FRAME_GROUP, "-", "+", 100)
         assert len(pending) == 4  # one batch held; the other frames were not taken
         assert {p["times_delivered"] for p in pending} == {1}  # waiting is not a delivery: no poison count
@@ -68,7 +68,7 @@ def test_without_a_loadable_bank_frames_stay_pending_show_the_fault_and_are_scor
         assert running.workers[0].report.held >= 8  # retried more than once
     got = results(client)
     assert sorted(r.seq for r in got) == list(range(12)) and {r.bank_version for r in got} == {good}
-    assert client.xlen(KEYS.deadletter) == 0 and client.xpending(STREAM, FRAME_GROUP)["pending"] == 0
+    assert client.xlen(KEYS.deadletter("cam-1")) == 0 and client.xpending(STREAM, FRAME_GROUP)["pending"] == 0
 
 
 def test_a_host_that_cannot_load_its_weights_lets_another_worker_score_its_frames(
@@ -96,7 +96,7 @@ def test_a_host_that_cannot_load_its_weights_lets_another_worker_score_its_frame
             t.join(timeout=30)
     assert sorted(r.seq for r in results(client)) == list(range(6))
     assert sick.report.results == 0 and healthy.report.results == 6
-    assert client.xlen(KEYS.deadletter) == 0 and sick.report.deadlettered == 0
+    assert client.xlen(KEYS.deadletter("cam-1")) == 0 and sick.report.deadlettered == 0
 
 
 def test_a_frame_whose_scoring_raises_cannot_take_good_ones_down_and_is_dead_lettered_after_n_deliveries(
@@ -117,7 +117,7 @@ def test_a_frame_whose_scoring_raises_cannot_take_good_ones_down_and_is_dead_let
     for payload in payloads:
         client.xadd(STREAM, {"m": payload})
     with Running(redis_server.url, store=False, max_batch=8, claim_idle_ms=300, max_deliveries=2) as running:
-        wait_for(lambda: client.xlen(KEYS.deadletter) == 1)
+        wait_for(lambda: client.xlen(KEYS.deadletter("cam-1")) == 1)
         worker = running.workers[0]
     assert sorted(r.seq for r in results(client)) == [0, 1, 2, 4, 5]  # the good frames of its batch were scored
     letters = DeadLetters(client, KEYS)
@@ -139,7 +139,7 @@ def test_a_frame_that_killed_its_workers_is_dead_lettered_by_its_delivery_count_
     client.xreadgroup(FRAME_GROUP, "crashed", {STREAM: ">"})  # delivery 1 ...
     bump_deliveries(client, entry_id, 4)  # ... to 5, each consumer died with it
     with Running(redis_server.url, store=False, claim_idle_ms=0, max_deliveries=5):  # reclaims it: delivery 6
-        wait_for(lambda: client.xlen(KEYS.deadletter) == 1)
+        wait_for(lambda: client.xlen(KEYS.deadletter("cam-1")) == 1)
     [letter] = DeadLetters(client, KEYS).list()
     assert letter.reason.startswith("poison: delivered 6 times") and letter.entry_id == entry_id.decode()
     assert client.xpending(STREAM, FRAME_GROUP)["pending"] == 0
@@ -185,7 +185,7 @@ def test_deadletter_cli_lists_replays_once_and_purges(redis_server, synthetic_ba
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--all" in done.stderr  # nothing is purged without naming it
     assert json.loads(cli(redis_server.url, "purge", "--all").stdout) == {"purged": 1}
-    assert client.xlen(KEYS.deadletter) == 0 and client.xlen(KEYS.deadletter_payloads) == 0
+    assert client.xlen(KEYS.deadletter("cam-1")) == 0 and client.xlen(KEYS.deadletter_payloads("cam-1")) == 0
 
 
 def test_dead_letters_are_bounded_in_bytes(redis_server):
@@ -199,12 +199,12 @@ def test_dead_letters_are_bounded_in_bytes(redis_server):
         client.xreadgroup(FRAME_GROUP, "w", {STREAM: ">"})
         assert letters.add(STREAM, FRAME_GROUP, entry_id, payload, "test", "w")
         assert not letters.add(STREAM, FRAME_GROUP, entry_id, payload, "test", "w")  # acknowledged: once only
-    listed = letters.list()
-    assert len(listed) == 6 and client.xlen(KEYS.deadletter_payloads) == 3  # only the newest 3 payloads kept
+    listed = letters.list("cam-1")
+    assert len(listed) == 6 and client.xlen(KEYS.deadletter_payloads("cam-1")) == 3  # only the newest 3 payloads kept
     assert [letters.payload(d) for d in listed] == [None, None, payloads[2], payloads[3], payloads[4], None]
     assert listed[-1].size == 2000 and listed[-1].head == b"x" * 64 and listed[-1].payload_id is None
     assert letters.replay(listed[:1]) == {"replayed": [], "gone": [], "no_payload": [listed[0].id]}
-    memory = client.memory_usage(KEYS.deadletter_payloads)
+    memory = client.memory_usage(KEYS.deadletter_payloads("cam-1"))
     assert memory < 3 * 1000 + 4096  # about payloads x payload_bytes, whatever was dead-lettered
     assert int(client.hget(STATS, "deadlettered")) == 6
 
@@ -218,6 +218,6 @@ def test_dead_letter_payloads_expire(redis_server):
         client.xreadgroup(FRAME_GROUP, "w", {STREAM: ">"})
         letters.add(STREAM, FRAME_GROUP, entry_id, payload, "test", "w")
         time.sleep(0.01)
-    first, second = letters.list()
+    first, second = letters.list("cam-1")
     assert letters.payload(first) is None  # older than the TTL when the second was written
     assert letters.payload(second) == b"second"  # the newest is trimmed by the next write

@@ -83,7 +83,7 @@ def test_every_process_rides_out_a_full_or_read_only_redis(redis_server, synthet
         assert pipeline.serving(), pipeline.errors
     assert pipeline.errors == []
     assert sorted(r.seq for r in results(client)) == list(range(FRAMES))  # each frame once
-    assert client.xlen(KEYS.deadletter) == 0 and client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0
+    assert client.xlen(KEYS.deadletter("cam-1")) == 0 and client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0
     assert collect_status(client)["redis_faults"] == []
 
 
@@ -103,7 +103,7 @@ def test_every_process_rides_out_a_lost_stream_and_its_groups(redis_server, synt
     assert "nogroup" in faults_logged(caplog)
     assert len(seqs) == len(set(seqs))  # nothing twice
     assert set(range(last_seq + 1, FRAMES)) <= set(seqs)  # every frame sent after the loss was scored
-    assert pipeline.errors == [] and client.xlen(KEYS.deadletter) == 0
+    assert pipeline.errors == [] and client.xlen(KEYS.deadletter("cam-1")) == 0
 
 
 def test_every_process_rides_out_a_restart_that_loads_its_data(tmp_path, synthetic_bank_bytes):
@@ -133,7 +133,7 @@ def test_every_process_rides_out_a_restart_that_loads_its_data(tmp_path, synthet
             assert pipeline.serving(), pipeline.errors
         assert pipeline.errors == []
         assert sorted(r.seq for r in results(client)) == list(range(FRAMES))
-        assert client.xlen(KEYS.deadletter) == 0
+        assert client.xlen(KEYS.deadletter("cam-1")) == 0
     finally:
         server.stop()
 

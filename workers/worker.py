@@ -27,13 +27,14 @@ import numpy as np
 import redis
 import torch
 
+from contracts.connection import is_cluster, node_groups, refresh_topology
 from contracts.deadletter import DeadLetters, DeadLetterSettings
-from contracts.keys import FRAME_GROUP, Keys
+from contracts.keys import FRAME_GROUP, Keys, camera_of
 from contracts.messages import Frame, MessageError, Result
 from contracts.metrics import BATCH_SIZE, results_written
 from contracts.registry import BankRegistry
-from contracts.streams import (ACK_AND_WRITE, CameraStreams, deliveries, keep_pending, reclaim, redis_fault, serve,
-                               stream_name)
+from contracts.streams import (ACK_AND_WRITE, REDIS_ERRORS, CameraStreams, deliveries, keep_pending, reclaim,
+                               redis_fault, serve)
 from scorer import BackboneError, ImageDecodeError, decode_image, to_rgb
 from scorer.imageheader import check_header
 from scorer.index import SearchConfig
@@ -64,6 +65,11 @@ class WorkerSettings:
     search: SearchConfig = SearchConfig()  # nearest-neighbour search (scorer.index)
     weights: str | None = None
     refresh_s: float = 2.0  # how often to look for new cameras and reclaim pending frames
+    # after writing a batch's results, wait until this many replicas have them (Redis WAIT), at most wait_ms:
+    # a result acknowledged but not yet replicated when a primary dies is lost with the acknowledgement
+    # (the frame is scored again after the failover); 0: do not wait
+    wait_replicas: int = 0
+    wait_ms: int = 100
     bank_key: bytes | None = field(default=None, repr=False)  # load only banks signed with this key (HMAC-SHA256)
 
 
@@ -196,10 +202,9 @@ class Worker:
                     block_ms = int((deadline - time.monotonic()) * 1000)
                     if block_ms <= 0:
                         break
-                reply = self.client.xreadgroup(FRAME_GROUP, self.settings.name, {s: ">" for s in readable},
-                                               count=1, block=max(1, block_ms))
+                reply = self._streams.read_blocking(self.settings.name, cap - len(batch), readable, max(1, block_ms))
             now = time.time()
-            entries = [_Entry(stream_name(stream), entry_id, (fields or {}).get(b"m", b""), now)
+            entries = [_Entry(stream, entry_id, (fields or {}).get(b"m", b""), now)
                        for stream, stream_entries in reply or [] for entry_id, fields in stream_entries]
             room = cap - len(batch)
             batch += entries[:room]
@@ -219,10 +224,11 @@ class Worker:
         held: list[tuple[_Entry, str, bool]] = []
         try:
             held = self._outcomes(batch)
-        except redis.RedisError as exc:  # e.g. OOM or READONLY while writing: outcomes already written stay
+        except REDIS_ERRORS as exc:  # e.g. OOM or READONLY while writing: outcomes already written stay
             fault = redis_fault(exc)     # written (a retry finds them acknowledged and writes nothing twice)
             if fault in (None, "nogroup"):
                 raise
+            refresh_topology(self.client)  # a cluster's node met directly (results are written per node) moved or died
             held = [(entry, f"redis {fault}: {exc}", False) for entry in batch]
         self._hold(held)
 
@@ -301,7 +307,7 @@ class Worker:
                                                                  "reasons": sorted(set(reasons.values()))}})
         try:
             for stream, reason in reasons.items():
-                camera = stream.removeprefix(self.keys.frames(""))
+                camera = camera_of(stream)
                 self.client.hset(self.keys.camera_stats(camera), mapping={
                     "fault": f"{reason} (worker {self.settings.name} holds its frames, retrying)",
                     "fault_at": time.time()})
@@ -311,7 +317,7 @@ class Worker:
             for camera in cleared:
                 self.client.hdel(self.keys.camera_stats(camera), "fault", "fault_at")
             self._faulted -= cleared
-        except redis.RedisError:  # the fault may be Redis itself (OOM, READONLY): status shows that from INFO
+        except REDIS_ERRORS:  # the fault may be Redis itself (OOM, READONLY): status shows that from INFO
             pass
 
     def _decode(self, frame: Frame) -> np.ndarray:
@@ -325,37 +331,51 @@ class Worker:
         verdicts = scorer.verdict(result.image_scores)
         rows = np.flatnonzero(verdicts).tolist()
         maps = dict(zip(rows, scorer.heatmaps(result, rows)))  # heatmaps only for the frames that get an overlay
-        script_calls = []  # positions of the script replies among the pipeline's replies
-        with self.client.pipeline(transaction=True) as pipe:
-            for i, (entry, frame, image, decode_ms) in enumerate(items):
-                score = float(result.image_scores[i])
-                anomalous = bool(verdicts[i])
-                overlay_key = None
-                if anomalous:
-                    overlay_key = self.keys.overlay(frame.camera, frame.seq)
-                    jpeg = cv2.imencode(".jpg", scorer.overlay(image, maps[i], score),
-                                        [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
-                    pipe.set(overlay_key, jpeg, ex=self.settings.overlay_ttl_s)
-                    # the frame itself, so an operator can dismiss a false alarm into the next bank update
-                    pipe.set(self.keys.frame_copy(frame.camera, frame.seq), entry.raw, ex=self.settings.overlay_ttl_s)
-                message = Result(
-                    camera=frame.camera, line=frame.line, seq=frame.seq, captured_at=frame.captured_at, scored_at=now,
-                    score=score, threshold=threshold, anomalous=anomalous, bank=active.name,
-                    bank_version=active.version, worker=self.settings.name,
-                    timings_ms={"queue": round((entry.picked_at - frame.captured_at) * 1000, 2),
-                                "decode": round(decode_ms, 2), "score": round(score_ms, 2)},
-                    overlay_key=overlay_key, **(self._patch_map(patch_canvas(result.patch_scores[i], result.layouts[i]))
-                       if self.settings.result_maps else {}))
-                script_calls.append(len(pipe.command_stack))
-                self._ack_and_write(
-                    keys=[entry.stream, self.keys.results(frame.camera), self.keys.camera_stats(frame.camera)],
-                    args=[FRAME_GROUP, entry.entry_id, self.settings.results_maxlen, "results", "m", message.pack()],
-                    client=pipe)
-            replies = pipe.execute()
-        written = [replies[i] for i in script_calls]  # 0: another worker finished it first
-        self.report.results += sum(written)
+        rows_out = []  # (overlay key, jpeg, Result message) per item, in order
+        for i, (entry, frame, image, decode_ms) in enumerate(items):
+            score = float(result.image_scores[i])
+            anomalous = bool(verdicts[i])
+            overlay_key = jpeg = None
+            if anomalous:
+                overlay_key = self.keys.overlay(frame.camera, frame.seq)
+                jpeg = cv2.imencode(".jpg", scorer.overlay(image, maps[i], score), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+            message = Result(
+                camera=frame.camera, line=frame.line, seq=frame.seq, captured_at=frame.captured_at, scored_at=now,
+                score=score, threshold=threshold, anomalous=anomalous, bank=active.name,
+                bank_version=active.version, worker=self.settings.name,
+                timings_ms={"queue": round((entry.picked_at - frame.captured_at) * 1000, 2),
+                            "decode": round(decode_ms, 2), "score": round(score_ms, 2)},
+                overlay_key=overlay_key, **(self._patch_map(patch_canvas(result.patch_scores[i], result.layouts[i]))
+                   if self.settings.result_maps else {}))
+            rows_out.append((overlay_key, jpeg, message))
+        # One pipeline per server holding these cameras (one on a single Redis, where it is a MULTI unless it
+        # waits for replicas: WAIT does not wait inside MULTI). On a cluster each frame's write is still one
+        # atomic script (its keys share the camera's slot); the overlay is written before its result.
+        transaction = not is_cluster(self.client) and not self.settings.wait_replicas
+        written_rows: set[int] = set()  # positions in items whose result this worker wrote
+        for node, positions in node_groups(self.client, [entry.stream for entry, *_ in items]):
+            script_calls = []  # positions of the script replies among the pipeline's replies
+            with node.pipeline(transaction=transaction) as pipe:
+                for i in positions:
+                    entry, frame = items[i][:2]
+                    overlay_key, jpeg, message = rows_out[i]
+                    if overlay_key is not None:
+                        pipe.set(overlay_key, jpeg, ex=self.settings.overlay_ttl_s)
+                        # the frame itself, so an operator can dismiss a false alarm into the next bank update
+                        pipe.set(self.keys.frame_copy(frame.camera, frame.seq), entry.raw, ex=self.settings.overlay_ttl_s)
+                    script_calls.append(len(pipe.command_stack))
+                    self._ack_and_write(
+                        keys=[entry.stream, self.keys.results(frame.camera), self.keys.camera_stats(frame.camera)],
+                        args=[FRAME_GROUP, entry.entry_id, self.settings.results_maxlen, "results", "m", message.pack()],
+                        client=pipe)
+                if self.settings.wait_replicas:
+                    pipe.execute_command("WAIT", self.settings.wait_replicas, self.settings.wait_ms)
+                replies = pipe.execute()
+            written = [replies[i] for i in script_calls]  # 0: another worker finished it first
+            self.report.results += sum(written)
+            written_rows.update(i for i, w in zip(positions, written) if w)
         results_written([(frame.camera, bool(verdicts[i]), frame.captured_at, entry.picked_at, decode_ms / 1000)
-                         for i, (entry, frame, _, decode_ms) in enumerate(items) if written[i]],
+                         for i, (entry, frame, _, decode_ms) in enumerate(items) if i in written_rows],
                         score_ms / 1000, (time.perf_counter() - started) / len(items), time.time())
 
     def readiness(self) -> tuple[bool, dict]:
