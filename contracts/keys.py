@@ -22,6 +22,9 @@ class Keys:
     def camera_stats(self, camera: str) -> str:  # hash: ingested, dropped, last_seq, results, deadlettered, state
         return f"{self.prefix}:stats:{camera}"
 
+    def preview(self, camera: str) -> str:  # JPEG of the camera's latest frame (ingest, at most 1/s), with a TTL
+        return f"{self.prefix}:preview:{camera}"
+
     @property
     def deadletter(self) -> str:  # stream: reason, stream, id, worker, at, size, head, payload (id below)
         return f"{self.prefix}:deadletter"
@@ -49,6 +52,10 @@ class Keys:
     @property
     def dismissed(self) -> str:  # hash: "<camera>:<seq>" -> JSON {at, bank, by}: alarms dismissed as false
         return f"{self.prefix}:alarms:dismissed"
+
+    @property
+    def acknowledged(self) -> str:  # hash: "<camera>:<seq>" -> JSON {at, by}: alarms an operator acknowledged
+        return f"{self.prefix}:alarms:acknowledged"
 
     @property
     def alarms(self) -> str:  # durable stream of Alarm messages

@@ -32,6 +32,8 @@ class IngestSettings:
     max_frames: int | None = None
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    preview_interval_s: float = 1.0  # the latest frame as a JPEG for the console at most this often (0: never)
+    preview_ttl_s: int = 300
 
 
 @dataclass
@@ -67,6 +69,7 @@ class CameraIngest:
         self.stream = keys.frames(settings.camera)
         self.stats = keys.camera_stats(settings.camera)
         self._add_frame = client.register_script(ADD_FRAME)
+        self._preview_at = float("-inf")
 
     def run(self) -> IngestReport:
         report = IngestReport()
@@ -108,6 +111,7 @@ class CameraIngest:
                           captured_at=time.time(), encoding=self.settings.encoding, shape=shape, data=data)
             report.dropped += self._push(frame)
             report.frames += 1
+            self._preview(image, data)
             seq += 1
         self._set_state(f"stopped: {report.ended or 'stop requested'}")
         self.source.close()
@@ -139,6 +143,21 @@ class CameraIngest:
                 if self.stop.wait(backoff):
                     return 0
                 backoff = min(backoff * 2, self.settings.backoff_max_s)
+
+    def _preview(self, image: np.ndarray, data: bytes) -> None:
+        """Best effort: the latest frame as a JPEG under the camera's preview key, at most every preview_interval_s."""
+        now = time.monotonic()
+        if not self.settings.preview_interval_s or now - self._preview_at < self.settings.preview_interval_s:
+            return
+        self._preview_at = now
+        if self.settings.encoding != "jpeg":
+            ok, buffer = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+            data = buffer.tobytes() if ok else b""
+        try:
+            self.client.set(self.keys.preview(self.settings.camera), data, ex=self.settings.preview_ttl_s)
+        except redis.RedisError as exc:  # a preview is not worth a retry; anything but a fault is a bug
+            if redis_fault(exc) is None:
+                raise
 
     def _next_seq(self) -> int:
         last = self.client.hget(self.stats, "last_seq")

@@ -20,6 +20,7 @@ from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine, parse_source
 from scorer import BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_to_bytes, build_bank, load_bank
 from scorer.calibration import CalibrationConfig
+from scorer.evaluate import bank_summary
 from store.alarms import AlarmRule
 from store.service import ResultsStore, StoreSettings
 from workers.worker import Worker, WorkerSettings
@@ -51,6 +52,8 @@ class UpSettings:
     device: str = "auto"
     force: bool = False  # publish over (and activate) an existing bank of a Redis that `up` did not start
     bank_key: bytes | None = field(default=None, repr=False)  # signing key; None: a fresh one for this run
+    console_port: int | None = None  # serve the operator console on 127.0.0.1:PORT
+    console_credentials: dict[str, str] | None = field(default=None, repr=False)  # operators; None: read-only
 
 
 class UpError(RuntimeError):
@@ -112,9 +115,19 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         else:
             echo(f"building a bank from the first {settings.warmup_frames} frames of {settings.source}")
             bank = warmup_bank(settings, workdir, progress)
-        version = registry.publish(settings.bank_name, bank_to_bytes(bank), {"source": "patchcore up"}, activate=True)
+        version = registry.publish(settings.bank_name, bank_to_bytes(bank),
+                                   {"source": "patchcore up", **bank_summary(bank)}, activate=True)
         threshold = bank.calibration.threshold if bank.calibration else None
         echo(f"bank {settings.bank_name} v{version}: {len(bank.features)} features, threshold {threshold}")
+        if settings.console_port is not None:
+            from console.app import ConsoleServer, ConsoleSettings
+
+            console = ConsoleServer(connect(url), keys, ConsoleSettings(port=settings.console_port,
+                                                                        credentials=settings.console_credentials))
+            stack.callback(console.start().stop)
+            echo(f"console at {console.settings.url} ("
+                 + ("operators can log in)" if settings.console_credentials else
+                    "read-only; set PATCHCORE_CONSOLE_CREDENTIALS to a credentials file for actions)"))
 
         stop = threading.Event()
         ingest_stop = threading.Event()

@@ -1,0 +1,280 @@
+"""The operator console: its security over plain HTTP, and the whole console in a real headless browser
+(Debian's chromium + chromedriver through Selenium) against `patchcore up` on a real redis-server."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.cookiejar import CookieJar
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from console.auth import Operators, hash_password, load_credentials, verify_password
+from contracts.connection import connect
+from contracts.keys import Keys
+from contracts.messages import Alarm
+from contracts.registry import BankRegistry
+from patchcore.cli import app
+from patchcore.embedded_redis import free_port
+
+from .conftest import ROOT
+
+KEYS = Keys()
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+class Http:
+    """A cookie-keeping client of one console (what a second browser tab or a script would do)."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+
+    def call(self, path: str, body: dict | None = None, csrf: str | None = None) -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json"} | ({"X-CSRF-Token": csrf} if csrf is not None else {})
+        request = urllib.request.Request(self.base + path, data=None if body is None else json.dumps(body).encode(),
+                                         headers=headers, method="GET" if body is None else "POST")
+        try:
+            with self.opener.open(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_password_hashes_verify_only_their_password(tmp_path):
+    encoded = hash_password("correct horse")
+    assert encoded.startswith("scrypt$") and "correct horse" not in encoded
+    assert verify_password("correct horse", encoded) and not verify_password("correct hors", encoded)
+    assert hash_password("correct horse") != encoded  # salted
+    assert not verify_password("x", "scrypt$1048577$8$1$AAAA$AAAA")  # a planted, ruinously costly hash is refused
+    operators = Operators({"op": encoded})
+    assert operators.check("op", "correct horse") and not operators.check("other", "correct horse")
+    creds = tmp_path / "operators"
+    creds.write_text(f"# console operators\nop:{encoded}\n")
+    assert load_credentials(creds) == {"op": encoded}
+    creds.write_text("op:plain-text-password\n")
+    with pytest.raises(ValueError, match="line 1") as refused:
+        load_credentials(creds)
+    assert "plain-text-password" not in str(refused.value)
+
+
+def test_hash_password_command_prints_a_line_the_console_accepts(tmp_path):
+    result = CliRunner().invoke(app, ["console", "hash-password", "--user", "anna"], input="s3cret pw\ns3cret pw\n")
+    assert result.exit_code == 0, result.output
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("anna:scrypt$") and "s3cret" not in result.stdout
+    (tmp_path / "operators").write_text(line + "\n")
+    assert Operators(load_credentials(tmp_path / "operators")).check("anna", "s3cret pw")
+
+
+def test_actions_need_a_login_and_the_csrf_token_and_refusals_change_nothing(redis_server, synthetic_bank_bytes):
+    from console.app import ConsoleServer, ConsoleSettings
+
+    client = connect(redis_server.url)
+    registry = BankRegistry(client, KEYS)
+    for _ in range(2):
+        registry.publish("default", synthetic_bank_bytes, {"source": "test"}, activate=True)
+    assert registry.active("default") == 2
+    settings = ConsoleSettings(port=free_port(), credentials={"op": hash_password("pw-op")}, interval_s=0.2)
+    server = ConsoleServer(client, KEYS, settings).start()
+    try:
+        http = Http(settings.url.rstrip("/"))
+        status, page = http.call("/api/session")
+        assert status == 200 and page["user"] is None and page["login"] is True
+        csrf = page["csrf"]
+        # not logged in: 401, and nothing changes
+        assert http.call("/api/banks/default/rollback", {}, csrf)[0] == 401
+        assert http.call("/api/banks/default/activate", {"version": 1}, csrf)[0] == 401
+        assert registry.active("default") == 2
+        # wrong password, then no or a wrong CSRF token on login: refused
+        assert http.call("/api/login", {"user": "op", "password": "nope"}, csrf)[0] == 401
+        assert http.call("/api/login", {"user": "op", "password": "pw-op"})[0] == 403
+        assert http.call("/api/login", {"user": "op", "password": "pw-op"}, "forged")[0] == 403
+        status, login = http.call("/api/login", {"user": "op", "password": "pw-op"}, csrf)
+        assert status == 200 and login["user"] == "op" and login["csrf"] != csrf  # a fresh session on login
+        # logged in, but the pre-login token or none: 403, nothing changes
+        assert http.call("/api/banks/default/rollback", {}, csrf)[0] == 403
+        assert http.call("/api/banks/default/rollback", {})[0] == 403
+        assert registry.active("default") == 2
+        status, done = http.call("/api/banks/default/rollback", {}, login["csrf"])
+        assert status == 200 and done["active"] == 1 and registry.active("default") == 1
+        # another client without the session cookie is not logged in
+        other = Http(settings.url.rstrip("/"))
+        assert other.call("/api/banks/default/activate", {"version": 2}, other.call("/api/session")[1]["csrf"])[0] == 401
+        assert registry.active("default") == 1
+        # the pages hold no credential: the session endpoint and the page itself
+        with urllib.request.urlopen(settings.url, timeout=10) as response:
+            page_text = response.read().decode()
+            assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+        assert "scrypt" not in page_text and "pw-op" not in page_text
+        assert "scrypt" not in json.dumps(http.call("/api/session")[1])
+        # read-only console (no credentials): login refused
+        readonly = ConsoleSettings(port=free_port(), interval_s=0.2)
+        second = ConsoleServer(client, KEYS, readonly).start()
+        try:
+            anonymous = Http(readonly.url.rstrip("/"))
+            token = anonymous.call("/api/session")[1]["csrf"]
+            assert anonymous.call("/api/login", {"user": "op", "password": "pw-op"}, token)[0] == 403
+        finally:
+            second.stop()
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------- the browser
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
+                 "--window-size=1100,760", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)  # no Selenium Manager
+    driver.set_script_timeout(15)
+    yield driver
+    driver.quit()
+
+
+def read_lines(process: subprocess.Popen) -> queue.Queue:
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    return lines
+
+
+def wait_for(condition, timeout: float, what: str, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_the_console_in_a_browser_against_patchcore_up(browser, redis_server, synthetic_bank_bytes, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    bank, key = tmp_path / "line.bank", tmp_path / "bank.key"
+    bank.write_bytes(synthetic_bank_bytes)
+    key.write_text("k" * 64)
+    credentials = tmp_path / "operators"
+    credentials.write_text(f"op:{hash_password('pw-op')}\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "patchcore", "up", "--redis-url", redis_server.url, "--bank", str(bank),
+         "--signing-key-file", str(key), "--source", "synthetic:seed=3,defect_rate=0.5", "--fps", "4",
+         "--seconds", "240", "--k", "1", "--n", "1", "--cooldown-s", "1", "--no-progress", "--device", "cpu",
+         "--console-port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "PATCHCORE_CONSOLE_CREDENTIALS": str(credentials)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background job may inherit SIGINT ignored
+    lines, output = read_lines(process), []
+    shots = ROOT / "docs" if os.environ.get("PATCHCORE_CONSOLE_SCREENSHOTS") else tmp_path
+    try:
+        def console_line():
+            while not lines.empty():
+                output.append(lines.get())
+            return next((m for line in output if (m := re.search(r"console at (http://\S+)", line))), None)
+
+        url = wait_for(console_line, 180, "`up` to print the console's address").group(1)  # imports torch: slow when busy
+        assert url == f"http://127.0.0.1:{port}/"
+        client = connect(redis_server.url)
+        registry = BankRegistry(client, KEYS, signing_key=key.read_bytes())
+        assert registry.active("default") == 1
+        registry.publish("default", synthetic_bank_bytes, {"source": "test"}, activate=True)  # v2, rollback target v1
+
+        # the camera grid: a card for cam-1 with its picture, a score sparkline and live state
+        browser.get(url)
+        card = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, '[data-camera="cam-1"]'), 30, "the camera card")[0]
+        wait_for(lambda: browser.execute_script(
+            "const i = arguments[0].querySelector('img.picture'); return i && i.complete && i.naturalWidth > 0;", card),
+            15, "the camera's picture")
+        wait_for(lambda: card.find_elements(By.CSS_SELECTOR, "svg.spark polyline.score"), 120, "the first result")
+        assert card.find_element(By.CSS_SELECTOR, ".liveness").text == "live"
+        ingested = int(card.find_element(By.CSS_SELECTOR, '[data-stat="ingested"]').text)
+        wait_for(lambda: int(card.find_element(By.CSS_SELECTOR, '[data-stat="ingested"]').text) > ingested, 10,
+                 "the grid to update without a reload")
+
+        # an action without login is refused by the server, and changes nothing
+        refused = browser.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            fetch('/api/session').then(r => r.json()).then(s => fetch('/api/banks/default/rollback',
+              {method: 'POST', headers: {'X-CSRF-Token': s.csrf, 'Content-Type': 'application/json'}, body: '{}'}))
+              .then(r => done(r.status));""")
+        assert refused == 401 and registry.active("default") == 2
+
+        # a synthetic defect reaches the alarm feed with its overlay within a few seconds of being raised
+        first = wait_for(lambda: client.xrange(KEYS.alarms, count=1), 120, "a first alarm in Redis")[0]
+        raised = time.monotonic()
+        alarm_id = first[0].decode()
+        browser.get(url + "#alarms")
+        item = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, f'.alarm[data-id="{alarm_id}"]'), 10,
+                        "the alarm in the feed")[0]
+        wait_for(lambda: browser.execute_script(
+            "const i = arguments[0].querySelector('img.overlay'); return i && i.complete && i.naturalWidth > 0;", item),
+            10, "the alarm's overlay")
+        assert time.monotonic() - raised < 10
+        assert "cam-1" in item.text and "threshold" in item.text and "bank default v" in item.text
+
+        # log in; acknowledge and dismiss the alarm from the page
+        browser.find_element(By.ID, "login-user").send_keys("op")
+        browser.find_element(By.ID, "login-password").send_keys("pw-op")
+        browser.find_element(By.CSS_SELECTOR, "#login button").click()
+        wait_for(lambda: browser.find_element(By.ID, "who").text == "operator op", 10, "the login")
+        browser.save_screenshot(str(shots / "console-alarms.png"))
+        seq = Alarm.unpack(first[1][b"m"]).seq
+        mark = f"cam-1:{seq}"
+        browser.find_element(By.CSS_SELECTOR, f'.alarm[data-id="{alarm_id}"] button.ack').click()
+        ack = wait_for(lambda: client.hget(KEYS.acknowledged, mark), 10, "the acknowledgement in Redis")
+        assert json.loads(ack)["by"] == "console:op"
+        wait_for(lambda: "acknowledged by console:op" in browser.find_element(
+            By.CSS_SELECTOR, f'.alarm[data-id="{alarm_id}"]').text, 10, "the acknowledgement on the page")
+        browser.find_element(By.CSS_SELECTOR, f'.alarm[data-id="{alarm_id}"] button.dismiss').click()
+        wait_for(lambda: client.hget(KEYS.dismissed, mark), 10, "the dismissal in Redis")
+        queued = client.xrange(KEYS.bank_updates("default"))
+        assert [(f[b"camera"], int(f[b"seq"])) for _, f in queued] == [(b"cam-1", seq)]  # as `patchcore alarm dismiss`
+
+        # banks: the rollback from the page re-activates v1
+        browser.get(url + "#banks")
+        button = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, 'button.rollback[data-bank="default"]'), 10,
+                          "the rollback button")[0]
+        assert button.text == "Roll back to v1"
+        button.click()
+        wait_for(lambda: registry.active("default") == 1, 10, "the rollback in Redis")
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, '[data-bank="default"] tr.active[data-version="1"]'),
+                 10, "v1 shown active")
+        assert browser.find_elements(By.CSS_SELECTOR, '[data-bank="default"] svg.histogram rect')  # calibration shown
+
+        # the grid once scores have accumulated (the README's picture)
+        browser.get(url + "#cameras")
+        wait_for(lambda: browser.execute_script(
+            "const i = document.querySelector('[data-camera=\"cam-1\"] img.picture');"
+            "return i && i.complete && i.naturalWidth > 0;"), 15, "the camera's picture again")
+        browser.save_screenshot(str(shots / "console-cameras.png"))
+        browser.get("about:blank")  # closes the event stream before `up` stops
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if shots != tmp_path:
+        assert all((shots / f"console-{name}.png").stat().st_size < 400_000 for name in ("cameras", "alarms"))
