@@ -119,7 +119,8 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
             return _json({"error": "user and password expected"}, 400)
         if not await run_in_threadpool(operators.check, user, password):
             await asyncio.sleep(0.5)  # slows guessing; the scrypt check costs the rest
-            log.warning("console login refused", extra={"fields": {"user": user[:64]}})
+            # a password typed into the user field must not reach the log: only known names are logged
+            log.warning("console login refused", extra={"fields": {"user": user if operators.known(user) else "(unknown)"}})
             return _json({"error": "wrong user or password"}, 401)
         request.session.clear()  # a new session (and CSRF token) on login: no fixation
         request.session.update({"user": user, "csrf": secrets.token_urlsafe(32)})

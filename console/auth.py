@@ -72,6 +72,9 @@ class Operators:
         self._credentials = dict(credentials)
         self._decoy = hash_password(secrets.token_hex(16))
 
+    def known(self, user: str) -> bool:
+        return user in self._credentials
+
     def check(self, user: str, password: str) -> bool:
         encoded = self._credentials.get(user)
         ok = verify_password(password, encoded or self._decoy)

@@ -50,6 +50,12 @@ class Http:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"{}")
 
+    def login(self, user: str, password: str) -> str:
+        """Log in; returns the session's CSRF token."""
+        status, page = self.call("/api/login", {"user": user, "password": password}, self.call("/api/session")[1]["csrf"])
+        assert status == 200, page
+        return page["csrf"]
+
 
 def test_password_hashes_verify_only_their_password(tmp_path):
     encoded = hash_password("correct horse")
@@ -131,6 +137,63 @@ def test_actions_need_a_login_and_the_csrf_token_and_refusals_change_nothing(red
         server.stop()
 
 
+def test_ingest_keeps_a_preview_of_the_latest_frame_and_status_says_live_then_stopped(redis_server):
+    import cv2
+    import numpy as np
+
+    from contracts.status import collect_status, liveness
+    from ingest.camera import CameraIngest, IngestSettings
+    from ingest.sources import SyntheticLine
+
+    client = connect(redis_server.url)
+    CameraIngest(client, SyntheticLine(seed=1, max_frames=3), IngestSettings(camera="c1", encoding="raw"), KEYS).run()
+    jpeg = client.get(KEYS.preview("c1"))
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape == (240, 320, 3) and 0 < client.ttl(KEYS.preview("c1")) <= 300
+    assert collect_status(client)["cameras"][0]["liveness"] == "stopped"  # the source ended
+    now = time.time()
+    assert liveness("running", now - 1, now) == "live" and liveness("running", now - 60, now) == "dead"
+    assert liveness("reconnecting: timeout", now - 60, now) == "reconnecting" and liveness("running", None, now) == "dead"
+
+
+def test_dead_letters_grouped_by_reason_are_replayed_and_purged_from_the_console(redis_server):
+    from console.app import ConsoleServer, ConsoleSettings
+    from contracts.deadletter import DeadLetters
+    from contracts.keys import FRAME_GROUP
+    from contracts.messages import Frame
+    from contracts.streams import ensure_groups
+
+    client = connect(redis_server.url)
+    stream = KEYS.frames("c1")
+    ensure_groups(client, [stream], FRAME_GROUP)
+    frame = Frame(camera="c1", line="l", bank="default", seq=0, captured_at=1.0, encoding="raw", shape=(2, 2, 1),
+                  data=bytes(4)).pack()
+    for _ in range(3):
+        client.xadd(stream, {"m": frame})
+    entries = client.xreadgroup(FRAME_GROUP, "w", {stream: ">"})[0][1]
+    letters = DeadLetters(client, KEYS)
+    for (entry_id, _), reason in zip(entries, ["decode failed", "decode failed", "too large"]):
+        assert letters.add(stream, FRAME_GROUP, entry_id, frame, reason, "w")
+    settings = ConsoleSettings(port=free_port(), credentials={"op": hash_password("pw")}, interval_s=0.2)
+    server = ConsoleServer(client, KEYS, settings).start()
+    try:
+        http = Http(settings.url.rstrip("/"))
+        groups = {g["reason"]: g for g in http.call("/api/deadletters")[1]}
+        assert {r: (g["count"], g["replayable"], g["cameras"]) for r, g in groups.items()} == \
+            {"decode failed": (2, 2, ["c1"]), "too large": (1, 1, ["c1"])}
+        anonymous = http.call("/api/session")[1]["csrf"]
+        assert http.call("/api/deadletters/purge", {"reason": "too large"}, anonymous)[0] == 401
+        assert client.xlen(KEYS.deadletter) == 3
+        csrf = http.login("op", "pw")
+        assert http.call("/api/deadletters/replay", {"reason": "decode failed"}, csrf)[1] == \
+            {"replayed": 2, "gone": 0, "no_payload": 0}
+        assert client.xlen(stream) == 2  # back on the camera's stream, for the workers to score again
+        assert http.call("/api/deadletters/purge", {"reason": "too large"}, csrf)[1] == {"purged": 1}
+        assert client.xlen(KEYS.deadletter) == 0 and http.call("/api/deadletters")[1] == []
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------------------------------------- the browser
 
 
@@ -166,6 +229,21 @@ def wait_for(condition, timeout: float, what: str, step: float = 0.2):
             return value
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def click(browser, css: str, what: str) -> None:
+    """Click the element `css` finds, again if the live feed re-rendered it between finding and clicking."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def attempt():
+        try:
+            browser.find_element(By.CSS_SELECTOR, css).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    wait_for(attempt, 10, what, step=0.05)
 
 
 def test_the_console_in_a_browser_against_patchcore_up(browser, redis_server, synthetic_bank_bytes, tmp_path):
@@ -241,12 +319,12 @@ def test_the_console_in_a_browser_against_patchcore_up(browser, redis_server, sy
         browser.save_screenshot(str(shots / "console-alarms.png"))
         seq = Alarm.unpack(first[1][b"m"]).seq
         mark = f"cam-1:{seq}"
-        browser.find_element(By.CSS_SELECTOR, f'.alarm[data-id="{alarm_id}"] button.ack').click()
+        click(browser, f'.alarm[data-id="{alarm_id}"] button.ack', "the acknowledge button")
         ack = wait_for(lambda: client.hget(KEYS.acknowledged, mark), 10, "the acknowledgement in Redis")
         assert json.loads(ack)["by"] == "console:op"
         wait_for(lambda: "acknowledged by console:op" in browser.find_element(
             By.CSS_SELECTOR, f'.alarm[data-id="{alarm_id}"]').text, 10, "the acknowledgement on the page")
-        browser.find_element(By.CSS_SELECTOR, f'.alarm[data-id="{alarm_id}"] button.dismiss').click()
+        click(browser, f'.alarm[data-id="{alarm_id}"] button.dismiss', "the dismiss button")
         wait_for(lambda: client.hget(KEYS.dismissed, mark), 10, "the dismissal in Redis")
         queued = client.xrange(KEYS.bank_updates("default"))
         assert [(f[b"camera"], int(f[b"seq"])) for _, f in queued] == [(b"cam-1", seq)]  # as `patchcore alarm dismiss`
@@ -256,7 +334,7 @@ def test_the_console_in_a_browser_against_patchcore_up(browser, redis_server, sy
         button = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, 'button.rollback[data-bank="default"]'), 10,
                           "the rollback button")[0]
         assert button.text == "Roll back to v1"
-        button.click()
+        click(browser, 'button.rollback[data-bank="default"]', "the rollback button")
         wait_for(lambda: registry.active("default") == 1, 10, "the rollback in Redis")
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, '[data-bank="default"] tr.active[data-version="1"]'),
                  10, "v1 shown active")
