@@ -286,9 +286,13 @@ def test_the_console_in_a_browser_against_patchcore_up(browser, redis_server, sy
             15, "the camera's picture")
         wait_for(lambda: card.find_elements(By.CSS_SELECTOR, "svg.spark polyline.score"), 120, "the first result")
         assert card.find_element(By.CSS_SELECTOR, ".liveness").text == "live"
-        ingested = int(card.find_element(By.CSS_SELECTOR, '[data-stat="ingested"]').text)
-        wait_for(lambda: int(card.find_element(By.CSS_SELECTOR, '[data-stat="ingested"]').text) > ingested, 10,
-                 "the grid to update without a reload")
+
+        def ingested() -> int:  # read in one script: the live grid replaces its counters every second
+            return int(browser.execute_script(
+                "return document.querySelector('[data-camera=\"cam-1\"] [data-stat=\"ingested\"]').textContent"))
+
+        before = ingested()
+        wait_for(lambda: ingested() > before, 10, "the grid to update without a reload")
 
         # an action without login is refused by the server, and changes nothing
         refused = browser.execute_async_script("""
@@ -303,13 +307,13 @@ def test_the_console_in_a_browser_against_patchcore_up(browser, redis_server, sy
         raised = time.monotonic()
         alarm_id = first[0].decode()
         browser.get(url + "#alarms")
-        item = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, f'.alarm[data-id="{alarm_id}"]'), 10,
-                        "the alarm in the feed")[0]
+        item = f'.alarm[data-id="{alarm_id}"]'  # looked up afresh each time: new alarms re-render the feed
         wait_for(lambda: browser.execute_script(
-            "const i = arguments[0].querySelector('img.overlay'); return i && i.complete && i.naturalWidth > 0;", item),
-            10, "the alarm's overlay")
+            "const i = document.querySelector(arguments[0] + ' img.overlay');"
+            "return i && i.complete && i.naturalWidth > 0;", item), 10, "the alarm with its overlay in the feed")
         assert time.monotonic() - raised < 10
-        assert "cam-1" in item.text and "threshold" in item.text and "bank default v" in item.text
+        text = browser.execute_script("return document.querySelector(arguments[0]).textContent", item)
+        assert "cam-1" in text and "threshold" in text and "bank default v" in text
 
         # log in; acknowledge and dismiss the alarm from the page
         browser.find_element(By.ID, "login-user").send_keys("op")
@@ -319,12 +323,12 @@ def test_the_console_in_a_browser_against_patchcore_up(browser, redis_server, sy
         browser.save_screenshot(str(shots / "console-alarms.png"))
         seq = Alarm.unpack(first[1][b"m"]).seq
         mark = f"cam-1:{seq}"
-        click(browser, f'.alarm[data-id="{alarm_id}"] button.ack', "the acknowledge button")
+        click(browser, f"{item} button.ack", "the acknowledge button")
         ack = wait_for(lambda: client.hget(KEYS.acknowledged, mark), 10, "the acknowledgement in Redis")
         assert json.loads(ack)["by"] == "console:op"
-        wait_for(lambda: "acknowledged by console:op" in browser.find_element(
-            By.CSS_SELECTOR, f'.alarm[data-id="{alarm_id}"]').text, 10, "the acknowledgement on the page")
-        click(browser, f'.alarm[data-id="{alarm_id}"] button.dismiss', "the dismiss button")
+        wait_for(lambda: "acknowledged by console:op" in browser.execute_script(
+            "return document.querySelector(arguments[0]).textContent", item), 10, "the acknowledgement on the page")
+        click(browser, f"{item} button.dismiss", "the dismiss button")
         wait_for(lambda: client.hget(KEYS.dismissed, mark), 10, "the dismissal in Redis")
         queued = client.xrange(KEYS.bank_updates("default"))
         assert [(f[b"camera"], int(f[b"seq"])) for _, f in queued] == [(b"cam-1", seq)]  # as `patchcore alarm dismiss`
