@@ -45,6 +45,10 @@ SECURITY_HEADERS = {
 }
 
 
+class ConsoleError(RuntimeError):
+    pass
+
+
 @dataclass(frozen=True)
 class ConsoleSettings:
     host: str = "127.0.0.1"
@@ -281,7 +285,7 @@ class ConsoleServer:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the console could not start on {self.settings.url}")
+                raise ConsoleError(f"the console could not start on {self.settings.url} (is the port in use?)")
             time.sleep(0.05)
         return self
 

@@ -120,11 +120,14 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         threshold = bank.calibration.threshold if bank.calibration else None
         echo(f"bank {settings.bank_name} v{version}: {len(bank.features)} features, threshold {threshold}")
         if settings.console_port is not None:
-            from console.app import ConsoleServer, ConsoleSettings
+            from console.app import ConsoleError, ConsoleServer, ConsoleSettings
 
             console = ConsoleServer(connect(url), keys, ConsoleSettings(port=settings.console_port,
                                                                         credentials=settings.console_credentials))
-            stack.callback(console.start().stop)
+            try:
+                stack.callback(console.start().stop)
+            except ConsoleError as exc:
+                raise UpError(str(exc)) from None
             echo(f"console at {console.settings.url} ("
                  + ("operators can log in)" if settings.console_credentials else
                     "read-only; set PATCHCORE_CONSOLE_CREDENTIALS to a credentials file for actions)"))
