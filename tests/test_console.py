@@ -137,6 +137,28 @@ def test_actions_need_a_login_and_the_csrf_token_and_refusals_change_nothing(red
         server.stop()
 
 
+def test_patchcore_console_serves_read_only_without_credentials(redis_server):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "patchcore", "console", "--port", str(port), "--redis-url",
+                                redis_server.url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                               env={k: v for k, v in os.environ.items() if k != "PATCHCORE_CONSOLE_CREDENTIALS"})
+    try:
+        assert process.stdout.readline().strip() == f"console at http://127.0.0.1:{port}/ (read-only)"
+        http = Http(f"http://127.0.0.1:{port}")
+        session = wait_for(lambda: _try(lambda: http.call("/api/session")), 30, "the console to answer")
+        assert session == (200, {"user": None, "csrf": session[1]["csrf"], "login": False})
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _try(call):
+    try:
+        return call()
+    except OSError:  # not listening yet
+        return None
+
+
 def test_ingest_keeps_a_preview_of_the_latest_frame_and_status_says_live_then_stopped(redis_server):
     import cv2
     import numpy as np
