@@ -97,7 +97,11 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
                 user = request.session.get("user")
                 if not user:
                     return _json({"error": "log in as an operator first"}, 401)
-                response = await handler(request, user)
+                try:
+                    response = await handler(request, user)
+                except redis.exceptions.NoPermissionError:  # e.g. a console connected as the read-only `viewer` role
+                    response = _json({"error": "the console's Redis user may not do this (connect it as `operator`)"},
+                                     403)
                 log.info("console action", extra={"fields": {"action": name, "user": user,
                                                              "path": request.url.path, "status": response.status_code}})
                 return response
