@@ -27,7 +27,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from contracts.alarmlog import AlarmLogError, LoggedAlarm, acknowledge_alarm, alarm_by_id, recent_alarms
+from contracts.alarmlog import ENTRY_ID, AlarmLogError, LoggedAlarm, acknowledge_alarm, alarm_by_id, recent_alarms
 from contracts.keys import Keys
 from contracts.registry import RegistryError
 from contracts.updates import UpdateError, dismiss_alarm
@@ -141,9 +141,13 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
         return _json({"user": None, "csrf": csrf(request)})
 
     async def events(request: Request) -> Response:
-        async def stream():
+        after = request.query_params.get("after", "")  # the newest alarm the page has: nothing in between is lost
+        if not ENTRY_ID.match(after):
             newest = await run_in_threadpool(recent_alarms, client, keys, 1)
             after = newest[0].id if newest else "0-0"
+
+        async def stream():
+            nonlocal after
             while True:
                 snapshot = await run_in_threadpool(data.snapshot)
                 yield f"event: cameras\ndata: {json.dumps(snapshot)}\n\n"

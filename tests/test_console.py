@@ -159,6 +159,31 @@ def _try(call):
         return None
 
 
+def test_the_event_stream_sends_the_alarms_after_the_newest_one_the_page_has(redis_server):
+    from console.app import ConsoleServer, ConsoleSettings
+
+    client = connect(redis_server.url)
+
+    def alarm(seq: int) -> bytes:
+        return Alarm(camera="c1", line="l", seq=seq, score=2.0, threshold=1.0, bank="b", bank_version=1,
+                     raised_at=time.time(), rule="1-of-1").pack()
+
+    first = client.xadd(KEYS.alarms, {"m": alarm(1)}).decode()  # the page listed this one
+    client.xadd(KEYS.alarms, {"m": alarm(2)})  # and this one came before its event stream opened
+    settings = ConsoleSettings(port=free_port(), interval_s=0.2)
+    server = ConsoleServer(client, KEYS, settings).start()
+    try:
+        with urllib.request.urlopen(f"{settings.url}api/events?after={first}", timeout=10) as response:
+            text = ""
+            while not re.search(r"event: alarms\ndata: .*\n\n", text):
+                text += response.read1(65536).decode()
+        events = dict(re.findall(r"event: (\w+)\ndata: (.*)\n\n", text))
+        assert [a["seq"] for a in json.loads(events["alarms"])] == [2]
+        assert json.loads(events["cameras"])["cameras"] == []
+    finally:
+        server.stop()
+
+
 def test_ingest_keeps_a_preview_of_the_latest_frame_and_status_says_live_then_stopped(redis_server):
     import cv2
     import numpy as np

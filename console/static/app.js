@@ -93,7 +93,8 @@ function renderAll() {
 
 // live updates
 function connect() {
-  const source = new EventSource("/api/events");
+  const newest = state.alarms.keys().next().value;  // loadAlarms keeps the server's order: newest first
+  const source = new EventSource(newest ? `/api/events?after=${encodeURIComponent(newest)}` : "/api/events");
   source.addEventListener("cameras", (event) => onSnapshot(JSON.parse(event.data)));
   source.addEventListener("alarms", (event) => {
     for (const alarm of JSON.parse(event.data)) state.alarms.set(alarm.id, alarm);
