@@ -318,7 +318,10 @@ def test_the_console_in_a_browser_against_patchcore_up(browser, redis_server, sy
                 output.append(lines.get())
             return next((m for line in output if (m := re.search(r"console at (http://\S+)", line))), None)
 
-        url = wait_for(console_line, 180, "`up` to print the console's address").group(1)  # imports torch: slow when busy
+        try:
+            url = wait_for(console_line, 300, "`up` to print the console's address").group(1)  # imports torch: slow
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; `up` printed: {''.join(output)[-3000:]}") from None
         assert url == f"http://127.0.0.1:{port}/"
         client = connect(redis_server.url)
         registry = BankRegistry(client, KEYS, signing_key=key.read_bytes())
