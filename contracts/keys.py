@@ -56,6 +56,9 @@ class Keys:
     def deadletter(self, camera: str) -> str:  # stream: reason, stream, id, worker, at, size, head, payload (id below)
         return self._camera("deadletter", camera)
 
+    def preview(self, camera: str) -> str:  # JPEG of the camera's latest frame (ingest, at most 1/s), with a TTL
+        return self._camera("preview", camera)
+
     def deadletter_payloads(self, camera: str) -> str:  # stream: the original bytes of its newest dead letters (bounded)
         return self._camera("deadletter:payloads", camera)
 
@@ -81,6 +84,10 @@ class Keys:
 
     def alarms(self, camera: str) -> str:  # durable stream of the camera's Alarm messages (contracts.alarmfeed reads all)
         return self._camera("alarms", camera)
+
+    @property
+    def acknowledged(self) -> str:  # hash: "<camera>:<seq>" -> JSON {at, by}: alarms an operator acknowledged
+        return f"{self.prefix}:alarms:acknowledged"
 
     @property
     def alarms_channel(self) -> str:  # Pub/Sub channel of Alarm messages (live, best effort)

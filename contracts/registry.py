@@ -137,6 +137,11 @@ class BankRegistry:
         value = self.client.get(self.keys.bank_active(name))
         return int(value) if value is not None else None
 
+    def rollback_target(self, name: str) -> int | None:
+        """The version `rollback` would re-activate (None: nothing to roll back to)."""
+        value = self.client.lindex(self.keys.bank_history(name), -1)
+        return int(value) if value is not None else None
+
     def activate(self, name: str, version: int) -> None:
         versions_key, active_key = self.keys.bank_versions(name), self.keys.bank_active(name)
         history_key = self.keys.bank_history(name)

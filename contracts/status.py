@@ -40,7 +40,9 @@ def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float 
             "state": stats.get("state", ""),
             "replayed": int(stats.get("replayed", 0)),
             "fault": stats.get("fault", ""),  # an infrastructure fault holding its frames pending (workers set it)
+            "last_ingest_at": float(stats["last_ingest_at"]) if "last_ingest_at" in stats else None,
         })
+        cameras[-1]["liveness"] = liveness(cameras[-1]["state"], cameras[-1]["last_ingest_at"], time.time())
     now = time.time()
     workers = {w.decode(): now - float(t) for w, t in client.hgetall(keys.workers).items()}
     banks = {}
@@ -112,6 +114,18 @@ def prune_dead(client: redis.Redis, prefix: str = "pc", after_s: float = 3600.0)
                 client.hdel(keys.workers, row["name"])
             pruned.append(f"{row['group']}/{row['name']}")
     return pruned
+
+
+def liveness(state: str, last_ingest_at: float | None, now: float, stale_s: float = 10.0) -> str:
+    """A camera in one word: live (frames arriving), reconnecting (its source failed; ingest retries),
+    stopped (its ingest ended), dead (no frame for `stale_s` without a reason: the process is gone)."""
+    if state.startswith(("reconnecting", "source error")):
+        return "reconnecting"
+    if state.startswith("stopped"):
+        return "stopped"
+    if last_ingest_at is None or now - last_ingest_at > stale_s:
+        return "dead"
+    return "live"
 
 
 def redis_faults(client: redis.Redis) -> list[str]:

@@ -40,6 +40,8 @@ class IngestSettings:
     wait_replicas: int = 0
     wait_ms: int = 100
     register_s: float = 5.0  # on a Redis Cluster, how often the camera re-registers in the camera set
+    preview_interval_s: float = 1.0  # the latest frame as a JPEG for the console at most this often (0: never)
+    preview_ttl_s: int = 300
 
 
 @dataclass
@@ -80,6 +82,7 @@ class CameraIngest:
         # the camera set lies in another slot of a cluster: registered apart, every register_s
         self._cluster = is_cluster(client)
         self._registered_at = float("-inf")
+        self._preview_at = float("-inf")
 
     def run(self) -> IngestReport:
         report = IngestReport()
@@ -125,6 +128,7 @@ class CameraIngest:
             report.dropped += dropped
             report.unconfirmed += not confirmed
             report.frames += 1
+            self._preview(image, data)
             seq += 1
         self._set_state(f"stopped: {report.ended or 'stop requested'}")
         self.source.close()
@@ -170,6 +174,21 @@ class CameraIngest:
                 if self.stop.wait(backoff):
                     return 0, False
                 backoff = min(backoff * 2, self.settings.backoff_max_s)
+
+    def _preview(self, image: np.ndarray, data: bytes) -> None:
+        """Best effort: the latest frame as a JPEG under the camera's preview key, at most every preview_interval_s."""
+        now = time.monotonic()
+        if not self.settings.preview_interval_s or now - self._preview_at < self.settings.preview_interval_s:
+            return
+        self._preview_at = now
+        if self.settings.encoding != "jpeg":
+            ok, buffer = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+            data = buffer.tobytes() if ok else b""
+        try:
+            self.client.set(self.keys.preview(self.settings.camera), data, ex=self.settings.preview_ttl_s)
+        except redis.RedisError as exc:  # a preview is not worth a retry; anything but a fault is a bug
+            if redis_fault(exc) is None:
+                raise
 
     def _next_seq(self) -> int:
         last = self.client.hget(self.stats, "last_seq")

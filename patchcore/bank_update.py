@@ -14,6 +14,7 @@ from contracts.messages import Frame, MessageError
 from contracts.registry import BankRegistry
 from contracts.updates import UpdateError, consume, queued_frames
 from scorer import bank_from_bytes, bank_to_bytes, load_image, update_bank
+from scorer.evaluate import bank_summary
 from workers.worker import decode_frame
 
 
@@ -66,7 +67,8 @@ def update_published_bank(client: redis.Redis, keys: Keys, name: str, files: lis
     updated = update_bank(bank, images, weights=weights, device=device, progress=progress)
     new_version = registry.publish(name, bank_to_bytes(updated), {"source": "patchcore bank update",
                                                                   "from_version": version,
-                                                                  "added_images": len(images)}, activate)
+                                                                  "added_images": len(images),
+                                                                  **bank_summary(updated)}, activate)
     consume(client, keys, name, [entry_id for entry_id, _ in queued])
     threshold = lambda b: b.calibration.threshold if b.calibration else None  # noqa: E731
     return UpdateReport(name, version, new_version, activate, len(images), len(updated.features) - len(bank.features),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -709,6 +710,58 @@ def deadletter_purge(ids: Ids = None, camera: CameraFilter = None, all_: All = F
     typer.echo(json.dumps({"purged": letters.purge(_selected(letters, ids, camera, all_))}))
 
 
+console_app = typer.Typer(help="The operator console in the browser: cameras, alarms, banks, dead letters.")
+app.add_typer(console_app, name="console")
+ConsoleCredentials = Annotated[Optional[Path], typer.Option(
+    "--credentials", envvar="PATCHCORE_CONSOLE_CREDENTIALS",
+    help="Operator credentials (`user:hash` lines from `patchcore console hash-password`); without it: read-only.")]
+
+
+def _console_credentials(path: Optional[Path]) -> Optional[dict]:
+    from console.auth import CredentialsError, load_credentials
+
+    try:
+        return load_credentials(path) if path else None
+    except CredentialsError as exc:
+        _fail(str(exc))
+
+
+@console_app.callback(invoke_without_command=True)
+def console_command(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to bind; beyond localhost put it behind a TLS proxy.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8080,
+    credentials: ConsoleCredentials = None,
+    redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
+) -> None:
+    """Serve the console until Ctrl-C: read-only for everyone, actions for logged-in operators."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from contracts.keys import Keys
+    from console.app import ConsoleServer, ConsoleSettings
+
+    settings = ConsoleSettings(host=host, port=port, credentials=_console_credentials(credentials))
+    server = ConsoleServer(_client(redis_url, password_file), Keys(prefix), settings)
+    typer.echo(f"console at {settings.url} ({'operators can log in' if settings.credentials else 'read-only'})")
+    server.run()
+
+
+@console_app.command("hash-password")
+def console_hash_password(
+    user: Annotated[str, typer.Option(help="Operator name.")] = "operator",
+) -> None:
+    """Print a `user:hash` line (scrypt) for the console's credentials file; the password is asked twice, not echoed."""
+    from console.auth import USER, CredentialsError, hash_password
+
+    if not USER.match(user):
+        _fail("an operator name has 1-64 letters, digits or _ . @ -")
+    password = typer.prompt("password", hide_input=True, confirmation_prompt=True, err=True)
+    try:
+        typer.echo(f"{user}:{hash_password(password)}")
+    except CredentialsError as exc:
+        _fail(str(exc))
+
+
 @app.command("up")
 def up_command(
     source: Annotated[str, typer.Option(help="Any ingest source; default: the synthetic production line.")] = "synthetic",
@@ -731,6 +784,8 @@ def up_command(
     bank_name: Annotated[str, typer.Option(help="Registry name the run's bank is published under.")] = "default",
     force: Annotated[bool, typer.Option(help="With --redis-url: publish over (and activate) an existing bank of that name.")] = False,
     signing_key_file: SigningKeyFile = None, metrics_port: MetricsPort = 0,
+    console_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve the operator console on "
+                                                        "127.0.0.1:PORT (actions: $PATCHCORE_CONSOLE_CREDENTIALS).")] = None,
 ) -> None:
     """The whole service in one command: embedded Redis, bank, ingest, worker, store; prints alarms.
 
@@ -755,7 +810,9 @@ def up_command(
                           warmup_frames=warmup_frames, frames=frames, seconds=seconds, fps=fps, max_batch=max_batch,
                           max_wait_ms=max_wait_ms, rule=_rule(k, n, cooldown_s, threshold), device=device,
                           search=_search(search, "auto"), bank_name=bank_name, force=force,
-                          bank_key=_signing_key(signing_key_file), metrics_port=metrics_port)
+                          bank_key=_signing_key(signing_key_file), metrics_port=metrics_port,
+                          console_port=console_port, console_credentials=_console_credentials(
+                              os.environ.get("PATCHCORE_CONSOLE_CREDENTIALS") if console_port else None))
     try:
         summary = run_up(settings, echo=typer.echo, progress=progress)
     except (UpError, OSError) as exc:

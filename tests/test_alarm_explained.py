@@ -37,11 +37,11 @@ def test_an_alarm_on_a_frame_under_the_threshold_names_the_window_that_fired_it(
     thread = threading.Thread(target=store.run, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: client.xlen(KEYS.alarms) == 2, timeout=30)
+        wait_for(lambda: client.xlen(KEYS.alarms("cam-1")) == 2, timeout=30)
     finally:
         stop.set()
         thread.join(timeout=30)
-    first, second = [Alarm.unpack(f[b"m"]) for _, f in client.xrange(KEYS.alarms)]
+    first, second = [Alarm.unpack(f[b"m"]) for _, f in client.xrange(KEYS.alarms("cam-1"))]
     assert (first.seq, first.window_first, first.window_scores, first.over) == (1, 0, (12.5, 13.0), 2)
     assert (first.peak_seq, first.peak_score, first.overlay_seq, first.overlay_jpeg) == (1, 13.0, 1, b"JPEG of seq 1")
 

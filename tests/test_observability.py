@@ -121,10 +121,10 @@ def test_processes_serve_metrics_that_match_redis_and_readiness_follows_the_bank
         assert worker[("patchcore_end_to_end_latency_seconds_count", ())] == frames
         batches = worker[("patchcore_batch_size_count", ())]
         assert 1 <= batches and worker[("patchcore_batch_size_sum", ())] >= frames + 1  # each taken frame, once or more
-        assert worker[("patchcore_deadlettered_total", (("reason", "malformed"),))] == client.xlen(KEYS.deadletter) == 1
+        assert worker[("patchcore_deadlettered_total", (("reason", "malformed"),))] == client.xlen(KEYS.deadletter(camera)) == 1
         assert worker[("patchcore_bank_version", (("bank", "default"),))] == 1
         assert worker[("patchcore_consumer_lag", (("camera", camera),))] == client.xlen(KEYS.frames(camera)) == 0
-        alarms = [Alarm.unpack(f[b"m"]) for _, f in client.xrange(KEYS.alarms)]
+        alarms = [Alarm.unpack(f[b"m"]) for _, f in client.xrange(KEYS.alarms(camera))]
         assert alarms and samples(ports["store"])[("patchcore_alarms_total", (("camera", camera),))] == len(alarms)
     finally:
         for proc in procs:

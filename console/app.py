@@ -1,0 +1,303 @@
+"""The operator console: a Starlette app over the console's reads, live by Server-Sent Events.
+
+Read-only for everyone who can reach it; actions (acknowledge, dismiss, activate, roll back, replay,
+purge) need a logged-in operator (credentials file) and the session's CSRF token in `X-CSRF-Token`.
+The session is a signed cookie (HttpOnly, SameSite=strict). Nothing secret is put in a page or a log.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import redis
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from contracts.alarmlog import ENTRY_ID, AlarmLogError, LoggedAlarm, acknowledge_alarm, alarm_by_id, recent_alarms
+from contracts.keys import Keys
+from contracts.registry import RegistryError
+from contracts.updates import UpdateError, dismiss_alarm
+
+from .auth import Operators
+from .data import ConsoleData
+
+log = logging.getLogger("patchcore.console")
+STATIC = Path(__file__).parent / "static"
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+class ConsoleError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    credentials: dict[str, str] | None = field(default=None, repr=False)  # user -> scrypt hash; None: read-only
+    session_key: bytes | None = field(default=None, repr=False)  # signs session cookies; None: random per process
+    session_max_age_s: int = 8 * 3600
+    interval_s: float = 1.0  # live updates
+    window_s: float = 300.0  # score sparkline span
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+
+def _json(data, status: int = 200) -> JSONResponse:
+    return JSONResponse(data, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def _alarm(logged: LoggedAlarm) -> dict:
+    alarm = logged.alarm
+    return {"id": logged.id, "camera": alarm.camera, "line": alarm.line, "seq": alarm.seq, "score": alarm.score,
+            "threshold": alarm.threshold, "bank": alarm.bank, "bank_version": alarm.bank_version,
+            "raised_at": alarm.raised_at, "rule": alarm.rule, "overlay": alarm.overlay_jpeg is not None,
+            "acknowledged": logged.acknowledged, "dismissed": logged.dismissed}
+
+
+def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettings = ConsoleSettings()) -> Starlette:
+    data = ConsoleData(client, keys, window_s=settings.window_s, interval_s=settings.interval_s)
+    operators = Operators(settings.credentials) if settings.credentials else None
+
+    def csrf(request: Request) -> str:
+        if "csrf" not in request.session:
+            request.session["csrf"] = secrets.token_urlsafe(32)
+        return request.session["csrf"]
+
+    def action(name: str):
+        """An operator action: 403 without the session's CSRF token, 401 without a logged-in operator."""
+        def wrap(handler: Callable[[Request, str], Awaitable[Response]]):
+            async def endpoint(request: Request) -> Response:
+                token = request.headers.get("x-csrf-token", "")
+                expected = request.session.get("csrf")
+                if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+                    return _json({"error": "missing or wrong CSRF token"}, 403)
+                user = request.session.get("user")
+                if not user:
+                    return _json({"error": "log in as an operator first"}, 401)
+                try:
+                    response = await handler(request, user)
+                except redis.exceptions.NoPermissionError:  # e.g. a console connected as the read-only `viewer` role
+                    response = _json({"error": "the console's Redis user may not do this (connect it as `operator`)"},
+                                     403)
+                log.info("console action", extra={"fields": {"action": name, "user": user,
+                                                             "path": request.url.path, "status": response.status_code}})
+                return response
+            return endpoint
+        return wrap
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers=SECURITY_HEADERS)
+
+    async def session(request: Request) -> Response:
+        return _json({"user": request.session.get("user"), "csrf": csrf(request), "login": operators is not None})
+
+    async def login(request: Request) -> Response:
+        token, expected = request.headers.get("x-csrf-token", ""), request.session.get("csrf")
+        if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+            return _json({"error": "missing or wrong CSRF token"}, 403)
+        if operators is None:
+            return _json({"error": "this console is read-only (started without operator credentials)"}, 403)
+        try:
+            body = await request.json()
+            user, password = str(body["user"]), str(body["password"])
+        except (ValueError, KeyError, TypeError):
+            return _json({"error": "user and password expected"}, 400)
+        if not await run_in_threadpool(operators.check, user, password):
+            await asyncio.sleep(0.5)  # slows guessing; the scrypt check costs the rest
+            # a password typed into the user field must not reach the log: only known names are logged
+            log.warning("console login refused", extra={"fields": {"user": user if operators.known(user) else "(unknown)"}})
+            return _json({"error": "wrong user or password"}, 401)
+        request.session.clear()  # a new session (and CSRF token) on login: no fixation
+        request.session.update({"user": user, "csrf": secrets.token_urlsafe(32)})
+        log.info("console login", extra={"fields": {"user": user}})
+        return _json({"user": user, "csrf": request.session["csrf"]})
+
+    @action("logout")
+    async def logout(request: Request, user: str) -> Response:
+        request.session.clear()
+        return _json({"user": None, "csrf": csrf(request)})
+
+    async def events(request: Request) -> Response:
+        after = request.query_params.get("after", "")  # the newest alarm the page has: nothing in between is lost
+        if not ENTRY_ID.match(after):
+            newest = await run_in_threadpool(recent_alarms, client, keys, 1)
+            after = newest[0].id if newest else "0-0-00"
+
+        async def stream():
+            nonlocal after
+            while True:
+                snapshot = await run_in_threadpool(data.snapshot)
+                yield f"event: cameras\ndata: {json.dumps(snapshot)}\n\n"
+                alarms = await run_in_threadpool(recent_alarms, client, keys, 50, after)
+                if alarms:
+                    after = alarms[0].id
+                    yield f"event: alarms\ndata: {json.dumps([_alarm(a) for a in alarms])}\n\n"
+                await asyncio.sleep(settings.interval_s)
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def cameras(request: Request) -> Response:
+        return _json(await run_in_threadpool(data.snapshot))
+
+    async def camera_image(request: Request) -> Response:
+        jpeg = await run_in_threadpool(data.camera_image, request.path_params["camera"])
+        if jpeg is None:
+            return _json({"error": "no picture of this camera"}, 404)
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    async def alarms(request: Request) -> Response:
+        try:
+            count = min(max(int(request.query_params.get("count", 50)), 1), 500)
+        except ValueError:
+            return _json({"error": "count must be an integer"}, 400)
+        return _json([_alarm(a) for a in await run_in_threadpool(recent_alarms, client, keys, count)])
+
+    async def alarm_overlay(request: Request) -> Response:
+        try:
+            logged = await run_in_threadpool(alarm_by_id, client, keys, request.path_params["id"])
+        except AlarmLogError as exc:
+            return _json({"error": str(exc)}, 404)
+        if logged.alarm.overlay_jpeg is None:
+            return _json({"error": "this alarm has no overlay"}, 404)
+        return Response(logged.alarm.overlay_jpeg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @action("acknowledge")
+    async def acknowledge(request: Request, user: str) -> Response:
+        try:
+            logged = await run_in_threadpool(acknowledge_alarm, client, keys, request.path_params["id"], f"console:{user}")
+        except AlarmLogError as exc:
+            return _json({"error": str(exc)}, 404)
+        return _json(_alarm(logged))
+
+    @action("dismiss")
+    async def dismiss(request: Request, user: str) -> Response:
+        try:
+            logged = await run_in_threadpool(alarm_by_id, client, keys, request.path_params["id"])
+            bank = await run_in_threadpool(dismiss_alarm, client, keys, logged.alarm.camera, logged.alarm.seq,
+                                           f"console:{user}")
+            logged = await run_in_threadpool(alarm_by_id, client, keys, logged.id)
+        except AlarmLogError as exc:
+            return _json({"error": str(exc)}, 404)
+        except UpdateError as exc:
+            return _json({"error": str(exc)}, 409)
+        return _json({**_alarm(logged), "queued_for_bank": bank})
+
+    async def banks(request: Request) -> Response:
+        return _json(await run_in_threadpool(data.banks))
+
+    async def bank_change(request: Request, change: Callable[[], int | None]) -> Response:
+        try:
+            await run_in_threadpool(change)
+        except RegistryError as exc:
+            return _json({"error": str(exc)}, 409)
+        name = request.path_params["name"]
+        return _json({"name": name, "active": await run_in_threadpool(data.registry.active, name)})
+
+    @action("activate")
+    async def activate(request: Request, user: str) -> Response:
+        try:
+            version = int((await request.json())["version"])
+        except (ValueError, KeyError, TypeError):
+            return _json({"error": "version (an integer) expected"}, 400)
+        return await bank_change(request, lambda: data.registry.activate(request.path_params["name"], version))
+
+    @action("rollback")
+    async def rollback(request: Request, user: str) -> Response:
+        return await bank_change(request, lambda: data.registry.rollback(request.path_params["name"]))
+
+    async def deadletters(request: Request) -> Response:
+        return _json(await run_in_threadpool(data.deadletter_groups))
+
+    async def reason(request: Request) -> str | None:
+        try:
+            value = (await request.json())["reason"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return value if isinstance(value, str) else None
+
+    @action("replay")
+    async def replay(request: Request, user: str) -> Response:
+        if (why := await reason(request)) is None:
+            return _json({"error": "reason (a string) expected"}, 400)
+        letters = await run_in_threadpool(data.deadletters_with_reason, why)
+        outcome = await run_in_threadpool(data.deadletters.replay, letters)
+        return _json({k: len(v) for k, v in outcome.items()})
+
+    @action("purge")
+    async def purge(request: Request, user: str) -> Response:
+        if (why := await reason(request)) is None:
+            return _json({"error": "reason (a string) expected"}, 400)
+        letters = await run_in_threadpool(data.deadletters_with_reason, why)
+        return _json({"purged": await run_in_threadpool(data.deadletters.purge, letters)})
+
+    routes = [
+        Route("/", index), Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        Route("/api/session", session), Route("/api/login", login, methods=["POST"]),
+        Route("/api/logout", logout, methods=["POST"]), Route("/api/events", events),
+        Route("/api/cameras", cameras), Route("/api/cameras/{camera}/image.jpg", camera_image),
+        Route("/api/alarms", alarms), Route("/api/alarms/{id}/overlay.jpg", alarm_overlay),
+        Route("/api/alarms/{id}/acknowledge", acknowledge, methods=["POST"]),
+        Route("/api/alarms/{id}/dismiss", dismiss, methods=["POST"]),
+        Route("/api/banks", banks), Route("/api/banks/{name}/activate", activate, methods=["POST"]),
+        Route("/api/banks/{name}/rollback", rollback, methods=["POST"]),
+        Route("/api/deadletters", deadletters), Route("/api/deadletters/replay", replay, methods=["POST"]),
+        Route("/api/deadletters/purge", purge, methods=["POST"]),
+    ]
+    middleware = [Middleware(SessionMiddleware, secret_key=(settings.session_key or secrets.token_bytes(32)).hex(),
+                             session_cookie="patchcore_console", max_age=settings.session_max_age_s,
+                             same_site="strict", https_only=False)]
+    return Starlette(routes=routes, middleware=middleware)
+
+
+class ConsoleServer:
+    """uvicorn serving the console, in the calling thread (`run`) or a background thread (`start`/`stop`)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettings = ConsoleSettings()):
+        import uvicorn
+
+        self.settings = settings
+        config = uvicorn.Config(create_app(client, keys, settings), host=settings.host, port=settings.port,
+                                log_level="warning", access_log=False, timeout_graceful_shutdown=2, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        self.server.run()
+
+    def start(self, timeout: float = 10.0) -> "ConsoleServer":
+        self._thread = threading.Thread(target=self.server.run, name="console", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ConsoleError(f"the console could not start on {self.settings.url} (is the port in use?)")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)

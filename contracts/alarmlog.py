@@ -1,0 +1,118 @@
+"""The durable alarm streams as operators see them: recent alarms over every camera, one alarm by its id,
+and the acknowledgements and dismissals recorded against them (by camera and sequence number).
+
+Each camera's alarms are a stream of their own (`Keys.alarms(camera)`, in the camera's hash slot); an
+alarm's id here is `<entry id>-<camera name in hex>`: opaque, URL-safe, and ordered by its entry id
+(the server's clock in ms) first."""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+
+import redis
+
+from .keys import Keys
+from .messages import Alarm, MessageError
+
+ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})-((?:[0-9a-f]{2}){1,128})$")
+
+
+class AlarmLogError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class LoggedAlarm:
+    id: str  # <entry id in the camera's alarm stream>-<camera in hex>
+    alarm: Alarm
+    acknowledged: dict | None = None  # {at, by}
+    dismissed: dict | None = None  # {at, bank, by}
+
+    @property
+    def mark(self) -> str:
+        return f"{self.alarm.camera}:{self.alarm.seq}"
+
+
+def _marks(client: redis.Redis, keys: Keys, alarms: list[tuple[str, Alarm]]) -> list[LoggedAlarm]:
+    if not alarms:
+        return []
+    names = [f"{alarm.camera}:{alarm.seq}" for _, alarm in alarms]
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hmget(keys.acknowledged, names)
+        pipe.hmget(keys.dismissed, names)
+        acks, dismissals = pipe.execute()
+    load = lambda raw: json.loads(raw) if raw else None  # noqa: E731
+    return [LoggedAlarm(entry_id, alarm, load(ack), load(dismissal))
+            for (entry_id, alarm), ack, dismissal in zip(alarms, acks, dismissals)]
+
+
+def alarm_id(camera: str, entry_id: str) -> str:
+    return f"{entry_id}-{camera.encode().hex()}"
+
+
+def parse_id(alarm: str) -> tuple[str, str]:
+    """(camera, entry id) of an alarm id; AlarmLogError when it is not one."""
+    match = ENTRY_ID.match(alarm)
+    if not match:
+        raise AlarmLogError(f"bad alarm id {alarm[:40]!r}: <milliseconds>-<sequence>-<camera in hex> expected")
+    try:
+        camera = bytes.fromhex(match[3]).decode()
+    except UnicodeDecodeError:
+        raise AlarmLogError(f"bad alarm id {alarm[:40]!r}: the camera part is not UTF-8") from None
+    return camera, f"{match[1]}-{match[2]}"
+
+
+def check_id(alarm: str) -> None:
+    parse_id(alarm)
+
+
+def _order(alarm: str) -> tuple[int, int]:
+    milliseconds, sequence, _ = alarm.split("-", 2)
+    return int(milliseconds), int(sequence)
+
+
+def _decode(camera: str, entries) -> list[tuple[str, Alarm]]:
+    out = []
+    for entry_id, fields in entries:
+        try:
+            out.append((alarm_id(camera, entry_id.decode()), Alarm.unpack(fields.get(b"m", b""))))
+        except MessageError:  # a malformed entry (not the store's): skipped, as `patchcore alarms` does
+            continue
+    return out
+
+
+def recent_alarms(client: redis.Redis, keys: Keys, count: int = 50, after: str | None = None) -> list[LoggedAlarm]:
+    """The newest `count` alarms of all cameras, newest first; with `after` (an alarm id), only those whose entry
+    id is above its entry id (one clock on one server; on a cluster, the nodes' clocks)."""
+    cameras = sorted(c.decode() for c in client.smembers(keys.cameras))
+    if after is not None:
+        _, after_entry = parse_id(after)
+    with client.pipeline(transaction=False) as pipe:  # on a cluster: one round trip per node
+        for camera in cameras:
+            if after is not None:
+                pipe.xrange(keys.alarms(camera), min=f"({after_entry}", count=count)
+            else:
+                pipe.xrevrange(keys.alarms(camera), count=count)
+        pages = pipe.execute() if cameras else []
+    found = [item for camera, page in zip(cameras, pages) for item in _decode(camera, page)]
+    found.sort(key=lambda item: _order(item[0]), reverse=True)
+    if after is not None:
+        found = found[-count:]  # the oldest `count` after the cursor: the next call continues from the newest of them
+    return _marks(client, keys, found[:count])
+
+
+def alarm_by_id(client: redis.Redis, keys: Keys, alarm: str) -> LoggedAlarm:
+    camera, entry_id = parse_id(alarm)
+    found = _marks(client, keys, _decode(camera, client.xrange(keys.alarms(camera), entry_id, entry_id)))
+    if not found:
+        raise AlarmLogError(f"no alarm {alarm[:60]}")
+    return found[0]
+
+
+def acknowledge_alarm(client: redis.Redis, keys: Keys, alarm: str, by: str = "operator") -> LoggedAlarm:
+    """Record that an operator has seen the alarm (the first acknowledgement is kept)."""
+    logged = alarm_by_id(client, keys, alarm)
+    client.hsetnx(keys.acknowledged, logged.mark, json.dumps({"at": time.time(), "by": by}))
+    return alarm_by_id(client, keys, alarm)
