@@ -215,6 +215,7 @@ def test_dead_letters_grouped_by_reason_are_replayed_and_purged_from_the_console
 
     client = connect(redis_server.url)
     stream = KEYS.frames("c1")
+    client.sadd(KEYS.cameras, "c1")  # as its ingest would: dead letters are listed per registered camera
     ensure_groups(client, [stream], FRAME_GROUP)
     frame = Frame(camera="c1", line="l", bank="default", seq=0, captured_at=1.0, encoding="raw", shape=(2, 2, 1),
                   data=bytes(4)).pack()
