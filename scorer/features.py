@@ -1,6 +1,9 @@
 """Locally aware patch features (paper section 3.1), computed batched on the model's device."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +25,46 @@ def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     if isinstance(backbone, (MobileNetV2, EfficientNetLite)):
         return [(f"features.{i}", stage) for i, stage in enumerate(backbone.features)]
     raise TypeError(f"no stage list for {type(backbone).__name__}")
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How the backbone runs, not what it computes: a scorer/worker setting, never stored in a bank (banks
+    are built in fp32). `precision` bf16/fp16 runs the backbone under autocast (its tapped maps come back as
+    float32; neighbourhoods, pooling, search and maps stay float32); `channels_last` is the memory layout
+    convolutions run fastest in on GPUs. Default: fp32, contiguous - exactly the bank's own arithmetic."""
+
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+
+
+@lru_cache(maxsize=16)
+def _pool_tables(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """adaptive_avg_pool1d's bins as gather indices [n_out, k] and weights [n_out, k] (1/bin size, 0 = unused)."""
+    starts = [(i * n_in) // n_out for i in range(n_out)]
+    ends = [-(-((i + 1) * n_in) // n_out) for i in range(n_out)]
+    k = max(e - s for s, e in zip(starts, ends))
+    index, weight = torch.zeros(n_out, k, dtype=torch.int64), torch.zeros(n_out, k)
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        index[i, :e - s] = torch.arange(s, e)
+        weight[i, :e - s] = 1.0 / (e - s)
+    return index, weight
+
+
+def adaptive_pool(x: torch.Tensor, n_out: int, exportable: bool = False) -> torch.Tensor:
+    """F.adaptive_avg_pool1d over the last dimension; `exportable`: the same bins as a gather and a weighted sum,
+    which ONNX can express at any sizes (equal to 3e-7)."""
+    if not exportable:
+        return F.adaptive_avg_pool1d(x, n_out)
+    index, weight = _pool_tables(x.shape[-1], n_out)
+    return (x[..., index.to(x.device)] * weight.to(x.device, x.dtype)).sum(-1)
 
 
 class TruncatedBackbone(nn.Module):
@@ -76,18 +119,40 @@ class PatchFeatureExtractor(nn.Module):
         self.pretrain_dim = pretrain_dim
         self.target_dim = target_dim
         self.config = None  # the FeatureConfig it implements, set by scorer.model.build_extractor
+        self.compute = ComputeConfig()
+        self.exportable = False  # ONNX export: pooling as gather + sum (scorer.onnx_export)
+
+    def use(self, compute: ComputeConfig) -> "PatchFeatureExtractor":
+        """Run the backbone with these compute settings from now on (precision, memory layout)."""
+        self.compute = compute
+        self.body.to(memory_format=torch.channels_last if compute.channels_last else torch.contiguous_format)
+        return self
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """images [B, 3, H, W] -> (features [B, h*w, target_dim], (h, w))."""
+        return self.patch_features(images)
+
+    def patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """forward without inference mode (what ONNX export traces)."""
         if self.renormalise:
             images = images * self.scale + self.shift
-        maps = self.body(images)
+        maps = self._backbone(images)
         grid = maps[self.layers[0]].shape[-2:]
         pooled = [self._layer_patches(maps[layer], grid) for layer in self.layers]
         stacked = torch.cat(pooled, dim=2)  # [N, 1, n_layers * pretrain_dim]
-        features = F.adaptive_avg_pool1d(stacked, self.target_dim)
+        features = adaptive_pool(stacked, self.target_dim, self.exportable)
         return features.reshape(images.shape[0], grid[0] * grid[1], self.target_dim), (int(grid[0]), int(grid[1]))
+
+    def _backbone(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        dtype = PRECISIONS[self.compute.precision]
+        if self.compute.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if dtype is None:
+            return self.body(images)
+        with torch.autocast(images.device.type, dtype=dtype):
+            maps = self.body(images)
+        return {name: fmap.float().contiguous() for name, fmap in maps.items()}
 
     def _layer_patches(self, fmap: torch.Tensor, grid: torch.Size) -> torch.Tensor:
         batch, channels, height, width = fmap.shape
@@ -96,4 +161,4 @@ class PatchFeatureExtractor(nn.Module):
         if (height, width) != tuple(grid):
             patches = F.interpolate(patches, size=tuple(grid), mode="bilinear", align_corners=False)
         flat = patches.permute(0, 2, 3, 1).reshape(-1, 1, channels * k * k)
-        return F.adaptive_avg_pool1d(flat, self.pretrain_dim)
+        return adaptive_pool(flat, self.pretrain_dim, self.exportable)
