@@ -268,6 +268,31 @@ def score_command(
         raise typer.Exit(1)
 
 
+@app.command("export")
+def export_command(
+    bank: Annotated[Path, typer.Argument(help="Bank file.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the export into.")],
+    format: Annotated[str, typer.Option(help="onnx: the feature extractor as ONNX; the search runs outside it.")] = "onnx",
+    weights: Weights = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+) -> None:
+    """Export a bank to score without PyTorch: features.onnx, the bank, and patchcore_onnx.py (onnxruntime + numpy)."""
+    from scorer import BankError, BackboneError, load_bank
+
+    if format != "onnx":
+        _fail(f"unknown export format {format!r}; choose onnx")
+    try:
+        from scorer.onnx_export import ExportError, export_onnx
+    except ImportError as exc:
+        _fail(f"{exc}: install the [onnx] extra (pip install 'patchcore-stream[onnx]')")
+    try:
+        settings = export_onnx(load_bank(bank), out, weights, opset)
+    except (BankError, BackboneError, ExportError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"out": str(out), "onnx": settings["onnx"], "opset": opset, "bank_size": settings["bank_size"],
+                           "max_relative_feature_difference": settings["check_max_relative_feature_difference"]}))
+
+
 # ---- streaming service ---------------------------------------------------------------------------
 RedisUrl = Annotated[Optional[str], typer.Option(envvar="REDIS_URL", help="redis:// or rediss:// URL (default: $REDIS_URL).")]
 PasswordFile = Annotated[Optional[Path], typer.Option(envvar="REDIS_PASSWORD_FILE", help="File holding the Redis password (never logged).")]

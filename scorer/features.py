@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,15 +48,15 @@ class ComputeConfig:
 
 @lru_cache(maxsize=16)
 def _pool_tables(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """adaptive_avg_pool1d's bins as gather indices [n_out, k] and weights [n_out, k] (1/bin size, 0 = unused)."""
-    starts = [(i * n_in) // n_out for i in range(n_out)]
-    ends = [-(-((i + 1) * n_in) // n_out) for i in range(n_out)]
-    k = max(e - s for s, e in zip(starts, ends))
-    index, weight = torch.zeros(n_out, k, dtype=torch.int64), torch.zeros(n_out, k)
-    for i, (s, e) in enumerate(zip(starts, ends)):
-        index[i, :e - s] = torch.arange(s, e)
-        weight[i, :e - s] = 1.0 / (e - s)
-    return index, weight
+    """adaptive_avg_pool1d's bins as gather indices [n_out, k] and weights [n_out, k] (1/bin size, 0 = unused).
+    Built in numpy: constants, not traced operations, when an export traces the pooling."""
+    starts = np.arange(n_out) * n_in // n_out
+    ends = -(-(np.arange(n_out) + 1) * n_in // n_out)
+    offsets = np.arange(int((ends - starts).max()))
+    used = offsets[None, :] < (ends - starts)[:, None]
+    index = np.where(used, starts[:, None] + offsets[None, :], 0)
+    weight = np.where(used, 1.0 / (ends - starts)[:, None], 0.0).astype(np.float32)
+    return torch.from_numpy(index.astype(np.int64)), torch.from_numpy(weight)
 
 
 def adaptive_pool(x: torch.Tensor, n_out: int, exportable: bool = False) -> torch.Tensor:
@@ -63,8 +64,9 @@ def adaptive_pool(x: torch.Tensor, n_out: int, exportable: bool = False) -> torc
     which ONNX can express at any sizes (equal to 3e-7)."""
     if not exportable:
         return F.adaptive_avg_pool1d(x, n_out)
-    index, weight = _pool_tables(x.shape[-1], n_out)
-    return (x[..., index.to(x.device)] * weight.to(x.device, x.dtype)).sum(-1)
+    index, weight = _pool_tables(int(x.shape[-1]), n_out)  # int(): constants in a traced graph
+    gathered = torch.index_select(x, x.dim() - 1, index.to(x.device).reshape(-1))
+    return (gathered.reshape(*x.shape[:-1], *index.shape) * weight.to(x.device, x.dtype)).sum(-1)
 
 
 class TruncatedBackbone(nn.Module):
