@@ -12,6 +12,12 @@ workers after `claim_idle_ms` (a counted delivery). A batch whose scoring raises
 anything else is split in halves until the frames that raise alone are found; those are left
 pending, and a frame delivered more than `max_deliveries` times (XPENDING's count: each reclaim,
 including after a worker died on it) is dead-lettered as poison.
+
+Pipelining (`prefetch`, default on): while one batch is scored and its results written (one scoring
+thread), the loop reads the next batch from Redis and decodes it (JPEGs together, on the GPU when the
+worker scores there). At most one batch is in flight; it is finished before held frames are retried,
+streams refreshed or frames reclaimed, and before the worker stops. A frame is still acknowledged only
+by the script that writes its outcome.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import cv2
@@ -33,8 +40,10 @@ from contracts.messages import Frame, MessageError, Result
 from contracts.registry import BankRegistry
 from contracts.streams import (ACK_AND_WRITE, CameraStreams, deliveries, keep_pending, reclaim, redis_fault, serve,
                                stream_name)
-from scorer import BackboneError, ImageDecodeError, decode_image, to_rgb
+from scorer import BackboneError, ImageDecodeError, resolve_device, to_rgb
+from scorer.features import ComputeConfig
 from scorer.imageheader import check_header
+from scorer.preprocess import decode_images
 from scorer.views import patch_canvas
 
 from .banks import BankCache
@@ -60,6 +69,9 @@ class WorkerSettings:
     device: str = "auto"
     index: str = "auto"
     weights: str | None = None
+    precision: str = "fp32"  # the backbone under autocast: bf16 or fp16 (scores move slightly; see ComputeConfig)
+    channels_last: bool = False  # the backbone's memory layout (faster convolutions on GPUs)
+    prefetch: bool = True  # read and decode the next batch while the current one is scored and written
     refresh_s: float = 2.0  # how often to look for new cameras and reclaim pending frames
     bank_key: bytes | None = field(default=None, repr=False)  # load only banks signed with this key (HMAC-SHA256)
 
@@ -92,7 +104,7 @@ class Worker:
         self.keys = keys
         self.stop = stop or threading.Event()
         self.banks = BankCache(BankRegistry(client, keys, signing_key=settings.bank_key), settings.device,
-                               settings.index, settings.weights)
+                               settings.index, settings.weights, ComputeConfig(settings.precision, settings.channels_last))
         self.report = WorkerReport()
         self._ack_and_write = client.register_script(ACK_AND_WRITE)
         self._streams = CameraStreams(client, keys.cameras, keys.frames, FRAME_GROUP, settings.refresh_s)
@@ -103,13 +115,24 @@ class Worker:
         self._retry_s = settings.retry_initial_s
         self._sick = False  # this host cannot score now: take no frames, keep none from other workers
         self._faulted: set[str] = set()  # cameras whose `fault` this worker has set
+        self._decode_device = resolve_device(settings.device)  # JPEGs are decoded where they are scored
+        self._scoring = ThreadPoolExecutor(1, thread_name_prefix="score")  # the batch in flight (prefetch)
+        self._inflight: Future | None = None
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> WorkerReport:
-        serve(self._step, self.stop, log, self.settings.name, on_lost_group=self._lost_group)
+        try:
+            serve(self._step, self.stop, log, self.settings.name, on_lost_group=self._lost_group)
+            self._drain()  # the batch in flight gets its outcomes before the worker stops
+        except redis.RedisError as exc:  # its frames stay pending: another worker reclaims them
+            log.warning("stopped with a batch unwritten", extra={"fields": {"error": str(exc)}})
+        finally:
+            self._scoring.shutdown(wait=True)
         return self.report
 
     def _step(self) -> None:
+        if self._held and time.monotonic() >= self._retry_at:
+            self._drain()  # held frames, streams and reclaims change only while no batch is in flight
         self._maybe_refresh()
         if self._held and time.monotonic() >= self._retry_at:
             retry, self._held, self._sick = self._held, [], False
@@ -119,8 +142,21 @@ class Worker:
             self._retry_s = min(self._retry_s * 2, self.settings.retry_max_s) if self._held else self.settings.retry_initial_s
             self._retry_at = time.monotonic() + self._retry_s
         batch = self._collect()
-        if batch:
+        if not batch:
+            return
+        if not self.settings.prefetch:
             self.process(batch)
+            return
+        decoded = self._prepare_or_hold(batch)  # while the previous batch is scored and written
+        self._drain()
+        if decoded is not None:
+            self._inflight = self._scoring.submit(self._finish, batch, decoded)
+
+    def _drain(self) -> None:
+        """Wait for the batch in flight; its exception (e.g. NOGROUP) is raised here, in the loop."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
 
     def _lost_group(self) -> None:
         """NOGROUP: the stream or its group is gone (data loss); re-create groups, drop what we hold."""
@@ -139,6 +175,7 @@ class Worker:
     def _maybe_refresh(self) -> None:
         if not self._streams.due():
             return
+        self._drain()
         self._streams.refresh()
         self.client.hset(self.keys.workers, self.settings.name, time.time())
         self._keep_held()
@@ -209,21 +246,38 @@ class Worker:
     # ---- one batch ------------------------------------------------------------------------------
     def process(self, batch: list[_Entry]) -> None:
         """Give each frame of the batch its outcome, or hold it (infrastructure) or leave it pending (suspect)."""
+        decoded = self._prepare_or_hold(batch)
+        if decoded is not None:
+            self._finish(batch, decoded)
+
+    def _prepare_or_hold(self, batch: list[_Entry]) -> dict | None:
         self.report.batches += 1
         self.report.frames += len(batch)
+        try:
+            return self._prepare(batch)
+        except redis.RedisError as exc:  # dead-lettering failed: hold the batch (see _finish)
+            self._hold(self._redis_held(batch, exc))
+            return None
+
+    def _finish(self, batch: list[_Entry], decoded: dict) -> None:
         held: list[tuple[_Entry, str, bool]] = []
         try:
-            held = self._outcomes(batch)
+            held = self._outcomes(decoded)
         except redis.RedisError as exc:  # e.g. OOM or READONLY while writing: outcomes already written stay
-            fault = redis_fault(exc)     # written (a retry finds them acknowledged and writes nothing twice)
-            if fault in (None, "nogroup"):
-                raise
-            held = [(entry, f"redis {fault}: {exc}", False) for entry in batch]
+            held = self._redis_held(batch, exc)  # written (a retry finds them acknowledged, writes nothing twice)
         self._hold(held)
 
-    def _outcomes(self, batch: list[_Entry]) -> list[tuple[_Entry, str, bool]]:
-        """Write results and dead letters; returns the frames to hold, why, and whether this host is the cause."""
-        decoded: dict[str, list[tuple[_Entry, Frame, np.ndarray, float]]] = {}
+    @staticmethod
+    def _redis_held(batch: list[_Entry], exc: redis.RedisError) -> list[tuple[_Entry, str, bool]]:
+        fault = redis_fault(exc)
+        if fault in (None, "nogroup"):
+            raise exc
+        return [(entry, f"redis {fault}: {exc}", False) for entry in batch]
+
+    def _prepare(self, batch: list[_Entry]) -> dict[str, list[tuple[_Entry, Frame, np.ndarray, float]]]:
+        """Unpack, check and decode the frames (JPEGs together); dead-letter those that cannot be accepted.
+        Returns the decoded frames by bank name, each with its decoding time in ms."""
+        frames: list[tuple[_Entry, Frame, float]] = []
         for entry in batch:
             if entry.deliveries > self.settings.max_deliveries:
                 self._deadletter(entry, f"poison: delivered {entry.deliveries} times without an outcome "
@@ -234,11 +288,23 @@ class Worker:
                 frame = Frame.unpack(entry.raw, self.settings.max_frame_bytes)
                 if self.keys.frames(frame.camera) != entry.stream:
                     raise MessageError(f"frame of camera {frame.camera!r} arrived on {entry.stream}")
-                image = self._decode(frame)
-            except (MessageError, ImageDecodeError) as exc:
+            except MessageError as exc:
                 self._deadletter(entry, str(exc))
                 continue
-            decoded.setdefault(frame.bank, []).append((entry, frame, image, (time.perf_counter() - started) * 1000))
+            frames.append((entry, frame, (time.perf_counter() - started) * 1000))
+        started = time.perf_counter()
+        images = decode_frames([frame for _, frame, _ in frames], self.settings.max_pixels, self._decode_device)
+        share_ms = (time.perf_counter() - started) * 1000 / max(1, len(frames))
+        decoded: dict[str, list[tuple[_Entry, Frame, np.ndarray, float]]] = {}
+        for (entry, frame, unpack_ms), image in zip(frames, images):
+            if isinstance(image, ImageDecodeError):
+                self._deadletter(entry, str(image))
+                continue
+            decoded.setdefault(frame.bank, []).append((entry, frame, image, unpack_ms + share_ms))
+        return decoded
+
+    def _outcomes(self, decoded: dict) -> list[tuple[_Entry, str, bool]]:
+        """Score and write results; returns the frames to hold, why, and whether this host is the cause."""
         held = []
         for bank_name, items in decoded.items():
             active = self.banks.get(bank_name)
@@ -309,9 +375,6 @@ class Worker:
         except redis.RedisError:  # the fault may be Redis itself (OOM, READONLY): status shows that from INFO
             pass
 
-    def _decode(self, frame: Frame) -> np.ndarray:
-        return decode_frame(frame, self.settings.max_pixels)
-
     def _write_results(self, active, items, result, score_ms: float) -> None:
         scorer = active.scorer
         threshold = scorer.threshold
@@ -327,6 +390,8 @@ class Worker:
                 overlay_key = None
                 if anomalous:
                     overlay_key = self.keys.overlay(frame.camera, frame.seq)
+                    if isinstance(image, torch.Tensor):  # decoded on the GPU
+                        image = image.cpu().numpy()
                     jpeg = cv2.imencode(".jpg", scorer.overlay(image, maps[i], score),
                                         [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
                     pipe.set(overlay_key, jpeg, ex=self.settings.overlay_ttl_s)
@@ -363,17 +428,36 @@ class Worker:
 def decode_frame(frame: Frame, max_pixels: int = WorkerSettings.max_pixels) -> np.ndarray:
     """A frame's pixels as RGB; its size is checked against `max_pixels` and, for JPEG/PNG/BMP
     bytes, the header's size against the frame's shape before any decoder allocates pixels."""
-    height, width, _ = frame.shape
-    if height * width > max_pixels:
-        raise ImageDecodeError(f"frame of {height}x{width} pixels, over the {max_pixels}-pixel limit")
-    if frame.encoding == "jpeg":
-        check_header(frame.data, height, width, max_pixels)
-        image = decode_image(frame.data)
-        if image.shape[:2] != (height, width):
-            raise ImageDecodeError(f"decoded {image.shape[:2]}, message says {(height, width)}")
-        return image
-    array = np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape)
-    return to_rgb(array, "bgr")
+    image = decode_frames([frame], max_pixels)[0]
+    if isinstance(image, ImageDecodeError):
+        raise image
+    return image
+
+
+def decode_frames(frames: list[Frame], max_pixels: int = WorkerSettings.max_pixels,
+                  device: torch.device | str = "cpu") -> list[np.ndarray | torch.Tensor | ImageDecodeError]:
+    """decode_frame for a batch: the encoded frames are decoded together (on `device` when it is CUDA,
+    scorer.preprocess.decode_images); a frame that fails gets its ImageDecodeError in its place."""
+    out: list = [None] * len(frames)
+    encoded = []
+    for i, frame in enumerate(frames):
+        height, width, _ = frame.shape
+        try:
+            if height * width > max_pixels:
+                raise ImageDecodeError(f"frame of {height}x{width} pixels, over the {max_pixels}-pixel limit")
+            if frame.encoding == "jpeg":
+                check_header(frame.data, height, width, max_pixels)
+                encoded.append(i)
+            else:
+                out[i] = to_rgb(np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape), "bgr")
+        except ImageDecodeError as exc:
+            out[i] = exc
+    for i, image in zip(encoded, decode_images([frames[i].data for i in encoded], device)):
+        height, width, _ = frames[i].shape
+        if not isinstance(image, ImageDecodeError) and tuple(image.shape[:2]) != (height, width):
+            image = ImageDecodeError(f"decoded {tuple(image.shape[:2])}, message says {(height, width)}")
+        out[i] = image
+    return out
 
 
 def _host_fault(exc: BaseException) -> bool:
