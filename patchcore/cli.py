@@ -440,6 +440,8 @@ def worker_command(
     max_pixels: Annotated[int, typer.Option(help="Dead-letter frames larger than this many pixels (checked in the image header, before decoding).")] = 7680 * 4320,
     max_deliveries: Annotated[int, typer.Option(help="Dead-letter a frame as poison once delivered more often than this.")] = 5,
     device: Device = "auto", index: Index = "auto", weights: Weights = None,
+    precision: Annotated[str, typer.Option(help="Backbone arithmetic: fp32, or bf16/fp16 autocast (GPUs; scores move slightly).")] = "fp32",
+    channels_last: Annotated[bool, typer.Option(help="Backbone in channels_last memory layout (faster convolutions on GPUs).")] = False,
     signing_key_file: SigningKeyFile = None,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
@@ -447,12 +449,15 @@ def worker_command(
 
     With a signing key, only banks signed with it are loaded; without one, any bank that matches its sha256."""
     from contracts.keys import Keys
+    from scorer.features import PRECISIONS
     from workers.worker import Worker, WorkerSettings
 
+    if precision not in PRECISIONS:
+        _fail(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     settings = WorkerSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms,
                               max_frame_bytes=max_frame_bytes, result_maps=result_maps, max_pixels=max_pixels,
                               max_deliveries=max_deliveries, device=device, index=index, weights=weights,
-                              bank_key=_signing_key(signing_key_file))
+                              precision=precision, channels_last=channels_last, bank_key=_signing_key(signing_key_file))
     if name:
         from dataclasses import replace
 
