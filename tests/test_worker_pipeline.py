@@ -16,7 +16,7 @@ def test_the_next_batch_is_read_and_decoded_while_one_is_scored(redis_server, sy
     stop = threading.Event()
     # refresh_s: no refresh (a drain point) falls between the two batches this test watches
     worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, max_wait_ms=10,
-                                                              refresh_s=60), KEYS, stop)
+                                                              refresh_s=60, prefetch=True), KEYS, stop)
     gate, scoring = threading.Event(), threading.Event()
     prepared: list[int] = []
     outcomes, prepare = worker._outcomes, worker._prepare
@@ -56,7 +56,7 @@ def test_stopping_finishes_the_batch_in_flight(redis_server, synthetic_bank_byte
     publish(client, synthetic_bank_bytes)
     ingest(redis_server.url, 8)
     stop = threading.Event()
-    worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, refresh_s=60),
+    worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, refresh_s=60, prefetch=True),
                     KEYS, stop)
     outcomes = worker._outcomes
 

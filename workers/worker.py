@@ -13,7 +13,7 @@ anything else is split in halves until the frames that raise alone are found; th
 pending, and a frame delivered more than `max_deliveries` times (XPENDING's count: each reclaim,
 including after a worker died on it) is dead-lettered as poison.
 
-Pipelining (`prefetch`, default on): while one batch is scored and its results written (one scoring
+Pipelining (`prefetch`, opt-in): while one batch is scored and its results written (one scoring
 thread), the loop reads the next batch from Redis and decodes it (JPEGs together, on the GPU when the
 worker scores there). At most one batch is in flight; it is finished before held frames are retried,
 streams refreshed or frames reclaimed, and before the worker stops. A frame is still acknowledged only
@@ -71,7 +71,10 @@ class WorkerSettings:
     weights: str | None = None
     precision: str = "fp32"  # the backbone under autocast: bf16 or fp16 (scores move slightly; see ComputeConfig)
     channels_last: bool = False  # the backbone's memory layout (faster convolutions on GPUs)
-    prefetch: bool = True  # read and decode the next batch while the current one is scored and written
+    # read and decode the next batch while the current one is scored and written. Off by default: while a batch
+    # in flight is being held (infrastructure fault), the prefetched one is already taken, which breaks the
+    # "one batch per camera while holding" and "a sick host takes no frames" promises (tests/test_poison.py)
+    prefetch: bool = False
     refresh_s: float = 2.0  # how often to look for new cameras and reclaim pending frames
     bank_key: bytes | None = field(default=None, repr=False)  # load only banks signed with this key (HMAC-SHA256)
 
