@@ -290,6 +290,31 @@ def score_command(
         raise typer.Exit(1)
 
 
+@app.command("export")
+def export_command(
+    bank: Annotated[Path, typer.Argument(help="Bank file.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the export into.")],
+    format: Annotated[str, typer.Option(help="onnx: the feature extractor as ONNX; the search runs outside it.")] = "onnx",
+    weights: Weights = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+) -> None:
+    """Export a bank to score without PyTorch: features.onnx, the bank, and patchcore_onnx.py (onnxruntime + numpy)."""
+    from scorer import BankError, BackboneError, load_bank
+
+    if format != "onnx":
+        _fail(f"unknown export format {format!r}; choose onnx")
+    try:
+        from scorer.onnx_export import ExportError, export_onnx
+    except ImportError as exc:
+        _fail(f"{exc}: install the [onnx] extra (pip install 'patchcore-stream[onnx]')")
+    try:
+        settings = export_onnx(load_bank(bank), out, weights, opset)
+    except (BankError, BackboneError, ExportError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"out": str(out), "onnx": settings["onnx"], "opset": opset, "bank_size": settings["bank_size"],
+                           "max_relative_feature_difference": settings["check_max_relative_feature_difference"]}))
+
+
 # ---- streaming service ---------------------------------------------------------------------------
 RedisUrl = Annotated[Optional[str], typer.Option(envvar="REDIS_URL", help="redis:// or rediss:// URL (default: $REDIS_URL).")]
 PasswordFile = Annotated[Optional[Path], typer.Option(envvar="REDIS_PASSWORD_FILE", help="File holding the Redis password (never logged).")]
@@ -457,6 +482,8 @@ def worker_command(
     max_pixels: Annotated[int, typer.Option(help="Dead-letter frames larger than this many pixels (checked in the image header, before decoding).")] = 7680 * 4320,
     max_deliveries: Annotated[int, typer.Option(help="Dead-letter a frame as poison once delivered more often than this.")] = 5,
     device: Device = "auto", index: Index = "auto", search: Search = None, weights: Weights = None,
+    precision: Annotated[str, typer.Option(help="Backbone arithmetic: fp32, or bf16/fp16 autocast (GPUs; scores move slightly).")] = "fp32",
+    channels_last: Annotated[bool, typer.Option(help="Backbone in channels_last memory layout (faster convolutions on GPUs).")] = False,
     signing_key_file: SigningKeyFile = None, metrics_port: MetricsPort = 0,
     wait_replicas: WaitReplicas = 0, wait_ms: WaitMs = 100,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
@@ -465,13 +492,16 @@ def worker_command(
 
     With a signing key, only banks signed with it are loaded; without one, any bank that matches its sha256."""
     from contracts.keys import Keys
+    from scorer.features import PRECISIONS
     from workers.worker import Worker, WorkerSettings
 
+    if precision not in PRECISIONS:
+        _fail(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     settings = WorkerSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms,
                               max_frame_bytes=max_frame_bytes, result_maps=result_maps, max_pixels=max_pixels,
                               max_deliveries=max_deliveries, device=device, index=index, search=_search(search, index),
-                              weights=weights, bank_key=_signing_key(signing_key_file), wait_replicas=wait_replicas,
-                              wait_ms=wait_ms)
+                              weights=weights, precision=precision, channels_last=channels_last,
+                              bank_key=_signing_key(signing_key_file), wait_replicas=wait_replicas, wait_ms=wait_ms)
     if name:
         from dataclasses import replace
 

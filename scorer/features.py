@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,24 @@ def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     if isinstance(backbone, (MobileNetV2, EfficientNetLite)):
         return [(f"features.{i}", stage) for i, stage in enumerate(backbone.features)]
     raise TypeError(f"no stage list for {type(backbone).__name__}")
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How the backbone runs, not what it computes: a scorer/worker setting, never stored in a bank (banks
+    are built in fp32). `precision` bf16/fp16 runs the backbone under autocast (its tapped maps come back as
+    float32; neighbourhoods, pooling, search and maps stay float32); `channels_last` is the memory layout
+    convolutions run fastest in on GPUs. Default: fp32, contiguous - exactly the bank's own arithmetic."""
+
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
 
 
 class TruncatedBackbone(nn.Module):
@@ -83,13 +102,24 @@ class PatchFeatureExtractor(nn.Module):
         self.target_dim = target_dim
         self.config = None  # the FeatureConfig it implements, set by scorer.model.build_extractor
         self._pooling: dict = {}  # (layer, channels, device) -> (first, last output column, conv weight)
+        self.compute = ComputeConfig()
+
+    def use(self, compute: ComputeConfig) -> "PatchFeatureExtractor":
+        """Run the backbone with these compute settings from now on (precision, memory layout)."""
+        self.compute = compute
+        self.body.to(memory_format=torch.channels_last if compute.channels_last else torch.contiguous_format)
+        return self
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """images [B, 3, H, W] -> (features [B, h*w, target_dim], (h, w))."""
+        return self.patch_features(images)
+
+    def patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """forward without inference mode (what ONNX export traces: convolutions, resizes, pads and sums)."""
         if self.renormalise:
             images = images * self.scale + self.shift
-        maps = self.body(images)
+        maps = self._backbone(images)
         grid = tuple(maps[self.layers[0]].shape[-2:])
         out = None
         for position, layer in enumerate(self.layers):
@@ -98,11 +128,20 @@ class PatchFeatureExtractor(nn.Module):
             part = F.conv2d(fmap, weight.to(fmap.dtype), padding=(self.patch_size - 1) // 2)
             if tuple(part.shape[-2:]) != grid:
                 part = F.interpolate(part, size=grid, mode="bilinear", align_corners=False)
-            if out is None:
-                out = part.new_zeros((part.shape[0], self.target_dim, *grid))
-            out[:, first:last] += part
+            part = F.pad(part, (0, 0, 0, 0, first, self.target_dim - last))  # its columns of the final vector
+            out = part if out is None else out + part
         features = out.permute(0, 2, 3, 1).reshape(images.shape[0], grid[0] * grid[1], self.target_dim)
         return features, (int(grid[0]), int(grid[1]))
+
+    def _backbone(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        dtype = PRECISIONS[self.compute.precision]
+        if self.compute.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if dtype is None:
+            return self.body(images)
+        with torch.autocast(images.device.type, dtype=dtype):
+            maps = self.body(images)
+        return {name: fmap.float().contiguous() for name, fmap in maps.items()}
 
     def _pooling_conv(self, position: int, fmap: torch.Tensor) -> tuple[int, int, torch.Tensor]:
         """The convolution that gives this layer's share of the final vector: its output columns [first, last)."""

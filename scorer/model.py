@@ -22,10 +22,10 @@ from .bank import BankError, Calibration, MemoryBank
 from .calibration import fold_ids, threshold_for_rate
 from .config import BuildConfig, CoresetConfig, FeatureConfig
 from .coreset import coreset_size, extend_coreset, random_projection, select_coreset
-from .features import PatchFeatureExtractor
+from .features import ComputeConfig, PatchFeatureExtractor
 from .index import SearchConfig, make_index
 from .overlay import heatmap_overlay
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb, upload
 from .scoring import reweight, smooth
 from .views import Layout, ViewConfig, ViewError, layout, shape_groups, stitch, valid_patches, windows, inspected_box
 
@@ -38,16 +38,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def build_extractor(config: FeatureConfig, weights: str | Path | None = None,
-                    device: torch.device | str = "cpu") -> tuple[PatchFeatureExtractor, FeatureConfig]:
-    """The extractor a config describes, and the config completed with default taps and weights hash."""
+def build_extractor(config: FeatureConfig, weights: str | Path | None = None, device: torch.device | str = "cpu",
+                    compute: ComputeConfig = ComputeConfig()) -> tuple[PatchFeatureExtractor, FeatureConfig]:
+    """The extractor a config describes (run with `compute`), and the config completed with default taps and
+    weights hash."""
     backbone, weights_sha = load_backbone(config.backbone, weights)
     spec = BACKBONES[config.backbone]
     layers = config.layers or spec.default_layers
     extractor = PatchFeatureExtractor(backbone, layers, config.patch_size, config.pretrain_dim, config.target_dim,
                                       spec.mean, spec.std)
     extractor.config = replace(config, layers=tuple(layers), weights_sha256=weights_sha)
-    return extractor.to(device), extractor.config
+    return extractor.to(device).use(compute), extractor.config
 
 
 def iter_image_batches(sources: Sequence[Image], batch_size: int) -> Iterator[list[np.ndarray]]:
@@ -80,7 +81,8 @@ class PatchCoreScorer:
     def __init__(self, bank: MemoryBank, device: str | torch.device = "auto", index: str = "auto",
                  weights: str | Path | None = None, extractor: PatchFeatureExtractor | None = None,
                  reweight_neighbours: int | None = None, view: ViewConfig | None = None,
-                 search: SearchConfig | str = SearchConfig()):
+                 search: SearchConfig | str = SearchConfig(), compute: ComputeConfig | None = None):
+        """compute: the backbone's precision and layout (default fp32); with `extractor`, that extractor's own."""
         self.bank = bank
         self.device = resolve_device(device)
         self.config = bank.feature_config
@@ -88,7 +90,10 @@ class PatchCoreScorer:
             raise BankError("bank does not match this view: " + "; ".join(bank.view.differences(view)))
         self.view = bank.view
         if extractor is None:
-            extractor, _ = build_extractor(replace(self.config, weights_sha256=""), weights, self.device)
+            extractor, _ = build_extractor(replace(self.config, weights_sha256=""), weights, self.device,
+                                           compute or ComputeConfig())
+        elif compute is not None and compute != extractor.compute:
+            raise ValueError(f"extractor runs with {extractor.compute}, not {compute}")
         differences = self.config.differences(extractor.config)
         if differences:
             raise BankError("bank does not match this backbone/config: " + "; ".join(differences))
@@ -139,7 +144,7 @@ class PatchCoreScorer:
         return ScoreResult(scores, heat if maps else None, patches, layouts)
 
     def _score_group(self, images: list[np.ndarray], lay: Layout) -> tuple[np.ndarray, torch.Tensor]:
-        batch = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2)
+        batch = upload(images, self.device)
         inputs = windows(batch, self.view, lay, IMAGENET_MEAN, IMAGENET_STD)  # [B * T, 3, h, w], frame-major
         n_windows = len(lay.origins)
         grids, best, anchor, best_feature, grid = [], [], [], [], (0, 0)
@@ -262,7 +267,7 @@ def extract_patches(extractor: PatchFeatureExtractor, sources: Sequence[Image], 
             out: list = [None] * len(images)
             for (height, width, *_), rows in shape_groups(images).items():
                 lay = layout(view, height, width)
-                batch = torch.from_numpy(np.stack([images[i] for i in rows])).to(device).permute(0, 3, 1, 2)
+                batch = upload([images[i] for i in rows], device)
                 inputs = windows(batch, view, lay, IMAGENET_MEAN, IMAGENET_STD)
                 chunks = [extractor(inputs[b:b + PatchCoreScorer.max_windows_per_pass])
                           for b in range(0, len(inputs), PatchCoreScorer.max_windows_per_pass)]

