@@ -296,7 +296,7 @@ def report(args: argparse.Namespace, soak: Soak, counts: dict) -> dict:
     for row in soak.samples:
         print(f"{row['t']:6d} " + " ".join(f"{str(row.get(s) or '-') + ('*' if s in row['replaced'] else ''):>9s}"
                                            for s in slots))
-    out = {"settings": vars(args), "cameras": cams, "total": total, "alarms": counts["alarms"],
+    out = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "cameras": cams, "total": total, "alarms": counts["alarms"],
            "duplicate_alarms": counts["duplicate_alarms"], "garbage_sent_by_kind": counts["garbage_sent_by_kind"],
            "deadletter_reasons": {f"{s} | {r}": n for (s, r), n in counts["deadletter_reasons"].items()},
            "events": soak.events, "memory_mb": soak.samples, "redis_used_memory_mb": counts["redis_used_memory_mb"]}

@@ -148,12 +148,16 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
 
         async def stream():
             nonlocal after
+            seen: dict[str, None] = {after: None}  # ids sent (the lookback of recent_alarms returns them again)
             while True:
                 snapshot = await run_in_threadpool(data.snapshot)
                 yield f"event: cameras\ndata: {json.dumps(snapshot)}\n\n"
-                alarms = await run_in_threadpool(recent_alarms, client, keys, 50, after)
+                alarms = [a for a in await run_in_threadpool(recent_alarms, client, keys, 50, after) if a.id not in seen]
                 if alarms:
-                    after = alarms[0].id
+                    seen.update(dict.fromkeys(a.id for a in alarms))
+                    for old in list(seen)[:-1000]:  # bounded: the lookback covers a few seconds of alarms
+                        del seen[old]
+                    after = max(seen, key=lambda alarm: tuple(map(int, alarm.split("-", 2)[:2])))
                     yield f"event: alarms\ndata: {json.dumps([_alarm(a) for a in alarms])}\n\n"
                 await asyncio.sleep(settings.interval_s)
         return StreamingResponse(stream(), media_type="text/event-stream",

@@ -74,7 +74,7 @@ class ConsoleData:
             return snapshot
 
     def _read_snapshot(self) -> dict:
-        status = collect_status(self.client, self.keys.prefix)
+        status = collect_status(self.client, self.keys.prefix, reasons=False)  # dead letters: their own tab
         for camera in status["cameras"]:
             name = camera["camera"]
             latest = _text(self.client.hgetall(self.keys.latest(name)))

@@ -16,6 +16,7 @@ import redis
 from .keys import Keys
 from .messages import Alarm, MessageError
 
+LOOKBACK_MS = 5000  # `after` on other cameras' streams: their ids come from independent counters (and clocks)
 ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})-((?:[0-9a-f]{2}){1,128})$")
 
 
@@ -84,15 +85,20 @@ def _decode(camera: str, entries) -> list[tuple[str, Alarm]]:
 
 
 def recent_alarms(client: redis.Redis, keys: Keys, count: int = 50, after: str | None = None) -> list[LoggedAlarm]:
-    """The newest `count` alarms of all cameras, newest first; with `after` (an alarm id), only those whose entry
-    id is above its entry id (one clock on one server; on a cluster, the nodes' clocks)."""
+    """The newest `count` alarms of all cameras, newest first. With `after` (an alarm id): on its camera's stream
+    those after it; on the other cameras' streams those from LOOKBACK_MS before it on (entry ids of different
+    streams come from independent counters, and on a cluster from different clocks: an alarm written in the
+    same millisecond, or by a node whose clock is behind, is not skipped). A caller that polls with `after`
+    drops the alarms it has already seen (the console's event stream does)."""
     cameras = sorted(c.decode() for c in client.smembers(keys.cameras))
     if after is not None:
-        _, after_entry = parse_id(after)
+        after_camera, after_entry = parse_id(after)
+        since = f"{max(0, _order(after)[0] - LOOKBACK_MS)}-0"
     with client.pipeline(transaction=False) as pipe:  # on a cluster: one round trip per node
         for camera in cameras:
             if after is not None:
-                pipe.xrange(keys.alarms(camera), min=f"({after_entry}", count=count)
+                pipe.xrange(keys.alarms(camera), min=f"({after_entry}" if camera == after_camera else since,
+                            count=count)
             else:
                 pipe.xrevrange(keys.alarms(camera), count=count)
         pages = pipe.execute() if cameras else []

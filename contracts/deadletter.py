@@ -56,6 +56,10 @@ return 1
 """
 
 
+class DeadLetterError(ValueError):
+    """A selection of dead letters that cannot be made as asked."""
+
+
 @dataclass(frozen=True)
 class DeadLetterSettings:
     maxlen: int = 10_000  # dead-letter entries per camera (reason and origin, without the frame), approximate
@@ -121,7 +125,14 @@ class DeadLetters:
     def select(self, ids: list[str], camera: str | None = None) -> list[DeadLetter]:
         """The dead letters with these ids (all of `camera`'s, or all, when `ids` is empty)."""
         letters, wanted = self.list(camera), set(ids)
-        return [letter for letter in letters if letter.id in wanted] if ids else letters
+        if not ids:
+            return letters
+        found = [letter for letter in letters if letter.id in wanted]
+        # ids are entry ids of each camera's own stream: two cameras can hold the same one
+        clashes = sorted({letter.id for letter in found if sum(other.id == letter.id for other in found) > 1})
+        if clashes:
+            raise DeadLetterError(f"dead letters {', '.join(clashes[:5])} exist on several cameras: name the camera")
+        return found
 
     def payload(self, letter: DeadLetter) -> bytes | None:
         if letter.payload_id is None:

@@ -10,11 +10,15 @@ from .connection import is_cluster
 from .deadletter import DeadLetters
 from .keys import FRAME_GROUP, STORE_GROUP, Keys
 from .metrics import consumer_lag, reason_kind
+from .streams import REDIS_ERRORS
 
 DEAD_AFTER_S = 120.0  # a consumer idle this long (and without a fresh heartbeat) is marked dead
 
 
-def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float = DEAD_AFTER_S) -> dict:
+def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float = DEAD_AFTER_S,
+                   reasons: bool = True) -> dict:
+    """Cameras, workers, banks, dead letters, consumers and server faults. `reasons`: count the dead letters by
+    kind of reason (reads every dead letter: off for a caller that polls, e.g. the console every second)."""
     keys = Keys(prefix)
     names = sorted(c.decode() for c in client.smembers(keys.cameras))
     lags = consumer_lag(client, {camera: keys.frames(camera) for camera in names}, FRAME_GROUP)
@@ -51,7 +55,8 @@ def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float 
         banks[name] = int(active) if active is not None else None
     deadletter = sum(int(client.xlen(keys.deadletter(c["camera"]))) for c in cameras)
     return {"cameras": cameras, "workers": workers, "banks": banks, "deadletter": deadletter,
-            "deadletter_reasons": dict(Counter(reason_kind(letter.reason) for letter in DeadLetters(client, keys).list())),
+            "deadletter_reasons": dict(Counter(reason_kind(letter.reason) for letter in DeadLetters(client, keys).list()))
+            if reasons else None,
             "consumers": consumers(client, keys, names, dead_after_s), "redis_faults": redis_faults(client)}
 
 
@@ -135,7 +140,7 @@ def redis_faults(client: redis.Redis) -> list[str]:
         try:
             state = client.cluster_info()
             masters = client.get_primaries()
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             return [f"unknown ({exc})"]
         faults = [] if state.get("cluster_state") == "ok" else [f"cluster state {state.get('cluster_state')}"]
         for node in masters:

@@ -186,7 +186,7 @@ class CameraIngest:
             data = buffer.tobytes() if ok else b""
         try:
             self.client.set(self.keys.preview(self.settings.camera), data, ex=self.settings.preview_ttl_s)
-        except redis.RedisError as exc:  # a preview is not worth a retry; anything but a fault is a bug
+        except REDIS_ERRORS as exc:  # a preview is not worth a retry; anything but a fault is a bug
             if redis_fault(exc) is None:
                 raise
 

@@ -707,7 +707,12 @@ def _deadletters(redis_url, password_file, prefix):
 def _selected(letters, ids, camera, all_):
     if not ids and not all_:
         _fail("name dead-letter ids, or --all (with --camera to limit it)")
-    return letters.select(ids or [], camera)
+    from contracts.deadletter import DeadLetterError
+
+    try:
+        return letters.select(ids or [], camera)
+    except DeadLetterError as exc:
+        _fail(str(exc))
 
 
 @deadletter_app.command("list")
@@ -740,7 +745,7 @@ def deadletter_purge(ids: Ids = None, camera: CameraFilter = None, all_: All = F
     typer.echo(json.dumps({"purged": letters.purge(_selected(letters, ids, camera, all_))}))
 
 
-console_app = typer.Typer(help="The operator console in the browser: cameras, alarms, banks, dead letters.")
+console_app = Typer(help="The operator console in the browser: cameras, alarms, banks, dead letters.")
 app.add_typer(console_app, name="console")
 ConsoleCredentials = Annotated[Optional[Path], typer.Option(
     "--credentials", envvar="PATCHCORE_CONSOLE_CREDENTIALS",

@@ -145,9 +145,9 @@ class PatchFeatureExtractor(nn.Module):
 
     def _pooling_conv(self, position: int, fmap: torch.Tensor) -> tuple[int, int, torch.Tensor]:
         """The convolution that gives this layer's share of the final vector: its output columns [first, last)."""
-        key = (position, fmap.shape[1], fmap.device)
+        channels, k = int(fmap.shape[1]), self.patch_size  # int(): a traced size (ONNX export) is a tensor
+        key = (position, channels, fmap.device)
         if key not in self._pooling:
-            channels, k = fmap.shape[1], self.patch_size
             weights = pooling_weights(channels * k * k, len(self.layers), position, self.pretrain_dim, self.target_dim)
             fed = torch.nonzero(weights.abs().sum(0))[:, 0]
             first, last = int(fed[0]), int(fed[-1]) + 1

@@ -66,6 +66,7 @@ def export_onnx(bank: MemoryBank, out: str | Path, weights: str | Path | None = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
+        model(example)  # builds the pooling convolutions' weights now, so the trace sees them as constants
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         # dynamo=False: the TorchScript-based exporter, which needs no onnxscript
         torch.onnx.export(model, (example,), str(out / ONNX_FILE), dynamo=False, opset_version=opset,

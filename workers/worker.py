@@ -137,7 +137,7 @@ class Worker:
         try:
             serve(self._step, self.stop, log, self.settings.name, on_lost_group=self._lost_group)
             self._drain()  # the batch in flight gets its outcomes before the worker stops
-        except redis.RedisError as exc:  # its frames stay pending: another worker reclaims them
+        except REDIS_ERRORS as exc:  # its frames stay pending: another worker reclaims them
             log.warning("stopped with a batch unwritten", extra={"fields": {"error": str(exc)}})
         finally:
             self._scoring.shutdown(wait=True)
