@@ -319,6 +319,8 @@ def main() -> None:
     parser.add_argument("--worker-threads", type=int, default=0,
                         help="OMP_NUM_THREADS of each worker (0: the libraries' default); 1 on a shared machine")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--bank", type=Path, default=None,
+                        help="a bank file to publish (default: built from the synthetic line's first frames)")
     parser.add_argument("--logs", type=Path, default=None, help="keep every process's log in this folder")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -327,8 +329,9 @@ def main() -> None:
                                extra_args=["--appendfsync", "always"])
         (workdir / "redis").mkdir()
         with server:
-            bank = warmup_bank(UpSettings(source="synthetic"), workdir, progress=False)
-            BankRegistry(connect(server.url), Keys()).publish("default", bank_to_bytes(bank), activate=True)
+            blob = args.bank.read_bytes() if args.bank else bank_to_bytes(
+                warmup_bank(UpSettings(source="synthetic"), workdir, progress=False))
+            BankRegistry(connect(server.url), Keys()).publish("default", blob, activate=True)
             soak = Soak(args, server, workdir)
             try:
                 counts = soak.run()
