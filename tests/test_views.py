@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from scorer import BankError, BuildConfig, CoresetConfig, FeatureConfig, PatchCoreScorer, build_bank
 from scorer.calibration import CalibrationConfig
-from scorer.views import ViewConfig, ViewError, frame_mask, inspected_region, layout, patch_canvas, stitch
+from scorer.views import ViewConfig, ViewError, frame_mask, inspected_box, layout, patch_canvas, stitch
 
 
 def textured(rng, height, width):
@@ -50,10 +50,10 @@ def test_frame_mask_and_region_follow_the_view():
     assert frame_mask(mask, ViewConfig("crop")).sum() == 0
     full = frame_mask(mask, ViewConfig("full", size=300))
     assert full.shape == (200, 300) and full[180:, :20].all() and full.sum() == 20 * 20
-    image = np.zeros((1000, 1500, 3), np.uint8)
-    assert inspected_region(image, ViewConfig("full")).shape == (1000, 1500, 3)
-    height, width = inspected_region(image, ViewConfig("crop")).shape[:2]
-    assert abs(height - 875) <= 1 and abs(width - 875) <= 1  # 224/256 of the short side, rounded
+    assert inspected_box(1000, 1500, ViewConfig("full")) == (0, 0, 1000, 1500)
+    y0, x0, y1, x1 = inspected_box(1000, 1500, ViewConfig("crop"))
+    assert abs((y1 - y0) - 875) <= 1 and abs((x1 - x0) - 875) <= 1  # 224/256 of the short side, rounded
+    assert abs((y0 + y1) / 2 - 500) <= 1 and abs((x0 + x1) / 2 - 750) <= 1  # centred
 
 
 def test_full_and_tiles_find_a_defect_the_centre_crop_cannot_see(mobilenet, good_images):
