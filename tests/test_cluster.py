@@ -133,7 +133,7 @@ def test_what_a_failover_loses_under_a_write_storm(cluster, wait_replicas):
     victim = cluster.master_ports()[0]
     cameras = [c for c in (f"storm-{i}" for i in range(200))
                if cluster.port_of_slot(key_slot(KEYS.frames(c).encode())) == victim][:4]
-    frames, errors, reports = 600, [], {}
+    frames, errors, reports = 300, [], {}
     stop = threading.Event()
 
     def run(camera, seed):
@@ -141,7 +141,7 @@ def test_what_a_failover_loses_under_a_write_storm(cluster, wait_replicas):
             reports[camera] = CameraIngest(
                 connect(cluster.url), SyntheticLine(seed=seed, width=64, height=48, max_frames=frames),
                 IngestSettings(camera=camera, maxlen=10 * frames, backoff_initial_s=0.05, backoff_max_s=0.5,
-                               wait_replicas=wait_replicas, wait_ms=500), KEYS, stop).run()
+                               wait_replicas=wait_replicas, wait_ms=100), KEYS, stop).run()
         except BaseException as exc:  # noqa: BLE001 - the test asserts there are none
             errors.append(exc)
 
@@ -162,7 +162,7 @@ def test_what_a_failover_loses_under_a_write_storm(cluster, wait_replicas):
     client = connect(cluster.url)
     lost = {c: reports[c].frames - client.xlen(KEYS.frames(c)) for c in cameras}
     unconfirmed = sum(reports[c].unconfirmed for c in cameras)
-    print(f"\nwrite storm ({'WAIT 1 500 ms' if wait_replicas else 'asynchronous'}): {len(cameras)} cameras x {frames} "
+    print(f"\nwrite storm ({'WAIT 1 100 ms' if wait_replicas else 'asynchronous'}): {len(cameras)} cameras x {frames} "
           f"frames on master :{victim}, SIGKILLed after 0.5 s of replica lag: lost {sum(lost.values())} {lost}, "
           f"unconfirmed by WAIT {unconfirmed}")
     assert all(reports[c].frames == frames for c in cameras) and all(n >= 0 for n in lost.values())
