@@ -118,6 +118,6 @@ def test_a_bomb_frame_is_dead_lettered_once_with_its_reason(redis_server):
     client.xreadgroup(FRAME_GROUP, "w", {stream: ">"})
     worker = Worker(client, WorkerSettings(name="w", device="cpu"), KEYS)
     worker.process([_Entry(stream, entry_id, payload, time.time())])
-    [letter] = DeadLetters(client, KEYS).list()
+    [letter] = DeadLetters(client, KEYS).list("cam-1")
     assert "png header declares 12000x12000" in letter.reason and letter.size == len(payload)
     assert client.xpending(stream, FRAME_GROUP)["pending"] == 0 and client.xlen(stream) == 0  # not reclaimed again
