@@ -753,10 +753,12 @@ ConsoleCredentials = Annotated[Optional[Path], typer.Option(
 
 
 def _console_credentials(path: Optional[Path]) -> Optional[dict]:
+    if not path:
+        return None
     from console.auth import CredentialsError, load_credentials
 
     try:
-        return load_credentials(path) if path else None
+        return load_credentials(path)
     except CredentialsError as exc:
         _fail(str(exc))
 
