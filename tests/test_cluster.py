@@ -2,6 +2,7 @@
 the cluster from one node's URL, cameras spread over every master are scored exactly once, and a master killed
 mid-stream is replaced by its replica while ingest, workers and store carry on. What asynchronous replication
 loses at that moment is measured, without and with WAIT (printed; run with -s to see it)."""
+import json
 import threading
 import time
 
@@ -168,3 +169,24 @@ def test_what_a_failover_loses_under_a_write_storm(cluster, wait_replicas):
     assert all(reports[c].frames == frames for c in cameras) and all(n >= 0 for n in lost.values())
     if wait_replicas:
         assert sum(lost.values()) <= unconfirmed
+
+
+def test_up_runs_the_demo_end_to_end_on_a_cluster_node(cluster, tmp_path, synthetic_bank_bytes):
+    """`patchcore up --redis-url <one node>`: the demo finds the cluster, publishes its bank, and every frame it
+    sends comes back as a result (counted by `up` and, independently, in the camera's results stream)."""
+    from typer.testing import CliRunner
+
+    from patchcore.cli import app
+
+    bank = tmp_path / "demo.bank"
+    bank.write_bytes(synthetic_bank_bytes)
+    replica = next(p for p in cluster.alive() if p not in cluster.master_ports())
+    out = tmp_path / "up.json"
+    run = CliRunner().invoke(app, ["up", "--redis-url", f"redis://127.0.0.1:{replica}/0", "--bank", str(bank),
+                                   "--frames", "12", "--fps", "0", "--no-progress", "--json", str(out)])
+    assert run.exit_code == 0, run.output
+    summary = json.loads(out.read_text())
+    client = connect(cluster.url)
+    assert summary["frames_in"] == summary["results_out"] == 12 and summary["dropped"] == 0
+    assert len(results(client, "cam-1")) == 12
+    assert BankRegistry(client, KEYS).active("default") == summary["bank_version"]
