@@ -42,7 +42,8 @@ BatchSize = Annotated[int, typer.Option(help="Images per backbone pass.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 Index = Annotated[str, typer.Option(help="Engine of the flat search: auto, faiss-cpu, faiss-gpu or torch.")]
 Search = Annotated[Optional[str], typer.Option(
-    help="Nearest-neighbour search: exact, subspace, half, ivf or hnsw (shortlist re-ranked exactly); default: exact.")]
+    help="Nearest-neighbour search: auto (ivf on the CPU, half on CUDA), exact, subspace, half, ivf or hnsw "
+         "(shortlists re-ranked exactly).")]
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
 LogLevel = Annotated[str, typer.Option(help="debug, info, warning, error.")]
 
@@ -62,7 +63,7 @@ def _search(method: Optional[str], index: str):
     from scorer.index import IndexError_, SearchConfig, check_engine
 
     try:
-        config = SearchConfig() if method is None else SearchConfig(method=method)
+        config = SearchConfig() if method is None else SearchConfig.named(method)
         check_engine(config, index)
     except IndexError_ as exc:
         _fail(str(exc))

@@ -66,6 +66,7 @@ def load_masks(samples: list[TestSample], images: list[np.ndarray], view: ViewCo
 @dataclass(frozen=True)
 class EvalReport:
     view: str  # the view and its sizes
+    search: str  # the nearest-neighbour search, as it ran ("auto" resolved)
     image_auroc: float
     pixel_auroc: float
     pro: float
@@ -115,6 +116,7 @@ def evaluate(scorer: PatchCoreScorer, category: str | Path, fit_seconds: float, 
     f1_threshold, f1 = f1_optimal_threshold(labels, scores_all)
     return EvalReport(
         view=scorer.view.describe(),
+        search=scorer.index.search_config.describe(),
         image_auroc=image_auroc(labels, scores_all),
         pixel_auroc=pixel_auroc(masks, maps),
         pro=pro_score(masks, maps),

@@ -14,18 +14,21 @@ for the same neighbour (the expansion alone loses digits to cancellation, ~1e-3 
 Search methods (`SearchConfig.method`, `--search`): "exact" is the flat search over the whole bank. The
 others find a shortlist of candidates cheaply and re-rank it exactly (|q - b| in float32 over all
 dimensions): the reported distance is the true one, and the k nearest within the shortlist are exact.
+A miss can only raise a patch's score (the distance reported is that of a bank feature, never below the
+nearest one). "auto" (the default) is "ivf" on the CPU and "half" on CUDA, chosen by measurement.
 
 - "subspace": flat search (engine: `kind`) in the bank's principal subspace, bank mean removed. For b in
   the subspace, |q - b|^2 = |P(q - b)|^2 + |R q|^2 and |R q|^2 is the same for every b: with all the
   bank's dimensions (`dims` 0, its numerical rank) the ranking is exact; with fewer, approximate.
 - "half": the flat search as one 16-bit matrix product over the centred bank (float16 on CUDA,
   bfloat16 where float16 products are slow, e.g. the CPU).
-- "ivf", "hnsw": FAISS IVF-Flat / HNSW graph on the CPU.
+- "ivf", "hnsw": FAISS IVF-Flat / HNSW graph on the CPU, in the bank's `dims` leading principal
+  directions (the same projection as "subspace"; 0: all of them).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -36,7 +39,7 @@ except ImportError:  # pragma: no cover - both packages are optional at import t
     faiss = None
 
 INDEX_KINDS = ("auto", "faiss-cpu", "faiss-gpu", "torch")
-SEARCH_METHODS = ("exact", "subspace", "half", "ivf", "hnsw")
+SEARCH_METHODS = ("auto", "exact", "subspace", "half", "ivf", "hnsw")
 
 
 class IndexError_(RuntimeError):
@@ -45,21 +48,52 @@ class IndexError_(RuntimeError):
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """How the scorer finds the nearest bank features (every method reports true L2 distances)."""
+    """How the scorer finds the nearest bank features (every method reports true L2 distances).
 
-    method: str = "exact"
-    shortlist: int = 16  # candidates re-ranked exactly per query (k - 1 more when k neighbours are asked)
-    dims: int = 0  # subspace: principal directions kept; 0 = the bank's numerical rank (exact ranking)
-    ivf_lists: int = 0  # ivf: k-means cells; 0 = 4 sqrt(bank size)
+    The default, "auto", is the measured default search of the device: on the CPU "ivf" with these settings
+    (IVF in the bank's 128 leading principal directions, 16 of 2 sqrt(M) cells visited, 8 candidates
+    re-ranked exactly; README, "Search speed"), on CUDA "half" (one 16-bit matrix product on the GPU).
+    `SearchConfig.named(m)` gives each method's own measured settings (what `--search m` means)."""
+
+    method: str = "auto"
+    shortlist: int = 8  # candidates re-ranked exactly per query (k - 1 more when k neighbours are asked)
+    dims: int = 128  # subspace, ivf, hnsw: principal directions the coarse search runs in; 0 = the bank's
+    #                  numerical rank (exact ranking in the subspace)
+    ivf_lists: int = 0  # ivf: k-means cells; 0 = 2 sqrt(bank size)
     ivf_probes: int = 16  # ivf: cells visited per query
     hnsw_links: int = 32  # hnsw: graph neighbours per node
-    hnsw_ef: int = 128  # hnsw: search beam width
+    hnsw_ef: int = 64  # hnsw: search beam width
 
     def __post_init__(self):
         if self.method not in SEARCH_METHODS:
             raise IndexError_(f"unknown search {self.method!r}; choose from {', '.join(SEARCH_METHODS)}")
         if min(self.shortlist, self.ivf_probes, self.hnsw_links, self.hnsw_ef) < 1 or min(self.dims, self.ivf_lists) < 0:
             raise IndexError_(f"search settings out of range: {self}")
+
+    @classmethod
+    def named(cls, method: str) -> "SearchConfig":
+        """The settings `--search METHOD` stands for: exact (today's numbers), subspace at full rank (exact
+        ranking), half with 16 candidates, ivf as the CPU default, hnsw over all directions."""
+        presets = {"exact": {}, "subspace": {"dims": 0, "shortlist": 1}, "half": {"shortlist": 16},
+                   # hnsw in 128 directions lost image AUROC (macaroni1 0.64 vs 0.89): the graph over all of them
+                   "hnsw": {"dims": 0, "hnsw_ef": 128, "shortlist": 16}}
+        return cls(method=method, **presets.get(method, {}))
+
+    def describe(self) -> str:
+        """The settings that matter for this method, e.g. "ivf, dims=128, ivf_probes=16, shortlist=8"."""
+        names = {"auto": (), "exact": (), "subspace": ("dims", "shortlist"), "half": ("shortlist",),
+                 "ivf": ("dims", "ivf_lists", "ivf_probes", "shortlist"),
+                 "hnsw": ("dims", "hnsw_links", "hnsw_ef", "shortlist")}[self.method]
+        return ", ".join([self.method, *(f"{n}={getattr(self, n)}" for n in names)])
+
+    def on(self, device: torch.device | str, kind: str = "auto") -> "SearchConfig":
+        """This search as it runs on `device` with flat-search engine `kind`: "auto" resolved (CUDA: half;
+        CPU: ivf, or exact where faiss is missing or another engine was asked for); any other unchanged."""
+        if self.method != "auto":
+            return self
+        if torch.device(device).type == "cuda":
+            return SearchConfig.named("half")
+        return replace(self, method="ivf") if faiss is not None and kind in ("auto", "faiss-cpu") else SearchConfig("exact")
 
 
 def check_engine(search: SearchConfig, kind: str) -> None:
@@ -86,15 +120,21 @@ def resolve_kind(kind: str, device: torch.device) -> str:
 def make_index(bank: np.ndarray, search: SearchConfig | str = SearchConfig(), kind: str = "auto",
                device: torch.device | str = "cpu") -> "NearestNeighbourIndex | ShortlistIndex":
     """The index `search` describes over bank [M, D] (a method name takes that method's default settings)."""
-    search = SearchConfig(method=search) if isinstance(search, str) else search
+    search = SearchConfig.named(search) if isinstance(search, str) else search
+    search = search.on(device, kind)
     if search.method == "exact":
         return NearestNeighbourIndex(bank, kind, device)
     return ShortlistIndex(bank, search, kind, device)
 
 
+RERANK_BLOCK_BYTES = 2 << 20  # the gathered candidates of one re-rank block: stays in the CPU's cache
+
+
 def exact_distances(queries: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor,
-                    max_block_bytes: int = 256 << 20) -> torch.Tensor:
-    """|q - bank[i]| for queries [Q, D] and indices [Q, S] (inf where an index is -1: none found), in blocks."""
+                    max_block_bytes: int = RERANK_BLOCK_BYTES) -> torch.Tensor:
+    """|q - bank[i]| for queries [Q, D] and indices [Q, S] (inf where an index is -1: none found), in blocks
+    small enough that each gathered [rows, S, D] block is subtracted and reduced while still in cache (on a
+    2-core Xeon, 2 MB blocks re-ranked 16 candidates ~3x faster than 256 MB blocks)."""
     if not len(queries):
         return queries.new_zeros(indices.shape)
     rows = max(1, max_block_bytes // (4 * bank.shape[1] * indices.shape[1]))
@@ -107,6 +147,7 @@ class NearestNeighbourIndex:
     """Exact k-NN over a fixed bank [M, D] (float32)."""
 
     method = "exact"
+    search_config = SearchConfig("exact")
 
     def __init__(self, bank: np.ndarray, kind: str = "auto", device: torch.device | str = "cpu",
                  max_block_bytes: int = 256 << 20):
@@ -136,7 +177,7 @@ class NearestNeighbourIndex:
         """queries [Q, D] -> (distances [Q, k] true L2, indices [Q, k] int64), on the queries' device."""
         local = queries.to(self.device, torch.float32)
         indices = self.candidates(local, k)
-        distances = exact_distances(local, self._bank, indices, self._max_block_bytes)
+        distances = exact_distances(local, self._bank, indices)
         return distances.to(queries.device), indices.to(queries.device)
 
     def candidates(self, queries: torch.Tensor, k: int) -> torch.Tensor:
@@ -176,41 +217,48 @@ class ShortlistIndex:
 
     def __init__(self, bank: np.ndarray, search: SearchConfig, kind: str = "auto",
                  device: torch.device | str = "cpu", max_block_bytes: int = 256 << 20):
+        search = search.on(device, kind)
+        if search.method == "exact":
+            raise IndexError_("the exact search has no shortlist: use NearestNeighbourIndex (or make_index)")
         check_engine(search, kind)
         self.device = torch.device(device)
+        self.search_config = search  # as it runs here ("auto" resolved)
         self.method, self.shortlist = search.method, search.shortlist
         self.size, self.dim = bank.shape
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         self._max_block_bytes = max_block_bytes
         self._bank = torch.from_numpy(bank).to(self.device)
-        if search.method == "subspace":
-            mean, basis = principal_subspace(bank, search.dims)
-            self._mean = torch.from_numpy(mean.astype(np.float32)).to(self.device)
-            self._basis = torch.from_numpy(basis.astype(np.float32)).to(self.device)
-            self._coarse = NearestNeighbourIndex(self._project(self._bank).cpu().numpy(), kind, self.device)
-            self.kind, self.dims = self._coarse.kind, basis.shape[1]
-            return
         if search.method == "half":
-            self.kind = "torch"
+            self.kind, self.dims = "torch", self.dim
             # float16 products on CUDA; on the CPU bfloat16 (float16 matrix products are slow there)
             self._low = torch.float16 if self.device.type == "cuda" else torch.bfloat16
             self._mean = self._bank.mean(0)
             self._low_bank = (self._bank - self._mean).to(self._low)
             self._low_sq = self._low_bank.float().square().sum(1)  # of the rounded vectors, as the products see them
             return
+        # subspace, ivf, hnsw: the coarse search runs in the bank's leading principal directions
+        mean, basis = principal_subspace(bank, search.dims)
+        self._mean = torch.from_numpy(mean.astype(np.float32)).to(self.device)
+        self._basis = torch.from_numpy(basis.astype(np.float32)).to(self.device)
+        self.dims = basis.shape[1]
+        projected = np.ascontiguousarray(self._project(self._bank).cpu().numpy())
+        if search.method == "subspace":
+            self._coarse = NearestNeighbourIndex(projected, kind, self.device)
+            self.kind = self._coarse.kind
+            return
         self.kind = "faiss-cpu"
         if faiss is None:
             raise IndexError_(f"search {search.method} needs faiss, which is not installed")
         if search.method == "ivf":
-            lists = search.ivf_lists or max(1, int(4 * math.sqrt(self.size)))
-            lists = min(lists, self.size)
-            self._faiss = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim), self.dim, lists)
-            self._faiss.train(bank)
+            lists = min(search.ivf_lists or max(1, int(2 * math.sqrt(self.size))), self.size)
+            self._faiss = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dims), self.dims, lists)
+            self._faiss.cp.min_points_per_centroid = 1  # small banks: train anyway, without faiss's warning
+            self._faiss.train(projected)
             self._faiss.nprobe = min(search.ivf_probes, lists)
         else:
-            self._faiss = faiss.IndexHNSWFlat(self.dim, search.hnsw_links)
+            self._faiss = faiss.IndexHNSWFlat(self.dims, search.hnsw_links)
             self._faiss.hnsw.efSearch = search.hnsw_ef
-        self._faiss.add(bank)
+        self._faiss.add(projected)
 
     def _project(self, vectors: torch.Tensor) -> torch.Tensor:
         return (vectors - self._mean) @ self._basis
@@ -220,17 +268,18 @@ class ShortlistIndex:
         k = min(k, self.size)
         local = queries.to(self.device, torch.float32)
         candidates = self.candidates(local, min(self.size, self.shortlist + k - 1))
-        distances = exact_distances(local, self._bank, candidates, self._max_block_bytes)
+        distances = exact_distances(local, self._bank, candidates)
         distances, order = torch.topk(distances, k, dim=1, largest=False)  # sorted, nearest first
         return distances.to(queries.device), candidates.gather(1, order).to(queries.device)
 
     def candidates(self, queries: torch.Tensor, count: int) -> torch.Tensor:
         """Indices [Q, count] of the shortlist (-1 where the method found fewer), on this index's device."""
-        if self.method == "subspace":
-            return self._coarse.candidates(self._project(queries), count)
         if self.method == "half":
             return self._half_search(queries, count)
-        _, idx = self._faiss.search(np.ascontiguousarray(queries.detach().cpu().numpy()), count)
+        projected = self._project(queries)
+        if self.method == "subspace":
+            return self._coarse.candidates(projected, count)
+        _, idx = self._faiss.search(np.ascontiguousarray(projected.detach().cpu().numpy()), count)
         return torch.from_numpy(idx).to(self.device)
 
     def _half_search(self, queries: torch.Tensor, count: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ def _bank(images, weights, folds=2, view=ViewConfig()):
     return build_bank(images, config, weights=weights, device="cpu", progress=False)
 
 
+# the export searches exactly (FAISS flat): it is compared with the exact PyTorch search
 def _assert_same(onnx_scorer, torch_scorer, images, map_tolerance=TOLERANCE):
     scores, maps = onnx_scorer.score(images)
     expected = torch_scorer.score(images)
@@ -53,7 +54,7 @@ def test_synthetic_export_scores_like_pytorch_and_runs_without_torch(tmp_path, m
     # frames of several sizes and aspect ratios, grey and with defects
     images = [synthetic_part(rng, 240, defect=True), synthetic_part(rng, 240),
               cv2.resize(synthetic_part(rng, 300, defect=True), (480, 300)), np.repeat(synthetic_part(rng, 200)[:, :, :1], 3, 2)]
-    scores = _assert_same(OnnxScorer(tmp_path / "x"), PatchCoreScorer(bank, device="cpu"), images)
+    scores = _assert_same(OnnxScorer(tmp_path / "x"), PatchCoreScorer(bank, device="cpu", search="exact"), images)
 
     for i, image in enumerate(images):
         cv2.imwrite(str(tmp_path / f"{i}.png"), image[:, :, ::-1])
@@ -112,4 +113,4 @@ def test_bottle_onnx_scores_and_maps_equal_pytorch(tmp_path):
     # maps within 2e-3: 900 px frames resized to 256 differ from torch's kernel by 1 grey level on ~0.3 % of
     # the pixels (test above), which moves the worst map pixel by 1.0e-3 of the map's maximum (measured);
     # from the same crops, features agree to 3e-6 and maps to 1e-6
-    _assert_same(OnnxScorer(tmp_path / "x"), PatchCoreScorer(bank, device="cpu"), images, map_tolerance=2e-3)
+    _assert_same(OnnxScorer(tmp_path / "x"), PatchCoreScorer(bank, device="cpu", search="exact"), images, map_tolerance=2e-3)

@@ -9,7 +9,8 @@ from scorer.preprocess import load_image, preprocess
 
 from .conftest import BOTTLE, synthetic_part
 
-SHORTLISTED = [SearchConfig("subspace", dims=128), SearchConfig("half"), SearchConfig("ivf"), SearchConfig("hnsw")]
+SHORTLISTED = [SearchConfig("subspace", dims=128, shortlist=16), SearchConfig.named("half"), SearchConfig.named("ivf"),
+               SearchConfig.named("hnsw")]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_full_subspace_search_equals_the_exact_search(features):
     assert np.abs(centred - centred @ basis @ basis.T).max() <= 1e-4 * np.abs(centred).max()  # the bank lies in it
     exact_d, exact_i = NearestNeighbourIndex(bank, "faiss-cpu").search(queries, k=3)
     for kind in ("faiss-cpu", "torch"):
-        index = make_index(bank, SearchConfig("subspace", shortlist=1), kind)
+        index = make_index(bank, SearchConfig.named("subspace"), kind)
         distances, indices = index.search(queries, k=3)
         assert index.dims == basis.shape[1]
         assert (indices == exact_i).float().mean() >= 0.999  # ties within float rounding may swap
@@ -125,3 +126,19 @@ def test_search_option_on_the_command_line(features, tmp_path):
                           (["--search", "annoy"], "unknown search")):
         result = CliRunner().invoke(app, ["score", str(tmp_path / "bank.safetensors"), str(image), *args])
         assert result.exit_code == 2 and message in result.output
+
+
+def test_the_default_search_is_resolved_per_device_and_engine(features):
+    bank, queries = features
+    default = SearchConfig()
+    assert default.method == "auto"
+    assert default.on("cpu").method == "ivf" and default.on("cpu", "faiss-cpu").method == "ivf"
+    assert default.on("cpu", "torch") == SearchConfig("exact")  # the engine asked for runs the flat search
+    assert default.on("cuda:1") == SearchConfig.named("half")  # the GPU's search: one 16-bit product
+    assert SearchConfig.named("exact").on("cuda") == SearchConfig.named("exact")  # an explicit method stays
+    index = make_index(bank, default)
+    assert index.method == "ivf" and index.dims == 128
+    expected_d, _ = reference(bank, queries, 1)
+    distances, _ = index.search(queries, k=1)
+    # a miss raises a patch score by little: the largest image-level change is what a threshold would see
+    assert abs(float(distances.max()) - float(expected_d.max())) <= 0.01 * float(expected_d.max())
