@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from contracts.keys import FRAME_GROUP, Keys
+from contracts.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -110,7 +110,8 @@ def check_system(docs: list[dict], gpu: bool = True) -> None:
     triggers = scaled["spec"]["triggers"]
     assert {t["type"] for t in triggers} == {"redis-streams"}
     assert sorted(t["metadata"]["stream"] for t in triggers) == sorted(Keys().frames(c) for c in cameras)
-    assert {t["metadata"]["consumerGroup"] for t in triggers} == {FRAME_GROUP}
+    # XLEN = undelivered + pending, because every outcome deletes its frame (test_cluster: XLEN 0 once all are scored)
+    assert all("consumerGroup" not in t["metadata"] and int(t["metadata"]["streamLength"]) > 0 for t in triggers)
     (auth,) = by_kind["TriggerAuthentication"]
     assert {t["authenticationRef"]["name"] for t in triggers} == {auth["metadata"]["name"]}
 
