@@ -235,7 +235,7 @@ def evaluate_command(
     report = evaluate(scorer, data, fit_seconds, batch_size, progress).to_dict()
     report.update(backbone=loaded.feature_config.backbone, layers=list(loaded.feature_config.layers),
                   coreset=loaded.coreset.fraction, seed=loaded.coreset.seed, bank_size=int(len(loaded.features)),
-                  reweight_neighbours=scorer.neighbours, index=scorer.index.kind, search=scorer.index.method,
+                  reweight_neighbours=scorer.neighbours, index=scorer.index.kind,
                   device=str(scorer.device))
     images = report.pop("images")  # per-image scores: in the JSON file, not on the terminal
     typer.echo(json.dumps(report, indent=2))
