@@ -413,23 +413,25 @@ def _pruned_steps(points, mind, nearest, selected, centre_dist, centre_stamp,
     return end, scanned, computed
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath={"nnan", "ninf", "nsz"})  # no reassociation, no FMA contraction
 def _dense_update(dots, norms, centre_norm, mind, nearest, step, offsets, block_max):
-    """One fused pass after the product: distance from the dot products, min-update, block maxima;
-    returns the next centre (the first point of largest min-distance, as np.argmax)."""
-    best, best_value = np.int64(0), np.float32(-1.0)
+    """After the product: distance from the dot products and min-update (one SIMD pass, the plain loop's
+    arithmetic), block maxima (a SIMD max per block), and the next centre: the first point of the
+    largest min-distance, as np.argmax (found in the block that holds it)."""
+    for i in range(len(mind)):
+        d = np.float32(math.sqrt(max(norms[i] + centre_norm - np.float32(2.0) * dots[i], np.float32(0.0))))
+        closer = d < mind[i]
+        mind[i] = d if closer else mind[i]
+        nearest[i] = step if closer else nearest[i]
+    best_block, best_value = 0, np.float32(-1.0)
     for b in range(len(offsets) - 1):
         worst = np.float32(0.0)
         for i in range(offsets[b], offsets[b + 1]):
-            current = mind[i]
-            d = np.float32(math.sqrt(max(norms[i] + centre_norm - np.float32(2.0) * dots[i], np.float32(0.0))))
-            if d < current:
-                mind[i] = d
-                nearest[i] = step
-                current = d
-            if current > worst:
-                worst = current
-                if current > best_value:
-                    best, best_value = i, current
+            worst = max(worst, mind[i])
         block_max[b] = worst
-    return best
+        if worst > best_value:
+            best_block, best_value = b, worst
+    for i in range(offsets[best_block], offsets[best_block + 1]):
+        if mind[i] == best_value:
+            return i
+    return offsets[best_block]
