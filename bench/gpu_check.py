@@ -52,7 +52,7 @@ def main() -> None:
     images = [img for b in iter_image_batches(list_images(args.test), 16) for img in b]
     images = (images * (64 // len(images) + 1))[:64]
 
-    gpu = PatchCoreScorer(bank, device="cuda", index="auto")
+    gpu = PatchCoreScorer(bank, device="cuda", index="auto", search="exact")  # exact on both: compared below
     report["index_kind_on_cuda"] = gpu.index.kind
     with torch.inference_mode():
         features, _ = gpu.extractor(preprocess(images[:16], 256, 224, "cuda"))
@@ -69,7 +69,7 @@ def main() -> None:
                                                           for i, a in enumerate(alone)))
     report["batch1_vs_32_max_abs_map_diff"] = float(max(np.abs(a.maps[0] - together.maps[i]).max()
                                                         for i, a in enumerate(alone)))
-    cpu = PatchCoreScorer(bank, device="cpu", index="faiss-cpu")
+    cpu = PatchCoreScorer(bank, device="cpu", index="faiss-cpu", search="exact")
     cpu_scores = cpu.score(images[:16], maps=False).image_scores
     report["gpu_vs_cpu_max_rel_score_diff"] = float(np.max(np.abs(cpu_scores - together.image_scores[:16]) / cpu_scores))
 

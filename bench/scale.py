@@ -137,7 +137,7 @@ def measure(url: str, workers: int, cameras: int, frames: int, bank: bytes, imag
     def stored() -> int:
         return sum(int(client.hget(keys.latest(c), "seq") or -1) + 1 for c in names)
 
-    deadline = time.time() + 600
+    deadline, first, last = time.time() + 600, 0, 0
     while time.time() < deadline and (first := stored()) == 0:  # processes starting (torch import, bank load)
         time.sleep(0.05)
     calls1, cpu1 = server_totals(client)  # the window: from the first stored result to the last

@@ -39,7 +39,7 @@ OPTIONS = [  # (label, search settings, bank fraction kept)
     ("subspace 256, shortlist 8", SearchConfig("subspace", dims=256, shortlist=8), 1.0),
     ("subspace 128, shortlist 8", SearchConfig("subspace", dims=128, shortlist=8), 1.0),
     ("half (bf16 on CPU), shortlist 16", SearchConfig("half", shortlist=16), 1.0),
-    ("ivf full rank, 16 probes, shortlist 16", SearchConfig("ivf", shortlist=16), 1.0),
+    ("ivf full rank, 16 probes, shortlist 16", SearchConfig("ivf", dims=0, shortlist=16), 1.0),
     ("ivf 256 dims, 32 probes, shortlist 8", SearchConfig("ivf", dims=256, ivf_probes=32, shortlist=8), 1.0),
     ("ivf 128 dims, 16 probes, shortlist 8", SearchConfig("ivf", dims=128, ivf_probes=16, shortlist=8), 1.0),
     ("ivf 128 dims, 8 probes, shortlist 8", SearchConfig("ivf", dims=128, ivf_probes=8, shortlist=8), 1.0),

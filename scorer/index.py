@@ -14,8 +14,9 @@ for the same neighbour (the expansion alone loses digits to cancellation, ~1e-3 
 Search methods (`SearchConfig.method`, `--search`): "exact" is the flat search over the whole bank. The
 others find a shortlist of candidates cheaply and re-rank it exactly (|q - b| in float32 over all
 dimensions): the reported distance is the true one, and the k nearest within the shortlist are exact.
-A miss can only raise a patch's score (the distance reported is that of a bank feature, never below the
-nearest one). "auto" (the default) is "ivf" on the CPU and "half" on CUDA, chosen by measurement.
+A miss can only raise a patch's distance (the one reported is to a bank feature, never below the nearest);
+Eq. 7's image score can then move either way (another m*, another support set). "auto" (the default) is
+"ivf" on the CPU and "half" on CUDA, chosen by measurement. Thresholds are calibrated with "exact".
 
 - "subspace": flat search (engine: `kind`) in the bank's principal subspace, bank mean removed. For b in
   the subspace, |q - b|^2 = |P(q - b)|^2 + |R q|^2 and |R q|^2 is the same for every b: with all the
@@ -87,12 +88,13 @@ class SearchConfig:
         return ", ".join([self.method, *(f"{n}={getattr(self, n)}" for n in names)])
 
     def on(self, device: torch.device | str, kind: str = "auto") -> "SearchConfig":
-        """This search as it runs on `device` with flat-search engine `kind`: "auto" resolved (CUDA: half;
-        CPU: ivf, or exact where faiss is missing or another engine was asked for); any other unchanged."""
+        """This search as it runs on `device` with flat-search engine `kind`: "auto" resolved (CUDA: half's
+        preset; CPU: ivf with these settings; exact where faiss is missing or another engine was asked for);
+        any other method unchanged."""
         if self.method != "auto":
             return self
         if torch.device(device).type == "cuda":
-            return SearchConfig.named("half")
+            return SearchConfig.named("half") if kind in ("auto", "torch") else SearchConfig("exact")
         return replace(self, method="ivf") if faiss is not None and kind in ("auto", "faiss-cpu") else SearchConfig("exact")
 
 
@@ -128,6 +130,11 @@ def make_index(bank: np.ndarray, search: SearchConfig | str = SearchConfig(), ki
 
 
 RERANK_BLOCK_BYTES = 2 << 20  # the gathered candidates of one re-rank block: stays in the CPU's cache
+RERANK_BLOCK_BYTES_CUDA = 256 << 20  # on a GPU: few large kernels
+
+
+def rerank_block_bytes(device: torch.device) -> int:
+    return RERANK_BLOCK_BYTES_CUDA if device.type == "cuda" else RERANK_BLOCK_BYTES
 
 
 def exact_distances(queries: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor,
@@ -177,7 +184,7 @@ class NearestNeighbourIndex:
         """queries [Q, D] -> (distances [Q, k] true L2, indices [Q, k] int64), on the queries' device."""
         local = queries.to(self.device, torch.float32)
         indices = self.candidates(local, k)
-        distances = exact_distances(local, self._bank, indices)
+        distances = exact_distances(local, self._bank, indices, rerank_block_bytes(self.device))
         return distances.to(queries.device), indices.to(queries.device)
 
     def candidates(self, queries: torch.Tensor, k: int) -> torch.Tensor:
@@ -222,12 +229,13 @@ class ShortlistIndex:
             raise IndexError_("the exact search has no shortlist: use NearestNeighbourIndex (or make_index)")
         check_engine(search, kind)
         self.device = torch.device(device)
-        self.search_config = search  # as it runs here ("auto" resolved)
+        self.search_config = search  # as it runs here ("auto" resolved; dims and lists as built, below)
         self.method, self.shortlist = search.method, search.shortlist
         self.size, self.dim = bank.shape
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         self._max_block_bytes = max_block_bytes
         self._bank = torch.from_numpy(bank).to(self.device)
+        self._fallback: NearestNeighbourIndex | None = None
         if search.method == "half":
             self.kind, self.dims = "torch", self.dim
             # float16 products on CUDA; on the CPU bfloat16 (float16 matrix products are slow there)
@@ -242,6 +250,7 @@ class ShortlistIndex:
         self._basis = torch.from_numpy(basis.astype(np.float32)).to(self.device)
         self.dims = basis.shape[1]
         projected = np.ascontiguousarray(self._project(self._bank).cpu().numpy())
+        self.search_config = replace(search, dims=self.dims)  # dims as found (capped by the bank's rank)
         if search.method == "subspace":
             self._coarse = NearestNeighbourIndex(projected, kind, self.device)
             self.kind = self._coarse.kind
@@ -251,6 +260,7 @@ class ShortlistIndex:
             raise IndexError_(f"search {search.method} needs faiss, which is not installed")
         if search.method == "ivf":
             lists = min(search.ivf_lists or max(1, int(2 * math.sqrt(self.size))), self.size)
+            self.search_config = replace(search, dims=self.dims, ivf_lists=lists)
             self._faiss = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dims), self.dims, lists)
             self._faiss.cp.min_points_per_centroid = 1  # small banks: train anyway, without faiss's warning
             self._faiss.train(projected)
@@ -268,9 +278,18 @@ class ShortlistIndex:
         k = min(k, self.size)
         local = queries.to(self.device, torch.float32)
         candidates = self.candidates(local, min(self.size, self.shortlist + k - 1))
-        distances = exact_distances(local, self._bank, candidates)
+        short = (candidates[:, :k] < 0).any(1)  # the cells visited held fewer than k: search those rows exactly
+        if bool(short.any()):
+            candidates[short] = self._exact().candidates(local[short], candidates.shape[1])
+        distances = exact_distances(local, self._bank, candidates, rerank_block_bytes(self.device))
         distances, order = torch.topk(distances, k, dim=1, largest=False)  # sorted, nearest first
         return distances.to(queries.device), candidates.gather(1, order).to(queries.device)
+
+    def _exact(self) -> "NearestNeighbourIndex":
+        """The flat exact search over the bank, built the first time a shortlist comes back short."""
+        if self._fallback is None:
+            self._fallback = NearestNeighbourIndex(self._bank.cpu().numpy(), "auto", self.device, self._max_block_bytes)
+        return self._fallback
 
     def candidates(self, queries: torch.Tensor, count: int) -> torch.Tensor:
         """Indices [Q, count] of the shortlist (-1 where the method found fewer), on this index's device."""

@@ -331,7 +331,8 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
             for k in range(folds):
                 held = ids == k
                 fold_bank = bank_of(coreset(store.points_of(~held), f"calibration fold {k + 1}/{folds}"))
-                scorer = PatchCoreScorer(fold_bank, device=device, index=index, extractor=extractor)
+                # the exact search: the threshold does not depend on the device the bank was built on
+                scorer = PatchCoreScorer(fold_bank, device=device, index=index, extractor=extractor, search="exact")
                 good[held] = scorer.score_patches([store.image(i) for i in np.flatnonzero(held)])
             rate = config.calibration.false_alarm_rate
             calibration = Calibration(threshold=threshold_for_rate(good, rate), method="kfold-gumbel",
@@ -359,7 +360,8 @@ def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path |
         raise ValueError("no new images given")
     device = resolve_device(device)
     extractor, _ = build_extractor(replace(bank.feature_config, weights_sha256=""), weights, device)
-    scorer = PatchCoreScorer(bank, device=device, index=index, extractor=extractor)  # refuses a mismatch
+    # refuses a mismatch; the exact search, as the stored good scores were computed (build_bank)
+    scorer = PatchCoreScorer(bank, device=device, index=index, extractor=extractor, search="exact")
     patches = list(extract_patches(extractor, images, bank.view, bank.roi, batch_size, device, progress))
     new_scores = scorer.score_patches(patches)
     new = np.concatenate(patches)

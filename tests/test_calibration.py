@@ -75,7 +75,7 @@ def test_kfold_scores_equal_scoring_each_fold_against_a_bank_without_it(mobilene
         held = [img for img, f in zip(images, ids) if f == k]
         alone = build_bank(rest, BuildConfig(features=features, view=view, coreset=coreset,
                                              calibration=CalibrationConfig(folds=0)), device="cpu", progress=False)
-        expected = PatchCoreScorer(alone, device="cpu").score(held, maps=False).image_scores
+        expected = PatchCoreScorer(alone, device="cpu", search="exact").score(held, maps=False).image_scores
         np.testing.assert_allclose(good[ids == k], expected, rtol=1e-4)
 
 

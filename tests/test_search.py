@@ -134,11 +134,31 @@ def test_the_default_search_is_resolved_per_device_and_engine(features):
     assert default.method == "auto"
     assert default.on("cpu").method == "ivf" and default.on("cpu", "faiss-cpu").method == "ivf"
     assert default.on("cpu", "torch") == SearchConfig("exact")  # the engine asked for runs the flat search
-    assert default.on("cuda:1") == SearchConfig.named("half")  # the GPU's search: one 16-bit product
+    assert default.on("cuda:1") == SearchConfig.named("half") == default.on("cuda", "torch")  # one 16-bit product
+    assert default.on("cuda", "faiss-gpu") == SearchConfig("exact")  # FAISS on the GPU asked for: its flat search
     assert SearchConfig.named("exact").on("cuda") == SearchConfig.named("exact")  # an explicit method stays
     index = make_index(bank, default)
-    assert index.method == "ivf" and index.dims == 128
+    lists = int(2 * np.sqrt(len(bank)))
+    assert index.search_config == SearchConfig("ivf", dims=128, ivf_lists=lists)  # as built: lists = 2 sqrt(M)
+    assert index.search_config.describe() == f"ivf, dims=128, ivf_lists={lists}, ivf_probes=16, shortlist=8"
     expected_d, _ = reference(bank, queries, 1)
     distances, _ = index.search(queries, k=1)
-    # a miss raises a patch score by little: the largest image-level change is what a threshold would see
-    assert abs(float(distances.max()) - float(expected_d.max())) <= 0.01 * float(expected_d.max())
+    # per image (the queries are two images' patches): its highest patch, what an image score starts from
+    per_image, expected = distances[:, 0].reshape(2, -1).max(1).values.numpy(), expected_d[:, 0].reshape(2, -1).max(1)
+    np.testing.assert_allclose(per_image, expected, rtol=0.01)
+
+
+def test_a_shortlist_that_comes_back_short_is_searched_exactly(features):
+    """IVF with far more cells than points per probe: many queries find fewer candidates than asked (FAISS
+    pads with -1). Those rows are searched exactly: every distance is finite and the exact nearest's."""
+    bank, queries = features
+    small = bank[:300]
+    search = SearchConfig("ivf", dims=32, ivf_lists=150, ivf_probes=1, shortlist=8)
+    index = make_index(small, search)
+    raw = index.candidates(queries, 9)
+    assert bool((raw < 0).any())  # the situation under test does occur
+    distances, indices = index.search(queries, k=9)
+    expected_d, expected_i = reference(small, queries, 9)
+    assert torch.isfinite(distances).all() and (indices >= 0).all()
+    short = (raw[:, :9] < 0).any(1).numpy()
+    np.testing.assert_allclose(distances.numpy()[short], expected_d[short], rtol=1e-5, atol=1e-4)
