@@ -121,7 +121,7 @@ def resolve_kind(kind: str, device: torch.device) -> str:
 
 def make_index(bank: np.ndarray, search: SearchConfig | str = SearchConfig(), kind: str = "auto",
                device: torch.device | str = "cpu") -> "NearestNeighbourIndex | ShortlistIndex":
-    """The index `search` describes over bank [M, D] (a method name takes that method's default settings)."""
+    """The index `search` describes over bank [M, D] (a method name: its measured settings, SearchConfig.named)."""
     search = SearchConfig.named(search) if isinstance(search, str) else search
     search = search.on(device, kind)
     if search.method == "exact":
