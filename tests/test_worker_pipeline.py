@@ -1,5 +1,7 @@
-"""Worker pipelining: the next batch is read and decoded while one is scored; nothing is acknowledged before
-its result is written; stopping finishes the batch in flight."""
+"""Worker pipelining: the next batch is read and decoded while one is scored (once a batch has gone through
+cleanly); nothing is acknowledged before its result is written; stopping finishes the batch in flight. The
+promises of a worker that cannot score (one batch taken, then none) hold with prefetch: tests/test_poison.py
+runs with the default, and was run with prefetch on too."""
 import threading
 
 from contracts.connection import connect
@@ -19,11 +21,14 @@ def test_the_next_batch_is_read_and_decoded_while_one_is_scored(redis_server, sy
                                                               refresh_s=60, prefetch=True), KEYS, stop)
     gate, scoring = threading.Event(), threading.Event()
     prepared: list[int] = []
+    scored: list[int] = []
     outcomes, prepare = worker._outcomes, worker._prepare
 
-    def gated(decoded):  # the first batch's scoring waits until the test has looked
-        scoring.set()
-        assert gate.wait(120)
+    def gated(decoded):  # the second batch's scoring waits until the test has looked (the first goes through:
+        scored.append(1)  # prefetching starts once a batch has had its outcomes with nothing held)
+        if len(scored) == 2:
+            scoring.set()
+            assert gate.wait(120)
         return outcomes(decoded)
 
     def counted(batch):
@@ -36,10 +41,10 @@ def test_the_next_batch_is_read_and_decoded_while_one_is_scored(redis_server, sy
     thread.start()
     try:
         wait_for(scoring.is_set)
-        wait_for(lambda: len(prepared) >= 2)  # batch 2 read from Redis and decoded while batch 1 is being scored
-        assert prepared[:2] == [8, 8]
-        assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 16  # both held, none acknowledged
-        assert results(client) == []  # nothing written before scoring finished
+        wait_for(lambda: len(prepared) >= 3)  # batch 3 read from Redis and decoded while batch 2 is being scored
+        assert prepared[:3] == [8, 8, 8]
+        assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 16  # 2 and 3 held, unacknowledged
+        assert len(results(client)) == 8  # batch 1's; nothing of batch 2 written before its scoring finished
         gate.set()
         wait_for(lambda: len(results(client)) == 24)
     finally:

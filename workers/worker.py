@@ -15,7 +15,9 @@ including after a worker died on it) is dead-lettered as poison.
 
 Pipelining (`prefetch`, opt-in): while one batch is scored and its results written (one scoring
 thread), the loop reads the next batch from Redis and decodes it (JPEGs together, on the GPU when the
-worker scores there). At most one batch is in flight; it is finished before held frames are retried,
+worker scores there), from the first batch that has its outcomes with nothing held on (until then, and
+after any hold, the next batch is read only once the one in flight is done). At most one batch is in
+flight; it is finished before held frames are retried,
 streams refreshed or frames reclaimed, and before the worker stops. A frame is still acknowledged only
 by the script that writes its outcome.
 """
@@ -75,9 +77,11 @@ class WorkerSettings:
     weights: str | None = None
     precision: str = "fp32"  # the backbone under autocast: bf16 or fp16 (scores move slightly; see ComputeConfig)
     channels_last: bool = False  # the backbone's memory layout (faster convolutions on GPUs)
-    # read and decode the next batch while the current one is scored and written. Off by default: while a batch
-    # in flight is being held (infrastructure fault), the prefetched one is already taken, which breaks the
-    # "one batch per camera while holding" and "a sick host takes no frames" promises (tests/test_poison.py)
+    # read and decode the next batch while the current one is scored and written, once a batch has gone through
+    # cleanly (so a worker that cannot score takes one batch, not two: tests/test_poison.py passes with it on).
+    # A fault that starts mid-run still finds one prefetched batch taken, which it then holds too. Off by
+    # default: on the 2-core CPU it raised batch-8 throughput 24.4 -> 31.2 frames/s but not batch 1 or 32,
+    # and latency at 70 % load got worse (bench/pipeline.py, one run each); to be measured on a GPU worker
     prefetch: bool = False
     refresh_s: float = 2.0  # how often to look for new cameras and reclaim pending frames
     # after writing a batch's results, wait until this many replicas have them (Redis WAIT), at most wait_ms:
@@ -131,6 +135,7 @@ class Worker:
         self._decode_device = resolve_device(settings.device)  # JPEGs are decoded where they are scored
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="score")  # the batch in flight (prefetch)
         self._inflight: Future | None = None
+        self._proven = False  # the last batch got its outcomes with nothing held: prefetching may go on
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> WorkerReport:
@@ -154,6 +159,11 @@ class Worker:
             # still failing: back off further; all through: the next fault starts afresh
             self._retry_s = min(self._retry_s * 2, self.settings.retry_max_s) if self._held else self.settings.retry_initial_s
             self._retry_at = time.monotonic() + self._retry_s
+        if not self._proven:
+            # until a batch has gone through cleanly (at the start, after any hold), read the next batch only
+            # once the one in flight has its outcomes: a worker that turns out sick or bankless has taken one
+            # batch, not two
+            self._drain()
         batch = self._collect()
         if not batch:
             return
@@ -271,6 +281,7 @@ class Worker:
             return self._prepare(batch)
         except REDIS_ERRORS as exc:  # dead-lettering failed: hold the batch (see _finish)
             self._hold(self._redis_held(batch, exc))
+            self._proven = False
             return None
 
     def _finish(self, batch: list[_Entry], decoded: dict) -> None:
@@ -280,6 +291,7 @@ class Worker:
         except REDIS_ERRORS as exc:  # e.g. OOM or READONLY while writing: outcomes already written stay
             held = self._redis_held(batch, exc)  # written (a retry finds them acknowledged, writes nothing twice)
         self._hold(held)
+        self._proven = not held
 
     def _redis_held(self, batch: list[_Entry], exc: Exception) -> list[tuple[_Entry, str, bool]]:
         fault = redis_fault(exc)
