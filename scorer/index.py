@@ -153,7 +153,6 @@ def exact_distances(queries: torch.Tensor, bank: torch.Tensor, indices: torch.Te
 class NearestNeighbourIndex:
     """Exact k-NN over a fixed bank [M, D] (float32)."""
 
-    method = "exact"
     search_config = SearchConfig("exact")
 
     def __init__(self, bank: np.ndarray, kind: str = "auto", device: torch.device | str = "cpu",
@@ -229,8 +228,7 @@ class ShortlistIndex:
             raise IndexError_("the exact search has no shortlist: use NearestNeighbourIndex (or make_index)")
         check_engine(search, kind)
         self.device = torch.device(device)
-        self.search_config = search  # as it runs here ("auto" resolved; dims and lists as built, below)
-        self.method, self.shortlist = search.method, search.shortlist
+        self.search_config = search  # as it runs here: "auto" resolved (dims and lists as built, below)
         self.size, self.dim = bank.shape
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         self._max_block_bytes = max_block_bytes
@@ -248,9 +246,10 @@ class ShortlistIndex:
         mean, basis = principal_subspace(bank, search.dims)
         self._mean = torch.from_numpy(mean.astype(np.float32)).to(self.device)
         self._basis = torch.from_numpy(basis.astype(np.float32)).to(self.device)
-        self.dims = basis.shape[1]
+        self.dims = basis.shape[1]  # capped by the bank's rank
         projected = np.ascontiguousarray(self._project(self._bank).cpu().numpy())
-        self.search_config = replace(search, dims=self.dims)  # dims as found (capped by the bank's rank)
+        lists = min(search.ivf_lists or max(1, int(2 * math.sqrt(self.size))), self.size)
+        self.search_config = replace(search, dims=self.dims, **({"ivf_lists": lists} if search.method == "ivf" else {}))
         if search.method == "subspace":
             self._coarse = NearestNeighbourIndex(projected, kind, self.device)
             self.kind = self._coarse.kind
@@ -259,8 +258,6 @@ class ShortlistIndex:
         if faiss is None:
             raise IndexError_(f"search {search.method} needs faiss, which is not installed")
         if search.method == "ivf":
-            lists = min(search.ivf_lists or max(1, int(2 * math.sqrt(self.size))), self.size)
-            self.search_config = replace(search, dims=self.dims, ivf_lists=lists)
             self._faiss = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dims), self.dims, lists)
             self._faiss.cp.min_points_per_centroid = 1  # small banks: train anyway, without faiss's warning
             self._faiss.train(projected)
@@ -277,10 +274,11 @@ class ShortlistIndex:
         """queries [Q, D] -> (distances [Q, k] true L2, indices [Q, k] int64), on the queries' device."""
         k = min(k, self.size)
         local = queries.to(self.device, torch.float32)
-        candidates = self.candidates(local, min(self.size, self.shortlist + k - 1))
-        short = (candidates[:, :k] < 0).any(1)  # the cells visited held fewer than k: search those rows exactly
-        if bool(short.any()):
-            candidates[short] = self._exact().candidates(local[short], candidates.shape[1])
+        candidates = self.candidates(local, min(self.size, self.search_config.shortlist + k - 1))
+        if self.search_config.method in ("ivf", "hnsw"):  # only FAISS's graph/cells can come back short (-1s);
+            short = (candidates[:, :k] < 0).any(1)  # those rows are searched exactly (no device sync for the others)
+            if bool(short.any()):
+                candidates[short] = self._exact().candidates(local[short], candidates.shape[1])
         distances = exact_distances(local, self._bank, candidates, rerank_block_bytes(self.device))
         distances, order = torch.topk(distances, k, dim=1, largest=False)  # sorted, nearest first
         return distances.to(queries.device), candidates.gather(1, order).to(queries.device)
@@ -293,10 +291,10 @@ class ShortlistIndex:
 
     def candidates(self, queries: torch.Tensor, count: int) -> torch.Tensor:
         """Indices [Q, count] of the shortlist (-1 where the method found fewer), on this index's device."""
-        if self.method == "half":
+        if self.search_config.method == "half":
             return self._half_search(queries, count)
         projected = self._project(queries)
-        if self.method == "subspace":
+        if self.search_config.method == "subspace":
             return self._coarse.candidates(projected, count)
         _, idx = self._faiss.search(np.ascontiguousarray(projected.detach().cpu().numpy()), count)
         return torch.from_numpy(idx).to(self.device)
