@@ -124,7 +124,11 @@ class CameraIngest:
             data, shape = encode(image, self.settings)
             frame = Frame(camera=self.settings.camera, line=self.settings.line, bank=self.settings.bank, seq=seq,
                           captured_at=captured_at, encoding=self.settings.encoding, shape=shape, data=data)
-            dropped, confirmed = self._push(frame)
+            pushed = self._push(frame)
+            if pushed is None:  # stopped while Redis was refusing the frame: it is not counted as sent
+                report.ended = f"stopped during a Redis outage (frame {seq} may not have been written)"
+                break
+            dropped, confirmed = pushed
             report.dropped += dropped
             report.unconfirmed += not confirmed
             report.frames += 1
@@ -134,9 +138,9 @@ class CameraIngest:
         self.source.close()
         return report
 
-    def _push(self, frame: Frame) -> tuple[int, bool]:
+    def _push(self, frame: Frame) -> tuple[int, bool] | None:
         """Append the frame (retrying through Redis outages); returns how many old frames were trimmed and
-        whether the wanted replicas confirmed it.
+        whether the wanted replicas confirmed it, or None when `stop` came before Redis took the frame.
 
         The append is one script keyed by the camera's sequence number (streams.ADD_FRAME): when a
         reply is lost and the call is sent again (by redis-py's retry or by this loop), the second
@@ -172,7 +176,7 @@ class CameraIngest:
                 log.warning("redis unavailable", extra={"fields": {"camera": self.settings.camera, "fault": fault,
                                                                    "error": str(exc), "retry_in_s": backoff}})
                 if self.stop.wait(backoff):
-                    return 0, False
+                    return None
                 backoff = min(backoff * 2, self.settings.backoff_max_s)
 
     def _preview(self, image: np.ndarray, data: bytes) -> None:

@@ -149,3 +149,26 @@ def test_redis_fault_names_the_replies_that_pass_and_no_others():
     assert redis_fault(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")) is None
     assert redis_fault(redis.ResponseError("BUSYGROUP Consumer Group name already exists")) is None
     assert redis_fault(redis.exceptions.NoPermissionError("this user has no permissions")) is None
+
+
+def test_a_camera_stopped_during_an_outage_counts_only_the_frames_redis_took(redis_server):
+    """Stopped while Redis refuses its frame (full): the frame in hand is not reported as sent."""
+    client = connect(redis_server.url)
+    stop = threading.Event()
+    ingest = CameraIngest(connect(redis_server.url), SyntheticLine(seed=1, max_frames=1000),
+                          IngestSettings(camera="cam-1", fps=20, backoff_initial_s=0.1, backoff_max_s=0.2), KEYS, stop)
+    reports = []
+    runner = threading.Thread(target=lambda: reports.append(ingest.run()), daemon=True)
+    runner.start()
+    wait_for(lambda: client.xlen(KEYS.frames("cam-1")) >= 5)
+    clear = oom(client)
+    try:
+        time.sleep(1.0)  # the camera is now retrying a refused frame
+        stop.set()
+        runner.join(timeout=30)
+    finally:
+        clear()
+    assert not runner.is_alive() and len(reports) == 1
+    report = reports[0]
+    assert report.frames == client.xlen(KEYS.frames("cam-1")) == int(client.hget(KEYS.camera_stats("cam-1"), "ingested"))
+    assert "Redis outage" in report.ended and f"frame {report.frames} " in report.ended
