@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -107,9 +108,20 @@ def start_redis(binary: str) -> tuple[subprocess.Popen, int, str]:
 
 
 # ---- PatchCore features, as scorer/features.py computes them -----------------------------------------------
+def _pool_matrix(length: int, out: int) -> torch.Tensor:
+    """[length, out]: x @ M is adaptive_avg_pool1d(x, out) (scorer.features.adaptive_pool_matrix)."""
+    matrix = torch.zeros(length, out, dtype=torch.float64)
+    for i in range(out):
+        begin, end = (i * length) // out, math.ceil((i + 1) * length / out)
+        matrix[begin:end, i] = 1.0 / (end - begin)
+    return matrix
+
+
 class Features(torch.nn.Module):
     """Backbone stages up to the deepest tap -> 3x3 neighbourhoods -> deeper grids resized to the first ->
-    each layer's C*9 values pooled to 1024 -> layers concatenated and pooled to 1024."""
+    each layer's C*9 values pooled to 1024 -> layers concatenated and pooled to 1024. As the scorer does it:
+    neighbourhood and both poolings are one fixed linear map per layer, applied as a 3x3 convolution that
+    writes only that layer's columns of the final vector (no C*9-channel patches in memory)."""
 
     def __init__(self, name: str, dim: int = 1024):
         super().__init__()
@@ -125,6 +137,19 @@ class Features(torch.nn.Module):
         self.names = [n for n, _ in stages[:last + 1]]
         self.stages = torch.nn.ModuleList(m for _, m in stages[:last + 1])
         self.taps, self.dim = taps, dim
+        self._convs: dict = {}
+
+    def _conv(self, position: int, fmap: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+        channels = fmap.shape[1]
+        key = (position, channels, fmap.device)
+        if key not in self._convs:
+            final = _pool_matrix(len(self.taps) * self.dim, self.dim)[position * self.dim:(position + 1) * self.dim]
+            weights = _pool_matrix(channels * 9, self.dim) @ final
+            fed = torch.nonzero(weights.abs().sum(0))[:, 0]
+            first, last = int(fed[0]), int(fed[-1]) + 1
+            conv = weights[:, first:last].T.reshape(last - first, channels, 3, 3)  # unfold's (c, ky, kx) order
+            self._convs[key] = first, last, conv.to(device=fmap.device, dtype=torch.float32).contiguous()
+        return self._convs[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, maps = x.shape[0], {}
@@ -132,17 +157,17 @@ class Features(torch.nn.Module):
             x = stage(x)
             if name in self.taps:
                 maps[name] = x.float()
-        grid = maps[self.taps[0]].shape[-2:]
-        pooled = []
-        for name in self.taps:
+        grid = tuple(maps[self.taps[0]].shape[-2:])
+        out = None
+        for position, name in enumerate(self.taps):
             fmap = maps[name]
-            b, c, h, w = fmap.shape
-            patches = F.unfold(fmap, kernel_size=3, padding=1).reshape(b, c * 9, h, w)
-            if (h, w) != tuple(grid):
-                patches = F.interpolate(patches, size=tuple(grid), mode="bilinear", align_corners=False)
-            pooled.append(F.adaptive_avg_pool1d(patches.permute(0, 2, 3, 1).reshape(-1, 1, c * 9), self.dim))
-        features = F.adaptive_avg_pool1d(torch.cat(pooled, dim=2), self.dim)
-        return features.reshape(batch, -1, self.dim)
+            first, last, weight = self._conv(position, fmap)
+            part = F.conv2d(fmap, weight, padding=1)
+            if tuple(part.shape[-2:]) != grid:
+                part = F.interpolate(part, size=grid, mode="bilinear", align_corners=False)
+            part = F.pad(part, (0, 0, 0, 0, first, self.dim - last))
+            out = part if out is None else out + part
+        return out.permute(0, 2, 3, 1).reshape(batch, grid[0] * grid[1], self.dim)
 
 
 class Scorer:

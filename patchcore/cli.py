@@ -41,6 +41,9 @@ Neighbours = Annotated[int, typer.Option(help="b of the paper's Eq. 7 reweightin
 BatchSize = Annotated[int, typer.Option(help="Images per backbone pass.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 Index = Annotated[str, typer.Option(help="Engine of the flat search: auto, faiss-cpu, faiss-gpu or torch.")]
+Prefetch = Annotated[bool, typer.Option(
+    "--prefetch/--no-prefetch", help="Pipeline the worker: read and decode the next batch and write the last one's "
+                                     "results while a batch is scored.")]
 Search = Annotated[Optional[str], typer.Option(
     help="Nearest-neighbour search: auto (ivf on the CPU, half on CUDA), exact, subspace, half, ivf or hnsw "
          "(shortlists re-ranked exactly).")]
@@ -485,7 +488,7 @@ def worker_command(
     device: Device = "auto", index: Index = "auto", search: Search = None, weights: Weights = None,
     precision: Annotated[str, typer.Option(help="Backbone arithmetic: fp32, or bf16/fp16 autocast (GPUs; scores move slightly).")] = "fp32",
     channels_last: Annotated[bool, typer.Option(help="Backbone in channels_last memory layout (faster convolutions on GPUs).")] = False,
-    signing_key_file: SigningKeyFile = None, metrics_port: MetricsPort = 0,
+    prefetch: Prefetch = True, signing_key_file: SigningKeyFile = None, metrics_port: MetricsPort = 0,
     wait_replicas: WaitReplicas = 0, wait_ms: WaitMs = 100,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
 ) -> None:
@@ -501,7 +504,7 @@ def worker_command(
     settings = WorkerSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms,
                               max_frame_bytes=max_frame_bytes, result_maps=result_maps, max_pixels=max_pixels,
                               max_deliveries=max_deliveries, device=device, index=index, search=_search(search, index),
-                              weights=weights, precision=precision, channels_last=channels_last,
+                              weights=weights, precision=precision, channels_last=channels_last, prefetch=prefetch,
                               bank_key=_signing_key(signing_key_file), wait_replicas=wait_replicas, wait_ms=wait_ms)
     if name:
         from dataclasses import replace
@@ -814,7 +817,7 @@ def up_command(
         min=0, help="Frames per second the camera runs at; default 10 for the synthetic line, files and folders (the "
                     "latency a line camera sees), a live source's own rate. 0: unthrottled, for throughput.")] = None,
     max_batch: Annotated[int, typer.Option(help="Worker batch size at most.")] = 8,
-    max_wait_ms: Annotated[int, typer.Option(help="Worker batching wait.")] = 50,
+    max_wait_ms: Annotated[int, typer.Option(help="Worker batching wait.")] = 50, prefetch: Prefetch = True,
     k: K = 3, n: N = 4, cooldown_s: Cooldown = 2.0, threshold: Threshold = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the summary here.")] = None,
     device: Device = "auto", search: Search = None, progress: Progress = True,
@@ -846,7 +849,7 @@ def up_command(
         _fail(str(exc))
     settings = UpSettings(source=source, redis_url=redis_url, bank=bank, train=train, build=build,
                           warmup_frames=warmup_frames, frames=frames, seconds=seconds, fps=fps, max_batch=max_batch,
-                          max_wait_ms=max_wait_ms, rule=_rule(k, n, cooldown_s, threshold), device=device,
+                          max_wait_ms=max_wait_ms, prefetch=prefetch, rule=_rule(k, n, cooldown_s, threshold), device=device,
                           search=_search(search, "auto"), bank_name=bank_name, force=force,
                           bank_key=_signing_key(signing_key_file), metrics_port=metrics_port,
                           console_port=console_port, console_credentials=_console_credentials(

@@ -50,11 +50,13 @@ class UpSettings:
     frames: int | None = 200
     seconds: float | None = None
     fps: float | None = None  # None: a camera's rate for recorded and synthetic sources (ingest.sources.replay_fps); 0: unpaced
-    max_batch: int = 8
-    max_wait_ms: int = 50
+    # the worker's, defaults its own
+    max_batch: int = WorkerSettings.max_batch
+    max_wait_ms: int = WorkerSettings.max_wait_ms
+    prefetch: bool = WorkerSettings.prefetch  # pipelining
+    device: str = WorkerSettings.device
+    search: SearchConfig = WorkerSettings.search  # nearest-neighbour search
     rule: AlarmRule = AlarmRule()
-    device: str = "auto"
-    search: SearchConfig = SearchConfig()  # the worker's nearest-neighbour search
     force: bool = False  # publish over (and activate) an existing bank of a Redis that `up` did not start
     bank_key: bytes | None = field(default=None, repr=False)  # signing key; None: a fresh one for this run
     metrics_port: int = 0  # /metrics, /healthz, /readyz of the whole demo (0: off)
@@ -190,7 +192,8 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
                                                              max_frames=settings.frames), keys, ingest_stop)
         worker = Worker(connect(url), WorkerSettings(name="worker-1", max_batch=settings.max_batch,
                                                      max_wait_ms=settings.max_wait_ms, device=settings.device,
-                                                     search=settings.search, bank_key=bank_key), keys, stop)
+                                                     search=settings.search, prefetch=settings.prefetch,
+                                                     bank_key=bank_key), keys, stop)
         # load the bank (and run the network once on a frame of the source) before the camera starts:
         # start-up is not latency
         active = worker.banks.get(settings.bank_name)
@@ -292,5 +295,6 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
             "bank_version": version,
             "threshold": threshold,
             "max_batch": settings.max_batch,
+            "pipelined": worker.settings.prefetch,
         }
         return summary

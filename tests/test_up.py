@@ -40,6 +40,9 @@ def test_up_with_fps_0_is_a_throughput_run(tmp_path, synthetic_bank_bytes):
     assert summary["results_out"] == 16
     assert (summary["mode"], summary["fps_target"], summary["kept_up"]) == ("unthrottled", None, None)
     assert summary["measured"].startswith("throughput") and "camera unthrottled" in output
+    assert summary["pipelined"] is True  # the default
+    summary, _ = run_up(tmp_path, "--frames", "16", "--fps", "0", "--bank", str(bank), "--no-prefetch", "--max-batch", "4")
+    assert summary["pipelined"] is False and summary["results_out"] == 16 and summary["deadlettered"] == 0
 
 
 @needs_video

@@ -1,8 +1,10 @@
-"""Worker pipelining: the next batch is read and decoded while one is scored (once a batch has gone through
-cleanly); nothing is acknowledged before its result is written; stopping finishes the batch in flight. The
-promises of a worker that cannot score (one batch taken, then none) hold with prefetch: tests/test_poison.py
-runs with the default, and was run with prefetch on too."""
+"""Worker pipelining: the next batch is read and decoded while one is scored, and the previous one's results are
+written meanwhile (once a batch has gone through cleanly); nothing is acknowledged before its result is written;
+results are written in batch order; stopping finishes the batches in flight. The
+promises of a worker that cannot score (one batch taken, then none) hold pipelined: tests/test_poison.py runs
+with the default (pipelined); the unpipelined worker is in tests/test_faults.py (SIGKILL) and tests/test_up.py."""
 import threading
+import time
 
 from contracts.connection import connect
 from contracts.keys import FRAME_GROUP
@@ -22,21 +24,21 @@ def test_the_next_batch_is_read_and_decoded_while_one_is_scored(redis_server, sy
     gate, scoring = threading.Event(), threading.Event()
     prepared: list[int] = []
     scored: list[int] = []
-    outcomes, prepare = worker._outcomes, worker._prepare
+    score, prepare = worker._scored, worker._prepare
 
     def gated(decoded):  # the second batch's scoring waits until the test has looked (the first goes through:
         scored.append(1)  # prefetching starts once a batch has had its outcomes with nothing held)
         if len(scored) == 2:
             scoring.set()
             assert gate.wait(120)
-        return outcomes(decoded)
+        return score(decoded)
 
     def counted(batch):
         decoded = prepare(batch)
         prepared.append(sum(len(items) for items in decoded.values()))
         return decoded
 
-    worker._outcomes, worker._prepare = gated, counted
+    worker._scored, worker._prepare = gated, counted
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
@@ -56,6 +58,97 @@ def test_the_next_batch_is_read_and_decoded_while_one_is_scored(redis_server, sy
     assert worker.report.results == 24 and worker.report.batches == 3
 
 
+def test_a_batch_collected_while_one_is_scored_takes_every_frame_that_arrives_meanwhile(redis_server,
+                                                                                      synthetic_bank_bytes):
+    """Pipelined batches are as large as unpipelined ones at the same load: the batch being collected stays open
+    (past max_wait_ms) until the scorer is free, instead of going on in small, costly batches."""
+    client = connect(redis_server.url)
+    publish(client, synthetic_bank_bytes)
+    ingest(redis_server.url, 8)
+    stop = threading.Event()
+    worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, max_wait_ms=10,
+                                                              refresh_s=60, prefetch=True), KEYS, stop)
+    gate, scoring = threading.Event(), threading.Event()
+    prepared: list[int] = []
+    calls: list[int] = []
+    score, prepare = worker._scored, worker._prepare
+
+    def gated(decoded):
+        calls.append(1)
+        if len(calls) == 2:
+            scoring.set()
+            assert gate.wait(120)
+        return score(decoded)
+
+    def counted(batch):
+        prepared.append(len(batch))
+        return prepare(batch)
+
+    worker._scored, worker._prepare = gated, counted
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(results(client)) == 8)
+        ingest(redis_server.url, 1, seed=1)
+        wait_for(scoring.is_set)  # batch 2 (one frame) is being scored ...
+        ingest(redis_server.url, 3, seed=2)  # ... while 3 frames arrive, and 3 more 0.3 s (30 x max_wait_ms) later
+        time.sleep(0.3)
+        ingest(redis_server.url, 3, seed=3)
+        time.sleep(0.3)
+        assert prepared == [8, 1]  # batch 3 is still open
+        gate.set()
+        wait_for(lambda: len(results(client)) == 15)
+    finally:
+        gate.set()
+        stop.set()
+        thread.join(timeout=60)
+    assert prepared == [8, 1, 6]
+    assert [r.seq for r in results(client)] == list(range(15))
+
+
+def test_results_are_written_while_the_next_batch_is_scored_and_in_order(redis_server, synthetic_bank_bytes):
+    client = connect(redis_server.url)
+    publish(client, synthetic_bank_bytes)
+    ingest(redis_server.url, 24)
+    stop = threading.Event()
+    worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, max_wait_ms=10,
+                                                              refresh_s=60, prefetch=True), KEYS, stop)
+    gate, writing = threading.Event(), threading.Event()
+    writes: list[int] = []
+    scored: list[str] = []
+    score, write = worker._scored, worker._write
+
+    def gated_write(batch, *args):  # the second batch's results wait until the test has looked
+        writes.append(len(batch))
+        if len(writes) == 2:
+            writing.set()
+            assert gate.wait(120)
+        return write(batch, *args)
+
+    def counted(decoded):
+        out = score(decoded)
+        scored.append(threading.current_thread().name)
+        return out
+
+    worker._scored, worker._write = counted, gated_write
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(writing.is_set)
+        wait_for(lambda: len(scored) >= 3)  # batch 3 scored while batch 2's results wait to be written
+        assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 16  # 2 and 3: unacknowledged
+        assert len(results(client)) == 8 and len(writes) == 2  # batch 3's results wait for batch 2's
+        gate.set()
+        wait_for(lambda: len(results(client)) == 24)
+    finally:
+        gate.set()
+        stop.set()
+        thread.join(timeout=60)
+    assert [r.seq for r in results(client)] == list(range(24))  # each frame once, in the order they arrived
+    assert all(name.startswith("score") for name in scored[1:])  # pipelined batches are scored off the loop
+    assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0 and worker.report.results == 24
+
+
 def test_stopping_finishes_the_batch_in_flight(redis_server, synthetic_bank_bytes):
     client = connect(redis_server.url)
     publish(client, synthetic_bank_bytes)
@@ -63,12 +156,12 @@ def test_stopping_finishes_the_batch_in_flight(redis_server, synthetic_bank_byte
     stop = threading.Event()
     worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, refresh_s=60, prefetch=True),
                     KEYS, stop)
-    outcomes = worker._outcomes
+    score = worker._scored
 
     def stop_then_score(decoded):  # the stop arrives while the batch is in flight
         stop.set()
-        return outcomes(decoded)
+        return score(decoded)
 
-    worker._outcomes = stop_then_score
+    worker._scored = stop_then_score
     worker.run()
     assert len(results(client)) == 8 and client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0

@@ -13,13 +13,13 @@ anything else is split in halves until the frames that raise alone are found; th
 pending, and a frame delivered more than `max_deliveries` times (XPENDING's count: each reclaim,
 including after a worker died on it) is dead-lettered as poison.
 
-Pipelining (`prefetch`, opt-in): while one batch is scored and its results written (one scoring
-thread), the loop reads the next batch from Redis and decodes it (JPEGs together, on the GPU when the
-worker scores there), from the first batch that has its outcomes with nothing held on (until then, and
-after any hold, the next batch is read only once the one in flight is done). At most one batch is in
-flight; it is finished before held frames are retried,
-streams refreshed or frames reclaimed, and before the worker stops. A frame is still acknowledged only
-by the script that writes its outcome.
+Pipelining (`prefetch`, on by default): while one batch is scored (the
+scoring thread) and the previous batch's results are written (the writer thread), the loop reads the next
+batch from Redis and decodes it (JPEGs together, on the GPU when the worker scores there), from the first
+batch that has its outcomes with nothing held on (until then, and after any hold, the next batch is read
+only once the one in flight is written). At most one batch is scored and one written at a time, results
+in batch order; both are finished before held frames are retried, streams refreshed or frames reclaimed,
+and before the worker stops. A frame is still acknowledged only by the script that writes its outcome.
 """
 from __future__ import annotations
 
@@ -77,12 +77,12 @@ class WorkerSettings:
     weights: str | None = None
     precision: str = "fp32"  # the backbone under autocast: bf16 or fp16 (scores move slightly; see ComputeConfig)
     channels_last: bool = False  # the backbone's memory layout (faster convolutions on GPUs)
-    # read and decode the next batch while the current one is scored and written, once a batch has gone through
-    # cleanly (so a worker that cannot score takes one batch, not two: tests/test_poison.py passes with it on).
-    # A fault that starts mid-run still finds one prefetched batch taken, which it then holds too. Off by
-    # default: on the 2-core CPU it raised batch-8 throughput 24.4 -> 31.2 frames/s but not batch 1 or 32,
-    # and latency at 70 % load got worse (bench/pipeline.py, one run each); to be measured on a GPU worker
-    prefetch: bool = False
+    # pipelining: read and decode the next batch while the current one is scored, and write the previous one's
+    # results meanwhile, once a batch has gone through cleanly (so a worker that cannot score takes one batch, not
+    # two: tests/test_poison.py). A fault that starts mid-run still finds one prefetched batch taken, which it then
+    # holds too. On by default: on the 2-core CPU, max batch 8, 1.20x the frames/s and p50 latency at 70 % load
+    # 253 -> 149 ms (bench/pipeline.py --repeat 3; README "GPU worker", Pipelining)
+    prefetch: bool = True
     refresh_s: float = 2.0  # how often to look for new cameras and reclaim pending frames
     # after writing a batch's results, wait until this many replicas have them (Redis WAIT), at most wait_ms:
     # a result acknowledged but not yet replicated when a primary dies is lost with the acknowledgement
@@ -133,8 +133,11 @@ class Worker:
         self._sick = False  # this host cannot score now: take no frames, keep none from other workers
         self._faulted: set[str] = set()  # cameras whose `fault` this worker has set
         self._decode_device = resolve_device(settings.device)  # JPEGs are decoded where they are scored
-        self._scoring = ThreadPoolExecutor(1, thread_name_prefix="score")  # the batch in flight (prefetch)
+        self._scoring = ThreadPoolExecutor(1, thread_name_prefix="score")  # the batch in flight (prefetch) ...
         self._inflight: Future | None = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="write")  # ... and the one before it, written
+        self._writing_batch: Future | None = None
+        self._counting = threading.Lock()
         self._proven = False  # the last batch got its outcomes with nothing held: prefetching may go on
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -146,6 +149,7 @@ class Worker:
             log.warning("stopped with a batch unwritten", extra={"fields": {"error": str(exc)}})
         finally:
             self._scoring.shutdown(wait=True)
+            self._writer.shutdown(wait=True)
         return self.report
 
     def _step(self) -> None:
@@ -170,16 +174,22 @@ class Worker:
         if not self.settings.prefetch:
             self.process(batch)
             return
-        decoded = self._prepare_or_hold(batch)  # while the previous batch is scored and written
-        self._drain()
-        if decoded is not None:
-            self._inflight = self._scoring.submit(self._finish, batch, decoded)
-
-    def _drain(self) -> None:
-        """Wait for the batch in flight; its exception (e.g. NOGROUP) is raised here, in the loop."""
+        decoded = self._prepare_or_hold(batch)  # while the previous batch is scored (and the one before written)
         inflight, self._inflight = self._inflight, None
         if inflight is not None:
-            inflight.result()
+            inflight.result()  # scored; its results may still be written while this batch is scored
+        if decoded is not None:
+            self._inflight = self._scoring.submit(self._finish, batch, decoded, True)
+
+    def _drain(self) -> None:
+        """Wait for the batch in flight to be scored and written; an exception of either (e.g. NOGROUP) is
+        raised here, in the loop."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()  # scored, and its writing handed on
+        writing, self._writing_batch = self._writing_batch, None
+        if writing is not None:
+            writing.result()
 
     def _lost_group(self) -> None:
         """NOGROUP: the stream or its group is gone (data loss); re-create groups, drop what we hold."""
@@ -234,7 +244,9 @@ class Worker:
         """At most max_batch frames over all cameras, waiting at most max_wait_ms after the first arrives.
 
         Reads go through CameraStreams.read_fair (a hard cap, and a backlogged camera cannot starve
-        the others). When nothing is waiting, one blocking read (COUNT 1 per stream) wakes on the
+        the others). Pipelined, a batch collected while the previous one is scored stays open until that
+        one is scored (or the batch is full): it takes what arrived meanwhile, as an unpipelined worker's
+        next batch would, instead of going on in small batches that cost more per frame. When nothing is waiting, one blocking read (COUNT 1 per stream) wakes on the
         first arrival; any frames it returns beyond the cap are already ours and go first next batch.
         """
         cap = self.settings.max_batch
@@ -252,7 +264,9 @@ class Worker:
                 else:
                     block_ms = int((deadline - time.monotonic()) * 1000)
                     if block_ms <= 0:
-                        break
+                        if self._inflight is None or self._inflight.done():
+                            break
+                        block_ms = 5  # the scorer is still busy: frames arriving meanwhile join this batch
                 reply = self._streams.read_blocking(self.settings.name, cap - len(batch), readable, max(1, block_ms))
             now = time.time()
             entries = [_Entry(stream, entry_id, (fields or {}).get(b"m", b""), now)
@@ -284,10 +298,26 @@ class Worker:
             self._proven = False
             return None
 
-    def _finish(self, batch: list[_Entry], decoded: dict) -> None:
-        held: list[tuple[_Entry, str, bool]] = []
+    def _finish(self, batch: list[_Entry], decoded: dict, pipelined: bool = False) -> None:
+        """Score the batch, then write its outcomes: here, or (`pipelined`) in the writer thread, once the
+        previous batch's are written, while this thread goes on to the next batch."""
         try:
-            held = self._outcomes(decoded)
+            scored, held = self._scored(decoded)
+        except REDIS_ERRORS as exc:  # dead-lettering a refused frame failed: hold the batch (as in _write)
+            scored, held = [], self._redis_held(batch, exc)
+        if not pipelined:
+            self._write(batch, scored, held)
+            return
+        writing, self._writing_batch = self._writing_batch, None
+        if writing is not None:
+            writing.result()  # one batch being written at a time, in order; its exception goes to the loop
+        self._writing_batch = self._writer.submit(self._write, batch, scored, held)
+
+    def _write(self, batch: list[_Entry], scored: list, held: list[tuple[_Entry, str, bool]]) -> None:
+        """Write the scored frames' results; hold `held` (and, if Redis refuses the writes, the whole batch)."""
+        try:
+            for active, items, result, score_ms in scored:
+                self._write_results(active, items, result, score_ms)
         except REDIS_ERRORS as exc:  # e.g. OOM or READONLY while writing: outcomes already written stay
             held = self._redis_held(batch, exc)  # written (a retry finds them acknowledged, writes nothing twice)
         self._hold(held)
@@ -329,9 +359,10 @@ class Worker:
             decoded.setdefault(frame.bank, []).append((entry, frame, image, unpack_ms + share_ms))
         return decoded
 
-    def _outcomes(self, decoded: dict) -> list[tuple[_Entry, str, bool]]:
-        """Score and write results; returns the frames to hold, why, and whether this host is the cause."""
-        held = []
+    def _scored(self, decoded: dict) -> tuple[list, list[tuple[_Entry, str, bool]]]:
+        """Score the decoded frames by bank. Returns [(bank, items, result, ms per frame)] to write, and the
+        frames to hold, why, and whether this host is the cause."""
+        scored, held = [], []
         for bank_name, items in decoded.items():
             active = self.banks.get(bank_name)
             if active is None:
@@ -346,18 +377,17 @@ class Worker:
             if not items:
                 continue
             try:
-                scored, suspects = self._score(active, items)
+                parts, suspects = self._score(active, items)
             except Exception as exc:  # noqa: BLE001 - classified by _host_fault; anything else is split
                 held += [(entry, f"scoring failed on this host: {type(exc).__name__}: {exc}", True) for entry, *_ in items]
                 continue
-            for part, result, score_ms in scored:
-                self._write_results(active, part, result, score_ms)
+            scored += [(active, part, result, score_ms) for part, result, score_ms in parts]
             for entry, error in suspects:  # left pending: reclaimed after claim_idle_ms, counted each time
                 self.report.suspects += 1
                 log.error("frame raises when scored alone; left pending",
                           extra={"fields": {"stream": entry.stream, "id": entry.entry_id.decode(),
                                             "deliveries": entry.deliveries, "error": error}})
-        return held
+        return scored, held
 
     def _score(self, active, items):
         """Score `items` in one pass; if that raises (not a host fault), halve until the frames that
@@ -471,7 +501,8 @@ class Worker:
 
     def _deadletter(self, entry: _Entry, reason: str) -> None:
         if self._deadletters.add(entry.stream, FRAME_GROUP, entry.entry_id, entry.raw, reason, self.settings.name):
-            self.report.deadlettered += 1
+            with self._counting:  # the loop (unreadable frames) and the scoring thread (refused sizes) both count
+                self.report.deadlettered += 1
         log.warning("frame dead-lettered", extra={"fields": {"stream": entry.stream, "reason": reason}})
 
 
