@@ -165,3 +165,20 @@ def test_stopping_finishes_the_batch_in_flight(redis_server, synthetic_bank_byte
     worker._scored = stop_then_score
     worker.run()
     assert len(results(client)) == 8 and client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0
+
+
+def test_a_worker_without_cameras_sees_the_first_one_at_once(redis_server, synthetic_bank_bytes):
+    """The first camera's frames are read within a tick, not after the worker's next refresh (every 60 s here)."""
+    client = connect(redis_server.url)
+    publish(client, synthetic_bank_bytes)
+    stop = threading.Event()
+    worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", refresh_s=60), KEYS, stop)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)  # the worker has refreshed once, found no camera, and idles
+        ingest(redis_server.url, 1)
+        wait_for(lambda: len(results(client)) == 1, timeout=20)
+    finally:
+        stop.set()
+        thread.join(timeout=60)

@@ -206,7 +206,9 @@ class Worker:
         return [s for s in self._streams.names if held.get(s, 0) < self.settings.max_batch]
 
     def _maybe_refresh(self) -> None:
-        if not self._streams.due():
+        # a worker that reads no stream yet looks for cameras at every idle tick (0.1 s), not every refresh_s:
+        # the first camera's first frames do not wait up to refresh_s to be seen
+        if not self._streams.due() and self._streams.names:
             return
         self._drain()
         self._streams.refresh()
