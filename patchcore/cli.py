@@ -479,7 +479,8 @@ def ingest_command(
 def worker_command(
     name: Annotated[Optional[str], typer.Option(help="Consumer name (default: host-pid).")] = None,
     max_batch: Annotated[int, typer.Option(help="Frames per batch at most.")] = 8,
-    max_wait_ms: Annotated[int, typer.Option(help="Wait at most this long to fill a batch.")] = 50,
+    max_wait_ms: Annotated[int, typer.Option(help="Wait at most this long to fill a batch (pipelined: or until the "
+                                                   "previous batch is scored, if that is later).")] = 50,
     claim_idle_ms: Annotated[int, typer.Option(help="Reclaim frames left unacknowledged this long by a dead worker.")] = 30000,
     max_frame_bytes: Annotated[int, typer.Option(help="Dead-letter frame messages larger than this.")] = 16 << 20,
     result_maps: Annotated[bool, typer.Option(help="Attach the small patch-distance map (uint8 grid) to every result.")] = False,

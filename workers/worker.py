@@ -79,9 +79,9 @@ class WorkerSettings:
     channels_last: bool = False  # the backbone's memory layout (faster convolutions on GPUs)
     # pipelining: read and decode the next batch while the current one is scored, and write the previous one's
     # results meanwhile, once a batch has gone through cleanly (so a worker that cannot score takes one batch, not
-    # two: tests/test_poison.py). A fault that starts mid-run still finds one prefetched batch taken, which it then
-    # holds too. On by default: on the 2-core CPU, max batch 8, 1.20x the frames/s and p50 latency at 70 % load
-    # 253 -> 149 ms (bench/pipeline.py --repeat 3; README "GPU worker", Pipelining)
+    # two: tests/test_poison.py). A fault that starts mid-run finds up to three batches taken (read, scored, being
+    # written), which it then holds too. On by default: on the 2-core CPU, max batch 8, 1.02-1.21x the frames/s
+    # and about half the p50 latency at 70 % load (bench/pipeline.py --repeat 3; README "GPU worker", Pipelining)
     prefetch: bool = True
     refresh_s: float = 2.0  # how often to look for new cameras and reclaim pending frames
     # after writing a batch's results, wait until this many replicas have them (Redis WAIT), at most wait_ms:
@@ -248,7 +248,8 @@ class Worker:
         Reads go through CameraStreams.read_fair (a hard cap, and a backlogged camera cannot starve
         the others). Pipelined, a batch collected while the previous one is scored stays open until that
         one is scored (or the batch is full): it takes what arrived meanwhile, as an unpipelined worker's
-        next batch would, instead of going on in small batches that cost more per frame. When nothing is waiting, one blocking read (COUNT 1 per stream) wakes on the
+        next batch would, instead of going on in small batches that cost more per frame. When nothing is
+        waiting, one blocking read (COUNT 1 per stream) wakes on the
         first arrival; any frames it returns beyond the cap are already ours and go first next batch.
         """
         cap = self.settings.max_batch
