@@ -13,49 +13,63 @@ from workers.worker import Worker, WorkerSettings
 from .test_pipeline import KEYS, ingest, publish, results, wait_for
 
 
+class GatedWorker:
+    """A pipelined worker in a thread (max batch 8; no refresh, a drain point, within a test): the `gate`d stage
+    ("_scored" or "_write") waits on its `at`-th call until the test opens the gate (the first batch goes
+    through: pipelining starts once a batch has had its outcomes with nothing held). Records the frames of
+    each batch read and decoded (`prepared`) and the thread of each call of both stages (`calls`)."""
+
+    def __init__(self, url: str, gate: str, at: int = 2):
+        self.stop, self.gate, self.reached = threading.Event(), threading.Event(), threading.Event()
+        self.worker = Worker(connect(url), WorkerSettings(name="w", device="cpu", max_batch=8, max_wait_ms=10,
+                                                          refresh_s=60, prefetch=True), KEYS, self.stop)
+        self.prepared: list[int] = []
+        self.calls: dict[str, list[str]] = {"_scored": [], "_write": []}
+        prepare = self.worker._prepare
+
+        def counted(batch):
+            self.prepared.append(len(batch))
+            return prepare(batch)
+
+        self.worker._prepare = counted
+        for stage, calls in self.calls.items():
+            setattr(self.worker, stage, self._wrap(getattr(self.worker, stage), calls, at if stage == gate else 0))
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+
+    def _wrap(self, original, calls: list[str], at: int):
+        def stage(*args):
+            calls.append(threading.current_thread().name)
+            if len(calls) == at:
+                self.reached.set()
+                assert self.gate.wait(120)
+            return original(*args)
+        return stage
+
+    def __enter__(self) -> "GatedWorker":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gate.set()
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
 def test_the_next_batch_is_read_and_decoded_while_one_is_scored(redis_server, synthetic_bank_bytes):
     client = connect(redis_server.url)
     publish(client, synthetic_bank_bytes)
     ingest(redis_server.url, 24)
-    stop = threading.Event()
-    # refresh_s: no refresh (a drain point) falls between the two batches this test watches
-    worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, max_wait_ms=10,
-                                                              refresh_s=60, prefetch=True), KEYS, stop)
-    gate, scoring = threading.Event(), threading.Event()
-    prepared: list[int] = []
-    scored: list[int] = []
-    score, prepare = worker._scored, worker._prepare
-
-    def gated(decoded):  # the second batch's scoring waits until the test has looked (the first goes through:
-        scored.append(1)  # prefetching starts once a batch has had its outcomes with nothing held)
-        if len(scored) == 2:
-            scoring.set()
-            assert gate.wait(120)
-        return score(decoded)
-
-    def counted(batch):
-        decoded = prepare(batch)
-        prepared.append(sum(len(items) for items in decoded.values()))
-        return decoded
-
-    worker._scored, worker._prepare = gated, counted
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(scoring.is_set)
-        wait_for(lambda: len(prepared) >= 3)  # batch 3 read from Redis and decoded while batch 2 is being scored
-        assert prepared[:3] == [8, 8, 8]
+    with GatedWorker(redis_server.url, "_scored") as gated:
+        wait_for(gated.reached.is_set)  # batch 2 is being scored
+        wait_for(lambda: len(gated.prepared) >= 3)  # batch 3 read from Redis and decoded meanwhile
+        assert gated.prepared[:3] == [8, 8, 8]
         assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 16  # 2 and 3 held, unacknowledged
         assert len(results(client)) == 8  # batch 1's; nothing of batch 2 written before its scoring finished
-        gate.set()
+        gated.gate.set()
         wait_for(lambda: len(results(client)) == 24)
-    finally:
-        gate.set()
-        stop.set()
-        thread.join(timeout=60)
     assert len({r.seq for r in results(client)}) == 24  # each frame once
     assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0
-    assert worker.report.results == 24 and worker.report.batches == 3
+    assert gated.worker.report.results == 24 and gated.worker.report.batches == 3
 
 
 def test_a_batch_collected_while_one_is_scored_takes_every_frame_that_arrives_meanwhile(redis_server,
@@ -65,44 +79,18 @@ def test_a_batch_collected_while_one_is_scored_takes_every_frame_that_arrives_me
     client = connect(redis_server.url)
     publish(client, synthetic_bank_bytes)
     ingest(redis_server.url, 8)
-    stop = threading.Event()
-    worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, max_wait_ms=10,
-                                                              refresh_s=60, prefetch=True), KEYS, stop)
-    gate, scoring = threading.Event(), threading.Event()
-    prepared: list[int] = []
-    calls: list[int] = []
-    score, prepare = worker._scored, worker._prepare
-
-    def gated(decoded):
-        calls.append(1)
-        if len(calls) == 2:
-            scoring.set()
-            assert gate.wait(120)
-        return score(decoded)
-
-    def counted(batch):
-        prepared.append(len(batch))
-        return prepare(batch)
-
-    worker._scored, worker._prepare = gated, counted
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
+    with GatedWorker(redis_server.url, "_scored") as gated:
         wait_for(lambda: len(results(client)) == 8)
         ingest(redis_server.url, 1, seed=1)
-        wait_for(scoring.is_set)  # batch 2 (one frame) is being scored ...
+        wait_for(gated.reached.is_set)  # batch 2 (one frame) is being scored ...
         ingest(redis_server.url, 3, seed=2)  # ... while 3 frames arrive, and 3 more 0.3 s (30 x max_wait_ms) later
         time.sleep(0.3)
         ingest(redis_server.url, 3, seed=3)
         time.sleep(0.3)
-        assert prepared == [8, 1]  # batch 3 is still open
-        gate.set()
+        assert gated.prepared == [8, 1]  # batch 3 is still open
+        gated.gate.set()
         wait_for(lambda: len(results(client)) == 15)
-    finally:
-        gate.set()
-        stop.set()
-        thread.join(timeout=60)
-    assert prepared == [8, 1, 6]
+    assert gated.prepared == [8, 1, 6]
     assert [r.seq for r in results(client)] == list(range(15))
 
 
@@ -110,43 +98,17 @@ def test_results_are_written_while_the_next_batch_is_scored_and_in_order(redis_s
     client = connect(redis_server.url)
     publish(client, synthetic_bank_bytes)
     ingest(redis_server.url, 24)
-    stop = threading.Event()
-    worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, max_wait_ms=10,
-                                                              refresh_s=60, prefetch=True), KEYS, stop)
-    gate, writing = threading.Event(), threading.Event()
-    writes: list[int] = []
-    scored: list[str] = []
-    score, write = worker._scored, worker._write
-
-    def gated_write(batch, *args):  # the second batch's results wait until the test has looked
-        writes.append(len(batch))
-        if len(writes) == 2:
-            writing.set()
-            assert gate.wait(120)
-        return write(batch, *args)
-
-    def counted(decoded):
-        out = score(decoded)
-        scored.append(threading.current_thread().name)
-        return out
-
-    worker._scored, worker._write = counted, gated_write
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(writing.is_set)
-        wait_for(lambda: len(scored) >= 3)  # batch 3 scored while batch 2's results wait to be written
+    with GatedWorker(redis_server.url, "_write") as gated:
+        wait_for(gated.reached.is_set)  # batch 2's results wait to be written ...
+        wait_for(lambda: len(gated.calls["_scored"]) >= 3)  # ... while batch 3 is scored
         assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 16  # 2 and 3: unacknowledged
-        assert len(results(client)) == 8 and len(writes) == 2  # batch 3's results wait for batch 2's
-        gate.set()
+        assert len(results(client)) == 8 and len(gated.calls["_write"]) == 2  # batch 3's results wait for batch 2's
+        gated.gate.set()
         wait_for(lambda: len(results(client)) == 24)
-    finally:
-        gate.set()
-        stop.set()
-        thread.join(timeout=60)
     assert [r.seq for r in results(client)] == list(range(24))  # each frame once, in the order they arrived
-    assert all(name.startswith("score") for name in scored[1:])  # pipelined batches are scored off the loop
-    assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0 and worker.report.results == 24
+    assert all(name.startswith("score") for name in gated.calls["_scored"])  # scored off the loop ...
+    assert all(name.startswith("write") for name in gated.calls["_write"])  # ... and written off the scorer
+    assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0 and gated.worker.report.results == 24
 
 
 def test_stopping_finishes_the_batch_in_flight(redis_server, synthetic_bank_bytes):
