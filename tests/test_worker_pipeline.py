@@ -5,6 +5,10 @@ promises of a worker that cannot score (one batch taken, then none) hold pipelin
 with the default (pipelined); the unpipelined worker is in tests/test_faults.py (SIGKILL) and tests/test_up.py."""
 import threading
 import time
+from concurrent.futures import Future
+
+import pytest
+import redis
 
 from contracts.connection import connect
 from contracts.keys import FRAME_GROUP
@@ -144,3 +148,29 @@ def test_a_worker_without_cameras_sees_the_first_one_at_once(redis_server, synth
     finally:
         stop.set()
         thread.join(timeout=60)
+
+
+def test_a_batch_being_collected_when_redis_fails_is_kept_for_the_next_one(redis_server, synthetic_bank_bytes):
+    """Frames already read into a batch that is still open (the scorer busy) are not dropped to wait for a
+    reclaim when a read fails: they go first once Redis answers again, with no extra delivery."""
+    client = connect(redis_server.url)
+    publish(client, synthetic_bank_bytes)
+    ingest(redis_server.url, 2)
+    worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, max_wait_ms=10,
+                                                              refresh_s=60), KEYS)
+    worker._maybe_refresh()  # the camera's stream is known
+    worker._inflight = Future()  # a batch is being scored: the one being collected stays open
+    read_blocking = worker._streams.read_blocking
+
+    def lost(*args, **kwargs):
+        raise redis.ConnectionError("connection lost")
+
+    worker._streams.read_blocking = lost
+    with pytest.raises(redis.ConnectionError):
+        worker._collect()
+    worker._streams.read_blocking, worker._inflight = read_blocking, None
+    batch = worker._collect()
+    assert [e.entry_id for e in batch] == [i for i, _ in client.xrange(KEYS.frames("cam-1"))]  # both, in order
+    worker.process(batch)
+    assert [r.seq for r in results(client)] == [0, 1]
+    assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0

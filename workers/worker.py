@@ -150,12 +150,16 @@ class Worker:
         finally:
             self._scoring.shutdown(wait=True)
             self._writer.shutdown(wait=True)
+            unwritten = self._writing_batch.exception() if self._writing_batch is not None else None
+            if unwritten is not None:  # its frames stay pending: another worker reclaims them
+                log.warning("stopped with a batch unwritten", extra={"fields": {"error": str(unwritten)}})
         return self.report
 
     def _step(self) -> None:
-        if self._held and time.monotonic() >= self._retry_at:
-            self._drain()  # held frames, streams and reclaims change only while no batch is in flight
         self._maybe_refresh()
+        if self._held and time.monotonic() >= self._retry_at:
+            # held frames change only while no batch is in flight (the writer holds frames, and moves _retry_at)
+            self._drain()
         if self._held and time.monotonic() >= self._retry_at:
             retry, self._held, self._sick = self._held, [], False
             for begin in range(0, len(retry), self.settings.max_batch):
@@ -258,6 +262,13 @@ class Worker:
         if not readable:
             self.stop.wait(0.1)
             return batch
+        try:
+            return self._fill(batch, cap, readable)
+        except REDIS_ERRORS:
+            self._reclaimed[:0] = batch  # read (ours, pending): they go first once Redis answers again
+            raise
+
+    def _fill(self, batch: list[_Entry], cap: int, readable: list[str]) -> list[_Entry]:
         deadline = None
         while len(batch) < cap and not self.stop.is_set():
             reply = self._streams.read_fair(self.settings.name, cap - len(batch), readable)
@@ -297,8 +308,12 @@ class Worker:
         try:
             return self._prepare(batch)
         except REDIS_ERRORS as exc:  # dead-lettering failed: hold the batch (see _finish)
-            self._hold(self._redis_held(batch, exc))
-            self._proven = False
+            held = self._redis_held(batch, exc)
+            try:
+                self._drain()  # the writer holds frames and sets _proven: it finishes first (one thread at a time)
+            finally:
+                self._hold(held)
+                self._proven = False
             return None
 
     def _finish(self, batch: list[_Entry], decoded: dict, pipelined: bool = False) -> None:
@@ -312,9 +327,11 @@ class Worker:
             self._write(batch, scored, held)
             return
         writing, self._writing_batch = self._writing_batch, None
-        if writing is not None:
-            writing.result()  # one batch being written at a time, in order; its exception goes to the loop
-        self._writing_batch = self._writer.submit(self._write, batch, scored, held)
+        try:
+            if writing is not None:
+                writing.result()  # one batch being written at a time, in order; its exception goes to the loop
+        finally:  # ... and this batch is still written (or held)
+            self._writing_batch = self._writer.submit(self._write, batch, scored, held)
 
     def _write(self, batch: list[_Entry], scored: list, held: list[tuple[_Entry, str, bool]]) -> None:
         """Write the scored frames' results; hold `held` (and, if Redis refuses the writes, the whole batch)."""
