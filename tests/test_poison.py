@@ -9,6 +9,7 @@ import time
 
 import cv2
 import numpy as np
+import pytest
 
 from contracts.connection import connect
 from contracts.deadletter import DeadLetters, DeadLetterSettings
@@ -44,15 +45,16 @@ def bump_deliveries(client, entry_id, times: int) -> None:
         client.xclaim(STREAM, FRAME_GROUP, f"crashed-{i}", 0, [entry_id])
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["pipelined", "unpipelined"])
 def test_without_a_loadable_bank_frames_stay_pending_show_the_fault_and_are_scored_once_one_arrives(
-        redis_server, synthetic_bank_bytes):
+        redis_server, synthetic_bank_bytes, prefetch):
     client = connect(redis_server.url)
     registry = BankRegistry(client, KEYS)
     tampered = registry.publish("default", synthetic_bank_bytes, activate=True)
     client.setrange(KEYS.bank_blob("default", tampered), 200, b"!")  # the only version is refused
     ingest(redis_server.url, 12)
     with Running(redis_server.url, store=False, max_batch=4, claim_idle_ms=300, retry_initial_s=0.1,
-                 retry_max_s=0.4) as running:
+                 retry_max_s=0.4, prefetch=prefetch) as running:
         wait_for(lambda: "refused" in fault(client))
         time.sleep(2.0)  # several claim_idle_ms periods and retries
         camera = collect_status(client)["cameras"][0]
@@ -71,13 +73,14 @@ def test_without_a_loadable_bank_frames_stay_pending_show_the_fault_and_are_scor
     assert client.xlen(KEYS.deadletter("cam-1")) == 0 and client.xpending(STREAM, FRAME_GROUP)["pending"] == 0
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["pipelined", "unpipelined"])
 def test_a_host_that_cannot_load_its_weights_lets_another_worker_score_its_frames(
-        redis_server, synthetic_bank_bytes, tmp_path):
+        redis_server, synthetic_bank_bytes, tmp_path, prefetch):
     client = connect(redis_server.url)
     BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
     ingest(redis_server.url, 6)
     stop = threading.Event()
-    common = dict(refresh_s=0.2, claim_idle_ms=500, max_batch=4, device="cpu", retry_initial_s=0.2)
+    common = dict(refresh_s=0.2, claim_idle_ms=500, max_batch=4, device="cpu", retry_initial_s=0.2, prefetch=prefetch)
     sick = Worker(connect(redis_server.url), WorkerSettings(name="sick", weights=str(tmp_path / "gone.pth"), **common),
                   KEYS, stop)
     healthy = Worker(connect(redis_server.url), WorkerSettings(name="healthy", **common), KEYS, stop)

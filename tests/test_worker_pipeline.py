@@ -1,8 +1,8 @@
 """Worker pipelining: the next batch is read and decoded while one is scored, and the previous one's results are
 written meanwhile (once a batch has gone through cleanly); nothing is acknowledged before its result is written;
 results are written in batch order; stopping finishes the batches in flight. The
-promises of a worker that cannot score (one batch taken, then none) hold pipelined: tests/test_poison.py runs
-with the default (pipelined); the unpipelined worker is in tests/test_faults.py (SIGKILL) and tests/test_up.py."""
+promises of a worker that cannot score (one batch taken, then none) hold pipelined and not: tests/test_poison.py
+runs both; so do tests/test_faults.py (SIGKILL) and tests/test_up.py."""
 import threading
 import time
 from concurrent.futures import Future
