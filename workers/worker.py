@@ -160,13 +160,13 @@ class Worker:
         if self._held and time.monotonic() >= self._retry_at:
             # held frames change only while no batch is in flight (the writer holds frames, and moves _retry_at)
             self._drain()
-        if self._held and time.monotonic() >= self._retry_at:
-            retry, self._held, self._sick = self._held, [], False
-            for begin in range(0, len(retry), self.settings.max_batch):
-                self.process(retry[begin:begin + self.settings.max_batch])
-            # still failing: back off further; all through: the next fault starts afresh
-            self._retry_s = min(self._retry_s * 2, self.settings.retry_max_s) if self._held else self.settings.retry_initial_s
-            self._retry_at = time.monotonic() + self._retry_s
+            if time.monotonic() >= self._retry_at:
+                retry, self._held, self._sick = self._held, [], False
+                for begin in range(0, len(retry), self.settings.max_batch):
+                    self.process(retry[begin:begin + self.settings.max_batch])
+                # still failing: back off further; all through: the next fault starts afresh
+                self._retry_s = min(self._retry_s * 2, self.settings.retry_max_s) if self._held else self.settings.retry_initial_s
+                self._retry_at = time.monotonic() + self._retry_s
         if not self._proven:
             # until a batch has gone through cleanly (at the start, after any hold), read the next batch only
             # once the one in flight has its outcomes: a worker that turns out sick or bankless has taken one
@@ -179,18 +179,22 @@ class Worker:
             self.process(batch)
             return
         decoded = self._prepare_or_hold(batch)  # while the previous batch is scored (and the one before written)
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            inflight.result()  # scored; its results may still be written while this batch is scored
+        self._wait_scored()  # its results may still be written while this batch is scored
         if decoded is not None:
             self._inflight = self._scoring.submit(self._finish, batch, decoded, True)
 
     def _drain(self) -> None:
         """Wait for the batch in flight to be scored and written; an exception of either (e.g. NOGROUP) is
         raised here, in the loop."""
+        self._wait_scored()  # scored, and its writing handed on
+        self._wait_written()
+
+    def _wait_scored(self) -> None:
         inflight, self._inflight = self._inflight, None
         if inflight is not None:
-            inflight.result()  # scored, and its writing handed on
+            inflight.result()
+
+    def _wait_written(self) -> None:
         writing, self._writing_batch = self._writing_batch, None
         if writing is not None:
             writing.result()
@@ -326,10 +330,8 @@ class Worker:
         if not pipelined:
             self._write(batch, scored, held)
             return
-        writing, self._writing_batch = self._writing_batch, None
         try:
-            if writing is not None:
-                writing.result()  # one batch being written at a time, in order; its exception goes to the loop
+            self._wait_written()  # one batch being written at a time, in order; its exception goes to the loop
         finally:  # ... and this batch is still written (or held)
             self._writing_batch = self._writer.submit(self._write, batch, scored, held)
 
