@@ -16,12 +16,12 @@ import os
 import platform
 import time
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import FRAME_GROUP, STORE_GROUP, Keys
 from contracts.messages import Result
-from contracts.streams import ADD_FRAME, CameraStreams
+from runtime.streams import ADD_FRAME, CameraStreams
 from patchcore.embedded_redis import EmbeddedRedis, find_redis_server, server_version
-from store.alarms import AlarmRule
+from store.alarms.rules import AlarmRule
 from store.service import ResultsStore, StoreSettings
 
 REPEATS = 3

@@ -77,7 +77,7 @@ def run_worker(url: str, prefix: str, name: str, stop) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from contracts.connection import connect
+    from runtime.connection import connect
     from contracts.keys import Keys
     from workers.worker import Worker, WorkerSettings
 
@@ -86,7 +86,7 @@ def run_worker(url: str, prefix: str, name: str, stop) -> None:
 
 
 def run_store(url: str, prefix: str, stop) -> None:
-    from contracts.connection import connect
+    from runtime.connection import connect
     from contracts.keys import Keys
     from store.service import ResultsStore, StoreSettings
 
@@ -95,7 +95,7 @@ def run_store(url: str, prefix: str, stop) -> None:
 
 def server_totals(client) -> tuple[int, float]:
     """(commands served, CPU seconds used) summed over the masters (the one server of a single Redis)."""
-    from contracts.connection import is_cluster
+    from runtime.connection import is_cluster
 
     nodes = [client.get_redis_connection(n) for n in client.get_primaries()] if is_cluster(client) else [client]
     calls, cpu = 0, 0.0
@@ -107,10 +107,10 @@ def server_totals(client) -> tuple[int, float]:
 
 
 def measure(url: str, workers: int, cameras: int, frames: int, bank: bytes, images, tag: str) -> dict:
-    from contracts.connection import connect
+    from runtime.connection import connect
     from contracts.keys import Keys
     from contracts.messages import Result
-    from contracts.registry import BankRegistry
+    from workers.banks.registry import BankRegistry
     from ingest.camera import CameraIngest, IngestSettings
 
     prefix = f"scale-{tag}-{workers}w-{cameras}c"

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import msgpack
 
-from contracts.alarmfeed import read_alarms
-from contracts.connection import connect
-from contracts.deadletter import DeadLetters
+from store.alarms.feed import read_alarms
+from runtime.connection import connect
+from runtime.deadletter import DeadLetters
 from contracts.keys import Keys
 from contracts.messages import Frame, Result
-from contracts.registry import BankRegistry
+from workers.banks.registry import BankRegistry
 from patchcore.embedded_redis import EmbeddedRedis
 from patchcore.up import UpSettings, warmup_bank
 from scorer import bank_to_bytes

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import Keys
-from contracts.registry import BankRegistry
+from workers.banks.registry import BankRegistry
 from patchcore.embedded_redis import EmbeddedRedis
 from patchcore.up import UpSettings, warmup_bank
 from scorer import bank_to_bytes

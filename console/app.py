@@ -27,10 +27,10 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from contracts.alarmlog import ENTRY_ID, AlarmLogError, LoggedAlarm, acknowledge_alarm, alarm_by_id, recent_alarms
+from store.alarms.log import ENTRY_ID, AlarmLogError, LoggedAlarm, acknowledge_alarm, alarm_by_id, recent_alarms
 from contracts.keys import Keys
-from contracts.registry import RegistryError
-from contracts.updates import UpdateError, dismiss_alarm
+from workers.banks.registry import RegistryError
+from store.alarms.dismiss import DismissError, dismiss_alarm
 
 from .auth import Operators
 from .data import ConsoleData
@@ -205,7 +205,7 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
             logged = await run_in_threadpool(alarm_by_id, client, keys, logged.id)
         except AlarmLogError as exc:
             return _json({"error": str(exc)}, 404)
-        except UpdateError as exc:
+        except DismissError as exc:
             return _json({"error": str(exc)}, 409)
         return _json({**_alarm(logged), "queued_for_bank": bank})
 

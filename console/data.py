@@ -9,11 +9,11 @@ from collections import deque
 
 import redis
 
-from contracts.deadletter import DeadLetters
+from runtime.deadletter import DeadLetters
 from contracts.keys import Keys
 from contracts.messages import MessageError, Result
-from contracts.registry import BankRegistry
-from contracts.status import collect_status
+from workers.banks.registry import BankRegistry
+from runtime.status import collect_status
 
 HISTOGRAM_BINS = 20
 

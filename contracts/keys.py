@@ -82,7 +82,7 @@ class Keys:
     def dismissed(self) -> str:  # hash: "<camera>:<seq>" -> JSON {at, bank, by}: alarms dismissed as false
         return f"{self._bank}:dismissed"  # in the registry's slot: written together with a bank's update queue
 
-    def alarms(self, camera: str) -> str:  # durable stream of the camera's Alarm messages (contracts.alarmfeed reads all)
+    def alarms(self, camera: str) -> str:  # durable stream of the camera's Alarm messages (store.alarms.feed reads all)
         return self._camera("alarms", camera)
 
     @property

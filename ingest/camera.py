@@ -10,11 +10,12 @@ import cv2
 import numpy as np
 import redis
 
-from contracts.connection import is_cluster, node_groups, refresh_topology
+from runtime.connection import is_cluster, node_groups, refresh_topology
 from contracts.keys import Keys
+from contracts.framecodec import DEFAULT_ENCODING, DEFAULT_JPEG_QUALITY, encode_frame
 from contracts.messages import Frame
-from contracts.metrics import frame_appended
-from contracts.streams import ADD_FRAME, REDIS_ERRORS, redis_fault, require_redis_7
+from runtime.metrics import frame_appended
+from runtime.streams import ADD_FRAME, REDIS_ERRORS, redis_fault, require_redis_7
 
 from .sources import Source, SourceError
 
@@ -28,8 +29,8 @@ class IngestSettings:
     bank: str = "default"
     fps: float | None = None  # at most this many frames per second; None: as fast as the source gives
     max_side: int | None = None  # shrink so the longer side is at most this many pixels
-    encoding: str = "jpeg"
-    jpeg_quality: int = 90
+    encoding: str = DEFAULT_ENCODING
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
     maxlen: int = 256  # stream bound; live sources drop the oldest beyond it, files wait
     max_frames: int | None = None
     backoff_initial_s: float = 0.5
@@ -51,20 +52,6 @@ class IngestReport:
     source_errors: int = 0
     unconfirmed: int = 0  # frames sent whose WAIT timed out before wait_replicas replicas had them
     ended: str = ""
-
-
-def encode(frame: np.ndarray, settings: IngestSettings) -> tuple[bytes, tuple[int, int, int]]:
-    if settings.max_side and max(frame.shape[:2]) > settings.max_side:
-        scale = settings.max_side / max(frame.shape[:2])
-        frame = cv2.resize(frame, (round(frame.shape[1] * scale), round(frame.shape[0] * scale)),
-                           interpolation=cv2.INTER_AREA)
-    shape = (frame.shape[0], frame.shape[1], 1 if frame.ndim == 2 else frame.shape[2])
-    if settings.encoding == "raw":
-        return np.ascontiguousarray(frame).tobytes(), shape
-    ok, buffer = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, settings.jpeg_quality])
-    if not ok:
-        raise SourceError("JPEG encoding failed")
-    return buffer.tobytes(), shape
 
 
 class CameraIngest:
@@ -121,7 +108,7 @@ class CameraIngest:
                     self.stop.wait(next_due - now)
                 next_due = max(next_due, time.monotonic()) + interval  # a late frame never makes the next one early
             captured_at = time.time()  # the moment the paced camera takes the frame (encoding is part of the latency)
-            data, shape = encode(image, self.settings)
+            data, shape = encode_frame(image, self.settings.encoding, self.settings.jpeg_quality, self.settings.max_side)
             frame = Frame(camera=self.settings.camera, line=self.settings.line, bank=self.settings.bank, seq=seq,
                           captured_at=captured_at, encoding=self.settings.encoding, shape=shape, data=data)
             pushed = self._push(frame)

@@ -11,11 +11,11 @@ import redis
 
 from contracts.keys import Keys
 from contracts.messages import Frame, MessageError
-from contracts.registry import BankRegistry
-from contracts.updates import UpdateError, consume, queued_frames
+from workers.banks.registry import BankRegistry
+from workers.banks.updates import UpdateError, consume, queued_frames
 from scorer import bank_from_bytes, bank_to_bytes, load_image, update_bank
 from scorer.evaluate import bank_summary
-from workers.worker import decode_frame
+from contracts.framecodec import decode_frame
 
 
 @dataclass(frozen=True)

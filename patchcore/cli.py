@@ -333,14 +333,14 @@ MetricsPort = Annotated[int, typer.Option(envvar="PATCHCORE_METRICS_PORT", min=0
 
 
 def _client(redis_url: Optional[str], password_file: Optional[Path]):
-    from contracts.connection import DEFAULT_URL, connect
+    from runtime.connection import DEFAULT_URL, connect
 
     return connect(redis_url or DEFAULT_URL, password_file)
 
 
 def _serve_metrics(port: int, client, ready, keys=None) -> None:
     """/metrics, /healthz and /readyz on `port`, unless 0 (contracts.health.serve_process)."""
-    from contracts.health import serve_process
+    from runtime.health import serve_process
 
     try:
         serve_process(port, client, ready, keys)
@@ -359,7 +359,7 @@ def _stop_on_signals():
 
 
 def _signing_key(path: Optional[Path]) -> Optional[bytes]:
-    from contracts.registry import RegistryError, load_signing_key
+    from workers.banks.registry import RegistryError, load_signing_key
 
     try:
         return load_signing_key(path) if path else None
@@ -369,7 +369,7 @@ def _signing_key(path: Optional[Path]) -> Optional[bytes]:
 
 def _registry(redis_url, password_file, prefix, signing_key_file=None, keep_versions: int = 3):
     from contracts.keys import Keys
-    from contracts.registry import BankRegistry
+    from workers.banks.registry import BankRegistry
 
     return BankRegistry(_client(redis_url, password_file), Keys(prefix), signing_key=_signing_key(signing_key_file),
                         keep_versions=keep_versions)
@@ -416,7 +416,7 @@ def bank_list(redis_url: RedisUrl = None, password_file: PasswordFile = None, pr
 def bank_activate(name: str, version: int, redis_url: RedisUrl = None, password_file: PasswordFile = None,
                   prefix: Prefix = "pc") -> None:
     """Make VERSION of NAME active; workers switch between batches."""
-    from contracts.registry import RegistryError
+    from workers.banks.registry import RegistryError
 
     try:
         _registry(redis_url, password_file, prefix).activate(name, version)
@@ -429,7 +429,7 @@ def bank_activate(name: str, version: int, redis_url: RedisUrl = None, password_
 def bank_rollback(name: str, redis_url: RedisUrl = None, password_file: PasswordFile = None,
                   prefix: Prefix = "pc") -> None:
     """Re-activate the version that was active before the current one."""
-    from contracts.registry import RegistryError
+    from workers.banks.registry import RegistryError
 
     try:
         version = _registry(redis_url, password_file, prefix).rollback(name)
@@ -519,7 +519,7 @@ def worker_command(
 
 
 def _rule(k: int, n: int, cooldown_s: float, threshold: Optional[float]):
-    from store.alarms import AlarmRule
+    from store.alarms.rules import AlarmRule
 
     try:
         return AlarmRule(k=k, n=n, cooldown_s=cooldown_s, threshold=threshold)
@@ -586,8 +586,9 @@ def bank_update(
     from dataclasses import asdict
 
     from contracts.keys import Keys
-    from contracts.registry import RegistryError
-    from contracts.updates import UpdateError
+    from workers.banks.registry import RegistryError
+    from workers.banks.updates import UpdateError
+    from contracts.framecodec import FrameCodecError
     from scorer import BackboneError, BankError, ImageDecodeError
 
     from .bank_update import update_published_bank
@@ -595,7 +596,7 @@ def bank_update(
     try:
         report = update_published_bank(_client(redis_url, password_file), Keys(prefix), name, images or [],
                                        frames or [], queue, activate, weights, device, progress)
-    except (UpdateError, RegistryError, BankError, BackboneError, ImageDecodeError) as exc:
+    except (UpdateError, RegistryError, BankError, BackboneError, ImageDecodeError, FrameCodecError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(asdict(report)))
 
@@ -608,11 +609,11 @@ def alarm_dismiss(
 ) -> None:
     """Mark an alarm as a false alarm: its frame is queued as good for the next `patchcore bank update`."""
     from contracts.keys import Keys
-    from contracts.updates import UpdateError, dismiss_alarm
+    from store.alarms.dismiss import DismissError, dismiss_alarm
 
     try:
         bank = dismiss_alarm(_client(redis_url, password_file), Keys(prefix), camera, seq)
-    except UpdateError as exc:
+    except DismissError as exc:
         _fail(str(exc))
     typer.echo(json.dumps({"camera": camera, "seq": seq, "dismissed": True, "queued_for_bank": bank}))
 
@@ -662,8 +663,8 @@ def status_command(
 ) -> None:
     """Per camera: last sequence ingested, results, lag, pending, dropped, dead-lettered; consumers (dead ones
     marked); dead letters by reason; active banks."""
-    from contracts.connection import redacted, redis_url as resolve_url
-    from contracts.status import collect_status, prune_dead
+    from runtime.connection import redacted, redis_url as resolve_url
+    from runtime.status import collect_status, prune_dead
 
     client = _client(redis_url, password_file)
     pruned = prune_dead(client, prefix, prune_after_s) if prune else []
@@ -703,7 +704,7 @@ All = Annotated[bool, typer.Option("--all", help="Every dead letter (of --camera
 
 
 def _deadletters(redis_url, password_file, prefix):
-    from contracts.deadletter import DeadLetters
+    from runtime.deadletter import DeadLetters
     from contracts.keys import Keys
 
     return DeadLetters(_client(redis_url, password_file), Keys(prefix))
@@ -712,7 +713,7 @@ def _deadletters(redis_url, password_file, prefix):
 def _selected(letters, ids, camera, all_):
     if not ids and not all_:
         _fail("name dead-letter ids, or --all (with --camera to limit it)")
-    from contracts.deadletter import DeadLetterError
+    from runtime.deadletter import DeadLetterError
 
     try:
         return letters.select(ids or [], camera)

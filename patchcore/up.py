@@ -13,11 +13,11 @@ from typing import Callable, TextIO
 
 import numpy as np
 
-from contracts.connection import connect, redacted
-from contracts.health import both, serve_process
+from runtime.connection import connect, redacted
+from runtime.health import both, serve_process
 from contracts.keys import Keys
 from contracts.messages import Alarm, Result
-from contracts.registry import BankRegistry
+from workers.banks.registry import BankRegistry
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine, parse_source, replay_fps
 from scorer import (BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_to_bytes, build_bank, load_bank,
@@ -25,7 +25,7 @@ from scorer import (BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_
 from scorer.calibration import CalibrationConfig
 from scorer.evaluate import bank_summary
 from scorer.index import SearchConfig
-from store.alarms import AlarmRule
+from store.alarms.rules import AlarmRule
 from store.service import ResultsStore, StoreSettings
 from workers.worker import Worker, WorkerSettings
 

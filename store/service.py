@@ -16,10 +16,10 @@ import redis
 
 from contracts.keys import STORE_GROUP, Keys, camera_of
 from contracts.messages import MAX_WINDOW_SCORES, Alarm, MessageError, Result, check_overlay_key
-from contracts.metrics import ALARMS, DEADLETTERED
-from contracts.streams import ACK_AND_WRITE, CameraStreams, reclaim, serve
+from runtime.metrics import ALARMS, DEADLETTERED
+from runtime.streams import ACK_AND_WRITE, CameraStreams, reclaim, serve
 
-from .alarms import AlarmRule, AlarmWindow, Fired
+from store.alarms.rules import AlarmRule, AlarmWindow, Fired
 
 log = logging.getLogger("patchcore.store")
 

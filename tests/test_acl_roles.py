@@ -11,16 +11,16 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from contracts.alarmfeed import read_alarms
-from contracts.connection import connect
+from store.alarms.feed import read_alarms
+from runtime.connection import connect
 from contracts.keys import Keys
 from contracts.messages import Alarm
-from contracts.registry import BankRegistry
+from workers.banks.registry import BankRegistry
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine
 from patchcore.cli import app
 from patchcore.embedded_redis import EmbeddedRedis, find_redis_server
-from store.alarms import AlarmRule
+from store.alarms.rules import AlarmRule
 from store.service import ResultsStore, StoreSettings
 from workers.worker import Worker, WorkerSettings
 

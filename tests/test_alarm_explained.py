@@ -4,10 +4,10 @@ frame's own score honestly - also when a k-of-n window fires on a frame that is 
 import threading
 import time
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import Keys
 from contracts.messages import Alarm, Result
-from store.alarms import AlarmRule
+from store.alarms.rules import AlarmRule
 from store.service import ResultsStore, StoreSettings
 
 from .test_pipeline import wait_for

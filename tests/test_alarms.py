@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from store.alarms import AlarmRule, AlarmWindow, Fired
+from store.alarms.rules import AlarmRule, AlarmWindow, Fired
 
 
 def feed(window, overs, order=None, dt=1.0):

@@ -8,10 +8,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import Keys
 from contracts.messages import Frame, MessageError
-from contracts.registry import BankRegistry
+from workers.banks.registry import BankRegistry
 from ingest.sources import SyntheticLine
 from workers.worker import Worker, WorkerSettings, _Entry
 

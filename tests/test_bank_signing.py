@@ -6,11 +6,11 @@ import logging
 import pytest
 from typer.testing import CliRunner
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import Keys
-from contracts.registry import BankRegistry, RegistryError, bank_signature, load_signing_key
+from workers.banks.registry import BankRegistry, RegistryError, bank_signature, load_signing_key
 from patchcore.cli import app
-from workers.banks import BankCache
+from workers.banks.cache import BankCache
 
 KEYS = Keys()
 KEY = b"k" * 32

@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 from typer.testing import CliRunner
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import Keys
-from contracts.registry import BankRegistry
+from workers.banks.registry import BankRegistry
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import FolderSource, SyntheticLine
 from patchcore.cli import app

@@ -1,9 +1,9 @@
 """Camera faults and back-pressure against a real redis-server."""
 import threading
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import Keys
-from contracts.status import collect_status
+from runtime.status import collect_status
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import CaptureSource, SourceError, SyntheticLine
 

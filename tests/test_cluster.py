@@ -10,11 +10,11 @@ import pytest
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from contracts.alarmfeed import read_alarms
-from contracts.connection import connect
+from store.alarms.feed import read_alarms
+from runtime.connection import connect
 from contracts.keys import FRAME_GROUP, Keys
-from contracts.registry import BankRegistry
-from contracts.status import collect_status
+from workers.banks.registry import BankRegistry
+from runtime.status import collect_status
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine
 

@@ -20,10 +20,10 @@ import pytest
 from typer.testing import CliRunner
 
 from console.auth import Operators, hash_password, load_credentials, verify_password
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import Keys
 from contracts.messages import Alarm
-from contracts.registry import BankRegistry
+from workers.banks.registry import BankRegistry
 from patchcore.cli import app
 from patchcore.embedded_redis import free_port
 
@@ -168,7 +168,7 @@ def test_the_event_stream_sends_the_alarms_after_the_newest_one_the_page_has(red
         return Alarm(camera="c1", line="l", seq=seq, score=2.0, threshold=1.0, bank="b", bank_version=1,
                      raised_at=time.time(), rule="1-of-1").pack()
 
-    from contracts.alarmlog import alarm_id
+    from store.alarms.log import alarm_id
 
     client.sadd(KEYS.cameras, "c1")
     first = alarm_id("c1", client.xadd(KEYS.alarms("c1"), {"m": alarm(1)}).decode())  # the page listed this one
@@ -191,7 +191,7 @@ def test_ingest_keeps_a_preview_of_the_latest_frame_and_status_says_live_then_st
     import cv2
     import numpy as np
 
-    from contracts.status import collect_status, liveness
+    from runtime.status import collect_status, liveness
     from ingest.camera import CameraIngest, IngestSettings
     from ingest.sources import SyntheticLine
 
@@ -208,10 +208,10 @@ def test_ingest_keeps_a_preview_of_the_latest_frame_and_status_says_live_then_st
 
 def test_dead_letters_grouped_by_reason_are_replayed_and_purged_from_the_console(redis_server):
     from console.app import ConsoleServer, ConsoleSettings
-    from contracts.deadletter import DeadLetters
+    from runtime.deadletter import DeadLetters
     from contracts.keys import FRAME_GROUP
     from contracts.messages import Frame
-    from contracts.streams import ensure_groups
+    from runtime.streams import ensure_groups
 
     client = connect(redis_server.url)
     stream = KEYS.frames("c1")
@@ -359,7 +359,7 @@ def test_the_console_in_a_browser_against_patchcore_up(browser, redis_server, sy
         # a synthetic defect reaches the alarm feed with its overlay within a few seconds of being raised
         first = wait_for(lambda: client.xrange(KEYS.alarms("cam-1"), count=1), 120, "a first alarm in Redis")[0]
         raised = time.monotonic()
-        from contracts.alarmlog import alarm_id as make_alarm_id
+        from store.alarms.log import alarm_id as make_alarm_id
 
         alarm_id = make_alarm_id("cam-1", first[0].decode())
         browser.get(url + "#alarms")

@@ -7,15 +7,15 @@ from pathlib import Path
 
 from prometheus_client.registry import REGISTRY
 
-import contracts.metrics as metrics
-from contracts.connection import connect
+import runtime.metrics as metrics
+from runtime.connection import connect
 from contracts.keys import FRAME_GROUP, Keys
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "patchcore.json"
 
 
 def exported_sample_names(client) -> set[str]:
-    """Sample names (with _total, _bucket, _sum, _count) of contracts.metrics' metrics and collectors."""
+    """Sample names (with _total, _bucket, _sum, _count) of runtime.metrics' metrics and collectors."""
     keys = Keys()
     ours = [m for m in vars(metrics).values() if hasattr(m, "_name") and hasattr(m, "collect")]
     collectors = ours + [metrics.LagCollector(client, keys.cameras, keys.frames, FRAME_GROUP),

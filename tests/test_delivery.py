@@ -15,16 +15,16 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contracts.alarmfeed import read_alarms
-from contracts.connection import connect
+from store.alarms.feed import read_alarms
+from runtime.connection import connect
 from contracts.keys import FRAME_GROUP, STORE_GROUP, Keys
 from contracts.messages import Alarm, MessageError, Result
-from contracts.registry import BankRegistry
-from contracts.streams import ADD_FRAME, RedisVersionError, CameraStreams, require_redis_7
+from workers.banks.registry import BankRegistry
+from runtime.streams import ADD_FRAME, RedisVersionError, CameraStreams, require_redis_7
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine
 from patchcore.embedded_redis import EmbeddedRedis, find_redis_server
-from store.alarms import AlarmRule
+from store.alarms.rules import AlarmRule
 from store.service import COMMIT_RESULTS, ResultsStore, StoreSettings
 from workers.worker import Worker, WorkerSettings, _Entry
 
@@ -215,7 +215,7 @@ def test_a_lost_reply_duplicates_no_alarm_publish_or_count(redis_server):
 
 
 def test_a_lost_reply_duplicates_no_result(redis_server, synthetic_bank_bytes):
-    from contracts.streams import ACK_AND_WRITE
+    from runtime.streams import ACK_AND_WRITE
 
     client = connect(redis_server.url)
     BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import FRAME_GROUP, Keys
-from contracts.registry import BankRegistry
+from workers.banks.registry import BankRegistry
 from workers.worker import Worker, WorkerSettings, _Entry
 
 from .test_pipeline import Running, ingest, results, wait_for

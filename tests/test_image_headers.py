@@ -8,13 +8,12 @@ import cv2
 import numpy as np
 import pytest
 
-from contracts.connection import connect
-from contracts.deadletter import DeadLetters
+from runtime.connection import connect
+from runtime.deadletter import DeadLetters
 from contracts.keys import FRAME_GROUP, Keys
 from contracts.messages import Frame
-from scorer import ImageDecodeError
-from scorer.imageheader import check_header, image_size
-from workers.worker import Worker, WorkerSettings, _Entry, decode_frame
+from contracts.framecodec import FrameDecodeError, check_header, decode_frame, image_size
+from workers.worker import Worker, WorkerSettings, _Entry
 
 from .conftest import ROOT
 
@@ -38,7 +37,7 @@ def test_the_header_gives_the_size_cv2_decodes(ext, params, kind):
     (b"BM" + bytes(12) + struct.pack("<I", 20) + bytes(8), "unknown 20-byte info header"),
     (b"", "not a JPEG, PNG or BMP")])
 def test_other_formats_and_broken_headers_are_refused(data, match):
-    with pytest.raises(ImageDecodeError, match=match):
+    with pytest.raises(FrameDecodeError, match=match):
         image_size(data)
 
 
@@ -60,12 +59,12 @@ def frame(data: bytes, height=320, width=320) -> Frame:
 def test_decompression_bombs_are_refused_from_their_header():
     for kind, data in bombs().items():
         assert len(data) < 2_200_000
-        with pytest.raises(ImageDecodeError, match=f"{kind} header declares 12000x12000, the frame says 320x320"):
+        with pytest.raises(FrameDecodeError, match=f"{kind} header declares 12000x12000, the frame says 320x320"):
             check_header(data, 320, 320, max_pixels=200_000_000)
-        with pytest.raises(ImageDecodeError, match="over the 33177600-pixel limit"):
+        with pytest.raises(FrameDecodeError, match="over the 33177600-pixel limit"):
             decode_frame(frame(data), max_pixels=7680 * 4320)
     honest = cv2.imencode(".jpg", np.zeros((3000, 3000, 3), np.uint8))[1].tobytes()  # says what it is, but too big
-    with pytest.raises(ImageDecodeError, match="3000x3000 pixels, over the 1000000-pixel limit"):
+    with pytest.raises(FrameDecodeError, match="3000x3000 pixels, over the 1000000-pixel limit"):
         decode_frame(frame(honest, 3000, 3000), max_pixels=1_000_000)
     assert decode_frame(frame(honest, 3000, 3000), max_pixels=9_000_000).shape == (3000, 3000, 3)
 
@@ -74,7 +73,7 @@ PEAK = """
 import sys
 import cv2, numpy as np
 from contracts.messages import Frame
-from workers.worker import decode_frame
+from contracts.framecodec import FrameDecodeError, decode_frame
 
 def peak_mb():  # VmHWM: peak resident memory since the last reset
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) // 1024
@@ -104,7 +103,7 @@ def test_the_worker_refuses_a_bomb_without_allocating_its_pixels(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         growth[how], stderr[how] = int(done.stdout.split()[-1]), done.stderr[-500:]
         if how == "worker":
-            assert "ImageDecodeError" in done.stderr
+            assert "FrameDecodeError" in done.stderr
     assert growth["cv2"] > 100, stderr  # decoding it costs 12000 x 12000 bytes (the measurement can see that) ...
     assert growth["worker"] < 20, growth  # ... the worker's check costs nothing of the kind
 

@@ -15,11 +15,11 @@ import cv2
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import FRAME_GROUP, Keys
 from contracts.messages import Alarm, Result
-from contracts.registry import BankRegistry
-from contracts.status import collect_status, prune_dead
+from workers.banks.registry import BankRegistry
+from runtime.status import collect_status, prune_dead
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine
 from patchcore.cli import app
@@ -146,7 +146,7 @@ def get_refused(port: int) -> bool:
 
 
 def test_healthz_says_503_when_redis_is_gone(redis_server):
-    from contracts.health import serve_process
+    from runtime.health import serve_process
 
     client = connect(redis_server.url)
     server = serve_process(free_port(), client, lambda: (True, {}))
@@ -212,7 +212,7 @@ def test_status_marks_stopped_workers_dead_and_prunes_only_those_without_pending
 
 
 def test_status_shows_lag_and_dead_letters_by_reason(redis_server):
-    from contracts.deadletter import DeadLetters
+    from runtime.deadletter import DeadLetters
 
     client = connect(redis_server.url)
     CameraIngest(client, SyntheticLine(max_frames=5), IngestSettings(camera="cam-1"), KEYS).run()
@@ -236,12 +236,11 @@ def test_dead_letter_reasons_fall_into_a_few_kinds():
     import pytest
 
     from contracts.messages import Frame, MessageError
-    from contracts.metrics import reason_kind
-    from scorer import ImageDecodeError
-    from workers.worker import decode_frame
+    from runtime.metrics import reason_kind
+    from contracts.framecodec import FrameDecodeError, decode_frame
 
     def reason(call) -> str:
-        with pytest.raises((MessageError, ImageDecodeError)) as caught:
+        with pytest.raises((MessageError, FrameDecodeError)) as caught:
             call()
         return str(caught.value)
 

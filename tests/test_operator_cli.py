@@ -3,9 +3,9 @@ import json
 
 from typer.testing import CliRunner
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import Keys
-from contracts.registry import BankRegistry
+from workers.banks.registry import BankRegistry
 from patchcore.cli import app
 
 KEYS = Keys()
@@ -49,7 +49,7 @@ def test_status_reports_cameras_workers_banks_and_redacts_passwords(redis_server
     assert (cam["camera"], cam["last_seq"], cam["ingested"], cam["results"], cam["dropped"], cam["deadlettered"],
             cam["backlog"]) == ("cam-1", 41, 42, 40, 1, 1, 1)
     assert "w1" in status["workers"]
-    from contracts.connection import redacted
+    from runtime.connection import redacted
 
     assert redacted("redis://user:s3cret@host:6380/0") == "redis://user:***@host:6380/0"
 

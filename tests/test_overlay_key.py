@@ -3,11 +3,11 @@ copies that key's bytes into an alarm, so a forged key must never leak another k
 import threading
 import time
 
-from contracts.alarmfeed import read_alarms
-from contracts.connection import connect
+from store.alarms.feed import read_alarms
+from runtime.connection import connect
 from contracts.keys import Keys
 from contracts.messages import Result
-from store.alarms import AlarmRule
+from store.alarms.rules import AlarmRule
 from store.service import ResultsStore, StoreSettings
 
 from .test_pipeline import wait_for

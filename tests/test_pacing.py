@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import Keys
 from contracts.messages import Frame
 from ingest.camera import CameraIngest, IngestSettings

@@ -5,16 +5,16 @@ import time
 import numpy as np
 import pytest
 
-from contracts.alarmfeed import read_alarms
-from contracts.connection import connect
-from contracts.deadletter import DeadLetters
+from store.alarms.feed import read_alarms
+from runtime.connection import connect
+from runtime.deadletter import DeadLetters
 from contracts.keys import FRAME_GROUP, Keys
 from contracts.messages import Alarm, Frame, Result
-from contracts.registry import BankRegistry, RegistryError
+from workers.banks.registry import BankRegistry, RegistryError
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine
 from scorer import PatchCoreScorer, bank_from_bytes, decode_image
-from store.alarms import AlarmRule
+from store.alarms.rules import AlarmRule
 from store.service import ResultsStore, StoreSettings
 from workers.worker import Worker, WorkerSettings
 

@@ -11,12 +11,12 @@ import cv2
 import numpy as np
 import pytest
 
-from contracts.connection import connect
-from contracts.deadletter import DeadLetters, DeadLetterSettings
+from runtime.connection import connect
+from runtime.deadletter import DeadLetters, DeadLetterSettings
 from contracts.keys import FRAME_GROUP, Keys
 from contracts.messages import Frame
-from contracts.registry import BankRegistry
-from contracts.status import collect_status
+from workers.banks.registry import BankRegistry
+from runtime.status import collect_status
 from ingest.sources import SyntheticLine
 from scorer import PatchCoreScorer
 from workers.worker import Worker, WorkerSettings, _Entry

@@ -8,11 +8,11 @@ import time
 import pytest
 import redis
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import FRAME_GROUP, Keys
-from contracts.registry import BankRegistry
-from contracts.status import collect_status
-from contracts.streams import redis_fault
+from workers.banks.registry import BankRegistry
+from runtime.status import collect_status
+from runtime.streams import redis_fault
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine
 from patchcore.embedded_redis import EmbeddedRedis, free_port

@@ -6,7 +6,7 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import Keys
 from patchcore.cli import app
 from patchcore.embedded_redis import EmbeddedRedis, free_port
@@ -52,7 +52,7 @@ def test_redis_restart_with_aof_loses_nothing_acknowledged(tmp_path, synthetic_b
     server = EmbeddedRedis(port=port, appendonly=True, data_dir=data).start()
     url = server.url
     client = connect(url)
-    from contracts.registry import BankRegistry
+    from workers.banks.registry import BankRegistry
 
     BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
     try:

@@ -4,9 +4,9 @@ import json
 
 from typer.testing import CliRunner
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import Keys
-from contracts.registry import BankRegistry
+from workers.banks.registry import BankRegistry
 from patchcore.cli import app
 from patchcore.embedded_redis import EmbeddedRedis
 

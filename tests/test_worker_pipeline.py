@@ -10,7 +10,7 @@ from concurrent.futures import Future
 import pytest
 import redis
 
-from contracts.connection import connect
+from runtime.connection import connect
 from contracts.keys import FRAME_GROUP
 from workers.worker import Worker, WorkerSettings
 

@@ -23,6 +23,7 @@ and before the worker stops. A frame is still acknowledged only by the script th
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -36,22 +37,22 @@ import numpy as np
 import redis
 import torch
 
-from contracts.connection import is_cluster, node_groups, refresh_topology
-from contracts.deadletter import DeadLetters, DeadLetterSettings
+from runtime.connection import is_cluster, node_groups, refresh_topology
+from runtime.deadletter import DeadLetters, DeadLetterSettings
 from contracts.keys import FRAME_GROUP, Keys, camera_of
+from contracts.framecodec import MAX_PIXELS, FrameDecodeError, decode_frames
 from contracts.messages import Frame, MessageError, Result
-from contracts.metrics import BATCH_SIZE, results_written
-from contracts.registry import BankRegistry
-from contracts.streams import (ACK_AND_WRITE, REDIS_ERRORS, CameraStreams, deliveries, keep_pending, reclaim,
+from runtime.metrics import BATCH_SIZE, results_written
+from workers.banks.registry import BankRegistry
+from runtime.streams import (ACK_AND_WRITE, REDIS_ERRORS, CameraStreams, deliveries, keep_pending, reclaim,
                                redis_fault, serve)
-from scorer import BackboneError, ImageDecodeError, resolve_device, to_rgb
+from scorer import BackboneError, resolve_device
 from scorer.features import ComputeConfig
-from scorer.imageheader import check_header
 from scorer.index import SearchConfig
 from scorer.preprocess import decode_images
 from scorer.views import patch_canvas
 
-from .banks import BankCache
+from workers.banks.cache import BankCache
 
 log = logging.getLogger("patchcore.worker")
 
@@ -66,7 +67,7 @@ class WorkerSettings:
     overlay_ttl_s: int = 3600
     result_maps: bool = False  # attach the patch-distance grid (uint8, e.g. 28x28) to every result
     max_frame_bytes: int = 16 << 20
-    max_pixels: int = 7680 * 4320  # a frame's height x width at most (8K UHD); checked in the header, before decoding
+    max_pixels: int = MAX_PIXELS  # a frame's height x width at most (8K UHD); checked in the header, before decoding
     max_deliveries: int = 5  # a frame delivered more often than this is dead-lettered as poison
     retry_initial_s: float = 0.5  # held frames (infrastructure faults) are retried after this, doubling ...
     retry_max_s: float = 10.0  # ... up to this
@@ -132,7 +133,8 @@ class Worker:
         self._retry_s = settings.retry_initial_s
         self._sick = False  # this host cannot score now: take no frames, keep none from other workers
         self._faulted: set[str] = set()  # cameras whose `fault` this worker has set
-        self._decode_device = resolve_device(settings.device)  # JPEGs are decoded where they are scored
+        # JPEGs are decoded where they are scored (together, with nvJPEG, on a GPU)
+        self._decode_many = functools.partial(decode_images, device=resolve_device(settings.device))
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="score")  # the batch in flight (prefetch) ...
         self._inflight: Future | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="write")  # ... and the one before it, written
@@ -371,11 +373,11 @@ class Worker:
                 continue
             frames.append((entry, frame, (time.perf_counter() - started) * 1000))
         started = time.perf_counter()
-        images = decode_frames([frame for _, frame, _ in frames], self.settings.max_pixels, self._decode_device)
+        images = decode_frames([frame for _, frame, _ in frames], self.settings.max_pixels, self._decode_many)
         share_ms = (time.perf_counter() - started) * 1000 / max(1, len(frames))
         decoded: dict[str, list[tuple[_Entry, Frame, np.ndarray, float]]] = {}
         for (entry, frame, unpack_ms), image in zip(frames, images):
-            if isinstance(image, ImageDecodeError):
+            if isinstance(image, FrameDecodeError):
                 self._deadletter(entry, str(image))
                 continue
             decoded.setdefault(frame.bank, []).append((entry, frame, image, unpack_ms + share_ms))
@@ -526,41 +528,6 @@ class Worker:
             with self._counting:  # the loop (unreadable frames) and the scoring thread (refused sizes) both count
                 self.report.deadlettered += 1
         log.warning("frame dead-lettered", extra={"fields": {"stream": entry.stream, "reason": reason}})
-
-
-def decode_frame(frame: Frame, max_pixels: int = WorkerSettings.max_pixels) -> np.ndarray:
-    """A frame's pixels as RGB; its size is checked against `max_pixels` and, for JPEG/PNG/BMP
-    bytes, the header's size against the frame's shape before any decoder allocates pixels."""
-    image = decode_frames([frame], max_pixels)[0]
-    if isinstance(image, ImageDecodeError):
-        raise image
-    return image
-
-
-def decode_frames(frames: list[Frame], max_pixels: int = WorkerSettings.max_pixels,
-                  device: torch.device | str = "cpu") -> list[np.ndarray | torch.Tensor | ImageDecodeError]:
-    """decode_frame for a batch: the encoded frames are decoded together (on `device` when it is CUDA,
-    scorer.preprocess.decode_images); a frame that fails gets its ImageDecodeError in its place."""
-    out: list = [None] * len(frames)
-    encoded = []
-    for i, frame in enumerate(frames):
-        height, width, _ = frame.shape
-        try:
-            if height * width > max_pixels:
-                raise ImageDecodeError(f"frame of {height}x{width} pixels, over the {max_pixels}-pixel limit")
-            if frame.encoding == "jpeg":
-                check_header(frame.data, height, width, max_pixels)
-                encoded.append(i)
-            else:
-                out[i] = to_rgb(np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape), "bgr")
-        except ImageDecodeError as exc:
-            out[i] = exc
-    for i, image in zip(encoded, decode_images([frames[i].data for i in encoded], device)):
-        height, width, _ = frames[i].shape
-        if not isinstance(image, ImageDecodeError) and tuple(image.shape[:2]) != (height, width):
-            image = ImageDecodeError(f"decoded {tuple(image.shape[:2])}, message says {(height, width)}")
-        out[i] = image
-    return out
 
 
 def _host_fault(exc: BaseException) -> bool:

@@ -16,8 +16,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import redis
 from prometheus_client import make_wsgi_app
 
-from .keys import FRAME_GROUP, Keys
-from .metrics import GpuMemoryCollector, LagCollector, register
+from contracts.keys import FRAME_GROUP, Keys
+from runtime.metrics import GpuMemoryCollector, LagCollector, register
 
 Check = Callable[[], tuple[bool, dict]]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import redis
 
-from .keys import Keys
-from .messages import Alarm, MessageError
+from contracts.keys import Keys
+from contracts.messages import Alarm, MessageError
 
 
 def read_alarms(client: redis.Redis, keys: Keys = Keys(), after: dict[str, str] | None = None,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import redis
 
-from .keys import Keys
-from .messages import Alarm, MessageError
+from contracts.keys import Keys
+from contracts.messages import Alarm, MessageError
 
 LOOKBACK_MS = 5000  # `after` on other cameras' streams: their ids come from independent counters (and clocks)
 ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})-((?:[0-9a-f]{2}){1,128})$")

@@ -1,6 +1,6 @@
 """Prometheus metrics of every process, defined once (prometheus-client's default registry).
 
-Processes record with the one-line helpers below; `contracts.health` serves the registry on
+Processes record with the one-line helpers below; `runtime.health` serves the registry on
 `--metrics-port` with /healthz and /readyz. Counters count what was written to Redis, exactly once:
 a frame counts as ingested when its append ran, a result when the acknowledge-and-write script wrote
 it (not when another worker had already finished that frame), a dead letter when it was recorded.

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import redis
 from redis.exceptions import SlotNotCoveredError
 
-from .connection import is_cluster, node_groups
+from runtime.connection import is_cluster, node_groups
 
 MIN_REDIS_VERSION = (7, 0)  # XAUTOCLAIM reports deleted entries (6.2 returns nils without their ids)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import redis
 
-from .keys import Keys, camera_of
-from .metrics import deadlettered
+from contracts.keys import Keys, camera_of
+from runtime.metrics import deadlettered
 
 HEAD_BYTES = 64
 

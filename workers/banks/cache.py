@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from contracts.metrics import BANK_VERSION
-from contracts.registry import BankRegistry, RegistryError
+from runtime.metrics import BANK_VERSION
+from workers.banks.registry import BankRegistry, RegistryError
 from scorer import BackboneError, BankError, PatchCoreScorer, bank_from_bytes, resolve_device
 from scorer.features import ComputeConfig
 from scorer.index import IndexError_, SearchConfig

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from .keys import Keys
+from contracts.keys import Keys
 
 
 class RegistryError(RuntimeError):

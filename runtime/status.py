@@ -6,11 +6,11 @@ from collections import Counter
 
 import redis
 
-from .connection import is_cluster
-from .deadletter import DeadLetters
-from .keys import FRAME_GROUP, STORE_GROUP, Keys
-from .metrics import consumer_lag, reason_kind
-from .streams import REDIS_ERRORS
+from runtime.connection import is_cluster
+from runtime.deadletter import DeadLetters
+from contracts.keys import FRAME_GROUP, STORE_GROUP, Keys
+from runtime.metrics import consumer_lag, reason_kind
+from runtime.streams import REDIS_ERRORS
 
 DEAD_AFTER_S = 120.0  # a consumer idle this long (and without a fresh heartbeat) is marked dead
 
