@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -38,9 +36,9 @@ import redis
 import torch
 
 from runtime.connection import is_cluster, node_groups, refresh_topology
-from runtime.deadletter import DeadLetters, DeadLetterSettings
+from runtime.deadletter import DeadLetters
 from contracts.keys import FRAME_GROUP, Keys, camera_of
-from contracts.framecodec import MAX_PIXELS, FrameDecodeError, decode_frames
+from contracts.framecodec import FrameDecodeError, decode_frames
 from contracts.messages import Frame, MessageError, Result
 from runtime.metrics import BATCH_SIZE, results_written
 from workers.banks.registry import BankRegistry
@@ -48,60 +46,13 @@ from runtime.streams import (ACK_AND_WRITE, REDIS_ERRORS, CameraStreams, deliver
                                redis_fault, serve)
 from scorer import BackboneError, resolve_device
 from scorer.features import ComputeConfig
-from scorer.index import SearchConfig
 from scorer.preprocess import decode_images
 from scorer.views import patch_canvas
 
 from workers.banks.cache import BankCache
+from workers.settings import WorkerReport, WorkerSettings
 
 log = logging.getLogger("patchcore.worker")
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    max_batch: int = 8
-    max_wait_ms: int = 50
-    claim_idle_ms: int = 30_000  # reclaim frames a dead worker left unacknowledged after this long
-    results_maxlen: int = 10_000
-    overlay_ttl_s: int = 3600
-    result_maps: bool = False  # attach the patch-distance grid (uint8, e.g. 28x28) to every result
-    max_frame_bytes: int = 16 << 20
-    max_pixels: int = MAX_PIXELS  # a frame's height x width at most (8K UHD); checked in the header, before decoding
-    max_deliveries: int = 5  # a frame delivered more often than this is dead-lettered as poison
-    retry_initial_s: float = 0.5  # held frames (infrastructure faults) are retried after this, doubling ...
-    retry_max_s: float = 10.0  # ... up to this
-    deadletters: DeadLetterSettings = DeadLetterSettings()
-    device: str = "auto"
-    index: str = "auto"  # engine of the flat search
-    search: SearchConfig = SearchConfig()  # nearest-neighbour search (scorer.index)
-    weights: str | None = None
-    precision: str = "fp32"  # the backbone under autocast: bf16 or fp16 (scores move slightly; see ComputeConfig)
-    channels_last: bool = False  # the backbone's memory layout (faster convolutions on GPUs)
-    # pipelining: read and decode the next batch while the current one is scored, and write the previous one's
-    # results meanwhile, once a batch has gone through cleanly (so a worker that cannot score takes one batch, not
-    # two: tests/test_poison.py). A fault that starts mid-run finds up to three batches taken (read, scored, being
-    # written), which it then holds too. On by default: on the 2-core CPU, max batch 8, 1.02-1.21x the frames/s
-    # and about half the p50 latency at 70 % load (bench/pipeline.py --repeat 3; README "GPU worker", Pipelining)
-    prefetch: bool = True
-    refresh_s: float = 2.0  # how often to look for new cameras and reclaim pending frames
-    # after writing a batch's results, wait until this many replicas have them (Redis WAIT), at most wait_ms:
-    # a result acknowledged but not yet replicated when a primary dies is lost with the acknowledgement
-    # (the frame is scored again after the failover); 0: do not wait
-    wait_replicas: int = 0
-    wait_ms: int = 100
-    bank_key: bytes | None = field(default=None, repr=False)  # load only banks signed with this key (HMAC-SHA256)
-
-
-@dataclass
-class WorkerReport:
-    batches: int = 0
-    frames: int = 0
-    results: int = 0
-    deadlettered: int = 0
-    reclaimed: int = 0
-    held: int = 0  # frames kept pending through an infrastructure fault (each time)
-    suspects: int = 0  # frames left pending because their scoring raised on their own
 
 
 @dataclass
