@@ -205,6 +205,11 @@ class Alarm:
     peak_seq: int | None = None
     peak_score: float | None = None
     overlay_seq: int | None = None
+    # A late alarm: its result arrived after its windows were decided (a lost reply, a failover, a worker that
+    # died holding the frame); `late_by` sequence numbers up to it had been decided, `late_s` seconds passed
+    # from its capture to the alarm. Absent (None) on an alarm raised in order.
+    late_by: int | None = None
+    late_s: float | None = None
     schema: int = ALARM_SCHEMA
 
     def pack(self) -> bytes:
@@ -227,6 +232,9 @@ class Alarm:
         for name in ("k", "n", "over", "window_first", "peak_seq", "overlay_seq"):
             _optional_integer(getattr(alarm, name), name)
         _finite(alarm.peak_score, "peak_score", optional=True)
+        _optional_integer(alarm.late_by, "late_by")
+        _require(alarm.late_by is None or alarm.late_by >= 1, "late_by must be at least 1")
+        _finite(alarm.late_s, "late_s", optional=True)
         _require((alarm.peak_seq is None) == (alarm.peak_score is None), "peak_seq and peak_score come together")
         scores = alarm.window_scores
         if scores is not None:
@@ -242,6 +250,10 @@ class Alarm:
     def describe(self) -> str:
         """One line saying what fired: the rule, the window's scores and its highest, the frame's own score."""
         head = f"ALARM camera={self.camera} line={self.line} seq={self.seq} bank={self.bank}@v{self.bank_version}"
+        if self.late_by is not None:
+            late_s = "" if self.late_s is None else f", {self.late_s:.1f} s after capture"
+            head = (f"LATE {head} (its result arrived after {self.late_by} frames up to it were decided{late_s}; "
+                    f"raised on its own score)")
         if self.window_scores is None or self.peak_score is None:  # an older store's alarm: no window details
             return f"{head} score={self.score:.3f} threshold={self.threshold:.3f} ({self.rule})"
         scores = " ".join(f"{self.window_first + i}:" + ("-" if v is None else f"{v:.3f}")

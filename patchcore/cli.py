@@ -679,6 +679,7 @@ def status_command(
         typer.echo(f"camera {cam['camera']}: last_seq {cam['last_seq']}  ingested {cam['ingested']}  results "
                    f"{cam['results']}  lag {cam['lag']}  pending {cam['pending']}  backlog {cam['backlog']}  dropped {cam['dropped']}  "
                    f"dead-lettered {cam['deadlettered']}  alarms {cam['alarms']}  state: {cam['state']}"
+                   + ("  LATE: " + " ".join(f"{k} {v}" for k, v in sorted(cam["late"].items())) if cam["late"] else "")
                    + (f"  FAULT: {cam['fault']}" if cam["fault"] else ""))
     for fault in status["redis_faults"]:
         typer.echo(f"redis FAULT: {fault}")

@@ -7,6 +7,8 @@ cluster pipeline refuses) asks `node_groups`."""
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,12 +46,42 @@ def connect(url: str | None = None, password_file: str | Path | None = None,
         kwargs["password"] = Path(password_file).read_text().strip()
     common = dict(socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
                   retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=8), **kwargs)
+    counter = ConnectCounter(initialise=True)
     client = redis.Redis.from_url(redis_url(url), retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-                                  **common)
+                                  redis_connect_func=counter, **common)
     if not cluster_enabled(client):
+        _COUNTERS[client] = counter
         return client
     client.close()
-    return RedisCluster.from_url(redis_url(url), **common)
+    counter = ConnectCounter(initialise=False)  # RedisCluster initialises each node's connection itself first
+    cluster = RedisCluster.from_url(redis_url(url), redis_connect_func=counter, **common)
+    _COUNTERS[cluster] = counter
+    return cluster
+
+
+class ConnectCounter:
+    """Counts the connections a client opens. A connection is opened again after every connection error:
+    a lost reply (which redis-py's retry answers by sending the command again), a restart, a failover. A
+    consumer that reads with XREADGROUP ">" compares the count before and after a read: a change means a
+    reply may have been lost, its entries delivered to this consumer but never seen (see connections_opened)."""
+
+    def __init__(self, initialise: bool):
+        self._initialise, self._lock, self.count = initialise, threading.Lock(), 0
+
+    def __call__(self, connection) -> None:
+        if self._initialise:
+            connection.on_connect()  # what redis-py does when no connect function is given
+        with self._lock:
+            self.count += 1
+
+
+_COUNTERS: "weakref.WeakKeyDictionary[object, ConnectCounter]" = weakref.WeakKeyDictionary()
+
+
+def connections_opened(client) -> int | None:
+    """How many connections a client made by `connect` has opened so far (None for a client made elsewhere)."""
+    counter = _COUNTERS.get(client)
+    return None if counter is None else counter.count
 
 
 def cluster_enabled(client: redis.Redis) -> bool:

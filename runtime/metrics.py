@@ -22,6 +22,9 @@ FRAMES_DROPPED = Counter("patchcore_frames_dropped", "Oldest frames trimmed from
 RESULTS = Counter("patchcore_results", "Results written by workers.", ["camera", "verdict"])
 DEADLETTERED = Counter("patchcore_deadlettered", "Frames and results dead-lettered, by kind of reason.", ["reason"])
 ALARMS = Counter("patchcore_alarms", "Alarms raised by the store.", ["camera"])
+LATE_RESULTS = Counter("patchcore_late_results", "Results that arrived after their alarm windows were decided, by "
+                       "outcome: alarm (a late alarm raised), covered (an alarm already held it), quiet (cooldown), "
+                       "under (under the threshold); the store starts every series at 0.", ["outcome"])
 BATCH_SIZE = Histogram("patchcore_batch_size", "Frames per worker batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 STAGE_SECONDS = Histogram("patchcore_stage_seconds", "Seconds per frame in each stage: queue (capture to picked by "
                           "a worker), decode, score (batch time / frames), write (batch write / frames).", ["stage"],

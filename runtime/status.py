@@ -1,6 +1,7 @@
 """What `patchcore status` reports, read from the keys the processes maintain; pruning dead consumers."""
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 
@@ -41,6 +42,7 @@ def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float 
             "dropped": int(stats.get("dropped", 0)),
             "deadlettered": int(stats.get("deadlettered", 0)),
             "alarms": int(stats.get("alarms", 0)),
+            "late": late_results(client, keys, camera),  # results that came after their windows were decided
             "state": stats.get("state", ""),
             "replayed": int(stats.get("replayed", 0)),
             "fault": stats.get("fault", ""),  # an infrastructure fault holding its frames pending (workers set it)
@@ -58,6 +60,17 @@ def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float 
             "deadletter_reasons": dict(Counter(reason_kind(letter.reason) for letter in DeadLetters(client, keys).list()))
             if reasons else None,
             "consumers": consumers(client, keys, names, dead_after_s), "redis_faults": redis_faults(client)}
+
+
+def late_results(client: redis.Redis, keys: Keys, camera: str) -> dict[str, int]:
+    """The camera's late results by outcome (alarm, covered, quiet, under), as the store keeps them with its
+    debounce window (store.alarms.rules); {} before the first, or where the window cannot be read."""
+    text = client.hget(keys.alarm_state(camera), "window")
+    try:
+        late = json.loads(text)["late"] if text else {}
+        return {str(k): int(v) for k, v in late.items() if int(v)} if isinstance(late, dict) else {}
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return {}
 
 
 def consumers(client: redis.Redis, keys: Keys, cameras: list[str], dead_after_s: float = DEAD_AFTER_S) -> list[dict]:

@@ -10,16 +10,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
 from contracts.keys import STORE_GROUP, Keys, camera_of
 from contracts.messages import MAX_WINDOW_SCORES, Alarm, MessageError, Result, check_overlay_key
-from runtime.metrics import ALARMS, DEADLETTERED
+from runtime.connection import connections_opened
+from runtime.metrics import ALARMS, DEADLETTERED, LATE_RESULTS
 from runtime.streams import ACK_AND_WRITE, CameraStreams, reclaim, serve
 
-from store.alarms.rules import AlarmRule, AlarmWindow, Fired
+from store.alarms.rules import LATE_OUTCOMES, AlarmRule, AlarmWindow, Fired
 
 log = logging.getLogger("patchcore.store")
 
@@ -69,6 +70,8 @@ class StoreReport:
     alarms: int = 0
     bad_results: int = 0
     conflicts: int = 0  # commits retried because the camera's state changed meanwhile
+    recovered_reads: int = 0  # reads sent again on a new connection: what they delivered was read again from 0
+    late: dict = field(default_factory=dict)  # late results (arrived after their windows were decided), by outcome
 
 
 class ResultsStore:
@@ -81,6 +84,9 @@ class ResultsStore:
         self.report = StoreReport()
         self._rules: dict[str, AlarmRule] = {}
         self._unfinished = True  # results may be pending to this consumer name: handle those first
+        self._opened = connections_opened(client)  # connections the client had opened after the last read
+        for outcome in LATE_OUTCOMES:  # every series exists from the start, so a rate() alert sees the first one
+            LATE_RESULTS.labels(outcome)
         self._last_result: dict[str, float] = {}  # camera -> when its last result was handled (monotonic)
         self._commit = client.register_script(COMMIT_RESULTS)
         self._ack_and_write = client.register_script(ACK_AND_WRITE)
@@ -95,12 +101,23 @@ class ResultsStore:
         if not self._streams.names:
             self.stop.wait(0.1)
             return
-        # after a failed step (and at start, for a predecessor of the same name) the results still pending
-        # to this store go first: handled after newer ones, they would find their windows decided
+        # after a failed step, a new connection (a lost reply, a restart, a failover) and at start (for a
+        # predecessor of the same name) the results still pending to this store go first: handled after
+        # newer ones, they would find their windows decided
+        before = connections_opened(self.client)
+        if before != self._opened:
+            self._unfinished = True
         start = "0" if self._unfinished else ">"
         reply = self._streams.read_each(self.settings.name, self.settings.batch, start,
                                         None if self._unfinished else 200)
+        self._opened = connections_opened(self.client)
         self._unfinished = True
+        if start == ">" and self._opened != before:
+            # the read was sent again on a new connection: the entries its lost reply delivered are pending to
+            # this store, unseen; read them and this reply's entries together, in order, from 0
+            self.report.recovered_reads += 1
+            log.warning("store read recovered", extra={"fields": {"process": self.settings.name}})
+            return
         for stream, entries in reply:
             self.handle(stream, entries)
         self._unfinished = start == "0" and any(entries for _, entries in reply)
@@ -177,11 +194,13 @@ class ResultsStore:
         if not items and not window.undecided:
             return False
         alarm_infos = window.flush() if flush else []
+        late_before = dict(window.late)
         for _, result in items:
             threshold = rule.threshold if rule.threshold is not None else result.threshold
             over = threshold is not None and result.score >= threshold
             info = {"seq": result.seq, "line": result.line, "score": result.score, "threshold": threshold,
-                    "bank": result.bank, "bank_version": result.bank_version, "overlay_key": result.overlay_key}
+                    "bank": result.bank, "bank_version": result.bank_version, "overlay_key": result.overlay_key,
+                    "captured_at": result.captured_at}
             alarm_infos += window.add(result.seq, over, result.captured_at, info)
         latest = {}
         if items:
@@ -205,6 +224,12 @@ class ResultsStore:
             self.report.results += len(items)
             self.report.alarms += len(alarm_infos)
             ALARMS.labels(camera).inc(len(alarm_infos))
+            for outcome, count in window.late.items():
+                if count > late_before[outcome]:
+                    self.report.late[outcome] = self.report.late.get(outcome, 0) + count - late_before[outcome]
+                    LATE_RESULTS.labels(outcome).inc(count - late_before[outcome])
+                    log.warning("late result", extra={"fields": {"camera": camera, "outcome": outcome,
+                                                                 "count": count - late_before[outcome]}})
         return reply == 1
 
     def _alarm(self, camera: str, rule: AlarmRule, fired: Fired) -> Alarm:
@@ -215,7 +240,12 @@ class ResultsStore:
         pictured = max((info for info in scored if info["overlay_key"]), key=lambda info: info["score"], default=None)
         shown = fired.window[-MAX_WINDOW_SCORES:]
         info = {**fired.info, "overlay_key": pictured["overlay_key"] if pictured else None}
-        return Alarm(camera=camera, raised_at=time.time(), rule=rule.describe(), k=rule.k, n=rule.n, over=fired.over,
+        info.pop("captured_at", None)
+        now = time.time()
+        if fired.late_by:
+            captured_at = fired.info.get("captured_at")
+            info["late_by"], info["late_s"] = fired.late_by, None if captured_at is None else max(0.0, now - captured_at)
+        return Alarm(camera=camera, raised_at=now, rule=rule.describe(), k=rule.k, n=rule.n, over=fired.over,
                      window_first=shown[0][0], window_scores=tuple(None if i is None else i["score"] for _, _, i in shown),
                      peak_seq=peak["seq"], peak_score=peak["score"], overlay_seq=pictured["seq"] if pictured else None,
                      overlay_jpeg=self.client.get(pictured["overlay_key"]) if pictured else None, **info)

@@ -31,7 +31,34 @@ def test_a_missing_frame_counts_as_not_over_and_is_waited_for_only_reorder_frame
     assert window.add(2, True, 2, 2) == []  # 1 may still come
     assert window.add(3, False, 3, 3) == [] and window.add(4, False, 4, 4) == []
     assert window.add(5, False, 5, 5) == []  # 2 is decided now (1 taken as missing: 1 of 2 over)
-    assert window.add(1, True, 1, 1) == [] and window.late == 1  # too late to change decided windows
+    # too late to change decided windows, but not lost: over the threshold, it raises its own late alarm
+    late = window.add(1, True, 1, 1)
+    assert [(f.info, f.late_by, f.window) for f in late] == [(1, 5, ((1, True, 1),))]
+    assert window.late == {"alarm": 1, "covered": 0, "quiet": 0, "under": 0}
+
+
+def test_a_late_result_raises_one_alarm_unless_an_alarm_already_covers_it():
+    window = AlarmWindow(AlarmRule(k=2, n=3, cooldown_s=0), reorder=2)
+    for seq in range(20):  # frames 10 and 11 missing at first, 15-16 over (an alarm at 16)
+        if seq not in (10, 11):
+            assert [f.info for f in window.add(seq, seq in (15, 16), seq, seq)] == ([16] if seq == 16 else [])
+    assert window.decided == 19
+    assert window.add(11, False, 11, 11) == []  # under the threshold: counted only
+    assert [(f.info, f.late_by) for f in window.add(10, True, 10, 10)] == [(10, 10)]  # late by 19 - 10 + 1
+    assert window.add(9, True, 9, 9) == [] == window.add(8, True, 8, 8)  # 10's late alarm covers its neighbours
+    assert window.add(14, True, 14, 14) == []  # covered by the alarm at 16, whose window holds it
+    assert window.late == {"alarm": 1, "covered": 3, "quiet": 0, "under": 1}
+    restored = AlarmWindow.from_json(None, 2, window.to_json())  # kept with the window: counted exactly once
+    assert restored.late == window.late and restored.add(11, True, 11, 11) == []
+
+
+def test_a_late_result_in_the_cooldown_of_the_alarm_before_it_stays_quiet():
+    window = AlarmWindow(AlarmRule(k=1, n=1, cooldown_s=5), reorder=1)
+    assert [f.info for f in window.add(0, True, 100.0, 0)] == [0]
+    for seq in range(2, 12):
+        window.add(seq, False, 100.0 + seq, seq)
+    assert window.add(1, True, 101.0, 1) == []  # captured 1 s after the alarm: in its 5 s cooldown
+    assert window.late["quiet"] == 1
 
 
 def test_flush_decides_the_frames_that_wait_for_a_gap():

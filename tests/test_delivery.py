@@ -1,6 +1,7 @@
 """Delivery guarantees against real servers: trimmed pending frames, the batch cap and its fairness,
 lost replies (a proxy that drops them), store state kept in Redis and changed only on commit,
 malformed results and rules. Run against every supported server with PATCHCORE_TEST_REDIS=all."""
+import json
 import math
 import random
 import signal
@@ -10,6 +11,7 @@ import threading
 import time
 
 import msgpack
+from prometheus_client import REGISTRY
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
@@ -226,6 +228,54 @@ def test_a_lost_reply_duplicates_no_result(redis_server, synthetic_bank_bytes):
             wait_for(lambda: client.xlen(KEYS.frames("cam-1")) == 0, 120)
     assert proxy.dropped == 1  # the worker's whole MULTI/EXEC was sent twice
     assert sorted(r.seq for r in results(client)) == list(range(6)) and stats(client)["results"] == 6
+
+
+def test_a_lost_read_reply_loses_no_alarm_and_makes_none_late(redis_server):
+    # the store's XREADGROUP replies lost on the way back (the connection then closed): redis-py sends the read
+    # again and gets the next entries, while the first delivery waits, unseen, in the store's pending list
+    client = connect(redis_server.url)
+    anomalous = {s for s in range(60) if s % 4 == 1}
+    add_results(client, [result(seq=s, score=5.0 if s in anomalous else 0.1) for s in range(60)])
+    with ReplyDroppingProxy(redis_server.port, marker=b"\r\n$1\r\n>\r\n", drops=4) as proxy:  # XREADGROUP ... ">"
+        s = store(proxy.url, rule=AlarmRule(k=1, n=1, cooldown_s=0), batch=5, reorder=2)
+        for _ in range(60):
+            s._step()
+            if int(client.hget(KEYS.latest("cam-1"), "seq") or -1) == 59 and not s._unfinished:
+                break
+    raised = [a.seq for a in alarms(client)]
+    assert sorted(raised) == sorted(anomalous) and len(raised) == len(set(raised))  # each once
+    assert proxy.dropped == 4 and s.report.recovered_reads >= 1
+    assert not any(a.late_by for a in alarms(client)) and not s.report.late  # recovered at once, in order
+    assert client.xpending(KEYS.results("cam-1"), STORE_GROUP)["pending"] == 0
+
+
+def test_a_result_later_than_reorder_raises_a_late_alarm_once(redis_server):
+    client = connect(redis_server.url)
+    add_results(client, [result(seq=s, score=0.1) for s in range(30) if s not in (3, 4)])  # 3 and 4 come late
+    s = store(redis_server.url, rule=AlarmRule(k=2, n=3, cooldown_s=0), reorder=4)
+    metric = lambda outcome: REGISTRY.get_sample_value("patchcore_late_results_total", {"outcome": outcome})
+    before = {o: metric(o) for o in ("alarm", "covered")}
+    assert None not in before.values()  # every series exists from the start (a rate() alert sees the first)
+    for _ in range(3):
+        s._step()
+    add_results(client, [result(seq=3, score=5.0)])  # a lone defect, after frames 3..29 were decided without it
+    for _ in range(3):
+        s._step()
+    [alarm] = alarms(client)
+    assert (alarm.seq, alarm.late_by, alarm.score) == (3, 27, 5.0) and alarm.late_s > 0
+    assert alarm.describe().startswith("LATE ALARM camera=cam-1")
+    assert s.report.late == {"alarm": 1}
+    window = json.loads(client.hget(KEYS.alarm_state("cam-1"), "window"))
+    assert window["late"] == {"alarm": 1, "covered": 0, "quiet": 0, "under": 0}
+    add_results(client, [result(seq=4, score=5.0)])  # its neighbour, as late
+    for _ in range(3):
+        s._step()
+    assert len(alarms(client)) == 1  # one defect, one late alarm: 4 is covered by 3's
+    assert json.loads(client.hget(KEYS.alarm_state("cam-1"), "window"))["late"]["covered"] == 1
+    from runtime.status import collect_status
+    [camera] = collect_status(client, KEYS.prefix)["cameras"]
+    assert camera["late"] == {"alarm": 1, "covered": 1} and camera["alarms"] == 1
+    assert (metric("alarm") - before["alarm"], metric("covered") - before["covered"]) == (1, 1)
 
 
 # ---- item 4: store state only after commit, kept in Redis, ordered by sequence number ---------------

@@ -6,7 +6,12 @@ decided in sequence order: frame e is decided when e-1 was, or once a result `re
 numbers later has arrived (its predecessors are then taken as missing), or when the camera has
 sent nothing for a while (`flush`: the store calls it). Results that arrive out of
 order by fewer than `reorder` positions therefore raise exactly the alarms that in-order arrival
-raises; a result later than that is too late to change a decided window. The cooldown runs on the
+raises. A result later than that arrives after its windows were decided: late is not lost. Over the
+threshold, it raises an alarm of its own marked late (`Fired.late_by`: how many sequence numbers up to it
+had been decided), unless an alarm already covers it (one fired for a window that holds it, a late alarm
+fewer than n frames away, or the cooldown of the alarm before it); its neighbours' windows are not
+re-decided (they were judged without it, and a defect must not wait for a k-of-n that can no longer be
+counted). Every late result is counted by outcome (`late`). The cooldown runs on the
 frames' capture times, so it too does not depend on arrival order. The whole state is a small JSON
 document the store keeps in Redis (`AlarmWindow.to_json`), so a restarted store carries on.
 """
@@ -19,6 +24,8 @@ from typing import Any
 
 MAX_WINDOW = 1000
 MAX_RULE_BYTES = 4096
+LATE_OUTCOMES = ("alarm", "covered", "quiet", "under")  # what became of a late result (AlarmWindow.late)
+MAX_LATE_ALARMS = 16  # the most recent late alarms remembered, so that one defect raises one late alarm
 
 
 def _number(value) -> bool:
@@ -71,9 +78,11 @@ class AlarmRule:
 @dataclass(frozen=True)
 class Fired:
     """An alarm decided for one frame: its `info`, and the window that fired it, oldest first, as
-    (seq, over threshold, info) - info None for a frame that got no result (counted as not over)."""
+    (seq, over threshold, info) - info None for a frame that got no result (counted as not over). A late
+    alarm (its result arrived after its windows were decided) has `late_by` > 0 and a window of itself."""
     info: Any
     window: tuple[tuple[int, bool, Any], ...]
+    late_by: int = 0
 
     @property
     def over(self) -> int:
@@ -96,12 +105,15 @@ class AlarmWindow:
         self.quiet_until: float = state.get("quiet_until", float("-inf"))
         # seq -> [over threshold, capture time, info]: undecided frames and the window behind them
         self.frames: dict[int, list] = {int(seq): value for seq, value in state.get("frames", {}).items()}
-        self.late = 0
+        self.late_alarms: list[int] = state.get("late_alarms", [])  # the seqs of the last late alarms
+        # late results so far, by outcome (cumulative, kept with the window: counted exactly once)
+        self.late: dict[str, int] = {o: int(state.get("late", {}).get(o, 0)) for o in LATE_OUTCOMES}
 
     def to_json(self) -> str:
         return json.dumps({"rule": asdict(self.rule), "decided": self.decided, "last_alarm": self.last_alarm,
                            "quiet_until": self.quiet_until if math.isfinite(self.quiet_until) else None,
-                           "frames": {str(seq): value for seq, value in self.frames.items()}})
+                           "frames": {str(seq): value for seq, value in self.frames.items()},
+                           "late_alarms": self.late_alarms, "late": self.late})
 
     @classmethod
     def from_json(cls, rule: AlarmRule | None, reorder: int, text: str | bytes) -> "AlarmWindow":
@@ -117,10 +129,27 @@ class AlarmWindow:
 
     def add(self, seq: int, over: bool, captured_at: float, info) -> list[Fired]:
         if self.decided is not None and seq <= self.decided:
-            self.late += 1  # its windows were decided without it
-            return []
+            return self._late(seq, over, captured_at, info)
         self.frames[seq] = [bool(over), captured_at, info]
         return self._decide(max(self.frames) - self.reorder)
+
+    def _late(self, seq: int, over: bool, captured_at: float, info) -> list[Fired]:
+        """A result whose windows were decided without it: its own late alarm, unless one already covers it."""
+        n = self.rule.n
+        if not over:
+            outcome = "under"
+        elif (self.last_alarm is not None and seq <= self.last_alarm < seq + n) or any(
+                abs(seq - s) < n for s in self.late_alarms):
+            outcome = "covered"  # an alarm fired for a window that holds it, or a late alarm of its neighbours
+        elif self.quiet_until - self.rule.cooldown_s <= captured_at < self.quiet_until:
+            outcome = "quiet"  # in the cooldown of the alarm before it
+        else:
+            outcome = "alarm"
+        self.late[outcome] += 1
+        if outcome != "alarm":
+            return []
+        self.late_alarms = (self.late_alarms + [seq])[-MAX_LATE_ALARMS:]
+        return [Fired(info, ((seq, True, info),), late_by=self.decided - seq + 1)]
 
     def flush(self) -> list[Fired]:
         """Decide every frame received so far (the camera went quiet: the missing ones are not coming)."""
