@@ -10,10 +10,11 @@ from collections import deque
 import redis
 
 from runtime.deadletter import DeadLetters
-from contracts.keys import Keys
+from contracts.keys import Keys, check_camera
 from contracts.messages import MessageError, Result
 from workers.banks.registry import BankRegistry
 from runtime.status import collect_status
+from runtime.cameras import camera_list
 
 HISTOGRAM_BINS = 20
 
@@ -118,6 +119,10 @@ class ConsoleData:
 
     def camera_image(self, camera: str) -> bytes | None:
         """The heatmap overlay of the camera's latest result when it is anomalous, else its latest frame."""
+        try:
+            check_camera(camera)
+        except ValueError:  # not a camera name (it may still be a member of the set: anyone's SADD)
+            return None
         if not self.client.sismember(self.keys.cameras, camera):
             return None
         latest = _text(self.client.hgetall(self.keys.latest(camera)))
@@ -130,7 +135,7 @@ class ConsoleData:
     # banks
     def banks(self) -> list[dict]:
         users: dict[str, list[dict]] = {}
-        for camera in sorted(c.decode() for c in self.client.smembers(self.keys.cameras)):
+        for camera in camera_list(self.client, self.keys.cameras):
             bank, version = self.client.hmget(self.keys.latest(camera), ["bank", "bank_version"])
             if bank is not None:
                 users.setdefault(bank.decode(), []).append({"camera": camera, "version": int(version or 0)})

@@ -14,11 +14,38 @@ FRAME_GROUP = "workers"  # consumer group of the workers on every frame stream
 STORE_GROUP = "store"  # consumer group of the store on every results stream
 
 
+MAX_CAMERA_NAME = 128  # characters
+
+
 def check_camera(camera: str) -> str:
-    """A camera name, refused if it would break its hash tag (braces)."""
-    if not camera or "{" in camera or "}" in camera:
+    """A camera name: 1 to MAX_CAMERA_NAME printable characters, no braces (they delimit its hash tag)."""
+    if not isinstance(camera, str) or not 0 < len(camera) <= MAX_CAMERA_NAME:
+        raise ValueError(f"bad camera name {str(camera)[:200]!r}: 1 to {MAX_CAMERA_NAME} characters")
+    if "{" in camera or "}" in camera:
         raise ValueError(f"bad camera name {camera!r}: braces are not allowed (they delimit its hash tag)")
+    if not camera.isprintable():
+        raise ValueError(f"bad camera name {camera!r}: control characters are not allowed")
     return camera
+
+
+@dataclass(frozen=True)
+class CameraNames:
+    """The members of the camera set, sorted: the valid names, and those refused (any process may read the set,
+    and a camera credential may add to it, so a bad member is skipped and reported, never fatal)."""
+    names: tuple[str, ...]
+    refused: tuple[bytes, ...]
+
+
+def camera_names(members) -> CameraNames:
+    """Split raw members of the camera set (bytes or str) into valid camera names and refused members."""
+    names, refused = [], []
+    for member in members:
+        raw = member.encode(errors="surrogateescape") if isinstance(member, str) else bytes(member)
+        try:
+            names.append(check_camera(raw.decode("utf-8")))
+        except (UnicodeDecodeError, ValueError):
+            refused.append(raw)
+    return CameraNames(tuple(sorted(names)), tuple(sorted(refused)))
 
 
 def camera_of(key: str | bytes) -> str:

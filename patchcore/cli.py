@@ -681,6 +681,9 @@ def status_command(
                    f"dead-lettered {cam['deadlettered']}  alarms {cam['alarms']}  state: {cam['state']}"
                    + ("  LATE: " + " ".join(f"{k} {v}" for k, v in sorted(cam["late"].items())) if cam["late"] else "")
                    + (f"  FAULT: {cam['fault']}" if cam["fault"] else ""))
+    if status["refused_camera_names_count"]:
+        typer.echo(f"camera set: {status['refused_camera_names_count']} members refused (no camera name; skipped "
+                   f"by every process): " + " ".join(status["refused_camera_names"]))
     for fault in status["redis_faults"]:
         typer.echo(f"redis FAULT: {fault}")
     for worker, seen in status["workers"].items():

@@ -18,6 +18,7 @@ import redis
 
 from contracts.keys import Keys, camera_of
 from runtime.metrics import deadlettered
+from .cameras import camera_list
 
 HEAD_BYTES = 64
 
@@ -106,7 +107,7 @@ class DeadLetters:
         return written
 
     def cameras(self) -> list[str]:
-        return sorted(c.decode() for c in self.client.smembers(self.keys.cameras))
+        return camera_list(self.client, self.keys.cameras)
 
     def list(self, camera: str | None = None, count: int | None = None) -> list[DeadLetter]:
         """Dead letters, oldest first (of `camera` only, when given, else of every camera; at most `count`, the newest)."""

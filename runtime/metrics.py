@@ -15,6 +15,7 @@ import redis
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
+from contracts.keys import camera_names
 
 FRAMES_INGESTED = Counter("patchcore_frames_ingested", "Frames appended to their camera's stream.", ["camera"])
 FRAMES_DROPPED = Counter("patchcore_frames_dropped", "Oldest frames trimmed from a full stream (live sources).",
@@ -22,6 +23,8 @@ FRAMES_DROPPED = Counter("patchcore_frames_dropped", "Oldest frames trimmed from
 RESULTS = Counter("patchcore_results", "Results written by workers.", ["camera", "verdict"])
 DEADLETTERED = Counter("patchcore_deadlettered", "Frames and results dead-lettered, by kind of reason.", ["reason"])
 ALARMS = Counter("patchcore_alarms", "Alarms raised by the store.", ["camera"])
+CAMERA_NAMES_REFUSED = Gauge("patchcore_camera_names_refused", "Members of the camera set that are no camera name "
+                             "(skipped by every reader; `patchcore status` lists them), at this process's last read.")
 LATE_RESULTS = Counter("patchcore_late_results", "Results that arrived after their alarm windows were decided, by "
                        "outcome: alarm (a late alarm raised), covered (an alarm already held it), quiet (cooldown), "
                        "under (under the threshold); the store starts every series at 0.", ["outcome"])
@@ -113,7 +116,7 @@ class LagCollector(Collector):
         family = GaugeMetricFamily("patchcore_consumer_lag", "Frames not yet delivered to a worker plus those "
                                    "pending (delivered, not yet acknowledged), per camera.", labels=["camera"])
         try:
-            cameras = sorted(_text(c) for c in self.client.smembers(self.cameras_key))
+            cameras = camera_names(self.client.smembers(self.cameras_key)).names
             for camera, lag in consumer_lag(self.client, {c: self.stream_of(c) for c in cameras}, self.group).items():
                 family.add_metric([camera], lag)
         except redis.RedisError:  # Redis unreachable: no samples (and /healthz says 503)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 
@@ -12,7 +13,10 @@ from runtime.deadletter import DeadLetters
 from contracts.keys import FRAME_GROUP, STORE_GROUP, Keys
 from runtime.metrics import consumer_lag, reason_kind
 from runtime.streams import REDIS_ERRORS
+from .cameras import camera_list, read_cameras
 
+MAX_TEXT = 500  # characters of a free-text field shown (a camera writes its own state)
+MAX_LISTED = 20  # refused camera names listed (all are counted)
 DEAD_AFTER_S = 120.0  # a consumer idle this long (and without a fresh heartbeat) is marked dead
 
 
@@ -21,11 +25,13 @@ def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float 
     """Cameras, workers, banks, dead letters, consumers and server faults. `reasons`: count the dead letters by
     kind of reason (reads every dead letter: off for a caller that polls, e.g. the console every second)."""
     keys = Keys(prefix)
-    names = sorted(c.decode() for c in client.smembers(keys.cameras))
+    found = read_cameras(client, keys.cameras)
+    names = list(found.names)
     lags = consumer_lag(client, {camera: keys.frames(camera) for camera in names}, FRAME_GROUP)
     cameras = []
     for camera in names:
-        stats = {k.decode(): v.decode() for k, v in client.hgetall(keys.camera_stats(camera)).items()}
+        stats = {k.decode(errors="replace"): v.decode(errors="replace")
+                 for k, v in client.hgetall(keys.camera_stats(camera)).items()}
         stream = keys.frames(camera)
         try:
             pending = int(client.xpending(stream, FRAME_GROUP)["pending"])
@@ -33,33 +39,50 @@ def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float 
             pending = 0
         cameras.append({
             "camera": camera,
-            "last_seq": int(stats["last_seq"]) if "last_seq" in stats else None,
-            "ingested": int(stats.get("ingested", 0)),
-            "results": int(stats.get("results", 0)),
+            "last_seq": _count(stats, "last_seq", None),
+            "ingested": _count(stats, "ingested"),
+            "results": _count(stats, "results"),
             "pending": pending,  # delivered to a worker, not yet acknowledged
             "backlog": int(client.xlen(stream)),  # in the stream: waiting or pending (scored frames are deleted)
             "lag": lags.get(camera, 0),  # not yet delivered to a worker, plus pending (patchcore_consumer_lag)
-            "dropped": int(stats.get("dropped", 0)),
-            "deadlettered": int(stats.get("deadlettered", 0)),
-            "alarms": int(stats.get("alarms", 0)),
+            "dropped": _count(stats, "dropped"),
+            "deadlettered": _count(stats, "deadlettered"),
+            "alarms": _count(stats, "alarms"),
             "late": late_results(client, keys, camera),  # results that came after their windows were decided
-            "state": stats.get("state", ""),
-            "replayed": int(stats.get("replayed", 0)),
-            "fault": stats.get("fault", ""),  # an infrastructure fault holding its frames pending (workers set it)
-            "last_ingest_at": float(stats["last_ingest_at"]) if "last_ingest_at" in stats else None,
+            "state": stats.get("state", "")[:MAX_TEXT],
+            "replayed": _count(stats, "replayed"),
+            "fault": stats.get("fault", "")[:MAX_TEXT],  # an infrastructure fault holding its frames pending (workers set it)
+            "last_ingest_at": _time(stats, "last_ingest_at"),
         })
         cameras[-1]["liveness"] = liveness(cameras[-1]["state"], cameras[-1]["last_ingest_at"], time.time())
     now = time.time()
-    workers = {w.decode(): now - float(t) for w, t in client.hgetall(keys.workers).items()}
+    workers = {w.decode(errors="replace"): now - beat for w, t in client.hgetall(keys.workers).items()
+               if (beat := _time({"t": t.decode(errors="replace")}, "t")) is not None}
     banks = {}
     for name in sorted(n.decode() for n in client.smembers(keys.banks)):
         active = client.get(keys.bank_active(name))
         banks[name] = int(active) if active is not None else None
     deadletter = sum(int(client.xlen(keys.deadletter(c["camera"]))) for c in cameras)
-    return {"cameras": cameras, "workers": workers, "banks": banks, "deadletter": deadletter,
+    return {"cameras": cameras, "refused_camera_names": [repr(m[:200]) for m in found.refused[:MAX_LISTED]],
+            "refused_camera_names_count": len(found.refused), "workers": workers, "banks": banks, "deadletter": deadletter,
             "deadletter_reasons": dict(Counter(reason_kind(letter.reason) for letter in DeadLetters(client, keys).list()))
             if reasons else None,
             "consumers": consumers(client, keys, names, dead_after_s), "redis_faults": redis_faults(client)}
+
+
+def _count(stats: dict[str, str], name: str, default: int | None = 0) -> int | None:
+    """A counter field of a stats hash (a camera may write its own: anything that is no count reads as `default`)."""
+    text = stats.get(name, "")
+    return int(text) if text.isdecimal() and len(text) <= 19 else default
+
+
+def _time(stats: dict[str, str], name: str) -> float | None:
+    """A timestamp field: a finite number of seconds, else None."""
+    try:
+        value = float(stats.get(name, ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def late_results(client: redis.Redis, keys: Keys, camera: str) -> dict[str, int]:
@@ -116,7 +139,7 @@ def prune_dead(client: redis.Redis, prefix: str = "pc", after_s: float = 3600.0)
     line) loses nothing: Redis re-creates it at its next delivery. Returns "group/name" of each consumer
     deleted. Needs a user allowed XGROUP (operator)."""
     keys = Keys(prefix)
-    cameras = sorted(c.decode() for c in client.smembers(keys.cameras))
+    cameras = camera_list(client, keys.cameras)
     pruned = []
     for row in consumers(client, keys, cameras, after_s):
         beat = row["heartbeat_s"]

@@ -10,6 +10,7 @@ import redis
 from redis.exceptions import SlotNotCoveredError
 
 from runtime.connection import is_cluster, node_groups
+from .cameras import camera_list
 
 MIN_REDIS_VERSION = (7, 0)  # XAUTOCLAIM reports deleted entries (6.2 returns nils without their ids)
 
@@ -254,7 +255,7 @@ class CameraStreams:
     def refresh(self) -> list[str]:
         if self.server is None:
             self.server = require_redis_7(self.client)
-        cameras = sorted(c.decode() for c in self.client.smembers(self.cameras_key))
+        cameras = camera_list(self.client, self.cameras_key)
         streams = [self.stream_of(c) for c in cameras]
         ensure_groups(self.client, sorted(set(streams) - set(self.names)), self.group)
         self.names = streams

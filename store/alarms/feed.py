@@ -8,6 +8,7 @@ import redis
 
 from contracts.keys import Keys
 from contracts.messages import Alarm, MessageError
+from runtime.cameras import camera_list
 
 
 def read_alarms(client: redis.Redis, keys: Keys = Keys(), after: dict[str, str] | None = None,
@@ -16,7 +17,7 @@ def read_alarms(client: redis.Redis, keys: Keys = Keys(), after: dict[str, str] 
     `count` per camera, oldest first by `raised_at`, and the cursor for the next call. Unreadable entries are
     skipped (and passed by the cursor)."""
     after = dict(after or {})
-    streams = [keys.alarms(c.decode()) for c in sorted(client.smembers(keys.cameras))]
+    streams = [keys.alarms(c) for c in camera_list(client, keys.cameras)]
     with client.pipeline(transaction=False) as pipe:  # on a cluster: one round trip per node
         for stream in streams:
             pipe.xrange(stream, min=f"({after[stream]}" if stream in after else "-", count=count)

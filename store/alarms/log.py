@@ -15,6 +15,7 @@ import redis
 
 from contracts.keys import Keys
 from contracts.messages import Alarm, MessageError
+from runtime.cameras import camera_list
 
 LOOKBACK_MS = 5000  # `after` on other cameras' streams: their ids come from independent counters (and clocks)
 ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})-((?:[0-9a-f]{2}){1,128})$")
@@ -90,7 +91,7 @@ def recent_alarms(client: redis.Redis, keys: Keys, count: int = 50, after: str |
     streams come from independent counters, and on a cluster from different clocks: an alarm written in the
     same millisecond, or by a node whose clock is behind, is not skipped). A caller that polls with `after`
     drops the alarms it has already seen (the console's event stream does)."""
-    cameras = sorted(c.decode() for c in client.smembers(keys.cameras))
+    cameras = camera_list(client, keys.cameras)
     if after is not None:
         after_camera, after_entry = parse_id(after)
         since = f"{max(0, _order(after)[0] - LOOKBACK_MS)}-0"
