@@ -1,0 +1,176 @@
+"""Render the measured tables of README.md and docs/*.md from bench/results/*.json.
+
+    .venv/bin/python bench/tables.py            # rewrite every table block in place
+    .venv/bin/python bench/tables.py --check    # exit 1 and name the blocks that differ (what the test checks)
+
+A table block in a document is
+
+    <!-- table:NAME -->
+    ...generated: the table, then a line naming its result file, date, machine and source...
+    <!-- /table -->
+
+and NAME is a key of TABLES below: which result file, which rows, which columns (header + a format template
+over a row). A figure changes by re-running its bench (bench/results.py writes the file) and then this script,
+never by editing a document.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.:-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
+
+
+class Blank(dict):
+    """A row for str.format_map where a missing or null field renders its whole cell empty."""
+
+    def __getitem__(self, key):
+        value = dict.get(self, key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+
+@dataclass(frozen=True)
+class Table:
+    result: str  # bench/results/<result>.json
+    columns: tuple[tuple[str, str], ...]  # (header, format template over a row)
+    rows: Callable[[dict], list[dict]] = lambda figures: figures["rows"]
+
+
+def cell(template: str, row: dict) -> str:
+    try:
+        return template.format_map(Blank(row))
+    except KeyError:
+        return ""
+
+
+def category(name: str) -> Callable[[dict], list[dict]]:
+    return lambda figures: next(c["rows"] for c in figures["categories"] if c["category"] == name)
+
+
+EVAL = (("image AUROC", "{image_auroc:.3f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"))
+GOOD_ONLY = (("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
+             ("recall_at_f1 (its FAR)", "{recall_at_f1:.2f} ({false_alarm_rate_at_f1:.2f})"),
+             ("best recall at FAR <= 0.05", "{best_recall_far_0_05:.2f}"), ("bank", "{bank:,}"), ("build s", "{build_s}"))
+SEARCH = (("option", "{option}"), ("search ms/img", "{search_ms_per_image:.1f}"), ("x exact", "{x_exact_search:.1f}"),
+          ("same NN", "{same_nn:.4f}"), ("images/s", "{images_per_s:.2f}"), ("x exact", "{x_exact_images_per_s:.2f}"),
+          ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"))
+MAP_VARIANTS = (("distances, mirror (default)", "distances_mirror"), ("distances, reflect", "distances_reflect"),
+                ("squared, mirror", "squared_mirror"), ("squared, reflect (official)", "squared_reflect"))
+REWEIGHTS = (("b = 1 (plain max)", "b1"), ("b = 3", "b3"), ("b = 9 (default)", "b9"), ("b = 27", "b27"))
+
+TABLES: dict[str, Table] = {
+    "views": Table("views", (("data", "{data}"), ("view", "{view}"), *EVAL, ("threshold", "{threshold:.2f}"),
+                             *GOOD_ONLY, ("images/s", "{images_per_s:.2f}"))),
+    "views-efficientnet_lite0": Table("views-efficientnet_lite0", (
+        ("data", "{data}"), ("backbone, view", "{view}"), *EVAL, ("threshold", "{threshold:.1f}"), *GOOD_ONLY,
+        ("images/s", "{images_per_s:.1f}"))),
+    "reweighting-visa_macaroni1": Table("reweighting-visa_macaroni1", (
+        ("image score", "{image_score}"), ("image AUROC", "{image_auroc:.4f}"), ("recall_at_f1", "{recall_at_f1:.3f}"),
+        ("false_alarm_rate_at_f1", "{false_alarm_rate_at_f1:.3f}"),
+        ("best recall at FAR <= 0.01", "{best_recall_far_0_01:.3f}"),
+        ("best recall at FAR <= 0.05", "{best_recall_far_0_05:.3f}"))),
+    "bottle-vs-official": Table("bottle-vs-official", (
+        ("run", "{run}"), ("image AUROC", "{image_auroc:.3f}"), ("pixel AUROC", "{pixel_auroc}"),
+        ("PRO", "{pro}"), ("bank build", "{bank_build_s:g} s"), ("scoring", "{scoring}"))),
+    "backbones-crop": Table("backbones-crop", (
+        ("data", "{data}"), ("backbone", "{backbone}"), ("image AUROC", "{image_auroc:.4f}"),
+        ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"), ("F1 (optimal)", "{f1_optimal:.3f}"),
+        ("build s", "{build_s}"), ("images/s", "{images_per_s:.2f}"))),
+    "maps": Table("maps", (("data (mobilenet_v2 bank)", "{data}"),
+                           *((header, f"{{{key}_pixel_auroc}} / {{{key}_pro}}") for header, key in MAP_VARIANTS))),
+    "reweighting-margins": Table("reweighting-margins", (
+        ("data", "{data}"), *((header, f"{{{key}_image_auroc:.4f}} / {{{key}_margin:+.2f}}") for header, key in REWEIGHTS))),
+    "bank_build": Table("bank_build", (
+        ("set", "{set}"), ("points", "{points:,}"), ("steps", "{steps:,}"), ("plain loop", "{plain_loop_s:.1f} s"),
+        ("its radius", "{plain_radius_s:.1f} s"), ("select_coreset loop", "{loop_s:.1f} s"), ("x plain", "x{x_plain:.2f}"),
+        ("with radius", "{with_radius_s:.1f} s"), ("x plain + radius", "x{x_plain_with_radius:.2f}"),
+        ("same set", "{same_set}"))),
+    "scoring-mvtec_bottle": Table("scoring", SEARCH, category("mvtec_bottle")),
+    "scoring-visa_macaroni1": Table("scoring", SEARCH, category("visa_macaroni1")),
+    "failover": Table("failover", (("scenario", "{scenario}"), ("failover (SIGKILL -> cluster ok)", "{failover}"),
+                                   ("frames sent", "{frames_sent}"), ("lost", "{lost}"), ("note", "{note}"))),
+    "scale": Table("scale", (
+        ("backend", "{backend}"), ("workers", "{workers}"), ("cameras", "{cameras}"), ("frames", "{frames}"),
+        ("frames/s", "{frames_per_s:.0f}"), ("ingest cmds/frame", "{ingest_cmds_per_frame:.1f}"),
+        ("worker+store cmds/frame", "{worker_store_cmds_per_frame:.1f}"),
+        ("Redis CPU ms/frame", "{redis_cpu_ms_per_frame:.3f}"), ("p99 ms (queued)", "{p99_ms_queued:.0f}"))),
+    "soak": Table("soak", (("", "{cameras}"), ("sent", "{sent:,}"), ("results", "{results:,}"),
+                           ("duplicates", "{duplicates}"), ("dead-lettered", "{deadlettered:,} {deadlettered_note}"),
+                           ("dropped", "{dropped}"), ("lost", "{lost}"))),
+    "pipeline": Table("pipeline", (
+        ("max batch", "{max_batch}"), ("worker", "{worker}"), ("frames/s", "{frames_per_s:.1f}"), ("x unpipelined", "x{x_unpipelined:.2f}"),
+        ("latency p50", "{latency_p50_ms:.0f} ms"), ("latency p99", "{latency_p99_ms:.0f} ms"),
+        ("scorer per frame", "{scorer_ms_per_frame:.1f} ms"), ("decode", "{decode_ms:.1f} ms"))),
+}
+
+
+def load(result: str) -> dict:
+    path = RESULTS / f"{result}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (a table names it)")
+    return json.loads(path.read_text())
+
+
+def provenance(record: dict) -> str:
+    """One line under a table: which file, when, where, how; transcribed figures say so."""
+    machine = record.get("machine") or {}
+    cpu = machine.get("cpu") or {}
+    where = ", ".join(str(part) for part in (cpu.get("model"), f"{cpu['cores']} cores" if cpu.get("cores") else None,
+                                              machine.get("gpu") or "no GPU", machine.get("load")) if part)
+    origin = record.get("source") or f"commit {record.get('git_commit') or 'unknown'}"
+    return (f"<sub>`bench/results/{record['name']}.json`: {record['date']}; {where}; "
+            f"`{record['command']}`; {origin}.</sub>")
+
+
+def render(name: str) -> str:
+    """The markdown of one table block (what sits between its two marker comments)."""
+    if name not in TABLES:
+        raise KeyError(f"no table {name!r} in bench/tables.py (known: {', '.join(sorted(TABLES))})")
+    table = TABLES[name]
+    record = load(table.result)
+    # a literal '|' inside a cell would split it: escape it
+    lines = ["| " + " | ".join(header for header, _ in table.columns) + " |",
+             "|" + "---|" * len(table.columns)]
+    for row in table.rows(record["figures"]):
+        cells = [cell(template, row).strip().replace("|", "\\|") for _, template in table.columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + provenance(record) + "\n"
+
+
+def rendered(text: str) -> str:
+    """`text` with every table block regenerated."""
+    return BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+
+
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs")
+    args = parser.parse_args()
+    stale = []
+    for path in documents():
+        text = path.read_text()
+        new = rendered(text)
+        if new != text:
+            stale.append(path.relative_to(ROOT))
+            if not args.check:
+                path.write_text(new)
+    verb = "differ from bench/results" if args.check else "rewritten"
+    print(f"{', '.join(map(str, stale))}: {verb}" if stale else "every table block is up to date")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
