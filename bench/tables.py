@@ -46,10 +46,13 @@ class Table:
 
 
 def cell(template: str, row: dict) -> str:
-    try:
-        return template.format_map(Blank(row))
-    except KeyError:
-        return ""
+    """The first alternative (`a || b`) whose fields the row has; empty when none."""
+    for alternative in template.split(" || "):
+        try:
+            return alternative.format_map(Blank(row))
+        except KeyError:
+            continue
+    return ""
 
 
 def category(name: str) -> Callable[[dict], list[dict]]:
@@ -106,8 +109,23 @@ TABLES: dict[str, Table] = {
     "soak": Table("soak", (("", "{cameras}"), ("sent", "{sent:,}"), ("results", "{results:,}"),
                            ("duplicates", "{duplicates}"), ("dead-lettered", "{deadlettered:,} {deadlettered_note}"),
                            ("dropped", "{dropped}"), ("lost", "{lost}"))),
+    "soak-summary": Table("soak", (
+        ("worker / store / Redis SIGKILLs", "{kills[worker]} / {kills[store]} / {kills[redis]}"),
+        ("alarms", "{alarms}"), ("duplicate alarms", "{duplicate_alarms}"), ("backlog drained", "{drain_s} s"),
+        ("RSS MB: worker", "{rss_mb[worker]}"), ("store", "{rss_mb[store]}"), ("each camera", "{rss_mb[camera]}"),
+        ("Redis", "{rss_mb[redis]}")), lambda figures: [figures]),
+    "demo": Table("demo", (
+        ("command", "`{command}`"), ("camera", "{mode}"), ("worker", "{worker}"), ("search", "{search}"),
+        ("UTC", "{time}"), ("frames/s", "{frames_per_s:.1f}"), ("latency p50", "{latency_p50_ms} ms || {latency_p50}"),
+        ("latency p99", "{latency_p99_ms:,} ms"))),
+    "worker_resources": Table("worker_resources", (
+        ("device", "{device}"), ("bank features", "{bank_features:,}"), ("frames", "{frames}"),
+        ("RSS, bank loaded", "{rss_loaded_mib:,} MiB"), ("RSS, peak while scoring", "{rss_peak_mib:,} MiB"),
+        ("CPU-seconds per frame", "{cpu_s_per_frame:.3f}"))),
+    "gpu_check": Table("gpu_check", (("backbone", "{backbone}"), ("images/s, batch 1", "{batch_1}"),
+                                     ("batch 8", "{batch_8}"), ("batch 32", "{batch_32}"))),
     "pipeline": Table("pipeline", (
-        ("max batch", "{max_batch}"), ("worker", "{worker}"), ("frames/s", "{frames_per_s:.1f}"), ("x unpipelined", "x{x_unpipelined:.2f}"),
+        ("max batch", "{max_batch}"), ("worker", "{worker}"), ("frames/s", "{frames_per_s:.1f} (x{x_unpipelined:.2f}) || {frames_per_s:.1f}"),
         ("latency p50", "{latency_p50_ms:.0f} ms"), ("latency p99", "{latency_p99_ms:.0f} ms"),
         ("scorer per frame", "{scorer_ms_per_frame:.1f} ms"), ("decode", "{decode_ms:.1f} ms"))),
 }
