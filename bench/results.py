@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -63,9 +64,21 @@ def git_commit() -> str | None:
     return (commit + ("+dirty" if dirty else "")) or None
 
 
+def finite(value):
+    """`value` with every NaN or infinity replaced by None (JSON has neither; a bench's 'not measured')."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
 def write_result(name: str, figures: dict, command: str | None = None, directory: Path | None = None) -> Path:
     """Write `figures` (plain JSON values) as bench/results/<name>.json with the machine, UTC date, command
-    (default: this process's command line) and git commit; returns the path. Written atomically."""
+    (default: this process's command line) and git commit; returns the path. NaN and infinities become null.
+    Written atomically."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
         raise ValueError(f"result name {name!r}: lower-case letters, digits, '_', '.', '-' only")
     record = {
@@ -74,7 +87,7 @@ def write_result(name: str, figures: dict, command: str | None = None, directory
         "command": command or " ".join([Path(sys.executable).name, *sys.argv]),
         "git_commit": git_commit(),
         "machine": machine(),
-        "figures": figures,
+        "figures": finite(figures),
     }
     directory = directory or RESULTS
     directory.mkdir(parents=True, exist_ok=True)

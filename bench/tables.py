@@ -38,11 +38,15 @@ class Blank(dict):
         return value
 
 
+def all_rows(figures: list[dict]) -> list[dict]:
+    return [row for one in figures for row in one["rows"]]
+
+
 @dataclass(frozen=True)
 class Table:
-    result: str  # bench/results/<result>.json
-    columns: tuple[tuple[str, str], ...]  # (header, format template over a row)
-    rows: Callable[[dict], list[dict]] = lambda figures: figures["rows"]
+    results: tuple[str, ...]  # bench/results/<result>.json, one or more (e.g. one per data set)
+    columns: tuple[tuple[str, str], ...]  # (header, format template over a row; `a || b`: the first that renders)
+    rows: Callable[[list[dict]], list[dict]] = all_rows  # the figures of each result -> table rows
 
 
 def cell(template: str, row: dict) -> str:
@@ -55,8 +59,20 @@ def cell(template: str, row: dict) -> str:
     return ""
 
 
-def category(name: str) -> Callable[[dict], list[dict]]:
-    return lambda figures: next(c["rows"] for c in figures["categories"] if c["category"] == name)
+def category(name: str) -> Callable[[list[dict]], list[dict]]:
+    return lambda figures: next(c["rows"] for c in figures[0]["categories"] if c["category"] == name)
+
+
+def margins(figures: list[dict]) -> list[dict]:
+    """One row per data set: image AUROC and margin for each b (bench/reweighting.py writes one row per b)."""
+    out = []
+    for one in figures:
+        row = {"data": one["category"]}
+        for each in one["rows"]:
+            row[f"b{each['neighbours']}_image_auroc"] = each["image_auroc"]
+            row[f"b{each['neighbours']}_margin"] = each["margin"]
+        out.append(row)
+    return out
 
 
 EVAL = (("image AUROC", "{image_auroc:.3f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"))
@@ -71,60 +87,65 @@ MAP_VARIANTS = (("distances, mirror (default)", "distances_mirror"), ("distances
 REWEIGHTS = (("b = 1 (plain max)", "b1"), ("b = 3", "b3"), ("b = 9 (default)", "b9"), ("b = 27", "b27"))
 
 TABLES: dict[str, Table] = {
-    "views": Table("views", (("data", "{data}"), ("view", "{view}"), *EVAL, ("threshold", "{threshold:.2f}"),
+    "views": Table(("views",), (("data", "{data}"), ("view", "{view}"), *EVAL, ("threshold", "{threshold:.2f}"),
                              *GOOD_ONLY, ("images/s", "{images_per_s:.2f}"))),
-    "views-efficientnet_lite0": Table("views-efficientnet_lite0", (
+    "views-efficientnet_lite0": Table(("views-efficientnet_lite0",), (
         ("data", "{data}"), ("backbone, view", "{view}"), *EVAL, ("threshold", "{threshold:.1f}"), *GOOD_ONLY,
         ("images/s", "{images_per_s:.1f}"))),
-    "reweighting-visa_macaroni1": Table("reweighting-visa_macaroni1", (
-        ("image score", "{image_score}"), ("image AUROC", "{image_auroc:.4f}"), ("recall_at_f1", "{recall_at_f1:.3f}"),
+    "reweighting-visa_macaroni1": Table(("reweighting-visa_macaroni1",), (
+        ("image score", "b = {neighbours}"), ("image AUROC", "{image_auroc:.4f}"), ("recall_at_f1", "{recall_at_f1:.3f}"),
         ("false_alarm_rate_at_f1", "{false_alarm_rate_at_f1:.3f}"),
         ("best recall at FAR <= 0.01", "{best_recall_far_0_01:.3f}"),
-        ("best recall at FAR <= 0.05", "{best_recall_far_0_05:.3f}"))),
-    "bottle-vs-official": Table("bottle-vs-official", (
+        ("best recall at FAR <= 0.05", "{best_recall_far_0_05:.3f}")),
+        lambda figures: [row for row in all_rows(figures) if "recall_at_f1" in row]),
+    "bottle-vs-official": Table(("bottle-vs-official",), (
         ("run", "{run}"), ("image AUROC", "{image_auroc:.3f}"), ("pixel AUROC", "{pixel_auroc}"),
         ("PRO", "{pro}"), ("bank build", "{bank_build_s:g} s"), ("scoring", "{scoring}"))),
-    "backbones-crop": Table("backbones-crop", (
+    "backbones-crop": Table(("backbones-crop",), (
         ("data", "{data}"), ("backbone", "{backbone}"), ("image AUROC", "{image_auroc:.4f}"),
         ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"), ("F1 (optimal)", "{f1_optimal:.3f}"),
         ("build s", "{build_s}"), ("images/s", "{images_per_s:.2f}"))),
-    "maps": Table("maps", (("data (mobilenet_v2 bank)", "{data}"),
+    "maps": Table(("maps-mvtec_bottle", "maps-visa_macaroni1"), (("data (mobilenet_v2 bank): pixel AUROC / PRO", "{data}"),
                            *((header, f"{{{key}_pixel_auroc}} / {{{key}_pro}}") for header, key in MAP_VARIANTS))),
-    "reweighting-margins": Table("reweighting-margins", (
-        ("data", "{data}"), *((header, f"{{{key}_image_auroc:.4f}} / {{{key}_margin:+.2f}}") for header, key in REWEIGHTS))),
-    "bank_build": Table("bank_build", (
+    "reweighting-margins": Table(("reweighting-mvtec_bottle", "reweighting-visa_macaroni1"), (
+        ("data", "{data}"), *((header, f"{{{key}_image_auroc:.4f}} / {{{key}_margin:+.2f}}") for header, key in REWEIGHTS)),
+        margins),
+    "bank_build": Table(("bank_build",), (
         ("set", "{set}"), ("points", "{points:,}"), ("steps", "{steps:,}"), ("plain loop", "{plain_loop_s:.1f} s"),
         ("its radius", "{plain_radius_s:.1f} s"), ("select_coreset loop", "{loop_s:.1f} s"), ("x plain", "x{x_plain:.2f}"),
         ("with radius", "{with_radius_s:.1f} s"), ("x plain + radius", "x{x_plain_with_radius:.2f}"),
         ("same set", "{same_set}"))),
-    "scoring-mvtec_bottle": Table("scoring", SEARCH, category("mvtec_bottle")),
-    "scoring-visa_macaroni1": Table("scoring", SEARCH, category("visa_macaroni1")),
-    "failover": Table("failover", (("scenario", "{scenario}"), ("failover (SIGKILL -> cluster ok)", "{failover}"),
+    "scoring-mvtec_bottle": Table(("scoring",), SEARCH, category("mvtec_bottle")),
+    "scoring-visa_macaroni1": Table(("scoring",), SEARCH, category("visa_macaroni1")),
+    "failover": Table(("failover",), (("scenario", "{scenario}"), ("failover (SIGKILL -> cluster ok)", "{failover}"),
                                    ("frames sent", "{frames_sent}"), ("lost", "{lost}"), ("note", "{note}"))),
-    "scale": Table("scale", (
+    "scale": Table(("scale",), (
         ("backend", "{backend}"), ("workers", "{workers}"), ("cameras", "{cameras}"), ("frames", "{frames}"),
         ("frames/s", "{frames_per_s:.0f}"), ("ingest cmds/frame", "{ingest_cmds_per_frame:.1f}"),
         ("worker+store cmds/frame", "{worker_store_cmds_per_frame:.1f}"),
         ("Redis CPU ms/frame", "{redis_cpu_ms_per_frame:.3f}"), ("p99 ms (queued)", "{p99_ms_queued:.0f}"))),
-    "soak": Table("soak", (("", "{cameras}"), ("sent", "{sent:,}"), ("results", "{results:,}"),
+    "soak": Table(("soak",), (("", "{cameras}"), ("sent", "{sent:,}"), ("results", "{results:,}"),
                            ("duplicates", "{duplicates}"), ("dead-lettered", "{deadlettered:,} {deadlettered_note}"),
                            ("dropped", "{dropped}"), ("lost", "{lost}"))),
-    "soak-summary": Table("soak", (
+    "soak-summary": Table(("soak",), (
         ("worker / store / Redis SIGKILLs", "{kills[worker]} / {kills[store]} / {kills[redis]}"),
         ("alarms", "{alarms}"), ("duplicate alarms", "{duplicate_alarms}"), ("backlog drained", "{drain_s} s"),
         ("RSS MB: worker", "{rss_mb[worker]}"), ("store", "{rss_mb[store]}"), ("each camera", "{rss_mb[camera]}"),
-        ("Redis", "{rss_mb[redis]}")), lambda figures: [figures]),
-    "demo": Table("demo", (
+        ("Redis", "{rss_mb[redis]}")), lambda figures: figures),
+    "demo": Table(("demo",), (
         ("command", "`{command}`"), ("camera", "{mode}"), ("worker", "{worker}"), ("search", "{search}"),
         ("UTC", "{time}"), ("frames/s", "{frames_per_s:.1f}"), ("latency p50", "{latency_p50_ms} ms || {latency_p50}"),
         ("latency p99", "{latency_p99_ms:,} ms"))),
-    "worker_resources": Table("worker_resources", (
+    "worker_resources": Table(("worker_resources",), (
         ("device", "{device}"), ("bank features", "{bank_features:,}"), ("frames", "{frames}"),
         ("RSS, bank loaded", "{rss_loaded_mib:,} MiB"), ("RSS, peak while scoring", "{rss_peak_mib:,} MiB"),
         ("CPU-seconds per frame", "{cpu_s_per_frame:.3f}"))),
-    "gpu_check": Table("gpu_check", (("backbone", "{backbone}"), ("images/s, batch 1", "{batch_1}"),
+    "gpu_check": Table(("gpu_check",), (("backbone", "{backbone}"), ("images/s, batch 1", "{batch_1}"),
                                      ("batch 8", "{batch_8}"), ("batch 32", "{batch_32}"))),
-    "pipeline": Table("pipeline", (
+    "delivery": Table(("delivery",), (
+        ("before", "{before}"), ("us", "{before_us:.1f}"), ("now", "{after}"), ("us", "{after_us:.1f}"),
+        ("now / before", "x{x_before:.2f}"))),
+    "pipeline": Table(("pipeline",), (
         ("max batch", "{max_batch}"), ("worker", "{worker}"), ("frames/s", "{frames_per_s:.1f} (x{x_unpipelined:.2f}) || {frames_per_s:.1f}"),
         ("latency p50", "{latency_p50_ms:.0f} ms"), ("latency p99", "{latency_p99_ms:.0f} ms"),
         ("scorer per frame", "{scorer_ms_per_frame:.1f} ms"), ("decode", "{decode_ms:.1f} ms"))),
@@ -142,8 +163,10 @@ def provenance(record: dict) -> str:
     """One line under a table: which file, when, where, how; transcribed figures say so."""
     machine = record.get("machine") or {}
     cpu = machine.get("cpu") or {}
+    load = machine.get("load") or (f"under load: load average {machine['load_average_1min']} over the last minute"
+                                   if machine.get("load_average_1min") is not None else None)
     where = ", ".join(str(part) for part in (cpu.get("model"), f"{cpu['cores']} cores" if cpu.get("cores") else None,
-                                              machine.get("gpu") or "no GPU", machine.get("load")) if part)
+                                              machine.get("gpu") or "no GPU", load) if part)
     origin = record.get("source") or f"commit {record.get('git_commit') or 'unknown'}"
     return (f"<sub>`bench/results/{record['name']}.json`: {record['date']}; {where}; "
             f"`{record['command']}`; {origin}.</sub>")
@@ -154,14 +177,14 @@ def render(name: str) -> str:
     if name not in TABLES:
         raise KeyError(f"no table {name!r} in bench/tables.py (known: {', '.join(sorted(TABLES))})")
     table = TABLES[name]
-    record = load(table.result)
+    records = [load(result) for result in table.results]
     # a literal '|' inside a cell would split it: escape it
     lines = ["| " + " | ".join(header for header, _ in table.columns) + " |",
              "|" + "---|" * len(table.columns)]
-    for row in table.rows(record["figures"]):
+    for row in table.rows([record["figures"] for record in records]):
         cells = [cell(template, row).strip().replace("|", "\\|") for _, template in table.columns]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + provenance(record) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(provenance(record) for record in records) + "\n"
 
 
 def rendered(text: str) -> str:
