@@ -20,6 +20,8 @@ from scorer.config import FeatureConfig
 from scorer.model import build_extractor
 from scorer.preprocess import preprocess
 
+from results import write_result  # bench/results.py, beside this script
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -45,9 +47,13 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"{args.images} images of 224 x 224, batch {args.batch_size}, median of {args.rounds} rounds")
     base = args.images / statistics.median(seconds[names[0]])
+    rows = []
     for name in names:
         rate = args.images / statistics.median(seconds[name])
         print(f"{name:20s} {rate:7.2f} images/s  ({rate / base:.2f}x {names[0]})")
+        rows.append({"backbone": name, "images_per_s": round(rate, 2), "x_first": round(rate / base, 3)})
+    write_result("backbones", {"images": args.images, "batch_size": args.batch_size, "rounds": args.rounds,
+                               "torch_threads": torch.get_num_threads(), "rows": rows})
 
 
 if __name__ == "__main__":

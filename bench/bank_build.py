@@ -1,6 +1,6 @@
 """Coreset selection time beside the plain numpy loop, on real and texture-like features, in one run.
 
-    .venv/bin/python bench/bank_build.py [--sets bottle,macaroni1,texture,large] [--max-steps 3000]
+    .venv/bin/python bench/bank_build.py [--data DIR] [--sets bottle,macaroni1,texture,large] [--max-steps 3000]
 
 Sets (mobilenet_v2 features, today's crop view, projected batch by batch as a bounded-memory build does):
 - bottle: MVTec bottle train/good (209 images, 163,856 patches);
@@ -32,7 +32,8 @@ from scorer.evaluate import train_images
 from scorer.model import build_extractor, iter_image_batches
 from scorer.preprocess import preprocess
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared/datasets"
+from datadir import add_data_argument, category  # bench/datadir.py
+from results import write_result  # bench/results.py
 
 
 def plain_coreset(projected: np.ndarray, n_select: int, config: CoresetConfig) -> np.ndarray:
@@ -79,7 +80,8 @@ def projected_features(batches, config: CoresetConfig) -> tuple[np.ndarray, floa
     return np.concatenate(chunks), time.perf_counter() - started
 
 
-def compare(name: str, projected: np.ndarray, config: CoresetConfig, max_steps: int, engines: dict) -> None:
+def compare(name: str, projected: np.ndarray, config: CoresetConfig, max_steps: int, engines: dict) -> list[dict]:
+    """Time the plain loop and each engine on the same points; print them and return one row per engine."""
     n_select = max(1, int(len(projected) * config.fraction))
     if max_steps:
         n_select = min(n_select, max_steps)
@@ -91,6 +93,7 @@ def compare(name: str, projected: np.ndarray, config: CoresetConfig, max_steps: 
     radius_s = time.perf_counter() - started - plain_s
     print(f"{name}: {len(projected):,} points, {n_select:,} steps; plain numpy loop {plain_s:.1f} s, "
           f"coverage radius {plain_radius:.4f} (computing it: {radius_s:.1f} s more)", flush=True)
+    rows = []
     for label, options in engines.items():
         marks = []  # the time of each progress report: the last one is the loop's end, before the radius
         started = time.perf_counter()
@@ -104,10 +107,18 @@ def compare(name: str, projected: np.ndarray, config: CoresetConfig, max_steps: 
         print(f"  {label:12s} loop {loop_s:5.1f} s x{plain_s / loop_s:4.2f} vs the plain loop; with its radius "
               f"{seconds:5.1f} s x{(plain_s + radius_s) / seconds:4.2f} vs plain + its radius;  radius "
               f"{selection.radius:.4f}  same order {same}, set overlap {shared:.4f}", flush=True)
+        rows.append({"set": name, "engine": label, "points": len(projected), "steps": n_select,
+                     "plain_loop_s": round(plain_s, 1), "plain_radius_s": round(radius_s, 1), "loop_s": round(loop_s, 1),
+                     "x_plain": round(plain_s / loop_s, 2), "with_radius_s": round(seconds, 1),
+                     "x_plain_with_radius": round((plain_s + radius_s) / seconds, 2),
+                     "same_set": ("yes" if shared == 1.0 else f"overlap {shared:.4f}") + (", same order" if same else "")
+                     + f" (radius {selection.radius:.4f} / plain {plain_radius:.4f})"})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    add_data_argument(parser)
     parser.add_argument("--sets", default="bottle,macaroni1,texture,large")
     parser.add_argument("--coreset", type=float, default=0.1, help="coreset fraction")
     parser.add_argument("--max-steps", type=int, default=3000, help="steps per set (0: all)")
@@ -129,29 +140,31 @@ def main() -> None:
              if line.startswith(("Model name", "CPU(s):"))]
     print("machine:", "; ".join(" ".join(line.split()) for line in model))
     sets = args.sets.split(",")
-    texture = None
+    texture, rows = None, []
     for name in sets:
         if name in ("bottle", "macaroni1"):
-            folder = DATASETS / ("mvtec_bottle" if name == "bottle" else "visa_macaroni1")
+            folder = category("mvtec_bottle" if name == "bottle" else "visa_macaroni1", args.data)
             paths = train_images(folder)[:args.macaroni_images if name == "macaroni1" else None]
             projected, seconds = projected_features(iter_image_batches(paths, 16), config)
             print(f"{name}: {len(paths)} images, features + projection {seconds:.1f} s")
-            compare(name, projected, config, args.max_steps, engines)
+            rows += compare(name, projected, config, args.max_steps, engines)
         elif name in ("texture", "large"):
             if texture is None:
                 texture, seconds = projected_features(noise_textures(209), config)
                 print(f"texture: 209 synthetic images, features + projection {seconds:.1f} s")
             if name == "texture":
-                compare(name, texture, config, args.max_steps, engines)
+                rows += compare(name, texture, config, args.max_steps, engines)
             else:
                 rng = np.random.default_rng(1)
                 rows = rng.integers(0, len(texture), args.large_points)
                 scale = np.float32(0.05 * texture.std())
                 large = texture[rows] + scale * rng.standard_normal((args.large_points, texture.shape[1]),
                                                                     dtype=np.float32)
-                compare(f"large ({args.large_points:,} texture-like points)", large, config, args.large_steps, engines)
+                rows += compare(f"large ({args.large_points:,} texture-like points)", large, config, args.large_steps,
+                                engines)
         else:
             parser.error(f"unknown set {name!r}")
+    write_result("bank_build", {"fraction": args.coreset, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ from patchcore.embedded_redis import EmbeddedRedis, find_redis_server, server_ve
 from store.alarms.rules import AlarmRule
 from store.service import ResultsStore, StoreSettings
 
+from results import write_result  # bench/results.py, beside this script
+
 REPEATS = 3
+MEASURED: list[dict] = []  # every compared pair of this run, written by main() with write_result
 
 
 def compare(labels: tuple[str, str], make_runs, n: int) -> float:
@@ -38,6 +41,8 @@ def compare(labels: tuple[str, str], make_runs, n: int) -> float:
             best[j] = min(best[j], (time.perf_counter() - started) / n * 1e6)
     for label, per_op in zip(labels, best):
         print(f"  {label:62s} {per_op:8.1f} us")
+    MEASURED.append({"before": labels[0], "before_us": round(best[0], 1), "after": labels[1],
+                     "after_us": round(best[1], 1), "x_before": round(best[1] / best[0], 2)})
     return best[1] / best[0]
 
 
@@ -151,6 +156,8 @@ def main() -> None:
         ingest(client, args.frames, payload)
         worker_reads(client, args.frames, payload)
         store_commits(client, server.url, args.frames)
+    write_result("delivery", {"server": f"{binary} v{'.'.join(map(str, server_version(binary)))}",
+                              "frames": args.frames, "frame_kb": args.frame_kb, "rows": MEASURED})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """GPU check: the scorer on a CUDA device (features, torch index) against the CPU/FAISS path.
 
-    python bench/gpu_check.py --train DIR --test DIR [--out report.json]
+    python bench/gpu_check.py [--data DIR] [--train DIR --test DIR] [--out report.json]
+
+--train / --test default to mvtec_bottle's train/good and test under the data sets (bench/datadir.py).
 
 Builds a mobilenet_v2 bank on the GPU from --train, then on --test images:
 - torch-index-on-CUDA distances vs FAISS (CPU) on the same features: max relative difference;
@@ -21,6 +23,9 @@ from scorer.index import NearestNeighbourIndex
 from scorer.model import build_extractor, iter_image_batches
 from scorer.preprocess import list_images, preprocess
 
+from datadir import add_data_argument, category  # bench/datadir.py
+from results import write_result  # bench/results.py
+
 
 def throughput(scorer: PatchCoreScorer, images, batch: int, repeats: int = 3) -> float:
     scorer.score(images[:batch])
@@ -37,10 +42,15 @@ def throughput(scorer: PatchCoreScorer, images, batch: int, repeats: int = 3) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--train", required=True)
-    parser.add_argument("--test", required=True)
+    add_data_argument(parser)
+    parser.add_argument("--train", help="good training images (default: mvtec_bottle/train/good)")
+    parser.add_argument("--test", help="test images (default: mvtec_bottle/test)")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.train is None or args.test is None:
+        bottle = category("mvtec_bottle", args.data)
+        args.train = args.train or str(bottle / "train" / "good")
+        args.test = args.test or str(bottle / "test")
     assert torch.cuda.is_available(), "no CUDA device"
     report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     train = list_images(args.train)
@@ -85,6 +95,11 @@ def main() -> None:
     print(text)
     if args.out:
         open(args.out, "w").write(text)
+    rows = [{"backbone": "mobilenet_v2 (ImageNet weights)",
+             **{f"batch_{b}": report[f"mobilenet_v2_images_per_s_batch{b}"] for b in (1, 8, 32)}},
+            {"backbone": "wide_resnet50_2 (random weights, speed only, 16 385-entry bank)",
+             **{f"batch_{b}": report[f"wide_resnet50_2_images_per_s_batch{b}"] for b in (1, 8, 32)}}]
+    write_result("gpu_check", {**report, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -388,6 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--search", default="fp32", choices=("fp32", "fp16"), help="fp16: shortlist + exact fp32 re-rank")
     parser.add_argument("--load", type=float, default=0.7, help="paced load for the latency phase, share of saturation")
     parser.add_argument("--json", help="write the report here too")
+    parser.add_argument("--results", action="store_true",
+                        help="also write bench/results/gpu_pipeline-<device>.json (bench/results.py beside this script: "
+                             "a checkout; off by default so that a bare copy and the CPU smoke test write nothing there)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     width, height = (int(v) for v in args.frame.split("x"))
@@ -443,6 +446,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
+    if args.results:
+        from results import write_result  # bench/results.py: only in a checkout, only when asked
+
+        write_result(f"gpu_pipeline-{torch.device(device).type}", {**report, "rows": report["runs"]})
     return report
 
 

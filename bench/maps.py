@@ -1,6 +1,6 @@
 """Anomaly-map variants on one bank: which smoothing localises best (pixel AUROC, PRO).
 
-    .venv/bin/python bench/maps.py --bank BANK [--category ../shared/datasets/mvtec_bottle]
+    .venv/bin/python bench/maps.py --bank BANK [--data DIR] [--category mvtec_bottle]
 
 The test images are scored once; each variant then turns the same patch scores into maps
 (image scores do not change). Variants: distances or squared distances (the official
@@ -24,6 +24,9 @@ from scorer.evaluate import load_masks, test_samples
 from scorer.metrics import pixel_auroc, pro_score
 from scorer.scoring import anomaly_maps
 
+from datadir import add_data_argument, category  # bench/datadir.py
+from results import write_result  # bench/results.py
+
 
 def official_maps(patch: np.ndarray, size: int, sigma: float) -> np.ndarray:
     """The official code's RescaleSegmentor: squared scores, torch bilinear upsampling, scipy gaussian_filter."""
@@ -34,8 +37,10 @@ def official_maps(patch: np.ndarray, size: int, sigma: float) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bank", required=True)
-    parser.add_argument("--category", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/mvtec_bottle"))
+    add_data_argument(parser)
+    parser.add_argument("--category", default="mvtec_bottle", help="a data set folder, or its name under --data")
     args = parser.parse_args()
+    args.category = str(category(args.category, args.data))
     samples = test_samples(args.category)
     scorer = PatchCoreScorer(load_bank(args.bank), device="cpu")
     patch = scorer.score_paths([s.path for s in samples], maps=False).patch_scores  # [N, h, w]
@@ -45,6 +50,7 @@ def main() -> None:
     print(f"{Path(args.category).name}: {len(samples)} test images, grid {grid}, backbone {scorer.config.backbone}")
     official = official_maps(patch, size, 4.0)
     flat = torch.from_numpy(patch.reshape(len(patch), -1))
+    row = {"data": Path(args.category).name}  # one row of docs/scorer.md's maps table
     for squared, border in ((False, "mirror"), (False, "reflect"), (True, "mirror"), (True, "reflect")):
         started = time.perf_counter()
         maps = anomaly_maps(flat.square() if squared else flat, grid, size, border=border).numpy()
@@ -53,6 +59,11 @@ def main() -> None:
                  if squared else "")
         print(f"squared={squared!s:5} border={border:7}: pixel AUROC {pixel_auroc(masks, maps):.5f}, "
               f"PRO {pro_score(masks, maps):.5f}  ({seconds:.2f} s for the maps{check})")
+        variant = f"{'squared' if squared else 'distances'}_{border}"
+        row[f"{variant}_pixel_auroc"] = round(float(pixel_auroc(masks, maps)), 5)
+        row[f"{variant}_pro"] = round(float(pro_score(masks, maps)), 5)
+    write_result(f"maps-{row['data']}", {"backbone": scorer.config.backbone, "test_images": len(samples),
+                                          "rows": [row]})
 
 
 if __name__ == "__main__":

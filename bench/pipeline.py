@@ -15,6 +15,8 @@ import numpy as np
 from patchcore.up import UpSettings, run_up, warmup_bank
 from scorer import save_bank
 
+from results import write_result  # bench/results.py, beside this script
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each setting, interleaved; medians printed")
     args = parser.parse_args()
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.prefetch]
+    rows = []  # one per max batch and mode: docs/operations.md's pipeline table
     with tempfile.TemporaryDirectory() as tmp:
         bank_path = Path(tmp) / "bank.bank"
         save_bank(warmup_bank(UpSettings(source=args.source), Path(tmp), progress=False), bank_path)
@@ -56,6 +59,14 @@ def main() -> None:
                       f"per frame: scorer {score_ms:6.1f} ms, decode {decode_ms:4.1f} ms, rest (Redis, JPEG encode, "
                       f"batching; < 0 where pipelining overlaps them) {1000.0 / fps - score_ms - decode_ms:5.1f} ms",
                       flush=True)
+                pipelined = full[mode][0]["pipelined"]
+                rows.append({"max_batch": max_batch, "worker": "pipelined (default)" if pipelined else "unpipelined",
+                             "frames_per_s": round(fps, 1), **({"x_unpipelined": round(fps / base, 2)} if pipelined else {}),
+                             "paced_fps": round(pace, 1),
+                             "latency_p50_ms": round(median(paced[mode], "latency_ms_p50"), 1),
+                             "latency_p99_ms": round(median(paced[mode], "latency_ms_p99"), 1),
+                             "scorer_ms_per_frame": round(score_ms, 1), "decode_ms": round(decode_ms, 1)})
+    write_result("pipeline", {"frames": args.frames, "source": args.source, "repeat": args.repeat, "rows": rows})
 
 
 if __name__ == "__main__":

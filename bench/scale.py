@@ -174,12 +174,14 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["single", "cluster"], choices=["single", "cluster"])
     args = parser.parse_args()
     from patchcore.embedded_redis import EmbeddedRedis
+    from results import write_result  # bench/results.py, beside this script
     from tests.cluster import LocalCluster
 
     bank, images = tiny_bank(), small_images()
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs; frames {FRAME_SIDE}x{FRAME_SIDE} JPEG, "
           f"{args.frames} per camera, mobilenet_v2 (random weights), full view {FRAME_SIDE} px")
     print("backend  workers cameras  frames  frames/s  ingest cmds/frame  cmds/frame  redis CPU ms/frame  p99 ms (queued)")
+    rows = []  # docs/operations.md's scale table
     for backend in args.backends:
         with ExitStack() as stack:
             url = stack.enter_context(EmbeddedRedis()).url if backend == "single" else stack.enter_context(LocalCluster()).url
@@ -189,6 +191,12 @@ def main() -> None:
                     print(f"{backend:8s} {workers:7d} {cameras:7d} {m['frames']:7d} {m['frames_per_s']:9.1f} "
                           f"{m['ingest_commands_per_frame']:18.1f} {m['commands_per_frame']:11.1f} {m['redis_cpu_ms_per_frame']:19.3f} {m['p99_ms']:9.0f}",
                           flush=True)
+                    rows.append({"backend": "one Redis" if backend == "single" else "cluster 3+3", "workers": workers,
+                                 "cameras": cameras, "frames": m["frames"], "frames_per_s": m["frames_per_s"],
+                                 "ingest_cmds_per_frame": m["ingest_commands_per_frame"],
+                                 "worker_store_cmds_per_frame": m["commands_per_frame"],
+                                 "redis_cpu_ms_per_frame": m["redis_cpu_ms_per_frame"], "p99_ms_queued": m["p99_ms"]})
+    write_result("scale", {"frames_per_camera": args.frames, "frame_side": FRAME_SIDE, "rows": rows})
 
 
 if __name__ == "__main__":

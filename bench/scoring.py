@@ -1,7 +1,9 @@
 """Scoring speed and quality of every search option, beside the exact search and a straightforward baseline.
 
-    .venv/bin/python bench/scoring.py --bank BOTTLE_BANK --category ../shared/datasets/mvtec_bottle \
-        [--bank MACARONI_BANK --category ../shared/datasets/visa_macaroni1]
+    .venv/bin/python bench/scoring.py [--data DIR] --bank BOTTLE_BANK --category mvtec_bottle \
+        [--bank MACARONI_BANK --category visa_macaroni1]
+
+(--category: a data set folder, or its name under the data sets: --data, $PATCHCORE_DATA, ../shared/datasets)
 
 Per category, in one run: image AUROC, pixel AUROC, PRO and end-to-end images/s (batch 16, maps included) of
 every option; the search alone (ms per image, fastest of 3 runs over the features of 16 test images), how often it picks the exact
@@ -20,6 +22,7 @@ import os
 import platform
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +35,9 @@ from scorer.evaluate import evaluate, test_samples
 from scorer.features import unfolded_pooling
 from scorer.model import iter_image_batches
 from scorer.preprocess import preprocess
+
+from datadir import add_data_argument, category as data_set  # bench/datadir.py
+from results import write_result  # bench/results.py
 
 OPTIONS = [  # (label, search settings, bank fraction kept)
     ("exact", SearchConfig("exact"), 1.0),
@@ -91,7 +97,7 @@ def smaller_bank(bank, fraction: float):
     return replace(bank, features=np.ascontiguousarray(bank.features[np.sort(chosen.indices)]))
 
 
-def onnx_row(bank, samples, images) -> tuple[str, float]:
+def onnx_row(bank, samples, images) -> tuple[float, float, float, float]:
     """The exported extractor in ONNX Runtime + the export's exact FAISS search (torch-free scorer), end to end."""
     import tempfile
 
@@ -113,11 +119,11 @@ def onnx_row(bank, samples, images) -> tuple[str, float]:
         rate = len(images) / (time.perf_counter() - started)
     labels = np.array([s.is_anomalous for s in samples])
     masks = load_masks(samples, images, bank.view)
-    return (f"{image_auroc(labels, np.concatenate(scores)):11.4f} {pixel_auroc(masks, maps):11.4f} "
-            f"{pro_score(masks, maps):6.4f}", rate)
+    return image_auroc(labels, np.concatenate(scores)), pixel_auroc(masks, maps), pro_score(masks, maps), rate
 
 
-def run_category(bank_path: str, category: str) -> None:
+def run_category(bank_path: str, category: str) -> dict:
+    """Every option on one bank and data set; prints the table and returns its figures (bench/results.py)."""
     bank = load_bank(bank_path)
     samples = test_samples(category)
     images = [img for b in iter_image_batches([s.path for s in samples], 16) for img in b]
@@ -132,7 +138,7 @@ def run_category(bank_path: str, category: str) -> None:
           f"adaptive_avg_pool1d {unfold_ms:.1f} ms/image (x{unfold_ms / conv_ms:.1f}), largest relative difference {difference:.1e}")
     print(f"  {'option':46s} {'build s':>7s} {'search ms/img':>13s} {'x exact':>7s} {'same NN':>7s} {'img/s':>6s} "
           f"{'x exact':>7s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'PRO':>6s}")
-    reference = None
+    reference, rows = None, []
     for label, search, fraction in OPTIONS:
         started = time.perf_counter()
         option_bank = bank if fraction == 1.0 else smaller_bank(bank, fraction)
@@ -148,25 +154,48 @@ def run_category(bank_path: str, category: str) -> None:
                f"{report.images_per_second:6.2f} {report.images_per_second / reference[1].images_per_second:7.2f} "
                f"{report.image_auroc:11.4f} {report.pixel_auroc:11.4f} {report.pro:6.4f}")
         print(row, flush=True)
-    quality, rate = onnx_row(bank, samples, images)
+        rows.append({"option": label, "build_s": round(build, 1), "search_ms_per_image": round(search_ms, 1),
+                     "x_exact_search": round(reference[0] / search_ms, 1),
+                     "same_nn": None if fraction != 1.0 else round(same, 4),
+                     "images_per_s": round(report.images_per_second, 2),
+                     "x_exact_images_per_s": round(report.images_per_second / reference[1].images_per_second, 2),
+                     "image_auroc": round(report.image_auroc, 4), "pixel_auroc": round(report.pixel_auroc, 4),
+                     "pro": round(report.pro, 4)})
+    onnx_auroc, onnx_pixel, onnx_pro, rate = onnx_row(bank, samples, images)
     print(f"  {'ONNX Runtime extractor + exact FAISS (no torch)':46s} {'':7s} {'':13s} {'':7s} {'':7s} "
-          f"{rate:6.2f} {rate / reference[1].images_per_second:7.2f} {quality}", flush=True)
+          f"{rate:6.2f} {rate / reference[1].images_per_second:7.2f} "
+          f"{onnx_auroc:11.4f} {onnx_pixel:11.4f} {onnx_pro:6.4f}", flush=True)
+    rows.append({"option": "ONNX Runtime extractor + exact FAISS (no torch)", "images_per_s": round(rate, 2),
+                 "x_exact_images_per_s": round(rate / reference[1].images_per_second, 2),
+                 "image_auroc": round(onnx_auroc, 4), "pixel_auroc": round(onnx_pixel, 4), "pro": round(onnx_pro, 4)})
+    base_rate = baseline(exact, images[:16])
     print(f"  {'baseline (per image, cdist, scipy; 16 images)':46s} {'':7s} {'':13s} {'':7s} {'':7s} "
-          f"{baseline(exact, images[:16]):6.2f}", flush=True)
+          f"{base_rate:6.2f}", flush=True)
+    rows.append({"option": "baseline: one image at a time, torch.cdist, scipy Gaussian (16 images)",
+                 "images_per_s": round(base_rate, 2),
+                 "x_exact_images_per_s": round(base_rate / reference[1].images_per_second, 2)})
+    return {"category": Path(category).name, "bank": f"{len(bank.features)} x {bank.features.shape[1]}",
+            "backbone": bank.feature_config.backbone, "view": bank.view.describe(), "test_images": len(images),
+            "pooling_ms_per_image": {"convolution": round(conv_ms, 1), "official_unfold": round(unfold_ms, 1),
+                                     "largest_relative_difference": difference},
+            "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bank", action="append", required=True, help="a bank, paired with the --category at the same position")
-    parser.add_argument("--category", action="append", required=True)
+    parser.add_argument("--category", action="append", required=True,
+                        help="a data set folder, or its name under --data (mvtec_bottle, visa_macaroni1)")
+    add_data_argument(parser)
     args = parser.parse_args()
     if len(args.bank) != len(args.category):
         parser.error("give one --category per --bank")
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
     print(f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
-    for bank, category in zip(args.bank, args.category):
-        run_category(bank, category)
+    categories = [run_category(bank, str(data_set(category, args.data)))
+                  for bank, category in zip(args.bank, args.category)]
+    write_result("scoring", {"torch_threads": torch.get_num_threads(), "categories": categories})
 
 
 if __name__ == "__main__":

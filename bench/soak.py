@@ -47,6 +47,8 @@ from patchcore.embedded_redis import EmbeddedRedis
 from patchcore.up import UpSettings, warmup_bank
 from scorer import bank_to_bytes
 
+from results import write_result  # bench/results.py, beside this script
+
 GARBAGE_KINDS = ("random bytes", "msgpack list", "corrupt jpeg", "shape mismatch")
 
 
@@ -265,6 +267,33 @@ class Soak:
         return counts
 
 
+def rss_ranges(samples: list[dict]) -> dict:
+    """Resident memory per kind of process (worker, store, camera, redis): 'low-high' MB over every sample."""
+    seen: dict[str, list[float]] = {}
+    for row in samples:
+        for slot, mb in row.items():
+            if slot in ("t", "replaced") or mb is None:
+                continue
+            kind = "camera" if slot.startswith("cam") else slot.rstrip("0123456789-_")
+            seen.setdefault(kind, []).append(float(mb))
+    return {kind: f"{min(mbs):.0f}-{max(mbs):.0f}" for kind, mbs in seen.items()}
+
+
+def result_figures(soak: Soak, counts: dict, cams: dict, garbage: str) -> dict:
+    """The figures of docs/guarantees.md's soak tables: the good cameras together, the garbage camera, kills."""
+    fields = ("sent", "results", "duplicates", "deadlettered", "dropped", "lost")
+    good = [c for name, c in cams.items() if name != garbage]
+    rows = [{"cameras": f"{len(good)} good cameras", "deadlettered_note": "",
+             **{k: sum(c[k] for c in good) for k in fields}},
+            {"cameras": "garbage camera", "deadlettered_note": "(every one, with its reason)"
+             if cams[garbage]["deadlettered"] == cams[garbage]["sent"] else "", **{k: cams[garbage][k] for k in fields}}]
+    return {"rows": rows, "alarms": counts["alarms"], "duplicate_alarms": counts["duplicate_alarms"],
+            "drain_s": counts["drain_seconds"], "rss_mb": rss_ranges(soak.samples),
+            "kills": {"worker": sum("SIGKILL worker" in e for e in soak.events),
+                      "store": sum("SIGKILL store" in e for e in soak.events),
+                      "redis": sum("redis-server" in e for e in soak.events)}}
+
+
 def report(args: argparse.Namespace, soak: Soak, counts: dict) -> dict:
     cams = counts["cameras"]
     for c in cams.values():
@@ -340,6 +369,8 @@ def main() -> None:
                     if process.poll() is None:
                         process.kill()
             out = report(args, soak, counts)
+            write_result("soak", {**result_figures(soak, counts, out["cameras"], soak.garbage_camera),
+                                  "settings": out["settings"]})
             if args.json:
                 args.json.write_text(json.dumps(out, indent=1))
             logs = sorted(soak.log_dir.glob("*.log"))

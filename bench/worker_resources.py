@@ -29,6 +29,8 @@ from patchcore.embedded_redis import EmbeddedRedis
 from patchcore.up import UpSettings, warmup_bank
 from scorer import bank_to_bytes
 
+from results import write_result  # bench/results.py, beside this script
+
 
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
@@ -108,6 +110,10 @@ def main() -> None:
           f"peak while scoring: {peak / 2**20:.0f} MiB")
     print(f"CPU: {cpu_per_frame:.3f} CPU-s per frame ({scored:.0f} frames); at {args.fps} fps "
           f"{cpu_per_frame * args.fps:.2f} cores; scored {scored / (t1 - t0):.2f} frames/s")
+    write_result("worker_resources", {"fps": args.fps, "seconds": args.seconds, "rows": [{
+        "device": args.device, "bank_features": len(bank.features), "frames": int(scored),
+        "rss_loaded_mib": round(loaded["process_resident_memory_bytes"] / 2**20), "rss_peak_mib": round(peak / 2**20),
+        "cpu_s_per_frame": round(cpu_per_frame, 3), "frames_per_s": round(scored / (t1 - t0), 2)}]})
 
 
 if __name__ == "__main__":

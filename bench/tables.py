@@ -1,0 +1,217 @@
+"""Render the measured tables of README.md and docs/*.md from bench/results/*.json.
+
+    .venv/bin/python bench/tables.py            # rewrite every table block in place
+    .venv/bin/python bench/tables.py --check    # exit 1 and name the blocks that differ (what the test checks)
+
+A table block in a document is
+
+    <!-- table:NAME -->
+    ...generated: the table, then a line naming its result file, date, machine and source...
+    <!-- /table -->
+
+and NAME is a key of TABLES below: which result file, which rows, which columns (header + a format template
+over a row). A figure changes by re-running its bench (bench/results.py writes the file) and then this script,
+never by editing a document.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.:-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
+
+
+class Blank(dict):
+    """A row for str.format_map where a missing or null field renders its whole cell empty."""
+
+    def __getitem__(self, key):
+        value = dict.get(self, key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+
+def all_rows(figures: list[dict]) -> list[dict]:
+    return [row for one in figures for row in one["rows"]]
+
+
+@dataclass(frozen=True)
+class Table:
+    results: tuple[str, ...]  # bench/results/<result>.json, one or more (e.g. one per data set)
+    columns: tuple[tuple[str, str], ...]  # (header, format template over a row; `a || b`: the first that renders)
+    rows: Callable[[list[dict]], list[dict]] = all_rows  # the figures of each result -> table rows
+
+
+def cell(template: str, row: dict) -> str:
+    """The first alternative (`a || b`) whose fields the row has; empty when none."""
+    for alternative in template.split(" || "):
+        try:
+            return alternative.format_map(Blank(row))
+        except KeyError:
+            continue
+    return ""
+
+
+def category(name: str) -> Callable[[list[dict]], list[dict]]:
+    return lambda figures: next(c["rows"] for c in figures[0]["categories"] if c["category"] == name)
+
+
+def margins(figures: list[dict]) -> list[dict]:
+    """One row per data set: image AUROC and margin for each b (bench/reweighting.py writes one row per b)."""
+    out = []
+    for one in figures:
+        row = {"data": one["category"]}
+        for each in one["rows"]:
+            row[f"b{each['neighbours']}_image_auroc"] = each["image_auroc"]
+            row[f"b{each['neighbours']}_margin"] = each["margin"]
+        out.append(row)
+    return out
+
+
+EVAL = (("image AUROC", "{image_auroc:.3f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"))
+GOOD_ONLY = (("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
+             ("recall_at_f1 (its FAR)", "{recall_at_f1:.2f} ({false_alarm_rate_at_f1:.2f})"),
+             ("best recall at FAR <= 0.05", "{best_recall_far_0_05:.2f}"), ("bank", "{bank:,}"), ("build s", "{build_s}"))
+SEARCH = (("option", "{option}"), ("search ms/img", "{search_ms_per_image:.1f}"), ("x exact", "{x_exact_search:.1f}"),
+          ("same NN", "{same_nn:.4f}"), ("images/s", "{images_per_s:.2f}"), ("x exact", "{x_exact_images_per_s:.2f}"),
+          ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"))
+MAP_VARIANTS = (("distances, mirror (default)", "distances_mirror"), ("distances, reflect", "distances_reflect"),
+                ("squared, mirror", "squared_mirror"), ("squared, reflect (official)", "squared_reflect"))
+REWEIGHTS = (("b = 1 (plain max)", "b1"), ("b = 3", "b3"), ("b = 9 (default)", "b9"), ("b = 27", "b27"))
+
+TABLES: dict[str, Table] = {
+    "views": Table(("views",), (("data", "{data}"), ("view", "{view}"), *EVAL, ("threshold", "{threshold:.2f}"),
+                             *GOOD_ONLY, ("images/s", "{images_per_s:.2f}"))),
+    "views-efficientnet_lite0": Table(("views-efficientnet_lite0",), (
+        ("data", "{data}"), ("backbone, view", "{view}"), *EVAL, ("threshold", "{threshold:.1f}"), *GOOD_ONLY,
+        ("images/s", "{images_per_s:.1f}"))),
+    "reweighting-visa_macaroni1": Table(("reweighting-visa_macaroni1",), (
+        ("image score", "b = {neighbours}"), ("image AUROC", "{image_auroc:.4f}"), ("recall_at_f1", "{recall_at_f1:.3f}"),
+        ("false_alarm_rate_at_f1", "{false_alarm_rate_at_f1:.3f}"),
+        ("best recall at FAR <= 0.01", "{best_recall_far_0_01:.3f}"),
+        ("best recall at FAR <= 0.05", "{best_recall_far_0_05:.3f}")),
+        lambda figures: [row for row in all_rows(figures) if "recall_at_f1" in row]),
+    "bottle-vs-official": Table(("bottle-vs-official",), (
+        ("run", "{run}"), ("image AUROC", "{image_auroc:.3f}"), ("pixel AUROC", "{pixel_auroc}"),
+        ("PRO", "{pro}"), ("bank build", "{bank_build_s:g} s"), ("scoring", "{scoring}"))),
+    "backbones-crop": Table(("backbones-crop",), (
+        ("data", "{data}"), ("backbone", "{backbone}"), ("image AUROC", "{image_auroc:.4f}"),
+        ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"), ("F1 (optimal)", "{f1_optimal:.3f}"),
+        ("build s", "{build_s}"), ("images/s", "{images_per_s:.2f}"))),
+    "maps": Table(("maps-mvtec_bottle", "maps-visa_macaroni1"), (("data (mobilenet_v2 bank): pixel AUROC / PRO", "{data}"),
+                           *((header, f"{{{key}_pixel_auroc}} / {{{key}_pro}}") for header, key in MAP_VARIANTS))),
+    "reweighting-margins": Table(("reweighting-mvtec_bottle", "reweighting-visa_macaroni1"), (
+        ("data", "{data}"), *((header, f"{{{key}_image_auroc:.4f}} / {{{key}_margin:+.2f}}") for header, key in REWEIGHTS)),
+        margins),
+    "bank_build": Table(("bank_build",), (
+        ("set", "{set}"), ("points", "{points:,}"), ("steps", "{steps:,}"), ("plain loop", "{plain_loop_s:.1f} s"),
+        ("its radius", "{plain_radius_s:.1f} s"), ("select_coreset loop", "{loop_s:.1f} s"), ("x plain", "x{x_plain:.2f}"),
+        ("with radius", "{with_radius_s:.1f} s"), ("x plain + radius", "x{x_plain_with_radius:.2f}"),
+        ("same set", "{same_set}"))),
+    "scoring-mvtec_bottle": Table(("scoring",), SEARCH, category("mvtec_bottle")),
+    "scoring-visa_macaroni1": Table(("scoring",), SEARCH, category("visa_macaroni1")),
+    "failover": Table(("failover",), (("scenario", "{scenario}"), ("failover (SIGKILL -> cluster ok)", "{failover}"),
+                                   ("frames sent", "{frames_sent}"), ("lost", "{lost}"), ("note", "{note}"))),
+    "scale": Table(("scale",), (
+        ("backend", "{backend}"), ("workers", "{workers}"), ("cameras", "{cameras}"), ("frames", "{frames}"),
+        ("frames/s", "{frames_per_s:.0f}"), ("ingest cmds/frame", "{ingest_cmds_per_frame:.1f}"),
+        ("worker+store cmds/frame", "{worker_store_cmds_per_frame:.1f}"),
+        ("Redis CPU ms/frame", "{redis_cpu_ms_per_frame:.3f}"), ("p99 ms (queued)", "{p99_ms_queued:.0f}"))),
+    "soak": Table(("soak",), (("", "{cameras}"), ("sent", "{sent:,}"), ("results", "{results:,}"),
+                           ("duplicates", "{duplicates}"), ("dead-lettered", "{deadlettered:,} {deadlettered_note}"),
+                           ("dropped", "{dropped}"), ("lost", "{lost}"))),
+    "soak-summary": Table(("soak",), (
+        ("worker / store / Redis SIGKILLs", "{kills[worker]} / {kills[store]} / {kills[redis]}"),
+        ("alarms", "{alarms}"), ("duplicate alarms", "{duplicate_alarms}"), ("backlog drained", "{drain_s} s"),
+        ("RSS MB: worker", "{rss_mb[worker]}"), ("store", "{rss_mb[store]}"), ("each camera", "{rss_mb[camera]}"),
+        ("Redis", "{rss_mb[redis]}")), lambda figures: figures),
+    "demo": Table(("demo",), (
+        ("command", "`{command}`"), ("camera", "{mode}"), ("worker", "{worker}"), ("search", "{search}"),
+        ("UTC", "{time}"), ("frames/s", "{frames_per_s:.1f}"), ("latency p50", "{latency_p50_ms} ms || {latency_p50}"),
+        ("latency p99", "{latency_p99_ms:,} ms"))),
+    "worker_resources": Table(("worker_resources",), (
+        ("device", "{device}"), ("bank features", "{bank_features:,}"), ("frames", "{frames}"),
+        ("RSS, bank loaded", "{rss_loaded_mib:,} MiB"), ("RSS, peak while scoring", "{rss_peak_mib:,} MiB"),
+        ("CPU-seconds per frame", "{cpu_s_per_frame:.3f}"))),
+    "gpu_check": Table(("gpu_check",), (("backbone", "{backbone}"), ("images/s, batch 1", "{batch_1}"),
+                                     ("batch 8", "{batch_8}"), ("batch 32", "{batch_32}"))),
+    "delivery": Table(("delivery",), (
+        ("before", "{before}"), ("us", "{before_us:.1f}"), ("now", "{after}"), ("us", "{after_us:.1f}"),
+        ("now / before", "x{x_before:.2f}"))),
+    "pipeline": Table(("pipeline",), (
+        ("max batch", "{max_batch}"), ("worker", "{worker}"), ("frames/s", "{frames_per_s:.1f} (x{x_unpipelined:.2f}) || {frames_per_s:.1f}"),
+        ("latency p50", "{latency_p50_ms:.0f} ms"), ("latency p99", "{latency_p99_ms:.0f} ms"),
+        ("scorer per frame", "{scorer_ms_per_frame:.1f} ms"), ("decode", "{decode_ms:.1f} ms"))),
+}
+
+
+def load(result: str) -> dict:
+    path = RESULTS / f"{result}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (a table names it)")
+    return json.loads(path.read_text())
+
+
+def provenance(record: dict) -> str:
+    """One line under a table: which file, when, where, how; transcribed figures say so."""
+    machine = record.get("machine") or {}
+    cpu = machine.get("cpu") or {}
+    load = machine.get("load") or (f"under load: load average {machine['load_average_1min']} over the last minute"
+                                   if machine.get("load_average_1min") is not None else None)
+    where = ", ".join(str(part) for part in (cpu.get("model"), f"{cpu['cores']} cores" if cpu.get("cores") else None,
+                                              machine.get("gpu") or "no GPU", load) if part)
+    origin = record.get("source") or f"commit {record.get('git_commit') or 'unknown'}"
+    return (f"<sub>`bench/results/{record['name']}.json`: {record['date']}; {where}; "
+            f"`{record['command']}`; {origin}.</sub>")
+
+
+def render(name: str) -> str:
+    """The markdown of one table block (what sits between its two marker comments)."""
+    if name not in TABLES:
+        raise KeyError(f"no table {name!r} in bench/tables.py (known: {', '.join(sorted(TABLES))})")
+    table = TABLES[name]
+    records = [load(result) for result in table.results]
+    # a literal '|' inside a cell would split it: escape it
+    lines = ["| " + " | ".join(header for header, _ in table.columns) + " |",
+             "|" + "---|" * len(table.columns)]
+    for row in table.rows([record["figures"] for record in records]):
+        cells = [cell(template, row).strip().replace("|", "\\|") for _, template in table.columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(provenance(record) for record in records) + "\n"
+
+
+def rendered(text: str) -> str:
+    """`text` with every table block regenerated."""
+    return BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+
+
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs")
+    args = parser.parse_args()
+    stale = []
+    for path in documents():
+        text = path.read_text()
+        new = rendered(text)
+        if new != text:
+            stale.append(path.relative_to(ROOT))
+            if not args.check:
+                path.write_text(new)
+    verb = "differ from bench/results" if args.check else "rewritten"
+    print(f"{', '.join(map(str, stale))}: {verb}" if stale else "every table block is up to date")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
