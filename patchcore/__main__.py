@@ -1,3 +1,3 @@
-from .cli import app
+from .errors import main
 
-app()
+main()
