@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -32,7 +33,7 @@ from contracts.keys import Keys
 from workers.banks.registry import RegistryError
 from store.alarms.dismiss import DismissError, dismiss_alarm
 
-from .auth import Operators
+from .auth import LoginLimiter, Operators, Sessions
 from .data import ConsoleData
 
 log = logging.getLogger("patchcore.console")
@@ -56,6 +57,14 @@ class ConsoleSettings:
     credentials: dict[str, str] | None = field(default=None, repr=False)  # user -> scrypt hash; None: read-only
     session_key: bytes | None = field(default=None, repr=False)  # signs session cookies; None: random per process
     session_max_age_s: int = 8 * 3600
+    # Host header allow-list (DNS rebinding): None = the loopback names and the bound address; a console bound to
+    # every address (0.0.0.0, ::) without a list accepts any Host and says so at start
+    allowed_hosts: tuple[str, ...] | None = None
+    max_body_bytes: int = 64 * 1024  # request bodies larger than this are refused (413) before they are read
+    login_failures_per_user: int = 5  # failed logins within login_window_s before that user is locked out
+    login_failures_per_client: int = 20  # ... before that client address is locked out
+    login_window_s: float = 900.0
+    lockout_s: float = 900.0
     interval_s: float = 1.0  # live updates
     window_s: float = 300.0  # score sparkline span
 
@@ -77,9 +86,85 @@ def _alarm(logged: LoggedAlarm) -> dict:
             "acknowledged": logged.acknowledged, "dismissed": logged.dismissed}
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+def allowed_hosts(settings: ConsoleSettings) -> list[str]:
+    """The Host headers the console answers: the list given, else the loopback names and the bound address."""
+    if settings.allowed_hosts is not None:
+        return list(settings.allowed_hosts)
+    if settings.host in ANY_ADDRESS:
+        log.warning("console host allow-list", extra={"fields": {
+            "allowed_hosts": "*", "why": f"bound to {settings.host or 'every address'} without --allowed-host: "
+                                        "any Host header is answered (no DNS-rebinding protection)"}})
+        return ["*"]
+    return sorted({*LOOPBACK_HOSTS, settings.host, f"[{settings.host}]" if ":" in settings.host else settings.host})
+
+
+class SecurityHeaders:
+    """ASGI middleware: the security headers on every response (pages, APIs, static files, camera images); a
+    header the response sets itself (an overlay's Cache-Control) is kept."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()
+                         if k.lower().encode() not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+        await self.app(scope, receive, with_headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is refused with 413, by its Content-Length before it is
+    read, or as it arrives when it has none."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await _json({"error": f"request body over {self.max_bytes} bytes"}, 413)(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyTooLarge()
+            return message
+        try:
+            await self.app(scope, limited, send)
+        except BodyTooLarge:
+            await _json({"error": f"request body over {self.max_bytes} bytes"}, 413)(scope, receive, send)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
 def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettings = ConsoleSettings()) -> Starlette:
     data = ConsoleData(client, keys, window_s=settings.window_s, interval_s=settings.interval_s)
     operators = Operators(settings.credentials) if settings.credentials else None
+    sessions = Sessions(settings.session_max_age_s)
+    limiter = LoginLimiter(settings.login_failures_per_user, settings.login_failures_per_client,
+                           settings.login_window_s, settings.lockout_s)
+
+    def current_user(request: Request) -> str | None:
+        """The operator of this session: only while the server still holds its session id (not after logout)."""
+        return sessions.user(request.session.get("sid"))
 
     def csrf(request: Request) -> str:
         if "csrf" not in request.session:
@@ -94,7 +179,7 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
                 expected = request.session.get("csrf")
                 if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
                     return _json({"error": "missing or wrong CSRF token"}, 403)
-                user = request.session.get("user")
+                user = current_user(request)
                 if not user:
                     return _json({"error": "log in as an operator first"}, 401)
                 try:
@@ -112,7 +197,7 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
         return FileResponse(STATIC / "index.html", headers=SECURITY_HEADERS)
 
     async def session(request: Request) -> Response:
-        return _json({"user": request.session.get("user"), "csrf": csrf(request), "login": operators is not None})
+        return _json({"user": current_user(request), "csrf": csrf(request), "login": operators is not None})
 
     async def login(request: Request) -> Response:
         token, expected = request.headers.get("x-csrf-token", ""), request.session.get("csrf")
@@ -122,21 +207,31 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
             return _json({"error": "this console is read-only (started without operator credentials)"}, 403)
         try:
             body = await request.json()
-            user, password = str(body["user"]), str(body["password"])
+            user, password = str(body["user"])[:200], str(body["password"])
         except (ValueError, KeyError, TypeError):
             return _json({"error": "user and password expected"}, 400)
+        address = request.client.host if request.client else "unknown"
+        wait = limiter.begin(user, address)
+        if wait > 0:
+            log.warning("console login locked out", extra={"fields": {
+                "user": user if operators.known(user) else "(unknown)", "client": address, "retry_in_s": round(wait)}})
+            return JSONResponse({"error": f"too many failed logins: try again in {wait:.0f} s"}, 429,
+                                headers={"Retry-After": str(int(wait) + 1), "Cache-Control": "no-store"})
         if not await run_in_threadpool(operators.check, user, password):
             await asyncio.sleep(0.5)  # slows guessing; the scrypt check costs the rest
             # a password typed into the user field must not reach the log: only known names are logged
             log.warning("console login refused", extra={"fields": {"user": user if operators.known(user) else "(unknown)"}})
             return _json({"error": "wrong user or password"}, 401)
+        limiter.succeeded(user, address)
+        sessions.end(request.session.get("sid"))
         request.session.clear()  # a new session (and CSRF token) on login: no fixation
-        request.session.update({"user": user, "csrf": secrets.token_urlsafe(32)})
+        request.session.update({"sid": sessions.open(user), "csrf": secrets.token_urlsafe(32)})
         log.info("console login", extra={"fields": {"user": user}})
         return _json({"user": user, "csrf": request.session["csrf"]})
 
     @action("logout")
     async def logout(request: Request, user: str) -> Response:
+        sessions.end(request.session.get("sid"))  # a copy of the cookie is worth nothing from now on
         request.session.clear()
         return _json({"user": None, "csrf": csrf(request)})
 
@@ -270,7 +365,9 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
         Route("/api/deadletters", deadletters), Route("/api/deadletters/replay", replay, methods=["POST"]),
         Route("/api/deadletters/purge", purge, methods=["POST"]),
     ]
-    middleware = [Middleware(SessionMiddleware, secret_key=(settings.session_key or secrets.token_bytes(32)).hex(),
+    middleware = [Middleware(SecurityHeaders), Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings)),
+                  Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+                  Middleware(SessionMiddleware, secret_key=(settings.session_key or secrets.token_bytes(32)).hex(),
                              session_cookie="patchcore_console", max_age=settings.session_max_age_s,
                              same_site="strict", https_only=False)]
     return Starlette(routes=routes, middleware=middleware)

@@ -10,6 +10,8 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
 from pathlib import Path
 
 N, R, P = 1 << 14, 8, 1  # scrypt cost: about 16 MiB and a few tens of ms per check
@@ -79,3 +81,75 @@ class Operators:
         encoded = self._credentials.get(user)
         ok = verify_password(password, encoded or self._decoy)
         return ok and encoded is not None
+
+
+class Sessions:
+    """Logged-in sessions kept by the server: the signed cookie carries only a random session id, so logging out
+    (or restarting the console after a password change) ends a session even for a copied cookie."""
+
+    def __init__(self, max_age_s: float, max_sessions: int = 10_000):
+        self.max_age_s, self.max_sessions = max_age_s, max_sessions
+        self._sessions: dict[str, tuple[str, float]] = {}  # id -> (user, expires at on the monotonic clock)
+        self._lock = threading.Lock()
+
+    def open(self, user: str) -> str:
+        sid = secrets.token_urlsafe(32)
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:  # the oldest go first
+                for old in sorted(self._sessions, key=lambda s: self._sessions[s][1])[: len(self._sessions) // 10 + 1]:
+                    del self._sessions[old]
+            self._sessions[sid] = (user, time.monotonic() + self.max_age_s)
+        return sid
+
+    def user(self, sid: str | None) -> str | None:
+        if not sid:
+            return None
+        with self._lock:
+            found = self._sessions.get(sid)
+            if found is None:
+                return None
+            if time.monotonic() >= found[1]:
+                del self._sessions[sid]
+                return None
+            return found[0]
+
+    def end(self, sid: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(sid or "", None)
+
+
+class LoginLimiter:
+    """Failed logins per user and per client in a sliding window; past the limit, that user or client is locked
+    out for `lockout_s`. An attempt counts as failed from the moment it starts until its password is proven, so
+    guesses sent in parallel are limited as well as guesses sent one after another."""
+
+    def __init__(self, per_user: int, per_client: int, window_s: float, lockout_s: float):
+        self.limits = {"user": per_user, "client": per_client}
+        self.window_s, self.lockout_s = window_s, lockout_s
+        self._failures: dict[tuple[str, str], list[float]] = {}
+        self._locked: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def begin(self, user: str, client: str) -> float:
+        """0.0: go on (the attempt is counted as a failure until `succeeded`); else the seconds still locked."""
+        now = time.monotonic()
+        with self._lock:
+            targets = (("user", user), ("client", client))
+            wait = max((self._locked.get(t, 0.0) - now for t in targets), default=0.0)
+            if wait > 0:
+                return wait
+            for target in targets:
+                times = [t for t in self._failures.get(target, []) if t > now - self.window_s] + [now]
+                self._failures[target] = times
+                if len(times) > self.limits[target[0]]:
+                    self._locked[target] = now + self.lockout_s
+                    wait = max(wait, self.lockout_s)
+            if len(self._failures) > 100_000:  # bounded: forget the quiet ones
+                self._failures = {k: v for k, v in self._failures.items() if v[-1] > now - self.window_s}
+            return wait
+
+    def succeeded(self, user: str, client: str) -> None:
+        with self._lock:
+            for target in (("user", user), ("client", client)):
+                if self._failures.get(target):
+                    self._failures[target].pop()
