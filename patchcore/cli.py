@@ -680,6 +680,7 @@ def status_command(
                    f"{cam['results']}  lag {cam['lag']}  pending {cam['pending']}  backlog {cam['backlog']}  dropped {cam['dropped']}  "
                    f"dead-lettered {cam['deadlettered']}  alarms {cam['alarms']}  state: {cam['state']}"
                    + ("  LATE: " + " ".join(f"{k} {v}" for k, v in sorted(cam["late"].items())) if cam["late"] else "")
+                   + (f"  sequence restarts: {cam['sequence_restarts']}" if cam["sequence_restarts"] else "")
                    + (f"  FAULT: {cam['fault']}" if cam["fault"] else ""))
     if status["refused_camera_names_count"]:
         typer.echo(f"camera set: {status['refused_camera_names_count']} members refused (no camera name; skipped "

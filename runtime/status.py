@@ -48,7 +48,7 @@ def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float 
             "dropped": _count(stats, "dropped"),
             "deadlettered": _count(stats, "deadlettered"),
             "alarms": _count(stats, "alarms"),
-            "late": late_results(client, keys, camera),  # results that came after their windows were decided
+            **window_counts(client, keys, camera),  # late results by outcome; sequence restarts
             "state": stats.get("state", "")[:MAX_TEXT],
             "replayed": _count(stats, "replayed"),
             "fault": stats.get("fault", "")[:MAX_TEXT],  # an infrastructure fault holding its frames pending (workers set it)
@@ -85,15 +85,18 @@ def _time(stats: dict[str, str], name: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def late_results(client: redis.Redis, keys: Keys, camera: str) -> dict[str, int]:
-    """The camera's late results by outcome (alarm, covered, quiet, under), as the store keeps them with its
-    debounce window (store.alarms.rules); {} before the first, or where the window cannot be read."""
+def window_counts(client: redis.Redis, keys: Keys, camera: str) -> dict:
+    """What the store counts with the camera's debounce window (store.alarms.rules): `late`, its late results by
+    outcome (alarm, covered, quiet, under), and `sequence_restarts`, how often its numbering started again;
+    nothing before the first, or where the window cannot be read."""
     text = client.hget(keys.alarm_state(camera), "window")
     try:
-        late = json.loads(text)["late"] if text else {}
-        return {str(k): int(v) for k, v in late.items() if int(v)} if isinstance(late, dict) else {}
-    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
-        return {}
+        window = json.loads(text) if text else {}
+        late = window.get("late", {})
+        return {"late": {str(k): int(v) for k, v in late.items() if int(v)} if isinstance(late, dict) else {},
+                "sequence_restarts": int(window.get("restarts", 0))}
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+        return {"late": {}, "sequence_restarts": 0}
 
 
 def consumers(client: redis.Redis, keys: Keys, cameras: list[str], dead_after_s: float = DEAD_AFTER_S) -> list[dict]:

@@ -115,3 +115,16 @@ def test_a_malformed_rule_is_refused_with_its_reason(text, reason):
 def test_a_rule_round_trips_through_json():
     rule = AlarmRule(k=1, n=4, cooldown_s=0.5, threshold=3.25)
     assert AlarmRule.from_json(rule.to_json()) == rule and json.loads(rule.to_json())["n"] == 4
+
+
+def test_a_camera_whose_numbering_starts_again_gets_a_new_window_not_late_results():
+    window = AlarmWindow(AlarmRule(k=2, n=3, cooldown_s=0), reorder=2)
+    for seq in range(40):  # captured at 100 + seq
+        window.add(seq, False, 100.0 + seq, seq)
+    fired = []
+    for seq in range(10):  # the camera restarted: 0, 1, ... captured after every frame seen
+        fired += [f.info for f in window.add(seq, seq in (4, 5), 200.0 + seq, f"new-{seq}")]
+    assert fired == ["new-5"] and window.restarts == 1  # the in-order k-of-n alarm, no late alarm
+    assert window.late == {"alarm": 0, "covered": 0, "quiet": 0, "under": 0}
+    assert window.add(1, True, 150.0, "a genuinely late one")[0].late_by > 0  # captured before: late, not a restart
+    assert AlarmWindow.from_json(None, 2, window.to_json()).restarts == 1

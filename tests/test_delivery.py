@@ -278,6 +278,23 @@ def test_a_result_later_than_reorder_raises_a_late_alarm_once(redis_server):
     assert (metric("alarm") - before["alarm"], metric("covered") - before["covered"]) == (1, 1)
 
 
+def test_a_camera_whose_numbering_restarts_raises_in_order_alarms_and_status_counts_it(redis_server):
+    client = connect(redis_server.url)
+    add_results(client, [result(seq=s, score=0.1) for s in range(30)])
+    s = store(redis_server.url, rule=AlarmRule(k=2, n=3, cooldown_s=0), reorder=4)
+    for _ in range(3):
+        s._step()
+    # the camera's ingest started again without its stats: numbers from 0, captured after everything before
+    restarted = [result(seq=q, score=5.0 if q in (3, 4) else 0.1, captured_at=1000.0 + q) for q in range(10)]
+    add_results(client, restarted)
+    for _ in range(3):
+        s._step()
+    assert [(a.seq, a.late_by) for a in alarms(client)] == [(4, None)]  # the k-of-n alarm, not late ones
+    from runtime.status import collect_status
+    [camera] = collect_status(client, KEYS.prefix)["cameras"]
+    assert camera["sequence_restarts"] == 1 and camera["late"] == {}
+
+
 # ---- item 4: store state only after commit, kept in Redis, ordered by sequence number ---------------
 
 def test_a_failed_commit_loses_no_alarm(redis_server):

@@ -11,7 +11,9 @@ threshold, it raises an alarm of its own marked late (`Fired.late_by`: how many 
 had been decided), unless an alarm already covers it (one fired for a window that holds it, a late alarm
 fewer than n frames away, or the cooldown of the alarm before it); its neighbours' windows are not
 re-decided (they were judged without it, and a defect must not wait for a k-of-n that can no longer be
-counted). Every late result is counted by outcome (`late`). The cooldown runs on the
+counted). Every late result is counted by outcome (`late`). A lower sequence number captured after every frame
+the window has seen is no late result but a camera whose numbering started again: its window starts afresh
+(`restarts` counts them), so the restarted frames raise exactly the alarms of in-order frames. The cooldown runs on the
 frames' capture times, so it too does not depend on arrival order. The whole state is a small JSON
 document the store keeps in Redis (`AlarmWindow.to_json`), so a restarted store carries on.
 """
@@ -99,7 +101,8 @@ class AlarmWindow:
 
     def __init__(self, rule: AlarmRule, reorder: int = 8, state: dict | None = None):
         self.rule, self.reorder = rule, reorder
-        state = state if state and state.get("rule") == asdict(rule) else {}  # a new rule starts afresh
+        counts = state or {}  # the counters survive a new rule ...
+        state = state if state and state.get("rule") == asdict(rule) else {}  # ... the window starts afresh
         self.decided: int | None = state.get("decided")  # highest sequence number whose window is decided
         self.last_alarm: int | None = state.get("last_alarm")  # frames up to here no longer count
         self.quiet_until: float = state.get("quiet_until", float("-inf"))
@@ -107,13 +110,16 @@ class AlarmWindow:
         self.frames: dict[int, list] = {int(seq): value for seq, value in state.get("frames", {}).items()}
         self.late_alarms: list[int] = state.get("late_alarms", [])  # the seqs of the last late alarms
         # late results so far, by outcome (cumulative, kept with the window: counted exactly once)
-        self.late: dict[str, int] = {o: int(state.get("late", {}).get(o, 0)) for o in LATE_OUTCOMES}
+        self.late: dict[str, int] = {o: int(counts.get("late", {}).get(o, 0)) for o in LATE_OUTCOMES}
+        self.restarts: int = int(counts.get("restarts", 0))  # times the camera's numbering started again
+        self.newest: float | None = state.get("newest")  # the latest capture time of any frame added
 
     def to_json(self) -> str:
         return json.dumps({"rule": asdict(self.rule), "decided": self.decided, "last_alarm": self.last_alarm,
                            "quiet_until": self.quiet_until if math.isfinite(self.quiet_until) else None,
                            "frames": {str(seq): value for seq, value in self.frames.items()},
-                           "late_alarms": self.late_alarms, "late": self.late})
+                           "late_alarms": self.late_alarms, "late": self.late, "restarts": self.restarts,
+                           "newest": self.newest})
 
     @classmethod
     def from_json(cls, rule: AlarmRule | None, reorder: int, text: str | bytes) -> "AlarmWindow":
@@ -129,9 +135,18 @@ class AlarmWindow:
 
     def add(self, seq: int, over: bool, captured_at: float, info) -> list[Fired]:
         if self.decided is not None and seq <= self.decided:
-            return self._late(seq, over, captured_at, info)
+            if self.newest is None or captured_at <= self.newest:
+                return self._late(seq, over, captured_at, info)
+            self._restart()  # a lower number captured after every frame seen: the numbering started again
+        self.newest = captured_at if self.newest is None else max(self.newest, captured_at)
         self.frames[seq] = [bool(over), captured_at, info]
         return self._decide(max(self.frames) - self.reorder)
+
+    def _restart(self) -> None:
+        """The camera's sequence numbers started again (its ingest restarted without its stats): a new window, the
+        cooldown kept (it runs on capture times)."""
+        self.decided, self.last_alarm, self.frames, self.late_alarms = None, None, {}, []
+        self.restarts += 1
 
     def _late(self, seq: int, over: bool, captured_at: float, info) -> list[Fired]:
         """A result whose windows were decided without it: its own late alarm, unless one already covers it."""
