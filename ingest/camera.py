@@ -70,6 +70,7 @@ class CameraIngest:
         self._cluster = is_cluster(client)
         self._registered_at = float("-inf")
         self._preview_at = float("-inf")
+        self._state = ""  # the state this process last wrote to the camera's stats
 
     def run(self) -> IngestReport:
         report = IngestReport()
@@ -89,18 +90,19 @@ class CameraIngest:
                 image = self.source.read()
             except SourceError as exc:
                 report.source_errors += 1
-                self._set_state(f"source error: {exc}")
                 log.warning("source error", extra={"fields": {"camera": self.settings.camera, "error": str(exc),
                                                               "retry_in_s": backoff}})
                 if not self.source.live:
+                    self._set_state(f"source error: {exc}")
                     continue  # a bad file in a folder: reported, then the next one
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, self.settings.backoff_max_s)
-                self._reopen()
+                self._set_state(f"reconnecting: {exc}")
+                backoff = self._reconnect(backoff, report)
                 continue
             if image is None:
                 report.ended = "source ended"
                 break
+            if self._state != "running":  # frames again after an error: the camera is running, and says so
+                self._set_state("running")
             backoff = self.settings.backoff_initial_s
             if interval:
                 now = time.monotonic()
@@ -185,13 +187,23 @@ class CameraIngest:
         last = self.client.hget(self.stats, "last_seq")
         return int(last) + 1 if last is not None else 0
 
-    def _reopen(self) -> None:
-        try:
-            self.source.open()
-        except SourceError as exc:
-            self._set_state(f"reconnecting: {exc}")
+    def _reconnect(self, backoff: float, report: IngestReport) -> float:
+        """Open a live source again, waiting `backoff` (doubling up to backoff_max_s) before each attempt: one
+        connection attempt per wait; the state stays `reconnecting: <why>` until one succeeds. Returns the backoff."""
+        while not self.stop.wait(backoff):
+            backoff = min(backoff * 2, self.settings.backoff_max_s)
+            try:
+                self.source.open()
+                return backoff
+            except SourceError as exc:
+                report.source_errors += 1
+                self._set_state(f"reconnecting: {exc}")
+                log.warning("source error", extra={"fields": {"camera": self.settings.camera, "error": str(exc),
+                                                              "retry_in_s": backoff}})
+        return backoff
 
     def _set_state(self, state: str) -> None:
+        self._state = state
         try:
             self.client.hset(self.stats, "state", state)
         except REDIS_ERRORS:

@@ -1,0 +1,101 @@
+"""A camera on a real RTSP server (GStreamer's, H.264 at 10 frames/s, run by the system python3): ingest reads it,
+rides out the server being killed, says `reconnecting` (and only that) while it is down, with one connection
+attempt per retry, and returns to `running` once frames come again (issue 19, cameras that tell the truth)."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from contracts.keys import Keys
+from ingest.camera import CameraIngest, IngestSettings
+from ingest.sources import CaptureSource
+from patchcore.embedded_redis import free_port
+from runtime.connection import connect
+from runtime.status import collect_status
+
+SERVER = Path(__file__).parent / "servers" / "rtsp_server.py"
+SYSTEM_PYTHON = "/usr/bin/python3"
+KEYS = Keys()
+
+
+def rtsp_available() -> bool:
+    try:
+        probe = subprocess.run([SYSTEM_PYTHON, "-c", "import gi; gi.require_version('GstRtspServer', '1.0'); "
+                                "from gi.repository import GstRtspServer"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+pytestmark = pytest.mark.skipif(not rtsp_available(), reason="no GStreamer RTSP server (Debian: "
+                                "gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-ugly)")
+
+
+def start_server(port: int) -> subprocess.Popen:
+    server = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    assert server.stdout.readline().strip() == "ready", server.stderr.read()
+    return server
+
+
+def stats(client, camera="rtsp-1") -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in client.hgetall(KEYS.camera_stats(camera)).items()}
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class CountingSource(CaptureSource):
+    """The real capture source, counting its connection attempts."""
+    opens = 0
+
+    def open(self) -> None:
+        self.opens += 1
+        super().open()
+
+
+def test_an_rtsp_camera_outage_says_reconnecting_then_running_again(redis_server):
+    client, port = connect(redis_server.url), free_port()
+    server = start_server(port)
+    source = CountingSource(f"rtsp://127.0.0.1:{port}/cam", live=True, timeout_s=5.0)
+    stop = threading.Event()
+    camera = CameraIngest(connect(redis_server.url), source,
+                          IngestSettings(camera="rtsp-1", backoff_initial_s=0.5, backoff_max_s=0.5, maxlen=10_000),
+                          KEYS, stop)
+    thread = threading.Thread(target=camera.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: int(stats(client).get("ingested", 0)) >= 20, 60, "20 frames")
+        assert stats(client)["state"] == "running"
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=30)
+        wait_for(lambda: stats(client).get("state", "").startswith("reconnecting"), 60, "reconnecting")
+        opens_before, states = source.opens, set()
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # while the server is down: the state says so, nothing else
+            states.add(stats(client)["state"].split(":")[0])
+            time.sleep(0.02)
+        assert states == {"reconnecting"}
+        assert source.opens - opens_before <= 3.0 / 0.5 + 1  # one connection attempt per retry, not two
+        assert collect_status(client)["cameras"][0]["liveness"] == "reconnecting"
+        ingested = int(stats(client)["ingested"])
+        server = start_server(port)  # the server is back
+        wait_for(lambda: int(stats(client).get("ingested", 0)) >= ingested + 20, 90, "frames after the outage")
+        wait_for(lambda: stats(client)["state"] == "running", 10, "running again")
+        assert collect_status(client)["cameras"][0]["liveness"] == "live"
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        server.kill()
+        server.wait(timeout=30)
