@@ -15,7 +15,7 @@ from runtime.connection import is_cluster, node_groups, refresh_topology
 from contracts.keys import Keys
 from contracts.framecodec import DEFAULT_ENCODING, DEFAULT_JPEG_QUALITY, encode_frame
 from contracts.messages import Frame
-from runtime.metrics import frame_appended
+from runtime.metrics import camera_ingesting, frame_appended
 from runtime import scripts
 from runtime.streams import REDIS_ERRORS, redis_fault, require_redis_7
 
@@ -78,6 +78,7 @@ class CameraIngest:
         require_redis_7(self.client)
         seq = self._next_seq()
         self.client.sadd(self.keys.cameras, self.settings.camera)
+        camera_ingesting(self.settings.camera)
         self._set_state("running")
         self.connected.set()
         backoff = self.settings.backoff_initial_s

@@ -17,7 +17,7 @@ import redis
 from contracts.keys import STORE_GROUP, Keys, camera_of
 from contracts.messages import MAX_WINDOW_SCORES, Alarm, MessageError, Result, check_overlay_key
 from runtime import scripts
-from runtime.metrics import ALARMS, DEADLETTERED
+from runtime.metrics import ALARMS, alarm_cameras, result_refused
 from runtime.streams import CameraStreams, reclaim, serve
 
 from store.alarms.rules import AlarmRule, AlarmWindow, Fired
@@ -82,7 +82,7 @@ class ResultsStore:
     def _maybe_refresh(self) -> None:
         if not self._streams.due():
             return
-        self._streams.refresh()
+        alarm_cameras(camera_of(stream) for stream in self._streams.refresh())
         self._rules = {}
         for target, text in self.client.hgetall(self.keys.alarm_rules).items():
             try:
@@ -202,4 +202,4 @@ class ResultsStore:
                                  counter="bad_results", maxlen=100_000,
                                  fields={"reason": reason, "stream": stream, "id": entry_id,
                                          "worker": self.settings.name, "at": time.time(), "m": raw}):
-            DEADLETTERED.labels("bad_result").inc()
+            result_refused()
