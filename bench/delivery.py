@@ -3,9 +3,9 @@ replaced, measured in the same run on the same embedded server.
 
     .venv/bin/python bench/delivery.py [--frames 2000] [--frame-kb 30]
 
-- ingest: ADD_FRAME (idempotent append) vs the old MULTI (XLEN, XADD, XLEN, HSET, HINCRBY)
-- worker read: READ_FAIR (hard cap over 20 backlogged cameras) vs one XREADGROUP with COUNT per stream
-- store: one COMMIT_RESULTS per batch of 32 results (window kept in Redis) vs the old MULTI of HSET + XACK
+- ingest: add_frame.lua (idempotent append) vs the old MULTI (XLEN, XADD, XLEN, HSET, HINCRBY)
+- worker read: read_fair.lua (hard cap over 20 backlogged cameras) vs one XREADGROUP with COUNT per stream
+- store: one commit_results.lua per batch of 32 results (window kept in Redis) vs the old MULTI of HSET + XACK
   (the old in-memory window, a few Python operations per result, is left out of the baseline)
 $PATCHCORE_REDIS_SERVER picks the server.
 """
@@ -19,7 +19,8 @@ import time
 from runtime.connection import connect
 from contracts.keys import FRAME_GROUP, STORE_GROUP, Keys
 from contracts.messages import Result
-from runtime.streams import ADD_FRAME, CameraStreams
+from runtime import scripts
+from runtime.streams import CameraStreams
 from patchcore.embedded_redis import EmbeddedRedis, find_redis_server, server_version
 from store.alarms.rules import AlarmRule
 from store.service import ResultsStore, StoreSettings
@@ -47,7 +48,7 @@ def compare(labels: tuple[str, str], make_runs, n: int) -> float:
 
 
 def ingest(client, frames: int, payload: bytes) -> None:
-    add = client.register_script(ADD_FRAME)
+    add = scripts.load(client, "add_frame")
 
     def runs(i):
         def old():
@@ -60,10 +61,11 @@ def ingest(client, frames: int, payload: bytes) -> None:
 
         def new():
             for seq in range(frames):
-                add(keys=[f"new{i}", f"new{i}:stats"], args=[seq, 256, time.time(), payload])
+                scripts.add_frame(add, stream=f"new{i}", stats=f"new{i}:stats", cameras=None, camera="cam", seq=seq,
+                                  maxlen=256, captured_at=time.time(), frame=payload)
         return old, new
 
-    ratio = compare(("ingest: MULTI XLEN/XADD/XLEN/HSET/HINCRBY (before)", "ingest: ADD_FRAME script (idempotent)"),
+    ratio = compare(("ingest: MULTI XLEN/XADD/XLEN/HSET/HINCRBY (before)", "ingest: add_frame script (idempotent)"),
                     runs, frames)
     print(f"  -> x{ratio:.2f}")
 
@@ -95,7 +97,7 @@ def worker_reads(client, frames: int, payload: bytes, cameras: int = 20, cap: in
         return old, new
 
     ratio = compare((f"worker read, {cameras} cameras: XREADGROUP COUNT {cap} (before), per frame",
-                     f"worker read: READ_FAIR cap {cap}, per frame"), runs, frames)
+                     f"worker read: read_fair script cap {cap}, per frame"), runs, frames)
     print(f"  -> x{ratio:.2f} (frames read: {got['old']} / {got['new']}; batches of up to {cameras * cap} "
           f"before, {cap} now)")
 
@@ -136,7 +138,7 @@ def store_commits(client, url: str, results: int, batch: int = 32) -> None:
         return old, new
 
     ratio = compare((f"store, batches of {batch}: MULTI HSET + XACK (before), per result",
-                     "store: COMMIT_RESULTS + window in Redis, per result"), runs, results)
+                     "store: commit_results script + window in Redis, per result"), runs, results)
     print(f"  -> x{ratio:.2f} ({alarms[0]} alarms)")
 
 

@@ -1,6 +1,7 @@
 """One camera: read a source, rate-limit, encode, push versioned frames into the camera's Redis stream."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -14,8 +15,9 @@ from runtime.connection import is_cluster, node_groups, refresh_topology
 from contracts.keys import Keys
 from contracts.framecodec import DEFAULT_ENCODING, DEFAULT_JPEG_QUALITY, encode_frame
 from contracts.messages import Frame
-from runtime.metrics import frame_appended
-from runtime.streams import ADD_FRAME, REDIS_ERRORS, redis_fault, require_redis_7
+from runtime.metrics import camera_ingesting, frame_appended
+from runtime import scripts
+from runtime.streams import REDIS_ERRORS, redis_fault, require_redis_7
 
 from .sources import Source, SourceError
 
@@ -64,7 +66,7 @@ class CameraIngest:
         self.stop = stop or threading.Event()
         self.stream = keys.frames(settings.camera)
         self.stats = keys.camera_stats(settings.camera)
-        self._add_frame = client.register_script(ADD_FRAME)
+        self._add_frame = scripts.load(client, "add_frame")
         self.connected = threading.Event()  # set once registered with Redis (readiness)
         # the camera set lies in another slot of a cluster: registered apart, every register_s
         self._cluster = is_cluster(client)
@@ -77,6 +79,7 @@ class CameraIngest:
         require_redis_7(self.client)
         seq = self._next_seq()
         self.client.sadd(self.keys.cameras, self.settings.camera)
+        camera_ingesting(self.settings.camera)
         self._set_state("running")
         self.connected.set()
         backoff = self.settings.backoff_initial_s
@@ -131,7 +134,7 @@ class CameraIngest:
         """Append the frame (retrying through Redis outages); returns how many old frames were trimmed and
         whether the wanted replicas confirmed it, or None when `stop` came before Redis took the frame.
 
-        The append is one script keyed by the camera's sequence number (streams.ADD_FRAME): when a
+        The append is one script keyed by the camera's sequence number (runtime/lua/add_frame.lua): when a
         reply is lost and the call is sent again (by redis-py's retry or by this loop), the second
         send finds `last_seq` already at this frame and writes nothing.
         """
@@ -144,15 +147,17 @@ class CameraIngest:
                 if self._cluster and time.monotonic() - self._registered_at > self.settings.register_s:
                     self.client.sadd(self.keys.cameras, self.settings.camera)
                     self._registered_at = time.monotonic()
-                keys = [self.stream, self.stats] + ([] if self._cluster else [self.keys.cameras])
-                args = [frame.seq, self.settings.maxlen, frame.captured_at, frame.pack(), self.settings.camera]
+                append = functools.partial(
+                    scripts.add_frame, self._add_frame, stream=self.stream, stats=self.stats,
+                    cameras=None if self._cluster else self.keys.cameras, camera=self.settings.camera, seq=frame.seq,
+                    maxlen=self.settings.maxlen, captured_at=frame.captured_at, frame=frame.pack())
                 if not self.settings.wait_replicas:
-                    dropped = self._add_frame(keys=keys, args=args)
+                    dropped = append()
                     frame_appended(self.settings.camera, dropped)
                     return max(0, dropped), True  # -1: already written by an earlier send
                 node = node_groups(self.client, [self.stream])[0][0]  # WAIT must follow the write on its connection
                 with node.pipeline(transaction=False) as pipe:
-                    self._add_frame(keys=keys, args=args, client=pipe)
+                    append(pipe=pipe)
                     pipe.execute_command("WAIT", self.settings.wait_replicas, self.settings.wait_ms)
                     dropped, replicas = pipe.execute()
                 frame_appended(self.settings.camera, dropped)

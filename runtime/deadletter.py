@@ -17,45 +17,11 @@ from dataclasses import dataclass
 import redis
 
 from contracts.keys import Keys, camera_of
+from runtime import scripts
 from runtime.metrics import deadlettered
 from .cameras import camera_list
 
 HEAD_BYTES = 64
-
-# Acknowledge a pending frame and, only if this call acknowledged it, record the dead letter (and its
-# payload when given), delete the frame from its stream and count it: one atomic step, as ACK_AND_WRITE.
-# KEYS: source stream, dead-letter stream, stats hash, payload stream.
-# ARGV: group, entry id, dead-letter maxlen, payloads kept, oldest payload id kept (MINID), payload or '', field, value, ...
-WRITE = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-local fields = {}
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
-if ARGV[6] ~= '' then
-  fields[#fields + 1] = 'payload'
-  fields[#fields + 1] = redis.call('XADD', KEYS[4], 'MAXLEN', ARGV[4], '*', 'm', ARGV[6])
-  redis.call('XTRIM', KEYS[4], 'MINID', ARGV[5])
-end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
-redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('HINCRBY', KEYS[3], 'deadlettered', 1)
-return 1
-"""
-
-# Put a dead letter's original bytes back on its camera's stream and delete the dead letter, once:
-# a second call (a retry, a second operator) finds no entry and adds nothing.
-# KEYS: dead-letter stream, payload stream, frame stream, stats hash (one camera's: one slot). ARGV: dead-letter id, payload id.
-# Returns 1 replayed, 0 no such dead letter, -1 its payload is gone (expired or never kept).
-REPLAY = """
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
-local payload = redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2])
-if #payload == 0 then return -1 end
-redis.call('XADD', KEYS[3], '*', 'm', payload[1][2][2])
-redis.call('XDEL', KEYS[1], ARGV[1])
-redis.call('XDEL', KEYS[2], ARGV[2])
-redis.call('HINCRBY', KEYS[4], 'replayed', 1)
-return 1
-"""
-
 
 class DeadLetterError(ValueError):
     """A selection of dead letters that cannot be made as asked."""
@@ -89,19 +55,20 @@ class DeadLetter:
 class DeadLetters:
     def __init__(self, client: redis.Redis, keys: Keys = Keys(), settings: DeadLetterSettings = DeadLetterSettings()):
         self.client, self.keys, self.settings = client, keys, settings
-        self._write = client.register_script(WRITE)
-        self._replay = client.register_script(REPLAY)
+        self._write = scripts.load(client, "deadletter_write")
+        self._replay = scripts.load(client, "deadletter_replay")
 
     def add(self, stream: str, group: str, entry_id: bytes | str, raw: bytes, reason: str, worker: str) -> bool:
         """Dead-letter a pending frame; False when it was no longer pending (another consumer finished it)."""
         camera = camera_of(stream)
         keep = raw if 0 < len(raw) <= self.settings.payload_bytes and self.settings.payloads > 0 else b""
         oldest = f"{int((time.time() - self.settings.payload_ttl_s) * 1000)}-0"
-        written = bool(self._write(
-            keys=[stream, self.keys.deadletter(camera), self.keys.camera_stats(camera), self.keys.deadletter_payloads(camera)],
-            args=[group, entry_id, self.settings.maxlen, self.settings.payloads, oldest, keep,
-                  "reason", reason, "stream", stream, "id", entry_id, "worker", worker, "at", time.time(),
-                  "size", len(raw), "head", raw[:HEAD_BYTES]]))
+        written = bool(scripts.deadletter_write(
+            self._write, stream=stream, group=group, entry_id=entry_id, deadletters=self.keys.deadletter(camera),
+            stats=self.keys.camera_stats(camera), payloads=self.keys.deadletter_payloads(camera),
+            maxlen=self.settings.maxlen, payloads_kept=self.settings.payloads, oldest_payload_id=oldest, payload=keep,
+            fields={"reason": reason, "stream": stream, "id": entry_id, "worker": worker, "at": time.time(),
+                    "size": len(raw), "head": raw[:HEAD_BYTES]}))
         if written:
             deadlettered(reason)
         return written
@@ -149,9 +116,10 @@ class DeadLetters:
                 outcome["no_payload"].append(letter.id)
                 continue
             self.client.sadd(self.keys.cameras, letter.camera)  # a data loss cannot hide the camera from the workers
-            done = self._replay(keys=[self.keys.deadletter(letter.camera), self.keys.deadletter_payloads(letter.camera),
-                                      letter.stream, self.keys.camera_stats(letter.camera)],
-                                args=[letter.id, letter.payload_id])
+            done = scripts.deadletter_replay(
+                self._replay, deadletters=self.keys.deadletter(letter.camera),
+                payloads=self.keys.deadletter_payloads(letter.camera), stream=letter.stream,
+                stats=self.keys.camera_stats(letter.camera), letter_id=letter.id, payload_id=letter.payload_id)
             outcome[{1: "replayed", 0: "gone", -1: "no_payload"}[done]].append(letter.id)
         return outcome
 

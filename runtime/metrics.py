@@ -4,6 +4,12 @@ Processes record with the one-line helpers below; `runtime.health` serves the re
 `--metrics-port` with /healthz and /readyz. Counters count what was written to Redis, exactly once:
 a frame counts as ingested when its append ran, a result when the acknowledge-and-write script wrote
 it (not when another worker had already finished that frame), a dead letter when it was recorded.
+
+A labelled counter has no series until a child of those labels exists, and `rate()` over a series
+that appears with its first increment misses that increment (an alert on the first dead letter never
+fires). So the label values known in advance start at 0: every dead-letter reason kind at import;
+both verdicts of a camera with its first results; a camera's ingest and alarm counters when its
+process learns of the camera (`camera_ingesting`, `alarm_cameras`).
 """
 from __future__ import annotations
 
@@ -46,12 +52,33 @@ REASON_KINDS = (
 )
 
 
+OTHER_REASON = "other"  # a frame's dead-letter reason of no kind above
+BAD_RESULT = "bad_result"  # the store's dead letters: results it refused
+DEADLETTER_REASONS = (*(kind for kind, _ in REASON_KINDS), OTHER_REASON, BAD_RESULT)  # every `reason` label
+VERDICTS = ("normal", "anomalous")  # the `verdict` label of RESULTS
+
+for _kind in DEADLETTER_REASONS:  # series at 0 from the start (see the module's docstring)
+    DEADLETTERED.labels(_kind)
+
+
 def reason_kind(reason: str) -> str:
     """The bounded label of a dead-letter reason: poison, unscorable, too_large, undecodable, malformed, other."""
     for kind, pattern in REASON_KINDS:
         if pattern.search(reason):
             return kind
-    return "other"
+    return OTHER_REASON
+
+
+def camera_ingesting(camera: str) -> None:
+    """Ingest: its camera's ingested and dropped series exist (at 0) before the first frame."""
+    FRAMES_INGESTED.labels(camera)
+    FRAMES_DROPPED.labels(camera)
+
+
+def alarm_cameras(cameras: Iterable[str]) -> None:
+    """Store: the alarm series of these cameras exist (at 0) before their first alarm."""
+    for camera in cameras:
+        ALARMS.labels(camera)
 
 
 def frame_appended(camera: str, dropped: int) -> None:
@@ -65,9 +92,13 @@ def frame_appended(camera: str, dropped: int) -> None:
 def results_written(rows: Iterable[tuple[str, bool, float, float, float]], score_s: float, write_s: float,
                     now: float) -> None:
     """Worker: the results written, each (camera, anomalous, captured_at, picked_at, decode seconds);
-    `score_s` and `write_s` are per frame."""
+    `score_s` and `write_s` are per frame. Both verdicts of each camera exist from its first result on."""
+    rows = list(rows)
+    for camera in {row[0] for row in rows}:
+        for verdict in VERDICTS:
+            RESULTS.labels(camera, verdict)
     for camera, anomalous, captured_at, picked_at, decode_s in rows:
-        RESULTS.labels(camera, "anomalous" if anomalous else "normal").inc()
+        RESULTS.labels(camera, VERDICTS[bool(anomalous)]).inc()
         STAGE_SECONDS.labels("queue").observe(max(0.0, picked_at - captured_at))
         STAGE_SECONDS.labels("decode").observe(decode_s)
         STAGE_SECONDS.labels("score").observe(score_s)
@@ -76,7 +107,13 @@ def results_written(rows: Iterable[tuple[str, bool, float, float, float]], score
 
 
 def deadlettered(reason: str) -> None:
+    """A frame was dead-lettered with this reason (counted under its kind)."""
     DEADLETTERED.labels(reason_kind(reason)).inc()
+
+
+def result_refused() -> None:
+    """The store dead-lettered a result it refused."""
+    DEADLETTERED.labels(BAD_RESULT).inc()
 
 
 def consumer_lag(client: redis.Redis, streams: dict[str, str], group: str) -> dict[str, int]:

@@ -1,5 +1,6 @@
-"""Consumer-group plumbing shared by ingest, the workers and the store (redis-py stream commands and
-the Lua scripts that make each write happen once, even when a client retry sends it twice)."""
+"""Consumer-group plumbing shared by ingest, the workers and the store (redis-py stream commands, the
+fair multi-stream read, and the classification of Redis faults). The Lua scripts that make each write
+happen once, even when a client retry sends it twice, are runtime/lua/*.lua, called through runtime.scripts."""
 from __future__ import annotations
 
 import re
@@ -9,6 +10,7 @@ from typing import Callable, Iterator
 import redis
 from redis.exceptions import SlotNotCoveredError
 
+from runtime import scripts
 from runtime.connection import is_cluster, node_groups
 from .cameras import camera_list
 
@@ -64,77 +66,6 @@ def reclaim(client: redis.Redis, stream: str, group: str, consumer: str, min_idl
 
 def stream_name(name: bytes | str) -> str:
     return name.decode() if isinstance(name, bytes) else name
-
-
-# Every script below starts with `#!lua` (Redis >= 7 script flags): a server out of memory refuses the
-# whole script before it runs, never half of it (a Lua error does not undo the writes made before it).
-
-# Acknowledge a delivered entry and, only if this call acknowledged it (it was still pending) and the
-# entry is still in its stream, append the outcome to another stream, delete the entry and count it -
-# all atomically. A slow worker whose frame was meanwhile reclaimed and finished by another finds
-# XACK = 0 and writes nothing, so each frame has exactly one outcome; a frame trimmed while pending
-# was counted as dropped by the writer that trimmed it, and gets no second outcome. A client retry
-# that sends the call again finds it acknowledged: nothing is written twice.
-# KEYS: source stream, target stream, stats hash. ARGV: group, entry id, target maxlen, stats field, field, value, ...
-ACK_AND_WRITE = """#!lua
-local present = #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) > 0
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 or not present then return 0 end
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
-redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
-return 1
-"""
-
-# Append a camera's frame once: a frame whose sequence number is not above the camera's `last_seq`
-# was already written (a client retry after a lost reply) and is skipped. The stream is bounded by
-# MAXLEN ~ maxlen; entries trimmed to make room are counted as `dropped`, in the same atomic step.
-# The camera is (re-)registered in the camera set (when given: on a Redis Cluster the set lies in another
-# slot, and ingest registers the camera apart), so a data loss cannot hide it.
-# KEYS: frame stream, stats hash[, camera set]. ARGV: seq, maxlen, captured_at, frame bytes, camera.
-# Returns -1 for a duplicate, else the number of frames trimmed.
-ADD_FRAME = """#!lua
-local last = redis.call('HGET', KEYS[2], 'last_seq')
-if last and tonumber(last) >= tonumber(ARGV[1]) then return -1 end
-local before = redis.call('XLEN', KEYS[1])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[4])
-local dropped = before + 1 - redis.call('XLEN', KEYS[1])
-redis.call('HSET', KEYS[2], 'last_seq', ARGV[1], 'last_ingest_at', ARGV[3])
-redis.call('HINCRBY', KEYS[2], 'ingested', 1)
-if dropped > 0 then redis.call('HINCRBY', KEYS[2], 'dropped', dropped) end
-if KEYS[3] then redis.call('SADD', KEYS[3], ARGV[5]) end
-return dropped
-"""
-
-# Read at most ARGV[3] entries in all from the streams ARGV[5..], in the order given (the caller rotates
-# it between calls): XREADGROUP's COUNT applies per stream, so each stream is read with a share of
-# what is left, and streams that filled their share are read again while room is left (new entries,
-# ARGV[4] = '>', only: a re-read of pending ones, '0', would return the same entries). A backlogged
-# camera cannot starve the others, and the total never exceeds the cap. On a Redis Cluster the streams
-# lie in different slots of one node (the caller groups them by node): KEYS[1], the first stream, routes
-# the call, and `allow-cross-slot-keys` lets the script read the node's other slots.
-# KEYS: the first stream. ARGV: group, consumer, cap, start id, streams... Returns [[stream, [[id, [field, value, ...]], ...]], ...].
-READ_FAIR = """#!lua flags=allow-cross-slot-keys
-local remaining = tonumber(ARGV[3])
-local active, out = {unpack(ARGV, 5)}, {}
-while remaining > 0 and #active > 0 do
-  local share, again = math.max(1, math.floor(remaining / #active)), {}
-  for _, stream in ipairs(active) do
-    if remaining == 0 then break end
-    local count = math.min(share, remaining)
-    local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', stream, ARGV[4])
-    if reply and #reply[1][2] > 0 then
-      local entries = reply[1][2]
-      out[#out + 1] = {stream, entries}
-      remaining = remaining - #entries
-      if #entries == count and ARGV[4] == '>' then again[#again + 1] = stream end
-    end
-  end
-  active = again
-end
-return out
-"""
 
 
 # Replies that say "not now" rather than "never": memory full under noeviction (OOM), a replica after
@@ -238,7 +169,7 @@ class CameraStreams:
         self.server: str | None = None
         self._next = 0.0
         self._offset = 0
-        self._read_fair = client.register_script(READ_FAIR)
+        self._read_fair = scripts.load(client, "read_fair")
 
     def due(self) -> bool:
         now = time.monotonic()
@@ -279,9 +210,8 @@ class CameraStreams:
                 break
             part = [order[p] for p in positions]
             share = -(-remaining // (len(groups) - i))  # what is left, spread over the nodes still to read
-            reply = self._read_fair(keys=part[:1], args=[self.group, consumer, share, start_id, *part])
-            out += [(stream_name(stream), [(entry_id, dict(zip(fields[::2], fields[1::2])) if fields else None)
-                                           for entry_id, fields in entries]) for stream, entries in reply]
+            out += scripts.read_fair(self._read_fair, group=self.group, consumer=consumer, cap=share,
+                                     start_id=start_id, streams=part)
         if out:  # the next call starts after the last stream served: every backlogged stream gets its turn
             self._offset = start + max(order.index(stream) for stream, _ in out) + 1
         return out

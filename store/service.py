@@ -1,10 +1,10 @@
 """The store process: reads every camera's results (consumer group), keeps the latest state per
 camera, and turns results into alarms by each camera's rule. A batch of one camera's results is
-committed by one script that acknowledges them, stores the camera's debounce window, updates its
-latest state and appends and publishes its alarms - or, if any of those results is no longer
-pending (a retried send whose first reply was lost, or another store took them), does nothing.
-State changes only in that commit, so a failed commit leaves the results pending with the old
-state, to be handled again."""
+committed by one script (runtime/lua/commit_results.lua) that acknowledges them, stores the camera's
+debounce window, updates its latest state and appends and publishes its alarms - or, if any of those
+results is no longer pending (a retried send whose first reply was lost, or another store took them),
+does nothing. State changes only in that commit, so a failed commit leaves the results pending with
+the old state, to be handled again."""
 from __future__ import annotations
 
 import logging
@@ -16,40 +16,14 @@ import redis
 
 from contracts.keys import STORE_GROUP, Keys, camera_of
 from contracts.messages import MAX_WINDOW_SCORES, Alarm, MessageError, Result, check_overlay_key
+from runtime import scripts
 from runtime.connection import connections_opened
-from runtime.metrics import ALARMS, DEADLETTERED, LATE_RESULTS
-from runtime.streams import ACK_AND_WRITE, CameraStreams, reclaim, serve
+from runtime.metrics import ALARMS, LATE_RESULTS, alarm_cameras, result_refused
+from runtime.streams import CameraStreams, reclaim, serve
 
 from store.alarms.rules import LATE_OUTCOMES, AlarmRule, AlarmWindow, Fired
 
 log = logging.getLogger("patchcore.store")
-
-# KEYS: results stream, alarm state hash, latest hash, alarms stream, stats hash.
-# ARGV: group, expected state version, window JSON, alarms maxlen, alarms channel, number of ids, ids...,
-#       number of latest values (2 per field), field, value, ..., then (alarm seq, alarm bytes) pairs.
-# Returns 1 (committed), 0 (some result no longer pending: nothing done), -1 (state changed since read).
-COMMIT_RESULTS = """#!lua
-local ids = tonumber(ARGV[6])
-for i = 7, 6 + ids do
-  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1) == 0 then return 0 end
-end
-if (redis.call('HGET', KEYS[2], 'version') or '0') ~= ARGV[2] then return -1 end
-for i = 7, 6 + ids do redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) end
-redis.call('HSET', KEYS[2], 'version', tonumber(ARGV[2]) + 1, 'window', ARGV[3])
-local at = 7 + ids
-local latest = tonumber(ARGV[at])
-local current = redis.call('HGET', KEYS[3], 'seq')
-if latest > 0 and (not current or tonumber(current) < tonumber(ARGV[at + 2])) then
-  redis.call('HSET', KEYS[3], unpack(ARGV, at + 1, at + latest))
-end
-for i = at + latest + 1, #ARGV, 2 do
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[i + 1])
-  redis.call('PUBLISH', ARGV[5], ARGV[i + 1])
-  redis.call('HINCRBY', KEYS[5], 'alarms', 1)
-  redis.call('HSET', KEYS[3], 'last_alarm_seq', ARGV[i])
-end
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -88,8 +62,8 @@ class ResultsStore:
         for outcome in LATE_OUTCOMES:  # every series exists from the start, so a rate() alert sees the first one
             LATE_RESULTS.labels(outcome)
         self._last_result: dict[str, float] = {}  # camera -> when its last result was handled (monotonic)
-        self._commit = client.register_script(COMMIT_RESULTS)
-        self._ack_and_write = client.register_script(ACK_AND_WRITE)
+        self._commit = scripts.load(client, "commit_results")
+        self._ack_and_write = scripts.load(client, "ack_and_write")
         self._streams = CameraStreams(client, keys.cameras, keys.results, STORE_GROUP, settings.refresh_s)
 
     def run(self) -> StoreReport:
@@ -125,7 +99,7 @@ class ResultsStore:
     def _maybe_refresh(self) -> None:
         if not self._streams.due():
             return
-        self._streams.refresh()
+        alarm_cameras(camera_of(stream) for stream in self._streams.refresh())
         self._rules = {}
         for target, text in self.client.hgetall(self.keys.alarm_rules).items():
             try:
@@ -209,15 +183,14 @@ class ResultsStore:
             latest = {"seq": newest.seq, "score": newest.score, "anomalous": int(newest.anomalous), "bank": newest.bank,
                       "bank_version": newest.bank_version, "scored_at": newest.scored_at,
                       "threshold": "" if threshold is None else threshold}
-        alarms = []
-        for fired in alarm_infos:
-            alarm = self._alarm(camera, rule, fired)
-            alarms += [alarm.seq, alarm.pack()]
-        args = [STORE_GROUP, int(version or 0), window.to_json(), self.settings.alarms_maxlen, self.keys.alarms_channel,
-                len(items), *(entry_id for entry_id, _ in items),
-                2 * len(latest), *(x for pair in latest.items() for x in pair), *alarms]
-        reply = self._commit(keys=[stream, state_key, self.keys.latest(camera), self.keys.alarms(camera),
-                                   self.keys.camera_stats(camera)], args=args)
+        alarms = [scripts.NewAlarm(alarm.seq, alarm.pack())
+                  for alarm in (self._alarm(camera, rule, fired) for fired in alarm_infos)]
+        reply = scripts.commit_results(
+            self._commit, results=stream, state=state_key, latest=self.keys.latest(camera),
+            alarms=self.keys.alarms(camera), stats=self.keys.camera_stats(camera), group=STORE_GROUP,
+            version=int(version or 0), window=window.to_json(), alarms_maxlen=self.settings.alarms_maxlen,
+            channel=self.keys.alarms_channel, ids=[entry_id for entry_id, _ in items], latest_fields=latest,
+            new_alarms=alarms)
         if reply == -1:
             return None
         if reply == 1:
@@ -254,7 +227,9 @@ class ResultsStore:
         """Dead-letter an invalid result with its reason (acknowledged, removed and counted at once)."""
         self.report.bad_results += 1
         log.error("invalid result dead-lettered", extra={"fields": {"stream": stream, "error": reason}})
-        if self._ack_and_write(keys=[stream, self.keys.deadletter(camera), self.keys.camera_stats(camera)],
-                               args=[STORE_GROUP, entry_id, 100_000, "bad_results", "reason", reason, "stream", stream,
-                                     "id", entry_id, "worker", self.settings.name, "at", time.time(), "m", raw]):
-            DEADLETTERED.labels("bad_result").inc()
+        if scripts.ack_and_write(self._ack_and_write, stream=stream, group=STORE_GROUP, entry_id=entry_id,
+                                 target=self.keys.deadletter(camera), stats=self.keys.camera_stats(camera),
+                                 counter="bad_results", maxlen=100_000,
+                                 fields={"reason": reason, "stream": stream, "id": entry_id,
+                                         "worker": self.settings.name, "at": time.time(), "m": raw}):
+            result_refused()

@@ -22,12 +22,13 @@ from runtime.connection import connect
 from contracts.keys import FRAME_GROUP, STORE_GROUP, Keys
 from contracts.messages import Alarm, MessageError, Result
 from workers.banks.registry import BankRegistry
-from runtime.streams import ADD_FRAME, RedisVersionError, CameraStreams, require_redis_7
+from runtime import scripts
+from runtime.streams import RedisVersionError, CameraStreams, require_redis_7
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine
 from patchcore.embedded_redis import EmbeddedRedis, find_redis_server
 from store.alarms.rules import AlarmRule
-from store.service import COMMIT_RESULTS, ResultsStore, StoreSettings
+from store.service import ResultsStore, StoreSettings
 from workers.worker import Worker, WorkerSettings, _Entry
 
 from .faultproxy import ReplyDroppingProxy
@@ -164,7 +165,7 @@ def test_the_proxy_really_makes_redis_py_send_a_command_twice(redis_server):
 
 def test_a_lost_reply_duplicates_no_frame(redis_server):
     client = connect(redis_server.url)
-    client.script_load(ADD_FRAME)  # so the first EVALSHA runs (not a NOSCRIPT reply)
+    client.script_load(scripts.source("add_frame"))  # so the first EVALSHA runs (not a NOSCRIPT reply)
     with ReplyDroppingProxy(redis_server.port, marker=b"EVALSHA", drops=3) as proxy:
         report = CameraIngest(connect(proxy.url), SyntheticLine(seed=1, max_frames=8), IngestSettings(camera="cam-1"),
                               KEYS).run()
@@ -196,7 +197,7 @@ def store(url, rule=AlarmRule(k=2, n=3, cooldown_s=0), **settings):
 
 def test_a_lost_reply_duplicates_no_alarm_publish_or_count(redis_server):
     client = connect(redis_server.url)
-    client.script_load(COMMIT_RESULTS)
+    client.script_load(scripts.source("commit_results"))
     subscriber = client.pubsub(ignore_subscribe_messages=True)
     subscriber.subscribe(KEYS.alarms_channel)
     add_results(client, [result(seq=s, score=5.0 if s in (1, 2, 6, 7) else 0.1) for s in range(10)])
@@ -217,12 +218,10 @@ def test_a_lost_reply_duplicates_no_alarm_publish_or_count(redis_server):
 
 
 def test_a_lost_reply_duplicates_no_result(redis_server, synthetic_bank_bytes):
-    from runtime.streams import ACK_AND_WRITE
-
     client = connect(redis_server.url)
     BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
     CameraIngest(client, SyntheticLine(seed=2, max_frames=6), IngestSettings(camera="cam-1"), KEYS).run()
-    client.script_load(ACK_AND_WRITE)
+    client.script_load(scripts.source("ack_and_write"))
     with ReplyDroppingProxy(redis_server.port, marker=b"EXEC", drops=1) as proxy:
         with Running(proxy.url, store=False, max_batch=6):
             wait_for(lambda: client.xlen(KEYS.frames("cam-1")) == 0, 120)

@@ -94,6 +94,7 @@ def test_processes_serve_metrics_that_match_redis_and_readiness_follows_the_bank
         assert get(ports["ingest"], "/readyz")[0] == 200
         ingested = int(client.hget(KEYS.camera_stats(camera), "ingested"))
         assert samples(ports["ingest"])[("patchcore_frames_ingested_total", (("camera", camera),))] == ingested == 4
+        assert samples(ports["ingest"])[("patchcore_frames_dropped_total", (("camera", camera),))] == 0  # a series
         wait_for(lambda: samples(ports["worker"]).get(("patchcore_consumer_lag", (("camera", camera),))) == 4,
                  what="lag of 4")
         assert client.xlen(KEYS.frames(camera)) == 4
@@ -135,6 +136,43 @@ def test_processes_serve_metrics_that_match_redis_and_readiness_follows_the_bank
             except subprocess.TimeoutExpired:
                 proc.kill()
     assert get_refused(ports["worker"])  # the endpoints end with the process
+
+
+def test_a_fresh_process_serves_its_known_counters_at_zero(redis_server):
+    """A labelled counter has no series until its first increment unless started at 0: a `rate()` alert on the
+    first dead letter (or alarm) needs the series before it. A fresh store, with one camera known and no result."""
+    from runtime.metrics import DEADLETTER_REASONS, REASON_KINDS
+
+    client = connect(redis_server.url)
+    client.sadd(KEYS.cameras, "cam-z")
+    port = free_port()
+    store = spawn("store", "--redis-url", redis_server.url, "--metrics-port", str(port))
+    try:
+        wait_for(lambda: get(port, "/readyz")[0] == 200, 60, what="store ready")  # its group joined: camera known
+        scraped = samples(port)
+    finally:
+        store.terminate()
+        store.wait(timeout=30)
+    reasons = {dict(labels)["reason"]: value for (name, labels), value in scraped.items()
+               if name == "patchcore_deadlettered_total"}
+    assert set(reasons) == {kind for kind, _ in REASON_KINDS} | {"other", "bad_result"} == set(DEADLETTER_REASONS)
+    assert set(reasons.values()) == {0.0}
+    assert scraped[("patchcore_alarms_total", (("camera", "cam-z"),))] == 0
+    assert client.xlen(KEYS.deadletter("cam-z")) == 0 and client.xlen(KEYS.alarms("cam-z")) == 0
+
+
+def test_both_verdicts_of_a_camera_are_served_from_its_first_result():
+    from prometheus_client.registry import REGISTRY
+
+    from runtime.metrics import results_written
+
+    def value(verdict: str) -> float | None:
+        return REGISTRY.get_sample_value("patchcore_results_total", {"camera": "cam-verdicts", "verdict": verdict})
+
+    assert value("normal") is None and value("anomalous") is None  # no series before the camera is known
+    now = time.time()
+    results_written([("cam-verdicts", False, now - 1, now - 0.5, 0.01)] * 3, 0.02, 0.001, now)
+    assert value("normal") == 3 and value("anomalous") == 0  # the anomalous series exists before its first result
 
 
 def get_refused(port: int) -> bool:

@@ -42,7 +42,8 @@ from contracts.framecodec import FrameDecodeError, decode_frames
 from contracts.messages import Frame, MessageError, Result
 from runtime.metrics import BATCH_SIZE, results_written
 from workers.banks.registry import BankRegistry
-from runtime.streams import (ACK_AND_WRITE, REDIS_ERRORS, CameraStreams, deliveries, keep_pending, reclaim,
+from runtime import scripts
+from runtime.streams import (REDIS_ERRORS, CameraStreams, deliveries, keep_pending, reclaim,
                                redis_fault, serve)
 from scorer import BackboneError, resolve_device
 from scorer.features import ComputeConfig
@@ -75,7 +76,7 @@ class Worker:
                                settings.index, settings.weights, ComputeConfig(settings.precision, settings.channels_last),
                                search=settings.search)
         self.report = WorkerReport()
-        self._ack_and_write = client.register_script(ACK_AND_WRITE)
+        self._ack_and_write = scripts.load(client, "ack_and_write")
         self._streams = CameraStreams(client, keys.cameras, keys.frames, FRAME_GROUP, settings.refresh_s)
         self._reclaimed: list[_Entry] = []
         self._deadletters = DeadLetters(client, keys, settings.deadletters)
@@ -449,10 +450,10 @@ class Worker:
                         # the frame itself, so an operator can dismiss a false alarm into the next bank update
                         pipe.set(self.keys.frame_copy(frame.camera, frame.seq), entry.raw, ex=self.settings.overlay_ttl_s)
                     script_calls.append(len(pipe.command_stack))
-                    self._ack_and_write(
-                        keys=[entry.stream, self.keys.results(frame.camera), self.keys.camera_stats(frame.camera)],
-                        args=[FRAME_GROUP, entry.entry_id, self.settings.results_maxlen, "results", "m", message.pack()],
-                        client=pipe)
+                    scripts.ack_and_write(
+                        self._ack_and_write, stream=entry.stream, group=FRAME_GROUP, entry_id=entry.entry_id,
+                        target=self.keys.results(frame.camera), stats=self.keys.camera_stats(frame.camera),
+                        counter="results", maxlen=self.settings.results_maxlen, fields={"m": message.pack()}, pipe=pipe)
                 if self.settings.wait_replicas:
                     pipe.execute_command("WAIT", self.settings.wait_replicas, self.settings.wait_ms)
                 replies = pipe.execute()
