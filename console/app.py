@@ -51,8 +51,11 @@ class ConsoleError(RuntimeError):
 
 @dataclass(frozen=True)
 class ConsoleSettings:
-    host: str = "127.0.0.1"
-    port: int = 8080
+    """A field's `metadata["help"]` is its option's help (`patchcore console --help`, patchcore/options.py)."""
+
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "Address to bind; beyond localhost put it behind a TLS proxy."})
+    port: int = field(default=8080, metadata={"help": "TCP port.", "min": 1, "max": 65535})
     credentials: dict[str, str] | None = field(default=None, repr=False)  # user -> scrypt hash; None: read-only
     session_key: bytes | None = field(default=None, repr=False)  # signs session cookies; None: random per process
     session_max_age_s: int = 8 * 3600
