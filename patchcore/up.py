@@ -49,7 +49,7 @@ class UpSettings:
     train: Path | None = field(default=None, metadata={"help": "Build the bank from this folder of good images."})
     bank_name: str = field(default="default", metadata={"help": "Registry name the run's bank is published under."})
     camera: str = "cam-1"
-    line: str = "line-1"
+    line: str = IngestSettings.line
     # the bank built when no --bank is given: from --train, or the source's first frames (consecutive
     # frames are near-twins, so calibration folds are contiguous runs of them)
     build: BuildConfig = field(default_factory=lambda: BuildConfig(
