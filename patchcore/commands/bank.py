@@ -1,21 +1,33 @@
 """`patchcore bank build | info | calibrate | update`: banks from images (scorer), and a published bank extended
 (patchcore.bank_update). The build options are the scorer's settings (scorer.config, views, calibration), so
-this module loads torch; heavier or optional pieces (cv2 for the mask, the ingest source for a warm-up) are
-imported where they are used."""
+this module loads torch, and imports everything at the top."""
 from __future__ import annotations
 
 import json
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
+import cv2
 import typer
 
-from scorer import BuildConfig, CalibrationConfig, CoresetConfig, FeatureConfig, ViewConfig
+from contracts.framecodec import FrameCodecError
+from ingest.sources import SourceError
+from scorer import (BackboneError, BankError, BuildConfig, Calibration, CalibrationConfig, CoresetConfig,
+                    FeatureConfig, ImageDecodeError, PatchCoreScorer, ViewConfig, ViewError, build_bank, load_bank,
+                    save_bank)
+from scorer.evaluate import bank_summary, labelled_scores
+from scorer.metrics import f1_optimal_threshold
+from scorer.preprocess import list_images
+from workers.banks.registry import RegistryError
+from workers.banks.updates import UpdateError
 from workers.settings import WorkerSettings
 
+from ..bank_update import update_published_bank
 from ..helptext import Typer
 from ..options import field_option, settings_options
-from ..up import UpSettings
+from ..up import UpSettings, warmup_images
 from .common import Connection, Progress, connection, fail
 
 app = Typer()  # the commands of `patchcore bank` defined here (patchcore/cli.py makes the group)
@@ -44,8 +56,6 @@ def build_options(command):
 def build_config(features: dict, layers: Optional[str], coreset: dict, view: dict, calibration: dict,
                  build: dict) -> BuildConfig:
     """The BuildConfig of a build's options; a value out of range is a clear error."""
-    from scorer.views import ViewError
-
     if not 0 < coreset["fraction"] <= 1:
         fail("--coreset must be in (0, 1]")
     taps = tuple(t.strip() for t in layers.split(",") if t.strip()) if layers else ()
@@ -60,8 +70,6 @@ def roi_mask(path: Optional[Path]):
     """The region-of-interest mask as booleans (white = inspect), or None."""
     if path is None:
         return None
-    import cv2
-
     mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         fail(f"cannot read the region-of-interest mask {path}")
@@ -71,9 +79,6 @@ def roi_mask(path: Optional[Path]):
 
 
 def build_from_folder(train: Path, config: BuildConfig, weights: Optional[str], device: str, progress: bool, roi=None):
-    from scorer import BackboneError, build_bank
-    from scorer.preprocess import list_images
-
     if not train.is_dir():
         fail(f"training folder {train} does not exist")
     paths = list_images(train)
@@ -99,21 +104,12 @@ def bank_build(
     device: Device = WorkerSettings.device, progress: Progress = True,
 ) -> None:
     """Build a memory bank from good images (features, coreset, threshold calibration)."""
-    from scorer import save_bank
-    from scorer.evaluate import bank_summary
-
     if warmup_source is not None:  # frames of a line: near-twins, so contiguous folds
         calibration = {**calibration, "contiguous": True}
     config = build_config(features, layers, coreset, view, calibration, build)
     if (train is None) == (warmup_source is None):
         fail("give either --train or --warmup-source")
     if warmup_source is not None:
-        import tempfile
-
-        from ingest.sources import SourceError
-
-        from ..up import warmup_images
-
         with tempfile.TemporaryDirectory(prefix="patchcore-warmup-") as folder:
             try:
                 warmup_images(warmup_source, warmup_frames, Path(folder))
@@ -129,9 +125,6 @@ def bank_build(
 @app.command("info")
 def bank_info(bank: Annotated[Path, typer.Argument(help="Bank file.")]) -> None:
     """Print a bank's settings, size and calibration."""
-    from scorer import BankError, load_bank
-    from scorer.evaluate import bank_summary
-
     try:
         typer.echo(json.dumps(bank_summary(load_bank(bank)), indent=2))
     except BankError as exc:
@@ -147,10 +140,6 @@ def bank_calibrate(
     index: Index = WorkerSettings.index, progress: Progress = True,
 ) -> None:
     """Set the F1-optimal threshold from labelled validation images (keeps the good-only statistics)."""
-    from scorer import BankError, Calibration, PatchCoreScorer, load_bank, save_bank
-    from scorer.evaluate import labelled_scores
-    from scorer.metrics import f1_optimal_threshold
-
     try:
         loaded = load_bank(bank)
         scorer = PatchCoreScorer(loaded, device=device, index=index, weights=weights)
@@ -181,15 +170,6 @@ def bank_update(
     conn: Connection = None,
 ) -> None:
     """Add good images to a published bank (continuing its coreset, no rebuild), re-calibrate, publish."""
-    from dataclasses import asdict
-
-    from contracts.framecodec import FrameCodecError
-    from scorer import BackboneError, BankError, ImageDecodeError
-    from workers.banks.registry import RegistryError
-    from workers.banks.updates import UpdateError
-
-    from ..bank_update import update_published_bank
-
     try:
         report = update_published_bank(conn.client(), conn.keys, name, images or [], frames or [], queue, activate,
                                        weights, device, progress)

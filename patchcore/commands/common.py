@@ -1,17 +1,24 @@
 """What the command modules share: a clear error exit, the Redis connection options (declared once, here),
 signal handling, the metrics endpoint, signing keys and alarm rules.
 
-Torch-free, like every module `patchcore status` and the services beside cameras load: what needs the
-scorer is imported inside the function that uses it."""
+Torch-free, like every module `patchcore status` and the services beside cameras load: the one import of the
+scorer (search_config's) is inside its function."""
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from console.auth import CredentialsError, load_credentials
 from contracts.keys import Keys
+from runtime.connection import connect
+from runtime.health import serve_process
+from store.alarms.rules import AlarmRule
+from workers.banks.registry import RegistryError, load_signing_key
 
 from ..options import settings_options
 
@@ -39,8 +46,6 @@ class Connection:
 
     def client(self):
         """A client of the URL (or $REDIS_URL, or the local default), with the password file's password."""
-        from runtime.connection import connect
-
         return connect(self.redis_url, self.password_file)
 
 
@@ -61,8 +66,6 @@ Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 def serve_metrics(port: int, client, ready, keys=None) -> None:
     """/metrics, /healthz and /readyz on `port`, unless 0 (runtime.health.serve_process)."""
-    from runtime.health import serve_process
-
     try:
         serve_process(port, client, ready, keys)
     except OSError as exc:
@@ -71,9 +74,6 @@ def serve_metrics(port: int, client, ready, keys=None) -> None:
 
 def stop_on_signals():
     """An event set by SIGINT or SIGTERM: services finish what they hold and exit."""
-    import signal
-    import threading
-
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -81,8 +81,6 @@ def stop_on_signals():
 
 
 def signing_key(path: Optional[Path]) -> Optional[bytes]:
-    from workers.banks.registry import RegistryError, load_signing_key
-
     try:
         return load_signing_key(path) if path else None
     except RegistryError as exc:
@@ -97,8 +95,6 @@ def rule_options(defaults):
 
 def alarm_rule(values: dict):
     """An AlarmRule from the k/n/cooldown_s/threshold options; out-of-range values are a clear error."""
-    from store.alarms.rules import AlarmRule
-
     try:
         return AlarmRule(**values)
     except ValueError as exc:
@@ -120,8 +116,6 @@ def search_config(method: Optional[str], index: str):
 def console_credentials(path) -> Optional[dict]:
     if not path:
         return None
-    from console.auth import CredentialsError, load_credentials
-
     try:
         return load_credentials(path)
     except CredentialsError as exc:

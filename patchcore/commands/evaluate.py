@@ -1,5 +1,6 @@
 """`patchcore eval | score | export`: a bank's accuracy on a labelled set, scores of image files, a torch-free
-export (scorer.evaluate, scorer.model, scorer.onnx_export). Loads torch: the options are the scorer's settings."""
+export (scorer.evaluate, scorer.model, scorer.onnx_export). Loads torch (the options are the scorer's settings), so
+everything is imported at the top."""
 from __future__ import annotations
 
 import json
@@ -7,9 +8,12 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import cv2
 import typer
 
-from scorer import BuildConfig
+from scorer import BackboneError, BankError, BuildConfig, ImageDecodeError, PatchCoreScorer, load_bank, load_image
+from scorer.evaluate import evaluate
+from scorer.index import IndexError_
 from workers.settings import WorkerSettings
 
 from ..helptext import Typer
@@ -18,9 +22,10 @@ from .bank import Device, Index, Layers, Roi, Weights, build_config, build_from_
 from .common import Progress, Search, fail, search_config
 
 try:
-    from scorer.onnx_export import DEFAULT_OPSET
-except ImportError:  # without the [onnx] extra; `export` then says how to install it
-    DEFAULT_OPSET = None
+    from scorer.onnx_export import DEFAULT_OPSET, ExportError, export_onnx
+    MISSING_ONNX = None
+except ImportError as exc:  # without the [onnx] extra; `export` then says how to install it
+    DEFAULT_OPSET, MISSING_ONNX = None, exc
 
 app = Typer()
 BatchSize = field_option(BuildConfig, "batch_size")
@@ -38,10 +43,6 @@ def evaluate_command(
     progress: Progress = True,
 ) -> None:
     """Image AUROC, pixel AUROC and PRO on a category's test set (builds the bank unless --bank)."""
-    from scorer import BankError, PatchCoreScorer, load_bank
-    from scorer.evaluate import evaluate
-    from scorer.index import IndexError_
-
     try:
         if bank is not None:
             loaded, fit_seconds = load_bank(bank), 0.0
@@ -75,9 +76,6 @@ def score_command(
     index: Index = WorkerSettings.index, search: Search = None, batch_size: BatchSize = BuildConfig.batch_size,
 ) -> None:
     """Score images: one JSON line per image with score, threshold and verdict."""
-    from scorer import BankError, ImageDecodeError, PatchCoreScorer, load_bank, load_image
-    from scorer.index import IndexError_
-
     try:
         scorer = PatchCoreScorer(load_bank(bank), device=device, index=index, weights=weights,
                                  search=search_config(search, index))
@@ -102,8 +100,6 @@ def score_command(
             line = {"image": str(path), "score": round(score, 4), "threshold": threshold,
                     "anomalous": None if threshold is None else scorer.verdict(score)}
             if heatmaps is not None:
-                import cv2
-
                 heatmaps.mkdir(parents=True, exist_ok=True)
                 target = heatmaps / f"{begin + i:05d}_{path.stem}_heatmap.png"  # unique even for equal names
                 cv2.imwrite(str(target), scorer.overlay(decoded[i], result.maps[i], score))
@@ -122,14 +118,10 @@ def export_command(
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = DEFAULT_OPSET,
 ) -> None:
     """Export a bank to score without PyTorch: features.onnx, the bank, and patchcore_onnx.py (onnxruntime + numpy)."""
-    from scorer import BankError, BackboneError, load_bank
-
     if format != "onnx":
         fail(f"unknown export format {format!r}; choose onnx")
-    try:
-        from scorer.onnx_export import ExportError, export_onnx
-    except ImportError as exc:
-        fail(f"{exc}: install the [onnx] extra (pip install 'patchcore-stream[onnx]')")
+    if MISSING_ONNX is not None:
+        fail(f"{MISSING_ONNX}: install the [onnx] extra (pip install 'patchcore-stream[onnx]')")
     try:
         settings = export_onnx(load_bank(bank), out, weights, opset)
     except (BankError, BackboneError, ExportError) as exc:

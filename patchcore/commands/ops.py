@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from contracts.messages import Alarm, MessageError
+from runtime.connection import redacted, redis_url
 from runtime.deadletter import DeadLetterError, DeadLetters
 from runtime.status import DEAD_AFTER_S, PRUNE_AFTER_S, collect_status, prune_dead
 from store.alarms.dismiss import DismissError, dismiss_alarm
@@ -102,8 +103,6 @@ def status_command(
 ) -> None:
     """Per camera: last sequence ingested, results, lag, pending, dropped, dead-lettered; consumers (dead ones
     marked); dead letters by reason; active banks."""
-    from runtime.connection import redacted, redis_url
-
     client = conn.client()
     pruned = prune_dead(client, conn.prefix, prune_after_s) if prune else []
     status = collect_status(client, conn.prefix, dead_after_s)

@@ -1,5 +1,5 @@
 """`patchcore worker | up`: the scoring worker (workers.worker) and the whole service in one process
-(patchcore.up), their options the fields of WorkerSettings and UpSettings. Loads torch."""
+(patchcore.up), their options the fields of WorkerSettings and UpSettings. Loads torch; imports at the top."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from scorer.features import PRECISIONS
+from scorer.views import ViewError
 from workers.settings import WorkerSettings
+from workers.worker import Worker
 
 from ..helptext import Typer
 from ..options import field_option, settings_options
-from ..up import UpSettings
+from ..up import UpError, UpSettings, run_up
 from .common import (METRICS_OFF, Connection, MetricsPort, Search, SigningKeyFile, Progress, alarm_rule, connection,
                      console_credentials, fail, rule_options, search_config, serve_metrics, signing_key,
                      stop_on_signals)
@@ -38,9 +41,6 @@ def worker_command(
     """Score frames of every camera until SIGINT/SIGTERM (finishing the current batch).
 
     With a signing key, only banks signed with it are loaded; without one, any bank that matches its sha256."""
-    from scorer.features import PRECISIONS
-    from workers.worker import Worker
-
     if backbone["precision"] not in PRECISIONS:
         fail(f"unknown precision {backbone['precision']!r}; choose from {', '.join(PRECISIONS)}")
     settings = WorkerSettings(**worker, **backbone, **replication, search=search_config(search, worker["index"]),
@@ -76,10 +76,6 @@ def up_command(
     """The whole service in one command: embedded Redis, bank, ingest, worker, store; prints alarms.
 
     The bank is signed with --signing-key-file's key, or with a key made for this run."""
-    from scorer.views import ViewError
-
-    from ..up import UpError, run_up
-
     if frames is None and run["seconds"] is None and source["source"].startswith("synthetic"):
         frames = UP.frames  # the synthetic line never ends; files end by themselves, live sources at Ctrl-C
     try:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ingest.camera import CameraIngest, IngestSettings
+from ingest.sources import SourceError, parse_source
 from store.service import ResultsStore, StoreSettings
 
 from ..helptext import Typer
@@ -31,8 +32,6 @@ def ingest_command(
     limits: dict = None, metrics_port: MetricsPort = METRICS_OFF, replication: dict = None, conn: Connection = None,
 ) -> None:
     """Push a camera's frames into Redis until the source ends or SIGINT/SIGTERM."""
-    from ingest.sources import SourceError, parse_source
-
     if ingest["encoding"] not in ("jpeg", "raw"):
         fail("--encoding must be jpeg or raw")
     try:
