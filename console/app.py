@@ -52,19 +52,25 @@ class ConsoleError(RuntimeError):
 
 @dataclass(frozen=True)
 class ConsoleSettings:
-    host: str = "127.0.0.1"
-    port: int = 8080
+    """A field's `metadata["help"]` is its option's help (`patchcore console --help`, patchcore/options.py)."""
+
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "Address to bind; beyond localhost put it behind a TLS proxy."})
+    port: int = field(default=8080, metadata={"help": "TCP port.", "min": 1, "max": 65535})
     credentials: dict[str, str] | None = field(default=None, repr=False)  # user -> scrypt hash; None: read-only
     session_key: bytes | None = field(default=None, repr=False)  # signs session cookies; None: random per process
     session_max_age_s: int = 8 * 3600
-    # Host header allow-list (DNS rebinding): None = the loopback names and the bound address; a console bound to
-    # every address (0.0.0.0, ::) without a list accepts any Host and says so at start
-    allowed_hosts: tuple[str, ...] | None = None
-    max_body_bytes: int = 64 * 1024  # request bodies larger than this are refused (413) before they are read
-    login_failures_per_user: int = 5  # failed logins within login_window_s before that user is locked out
-    login_failures_per_client: int = 20  # ... before that client address is locked out
-    login_window_s: float = 900.0
-    lockout_s: float = 900.0
+    allowed_hosts: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "A Host header the console answers (repeat for more; against DNS rebinding). Default: the loopback "
+                "names and --host; bound to every address without it, any Host is answered (and logged so)."})
+    max_body_bytes: int = field(default=64 * 1024, metadata={
+        "help": "Request bodies larger than this are refused (413) before they are read.", "min": 1})
+    login_failures_per_user: int = field(default=5, metadata={
+        "help": "Failed logins of one user within --login-window-s before it is locked out.", "min": 1})
+    login_failures_per_client: int = field(default=20, metadata={
+        "help": "Failed logins from one client address within --login-window-s before it is locked out.", "min": 1})
+    login_window_s: float = field(default=900.0, metadata={"help": "Window of the login limits, seconds.", "min": 1})
+    lockout_s: float = field(default=900.0, metadata={"help": "How long a lockout lasts, seconds.", "min": 1})
     interval_s: float = 1.0  # live updates
     window_s: float = 300.0  # score sparkline span
 

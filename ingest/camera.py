@@ -5,7 +5,7 @@ import functools
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -26,22 +26,28 @@ log = logging.getLogger("patchcore.ingest")
 
 @dataclass(frozen=True)
 class IngestSettings:
-    camera: str
-    line: str = "line-1"
-    bank: str = "default"
-    fps: float | None = None  # at most this many frames per second; None: as fast as the source gives
-    max_side: int | None = None  # shrink so the longer side is at most this many pixels
-    encoding: str = DEFAULT_ENCODING
-    jpeg_quality: int = DEFAULT_JPEG_QUALITY
-    maxlen: int = 256  # stream bound; live sources drop the oldest beyond it, files wait
-    max_frames: int | None = None
+    """A field's `metadata["help"]` is its option's help (`patchcore ingest --help`, patchcore/options.py)."""
+
+    camera: str = field(metadata={"help": "Camera name (its stream is <prefix>:frames:{<camera>})."})
+    line: str = field(default="line-1", metadata={"help": "Production line name."})
+    bank: str = field(default="default", metadata={"help": "Registry bank that inspects this camera."})
+    fps: float | None = field(default=None, metadata={  # None: as fast as the source gives
+        "help": "Rate limit, frames per second."})
+    max_side: int | None = field(default=None, metadata={"help": "Shrink frames to this longer side."})
+    encoding: str = field(default=DEFAULT_ENCODING, metadata={"help": "jpeg or raw."})
+    jpeg_quality: int = field(default=DEFAULT_JPEG_QUALITY, metadata={"help": "JPEG quality 1-100."})
+    maxlen: int = field(default=256, metadata={  # files wait
+        "help": "Stream bound (live sources drop the oldest beyond it)."})
+    max_frames: int | None = field(default=None, metadata={"help": "Stop after this many frames."})
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     # a frame counts as sent once this many replicas have it (Redis WAIT, at most wait_ms; a reply lost with a
     # dying primary resends the frame, which the new primary writes unless it has it): 0 = do not wait, and a
     # frame the primary acknowledged but had not yet replicated when it died is lost
-    wait_replicas: int = 0
-    wait_ms: int = 100
+    wait_replicas: int = field(default=0, metadata={
+        "help": "After each write, wait until this many replicas have it (Redis WAIT; narrows what a failover loses; "
+                "0: do not wait)."})
+    wait_ms: int = field(default=100, metadata={"help": "Wait for replicas at most this long (ms)."})
     register_s: float = 5.0  # on a Redis Cluster, how often the camera re-registers in the camera set
     preview_interval_s: float = 1.0  # the latest frame as a JPEG for the console at most this often (0: never)
     preview_ttl_s: int = 300

@@ -13,6 +13,7 @@ from contracts.keys import Keys
 from contracts.messages import Frame, MessageError
 from workers.banks.registry import BankRegistry
 from workers.banks.updates import UpdateError, consume, queued_frames
+from workers.settings import WorkerSettings
 from scorer import bank_from_bytes, bank_to_bytes, load_image, update_bank
 from scorer.evaluate import bank_summary
 from contracts.framecodec import decode_frame
@@ -48,7 +49,7 @@ def frames_named(client: redis.Redis, keys: Keys, names: list[str]) -> list[np.n
 
 def update_published_bank(client: redis.Redis, keys: Keys, name: str, files: list[Path], frames: list[str],
                           use_queue: bool = True, activate: bool = True, weights: str | None = None,
-                          device: str = "auto", progress: bool = False) -> UpdateReport:
+                          device: str = WorkerSettings.device, progress: bool = False) -> UpdateReport:
     started = time.perf_counter()
     registry = BankRegistry(client, keys)
     version = registry.active(name)

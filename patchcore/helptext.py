@@ -30,15 +30,16 @@ class _Command(_ValueNames, TyperCommand):
     pass
 
 
-class _Group(_ValueNames, TyperGroup):
+class Group(_ValueNames, TyperGroup):
     pass
 
 
 class Typer(typer.Typer):
-    """typer.Typer whose commands and groups write their help with _ValueNames."""
+    """typer.Typer whose commands and groups write their help with _ValueNames (a group class given as `cls`
+    should derive from Group)."""
 
     def __init__(self, **kwargs):
-        super().__init__(cls=_Group, **kwargs)
+        super().__init__(**{"cls": Group, **kwargs})
 
     def command(self, *args, **kwargs):
         return super().command(*args, **{"cls": _Command, **kwargs})

@@ -17,7 +17,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(level: str = "warning") -> None:
+DEFAULT_LEVEL = "warning"
+
+
+def setup_logging(level: str = DEFAULT_LEVEL) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -32,35 +33,53 @@ from workers.worker import Worker, WorkerSettings
 from .embedded_redis import EmbeddedRedis
 
 
+def fields_of(cls) -> dict:
+    return {f.name: f for f in dataclass_fields(cls)}
+
+
 @dataclass(frozen=True)
 class UpSettings:
-    source: str = "synthetic"
-    redis_url: str | None = None
-    bank: Path | None = None
-    train: Path | None = None
-    bank_name: str = "default"
+    """`patchcore up`'s settings; a field's `metadata["help"]` is its option's help (patchcore/options.py)."""
+
+    source: str = field(default="synthetic", metadata={
+        "help": "Any ingest source; default: the synthetic production line."})
+    redis_url: str | None = field(default=None, metadata={
+        "help": "Use this Redis instead of an embedded one.", "envvar": "REDIS_URL"})
+    bank: Path | None = field(default=None, metadata={"help": "Bank file; default: build one."})
+    train: Path | None = field(default=None, metadata={"help": "Build the bank from this folder of good images."})
+    bank_name: str = field(default="default", metadata={"help": "Registry name the run's bank is published under."})
     camera: str = "cam-1"
-    line: str = "line-1"
+    line: str = IngestSettings.line
     # the bank built when no --bank is given: from --train, or the source's first frames (consecutive
     # frames are near-twins, so calibration folds are contiguous runs of them)
     build: BuildConfig = field(default_factory=lambda: BuildConfig(
-        features=FeatureConfig(backbone="mobilenet_v2"), coreset=CoresetConfig(fraction=0.1),
+        features=FeatureConfig(backbone="mobilenet_v2"), coreset=CoresetConfig(),
         calibration=CalibrationConfig(contiguous=True)))
-    warmup_frames: int = 60  # good frames the bank is built from when neither --bank nor --train is given
-    frames: int | None = 200
-    seconds: float | None = None
-    fps: float | None = None  # None: a camera's rate for recorded and synthetic sources (ingest.sources.replay_fps); 0: unpaced
+    warmup_frames: int = field(default=60, metadata={  # good frames the bank is built from
+        "help": "Without --bank/--train: build the bank from the source's first frames."})
+    frames: int | None = field(default=200, metadata={  # the synthetic line never ends: a demo of this many frames
+        "help": "Stop after this many frames."})
+    seconds: float | None = field(default=None, metadata={"help": "Stop after this many seconds."})
+    # None: a camera's rate for recorded and synthetic sources (ingest.sources.replay_fps); 0: unpaced
+    fps: float | None = field(default=None, metadata={"min": 0, "help": (
+        "Frames per second the camera runs at; default 10 for the synthetic line, files and folders (the latency a "
+        "line camera sees), a live source's own rate. 0: unthrottled, for throughput.")})
     # the worker's, defaults its own
-    max_batch: int = WorkerSettings.max_batch
-    max_wait_ms: int = WorkerSettings.max_wait_ms
-    prefetch: bool = WorkerSettings.prefetch  # pipelining
-    device: str = WorkerSettings.device
+    max_batch: int = field(default=WorkerSettings.max_batch, metadata={"help": "Worker batch size at most."})
+    max_wait_ms: int = field(default=WorkerSettings.max_wait_ms, metadata={"help": "Worker batching wait."})
+    prefetch: bool = field(default=WorkerSettings.prefetch, metadata=fields_of(WorkerSettings)["prefetch"].metadata)
+    device: str = field(default=WorkerSettings.device, metadata=fields_of(WorkerSettings)["device"].metadata)
     search: SearchConfig = WorkerSettings.search  # nearest-neighbour search
-    rule: AlarmRule = AlarmRule()
-    force: bool = False  # publish over (and activate) an existing bank of a Redis that `up` did not start
+    # a demo line alarms sooner and more often than the store's default rule: 3 of 4 frames, 2 s apart
+    rule: AlarmRule = AlarmRule(k=3, n=4, cooldown_s=2.0)
+    force: bool = field(default=False, metadata={  # publish over (and activate) an existing bank of a foreign Redis
+        "help": "With --redis-url: publish over (and activate) an existing bank of that name."})
     bank_key: bytes | None = field(default=None, repr=False)  # signing key; None: a fresh one for this run
-    metrics_port: int = 0  # /metrics, /healthz, /readyz of the whole demo (0: off)
-    console_port: int | None = None  # serve the operator console on 127.0.0.1:PORT
+    metrics_port: int = field(default=0, metadata={  # of the whole demo
+        "help": "Serve Prometheus /metrics, /healthz and /readyz on this port (0: off).",
+        "envvar": "PATCHCORE_METRICS_PORT", "min": 0, "max": 65535})
+    console_port: int | None = field(default=None, metadata={"min": 1, "max": 65535, "help": (
+        "Serve the operator console on 127.0.0.1:PORT (actions: $PATCHCORE_CONSOLE_CREDENTIALS).")})
     console_credentials: dict[str, str] | None = field(default=None, repr=False)  # operators; None: read-only
 
 

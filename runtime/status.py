@@ -18,6 +18,7 @@ from .cameras import camera_list, read_cameras
 MAX_TEXT = 500  # characters of a free-text field shown (a camera writes its own state)
 MAX_LISTED = 20  # refused camera names listed (all are counted)
 DEAD_AFTER_S = 120.0  # a consumer idle this long (and without a fresh heartbeat) is marked dead
+PRUNE_AFTER_S = 3600.0  # `patchcore status --prune` deletes consumers dead this long
 
 
 def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float = DEAD_AFTER_S,
@@ -135,7 +136,7 @@ def consumers(client: redis.Redis, keys: Keys, cameras: list[str], dead_after_s:
     return sorted(rows.values(), key=lambda row: (row["group"], row["name"]))
 
 
-def prune_dead(client: redis.Redis, prefix: str = "pc", after_s: float = 3600.0) -> list[str]:
+def prune_dead(client: redis.Redis, prefix: str = "pc", after_s: float = PRUNE_AFTER_S) -> list[str]:
     """Delete the consumers idle (workers: and without a heartbeat) for more than `after_s` that hold no
     pending entries (XGROUP DELCONSUMER on each of their streams, and their heartbeat); those holding
     entries are left for a live consumer to reclaim. A live consumer deleted this way (a store on a quiet

@@ -9,7 +9,7 @@ a few hundred images.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats
@@ -17,9 +17,10 @@ from scipy import stats
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    folds: int = 5  # k of the k-fold scoring of the training images (0: no threshold)
-    contiguous: bool = False  # folds of consecutive images (video frames) instead of a seeded shuffle
-    false_alarm_rate: float = 0.01  # target share of good images at or over the threshold
+    folds: int = field(default=5, metadata={"help": "k-fold scoring of every training image for the threshold (0: no threshold)."})
+    contiguous: bool = field(default=False, metadata={  # instead of a seeded shuffle
+        "help": "Folds of consecutive images (video frames), so near-twins are not in a fold's bank."})
+    false_alarm_rate: float = field(default=0.01, metadata={"help": "Target share of good images at or over the threshold."})
 
     def __post_init__(self) -> None:
         if self.folds == 1 or self.folds < 0:

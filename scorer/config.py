@@ -11,7 +11,8 @@ from .views import ViewConfig
 class FeatureConfig:
     """Everything that determines a patch feature vector."""
 
-    backbone: str = "wide_resnet50_2"
+    backbone: str = field(default="wide_resnet50_2", metadata={
+        "help": "wide_resnet50_2 (paper), resnet18, resnet50, mobilenet_v2 or efficientnet_lite0."})
     layers: tuple[str, ...] = ()  # empty: the backbone's default taps
     weights_sha256: str = ""  # filled in from the weights actually loaded
     patch_size: int = 3
@@ -39,10 +40,10 @@ class FeatureConfig:
 
 @dataclass(frozen=True)
 class CoresetConfig:
-    fraction: float = 0.1
+    fraction: float = field(default=0.1, metadata={"help": "Coreset fraction of all training patches (0.01-0.25 typical)."})
     projection_dim: int = 128
     start_points: int = 10
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "Seed of the coreset and the calibration split."})
 
 
 @dataclass(frozen=True)
@@ -53,5 +54,5 @@ class BuildConfig:
     # threshold from good images only: k-fold scores of every training image, Gumbel tail at a target rate
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     # b of the paper's Eq. 7; 1 means plain max of the patch scores
-    reweight_neighbours: int = 9
-    batch_size: int = 16
+    reweight_neighbours: int = field(default=9, metadata={"help": "b of the paper's Eq. 7 reweighting; 1 = plain max patch score."})
+    batch_size: int = field(default=16, metadata={"help": "Images per backbone pass."})

@@ -18,7 +18,7 @@ knows where each window's patches lie in the working frame, so one code path ser
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import Sequence
 
@@ -40,13 +40,14 @@ class ViewError(ValueError):
 class ViewConfig:
     """Which pixels the network sees. Stored in the bank; a scorer refuses a bank of another view."""
 
-    kind: str = "crop"
-    resize: int = 256  # crop: shorter side after resizing
-    crop: int = 224  # crop: centre-crop side
-    size: int = 320  # full: long side of the working frame
-    scale: float = 0.5  # tiles: working frame = frame resized by this factor
-    tile: int = 224  # tiles: window side in working pixels
-    overlap: float = 0.25  # tiles: share of a window its neighbour overlaps
+    kind: str = field(default="crop", metadata={
+        "help": "crop (paper: resize, centre crop), full (whole frame, aspect kept) or tiles (overlapping tiles)."})
+    resize: int = field(default=256, metadata={"help": "crop view: shorter side after resizing, pixels."})
+    crop: int = field(default=224, metadata={"help": "crop view: centre-crop side, pixels."})
+    size: int = field(default=320, metadata={"help": "full view: long side of the resized frame, pixels."})
+    scale: float = field(default=0.5, metadata={"help": "tiles view: frame resize factor before tiling."})
+    tile: int = field(default=224, metadata={"help": "tiles view: tile side, pixels (after --scale)."})
+    overlap: float = field(default=0.25, metadata={"help": "tiles view: share of a tile its neighbour overlaps."})
 
     def __post_init__(self) -> None:
         if self.kind not in VIEW_KINDS:

@@ -28,13 +28,16 @@ log = logging.getLogger("patchcore.store")
 
 @dataclass(frozen=True)
 class StoreSettings:
-    name: str = "store-1"
+    """A field's `metadata["help"]` is its option's help (`patchcore store --help`, patchcore/options.py)."""
+
+    name: str = field(default="store-1", metadata={"help": "Consumer name."})
     default_rule: AlarmRule = AlarmRule()
     alarms_maxlen: int = 100_000  # per camera
     batch: int = 256
     refresh_s: float = 2.0
     claim_idle_ms: int = 30_000
-    reorder: int = 8  # results this many sequence numbers out of order still raise the in-order alarms
+    reorder: int = field(default=8, metadata={"help": "Results up to this many frames out of order raise the in-order "
+                                                      "alarms (a missing frame delays alarms this many frames)."})
     quiet_s: float = 2.0  # a camera without new results this long: frames still waiting for a gap are decided
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 MAX_WINDOW = 1000
@@ -36,10 +36,14 @@ def _number(value) -> bool:
 
 @dataclass(frozen=True)
 class AlarmRule:
-    k: int = 2  # raise when k of the last n frames are over the threshold
-    n: int = 3
-    cooldown_s: float = 10.0  # then stay quiet this long (capture time)
-    threshold: float | None = None  # None: the bank's calibrated threshold
+    """Raise when k of the last n frames are over the threshold, then stay quiet cooldown_s (capture time).
+    A field's `metadata["help"]` is its option's help (patchcore/options.py)."""
+
+    k: int = field(default=2, metadata={"help": "Alarm when K of the last N frames are over the threshold."})
+    n: int = field(default=3, metadata={"help": "Debounce window, frames."})
+    cooldown_s: float = field(default=10.0, metadata={"help": "Seconds without a new alarm after one."})
+    threshold: float | None = field(default=None, metadata={  # None: the bank's calibrated threshold
+        "help": "Override the bank's calibrated threshold."})
 
     def __post_init__(self) -> None:
         for name in ("k", "n"):

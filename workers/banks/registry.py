@@ -60,8 +60,10 @@ class BankRegistry:
     """`signing_key`: sign on publish, and refuse to fetch versions not signed with it (None: no signatures).
     `keep_versions`: blobs kept per bank name after a publish, besides the active version and the rollback target."""
 
+    KEEP_VERSIONS = 3  # the default of keep_versions (`patchcore bank publish --keep`)
+
     def __init__(self, client: redis.Redis, keys: Keys = Keys(), max_bank_bytes: int = 2 << 30,
-                 signing_key: bytes | None = None, keep_versions: int = 3):
+                 signing_key: bytes | None = None, keep_versions: int = KEEP_VERSIONS):
         if keep_versions < 1:
             raise RegistryError("keep_versions must be at least 1")
         self.client = client

@@ -1,0 +1,178 @@
+"""`patchcore bank build | info | calibrate | update`: banks from images (scorer), and a published bank extended
+(patchcore.bank_update). The build options are the scorer's settings (scorer.config, views, calibration), so
+this module loads torch, and imports everything at the top."""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import cv2
+import typer
+
+from contracts.framecodec import FrameCodecError
+from ingest.sources import SourceError
+from scorer import (BackboneError, BankError, BuildConfig, Calibration, CalibrationConfig, CoresetConfig,
+                    FeatureConfig, ImageDecodeError, PatchCoreScorer, ViewConfig, ViewError, build_bank, load_bank,
+                    save_bank)
+from scorer.evaluate import bank_summary, labelled_scores
+from scorer.metrics import f1_optimal_threshold
+from scorer.preprocess import list_images
+from workers.banks.registry import RegistryError
+from workers.banks.updates import UpdateError
+from workers.settings import WorkerSettings
+
+from ..bank_update import update_published_bank
+from ..helptext import Typer
+from ..options import field_option, settings_options
+from ..up import UpSettings, warmup_images
+from .common import Connection, Progress, connection, fail
+
+app = Typer()  # the commands of `patchcore bank` defined here (patchcore/cli.py makes the group)
+
+Layers = Annotated[Optional[str], typer.Option(help="Comma-separated taps; default: the backbone's (layer2,layer3 / features.6,features.13 / features.5,features.11).")]
+Roi = Annotated[Optional[Path], typer.Option(help="Region-of-interest mask image (white = inspect), any resolution, stretched over the frame.")]
+Device = field_option(WorkerSettings, "device")
+Index = field_option(WorkerSettings, "index")
+Weights = field_option(WorkerSettings, "weights")
+
+
+def build_options(command):
+    """The options of a bank build (`bank build`, `eval`), each a field of the scorer's BuildConfig: the command
+    gets `features`, `coreset`, `view`, `calibration` and `build` (dicts of field values) and `layers`."""
+    for decorate in (settings_options(FeatureConfig, "backbone", into="features"),
+                     settings_options(CoresetConfig, "fraction", "seed", into="coreset", rename={"fraction": "coreset"}),
+                     settings_options(ViewConfig, "kind", "resize", "crop", "size", "scale", "tile", "overlap",
+                                      into="view", rename={"kind": "view"}),
+                     settings_options(CalibrationConfig, "folds", "contiguous", "false_alarm_rate", into="calibration"),
+                     settings_options(BuildConfig, "reweight_neighbours", "batch_size", into="build",
+                                      rename={"reweight_neighbours": "neighbours"})):
+        command = decorate(command)
+    return command
+
+
+def build_config(features: dict, layers: Optional[str], coreset: dict, view: dict, calibration: dict,
+                 build: dict) -> BuildConfig:
+    """The BuildConfig of a build's options; a value out of range is a clear error."""
+    if not 0 < coreset["fraction"] <= 1:
+        fail("--coreset must be in (0, 1]")
+    taps = tuple(t.strip() for t in layers.split(",") if t.strip()) if layers else ()
+    try:
+        return BuildConfig(features=FeatureConfig(**features, layers=taps), view=ViewConfig(**view),
+                           coreset=CoresetConfig(**coreset), calibration=CalibrationConfig(**calibration), **build)
+    except (ViewError, ValueError) as exc:
+        fail(str(exc))
+
+
+def roi_mask(path: Optional[Path]):
+    """The region-of-interest mask as booleans (white = inspect), or None."""
+    if path is None:
+        return None
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        fail(f"cannot read the region-of-interest mask {path}")
+    if not (mask > 0).any():
+        fail(f"the region-of-interest mask {path} is empty (no white pixels)")
+    return mask > 0
+
+
+def build_from_folder(train: Path, config: BuildConfig, weights: Optional[str], device: str, progress: bool, roi=None):
+    if not train.is_dir():
+        fail(f"training folder {train} does not exist")
+    paths = list_images(train)
+    if not paths:
+        fail(f"no PNG/JPEG/BMP images in {train}")
+    try:
+        return build_bank(paths, config, weights, device, progress, roi=roi)
+    except (BackboneError, ValueError) as exc:
+        fail(str(exc))
+
+
+@app.command("build")
+@build_options
+def bank_build(
+    out: Annotated[Path, typer.Option(help="Bank file to write (.bank, safetensors).")],
+    train: Annotated[Optional[Path], typer.Option(help="Folder of good images (e.g. MVTec train/good).")] = None,
+    warmup_source: Annotated[Optional[str], typer.Option(
+        help="Instead of --train: the first --warmup-frames frames of this ingest source (the synthetic line renders "
+             "defect-free parts).")] = None,
+    warmup_frames: Annotated[int, typer.Option(help="Frames taken from --warmup-source.")] = UpSettings.warmup_frames,
+    features: dict = None, layers: Layers = None, weights: Weights = WorkerSettings.weights, coreset: dict = None,
+    view: dict = None, roi: Roi = None, calibration: dict = None, build: dict = None,
+    device: Device = WorkerSettings.device, progress: Progress = True,
+) -> None:
+    """Build a memory bank from good images (features, coreset, threshold calibration)."""
+    if warmup_source is not None:  # frames of a line: near-twins, so contiguous folds
+        calibration = {**calibration, "contiguous": True}
+    config = build_config(features, layers, coreset, view, calibration, build)
+    if (train is None) == (warmup_source is None):
+        fail("give either --train or --warmup-source")
+    if warmup_source is not None:
+        with tempfile.TemporaryDirectory(prefix="patchcore-warmup-") as folder:
+            try:
+                warmup_images(warmup_source, warmup_frames, Path(folder))
+            except SourceError as exc:
+                fail(str(exc))
+            bank = build_from_folder(Path(folder), config, weights, device, progress, roi_mask(roi))
+    else:
+        bank = build_from_folder(train, config, weights, device, progress, roi_mask(roi))
+    save_bank(bank, out)
+    typer.echo(json.dumps({"bank": str(out), **bank_summary(bank)}, indent=2))
+
+
+@app.command("info")
+def bank_info(bank: Annotated[Path, typer.Argument(help="Bank file.")]) -> None:
+    """Print a bank's settings, size and calibration."""
+    try:
+        typer.echo(json.dumps(bank_summary(load_bank(bank)), indent=2))
+    except BankError as exc:
+        fail(str(exc))
+
+
+@app.command("calibrate")
+def bank_calibrate(
+    bank: Annotated[Path, typer.Argument(help="Bank file to calibrate.")],
+    data: Annotated[Path, typer.Option(help="Labelled images in the MVTec layout (test/good, test/<defect>).")],
+    out: Annotated[Optional[Path], typer.Option(help="Write here instead of overwriting BANK.")] = None,
+    weights: Weights = WorkerSettings.weights, device: Device = WorkerSettings.device,
+    index: Index = WorkerSettings.index, progress: Progress = True,
+) -> None:
+    """Set the F1-optimal threshold from labelled validation images (keeps the good-only statistics)."""
+    try:
+        loaded = load_bank(bank)
+        scorer = PatchCoreScorer(loaded, device=device, index=index, weights=weights)
+    except BankError as exc:
+        fail(str(exc))
+    labels, scores = labelled_scores(scorer, data, progress=progress)
+    if labels.all() or not labels.any():
+        fail("F1 calibration needs both good and defective images")
+    threshold, f1 = f1_optimal_threshold(labels, scores)
+    previous = loaded.calibration
+    calibration = Calibration(threshold=threshold, method="f1", f1=f1,
+                              good_scores=previous.good_scores if previous else (),
+                              folds=previous.folds if previous else None)
+    save_bank(loaded.with_calibration(calibration), out or bank)
+    typer.echo(json.dumps({"bank": str(out or bank), "threshold": threshold, "f1": f1,
+                           "previous_threshold": previous.threshold if previous else None}, indent=2))
+
+
+@app.command("update")
+@connection
+def bank_update(
+    name: Annotated[str, typer.Argument(help="Bank name in the registry; its active version is extended.")],
+    images: Annotated[Optional[list[Path]], typer.Option("--image", help="A good image file to add (repeatable).")] = None,
+    frames: Annotated[Optional[list[str]], typer.Option("--frame", help="A stored anomalous frame CAMERA:SEQ to add as good (repeatable).")] = None,
+    queue: Annotated[bool, typer.Option(help="Also take the frames queued by `patchcore alarm dismiss`.")] = True,
+    activate: Annotated[bool, typer.Option(help="Activate the new version at once.")] = True,
+    weights: Weights = WorkerSettings.weights, device: Device = WorkerSettings.device, progress: Progress = False,
+    conn: Connection = None,
+) -> None:
+    """Add good images to a published bank (continuing its coreset, no rebuild), re-calibrate, publish."""
+    try:
+        report = update_published_bank(conn.client(), conn.keys, name, images or [], frames or [], queue, activate,
+                                       weights, device, progress)
+    except (UpdateError, RegistryError, BankError, BackboneError, ImageDecodeError, FrameCodecError) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(asdict(report)))

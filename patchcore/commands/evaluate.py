@@ -1,0 +1,130 @@
+"""`patchcore eval | score | export`: a bank's accuracy on a labelled set, scores of image files, a torch-free
+export (scorer.evaluate, scorer.model, scorer.onnx_export). Loads torch (the options are the scorer's settings), so
+everything is imported at the top."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import cv2
+import typer
+
+from scorer import BackboneError, BankError, BuildConfig, ImageDecodeError, PatchCoreScorer, load_bank, load_image
+from scorer.evaluate import evaluate
+from scorer.index import IndexError_
+from workers.settings import WorkerSettings
+
+from ..helptext import Typer
+from ..options import field_option
+from .bank import Device, Index, Layers, Roi, Weights, build_config, build_from_folder, build_options, roi_mask
+from .common import Progress, Search, fail, search_config
+
+try:
+    from scorer.onnx_export import DEFAULT_OPSET, ExportError, export_onnx
+    MISSING_ONNX = None
+except ImportError as exc:  # without the [onnx] extra; `export` then says how to install it
+    DEFAULT_OPSET, MISSING_ONNX = None, exc
+
+app = Typer()
+BatchSize = field_option(BuildConfig, "batch_size")
+
+
+@app.command("eval")
+@build_options
+def evaluate_command(
+    data: Annotated[Path, typer.Option(help="Category folder in the MVTec AD layout.")],
+    bank: Annotated[Optional[Path], typer.Option(help="Evaluate this bank instead of building one from DATA/train/good.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report here.")] = None,
+    features: dict = None, layers: Layers = None, weights: Weights = WorkerSettings.weights, coreset: dict = None,
+    view: dict = None, roi: Roi = None, calibration: dict = None, build: dict = None,
+    device: Device = WorkerSettings.device, index: Index = WorkerSettings.index, search: Search = None,
+    progress: Progress = True,
+) -> None:
+    """Image AUROC, pixel AUROC and PRO on a category's test set (builds the bank unless --bank)."""
+    try:
+        if bank is not None:
+            loaded, fit_seconds = load_bank(bank), 0.0
+        else:
+            config = build_config(features, layers, coreset, view, calibration, build)
+            started = time.perf_counter()
+            loaded = build_from_folder(data / "train" / "good", config, weights, device, progress, roi_mask(roi))
+            fit_seconds = time.perf_counter() - started
+        scorer = PatchCoreScorer(loaded, device=device, index=index, weights=weights,
+                                 search=search_config(search, index))
+    except (BankError, IndexError_) as exc:
+        fail(str(exc))
+    report = evaluate(scorer, data, fit_seconds, build["batch_size"], progress).to_dict()
+    report.update(backbone=loaded.feature_config.backbone, layers=list(loaded.feature_config.layers),
+                  coreset=loaded.coreset.fraction, seed=loaded.coreset.seed, bank_size=int(len(loaded.features)),
+                  reweight_neighbours=scorer.neighbours, index=scorer.index.kind,
+                  device=str(scorer.device))
+    images = report.pop("images")  # per-image scores: in the JSON file, not on the terminal
+    typer.echo(json.dumps(report, indent=2))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({**report, "images": images}, indent=2) + "\n")
+
+
+@app.command("score")
+def score_command(
+    bank: Annotated[Path, typer.Argument(help="Bank file.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG/JPEG/BMP).")],
+    heatmaps: Annotated[Optional[Path], typer.Option(help="Write a heatmap overlay PNG per image into this folder.")] = None,
+    weights: Weights = WorkerSettings.weights, device: Device = WorkerSettings.device,
+    index: Index = WorkerSettings.index, search: Search = None, batch_size: BatchSize = BuildConfig.batch_size,
+) -> None:
+    """Score images: one JSON line per image with score, threshold and verdict."""
+    try:
+        scorer = PatchCoreScorer(load_bank(bank), device=device, index=index, weights=weights,
+                                 search=search_config(search, index))
+    except (BankError, IndexError_) as exc:
+        fail(str(exc))
+    threshold = scorer.threshold
+    failed = 0
+    for begin in range(0, len(images), batch_size):
+        paths, decoded = [], []
+        for path in images[begin:begin + batch_size]:
+            try:
+                decoded.append(load_image(path))
+                paths.append(path)
+            except ImageDecodeError as exc:
+                failed += 1
+                typer.echo(json.dumps({"image": str(path), "error": str(exc)}))
+        if not decoded:
+            continue
+        result = scorer.score(decoded, maps=heatmaps is not None)
+        for i, path in enumerate(paths):
+            score = float(result.image_scores[i])
+            line = {"image": str(path), "score": round(score, 4), "threshold": threshold,
+                    "anomalous": None if threshold is None else scorer.verdict(score)}
+            if heatmaps is not None:
+                heatmaps.mkdir(parents=True, exist_ok=True)
+                target = heatmaps / f"{begin + i:05d}_{path.stem}_heatmap.png"  # unique even for equal names
+                cv2.imwrite(str(target), scorer.overlay(decoded[i], result.maps[i], score))
+                line["heatmap"] = str(target)
+            typer.echo(json.dumps(line))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def export_command(
+    bank: Annotated[Path, typer.Argument(help="Bank file.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the export into.")],
+    format: Annotated[str, typer.Option(help="onnx: the feature extractor as ONNX; the search runs outside it.")] = "onnx",
+    weights: Weights = WorkerSettings.weights,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = DEFAULT_OPSET,
+) -> None:
+    """Export a bank to score without PyTorch: features.onnx, the bank, and patchcore_onnx.py (onnxruntime + numpy)."""
+    if format != "onnx":
+        fail(f"unknown export format {format!r}; choose onnx")
+    if MISSING_ONNX is not None:
+        fail(f"{MISSING_ONNX}: install the [onnx] extra (pip install 'patchcore-stream[onnx]')")
+    try:
+        settings = export_onnx(load_bank(bank), out, weights, opset)
+    except (BankError, BackboneError, ExportError) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps({"out": str(out), "onnx": settings["onnx"], "opset": opset, "bank_size": settings["bank_size"],
+                           "max_relative_feature_difference": settings["check_max_relative_feature_difference"]}))
