@@ -23,6 +23,9 @@ from .cameras import camera_list
 
 HEAD_BYTES = 64
 
+LIST_COUNT = 20  # `patchcore deadletter list` shows the newest this many
+
+
 class DeadLetterError(ValueError):
     """A selection of dead letters that cannot be made as asked."""
 

@@ -10,7 +10,7 @@ import typer
 
 from contracts.messages import Alarm, MessageError
 from runtime.connection import redacted, redis_url
-from runtime.deadletter import DeadLetterError, DeadLetters
+from runtime.deadletter import LIST_COUNT, DeadLetterError, DeadLetters
 from runtime.status import DEAD_AFTER_S, PRUNE_AFTER_S, collect_status, prune_dead
 from store.alarms.dismiss import DismissError, dismiss_alarm
 from store.alarms.rules import AlarmRule
@@ -154,7 +154,7 @@ def selected(letters: DeadLetters, ids, camera, all_):
 @deadletter_app.command("list")
 @connection
 def deadletter_list(camera: CameraFilter = None,
-                    count: Annotated[int, typer.Option(help="The newest this many.")] = 20,
+                    count: Annotated[int, typer.Option(help="The newest this many.")] = LIST_COUNT,
                     conn: Connection = None) -> None:
     """One JSON line per dead letter, oldest first: id, camera, reason, size, whether it can be replayed."""
     for letter in DeadLetters(conn.client(), conn.keys).list(camera, count):
