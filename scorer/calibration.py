@@ -1,8 +1,11 @@
 """Decision thresholds from good images only, with a stated false-alarm rate.
 
-Every training image is scored against a bank that did not see it (k-fold: each fold against a bank
-built from the other folds; contiguous folds for video frames, so a frame's near-twins are not in its
-bank). An image score is the maximum over many patch distances, so its distribution has an
+Every training image is scored against a bank that did not see it. The default ("leave-out",
+scorer/heldout.py): the shipped coreset itself with the image's own features (and, for video frames, its
+near-twin neighbours') left out, so the good scores are what the shipped bank gives an unseen good image
+at any training-set size. The older "kfold": each fold against a coreset of the other folds (contiguous
+folds for video frames); its banks hold (k-1)/k of the images, so its good scores run high, the more so
+the fewer the images (kept for comparison, bench/threshold_sizes.py). An image score is the maximum over many patch distances, so its distribution has an
 extreme-value (Gumbel) tail: a Gumbel fitted to the good scores by maximum likelihood gives the
 threshold at a target false-alarm rate, far steadier than mean + k std or an empirical quantile of
 a few hundred images.
@@ -15,17 +18,29 @@ import numpy as np
 from scipy import stats
 
 
+CALIBRATION_METHODS = ("leave-out", "kfold")
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
-    folds: int = 5  # k of the k-fold scoring of the training images (0: no threshold)
-    contiguous: bool = False  # folds of consecutive images (video frames) instead of a seeded shuffle
+    # 0: no threshold. kfold: k of the k-fold scoring. leave-out with contiguous images: the n/k frames
+    # around an image (n/2k each side) are its near-twins and are left out with it
+    folds: int = 5
+    contiguous: bool = False  # consecutive images (video frames): near-twins; kfold: folds of consecutive runs
     false_alarm_rate: float = 0.01  # target share of good images at or over the threshold
+    method: str = "leave-out"  # "leave-out" (the shipped bank less the image's own features) or "kfold"
 
     def __post_init__(self) -> None:
         if self.folds == 1 or self.folds < 0:
             raise ValueError(f"calibration folds must be 0 (none) or >= 2, got {self.folds}")
         if not 0 < self.false_alarm_rate < 0.5:
             raise ValueError(f"false-alarm rate must be in (0, 0.5), got {self.false_alarm_rate}")
+        if self.method not in CALIBRATION_METHODS:
+            raise ValueError(f"unknown calibration method {self.method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+
+    def twin_window(self, n_images: int) -> int:
+        """Leave-out: how many neighbours on each side of an image are left out with it (0 unless contiguous)."""
+        return -(-n_images // (2 * self.folds)) if self.contiguous and self.folds else 0
 
 
 def fold_ids(n_images: int, folds: int, contiguous: bool, seed: int) -> np.ndarray:

@@ -60,7 +60,7 @@ def test_kfold_scores_equal_scoring_each_fold_against_a_bank_without_it(mobilene
     rng = np.random.default_rng(3)
     images = [synthetic_part(rng, 96) for _ in range(10)]
     folds = 5
-    calibration = CalibrationConfig(folds=folds, contiguous=True, false_alarm_rate=0.05)
+    calibration = CalibrationConfig(folds=folds, contiguous=True, false_alarm_rate=0.05, method="kfold")
     features = FeatureConfig(backbone="mobilenet_v2")
     view = ViewConfig("full", size=96)
     coreset = CoresetConfig(fraction=0.2)
@@ -95,3 +95,60 @@ def test_best_recall_at_rate_against_brute_force():
                 if (good >= t).mean() <= rate + 1e-12:
                     best = max(best, (bad >= t).mean())
             assert best_recall_at_rate(labels, scores, rate) == pytest.approx(best), (trial, rate)
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_leave_out_scores_equal_scoring_against_the_bank_without_the_images_features(mobilenet, contiguous):
+    """Independent computation: remove an image's (and its near-twins') features from the shipped bank and
+    score its patches with the scorer's exact search and Eq. 7."""
+    from scorer.heldout import bank_owners
+    from scorer.model import BankFit, PatchStore, build_extractor, extract_patches
+    from scorer import MemoryBank
+
+    from .conftest import synthetic_part
+
+    rng = np.random.default_rng(5)
+    images = [synthetic_part(rng, 96) for _ in range(12)]
+    calibration = CalibrationConfig(folds=4, contiguous=contiguous, false_alarm_rate=0.05)
+    config = BuildConfig(features=FeatureConfig(backbone="mobilenet_v2"), view=ViewConfig("full", size=96),
+                         coreset=CoresetConfig(fraction=0.2), calibration=calibration)
+    bank = build_bank(images, config, device="cpu", progress=False)
+    good = np.array(bank.calibration.good_scores)
+    assert len(good) == 12 and bank.calibration.method == "leave-out-gumbel"
+    assert bank.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.05))
+    # the owners of the shipped bank's rows, from the same (deterministic) features and coreset
+    extractor, feature_config = build_extractor(config.features, device="cpu")
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as folder:
+        store = PatchStore(Path(folder), feature_config.target_dim, config.coreset)
+        patches = list(extract_patches(extractor, images, config.view, None, 16, "cpu"))
+        for p in patches:
+            store.add(p)
+        store.close()
+        fit = BankFit(store, config, feature_config, None, extractor, "cpu")
+        selected = fit.coreset(None, "coreset")
+        np.testing.assert_array_equal(store.gather(selected), bank.features)
+        owners = bank_owners(selected, store.offsets)
+    assert np.array_equal(np.bincount(owners, minlength=12) > 0, np.ones(12, bool))
+    window = calibration.twin_window(12)
+    assert window == (2 if contiguous else 0)
+    for i in (0, 5, 11):
+        keep = np.abs(owners - i) > window
+        alone = MemoryBank(bank.features[keep], bank.feature_config, bank.coreset, None, bank.reweight_neighbours,
+                           {}, bank.view)
+        expected = PatchCoreScorer(alone, device="cpu", search="exact").score_patches([patches[i]])
+        assert good[i] == pytest.approx(float(expected[0]), rel=1e-4)
+        # and not the score against the whole bank, which holds the image's own features
+        assert good[i] > float(PatchCoreScorer(bank, device="cpu", search="exact").score_patches([patches[i]])[0])
+
+
+def test_leave_out_refuses_a_bank_of_only_excluded_features():
+    from scorer.heldout import exclusion_ranges, leave_out_scores
+
+    bank = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError):
+        leave_out_scores(bank, np.zeros(3, np.int64), [np.ones((2, 4), np.float32)], exclusion_ranges(1, 0), 1)
+    assert exclusion_ranges(5, 1).tolist() == [[0, 1], [0, 2], [1, 3], [2, 4], [3, 4]]
+    with pytest.raises(ValueError):
+        CalibrationConfig(method="median")
