@@ -7,11 +7,14 @@ from .calibration import CalibrationConfig
 from .views import ViewConfig
 
 
+AUTO_BACKBONE = "auto"  # resolved when features are built: scorer.backbones.resolve_backbone
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """Everything that determines a patch feature vector."""
 
-    backbone: str = "wide_resnet50_2"
+    backbone: str = AUTO_BACKBONE  # a bank always stores the resolved name
     layers: tuple[str, ...] = ()  # empty: the backbone's default taps
     weights_sha256: str = ""  # filled in from the weights actually loaded
     patch_size: int = 3

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import BACKBONES, load_backbone
+from .backbones import BACKBONES, load_backbone, resolve_backbone
 from .bank import BankError, Calibration, MemoryBank
 from .calibration import fold_ids, threshold_for_rate
 from .config import BuildConfig, CoresetConfig, FeatureConfig
 from .coreset import coreset_size, extend_coreset, random_projection, select_coreset
 from .features import ComputeConfig, PatchFeatureExtractor
-from .heldout import bank_owners, exclusion_ranges, leave_out_scores
+from .heldout import LeaveOut, exclusion_ranges
 from .index import SearchConfig, make_index
 from .overlay import heatmap_overlay
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb, upload
@@ -41,8 +41,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def build_extractor(config: FeatureConfig, weights: str | Path | None = None, device: torch.device | str = "cpu",
                     compute: ComputeConfig = ComputeConfig()) -> tuple[PatchFeatureExtractor, FeatureConfig]:
-    """The extractor a config describes (run with `compute`), and the config completed with default taps and
-    weights hash."""
+    """The extractor a config describes (run with `compute`), and the config completed with the resolved
+    backbone ("auto": scorer.backbones.resolve_backbone), default taps and weights hash."""
+    config = replace(config, backbone=resolve_backbone(config.backbone, weights).name)
     backbone, weights_sha = load_backbone(config.backbone, weights)
     spec = BACKBONES[config.backbone]
     layers = config.layers or spec.default_layers
@@ -309,13 +310,15 @@ class BankFit:
         return MemoryBank(self.store.gather(selected), self.feature_config, self.config.coreset, calibration,
                           self.config.reweight_neighbours, info or {}, self.config.view, self.roi)
 
-    def leave_out_scores(self, selected: np.ndarray) -> np.ndarray:
-        """Each training image against the coreset `selected` less its own (and near-twins') features [N]."""
+    def leave_out(self, selected: np.ndarray) -> LeaveOut:
+        """Leave-one-out coresets of the coreset `selected` (made by `coreset(None, "coreset")`)."""
         n_images = len(self.store.counts)
         excluded = exclusion_ranges(n_images, self.config.calibration.twin_window(n_images))
-        return leave_out_scores(self.store.gather(selected), bank_owners(selected, self.store.offsets),
-                                [self.store.image(i) for i in range(n_images)], excluded,
-                                self.config.reweight_neighbours)
+        return LeaveOut(self.store, selected, self.radius["coreset"], excluded)
+
+    def leave_out_scores(self, selected: np.ndarray) -> np.ndarray:
+        """Each training image against the coreset built without it (and its near-twins) [N]."""
+        return self.leave_out(selected).scores(self.config.reweight_neighbours)
 
     def kfold_scores(self) -> np.ndarray:
         """Each fold's images against a coreset of the other folds [N] (the older method)."""

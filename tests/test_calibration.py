@@ -98,12 +98,16 @@ def test_best_recall_at_rate_against_brute_force():
 
 
 @pytest.mark.parametrize("contiguous", [False, True])
-def test_leave_out_scores_equal_scoring_against_the_bank_without_the_images_features(mobilenet, contiguous):
-    """Independent computation: remove an image's (and its near-twins') features from the shipped bank and
-    score its patches with the scorer's exact search and Eq. 7."""
-    from scorer.heldout import bank_owners
-    from scorer.model import BankFit, PatchStore, build_extractor, extract_patches
+def test_leave_out_scores_score_each_image_against_a_coreset_that_never_saw_it(mobilenet, contiguous):
+    """Each good score equals the scorer's (exact search, Eq. 7) against that image's leave-one-out coreset,
+    which holds no feature of the image (or of its near-twins), has the shipped bank's size, and covers
+    every other image's patches within the shipped coverage radius (or spent the removed points' budget)."""
+    import tempfile
+    from pathlib import Path
+
     from scorer import MemoryBank
+    from scorer.coreset import nearest_distance
+    from scorer.model import BankFit, PatchStore, build_extractor, extract_patches
 
     from .conftest import synthetic_part
 
@@ -116,10 +120,9 @@ def test_leave_out_scores_equal_scoring_against_the_bank_without_the_images_feat
     good = np.array(bank.calibration.good_scores)
     assert len(good) == 12 and bank.calibration.method == "leave-out-gumbel"
     assert bank.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.05))
-    # the owners of the shipped bank's rows, from the same (deterministic) features and coreset
+    window = calibration.twin_window(12)
+    assert window == (2 if contiguous else 0)
     extractor, feature_config = build_extractor(config.features, device="cpu")
-    import tempfile
-    from pathlib import Path
     with tempfile.TemporaryDirectory() as folder:
         store = PatchStore(Path(folder), feature_config.target_dim, config.coreset)
         patches = list(extract_patches(extractor, images, config.view, None, 16, "cpu"))
@@ -128,27 +131,36 @@ def test_leave_out_scores_equal_scoring_against_the_bank_without_the_images_feat
         store.close()
         fit = BankFit(store, config, feature_config, None, extractor, "cpu")
         selected = fit.coreset(None, "coreset")
-        np.testing.assert_array_equal(store.gather(selected), bank.features)
-        owners = bank_owners(selected, store.offsets)
-    assert np.array_equal(np.bincount(owners, minlength=12) > 0, np.ones(12, bool))
-    window = calibration.twin_window(12)
-    assert window == (2 if contiguous else 0)
-    for i in (0, 5, 11):
-        keep = np.abs(owners - i) > window
-        alone = MemoryBank(bank.features[keep], bank.feature_config, bank.coreset, None, bank.reweight_neighbours,
-                           {}, bank.view)
-        expected = PatchCoreScorer(alone, device="cpu", search="exact").score_patches([patches[i]])
-        assert good[i] == pytest.approx(float(expected[0]), rel=1e-4)
-        # and not the score against the whole bank, which holds the image's own features
-        assert good[i] > float(PatchCoreScorer(bank, device="cpu", search="exact").score_patches([patches[i]])[0])
+        np.testing.assert_array_equal(store.gather(selected), bank.features)  # the same, deterministic coreset
+        leave_out = fit.leave_out(selected)
+        owner = np.searchsorted(store.offsets, np.arange(store.offsets[-1]), side="right") - 1  # per patch
+        whole = PatchCoreScorer(bank, device="cpu", search="exact")
+        for i in (0, 5, 11):
+            rows = leave_out.rows(i)
+            assert len(set(rows.tolist())) == len(rows)
+            assert np.all(np.abs(owner[rows] - i) > window)  # nothing of the image or its near-twins
+            assert abs(len(rows) - len(selected)) <= np.sum(np.abs(owner[selected] - i) <= window)
+            others = np.flatnonzero(np.abs(owner - i) > window)
+            removed = int(np.sum(np.abs(owner[selected] - i) <= window))
+            reach = nearest_distance(store.projected[others], store.projected[rows]).max()
+            assert reach <= leave_out.radius * (1 + 1e-5) or len(rows) == len(selected)  # repaired, or budget spent
+            assert removed > 0
+            alone = MemoryBank(store.gather(rows), bank.feature_config, bank.coreset, None, bank.reweight_neighbours,
+                               {}, bank.view)
+            expected = PatchCoreScorer(alone, device="cpu", search="exact").score_patches([patches[i]])
+            assert good[i] == pytest.approx(float(expected[0]), rel=1e-4)
+            # the image's own features would have lowered its score
+            assert good[i] > float(whole.score_patches([patches[i]])[0])
 
 
-def test_leave_out_refuses_a_bank_of_only_excluded_features():
-    from scorer.heldout import exclusion_ranges, leave_out_scores
+def test_exclusion_ranges_and_methods():
+    from scorer.heldout import exclusion_ranges
 
-    bank = np.zeros((3, 4), np.float32)
-    with pytest.raises(ValueError):
-        leave_out_scores(bank, np.zeros(3, np.int64), [np.ones((2, 4), np.float32)], exclusion_ranges(1, 0), 1)
     assert exclusion_ranges(5, 1).tolist() == [[0, 1], [0, 2], [1, 3], [2, 4], [3, 4]]
+    assert exclusion_ranges(3, 0).tolist() == [[0, 0], [1, 1], [2, 2]]
+    with pytest.raises(ValueError):
+        exclusion_ranges(3, -1)
     with pytest.raises(ValueError):
         CalibrationConfig(method="median")
+    assert CalibrationConfig(folds=5, contiguous=True).twin_window(60) == 6
+    assert CalibrationConfig(folds=5).twin_window(60) == 0
