@@ -76,6 +76,15 @@ def fit_tail(good_scores: np.ndarray) -> TailFit:
     return TailFit(float(location), float(scale))
 
 
+def tail_fit_pvalue(good_scores: np.ndarray) -> float:
+    """How well the fitted Gumbel describes the good scores: the Kolmogorov-Smirnov p-value of the scores
+    against it (parameters estimated from the same scores, so the p-value is conservative: a low one, e.g.
+    < 0.05, is a real misfit and the threshold's false-alarm rate should not be trusted)."""
+    scores = np.asarray(good_scores, dtype=np.float64)
+    fit = fit_tail(scores)
+    return float(stats.kstest(scores, "gumbel_r", args=(fit.location, fit.scale)).pvalue)
+
+
 def threshold_for_rate(good_scores: np.ndarray, false_alarm_rate: float) -> float:
     """The score a share `false_alarm_rate` of good images reaches or exceeds, from the fitted tail."""
     return fit_tail(good_scores).quantile(false_alarm_rate)

@@ -18,7 +18,7 @@ extension per image. Scoring: the scorer's exact search and Eq. 7 on that bank (
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -112,13 +112,15 @@ class LeaveOut:
         return np.concatenate([kept, orphans[added]])
 
     @torch.inference_mode()
-    def scores(self, neighbours: int) -> np.ndarray:
+    def scores(self, neighbours: int, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Every training image's score [N] float64 against its leave-one-out coreset (Eq. 7 with b =
-        `neighbours`; <= 1: the plain highest patch distance)."""
+        `neighbours`; <= 1: the plain highest patch distance); progress(1) after each image."""
         n_images = len(self.store.offsets) - 1
         out = np.zeros(n_images, dtype=np.float64)
         for i in range(n_images):
             bank = torch.from_numpy(self.store.gather(self.rows(i)))
             patches = torch.from_numpy(np.array(self.store.image(i), dtype=np.float32))  # memmap rows: a copy
             out[i] = exact_image_score(patches, bank, neighbours)
+            if progress is not None:
+                progress(1)
         return out

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .backbones import BACKBONES, load_backbone, resolve_backbone
 from .bank import BankError, Calibration, MemoryBank
-from .calibration import fold_ids, threshold_for_rate
+from .calibration import fold_ids, tail_fit_pvalue, threshold_for_rate
 from .config import BuildConfig, CoresetConfig, FeatureConfig
 from .coreset import coreset_size, extend_coreset, random_projection, select_coreset
 from .features import ComputeConfig, PatchFeatureExtractor
@@ -318,7 +318,9 @@ class BankFit:
 
     def leave_out_scores(self, selected: np.ndarray) -> np.ndarray:
         """Each training image against the coreset built without it (and its near-twins) [N]."""
-        return self.leave_out(selected).scores(self.config.reweight_neighbours)
+        with tqdm(total=len(self.store.counts), desc="calibration (leave-one-out)", unit="img",
+                  disable=not self.progress) as bar:
+            return self.leave_out(selected).scores(self.config.reweight_neighbours, bar.update)
 
     def kfold_scores(self) -> np.ndarray:
         """Each fold's images against a coreset of the other folds [N] (the older method)."""
@@ -340,7 +342,7 @@ class BankFit:
         settings = self.config.calibration
         return Calibration(threshold=threshold_for_rate(good, settings.false_alarm_rate), method=f"{method}-gumbel",
                            good_scores=tuple(float(s) for s in good), false_alarm_rate=settings.false_alarm_rate,
-                           folds=settings.folds)
+                           folds=settings.folds, tail_pvalue=tail_fit_pvalue(good))
 
 
 def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), weights: str | Path | None = None,
@@ -348,9 +350,9 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
                index: str = "auto") -> MemoryBank:
     """Fit: patch features of good images (files or RGB arrays) -> coreset memory bank with a threshold.
 
-    The threshold comes from good images only: each training image is scored against the returned coreset
-    with its own features (and its near-twins', for contiguous frames) left out - what the bank gives an
-    unseen good image - and a Gumbel fitted to those scores gives the threshold at the target false-alarm
+    The threshold comes from good images only: each training image is scored against the coreset the build
+    would have made without it (and its near-twins, for contiguous frames; scorer/heldout.py) - what the
+    returned bank gives an unseen good image - and a Gumbel fitted to those scores gives the threshold at the target false-alarm
     rate (scorer/calibration.py; method "kfold": folds against coresets of the other folds). Features live
     in a temporary file, so memory is bounded by the projected points (projection_dim floats per patch).
     """
@@ -411,7 +413,7 @@ def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path |
     if calibration is not None and calibration.false_alarm_rate is not None:
         good = np.concatenate([np.asarray(calibration.good_scores), new_scores])
         calibration = replace(calibration, threshold=threshold_for_rate(good, calibration.false_alarm_rate),
-                              good_scores=tuple(float(g) for g in good))
+                              good_scores=tuple(float(g) for g in good), tail_pvalue=tail_fit_pvalue(good))
     info = {**bank.info, "n_train_images": int(bank.info.get("n_train_images", 0)) + len(images),
             "updates": int(bank.info.get("updates", 0)) + 1, "last_update_images": len(images),
             "last_update_added": int(len(added)),

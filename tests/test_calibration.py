@@ -164,3 +164,14 @@ def test_exclusion_ranges_and_methods():
         CalibrationConfig(method="median")
     assert CalibrationConfig(folds=5, contiguous=True).twin_window(60) == 6
     assert CalibrationConfig(folds=5).twin_window(60) == 0
+
+
+def test_the_tail_fit_check_accepts_gumbel_scores_and_rejects_two_populations():
+    from scorer.calibration import tail_fit_pvalue
+
+    rng = np.random.default_rng(11)
+    accepted = [tail_fit_pvalue(stats.gumbel_r.rvs(loc=10, scale=1, size=100, random_state=rng)) for _ in range(20)]
+    assert np.mean(np.array(accepted) > 0.05) >= 0.9  # KS with fitted parameters: conservative
+    # two kinds of good images far apart (e.g. two part variants in one bank): no single Gumbel describes them
+    mixed = np.concatenate([rng.normal(10, 0.3, 60), rng.normal(16, 0.3, 40)])
+    assert tail_fit_pvalue(mixed) < 0.01
