@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/threshold_sizes.py [--data DIR ...] [--sizes 30 50 100 0] [--backbone mobilenet_v2]
         [--out bench/results/threshold_sizes.json]
+    .venv/bin/python bench/threshold_sizes.py --combine A.json B.json [--out ...]   # one file, one table
 
 For each category (MVTec layout) and each training-set size (0: all of train/good; else a seeded random
 subset), builds the bank exactly as `build_bank` does (crop view, 10 % coreset, Eq. 7 b = 9, seed 0) from
@@ -90,7 +91,15 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.01)
     parser.add_argument("--subset-seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "threshold_sizes.json"))
+    parser.add_argument("--combine", nargs="+", help="merge these result files (runs of one set each) into --out")
     args = parser.parse_args()
+    if args.combine:
+        parts = [json.loads(Path(f).read_text()) for f in args.combine]
+        merged = {**parts[0], "rows": [row for part in parts for row in part["rows"]]}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
+        print_table(merged["rows"])
+        return
     config = BuildConfig(features=FeatureConfig(backbone=args.backbone), coreset=CoresetConfig(fraction=0.1, seed=0),
                          calibration=CalibrationConfig(folds=5, false_alarm_rate=args.rate))
     extractor, feature_config = build_extractor(config.features, device="cpu")
@@ -119,16 +128,20 @@ def main() -> None:
                                        "reweight_neighbours": config.reweight_neighbours, "target_rate": args.rate,
                                        "subset_seed": args.subset_seed, "search": "default (auto)",
                                        "rows": rows}, indent=2) + "\n")
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
     print("| set | train images | method | threshold | FAR (test good) | FAR (unused train) | recall | best recall "
-          "at the rate | gap | tail KS p |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "at the rate | gap | good-score mean (test good) | tail KS p |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         for method in ("leave-out", "kfold"):
             r = row[method]
             unused = "-" if r["false_alarm_rate_unused_train"] is None else f"{r['false_alarm_rate_unused_train']:.3f}"
             print(f"| {row['set']} | {row['n_train']} | {method} | {r['threshold']:.2f} | {r['false_alarm_rate']:.3f} | "
                   f"{unused} | {r['recall']:.3f} | {row['best_recall_at_rate']:.3f} | {r['recall_gap']:+.3f} | "
-                  f"{r['tail_ks_pvalue']:.2f} |")
+                  f"{r['good_scores_mean']:.2f} ({row['test_good_mean']:.2f}) | {r['tail_ks_pvalue']:.2f} |")
 
 
 if __name__ == "__main__":

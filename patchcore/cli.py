@@ -113,11 +113,12 @@ def _roi(path: Optional[Path]):
 
 
 def _echo_backbone(name: str, weights: Optional[str]) -> None:
-    """Say which backbone a build uses ("auto" resolved by scorer.backbones.resolve_backbone) and why."""
+    """Say on stderr which backbone "auto" stands for (scorer.backbones.resolve_backbone) and why."""
     from scorer.backbones import resolve_backbone
 
-    choice = resolve_backbone(name, weights)
-    typer.echo(f"backbone: {choice.name} ({choice.reason})", err=True)
+    if name == "auto":
+        choice = resolve_backbone(name, weights)
+        typer.echo(f"backbone: {choice.name} ({choice.reason})", err=True)
 
 
 def _build(train: Path, config, weights: Optional[str], device: str, progress: bool, roi=None):
