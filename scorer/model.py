@@ -352,9 +352,9 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
 
     The threshold comes from good images only: each training image is scored against the coreset the build
     would have made without it (and its near-twins, for contiguous frames; scorer/heldout.py) - what the
-    returned bank gives an unseen good image - and a Gumbel fitted to those scores gives the threshold at the target false-alarm
-    rate (scorer/calibration.py; method "kfold": folds against coresets of the other folds). Features live
-    in a temporary file, so memory is bounded by the projected points (projection_dim floats per patch).
+    returned bank gives an unseen good image - and a Gumbel fitted to those scores gives the threshold at the
+    target false-alarm rate (scorer/calibration.py; method "kfold": folds against coresets of the other
+    folds). Features live in a temporary file, so memory is bounded by the projected points (projection_dim floats per patch).
     """
     if not len(images):
         raise ValueError("no training images given")
