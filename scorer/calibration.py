@@ -39,8 +39,11 @@ class CalibrationConfig:
             raise ValueError(f"unknown calibration method {self.method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
 
     def twin_window(self, n_images: int) -> int:
-        """Leave-out: how many neighbours on each side of an image are left out with it (0 unless contiguous)."""
-        return -(-n_images // (2 * self.folds)) if self.contiguous and self.folds else 0
+        """Leave-out: how many neighbours on each side of an image are left out with it (0 unless contiguous):
+        n/2k, at most (n - 2) // 2 so that every image keeps at least one other image to be scored against."""
+        if not (self.contiguous and self.folds):
+            return 0
+        return min(-(-n_images // (2 * self.folds)), max(0, (n_images - 2) // 2))
 
 
 def fold_ids(n_images: int, folds: int, contiguous: bool, seed: int) -> np.ndarray:

@@ -164,6 +164,9 @@ def test_exclusion_ranges_and_methods():
         CalibrationConfig(method="median")
     assert CalibrationConfig(folds=5, contiguous=True).twin_window(60) == 6
     assert CalibrationConfig(folds=5).twin_window(60) == 0
+    for n in range(2, 12):  # a few frames: every frame still has another one its score comes from
+        window = CalibrationConfig(folds=2, contiguous=True).twin_window(n)
+        assert all((hi - lo + 1) < n for lo, hi in exclusion_ranges(n, window))
 
 
 def test_the_tail_fit_check_accepts_gumbel_scores_and_rejects_two_populations():
