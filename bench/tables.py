@@ -86,7 +86,19 @@ MAP_VARIANTS = (("distances, mirror (default)", "distances_mirror"), ("distances
                 ("squared, mirror", "squared_mirror"), ("squared, reflect (official)", "squared_reflect"))
 REWEIGHTS = (("b = 1 (plain max)", "b1"), ("b = 3", "b3"), ("b = 9 (default)", "b9"), ("b = 27", "b27"))
 
+def threshold_rows(figures: list[dict]) -> list[dict]:
+    """One row per data set, training-set size and calibration method (bench/threshold_sizes.py)."""
+    return [{**row, **row[method], "method": method, "unused": row[method]["false_alarm_rate_unused_train"]}
+            for one in figures for row in one["rows"] for method in ("leave-out", "kfold") if method in row]
+
+
 TABLES: dict[str, Table] = {
+    "threshold_sizes": Table(("threshold_sizes",), (
+        ("set", "{set}"), ("train images", "{n_train}"), ("method", "{method}"), ("threshold", "{threshold:.2f}"),
+        ("FAR (test good)", "{false_alarm_rate:.3f}"), ("FAR (unused train)", "{unused:.3f} || -"),
+        ("recall", "{recall:.3f}"), ("best recall at the rate", "{best_recall_at_rate:.3f}"),
+        ("gap", "{recall_gap:+.3f}"), ("good-score mean (test good)", "{good_scores_mean:.2f} ({test_good_mean:.2f})"),
+        ("tail KS p", "{tail_ks_pvalue:.2f}")), threshold_rows),
     "views": Table(("views",), (("data", "{data}"), ("view", "{view}"), *EVAL, ("threshold", "{threshold:.2f}"),
                              *GOOD_ONLY, ("images/s", "{images_per_s:.2f}"))),
     "views-efficientnet_lite0": Table(("views-efficientnet_lite0",), (

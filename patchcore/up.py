@@ -23,6 +23,7 @@ from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine, parse_source, replay_fps
 from scorer import (BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_to_bytes, build_bank, load_bank,
                     load_image)
+from scorer.backbones import BackboneError, resolve_backbone
 from scorer.calibration import CalibrationConfig
 from scorer.evaluate import bank_summary
 from scorer.index import SearchConfig
@@ -51,9 +52,9 @@ class UpSettings:
     camera: str = "cam-1"
     line: str = IngestSettings.line
     # the bank built when no --bank is given: from --train, or the source's first frames (consecutive
-    # frames are near-twins, so calibration folds are contiguous runs of them)
+    # frames are near-twins, so calibration leaves a frame's neighbours out with it); backbone "auto"
     build: BuildConfig = field(default_factory=lambda: BuildConfig(
-        features=FeatureConfig(backbone="mobilenet_v2"), coreset=CoresetConfig(),
+        features=FeatureConfig(), coreset=CoresetConfig(),
         calibration=CalibrationConfig(contiguous=True)))
     warmup_frames: int = field(default=60, metadata={  # good frames the bank is built from
         "help": "Without --bank/--train: build the bank from the source's first frames."})
@@ -112,6 +113,21 @@ def warmup_bank(settings: UpSettings, workdir: Path, progress: bool) -> MemoryBa
     return build_bank(paths, settings.build, device=settings.device, progress=progress)
 
 
+def build_up_bank(settings: UpSettings, workdir: Path, echo: Callable[[str], None], progress: bool) -> MemoryBank:
+    """The run's bank from --train or the source's first frames, with the backbone named ("auto" resolved)."""
+    try:
+        choice = resolve_backbone(settings.build.features.backbone)
+        echo(f"backbone: {choice.name} ({choice.reason})")
+        if settings.train is not None:
+            from scorer.preprocess import list_images
+
+            return build_bank(list_images(settings.train), settings.build, device=settings.device, progress=progress)
+        echo(f"building a bank from the first {settings.warmup_frames} frames of {settings.source}")
+        return warmup_bank(settings, workdir, progress)
+    except BackboneError as exc:
+        raise UpError(str(exc)) from None
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -168,15 +184,8 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
                           "not start: pass --bank-name with a new name to run beside it, or --force to publish over "
                           "it and activate the new version")
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="patchcore-up-")))
-        if settings.bank is not None:
-            bank = load_bank(settings.bank)
-        elif settings.train is not None:
-            from scorer.preprocess import list_images
-
-            bank = build_bank(list_images(settings.train), settings.build, device=settings.device, progress=progress)
-        else:
-            echo(f"building a bank from the first {settings.warmup_frames} frames of {settings.source}")
-            bank = warmup_bank(settings, workdir, progress)
+        bank = load_bank(settings.bank) if settings.bank is not None else build_up_bank(settings, workdir, echo,
+                                                                                       progress)
         version = registry.publish(settings.bank_name, bank_to_bytes(bank),
                                    {"source": "patchcore up", **bank_summary(bank)}, activate=True)
         threshold = bank.calibration.threshold if bank.calibration else None

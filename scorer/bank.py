@@ -40,10 +40,12 @@ class Calibration:
     false_alarm_rate: float | None = None  # the target rate the threshold was set for
     folds: int | None = None
     f1: float | None = None
+    tail_pvalue: float | None = None  # KS p-value of the good scores against the fitted Gumbel (low: misfit)
 
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "method": self.method, "good_scores": list(self.good_scores),
-                "false_alarm_rate": self.false_alarm_rate, "folds": self.folds, "f1": self.f1}
+                "false_alarm_rate": self.false_alarm_rate, "folds": self.folds, "f1": self.f1,
+                "tail_pvalue": self.tail_pvalue}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Calibration":
@@ -51,7 +53,8 @@ class Calibration:
         return cls(threshold=float(data["threshold"]), method=str(data["method"]),
                    good_scores=tuple(float(s) for s in data.get("good_scores", ())),
                    false_alarm_rate=None if rate is None else float(rate),
-                   folds=None if folds is None else int(folds), f1=data.get("f1"))
+                   folds=None if folds is None else int(folds), f1=data.get("f1"),
+                   tail_pvalue=None if data.get("tail_pvalue") is None else float(data["tail_pvalue"]))
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """Decision thresholds from good images only, with a stated false-alarm rate.
 
-Every training image is scored against a bank that did not see it (k-fold: each fold against a bank
-built from the other folds; contiguous folds for video frames, so a frame's near-twins are not in its
-bank). An image score is the maximum over many patch distances, so its distribution has an
-extreme-value (Gumbel) tail: a Gumbel fitted to the good scores by maximum likelihood gives the
-threshold at a target false-alarm rate, far steadier than mean + k std or an empirical quantile of
-a few hundred images.
+Every training image is scored against a bank that did not see it. The default ("leave-out",
+scorer/heldout.py): the coreset the build would have made without the image (the shipped coreset less the
+image's points - and, for video frames, its near-twin neighbours' - repaired by the same greedy selection),
+so the good scores are what the shipped bank gives an unseen good image at any training-set size. The older
+"kfold": each fold against a coreset of the other folds (contiguous folds for video frames); its banks hold
+(k-1)/k of the images (kept for comparison, bench/threshold_sizes.py). An image score is the maximum over
+many patch distances, so its distribution has an extreme-value (Gumbel) tail: a Gumbel fitted to the good
+scores by maximum likelihood gives the threshold at a target false-alarm rate, far steadier than mean + k
+std or an empirical quantile of a few hundred images; `tail_fit_pvalue` checks the fit.
 """
 from __future__ import annotations
 
@@ -15,18 +18,35 @@ import numpy as np
 from scipy import stats
 
 
+CALIBRATION_METHODS = ("leave-out", "kfold")
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
-    folds: int = field(default=5, metadata={"help": "k-fold scoring of every training image for the threshold (0: no threshold)."})
+    folds: int = field(default=5, metadata={"help": "Threshold calibration: 0 = no threshold; kfold: k of the k-fold "
+                                                    "scoring; leave-out with --contiguous: the n/k frames around an "
+                                                    "image (n/2k each side) are left out with it."})
     contiguous: bool = field(default=False, metadata={  # instead of a seeded shuffle
-        "help": "Folds of consecutive images (video frames), so near-twins are not in a fold's bank."})
+        "help": "Consecutive images (video frames): near-twins are left out with each image (kfold: folds of "
+                "consecutive runs)."})
     false_alarm_rate: float = field(default=0.01, metadata={"help": "Target share of good images at or over the threshold."})
+    method: str = field(default="leave-out", metadata={
+        "help": "leave-out (each image against the shipped coreset less its own features) or kfold."})
 
     def __post_init__(self) -> None:
         if self.folds == 1 or self.folds < 0:
             raise ValueError(f"calibration folds must be 0 (none) or >= 2, got {self.folds}")
         if not 0 < self.false_alarm_rate < 0.5:
             raise ValueError(f"false-alarm rate must be in (0, 0.5), got {self.false_alarm_rate}")
+        if self.method not in CALIBRATION_METHODS:
+            raise ValueError(f"unknown calibration method {self.method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+
+    def twin_window(self, n_images: int) -> int:
+        """Leave-out: how many neighbours on each side of an image are left out with it (0 unless contiguous):
+        n/2k, at most (n - 2) // 2 so that every image keeps at least one other image to be scored against."""
+        if not (self.contiguous and self.folds):
+            return 0
+        return min(-(-n_images // (2 * self.folds)), max(0, (n_images - 2) // 2))
 
 
 def fold_ids(n_images: int, folds: int, contiguous: bool, seed: int) -> np.ndarray:
@@ -60,6 +80,15 @@ def fit_tail(good_scores: np.ndarray) -> TailFit:
         return TailFit(float(scores[0]), max(abs(float(scores[0])) * 1e-6, 1e-12))
     location, scale = stats.gumbel_r.fit(scores)
     return TailFit(float(location), float(scale))
+
+
+def tail_fit_pvalue(good_scores: np.ndarray) -> float:
+    """How well the fitted Gumbel describes the good scores: the Kolmogorov-Smirnov p-value of the scores
+    against it (parameters estimated from the same scores, so the p-value is conservative: a low one, e.g.
+    < 0.05, is a real misfit and the threshold's false-alarm rate should not be trusted)."""
+    scores = np.asarray(good_scores, dtype=np.float64)
+    fit = fit_tail(scores)
+    return float(stats.kstest(scores, "gumbel_r", args=(fit.location, fit.scale)).pvalue)
 
 
 def threshold_for_rate(good_scores: np.ndarray, false_alarm_rate: float) -> float:

@@ -7,12 +7,16 @@ from .calibration import CalibrationConfig
 from .views import ViewConfig
 
 
+AUTO_BACKBONE = "auto"  # resolved when features are built: scorer.backbones.resolve_backbone
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """Everything that determines a patch feature vector."""
 
-    backbone: str = field(default="wide_resnet50_2", metadata={
-        "help": "wide_resnet50_2 (paper), resnet18, resnet50, mobilenet_v2 or efficientnet_lite0."})
+    backbone: str = field(default=AUTO_BACKBONE, metadata={  # a bank always stores the resolved name
+        "help": "auto (wide_resnet50_2, the paper's, when its weights are present, else efficientnet_lite0; "
+                "`patchcore weights list`), wide_resnet50_2, resnet18, resnet50, mobilenet_v2 or efficientnet_lite0."})
     layers: tuple[str, ...] = ()  # empty: the backbone's default taps
     weights_sha256: str = ""  # filled in from the weights actually loaded
     patch_size: int = 3

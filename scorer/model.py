@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import BACKBONES, load_backbone
+from .backbones import BACKBONES, load_backbone, resolve_backbone
 from .bank import BankError, Calibration, MemoryBank
-from .calibration import fold_ids, threshold_for_rate
+from .calibration import fold_ids, tail_fit_pvalue, threshold_for_rate
 from .config import BuildConfig, CoresetConfig, FeatureConfig
 from .coreset import coreset_size, extend_coreset, random_projection, select_coreset
 from .features import ComputeConfig, PatchFeatureExtractor
+from .heldout import LeaveOut, exclusion_ranges
 from .index import SearchConfig, make_index
 from .overlay import heatmap_overlay
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb, upload
@@ -40,8 +41,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def build_extractor(config: FeatureConfig, weights: str | Path | None = None, device: torch.device | str = "cpu",
                     compute: ComputeConfig = ComputeConfig()) -> tuple[PatchFeatureExtractor, FeatureConfig]:
-    """The extractor a config describes (run with `compute`), and the config completed with default taps and
-    weights hash."""
+    """The extractor a config describes (run with `compute`), and the config completed with the resolved
+    backbone ("auto": scorer.backbones.resolve_backbone), default taps and weights hash."""
+    config = replace(config, backbone=resolve_backbone(config.backbone, weights).name)
     backbone, weights_sha = load_backbone(config.backbone, weights)
     spec = BACKBONES[config.backbone]
     layers = config.layers or spec.default_layers
@@ -285,15 +287,74 @@ def extract_patches(extractor: PatchFeatureExtractor, sources: Sequence[Image], 
             bar.update(len(images))
 
 
+class BankFit:
+    """Coreset, bank and good scores from training patches already in a PatchStore (the fit after the features)."""
+
+    def __init__(self, store: PatchStore, config: BuildConfig, feature_config: FeatureConfig, roi: np.ndarray | None,
+                 extractor: PatchFeatureExtractor, device: torch.device, index: str = "auto", progress: bool = False):
+        self.store, self.config, self.feature_config, self.roi = store, config, feature_config, roi
+        self.extractor, self.device, self.index, self.progress = extractor, device, index, progress
+        self.radius: dict[str, float] = {}
+
+    def coreset(self, points: np.ndarray | None, desc: str) -> np.ndarray:
+        """Coreset of the given patches (all when None), as global indices in selection order."""
+        projected = self.store.projected if points is None else self.store.projected[points]
+        with tqdm(total=coreset_size(len(projected), self.config.coreset.fraction), desc=desc, unit="pt",
+                  disable=not self.progress) as bar:
+            chosen = select_coreset(None, self.config.coreset, progress=bar.update, projected=projected)
+        self.radius[desc] = chosen.radius
+        return chosen.indices if points is None else points[chosen.indices]
+
+    def bank_of(self, selected: np.ndarray, calibration: Calibration | None = None,
+                info: dict | None = None) -> MemoryBank:
+        return MemoryBank(self.store.gather(selected), self.feature_config, self.config.coreset, calibration,
+                          self.config.reweight_neighbours, info or {}, self.config.view, self.roi)
+
+    def leave_out(self, selected: np.ndarray) -> LeaveOut:
+        """Leave-one-out coresets of the coreset `selected` (made by `coreset(None, "coreset")`)."""
+        n_images = len(self.store.counts)
+        excluded = exclusion_ranges(n_images, self.config.calibration.twin_window(n_images))
+        return LeaveOut(self.store, selected, self.radius["coreset"], excluded)
+
+    def leave_out_scores(self, selected: np.ndarray) -> np.ndarray:
+        """Each training image against the coreset built without it (and its near-twins) [N]."""
+        with tqdm(total=len(self.store.counts), desc="calibration (leave-one-out)", unit="img",
+                  disable=not self.progress) as bar:
+            return self.leave_out(selected).scores(self.config.reweight_neighbours, bar.update)
+
+    def kfold_scores(self) -> np.ndarray:
+        """Each fold's images against a coreset of the other folds [N] (the older method)."""
+        settings, n_images = self.config.calibration, len(self.store.counts)
+        ids = fold_ids(n_images, settings.folds, settings.contiguous, self.config.coreset.seed)
+        good = np.zeros(n_images, dtype=np.float64)
+        for k in range(settings.folds):
+            held = ids == k
+            fold_bank = self.bank_of(self.coreset(self.store.points_of(~held),
+                                                  f"calibration fold {k + 1}/{settings.folds}"))
+            # the exact search: the threshold does not depend on the device the bank was built on
+            scorer = PatchCoreScorer(fold_bank, device=self.device, index=self.index, extractor=self.extractor,
+                                     search="exact")
+            good[held] = scorer.score_patches([self.store.image(i) for i in np.flatnonzero(held)])
+        return good
+
+    def calibration(self, good: np.ndarray, method: str) -> Calibration:
+        """The threshold at the configured false-alarm rate from good scores computed by `method`."""
+        settings = self.config.calibration
+        return Calibration(threshold=threshold_for_rate(good, settings.false_alarm_rate), method=f"{method}-gumbel",
+                           good_scores=tuple(float(s) for s in good), false_alarm_rate=settings.false_alarm_rate,
+                           folds=settings.folds, tail_pvalue=tail_fit_pvalue(good))
+
+
 def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), weights: str | Path | None = None,
                device: str | torch.device = "auto", progress: bool = True, roi: np.ndarray | None = None,
                index: str = "auto") -> MemoryBank:
     """Fit: patch features of good images (files or RGB arrays) -> coreset memory bank with a threshold.
 
-    The threshold comes from good images only: the training images are split into k folds, each fold is
-    scored against a coreset of the other folds, and a Gumbel fitted to those scores gives the threshold at
-    the target false-alarm rate. The returned bank is built from all images. Features live in a temporary
-    file, so memory is bounded by the projected points (projection_dim floats per patch).
+    The threshold comes from good images only: each training image is scored against the coreset the build
+    would have made without it (and its near-twins, for contiguous frames; scorer/heldout.py) - what the
+    returned bank gives an unseen good image - and a Gumbel fitted to those scores gives the threshold at the
+    target false-alarm rate (scorer/calibration.py; method "kfold": folds against coresets of the other
+    folds). Features live in a temporary file, so memory is bounded by the projected points (projection_dim floats per patch).
     """
     if not len(images):
         raise ValueError("no training images given")
@@ -307,43 +368,18 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
             store.add(patches)
         store.close()
         feature_seconds = time.perf_counter() - started
-
-        radius = {}
-
-        def coreset(points: np.ndarray | None, desc: str) -> np.ndarray:
-            """Coreset of the given patches (all when None), as global indices in selection order."""
-            projected = store.projected if points is None else store.projected[points]
-            with tqdm(total=coreset_size(len(projected), config.coreset.fraction), desc=desc, unit="pt",
-                      disable=not progress) as bar:
-                chosen = select_coreset(None, config.coreset, progress=bar.update, projected=projected)
-            radius[desc] = chosen.radius
-            return chosen.indices if points is None else points[chosen.indices]
-
-        def bank_of(selected: np.ndarray, calibration: Calibration | None = None, info: dict | None = None) -> MemoryBank:
-            return MemoryBank(store.gather(selected), feature_config, config.coreset, calibration,
-                              config.reweight_neighbours, info or {}, config.view, roi)
-
-        calibration = None
-        folds = config.calibration.folds
-        if folds:
-            ids = fold_ids(len(images), folds, config.calibration.contiguous, config.coreset.seed)
-            good = np.zeros(len(images), dtype=np.float64)
-            for k in range(folds):
-                held = ids == k
-                fold_bank = bank_of(coreset(store.points_of(~held), f"calibration fold {k + 1}/{folds}"))
-                # the exact search: the threshold does not depend on the device the bank was built on
-                scorer = PatchCoreScorer(fold_bank, device=device, index=index, extractor=extractor, search="exact")
-                good[held] = scorer.score_patches([store.image(i) for i in np.flatnonzero(held)])
-            rate = config.calibration.false_alarm_rate
-            calibration = Calibration(threshold=threshold_for_rate(good, rate), method="kfold-gumbel",
-                                      good_scores=tuple(float(s) for s in good), false_alarm_rate=rate, folds=folds)
-        selected = coreset(None, "coreset")
+        fit = BankFit(store, config, feature_config, roi, extractor, device, index, progress)
+        selected = fit.coreset(None, "coreset")
+        calibration, settings = None, config.calibration
+        if settings.folds:
+            good = fit.kfold_scores() if settings.method == "kfold" else fit.leave_out_scores(selected)
+            calibration = fit.calibration(good, settings.method)
         info = {"n_train_images": len(images), "n_train_patches": int(len(store.projected)),
                 # every training patch lies within this distance (projected space) of the bank: bank updates
                 # add new patches until they do too
-                "coverage_radius": round(float(radius["coreset"]), 6),
+                "coverage_radius": round(float(fit.radius["coreset"]), 6),
                 "feature_seconds": round(feature_seconds, 2), "build_seconds": round(time.perf_counter() - started, 2)}
-        return bank_of(selected, calibration, info)
+        return fit.bank_of(selected, calibration, info)
 
 
 def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path | None = None,
@@ -377,7 +413,7 @@ def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path |
     if calibration is not None and calibration.false_alarm_rate is not None:
         good = np.concatenate([np.asarray(calibration.good_scores), new_scores])
         calibration = replace(calibration, threshold=threshold_for_rate(good, calibration.false_alarm_rate),
-                              good_scores=tuple(float(g) for g in good))
+                              good_scores=tuple(float(g) for g in good), tail_pvalue=tail_fit_pvalue(good))
     info = {**bank.info, "n_train_images": int(bank.info.get("n_train_images", 0)) + len(images),
             "updates": int(bank.info.get("updates", 0)) + 1, "last_update_images": len(images),
             "last_update_added": int(len(added)),

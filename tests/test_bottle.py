@@ -21,7 +21,7 @@ def bottle_bank(tmp_path_factory):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["bank_size"] == int(209 * 784 * 0.1)
-    assert summary["calibration"]["method"] == "kfold-gumbel" and len(summary["calibration"]["good_scores"]) == 209
+    assert summary["calibration"]["method"] == "leave-out-gumbel" and len(summary["calibration"]["good_scores"]) == 209
     return out, summary
 
 

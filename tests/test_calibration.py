@@ -60,7 +60,7 @@ def test_kfold_scores_equal_scoring_each_fold_against_a_bank_without_it(mobilene
     rng = np.random.default_rng(3)
     images = [synthetic_part(rng, 96) for _ in range(10)]
     folds = 5
-    calibration = CalibrationConfig(folds=folds, contiguous=True, false_alarm_rate=0.05)
+    calibration = CalibrationConfig(folds=folds, contiguous=True, false_alarm_rate=0.05, method="kfold")
     features = FeatureConfig(backbone="mobilenet_v2")
     view = ViewConfig("full", size=96)
     coreset = CoresetConfig(fraction=0.2)
@@ -95,3 +95,86 @@ def test_best_recall_at_rate_against_brute_force():
                 if (good >= t).mean() <= rate + 1e-12:
                     best = max(best, (bad >= t).mean())
             assert best_recall_at_rate(labels, scores, rate) == pytest.approx(best), (trial, rate)
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_leave_out_scores_score_each_image_against_a_coreset_that_never_saw_it(mobilenet, contiguous):
+    """Each good score equals the scorer's (exact search, Eq. 7) against that image's leave-one-out coreset,
+    which holds no feature of the image (or of its near-twins), has the shipped bank's size, and covers
+    every other image's patches within the shipped coverage radius (or spent the removed points' budget)."""
+    import tempfile
+    from pathlib import Path
+
+    from scorer import MemoryBank
+    from scorer.coreset import nearest_distance
+    from scorer.model import BankFit, PatchStore, build_extractor, extract_patches
+
+    from .conftest import synthetic_part
+
+    rng = np.random.default_rng(5)
+    images = [synthetic_part(rng, 96) for _ in range(12)]
+    calibration = CalibrationConfig(folds=4, contiguous=contiguous, false_alarm_rate=0.05)
+    config = BuildConfig(features=FeatureConfig(backbone="mobilenet_v2"), view=ViewConfig("full", size=96),
+                         coreset=CoresetConfig(fraction=0.2), calibration=calibration)
+    bank = build_bank(images, config, device="cpu", progress=False)
+    good = np.array(bank.calibration.good_scores)
+    assert len(good) == 12 and bank.calibration.method == "leave-out-gumbel"
+    assert bank.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.05))
+    window = calibration.twin_window(12)
+    assert window == (2 if contiguous else 0)
+    extractor, feature_config = build_extractor(config.features, device="cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        store = PatchStore(Path(folder), feature_config.target_dim, config.coreset)
+        patches = list(extract_patches(extractor, images, config.view, None, 16, "cpu"))
+        for p in patches:
+            store.add(p)
+        store.close()
+        fit = BankFit(store, config, feature_config, None, extractor, "cpu")
+        selected = fit.coreset(None, "coreset")
+        np.testing.assert_array_equal(store.gather(selected), bank.features)  # the same, deterministic coreset
+        leave_out = fit.leave_out(selected)
+        owner = np.searchsorted(store.offsets, np.arange(store.offsets[-1]), side="right") - 1  # per patch
+        whole = PatchCoreScorer(bank, device="cpu", search="exact")
+        for i in (0, 5, 11):
+            rows = leave_out.rows(i)
+            assert len(set(rows.tolist())) == len(rows)
+            assert np.all(np.abs(owner[rows] - i) > window)  # nothing of the image or its near-twins
+            assert abs(len(rows) - len(selected)) <= np.sum(np.abs(owner[selected] - i) <= window)
+            others = np.flatnonzero(np.abs(owner - i) > window)
+            removed = int(np.sum(np.abs(owner[selected] - i) <= window))
+            reach = nearest_distance(store.projected[others], store.projected[rows]).max()
+            assert reach <= leave_out.radius * (1 + 1e-5) or len(rows) == len(selected)  # repaired, or budget spent
+            assert removed > 0
+            alone = MemoryBank(store.gather(rows), bank.feature_config, bank.coreset, None, bank.reweight_neighbours,
+                               {}, bank.view)
+            expected = PatchCoreScorer(alone, device="cpu", search="exact").score_patches([patches[i]])
+            assert good[i] == pytest.approx(float(expected[0]), rel=1e-4)
+            # the image's own features would have lowered its score
+            assert good[i] > float(whole.score_patches([patches[i]])[0])
+
+
+def test_exclusion_ranges_and_methods():
+    from scorer.heldout import exclusion_ranges
+
+    assert exclusion_ranges(5, 1).tolist() == [[0, 1], [0, 2], [1, 3], [2, 4], [3, 4]]
+    assert exclusion_ranges(3, 0).tolist() == [[0, 0], [1, 1], [2, 2]]
+    with pytest.raises(ValueError):
+        exclusion_ranges(3, -1)
+    with pytest.raises(ValueError):
+        CalibrationConfig(method="median")
+    assert CalibrationConfig(folds=5, contiguous=True).twin_window(60) == 6
+    assert CalibrationConfig(folds=5).twin_window(60) == 0
+    for n in range(2, 12):  # a few frames: every frame still has another one its score comes from
+        window = CalibrationConfig(folds=2, contiguous=True).twin_window(n)
+        assert all((hi - lo + 1) < n for lo, hi in exclusion_ranges(n, window))
+
+
+def test_the_tail_fit_check_accepts_gumbel_scores_and_rejects_two_populations():
+    from scorer.calibration import tail_fit_pvalue
+
+    rng = np.random.default_rng(11)
+    accepted = [tail_fit_pvalue(stats.gumbel_r.rvs(loc=10, scale=1, size=100, random_state=rng)) for _ in range(20)]
+    assert np.mean(np.array(accepted) > 0.05) >= 0.9  # KS with fitted parameters: conservative
+    # two kinds of good images far apart (e.g. two part variants in one bank): no single Gumbel describes them
+    mixed = np.concatenate([rng.normal(10, 0.3, 60), rng.normal(16, 0.3, 40)])
+    assert tail_fit_pvalue(mixed) < 0.01

@@ -20,6 +20,8 @@ from scorer import (BackboneError, BankError, BuildConfig, Calibration, Calibrat
 from scorer.evaluate import bank_summary, labelled_scores
 from scorer.metrics import f1_optimal_threshold
 from scorer.preprocess import list_images
+from scorer.backbones import resolve_backbone
+from scorer.config import AUTO_BACKBONE
 from workers.banks.registry import RegistryError
 from workers.banks.updates import UpdateError
 from workers.settings import WorkerSettings
@@ -85,9 +87,17 @@ def build_from_folder(train: Path, config: BuildConfig, weights: Optional[str], 
     if not paths:
         fail(f"no PNG/JPEG/BMP images in {train}")
     try:
+        echo_backbone(config.features.backbone, weights)
         return build_bank(paths, config, weights, device, progress, roi=roi)
     except (BackboneError, ValueError) as exc:
         fail(str(exc))
+
+
+def echo_backbone(name: str, weights: Optional[str]) -> None:
+    """Say on stderr which backbone "auto" stands for (scorer.backbones.resolve_backbone) and why."""
+    if name == AUTO_BACKBONE:
+        choice = resolve_backbone(name, weights)
+        typer.echo(f"backbone: {choice.name} ({choice.reason})", err=True)
 
 
 @app.command("build")
