@@ -11,6 +11,7 @@ from torchvision.models import MobileNetV2, ResNet
 
 from .efficientnet_lite import EfficientNetLite
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .stages import stage
 
 
 def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -117,20 +118,22 @@ class PatchFeatureExtractor(nn.Module):
 
     def patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """forward without inference mode (what ONNX export traces: convolutions, resizes, pads and sums)."""
-        if self.renormalise:
-            images = images * self.scale + self.shift
-        maps = self._backbone(images)
-        grid = tuple(maps[self.layers[0]].shape[-2:])
-        out = None
-        for position, layer in enumerate(self.layers):
-            fmap = maps[layer]
-            first, last, weight = self._pooling_conv(position, fmap)
-            part = F.conv2d(fmap, weight.to(fmap.dtype), padding=(self.patch_size - 1) // 2)
-            if tuple(part.shape[-2:]) != grid:
-                part = F.interpolate(part, size=grid, mode="bilinear", align_corners=False)
-            part = F.pad(part, (0, 0, 0, 0, first, self.target_dim - last))  # its columns of the final vector
-            out = part if out is None else out + part
-        features = out.permute(0, 2, 3, 1).reshape(images.shape[0], grid[0] * grid[1], self.target_dim)
+        with stage("backbone"):
+            if self.renormalise:
+                images = images * self.scale + self.shift
+            maps = self._backbone(images)
+        with stage("pooling"):
+            grid = tuple(maps[self.layers[0]].shape[-2:])
+            out = None
+            for position, layer in enumerate(self.layers):
+                fmap = maps[layer]
+                first, last, weight = self._pooling_conv(position, fmap)
+                part = F.conv2d(fmap, weight.to(fmap.dtype), padding=(self.patch_size - 1) // 2)
+                if tuple(part.shape[-2:]) != grid:
+                    part = F.interpolate(part, size=grid, mode="bilinear", align_corners=False)
+                part = F.pad(part, (0, 0, 0, 0, first, self.target_dim - last))  # its columns of the final vector
+                out = part if out is None else out + part
+            features = out.permute(0, 2, 3, 1).reshape(images.shape[0], grid[0] * grid[1], self.target_dim)
         return features, (int(grid[0]), int(grid[1]))
 
     def _backbone(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from .index import SearchConfig, make_index
 from .overlay import heatmap_overlay
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb, upload
 from .scoring import reweight, smooth
+from .stages import stage
 from .views import Layout, ViewConfig, ViewError, layout, shape_groups, stitch, valid_patches, windows, inspected_box
 
 Image = Union[np.ndarray, str, Path]  # an RGB uint8 array, or an image file
@@ -135,7 +136,7 @@ class PatchCoreScorer:
         for (height, width, *_), rows in shape_groups(images).items():
             lay = layout(self.view, height, width)
             group_scores, group_patches = self._score_group([images[i] for i in rows], lay)
-            group_maps = smooth(stitch(group_patches, lay)).cpu().numpy() if maps else None
+            group_maps = self._maps(group_patches, lay).cpu().numpy() if maps else None
             group_patches = group_patches.cpu().numpy()
             for j, i in enumerate(rows):
                 scores[i], patches[i], layouts[i] = group_scores[j], group_patches[j], lay
@@ -144,29 +145,32 @@ class PatchCoreScorer:
         return ScoreResult(scores, heat if maps else None, patches, layouts)
 
     def _score_group(self, images: list[np.ndarray], lay: Layout) -> tuple[np.ndarray, torch.Tensor]:
-        batch = upload(images, self.device)
-        inputs = windows(batch, self.view, lay, IMAGENET_MEAN, IMAGENET_STD)  # [B * T, 3, h, w], frame-major
+        with stage("resize_normalise"):
+            batch = upload(images, self.device)
+            inputs = windows(batch, self.view, lay, IMAGENET_MEAN, IMAGENET_STD)  # [B * T, 3, h, w], frame-major
         n_windows = len(lay.origins)
         grids, best, anchor, best_feature, grid = [], [], [], [], (0, 0)
         for begin in range(0, len(inputs), self.max_windows_per_pass):
             features, grid = self.extractor(inputs[begin:begin + self.max_windows_per_pass])
-            count, n_patches, dim = features.shape
-            valid = self._valid_mask(lay, grid)[(torch.arange(begin, begin + count) % n_windows)]  # [c, L]
-            distances, nearest = self.index.search(features.reshape(-1, dim), k=1)
-            distances, nearest = distances.reshape(count, n_patches), nearest.reshape(count, n_patches)
-            top, where = torch.where(valid, distances, float("-inf")).max(dim=1)
-            rows = torch.arange(count, device=features.device)
-            best.append(top)
-            anchor.append(nearest[rows, where])
-            best_feature.append(features[rows, where])
-            grids.append(torch.where(valid, distances, 0.0))
+            with stage("search"):
+                count, n_patches, dim = features.shape
+                valid = self._valid_mask(lay, grid)[(torch.arange(begin, begin + count) % n_windows)]  # [c, L]
+                distances, nearest = self.index.search(features.reshape(-1, dim), k=1)
+                distances, nearest = distances.reshape(count, n_patches), nearest.reshape(count, n_patches)
+                top, where = torch.where(valid, distances, float("-inf")).max(dim=1)
+                rows = torch.arange(count, device=features.device)
+                best.append(top)
+                anchor.append(nearest[rows, where])
+                best_feature.append(features[rows, where])
+                grids.append(torch.where(valid, distances, 0.0))
         n_images = len(images)
-        best_t = torch.cat(best).reshape(n_images, n_windows)
-        top, window = best_t.max(dim=1)  # each image's highest patch over all its windows
-        pick = torch.arange(n_images, device=top.device) * n_windows + window
-        scores = reweight(top, torch.cat(anchor)[pick], torch.cat(best_feature)[pick], self._bank, self.index,
-                          self.neighbours)
-        scores = torch.where(torch.isfinite(top), scores, 0.0)  # nothing to inspect (empty region of interest)
+        with stage("reweight"):
+            best_t = torch.cat(best).reshape(n_images, n_windows)
+            top, window = best_t.max(dim=1)  # each image's highest patch over all its windows
+            pick = torch.arange(n_images, device=top.device) * n_windows + window
+            scores = reweight(top, torch.cat(anchor)[pick], torch.cat(best_feature)[pick], self._bank, self.index,
+                              self.neighbours)
+            scores = torch.where(torch.isfinite(top), scores, 0.0)  # nothing to inspect (empty region of interest)
         return scores.cpu().numpy().astype(np.float32), torch.cat(grids).reshape(n_images, n_windows, *grid)
 
     def _valid_mask(self, lay: Layout, grid: tuple[int, int]) -> torch.Tensor:
@@ -176,19 +180,28 @@ class PatchCoreScorer:
             self._valid[key] = torch.from_numpy(mask.reshape(len(mask), -1)).to(self.device)
         return self._valid[key]
 
+    @staticmethod
+    def _maps(patch_scores: torch.Tensor, lay: Layout) -> torch.Tensor:
+        """Patch scores [B, n_windows, gh, gw] of one layout -> smoothed maps [B, work_h, work_w]."""
+        with stage("upsample"):
+            unsmoothed = stitch(patch_scores, lay)
+        with stage("smooth"):
+            return smooth(unsmoothed)
+
     def heatmaps(self, result: ScoreResult, rows: Sequence[int]) -> list[np.ndarray]:
         """Smoothed maps of some images of a result scored with maps=False (e.g. only the anomalous ones)."""
         out = []
         for i in rows:
             patches = torch.from_numpy(result.patch_scores[i][None])
-            out.append(smooth(stitch(patches, result.layouts[i]))[0].numpy())
+            out.append(self._maps(patches, result.layouts[i])[0].numpy())
         return out
 
     def overlay(self, image: np.ndarray, anomaly_map: np.ndarray, score: float) -> np.ndarray:
         """The image with its anomaly map, score and threshold drawn on it: BGR uint8 (for cv2.imwrite / JPEG)."""
-        return heatmap_overlay(image, anomaly_map, self.threshold, score,
-                               self.verdict(score) if self.threshold is not None else None,
-                               region=inspected_box(*image.shape[:2], self.view))
+        with stage("overlay"):
+            return heatmap_overlay(image, anomaly_map, self.threshold, score,
+                                   self.verdict(score) if self.threshold is not None else None,
+                                   region=inspected_box(*image.shape[:2], self.view))
 
     @torch.inference_mode()
     def score_patches(self, patch_sets: Sequence[np.ndarray]) -> np.ndarray:

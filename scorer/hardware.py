@@ -1,0 +1,70 @@
+"""What this machine's CPU can do fast: the instruction-set flags that decide low-precision arithmetic, read
+once from /proc/cpuinfo (torch's own oneDNN check where there is no /proc, e.g. macOS)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+# flags reported in the profile and the eval report: vector width, int8 dot products, native bf16/fp16, AMX tiles
+REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+                  "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The CPU as the scorer sees it. `bf16`/`fp16`: convolutions in that type run natively (AVX-512 BF16 or
+    AMX; AVX-512 FP16 or AMX-FP16), not emulated through float32 (several times slower than float32)."""
+
+    model: str
+    flags: frozenset[str]
+    capability: str  # torch.backends.cpu.get_cpu_capability(): the widest kernels torch dispatches to
+    cores: int  # CPUs this process may run on (its affinity), not the machine's
+
+    @property
+    def bf16(self) -> bool:
+        if self.flags:
+            return bool({"avx512_bf16", "amx_bf16"} & self.flags)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+    @property
+    def fp16(self) -> bool:
+        if self.flags:
+            return bool({"avx512_fp16", "amx_fp16"} & self.flags)
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+    def describe(self) -> str:
+        wanted = [f for f in REPORTED_FLAGS if f in self.flags]
+        return f"{self.model or 'unknown CPU'} ({self.capability}; {' '.join(wanted) or 'no listed flags'})"
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "capability": self.capability, "cores": self.cores,
+                "flags": {f: f in self.flags for f in REPORTED_FLAGS}, "bf16": self.bf16, "fp16": self.fp16}
+
+
+@lru_cache(maxsize=1)
+def cpu_features() -> CpuFeatures:
+    """This machine's CPU (read once)."""
+    flags: set[str] = set()
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags" and not flags:
+                flags = set(value.split())
+            elif key.strip() == "model name" and not model:
+                model = value.strip()
+    except OSError:
+        pass
+    return CpuFeatures(model, frozenset(flags), torch.backends.cpu.get_cpu_capability(), available_cores())
+
+
+def available_cores() -> int:
+    """CPUs this process may use: its affinity where the OS has one (containers, taskset), else all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
