@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -108,21 +108,22 @@ def main() -> None:
                         help="folder with mvtec_bottle and visa_macaroni1 (default $PATCHCORE_DATA)")
     parser.add_argument("--video", type=Path, default=os.environ.get("PATCHCORE_VIDEO"),
                         help="a video file (default $PATCHCORE_VIDEO)")
-    parser.add_argument("--banks", type=Path, default=Path("bench/results/banks"),
+    parser.add_argument("--banks", type=Path, default=Path(tempfile.gettempdir()) / "patchcore-profile-banks",
                         help="where banks are read from, or built into once")
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--images", type=int, default=48, help="test images (frames) per source")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--warmup-frames", type=int, default=60)
-    parser.add_argument("--precision", default=None, help="backbone precision (default: the scorer's)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: the CPU's, ComputeConfig.resolve)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the CPU's (ComputeConfig.resolve)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/profile_path-<time>.json)")
     args = parser.parse_args()
     if args.data is None and args.video is None:
         parser.error("give --data and/or --video (or set PATCHCORE_DATA / PATCHCORE_VIDEO)")
 
-    compute = ComputeConfig(args.precision or "fp32", bool(args.channels_last))
-    report = {"cpu": cpu_info(), "compute": asdict(compute), "backbone": args.backbone,
+    compute = ComputeConfig(args.precision or "auto", args.channels_last).resolve("cpu")
+    report = {"cpu": cpu_info(), "compute": compute.to_dict(), "backbone": args.backbone,
               "batch_size": args.batch_size, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "sources": {}}
     print(json.dumps(report["cpu"]), flush=True)

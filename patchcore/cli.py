@@ -48,6 +48,8 @@ Search = Annotated[Optional[str], typer.Option(
     help="Nearest-neighbour search: auto (ivf on the CPU, half on CUDA), exact, subspace, half, ivf or hnsw "
          "(shortlists re-ranked exactly).")]
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
+Precision = Annotated[str, typer.Option(help="Backbone arithmetic: auto (the device's default, scorer.features.DEFAULTS), fp32, or bf16/fp16 autocast (scores move slightly; refused where the device has no native arithmetic for it).")]
+ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Backbone memory layout; default: the device's (channels_last on CPUs: the same features, faster).")]
 LogLevel = Annotated[str, typer.Option(help="debug, info, warning, error.")]
 
 
@@ -95,6 +97,17 @@ def _build_config(backbone: str, layers: Optional[str], coreset: float, seed: in
         _fail(str(exc))
 
 
+def _compute(precision: str, channels_last: Optional[bool], device: str):
+    """The backbone's compute settings, resolved for the device (checked here, so a refusal is a clear error)."""
+    from scorer.features import ComputeConfig, ComputeError
+    from scorer.model import resolve_device
+
+    try:
+        return ComputeConfig(precision, channels_last).resolve(resolve_device(device))
+    except ComputeError as exc:
+        _fail(str(exc))
+
+
 def _roi(path: Optional[Path]):
     if path is None:
         return None
@@ -108,7 +121,7 @@ def _roi(path: Optional[Path]):
     return mask > 0
 
 
-def _build(train: Path, config, weights: Optional[str], device: str, progress: bool, roi=None):
+def _build(train: Path, config, weights: Optional[str], device: str, progress: bool, roi=None, compute=None):
     from scorer import BackboneError, build_bank
     from scorer.preprocess import list_images
 
@@ -118,7 +131,7 @@ def _build(train: Path, config, weights: Optional[str], device: str, progress: b
     if not paths:
         _fail(f"no PNG/JPEG/BMP images in {train}")
     try:
-        return build_bank(paths, config, weights, device, progress, roi=roi)
+        return build_bank(paths, config, weights, device, progress, roi=roi, compute=compute or _compute("auto", None, device))
     except (BackboneError, ValueError) as exc:
         _fail(str(exc))
 
@@ -136,6 +149,7 @@ def bank_build(
     size: Size = 320, scale: Scale = 0.5, tile: Tile = 224, overlap: Overlap = 0.25, roi: Roi = None,
     folds: Folds = 5, contiguous: Contiguous = False, false_alarm_rate: FalseAlarmRate = 0.01, neighbours: Neighbours = 9,
     batch_size: BatchSize = 16, device: Device = "auto", progress: Progress = True,
+    precision: Precision = "auto", channels_last: ChannelsLast = None,
 ) -> None:
     """Build a memory bank from good images (features, coreset, threshold calibration)."""
     from scorer import save_bank
@@ -143,6 +157,7 @@ def bank_build(
 
     config = _build_config(backbone, layers, coreset, seed, view, resize, crop, size, scale, tile, overlap,
                            folds, contiguous or warmup_source is not None, false_alarm_rate, neighbours, batch_size)
+    compute = _compute(precision, channels_last, device)
     if (train is None) == (warmup_source is None):
         _fail("give either --train or --warmup-source")
     if warmup_source is not None:
@@ -157,9 +172,9 @@ def bank_build(
                 warmup_images(warmup_source, warmup_frames, Path(folder))
             except SourceError as exc:
                 _fail(str(exc))
-            bank = _build(Path(folder), config, weights, device, progress, _roi(roi))
+            bank = _build(Path(folder), config, weights, device, progress, _roi(roi), compute)
     else:
-        bank = _build(train, config, weights, device, progress, _roi(roi))
+        bank = _build(train, config, weights, device, progress, _roi(roi), compute)
     save_bank(bank, out)
     typer.echo(json.dumps({"bank": str(out), **bank_summary(bank)}, indent=2))
 
@@ -216,13 +231,14 @@ def evaluate_command(
     size: Size = 320, scale: Scale = 0.5, tile: Tile = 224, overlap: Overlap = 0.25, roi: Roi = None,
     folds: Folds = 5, contiguous: Contiguous = False, false_alarm_rate: FalseAlarmRate = 0.01, neighbours: Neighbours = 9,
     batch_size: BatchSize = 16, device: Device = "auto", index: Index = "auto", search: Search = None,
-    progress: Progress = True,
+    progress: Progress = True, precision: Precision = "auto", channels_last: ChannelsLast = None,
 ) -> None:
     """Image AUROC, pixel AUROC and PRO on a category's test set (builds the bank unless --bank)."""
     from scorer import BankError, PatchCoreScorer, load_bank
     from scorer.evaluate import evaluate
     from scorer.index import IndexError_
 
+    compute = _compute(precision, channels_last, device)
     try:
         if bank is not None:
             loaded, fit_seconds = load_bank(bank), 0.0
@@ -230,9 +246,10 @@ def evaluate_command(
             config = _build_config(backbone, layers, coreset, seed, view, resize, crop, size, scale, tile,
                                    overlap, folds, contiguous, false_alarm_rate, neighbours, batch_size)
             started = time.perf_counter()
-            loaded = _build(data / "train" / "good", config, weights, device, progress, _roi(roi))
+            loaded = _build(data / "train" / "good", config, weights, device, progress, _roi(roi), compute)
             fit_seconds = time.perf_counter() - started
-        scorer = PatchCoreScorer(loaded, device=device, index=index, weights=weights, search=_search(search, index))
+        scorer = PatchCoreScorer(loaded, device=device, index=index, weights=weights, search=_search(search, index),
+                                 compute=compute)
     except (BankError, IndexError_) as exc:
         _fail(str(exc))
     report = evaluate(scorer, data, fit_seconds, batch_size, progress).to_dict()
@@ -253,15 +270,16 @@ def score_command(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG/JPEG/BMP).")],
     heatmaps: Annotated[Optional[Path], typer.Option(help="Write a heatmap overlay PNG per image into this folder.")] = None,
     weights: Weights = None, device: Device = "auto", index: Index = "auto", search: Search = None,
-    batch_size: BatchSize = 16,
+    batch_size: BatchSize = 16, precision: Precision = "auto", channels_last: ChannelsLast = None,
 ) -> None:
     """Score images: one JSON line per image with score, threshold and verdict."""
     from scorer import BankError, ImageDecodeError, PatchCoreScorer, load_bank, load_image
     from scorer.index import IndexError_
 
+    compute = _compute(precision, channels_last, device)
     try:
         scorer = PatchCoreScorer(load_bank(bank), device=device, index=index, weights=weights,
-                                 search=_search(search, index))
+                                 search=_search(search, index), compute=compute)
     except (BankError, IndexError_) as exc:
         _fail(str(exc))
     threshold = scorer.threshold
@@ -487,8 +505,7 @@ def worker_command(
     max_pixels: Annotated[int, typer.Option(help="Dead-letter frames larger than this many pixels (checked in the image header, before decoding).")] = 7680 * 4320,
     max_deliveries: Annotated[int, typer.Option(help="Dead-letter a frame as poison once delivered more often than this.")] = 5,
     device: Device = "auto", index: Index = "auto", search: Search = None, weights: Weights = None,
-    precision: Annotated[str, typer.Option(help="Backbone arithmetic: fp32, or bf16/fp16 autocast (GPUs; scores move slightly).")] = "fp32",
-    channels_last: Annotated[bool, typer.Option(help="Backbone in channels_last memory layout (faster convolutions on GPUs).")] = False,
+    precision: Precision = "auto", channels_last: ChannelsLast = None,
     prefetch: Prefetch = True, signing_key_file: SigningKeyFile = None, metrics_port: MetricsPort = 0,
     wait_replicas: WaitReplicas = 0, wait_ms: WaitMs = 100,
     redis_url: RedisUrl = None, password_file: PasswordFile = None, prefix: Prefix = "pc",
@@ -497,11 +514,9 @@ def worker_command(
 
     With a signing key, only banks signed with it are loaded; without one, any bank that matches its sha256."""
     from contracts.keys import Keys
-    from scorer.features import PRECISIONS
     from workers.worker import Worker, WorkerSettings
 
-    if precision not in PRECISIONS:
-        _fail(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    _compute(precision, channels_last, device)  # refused here, clearly, rather than when the first bank loads
     settings = WorkerSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms,
                               max_frame_bytes=max_frame_bytes, result_maps=result_maps, max_pixels=max_pixels,
                               max_deliveries=max_deliveries, device=device, index=index, search=_search(search, index),

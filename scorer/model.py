@@ -83,7 +83,8 @@ class PatchCoreScorer:
                  weights: str | Path | None = None, extractor: PatchFeatureExtractor | None = None,
                  reweight_neighbours: int | None = None, view: ViewConfig | None = None,
                  search: SearchConfig | str = SearchConfig(), compute: ComputeConfig | None = None):
-        """compute: the backbone's precision and layout (default fp32); with `extractor`, that extractor's own."""
+        """compute: the backbone's precision and layout (default: the device's, ComputeConfig.resolve); with
+        `extractor`, that extractor's own."""
         self.bank = bank
         self.device = resolve_device(device)
         self.config = bank.feature_config
@@ -93,7 +94,7 @@ class PatchCoreScorer:
         if extractor is None:
             extractor, _ = build_extractor(replace(self.config, weights_sha256=""), weights, self.device,
                                            compute or ComputeConfig())
-        elif compute is not None and compute != extractor.compute:
+        elif compute is not None and compute.resolve(self.device) != extractor.compute:
             raise ValueError(f"extractor runs with {extractor.compute}, not {compute}")
         differences = self.config.differences(extractor.config)
         if differences:
@@ -300,7 +301,7 @@ def extract_patches(extractor: PatchFeatureExtractor, sources: Sequence[Image], 
 
 def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), weights: str | Path | None = None,
                device: str | torch.device = "auto", progress: bool = True, roi: np.ndarray | None = None,
-               index: str = "auto") -> MemoryBank:
+               index: str = "auto", compute: ComputeConfig = ComputeConfig()) -> MemoryBank:
     """Fit: patch features of good images (files or RGB arrays) -> coreset memory bank with a threshold.
 
     The threshold comes from good images only: the training images are split into k folds, each fold is
@@ -312,7 +313,7 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
         raise ValueError("no training images given")
     started = time.perf_counter()
     device = resolve_device(device)
-    extractor, feature_config = build_extractor(config.features, weights, device)
+    extractor, feature_config = build_extractor(config.features, weights, device, compute)
     roi = None if roi is None else np.asarray(roi).astype(bool)
     with tempfile.TemporaryDirectory(prefix="patchcore-build-") as folder:
         store = PatchStore(Path(folder), feature_config.target_dim, config.coreset)
@@ -355,13 +356,14 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
                 # every training patch lies within this distance (projected space) of the bank: bank updates
                 # add new patches until they do too
                 "coverage_radius": round(float(radius["coreset"]), 6),
-                "feature_seconds": round(feature_seconds, 2), "build_seconds": round(time.perf_counter() - started, 2)}
+                "feature_seconds": round(feature_seconds, 2), "build_seconds": round(time.perf_counter() - started, 2),
+                "compute": extractor.compute.to_dict()}  # how the features were computed (any bank scores with any)
         return bank_of(selected, calibration, info)
 
 
 def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path | None = None,
                 device: str | torch.device = "auto", progress: bool = False, index: str = "auto",
-                batch_size: int = 16) -> MemoryBank:
+                batch_size: int = 16, compute: ComputeConfig = ComputeConfig()) -> MemoryBank:
     """A bank that also knows new good images (e.g. dismissed false alarms), without a full rebuild.
 
     The greedy selection continues from the bank's coreset over the new images' patches until every new
@@ -372,7 +374,7 @@ def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path |
     if not len(images):
         raise ValueError("no new images given")
     device = resolve_device(device)
-    extractor, _ = build_extractor(replace(bank.feature_config, weights_sha256=""), weights, device)
+    extractor, _ = build_extractor(replace(bank.feature_config, weights_sha256=""), weights, device, compute)
     # refuses a mismatch; the exact search, as the stored good scores were computed (build_bank)
     scorer = PatchCoreScorer(bank, device=device, index=index, extractor=extractor, search="exact")
     patches = list(extract_patches(extractor, images, bank.view, bank.roi, batch_size, device, progress))

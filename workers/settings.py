@@ -29,8 +29,9 @@ class WorkerSettings:
     index: str = "auto"  # engine of the flat search
     search: SearchConfig = SearchConfig()  # nearest-neighbour search (scorer.index)
     weights: str | None = None
-    precision: str = "fp32"  # the backbone under autocast: bf16 or fp16 (scores move slightly; see ComputeConfig)
-    channels_last: bool = False  # the backbone's memory layout (faster convolutions on GPUs)
+    # the backbone's arithmetic and memory layout; "auto"/None: the device's default (scorer.features.ComputeConfig)
+    precision: str = "auto"
+    channels_last: bool | None = None
     # pipelining: read and decode the next batch while the current one is scored, and write the previous one's
     # results meanwhile, once a batch has gone through cleanly (so a worker that cannot score takes one batch, not
     # two: tests/test_poison.py). A fault that starts mid-run finds up to three batches taken (read, scored, being
