@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: the CPU's, ComputeConfig.resolve)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="default: the CPU's (ComputeConfig.resolve)")
+    parser.add_argument("--sources", default="bottle,macaroni1,video", help="which of bottle, macaroni1, video")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/profile_path-<time>.json)")
     args = parser.parse_args()
     if args.data is None and args.video is None:
@@ -130,6 +131,8 @@ def main() -> None:
     sources = []
     if args.data is not None:
         for name, folder in CATEGORIES.items():
+            if name not in args.sources.split(","):
+                continue
             category = args.data / folder
             if not category.is_dir():
                 raise SystemExit(f"{category} not found (--data must hold {', '.join(CATEGORIES.values())})")
@@ -137,7 +140,7 @@ def main() -> None:
             step = max(1, len(paths) // args.images)  # spread over the defect types
             chosen = paths[::step][:args.images]
             sources.append((name, lambda: train_images(category), chosen, load_many, False))
-    if args.video is not None:
+    if args.video is not None and "video" in args.sources.split(","):
         warm = video_frames(args.video, 0, args.warmup_frames, 1)
         frames = video_frames(args.video, args.warmup_frames, args.images, 5)
         jpegs = [encode_frame(frame)[0] for frame in frames]  # as ingest sends them (JPEG, quality 90)

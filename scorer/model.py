@@ -26,7 +26,7 @@ from .features import ComputeConfig, PatchFeatureExtractor
 from .index import SearchConfig, make_index
 from .overlay import heatmap_overlay
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb, upload
-from .scoring import reweight, smooth
+from .scoring import reweight, smooth, window_maps
 from .stages import stage
 from .views import Layout, ViewConfig, ViewError, layout, shape_groups, stitch, valid_patches, windows, inspected_box
 
@@ -183,18 +183,29 @@ class PatchCoreScorer:
 
     @staticmethod
     def _maps(patch_scores: torch.Tensor, lay: Layout) -> torch.Tensor:
-        """Patch scores [B, n_windows, gh, gw] of one layout -> smoothed maps [B, work_h, work_w]."""
+        """Patch scores [B, n_windows, gh, gw] of one layout -> smoothed maps [B, work_h, work_w]. One window
+        (crop, full): upsampling and Gaussian as two matrix products (scoring.window_maps); tiles: stitched
+        (overlaps take the maximum), then smoothed."""
+        if len(lay.origins) == 1 and lay.origins[0] == (0, 0):
+            with stage("upsample"):  # upsampling and smoothing in one: timed as one stage
+                return window_maps(patch_scores[:, 0], lay.window, lay.work)
         with stage("upsample"):
             unsmoothed = stitch(patch_scores, lay)
         with stage("smooth"):
             return smooth(unsmoothed)
 
     def heatmaps(self, result: ScoreResult, rows: Sequence[int]) -> list[np.ndarray]:
-        """Smoothed maps of some images of a result scored with maps=False (e.g. only the anomalous ones)."""
-        out = []
-        for i in rows:
-            patches = torch.from_numpy(result.patch_scores[i][None])
-            out.append(self._maps(patches, result.layouts[i])[0].numpy())
+        """Smoothed maps of some images of a result scored with maps=False (e.g. only the anomalous ones):
+        computed together for the images of each layout."""
+        rows = list(rows)
+        out: list = [None] * len(rows)
+        groups: dict[Layout, list[int]] = {}
+        for position, i in enumerate(rows):
+            groups.setdefault(result.layouts[i], []).append(position)
+        for lay, positions in groups.items():
+            patches = torch.from_numpy(np.stack([result.patch_scores[rows[p]] for p in positions]))
+            for p, heat in zip(positions, self._maps(patches, lay).numpy()):
+                out[p] = heat
         return out
 
     def overlay(self, image: np.ndarray, anomaly_map: np.ndarray, score: float) -> np.ndarray:
