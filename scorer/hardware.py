@@ -68,3 +68,39 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """How the cores are shared, decided together (thread_plan) rather than by each library's default.
+
+    `intra_op`: torch's threads (backbone, pooling, search re-rank, maps): all cores. FAISS (the ivf/hnsw coarse
+    search) runs in the same OpenMP runtime as torch in these wheels (faiss.omp_set_num_threads changes
+    torch.get_num_threads() of the calling thread), so it gets the same count: there is one setting, not two.
+    `decode`: threads decoding the next batch's images while this one is scored (cv2 releases the GIL): half the
+    cores, at least one, so decoding keeps up without taking the backbone's cores. `worker_stages`: the worker's
+    pipelined score and write threads (workers/worker.py) beside its reading thread: one batch in each stage."""
+
+    cores: int
+    intra_op: int
+    decode: int
+    worker_stages: int = 2
+
+    def to_dict(self) -> dict:
+        return {"cores": self.cores, "intra_op": self.intra_op, "decode": self.decode,
+                "worker_stages": self.worker_stages}
+
+
+def thread_plan(cores: int | None = None) -> ThreadPlan:
+    """The thread counts for `cores` (default: the CPUs this process may use, its affinity)."""
+    cores = max(1, cores or available_cores())
+    return ThreadPlan(cores=cores, intra_op=cores, decode=max(1, cores // 2))
+
+
+def apply_thread_plan(plan: ThreadPlan | None = None) -> ThreadPlan:
+    """Set torch's (and so FAISS's) threads from `plan` (default thread_plan()); every scorer, bank build and
+    worker calls this one function. Cheap to call again; torch keeps the count for threads started later."""
+    plan = plan or thread_plan()
+    if torch.get_num_threads() != plan.intra_op:
+        torch.set_num_threads(plan.intra_op)
+    return plan

@@ -23,6 +23,7 @@ from .calibration import fold_ids, threshold_for_rate
 from .config import BuildConfig, CoresetConfig, FeatureConfig
 from .coreset import coreset_size, extend_coreset, random_projection, select_coreset
 from .features import ComputeConfig, PatchFeatureExtractor
+from .hardware import apply_thread_plan, thread_plan
 from .index import SearchConfig, make_index
 from .overlay import heatmap_overlay
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb, upload
@@ -57,7 +58,7 @@ def iter_image_batches(sources: Sequence[Image], batch_size: int) -> Iterator[li
     def load(source: Image) -> np.ndarray:
         return to_rgb(source) if isinstance(source, np.ndarray) else load_image(source)
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=thread_plan().decode) as pool:
         pending = None
         for begin in range(0, len(sources), batch_size):
             current = pending or [pool.submit(load, p) for p in sources[begin:begin + batch_size]]
@@ -87,6 +88,7 @@ class PatchCoreScorer:
         `extractor`, that extractor's own."""
         self.bank = bank
         self.device = resolve_device(device)
+        apply_thread_plan()  # torch's and FAISS's threads sized together for the cores present
         self.config = bank.feature_config
         if view is not None and bank.view.differences(view):
             raise BankError("bank does not match this view: " + "; ".join(bank.view.differences(view)))
@@ -324,6 +326,7 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
         raise ValueError("no training images given")
     started = time.perf_counter()
     device = resolve_device(device)
+    apply_thread_plan()
     extractor, feature_config = build_extractor(config.features, weights, device, compute)
     roi = None if roi is None else np.asarray(roi).astype(bool)
     with tempfile.TemporaryDirectory(prefix="patchcore-build-") as folder:

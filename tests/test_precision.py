@@ -137,3 +137,23 @@ def test_bf16_bank_threshold_close_to_fp32(mobilenet):
     scores = PatchCoreScorer(fp32, device="cpu", compute=ComputeConfig("bf16")).score(images, maps=False).image_scores
     reference = PatchCoreScorer(fp32, device="cpu", compute=ComputeConfig("fp32")).score(images, maps=False).image_scores
     assert np.abs(scores - reference).max() <= BF16_RTOL * reference.max()
+
+
+def test_thread_plan_sizes_torch_faiss_and_decoding_together():
+    import os
+
+    import faiss
+    import torch
+
+    from scorer.hardware import apply_thread_plan, available_cores, thread_plan
+
+    for cores, decode in ((1, 1), (2, 1), (16, 8)):
+        plan = thread_plan(cores)
+        assert (plan.intra_op, plan.decode) == (cores, decode)
+    assert thread_plan().cores == available_cores() == len(os.sched_getaffinity(0))
+    try:
+        apply_thread_plan(thread_plan(1))
+        assert torch.get_num_threads() == 1 and faiss.omp_get_max_threads() == 1  # one OpenMP runtime for both
+    finally:
+        apply_thread_plan()
+    assert torch.get_num_threads() == faiss.omp_get_max_threads() == available_cores()
