@@ -89,6 +89,8 @@ class ComputeConfig:
         elif device.type == "cpu" and self.precision == AUTO:
             features = cpu_features()
             notes.append(f"this CPU has {'native' if features.bf16 else 'no native'} BF16 ({features.describe()})")
+        if self.resolved and self.reason:  # resolved before (e.g. by the CLI): keep how it was decided
+            return self
         return replace(self, precision=precision, channels_last=channels_last, reason="; ".join(notes))
 
     def to_dict(self) -> dict:
