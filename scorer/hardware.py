@@ -74,11 +74,14 @@ def available_cores() -> int:
 class ThreadPlan:
     """How the cores are shared, decided together (thread_plan) rather than by each library's default.
 
-    `intra_op`: torch's threads (backbone, pooling, search re-rank, maps): all cores. FAISS (the ivf/hnsw coarse
+    `intra_op`: torch's threads (backbone, pooling, search re-rank, maps). FAISS (the ivf/hnsw coarse
     search) runs in the same OpenMP runtime as torch in these wheels (faiss.omp_set_num_threads changes
     torch.get_num_threads() of the calling thread), so it gets the same count: there is one setting, not two.
-    `decode`: threads decoding the next batch's images while this one is scored (cv2 releases the GIL): half the
-    cores, at least one, so decoding keeps up without taking the backbone's cores. `worker_stages`: the worker's
+    `decode`: threads decoding the next batch's images while this one is scored (cv2 releases the GIL): a quarter
+    of the cores, at least one. The two run at once, so torch gets the cores the decoders leave (at least one):
+    on 2 cores one each. Measured on the shared 2-core AMD EPYC (under load, load average 6-7), bottle eval back
+    to back: torch at 1 thread 9.21 images/s, at 2 threads 3.63 (an OpenMP team waits at every barrier for a
+    thread the OS has descheduled). `worker_stages`: the worker's
     pipelined score and write threads (workers/worker.py) beside its reading thread: one batch in each stage."""
 
     cores: int
@@ -94,7 +97,8 @@ class ThreadPlan:
 def thread_plan(cores: int | None = None) -> ThreadPlan:
     """The thread counts for `cores` (default: the CPUs this process may use, its affinity)."""
     cores = max(1, cores or available_cores())
-    return ThreadPlan(cores=cores, intra_op=cores, decode=max(1, cores // 2))
+    decode = max(1, cores // 4)
+    return ThreadPlan(cores=cores, intra_op=max(1, cores - decode), decode=decode)
 
 
 def apply_thread_plan(plan: ThreadPlan | None = None) -> ThreadPlan:

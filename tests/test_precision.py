@@ -147,13 +147,13 @@ def test_thread_plan_sizes_torch_faiss_and_decoding_together():
 
     from scorer.hardware import apply_thread_plan, available_cores, thread_plan
 
-    for cores, decode in ((1, 1), (2, 1), (16, 8)):
+    for cores, intra_op, decode in ((1, 1, 1), (2, 1, 1), (16, 12, 4)):
         plan = thread_plan(cores)
-        assert (plan.intra_op, plan.decode) == (cores, decode)
+        assert (plan.intra_op, plan.decode) == (intra_op, decode)
     assert thread_plan().cores == available_cores() == len(os.sched_getaffinity(0))
     try:
         apply_thread_plan(thread_plan(1))
         assert torch.get_num_threads() == 1 and faiss.omp_get_max_threads() == 1  # one OpenMP runtime for both
     finally:
         apply_thread_plan()
-    assert torch.get_num_threads() == faiss.omp_get_max_threads() == available_cores()
+    assert torch.get_num_threads() == faiss.omp_get_max_threads() == thread_plan().intra_op
