@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from .bank import MemoryBank
+from .hardware import cpu_features
 from .metrics import best_recall_at_rate, f1_optimal_threshold, image_auroc, pixel_auroc, pro_score
 from .model import PatchCoreScorer, iter_image_batches
 from .preprocess import list_images
@@ -67,6 +68,8 @@ def load_masks(samples: list[TestSample], images: list[np.ndarray], view: ViewCo
 class EvalReport:
     view: str  # the view and its sizes
     search: str  # the nearest-neighbour search, as it ran ("auto" resolved)
+    compute: dict  # the backbone's precision and layout, as it ran (ComputeConfig, resolved, with its reason)
+    cpu: dict  # the CPU's model and the flags that decide fast low precision (scorer.hardware)
     image_auroc: float
     pixel_auroc: float
     pro: float
@@ -117,6 +120,8 @@ def evaluate(scorer: PatchCoreScorer, category: str | Path, fit_seconds: float, 
     return EvalReport(
         view=scorer.view.describe(),
         search=scorer.index.search_config.describe(),
+        compute=scorer.extractor.compute.to_dict(),
+        cpu=cpu_features().to_dict(),
         image_auroc=image_auroc(labels, scores_all),
         pixel_auroc=pixel_auroc(masks, maps),
         pro=pro_score(masks, maps),

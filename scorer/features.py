@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,9 @@ from torch import nn
 from torchvision.models import MobileNetV2, ResNet
 
 from .efficientnet_lite import EfficientNetLite
+from .hardware import cpu_features
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .stages import stage
 
 
 def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -28,21 +30,83 @@ def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO = "auto"  # a ComputeConfig field left to the device's default (ComputeConfig.resolve)
+
+# The defaults, per device type: (precision, channels_last). The CPU's: channels_last float32 computes the
+# contiguous layout's features to float rounding (tests/test_precision.py) and runs the backbone faster
+# (bench/profile_path.py); bf16 stays an option, not the default: its image/pixel AUROC and PRO were not shown to
+# stay within 0.002 of fp32 on bottle and macaroni1 on a CPU with native BF16. CUDA's: as before (unmeasured here).
+DEFAULTS = {"cpu": ("fp32", True), "cuda": ("fp32", False)}
+OTHER_DEVICE_DEFAULT = ("fp32", False)
+
+
+class ComputeError(ValueError):
+    """A compute setting this device cannot run (a precision without native arithmetic here, say)."""
 
 
 @dataclass(frozen=True)
 class ComputeConfig:
-    """How the backbone runs, not what it computes: a scorer/worker setting, never stored in a bank (banks
-    are built in fp32). `precision` bf16/fp16 runs the backbone under autocast (its tapped maps come back as
-    float32; neighbourhoods, pooling, search and maps stay float32); `channels_last` is the memory layout
-    convolutions run fastest in on GPUs. Default: fp32, contiguous - exactly the bank's own arithmetic."""
+    """How the backbone runs, not what it computes: a scorer/worker setting. A bank records the settings it was
+    built with (info["compute"]), but any bank is scored with any settings: they move scores only by rounding
+    (fp32 layouts) or slightly (bf16/fp16; tests/test_precision.py). `precision` bf16/fp16 runs the backbone under
+    autocast (its tapped maps come back as float32; neighbourhoods, pooling, search and maps stay float32);
+    `channels_last` is the memory layout of the convolutions (NHWC: faster with oneDNN on CPUs).
 
-    precision: str = "fp32"
-    channels_last: bool = False
+    Fields left "auto"/None take the device's default (DEFAULTS) in `resolve`, the one place defaults are decided;
+    the extractor always runs a resolved config. `emulate` lets a precision run on a CPU without native
+    arithmetic for it (reference kernels, some hundred times slower than fp32): for tests, never a default."""
+
+    precision: str = AUTO
+    channels_last: bool | None = None
+    emulate: bool = False
+    reason: str = field(default="", compare=False)  # how `resolve` decided (e.g. a CPU without BF16 fell back)
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.precision != AUTO and self.precision not in PRECISIONS:
+            raise ComputeError(f"unknown precision {self.precision!r}; choose from {AUTO}, {', '.join(PRECISIONS)}")
+        if self.channels_last not in (None, True, False):
+            raise ComputeError(f"channels_last must be true, false or unset (auto), not {self.channels_last!r}")
+
+    @property
+    def resolved(self) -> bool:
+        return self.precision != AUTO and self.channels_last is not None
+
+    def resolve(self, device: torch.device | str = "cpu") -> "ComputeConfig":
+        """This config with every auto field set to `device`'s default; ComputeError when `device` cannot run it."""
+        device = torch.device(device)
+        default_precision, default_layout = DEFAULTS.get(device.type, OTHER_DEVICE_DEFAULT)
+        precision = default_precision if self.precision == AUTO else self.precision
+        channels_last = default_layout if self.channels_last is None else self.channels_last
+        notes = [f"precision {precision} ({'default' if self.precision == AUTO else 'asked'} on {device.type})",
+                 f"{'channels_last' if channels_last else 'contiguous'} "
+                 f"({'default' if self.channels_last is None else 'asked'})"]
+        if precision != "fp32":
+            native, why = native_precision(precision, device)
+            if not native and not self.emulate:
+                raise ComputeError(f"{precision} is not supported on this {device.type}: {why}; use fp32")
+            if not native:
+                notes.append(f"emulated: {why}")
+        elif device.type == "cpu" and self.precision == AUTO:
+            features = cpu_features()
+            notes.append(f"this CPU has {'native' if features.bf16 else 'no native'} BF16 ({features.describe()})")
+        if self.resolved and self.reason:  # resolved before (e.g. by the CLI): keep how it was decided
+            return self
+        return replace(self, precision=precision, channels_last=channels_last, reason="; ".join(notes))
+
+    def to_dict(self) -> dict:
+        return {"precision": self.precision, "channels_last": self.channels_last, "reason": self.reason}
+
+
+def native_precision(precision: str, device: torch.device) -> tuple[bool, str]:
+    """(whether `device` runs `precision` convolutions natively, why not)."""
+    if device.type == "cpu":
+        features = cpu_features()
+        native = features.bf16 if precision == "bf16" else features.fp16
+        flags = "avx512_bf16 or amx_bf16" if precision == "bf16" else "avx512_fp16 or amx_fp16"
+        return native, f"{features.describe()} lacks {flags} (torch would run reference kernels, far slower than fp32)"
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        return False, f"{torch.cuda.get_device_name(device)} has no bf16 arithmetic"
+    return True, ""
 
 
 class TruncatedBackbone(nn.Module):
@@ -62,8 +126,8 @@ class TruncatedBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
-        for name, stage in zip(self.names, self.stages):
-            x = stage(x)
+        for name, module in zip(self.names, self.stages):
+            x = module(x)
             if name in self.taps:
                 out[name] = x
         return out
@@ -102,10 +166,12 @@ class PatchFeatureExtractor(nn.Module):
         self.target_dim = target_dim
         self.config = None  # the FeatureConfig it implements, set by scorer.model.build_extractor
         self._pooling: dict = {}  # (layer, channels, device) -> (first, last output column, conv weight)
-        self.compute = ComputeConfig()
+        self.use(ComputeConfig("fp32", False))  # the reference arithmetic until build_extractor sets the default
 
-    def use(self, compute: ComputeConfig) -> "PatchFeatureExtractor":
-        """Run the backbone with these compute settings from now on (precision, memory layout)."""
+    def use(self, compute: ComputeConfig = ComputeConfig()) -> "PatchFeatureExtractor":
+        """Run the backbone with these compute settings from now on (precision, memory layout), auto fields
+        resolved for the device the extractor is on."""
+        compute = compute.resolve(self.scale.device)
         self.compute = compute
         self.body.to(memory_format=torch.channels_last if compute.channels_last else torch.contiguous_format)
         return self
@@ -117,20 +183,22 @@ class PatchFeatureExtractor(nn.Module):
 
     def patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """forward without inference mode (what ONNX export traces: convolutions, resizes, pads and sums)."""
-        if self.renormalise:
-            images = images * self.scale + self.shift
-        maps = self._backbone(images)
-        grid = tuple(maps[self.layers[0]].shape[-2:])
-        out = None
-        for position, layer in enumerate(self.layers):
-            fmap = maps[layer]
-            first, last, weight = self._pooling_conv(position, fmap)
-            part = F.conv2d(fmap, weight.to(fmap.dtype), padding=(self.patch_size - 1) // 2)
-            if tuple(part.shape[-2:]) != grid:
-                part = F.interpolate(part, size=grid, mode="bilinear", align_corners=False)
-            part = F.pad(part, (0, 0, 0, 0, first, self.target_dim - last))  # its columns of the final vector
-            out = part if out is None else out + part
-        features = out.permute(0, 2, 3, 1).reshape(images.shape[0], grid[0] * grid[1], self.target_dim)
+        with stage("backbone"):
+            if self.renormalise:
+                images = images * self.scale + self.shift
+            maps = self._backbone(images)
+        with stage("pooling"):
+            grid = tuple(maps[self.layers[0]].shape[-2:])
+            out = None
+            for position, layer in enumerate(self.layers):
+                fmap = maps[layer]
+                first, last, weight = self._pooling_conv(position, fmap)
+                part = F.conv2d(fmap, weight.to(fmap.dtype), padding=(self.patch_size - 1) // 2)
+                if tuple(part.shape[-2:]) != grid:
+                    part = F.interpolate(part, size=grid, mode="bilinear", align_corners=False)
+                part = F.pad(part, (0, 0, 0, 0, first, self.target_dim - last))  # its columns of the final vector
+                out = part if out is None else out + part
+            features = out.permute(0, 2, 3, 1).reshape(images.shape[0], grid[0] * grid[1], self.target_dim)
         return features, (int(grid[0]), int(grid[1]))
 
     def _backbone(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -23,11 +23,13 @@ from .calibration import fold_ids, tail_fit_pvalue, threshold_for_rate
 from .config import BuildConfig, CoresetConfig, FeatureConfig
 from .coreset import coreset_size, extend_coreset, random_projection, select_coreset
 from .features import ComputeConfig, PatchFeatureExtractor
+from .hardware import apply_thread_plan, thread_plan
 from .heldout import LeaveOut, exclusion_ranges
 from .index import SearchConfig, make_index
 from .overlay import heatmap_overlay
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb, upload
-from .scoring import reweight, smooth
+from .scoring import reweight, smooth, window_maps
+from .stages import stage
 from .views import Layout, ViewConfig, ViewError, layout, shape_groups, stitch, valid_patches, windows, inspected_box
 
 Image = Union[np.ndarray, str, Path]  # an RGB uint8 array, or an image file
@@ -58,7 +60,7 @@ def iter_image_batches(sources: Sequence[Image], batch_size: int) -> Iterator[li
     def load(source: Image) -> np.ndarray:
         return to_rgb(source) if isinstance(source, np.ndarray) else load_image(source)
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=thread_plan().decode) as pool:
         pending = None
         for begin in range(0, len(sources), batch_size):
             current = pending or [pool.submit(load, p) for p in sources[begin:begin + batch_size]]
@@ -84,9 +86,11 @@ class PatchCoreScorer:
                  weights: str | Path | None = None, extractor: PatchFeatureExtractor | None = None,
                  reweight_neighbours: int | None = None, view: ViewConfig | None = None,
                  search: SearchConfig | str = SearchConfig(), compute: ComputeConfig | None = None):
-        """compute: the backbone's precision and layout (default fp32); with `extractor`, that extractor's own."""
+        """compute: the backbone's precision and layout (default: the device's, ComputeConfig.resolve); with
+        `extractor`, that extractor's own."""
         self.bank = bank
         self.device = resolve_device(device)
+        apply_thread_plan()  # torch's and FAISS's threads sized together for the cores present
         self.config = bank.feature_config
         if view is not None and bank.view.differences(view):
             raise BankError("bank does not match this view: " + "; ".join(bank.view.differences(view)))
@@ -94,7 +98,7 @@ class PatchCoreScorer:
         if extractor is None:
             extractor, _ = build_extractor(replace(self.config, weights_sha256=""), weights, self.device,
                                            compute or ComputeConfig())
-        elif compute is not None and compute != extractor.compute:
+        elif compute is not None and compute.resolve(self.device) != extractor.compute:
             raise ValueError(f"extractor runs with {extractor.compute}, not {compute}")
         differences = self.config.differences(extractor.config)
         if differences:
@@ -137,7 +141,7 @@ class PatchCoreScorer:
         for (height, width, *_), rows in shape_groups(images).items():
             lay = layout(self.view, height, width)
             group_scores, group_patches = self._score_group([images[i] for i in rows], lay)
-            group_maps = smooth(stitch(group_patches, lay)).cpu().numpy() if maps else None
+            group_maps = self._maps(group_patches, lay).cpu().numpy() if maps else None
             group_patches = group_patches.cpu().numpy()
             for j, i in enumerate(rows):
                 scores[i], patches[i], layouts[i] = group_scores[j], group_patches[j], lay
@@ -146,29 +150,32 @@ class PatchCoreScorer:
         return ScoreResult(scores, heat if maps else None, patches, layouts)
 
     def _score_group(self, images: list[np.ndarray], lay: Layout) -> tuple[np.ndarray, torch.Tensor]:
-        batch = upload(images, self.device)
-        inputs = windows(batch, self.view, lay, IMAGENET_MEAN, IMAGENET_STD)  # [B * T, 3, h, w], frame-major
+        with stage("resize_normalise"):
+            batch = upload(images, self.device)
+            inputs = windows(batch, self.view, lay, IMAGENET_MEAN, IMAGENET_STD)  # [B * T, 3, h, w], frame-major
         n_windows = len(lay.origins)
         grids, best, anchor, best_feature, grid = [], [], [], [], (0, 0)
         for begin in range(0, len(inputs), self.max_windows_per_pass):
             features, grid = self.extractor(inputs[begin:begin + self.max_windows_per_pass])
-            count, n_patches, dim = features.shape
-            valid = self._valid_mask(lay, grid)[(torch.arange(begin, begin + count) % n_windows)]  # [c, L]
-            distances, nearest = self.index.search(features.reshape(-1, dim), k=1)
-            distances, nearest = distances.reshape(count, n_patches), nearest.reshape(count, n_patches)
-            top, where = torch.where(valid, distances, float("-inf")).max(dim=1)
-            rows = torch.arange(count, device=features.device)
-            best.append(top)
-            anchor.append(nearest[rows, where])
-            best_feature.append(features[rows, where])
-            grids.append(torch.where(valid, distances, 0.0))
+            with stage("search"):
+                count, n_patches, dim = features.shape
+                valid = self._valid_mask(lay, grid)[(torch.arange(begin, begin + count) % n_windows)]  # [c, L]
+                distances, nearest = self.index.search(features.reshape(-1, dim), k=1)
+                distances, nearest = distances.reshape(count, n_patches), nearest.reshape(count, n_patches)
+                top, where = torch.where(valid, distances, float("-inf")).max(dim=1)
+                rows = torch.arange(count, device=features.device)
+                best.append(top)
+                anchor.append(nearest[rows, where])
+                best_feature.append(features[rows, where])
+                grids.append(torch.where(valid, distances, 0.0))
         n_images = len(images)
-        best_t = torch.cat(best).reshape(n_images, n_windows)
-        top, window = best_t.max(dim=1)  # each image's highest patch over all its windows
-        pick = torch.arange(n_images, device=top.device) * n_windows + window
-        scores = reweight(top, torch.cat(anchor)[pick], torch.cat(best_feature)[pick], self._bank, self.index,
-                          self.neighbours)
-        scores = torch.where(torch.isfinite(top), scores, 0.0)  # nothing to inspect (empty region of interest)
+        with stage("reweight"):
+            best_t = torch.cat(best).reshape(n_images, n_windows)
+            top, window = best_t.max(dim=1)  # each image's highest patch over all its windows
+            pick = torch.arange(n_images, device=top.device) * n_windows + window
+            scores = reweight(top, torch.cat(anchor)[pick], torch.cat(best_feature)[pick], self._bank, self.index,
+                              self.neighbours)
+            scores = torch.where(torch.isfinite(top), scores, 0.0)  # nothing to inspect (empty region of interest)
         return scores.cpu().numpy().astype(np.float32), torch.cat(grids).reshape(n_images, n_windows, *grid)
 
     def _valid_mask(self, lay: Layout, grid: tuple[int, int]) -> torch.Tensor:
@@ -178,19 +185,39 @@ class PatchCoreScorer:
             self._valid[key] = torch.from_numpy(mask.reshape(len(mask), -1)).to(self.device)
         return self._valid[key]
 
+    @staticmethod
+    def _maps(patch_scores: torch.Tensor, lay: Layout) -> torch.Tensor:
+        """Patch scores [B, n_windows, gh, gw] of one layout -> smoothed maps [B, work_h, work_w]. One window
+        (crop, full): upsampling and Gaussian as two matrix products (scoring.window_maps); tiles: stitched
+        (overlaps take the maximum), then smoothed."""
+        if len(lay.origins) == 1 and lay.origins[0] == (0, 0):
+            with stage("upsample"):  # upsampling and smoothing in one: timed as one stage
+                return window_maps(patch_scores[:, 0], lay.window, lay.work)
+        with stage("upsample"):
+            unsmoothed = stitch(patch_scores, lay)
+        with stage("smooth"):
+            return smooth(unsmoothed)
+
     def heatmaps(self, result: ScoreResult, rows: Sequence[int]) -> list[np.ndarray]:
-        """Smoothed maps of some images of a result scored with maps=False (e.g. only the anomalous ones)."""
-        out = []
-        for i in rows:
-            patches = torch.from_numpy(result.patch_scores[i][None])
-            out.append(smooth(stitch(patches, result.layouts[i]))[0].numpy())
+        """Smoothed maps of some images of a result scored with maps=False (e.g. only the anomalous ones):
+        computed together for the images of each layout."""
+        rows = list(rows)
+        out: list = [None] * len(rows)
+        groups: dict[Layout, list[int]] = {}
+        for position, i in enumerate(rows):
+            groups.setdefault(result.layouts[i], []).append(position)
+        for lay, positions in groups.items():
+            patches = torch.from_numpy(np.stack([result.patch_scores[rows[p]] for p in positions]))
+            for p, heat in zip(positions, self._maps(patches, lay).numpy()):
+                out[p] = heat
         return out
 
     def overlay(self, image: np.ndarray, anomaly_map: np.ndarray, score: float) -> np.ndarray:
         """The image with its anomaly map, score and threshold drawn on it: BGR uint8 (for cv2.imwrite / JPEG)."""
-        return heatmap_overlay(image, anomaly_map, self.threshold, score,
-                               self.verdict(score) if self.threshold is not None else None,
-                               region=inspected_box(*image.shape[:2], self.view))
+        with stage("overlay"):
+            return heatmap_overlay(image, anomaly_map, self.threshold, score,
+                                   self.verdict(score) if self.threshold is not None else None,
+                                   region=inspected_box(*image.shape[:2], self.view))
 
     @torch.inference_mode()
     def score_patches(self, patch_sets: Sequence[np.ndarray]) -> np.ndarray:
@@ -347,7 +374,7 @@ class BankFit:
 
 def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), weights: str | Path | None = None,
                device: str | torch.device = "auto", progress: bool = True, roi: np.ndarray | None = None,
-               index: str = "auto") -> MemoryBank:
+               index: str = "auto", compute: ComputeConfig = ComputeConfig()) -> MemoryBank:
     """Fit: patch features of good images (files or RGB arrays) -> coreset memory bank with a threshold.
 
     The threshold comes from good images only: each training image is scored against the coreset the build
@@ -360,7 +387,8 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
         raise ValueError("no training images given")
     started = time.perf_counter()
     device = resolve_device(device)
-    extractor, feature_config = build_extractor(config.features, weights, device)
+    apply_thread_plan()
+    extractor, feature_config = build_extractor(config.features, weights, device, compute)
     roi = None if roi is None else np.asarray(roi).astype(bool)
     with tempfile.TemporaryDirectory(prefix="patchcore-build-") as folder:
         store = PatchStore(Path(folder), feature_config.target_dim, config.coreset)
@@ -378,13 +406,14 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
                 # every training patch lies within this distance (projected space) of the bank: bank updates
                 # add new patches until they do too
                 "coverage_radius": round(float(fit.radius["coreset"]), 6),
-                "feature_seconds": round(feature_seconds, 2), "build_seconds": round(time.perf_counter() - started, 2)}
+                "feature_seconds": round(feature_seconds, 2), "build_seconds": round(time.perf_counter() - started, 2),
+                "compute": extractor.compute.to_dict()}  # how the features were computed (any bank scores with any)
         return fit.bank_of(selected, calibration, info)
 
 
 def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path | None = None,
                 device: str | torch.device = "auto", progress: bool = False, index: str = "auto",
-                batch_size: int = 16) -> MemoryBank:
+                batch_size: int = 16, compute: ComputeConfig = ComputeConfig()) -> MemoryBank:
     """A bank that also knows new good images (e.g. dismissed false alarms), without a full rebuild.
 
     The greedy selection continues from the bank's coreset over the new images' patches until every new
@@ -395,7 +424,7 @@ def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path |
     if not len(images):
         raise ValueError("no new images given")
     device = resolve_device(device)
-    extractor, _ = build_extractor(replace(bank.feature_config, weights_sha256=""), weights, device)
+    extractor, _ = build_extractor(replace(bank.feature_config, weights_sha256=""), weights, device, compute)
     # refuses a mismatch; the exact search, as the stored good scores were computed (build_bank)
     scorer = PatchCoreScorer(bank, device=device, index=index, extractor=extractor, search="exact")
     patches = list(extract_patches(extractor, images, bank.view, bank.roi, batch_size, device, progress))

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from .stages import stage
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -35,10 +37,11 @@ def to_rgb(image: np.ndarray, channel_order: str = "rgb") -> np.ndarray:
 
 def decode_image(data: bytes) -> np.ndarray:
     """PNG/JPEG/BMP bytes -> HxWx3 RGB uint8."""
-    decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if decoded is None:
-        raise ImageDecodeError("not a decodable PNG/JPEG/BMP image")
-    return to_rgb(decoded, "bgr")
+    with stage("decode"):
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if decoded is None:
+            raise ImageDecodeError("not a decodable PNG/JPEG/BMP image")
+        return to_rgb(decoded, "bgr")
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -100,7 +103,8 @@ def upload(images: Sequence[np.ndarray | torch.Tensor], device: torch.device | s
 def load_image(path: str | Path) -> np.ndarray:
     """Image file -> HxWx3 RGB uint8; grey files are replicated to three channels."""
     try:
-        data = Path(path).read_bytes()
+        with stage("decode"):  # reading the file is part of decoding it
+            data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageDecodeError(f"cannot read {path}: {exc}") from exc
     try:

@@ -1,6 +1,8 @@
 """Patch scores -> image scores (max, or the paper's Eq. 7 reweighting) and anomaly maps."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -86,3 +88,26 @@ def anomaly_maps(patch_scores: torch.Tensor, grid: tuple[int, int], size: int | 
     maps = patch_scores.reshape(-1, 1, grid[0], grid[1])
     maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
     return smooth(maps, sigma, border)
+
+
+@lru_cache(maxsize=64)
+def axis_operator(grid: int, window: int, work: int, sigma: float = MAP_SIGMA, border: str = "mirror") -> torch.Tensor:
+    """[work, grid] float32: one axis of a single window's map as one matrix: bilinear upsampling of `grid`
+    patches to the `window` pixels (align_corners=False), the first `work` kept, then the Gaussian along that axis.
+
+    Built by running the real functions (F.interpolate, `smooth`) on the unit vectors in float64, so it is that
+    linear map, not a re-derivation: bilinear upsampling and the Gaussian are both separable, and for a map M
+    of one window, smooth(upsample(M)) = A_h M A_w^T with A = axis_operator(...) of each axis."""
+    units = torch.eye(grid, dtype=torch.float64).reshape(grid, 1, grid, 1)
+    up = F.interpolate(units, size=(window, 1), mode="bilinear", align_corners=False)[:, 0, :work, :]  # [grid, work, 1]
+    return smooth(up, sigma, border)[:, :, 0].T.contiguous().float()  # a width-1 mirror border leaves that axis alone
+
+
+def window_maps(patch_scores: torch.Tensor, window: tuple[int, int], work: tuple[int, int],
+                sigma: float = MAP_SIGMA, border: str = "mirror") -> torch.Tensor:
+    """Patch scores [B, gh, gw] of single-window frames -> smoothed maps [B, work_h, work_w]: the upsampling
+    and the Gaussian as two batched matrix products (A_h M A_w^T), not per-pixel convolutions over the map."""
+    _, gh, gw = patch_scores.shape
+    rows = axis_operator(gh, window[0], work[0], sigma, border).to(patch_scores.device)
+    cols = axis_operator(gw, window[1], work[1], sigma, border).to(patch_scores.device)
+    return rows @ patch_scores.float() @ cols.T

@@ -70,3 +70,20 @@ def test_score_does_not_depend_on_batch_companions(mobilenet):
         np.testing.assert_allclose(alone.maps[0], together.maps[i], rtol=1e-4, atol=1e-4)
     defect = np.array([i % 3 == 0 for i in range(32)])
     assert together.image_scores[defect].min() > together.image_scores[~defect].max()
+
+
+def test_single_window_maps_as_matrix_products_equal_upsampling_then_scipys_gaussian():
+    """window_maps (two matrix products) against F.interpolate + the work-area crop + scipy's gaussian_filter
+    ("mirror", truncate 4), for a square crop view and non-square full-view frames, batched."""
+    from scorer.scoring import window_maps
+
+    rng = np.random.default_rng(3)
+    for grid, window, work in (((28, 28), (224, 224), (224, 224)), ((24, 40), (192, 320), (180, 320)),
+                               ((7, 5), (56, 40), (50, 33))):
+        patches = rng.random((3, *grid)).astype(np.float32) * 10
+        up = F.interpolate(torch.from_numpy(patches)[:, None], size=window, mode="bilinear",
+                           align_corners=False)[:, 0, :work[0], :work[1]].numpy()
+        expected = np.stack([ndimage.gaussian_filter(m.astype(np.float64), sigma=4.0, mode="mirror") for m in up])
+        got = window_maps(torch.from_numpy(patches), window, work).numpy()
+        assert got.shape == (3, *work)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.max())

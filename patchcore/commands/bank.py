@@ -22,6 +22,8 @@ from scorer.metrics import f1_optimal_threshold
 from scorer.preprocess import list_images
 from scorer.backbones import resolve_backbone
 from scorer.config import AUTO_BACKBONE
+from scorer.features import ComputeConfig, ComputeError
+from scorer.model import resolve_device
 from workers.banks.registry import RegistryError
 from workers.banks.updates import UpdateError
 from workers.settings import WorkerSettings
@@ -39,6 +41,16 @@ Roi = Annotated[Optional[Path], typer.Option(help="Region-of-interest mask image
 Device = field_option(WorkerSettings, "device")
 Index = field_option(WorkerSettings, "index")
 Weights = field_option(WorkerSettings, "weights")
+Precision = field_option(WorkerSettings, "precision")
+ChannelsLast = field_option(WorkerSettings, "channels_last")
+
+
+def compute_config(precision: str, channels_last: Optional[bool], device: str) -> ComputeConfig:
+    """The backbone's compute settings resolved for the device (refused here, clearly: ComputeError)."""
+    try:
+        return ComputeConfig(precision, channels_last).resolve(resolve_device(device))
+    except ComputeError as exc:
+        fail(str(exc))
 
 
 def build_options(command):
@@ -80,7 +92,8 @@ def roi_mask(path: Optional[Path]):
     return mask > 0
 
 
-def build_from_folder(train: Path, config: BuildConfig, weights: Optional[str], device: str, progress: bool, roi=None):
+def build_from_folder(train: Path, config: BuildConfig, weights: Optional[str], device: str, progress: bool, roi=None,
+                      compute: Optional[ComputeConfig] = None):
     if not train.is_dir():
         fail(f"training folder {train} does not exist")
     paths = list_images(train)
@@ -88,7 +101,8 @@ def build_from_folder(train: Path, config: BuildConfig, weights: Optional[str], 
         fail(f"no PNG/JPEG/BMP images in {train}")
     try:
         echo_backbone(config.features.backbone, weights)
-        return build_bank(paths, config, weights, device, progress, roi=roi)
+        return build_bank(paths, config, weights, device, progress, roi=roi,
+                          compute=compute or compute_config(WorkerSettings.precision, WorkerSettings.channels_last, device))
     except (BackboneError, ValueError) as exc:
         fail(str(exc))
 
@@ -112,8 +126,10 @@ def bank_build(
     features: dict = None, layers: Layers = None, weights: Weights = WorkerSettings.weights, coreset: dict = None,
     view: dict = None, roi: Roi = None, calibration: dict = None, build: dict = None,
     device: Device = WorkerSettings.device, progress: Progress = True,
+    precision: Precision = WorkerSettings.precision, channels_last: ChannelsLast = WorkerSettings.channels_last,
 ) -> None:
     """Build a memory bank from good images (features, coreset, threshold calibration)."""
+    compute = compute_config(precision, channels_last, device)
     if warmup_source is not None:  # frames of a line: near-twins, so contiguous folds
         calibration = {**calibration, "contiguous": True}
     config = build_config(features, layers, coreset, view, calibration, build)
@@ -125,9 +141,9 @@ def bank_build(
                 warmup_images(warmup_source, warmup_frames, Path(folder))
             except SourceError as exc:
                 fail(str(exc))
-            bank = build_from_folder(Path(folder), config, weights, device, progress, roi_mask(roi))
+            bank = build_from_folder(Path(folder), config, weights, device, progress, roi_mask(roi), compute)
     else:
-        bank = build_from_folder(train, config, weights, device, progress, roi_mask(roi))
+        bank = build_from_folder(train, config, weights, device, progress, roi_mask(roi), compute)
     save_bank(bank, out)
     typer.echo(json.dumps({"bank": str(out), **bank_summary(bank)}, indent=2))
 

@@ -18,7 +18,8 @@ from workers.settings import WorkerSettings
 
 from ..helptext import Typer
 from ..options import field_option
-from .bank import Device, Index, Layers, Roi, Weights, build_config, build_from_folder, build_options, roi_mask
+from .bank import (ChannelsLast, Device, Index, Layers, Precision, Roi, Weights, build_config, build_from_folder,
+                   build_options, compute_config, roi_mask)
 from .common import Progress, Search, fail, search_config
 
 try:
@@ -41,18 +42,21 @@ def evaluate_command(
     view: dict = None, roi: Roi = None, calibration: dict = None, build: dict = None,
     device: Device = WorkerSettings.device, index: Index = WorkerSettings.index, search: Search = None,
     progress: Progress = True,
+    precision: Precision = WorkerSettings.precision, channels_last: ChannelsLast = WorkerSettings.channels_last,
 ) -> None:
     """Image AUROC, pixel AUROC and PRO on a category's test set (builds the bank unless --bank)."""
+    compute = compute_config(precision, channels_last, device)
     try:
         if bank is not None:
             loaded, fit_seconds = load_bank(bank), 0.0
         else:
             config = build_config(features, layers, coreset, view, calibration, build)
             started = time.perf_counter()
-            loaded = build_from_folder(data / "train" / "good", config, weights, device, progress, roi_mask(roi))
+            loaded = build_from_folder(data / "train" / "good", config, weights, device, progress, roi_mask(roi),
+                                       compute)
             fit_seconds = time.perf_counter() - started
         scorer = PatchCoreScorer(loaded, device=device, index=index, weights=weights,
-                                 search=search_config(search, index))
+                                 search=search_config(search, index), compute=compute)
     except (BankError, IndexError_) as exc:
         fail(str(exc))
     report = evaluate(scorer, data, fit_seconds, build["batch_size"], progress).to_dict()
@@ -74,11 +78,13 @@ def score_command(
     heatmaps: Annotated[Optional[Path], typer.Option(help="Write a heatmap overlay PNG per image into this folder.")] = None,
     weights: Weights = WorkerSettings.weights, device: Device = WorkerSettings.device,
     index: Index = WorkerSettings.index, search: Search = None, batch_size: BatchSize = BuildConfig.batch_size,
+    precision: Precision = WorkerSettings.precision, channels_last: ChannelsLast = WorkerSettings.channels_last,
 ) -> None:
     """Score images: one JSON line per image with score, threshold and verdict."""
+    compute = compute_config(precision, channels_last, device)
     try:
         scorer = PatchCoreScorer(load_bank(bank), device=device, index=index, weights=weights,
-                                 search=search_config(search, index))
+                                 search=search_config(search, index), compute=compute)
     except (BankError, IndexError_) as exc:
         fail(str(exc))
     threshold = scorer.threshold

@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from scorer.features import PRECISIONS
 from scorer.views import ViewError
 from workers.settings import WorkerSettings
 from workers.worker import Worker
@@ -18,6 +17,7 @@ from workers.worker import Worker
 from ..helptext import Typer
 from ..options import field_option, settings_options
 from ..up import UpError, UpSettings, run_up
+from .bank import compute_config
 from .common import (METRICS_OFF, Connection, MetricsPort, Search, SigningKeyFile, Progress, alarm_rule, connection,
                      console_credentials, fail, rule_options, search_config, serve_metrics, signing_key,
                      stop_on_signals)
@@ -41,8 +41,8 @@ def worker_command(
     """Score frames of every camera until SIGINT/SIGTERM (finishing the current batch).
 
     With a signing key, only banks signed with it are loaded; without one, any bank that matches its sha256."""
-    if backbone["precision"] not in PRECISIONS:
-        fail(f"unknown precision {backbone['precision']!r}; choose from {', '.join(PRECISIONS)}")
+    # refused here, clearly, rather than when the first bank loads
+    compute_config(backbone["precision"], backbone["channels_last"], worker["device"])
     settings = WorkerSettings(**worker, **backbone, **replication, search=search_config(search, worker["index"]),
                               bank_key=signing_key(signing_key_file))
     if name:
