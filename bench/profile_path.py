@@ -33,6 +33,8 @@ from scorer.hardware import cpu_features
 from scorer.preprocess import decode_images, load_image
 from scorer.stages import StageTimer
 
+from results import write_result  # bench/results.py
+
 STAGES = ("decode", "resize_normalise", "backbone", "pooling", "search", "reweight", "upsample", "smooth", "overlay")
 CATEGORIES = {"bottle": "mvtec_bottle", "macaroni1": "visa_macaroni1"}
 
@@ -118,7 +120,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="default: the CPU's (ComputeConfig.resolve)")
     parser.add_argument("--sources", default="bottle,macaroni1,video", help="which of bottle, macaroni1, video")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/profile_path-<time>.json)")
+    parser.add_argument("--label", default="after", help="bench/results/profile_path-<label>.json (e.g. before, after)")
     args = parser.parse_args()
     if args.data is None and args.video is None:
         parser.error("give --data and/or --video (or set PATCHCORE_DATA / PATCHCORE_VIDEO)")
@@ -157,10 +159,7 @@ def main() -> None:
         print(f"  {result['images_per_second']:.2f} images/s (under load); "
               + ", ".join(f"{stage} {v['share']:.0%}" for stage, v in
                           sorted(result["stages"].items(), key=lambda kv: -kv[1]["seconds"])), flush=True)
-    out = args.out or Path("bench/results") / f"profile_path-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(f'profile_path-{args.label}', report)}")
 
 
 def load_many(paths: list) -> list[np.ndarray]:

@@ -86,6 +86,20 @@ MAP_VARIANTS = (("distances, mirror (default)", "distances_mirror"), ("distances
                 ("squared, mirror", "squared_mirror"), ("squared, reflect (official)", "squared_reflect"))
 REWEIGHTS = (("b = 1 (plain max)", "b1"), ("b = 3", "b3"), ("b = 9 (default)", "b9"), ("b = 27", "b27"))
 
+STAGES = ("decode", "resize_normalise", "backbone", "pooling", "search", "reweight", "upsample", "smooth", "overlay",
+          "other")
+
+
+def profile_rows(figures: list[dict]) -> list[dict]:
+    """One row per profile (before, after) and source: images/s and each stage's share (bench/profile_path.py)."""
+    rows = []
+    for label, one in zip(("before", "after"), figures):
+        for source, result in one["sources"].items():
+            rows.append({"run": label, "source": source, "images_per_second": result["images_per_second"],
+                         **{stage: result["stages"].get(stage, {}).get("share", 0.0) * 100 for stage in STAGES}})
+    return rows
+
+
 def threshold_rows(figures: list[dict]) -> list[dict]:
     """One row per data set, training-set size and calibration method (bench/threshold_sizes.py)."""
     return [{**row, **row[method], "method": method, "unused": row[method]["false_alarm_rate_unused_train"]}
@@ -93,6 +107,15 @@ def threshold_rows(figures: list[dict]) -> list[dict]:
 
 
 TABLES: dict[str, Table] = {
+    "profile_path": Table(("profile_path-before", "profile_path-after"), (
+        ("run", "{run}"), ("source", "{source}"), ("images/s", "{images_per_second:.2f}"),
+        *((f"{stage} %", "{" + stage + ":.0f}") for stage in STAGES)), profile_rows),
+    "eval_speed": Table(("eval_speed",), (
+        ("data", "{data}"), ("baseline images/s", "{baseline_images_per_second:.2f}"),
+        ("this images/s", "{this_images_per_second:.2f}"), ("ratio", "x{ratio:.2f}"),
+        ("image AUROC", "{baseline_image_auroc:.4f} / {this_image_auroc:.4f}"),
+        ("pixel AUROC", "{baseline_pixel_auroc:.4f} / {this_pixel_auroc:.4f}"),
+        ("PRO", "{baseline_pro:.4f} / {this_pro:.4f}"))),
     "threshold_sizes": Table(("threshold_sizes",), (
         ("set", "{set}"), ("train images", "{n_train}"), ("method", "{method}"), ("threshold", "{threshold:.2f}"),
         ("FAR (test good)", "{false_alarm_rate:.3f}"), ("FAR (unused train)", "{unused:.3f} || -"),

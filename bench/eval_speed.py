@@ -1,0 +1,74 @@
+"""`patchcore eval` images/s of two checkouts back to back on the same banks: a baseline (e.g. the commit before a
+change, checked out with its own .venv) against this one, interleaved over --rounds, with the quality figures
+(image AUROC, pixel AUROC, PRO) that must not move. Prints a row per run and writes bench/results/eval_speed.json.
+
+    .venv/bin/python bench/eval_speed.py --baseline /path/to/old/checkout --banks DIR [--data ROOT] [--rounds 2]
+
+DIR holds <category>.bank for each category (built once, e.g. by the baseline: both score the same bank).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from datadir import category as data_set  # bench/datadir.py
+from results import write_result  # bench/results.py
+
+ROOT = Path(__file__).resolve().parents[1]
+CATEGORIES = ("mvtec_bottle", "visa_macaroni1")
+
+
+def run_eval(checkout: Path, data: Path, bank: Path) -> dict:
+    """One `patchcore eval --bank` of a checkout (its own .venv), its report."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        done = subprocess.run([str(checkout / ".venv" / "bin" / "patchcore"), "eval", "--data", str(data), "--bank",
+                               str(bank), "--device", "cpu", "--no-progress", "--json", out.name],
+                              capture_output=True, text=True, cwd=checkout, timeout=3600)
+        if done.returncode != 0:
+            raise SystemExit(f"eval failed in {checkout}: {done.stderr[-2000:]}")
+        return json.loads(Path(out.name).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline", type=Path, required=True, help="checkout of the baseline, with its .venv")
+    parser.add_argument("--banks", type=Path, required=True, help="folder of <category>.bank files")
+    parser.add_argument("--data", default=None, help="data root (default $PATCHCORE_DATA or ../shared/datasets)")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    runs = {(name, which): [] for name in CATEGORIES for which in ("baseline", "this")}
+    for _ in range(args.rounds):
+        for name in CATEGORIES:
+            for which, checkout in (("baseline", args.baseline), ("this", ROOT)):
+                report = run_eval(checkout, data_set(name, args.data), args.banks / f"{name}.bank")
+                runs[name, which].append(report)
+                print(json.dumps({"data": name, "checkout": which, "images_per_second": report["images_per_second"],
+                                  "image_auroc": report["image_auroc"], "pixel_auroc": report["pixel_auroc"],
+                                  "pro": report["pro"]}), flush=True)
+    rows = []
+    for name in CATEGORIES:
+        base, this = runs[name, "baseline"], runs[name, "this"]
+        speed = {which: statistics.median(r["images_per_second"] for r in runs[name, which])
+                 for which in ("baseline", "this")}
+        rows.append({"data": name, "baseline_images_per_second": round(speed["baseline"], 2),
+                     "this_images_per_second": round(speed["this"], 2),
+                     "ratio": round(speed["this"] / speed["baseline"], 2),
+                     **{f"{which}_{metric}": round(runs[name, which][-1][metric], 4)
+                        for which in ("baseline", "this") for metric in ("image_auroc", "pixel_auroc", "pro")},
+                     "compute": this[-1].get("compute"), "rounds": args.rounds,
+                     "baseline_runs": [round(r["images_per_second"], 2) for r in base],
+                     "this_runs": [round(r["images_per_second"], 2) for r in this]})
+        print(json.dumps(rows[-1]), flush=True)
+    baseline_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline, capture_output=True,
+                                     text=True).stdout.strip()
+    write_result("eval_speed", {"baseline_commit": baseline_commit, "rows": rows},
+                 command=" ".join(["bench/eval_speed.py", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()
