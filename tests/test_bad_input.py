@@ -13,7 +13,8 @@ from contracts.keys import Keys
 from contracts.messages import Frame, MessageError
 from workers.banks.registry import BankRegistry
 from ingest.sources import SyntheticLine
-from workers.worker import Worker, WorkerSettings, _Entry
+from workers.outcomes import Entry as _Entry
+from workers.worker import Worker, WorkerSettings
 
 KEYS = Keys()
 GOOD = SyntheticLine(seed=9).render(0)

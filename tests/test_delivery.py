@@ -29,7 +29,8 @@ from ingest.sources import SyntheticLine
 from patchcore.embedded_redis import EmbeddedRedis, find_redis_server
 from store.alarms.rules import AlarmRule
 from store.service import ResultsStore, StoreSettings
-from workers.worker import Worker, WorkerSettings, _Entry
+from workers.outcomes import Entry as _Entry
+from workers.worker import Worker, WorkerSettings
 
 from .faultproxy import ReplyDroppingProxy
 from .test_pipeline import Running, results, wait_for

@@ -10,7 +10,8 @@ import pytest
 from runtime.connection import connect
 from contracts.keys import FRAME_GROUP, Keys
 from workers.banks.registry import BankRegistry
-from workers.worker import Worker, WorkerSettings, _Entry
+from workers.outcomes import Entry as _Entry
+from workers.worker import Worker, WorkerSettings
 
 from .test_pipeline import Running, ingest, results, wait_for
 

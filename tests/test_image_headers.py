@@ -13,7 +13,8 @@ from runtime.deadletter import DeadLetters
 from contracts.keys import FRAME_GROUP, Keys
 from contracts.messages import Frame
 from contracts.framecodec import FrameDecodeError, check_header, decode_frame, image_size
-from workers.worker import Worker, WorkerSettings, _Entry
+from workers.outcomes import Entry as _Entry
+from workers.worker import Worker, WorkerSettings
 
 from .conftest import ROOT
 

@@ -19,7 +19,8 @@ from workers.banks.registry import BankRegistry
 from runtime.status import collect_status
 from ingest.sources import SyntheticLine
 from scorer import PatchCoreScorer
-from workers.worker import Worker, WorkerSettings, _Entry
+from workers.outcomes import Entry as _Entry
+from workers.worker import Worker, WorkerSettings
 
 from .test_pipeline import Running, ingest, results, wait_for
 

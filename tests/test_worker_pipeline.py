@@ -5,7 +5,6 @@ promises of a worker that cannot score (one batch taken, then none) hold pipelin
 runs both; so do tests/test_faults.py (SIGKILL) and tests/test_up.py."""
 import threading
 import time
-from concurrent.futures import Future
 
 import pytest
 import redis
@@ -17,10 +16,13 @@ from workers.worker import Worker, WorkerSettings
 from .test_pipeline import KEYS, ingest, publish, results, wait_for
 
 
+STAGES = {"_scored": ("scorer", "score"), "_write": ("writer", "write")}  # the stage objects' methods
+
+
 class GatedWorker:
     """A pipelined worker in a thread (max batch 8; no refresh, a drain point, within a test): the `gate`d stage
-    ("_scored" or "_write") waits on its `at`-th call until the test opens the gate (the first batch goes
-    through: pipelining starts once a batch has had its outcomes with nothing held). Records the frames of
+    ("_scored": the scorer stage's score, or "_write": the writer's write) waits on its `at`-th call until the test
+    opens the gate (the first batch goes through: pipelining starts once a batch has had its outcomes with nothing held). Records the frames of
     each batch read and decoded (`prepared`) and the thread of each call of both stages (`calls`)."""
 
     def __init__(self, url: str, gate: str, at: int = 2):
@@ -29,15 +31,16 @@ class GatedWorker:
                                                           refresh_s=60, prefetch=True), KEYS, self.stop)
         self.prepared: list[int] = []
         self.calls: dict[str, list[str]] = {"_scored": [], "_write": []}
-        prepare = self.worker._prepare
+        prepare = self.worker.reader.prepare
 
         def counted(batch):
             self.prepared.append(len(batch))
             return prepare(batch)
 
-        self.worker._prepare = counted
+        self.worker.reader.prepare = counted
         for stage, calls in self.calls.items():
-            setattr(self.worker, stage, self._wrap(getattr(self.worker, stage), calls, at if stage == gate else 0))
+            owner, method = getattr(self.worker, STAGES[stage][0]), STAGES[stage][1]
+            setattr(owner, method, self._wrap(getattr(owner, method), calls, at if stage == gate else 0))
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
 
     def _wrap(self, original, calls: list[str], at: int):
@@ -122,13 +125,13 @@ def test_stopping_finishes_the_batch_in_flight(redis_server, synthetic_bank_byte
     stop = threading.Event()
     worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, refresh_s=60, prefetch=True),
                     KEYS, stop)
-    score = worker._scored
+    score = worker.scorer.score
 
     def stop_then_score(decoded):  # the stop arrives while the batch is in flight
         stop.set()
         return score(decoded)
 
-    worker._scored = stop_then_score
+    worker.scorer.score = stop_then_score
     worker.run()
     assert len(results(client)) == 8 and client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0
 
@@ -159,16 +162,16 @@ def test_a_batch_being_collected_when_redis_fails_is_kept_for_the_next_one(redis
     worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, max_wait_ms=10,
                                                               refresh_s=60), KEYS)
     worker._maybe_refresh()  # the camera's stream is known
-    worker._inflight = Future()  # a batch is being scored: the one being collected stays open
-    read_blocking = worker._streams.read_blocking
+    worker._scoring = True  # a batch is being scored: the one being collected stays open
+    read_blocking = worker.reader.streams.read_blocking
 
     def lost(*args, **kwargs):
         raise redis.ConnectionError("connection lost")
 
-    worker._streams.read_blocking = lost
+    worker.reader.streams.read_blocking = lost
     with pytest.raises(redis.ConnectionError):
         worker._collect()
-    worker._streams.read_blocking, worker._inflight = read_blocking, None
+    worker.reader.streams.read_blocking, worker._scoring = read_blocking, False
     batch = worker._collect()
     assert [e.entry_id for e in batch] == [i for i, _ in client.xrange(KEYS.frames("cam-1"))]  # both, in order
     worker.process(batch)

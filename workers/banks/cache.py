@@ -44,13 +44,12 @@ class BankCache:
         if not registry.verifies:
             log.warning("no bank signing key: banks are loaded unsigned (checked against their sha256 only)")
         self._retry_after: dict[tuple[str, int], float] = {}  # host faults (weights, memory): try again later
-        self._errors: dict[str, str] = {}
+        self._errors: dict[str, tuple[str, bool]] = {}  # why a bank has no scorer, and whether this host is why
 
     def why(self, name: str) -> tuple[str, bool]:
         """Why bank `name` has no scorer here, and whether the cause is this host (weights, memory)
         rather than the registry (no active version, a refused one)."""
-        reason = self._errors.get(name, "no active version in the registry")
-        return reason, "on this host" in reason
+        return self._errors.get(name, ("no active version in the registry", False))
 
     def loaded(self) -> dict[str, int]:
         """The versions serving now, by bank name."""
@@ -84,13 +83,13 @@ class BankCache:
         # this host, not the bank (IndexError_: a search this host cannot run, e.g. without faiss)
         except (BackboneError, IndexError_, OSError, MemoryError, torch.cuda.OutOfMemoryError) as exc:
             self._retry_after[(name, version)] = time.monotonic() + self.host_retry_s
-            self._errors[name] = f"v{version} cannot load on this host: {exc}"
+            self._errors[name] = (f"v{version} cannot load on this host: {exc}", True)
             log.error("bank cannot load on this host; retrying later",
                       extra={"fields": {"bank": name, "version": version, "error": str(exc), "retry_in_s": self.host_retry_s}})
             return current
         except (RegistryError, BankError) as exc:
             self._refused.add((name, version))
-            self._errors[name] = f"v{version} refused: {exc}"
+            self._errors[name] = (f"v{version} refused: {exc}", False)
             log.error("bank refused; the active one keeps serving",
                       extra={"fields": {"bank": name, "version": version, "error": str(exc),
                                         "serving": current.version if current else None}})
