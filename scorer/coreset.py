@@ -72,13 +72,15 @@ def random_projection(features: np.ndarray, dim: int, seed: int) -> np.ndarray:
         raise ValueError(f"expected features [N, D], got shape {features.shape}")
     if features.shape[1] <= dim:
         return np.ascontiguousarray(features, dtype=np.float32)
-    matrix = projection_matrix(features.shape[1], dim, seed)
+    matrix64 = projection_matrix(features.shape[1], dim, seed).astype(np.float64)
     out = np.empty((len(features), dim), dtype=np.float32)
     for begin in range(0, len(features), PROJECTION_ROWS):
         block = np.asarray(features[begin:begin + PROJECTION_ROWS], dtype=np.float32)
         if len(block) < PROJECTION_ROWS:
             block = np.concatenate([block, np.zeros((PROJECTION_ROWS - len(block), block.shape[1]), np.float32)])
-        out[begin:begin + PROJECTION_ROWS] = (block @ matrix)[:len(out) - begin]
+        # in float64, rounded to float32: BLAS kernels may sum a row in another order depending on where it lies in
+        # the block (edge tiles), which float32 would show in its last bits; float64 hides it in the rounding
+        out[begin:begin + PROJECTION_ROWS] = (block.astype(np.float64) @ matrix64)[:len(out) - begin]
     return out
 
 
