@@ -22,7 +22,6 @@ import argparse
 import subprocess
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 

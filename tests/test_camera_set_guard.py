@@ -10,7 +10,7 @@ import sys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contracts.keys import MAX_CAMERA_NAME, Keys, camera_names, check_camera
+from contracts.keys import MAX_CAMERA_NAME, camera_names, check_camera
 from runtime.connection import connect
 from runtime.deadletter import DeadLetters
 from runtime.status import collect_status
