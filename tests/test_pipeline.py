@@ -76,6 +76,8 @@ def test_two_workers_score_every_frame_exactly_once_and_alarm_on_defects(redis_s
     lines = [ingest(redis_server.url, 48, camera="cam-1", seed=1), ingest(redis_server.url, 32, camera="cam-2", seed=2)]
     with Running(redis_server.url, workers=2, max_batch=4) as running:  # both start on a full backlog
         wait_for(lambda: running.store.report.results == 80)
+        # a worker's report counts a batch once its writer's event reaches the loop, just after the write
+        wait_for(lambda: sum(w.report.results for w in running.workers) >= 80, 30)
         per_worker = [w.report.results for w in running.workers]
     assert sum(per_worker) == 80 and min(per_worker) > 0  # both shared the load
     for camera, line, n in (("cam-1", lines[0], 48), ("cam-2", lines[1], 32)):
