@@ -18,6 +18,7 @@ from contracts.keys import STORE_GROUP, Keys, camera_of
 from contracts.messages import MAX_WINDOW_SCORES, Alarm, MessageError, Result, check_overlay_key
 from runtime import scripts
 from runtime.connection import connections_opened
+from runtime.deadletter import DeadLetterSettings
 from runtime.metrics import ALARMS, LATE_RESULTS, alarm_cameras, result_refused
 from runtime.streams import CameraStreams, reclaim, serve
 
@@ -232,7 +233,7 @@ class ResultsStore:
         log.error("invalid result dead-lettered", extra={"fields": {"stream": stream, "error": reason}})
         if scripts.ack_and_write(self._ack_and_write, stream=stream, group=STORE_GROUP, entry_id=entry_id,
                                  target=self.keys.deadletter(camera), stats=self.keys.camera_stats(camera),
-                                 counter="bad_results", maxlen=100_000,
+                                 counter="bad_results", maxlen=DeadLetterSettings.maxlen,
                                  fields={"reason": reason, "stream": stream, "id": entry_id,
                                          "worker": self.settings.name, "at": time.time(), "m": raw}):
             result_refused()
