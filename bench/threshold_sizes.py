@@ -34,6 +34,7 @@ from scorer.model import BankFit, PatchStore, build_extractor, extract_patches
 
 from datadir import category as data_set  # bench/datadir.py
 from results import write_result  # bench/results.py
+from tables import render  # bench/tables.py: the one place the table is written
 
 
 
@@ -104,7 +105,7 @@ def main() -> None:
         parts = [part.get("figures", part) for part in parts]  # finished results or partial files
         merged = {**parts[0], "rows": [row for part in parts for row in part["rows"]]}
         write_result("threshold_sizes", merged)
-        print_table(merged["rows"])
+        print(render("threshold_sizes"))
         return
     config = BuildConfig(features=FeatureConfig(backbone=args.backbone), coreset=CoresetConfig(fraction=0.1, seed=0),
                          calibration=CalibrationConfig(folds=5, false_alarm_rate=args.rate))
@@ -135,22 +136,7 @@ def main() -> None:
                                        "subset_seed": args.subset_seed, "search": "default (auto)",
                                        "rows": rows}, indent=2) + "\n")
     write_result("threshold_sizes", json.loads(out.read_text()))
-    print_table(rows)
-
-
-def print_table(rows: list[dict]) -> None:
-    print("| set | train images | method | threshold | FAR (test good) | FAR (unused train) | recall | best recall "
-          "at the rate | gap | good-score mean (test good) | tail KS p |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        for method in ("leave-out", "kfold"):
-            if method not in row:
-                continue
-            r = row[method]
-            unused = "-" if r["false_alarm_rate_unused_train"] is None else f"{r['false_alarm_rate_unused_train']:.3f}"
-            print(f"| {row['set']} | {row['n_train']} | {method} | {r['threshold']:.2f} | {r['false_alarm_rate']:.3f} | "
-                  f"{unused} | {r['recall']:.3f} | {row['best_recall_at_rate']:.3f} | {r['recall_gap']:+.3f} | "
-                  f"{r['good_scores_mean']:.2f} ({row['test_good_mean']:.2f}) | {r['tail_ks_pvalue']:.2f} |")
+    print(render("threshold_sizes"))
 
 
 if __name__ == "__main__":
