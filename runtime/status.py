@@ -68,7 +68,38 @@ def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float 
             "refused_camera_names_count": len(found.refused), "workers": workers, "banks": banks, "deadletter": deadletter,
             "deadletter_reasons": dict(Counter(reason_kind(letter.reason) for letter in DeadLetters(client, keys).list()))
             if reasons else None,
-            "consumers": consumers(client, keys, names, dead_after_s), "redis_faults": redis_faults(client)}
+            "consumers": consumers(client, keys, names, dead_after_s), "redis_faults": redis_faults(client),
+            "sinks": sink_health(client, keys, dead_after_s)}
+
+
+SINK_STATES = ("ok", "retrying", "down", "stopped")  # what a sink process writes in its health
+SINK_NUMBERS = ("pending", "delivered", "deadlettered", "failures")
+
+
+def sink_health(client: redis.Redis, keys: Keys, dead_after_s: float = DEAD_AFTER_S) -> list[dict]:
+    """Every sink process's health (the hash each writes every second, sinks/service.py): destination, state
+    (ok, retrying, down, stopped; `gone` when not written for `dead_after_s`), pending, delivered,
+    dead-lettered, failures, last error, age. A field that does not parse reads as empty: a row is shown
+    whatever one process wrote."""
+    now, rows = time.time(), []
+    for label, text in sorted(client.hgetall(keys.sink_health).items()):
+        try:
+            data = json.loads(text)
+            data = data if isinstance(data, dict) else {}
+        except (ValueError, UnicodeDecodeError):
+            data = {}
+        name = label.decode(errors="replace")[:MAX_TEXT]
+        sink, _, consumer = name.partition("/")
+        at = _time({"at": str(data.get("at", ""))}, "at")
+        state = data.get("state") if data.get("state") in SINK_STATES else "unknown"
+        if state != "stopped" and (at is None or now - at > dead_after_s):
+            state = "gone"
+        rows.append({"sink": sink, "consumer": consumer, "state": state,
+                     "destination": str(data.get("destination", ""))[:MAX_TEXT],
+                     "last_error": str(data.get("last_error", ""))[:MAX_TEXT],
+                     "age_s": None if at is None else max(0.0, now - at),
+                     **{k: _count({k: str(data.get(k, ""))}, k) for k in SINK_NUMBERS}})
+    return rows
 
 
 def _count(stats: dict[str, str], name: str, default: int | None = 0) -> int | None:

@@ -1,0 +1,45 @@
+"""`patchcore sink webhook | mqtt | opcua`: one process delivering verdicts and alarms to one destination
+(sinks/). Run several with the same --sink and different --name to share the work. Torch-free."""
+from __future__ import annotations
+
+import json
+
+import typer
+
+from sinks.service import SettingsError, Sink, SinkSettings
+from sinks.webhook import Webhook, WebhookSettings
+
+from ..helptext import Typer
+from ..options import settings_options
+from .common import METRICS_OFF, Connection, MetricsPort, connection, fail, serve_metrics, stop_on_signals
+
+app = Typer()
+sink_app = Typer(help="Deliver verdicts and alarms to the line: webhook, MQTT, OPC UA (at least once).",
+                 no_args_is_help=True)
+app.add_typer(sink_app, name="sink")
+
+SINK_FIELDS = ("sink", "name", "verdicts", "alarms", "batch", "max_pending", "claim_idle_ms", "max_backoff_s")
+
+
+def run_sink(kind: str, make_destination, sink: dict, metrics_port: int, conn: Connection) -> None:
+    """Build the settings and the destination (a clear error for bad ones), then run until SIGINT/SIGTERM."""
+    try:
+        settings = SinkSettings(**{**sink, "sink": sink["sink"] or kind})
+        destination = make_destination()
+    except SettingsError as exc:
+        fail(str(exc))
+    client = conn.client()
+    process = Sink(client, destination, settings, conn.keys, stop_on_signals())
+    serve_metrics(metrics_port, client, process.readiness)
+    report = process.run()
+    typer.echo(json.dumps(vars(report)))
+
+
+@sink_app.command("webhook")
+@settings_options(WebhookSettings, "url", "secret_file", "timeout_s", "ca_file", into="webhook")
+@settings_options(SinkSettings, *SINK_FIELDS, into="sink")
+@connection
+def webhook_command(webhook: dict = None, sink: dict = None, metrics_port: MetricsPort = METRICS_OFF,
+                    conn: Connection = None) -> None:
+    """POST each message as signed JSON to a URL (HMAC-SHA256, Idempotency-Key); retried until a 2xx."""
+    run_sink("webhook", lambda: Webhook(WebhookSettings(**webhook)), sink, metrics_port, conn)
