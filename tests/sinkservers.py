@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -165,6 +166,8 @@ class Mosquitto:
 
     def start(self) -> "Mosquitto":
         config = [f"listener {self.port} 127.0.0.1", "persistence false", "log_dest stderr", "log_type error"]
+        if os.geteuid() == 0:  # as root mosquitto would become `mosquitto`, who cannot read the test's folder
+            config.append("user root")
         if self.users:
             passwd = self.folder / "passwd"
             passwd.write_text("")

@@ -19,6 +19,7 @@ from contracts.keys import Keys, sink_group
 from patchcore.cli import app
 from runtime.connection import connect
 from runtime.status import collect_status
+from sinks.mqtt import Mqtt, MqttSettings
 from sinks.messages import alarm_key, verdict_key
 from sinks.service import Sink, SinkSettings
 from sinks.webhook import Webhook, WebhookSettings
@@ -240,3 +241,95 @@ def test_two_processes_of_one_sink_share_the_work(client, secret_file):
                 expected_verdicts(camera, range(40))
     finally:
         receiver.stop()
+
+
+# ---- MQTT --------------------------------------------------------------------------------------------------------
+needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="Debian's mosquitto is not installed (.ci/run installs it)")
+
+
+def mqtt_sink(client, port, **settings) -> Sink:
+    return Sink(client, Mqtt(MqttSettings(host="127.0.0.1", port=port, publish_timeout_s=2.0), "patchcore-test"),
+                SinkSettings(**{"sink": "mq", **FAST, **settings}), KEYS)
+
+
+@needs_mosquitto
+def test_mqtt_topics_payloads_order_and_retained_verdict(client, tmp_path):
+    broker = Mosquitto(tmp_path).start()
+    subscriber = Subscriber(broker.port, "plant/#")
+    try:
+        write_results(client, KEYS, "cam-a", range(25))
+        write_results(client, KEYS, "cam/b", range(15), line="")
+        write_alarms(client, KEYS, "cam-a", [4])
+        destination = Mqtt(MqttSettings(host="127.0.0.1", port=broker.port, topic_prefix="plant"), "pc-test")
+        with running(Sink(client, destination, SinkSettings(sink="mq", **FAST), KEYS)) as sink:
+            assert wait_for(lambda: len(subscriber.messages) >= 41)
+            assert wait_for(lambda: sink_pending(client, "cam-a", "mq") + sink_pending(client, "cam/b", "mq") == 0)
+        keys = subscriber.keys()
+        assert len(keys) == len(set(keys)) == 41
+        assert [k for k in keys if k.startswith("verdict:cam-a:")] == expected_verdicts("cam-a", range(25))
+        assert [k for k in keys if k.startswith("verdict:cam/b:")] == expected_verdicts("cam/b", range(15))
+        topics = {m[0] for m in subscriber.messages}
+        assert topics == {"plant/line-1/cam-a/verdict", "plant/_/cam%2Fb/verdict", "plant/line-1/cam-a/alarm"}
+        (alarm_topic, body, _, _), = [m for m in subscriber.messages if m[0].endswith("/alarm")]
+        assert body["id"] == alarm_key("cam-a", 4) and body["alarm_id"] == "cam-a:4" and body["type"] == "alarm"
+        # a subscriber that connects later gets each camera's last verdict at once (retained), and no alarm
+        late = Subscriber(broker.port, "plant/#")
+        try:
+            assert wait_for(lambda: len(late.messages) >= 2, 10)
+            assert sorted(late.keys(retained=True)) == [verdict_key("cam-a", 24, "bottle"),
+                                                        verdict_key("cam/b", 14, "bottle")]
+            assert len(late.messages) == 2
+        finally:
+            late.stop()
+    finally:
+        subscriber.stop()
+        broker.stop()
+
+
+@needs_mosquitto
+def test_mqtt_broker_down_then_up_loses_nothing(client, tmp_path):
+    port = free_port()
+    write_results(client, KEYS, "cam-a", range(10))
+    with running(mqtt_sink(client, port)) as sink:  # no broker yet
+        assert wait_for(lambda: sink.report.failures >= 2)
+        assert sink_pending(client, "cam-a", "mq") == 10
+        assert wait_for(lambda: sink.state == "down", 10)
+        broker = Mosquitto(tmp_path, port=port).start()
+        try:
+            subscriber = Subscriber(port, "patchcore/#")
+            try:
+                write_results(client, KEYS, "cam-a", range(10, 20))
+                assert wait_for(lambda: len(subscriber.messages) >= 20)
+                assert wait_for(lambda: sink.state == "ok" and sink_pending(client, "cam-a", "mq") == 0)
+                broker.stop()  # down again mid-stream, then back: nothing lost
+                write_results(client, KEYS, "cam-a", range(20, 30))
+                assert wait_for(lambda: sink.report.failures >= 4 and sink_pending(client, "cam-a", "mq") == 10)
+                subscriber.stop()
+                broker = Mosquitto(tmp_path, port=port).start()
+                subscriber = Subscriber(port, "patchcore/#")
+                assert wait_for(lambda: set(expected_verdicts("cam-a", range(20, 30))) <= set(subscriber.keys()))
+                assert wait_for(lambda: sink_pending(client, "cam-a", "mq") == 0)
+            finally:
+                subscriber.stop()
+        finally:
+            broker.stop()
+
+
+@needs_mosquitto
+def test_mqtt_credentials(client, tmp_path):
+    broker = Mosquitto(tmp_path, users={"line": "s3cret"}).start()
+    password = tmp_path / "mqtt.password"
+    password.write_text("s3cret\n")
+    try:
+        write_results(client, KEYS, "cam-a", range(3))
+        right = Mqtt(MqttSettings(host="127.0.0.1", port=broker.port, username="line", password_file=password), "x")
+        assert right.deliver([]).error is None  # connects with the right password
+        right.close()
+        bad = tmp_path / "bad.password"
+        bad.write_text("wrong")
+        refused = Mqtt(MqttSettings(host="127.0.0.1", port=broker.port, username="line", password_file=bad), "y")
+        attempt = refused.deliver([])
+        assert attempt.error is not None and "refused" in attempt.error
+        refused.close()
+    finally:
+        broker.stop()

@@ -6,6 +6,7 @@ import json
 
 import typer
 
+from sinks.mqtt import Mqtt, MqttSettings
 from sinks.service import SettingsError, Sink, SinkSettings
 from sinks.webhook import Webhook, WebhookSettings
 
@@ -43,3 +44,16 @@ def webhook_command(webhook: dict = None, sink: dict = None, metrics_port: Metri
                     conn: Connection = None) -> None:
     """POST each message as signed JSON to a URL (HMAC-SHA256, Idempotency-Key); retried until a 2xx."""
     run_sink("webhook", lambda: Webhook(WebhookSettings(**webhook)), sink, metrics_port, conn)
+
+
+@sink_app.command("mqtt")
+@settings_options(MqttSettings, "host", "port", "topic_prefix", "client_id", "username", "password_file", "tls",
+                  "ca_file", "cert_file", "key_file", "publish_timeout_s", into="mqtt")
+@settings_options(SinkSettings, *SINK_FIELDS, into="sink")
+@connection
+def mqtt_command(mqtt: dict = None, sink: dict = None, metrics_port: MetricsPort = METRICS_OFF,
+                 conn: Connection = None) -> None:
+    """Publish each message at QoS 1 to <prefix>/<line>/<camera>/verdict|alarm (last verdict retained); an entry
+    is acknowledged once the broker's PUBACK came."""
+    client_id = f"patchcore-{sink['sink'] or 'mqtt'}-{sink['name']}"
+    run_sink("mqtt", lambda: Mqtt(MqttSettings(**mqtt), client_id), sink, metrics_port, conn)
