@@ -13,6 +13,7 @@ import threading
 from contextlib import contextmanager
 
 import pytest
+from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from contracts.keys import Keys, sink_group
@@ -77,9 +78,13 @@ def test_webhook_delivers_each_verdict_and_alarm_once_in_order_signed(client, se
         write_results(client, KEYS, "cam-b", range(20))
         write_alarms(client, KEYS, "cam-a", [7, 19])
         expected = 30 + 20 + 2
+        counted = {kind: REGISTRY.get_sample_value("patchcore_sink_delivered_total", {"sink": "hook", "kind": kind}) or 0
+                   for kind in ("verdict", "alarm")}
         with running(webhook_sink(client, receiver.url, secret_file)) as sink:
             assert wait_for(lambda: len(receiver.received) >= expected)
             assert wait_for(lambda: sink_pending(client, "cam-a") + sink_pending(client, "cam-b") == 0)
+            assert wait_for(lambda: REGISTRY.get_sample_value("patchcore_sink_state", {"sink": "hook", "state": "ok"})
+                            == 1 and REGISTRY.get_sample_value("patchcore_sink_pending", {"sink": "hook"}) == 0)
         keys = receiver.keys()
         assert len(keys) == expected == len(set(keys))  # a destination that never failed: exactly once
         for camera, count in (("cam-a", 30), ("cam-b", 20)):
@@ -89,6 +94,9 @@ def test_webhook_delivers_each_verdict_and_alarm_once_in_order_signed(client, se
         body = next(r["body"] for r in receiver.received if r["key"] == verdict_key("cam-b", 3, "bottle"))
         assert body["type"] == "verdict" and body["camera"] == "cam-b" and body["seq"] == 3 and body["line"] == "line-1"
         assert sink.report.delivered == expected and sink.report.deadlettered == 0
+        for kind, count in (("verdict", 50), ("alarm", 2)):  # metrics: what the destination confirmed
+            assert REGISTRY.get_sample_value("patchcore_sink_delivered_total", {"sink": "hook", "kind": kind}) \
+                == counted[kind] + count
         assert client.xlen(KEYS.results("cam-a")) == 30  # the store and other sinks still read them
     finally:
         receiver.stop()
