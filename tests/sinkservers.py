@@ -228,3 +228,94 @@ class Subscriber:
     def stop(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+# ---- OPC UA ----------------------------------------------------------------------------------------------------
+OPCUA_NODES = {"Verdict": "Boolean", "Score": "Double", "Threshold": "Double", "Seq": "Int64", "AlarmSeq": "Int64",
+               "Timestamp": "DateTime"}  # the layout docs/sinks.md gives a PLC programmer
+
+
+class PlcServer:
+    """An asyncua server on loopback (its own event loop in a thread) with the PLC-style layout: Objects/<root>/
+    <camera>/{Verdict, Score, Threshold, Seq, AlarmSeq, Timestamp} for each of `cameras` (`types` overrides a
+    node's type, to test a mismatch). Every Write request that reaches the nodes is recorded, in order, as
+    (camera, {node: value})."""
+
+    def __init__(self, cameras, namespace_uri: str = "urn:patchcore:line", root: str = "Patchcore",
+                 port: int | None = None, types: dict | None = None):
+        self.cameras, self.namespace_uri, self.root = list(cameras), namespace_uri, root
+        self.port = port or free_port()
+        self.types = {**OPCUA_NODES, **(types or {})}
+        self.writes: list[tuple[str, dict]] = []
+        self._names: dict = {}  # node id -> (camera, node name)
+        self._lock = threading.Lock()
+        self._loop = None
+        self._thread: threading.Thread | None = None
+        self._stopped = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"opc.tcp://127.0.0.1:{self.port}"
+
+    def start(self) -> "PlcServer":
+        import asyncio
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30) or self._error is not None:
+            raise RuntimeError(f"the OPC UA server did not start: {self._error!r}")
+        return self
+
+    async def _serve(self) -> None:
+        import asyncio
+        import logging
+
+        from asyncua import Server, ua
+        from asyncua.common.callback import CallbackType
+
+        logging.getLogger("asyncua").setLevel(logging.ERROR)
+        self._stopped = asyncio.Event()
+        try:
+            server = Server()
+            await server.init()
+            server.set_endpoint(f"opc.tcp://127.0.0.1:{self.port}/")
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+            ns = await server.register_namespace(self.namespace_uri)
+            root = await server.nodes.objects.add_object(ns, self.root)
+            for camera in self.cameras:
+                folder = await root.add_folder(ns, camera)
+                for name, kind in self.types.items():
+                    initial = {"Boolean": False, "Double": 0.0, "Int64": 0, "DateTime": None, "String": ""}[kind]
+                    node = await folder.add_variable(ns, name, initial, getattr(ua.VariantType, kind))
+                    await node.set_writable()
+                    self._names[node.nodeid] = (camera, name)
+            server.iserver.subscribe_server_callback(CallbackType.PostWrite, self._on_write)
+            async with server:
+                self._ready.set()
+                await self._stopped.wait()
+        except BaseException as exc:  # noqa: BLE001 - reported by start()
+            self._error = exc
+            self._ready.set()
+
+    def _on_write(self, event, dispatcher) -> None:
+        by_camera: dict[str, dict] = {}
+        for item, status in zip(event.request_params.NodesToWrite, event.response_params):
+            if item.NodeId in self._names and status.is_good():
+                camera, name = self._names[item.NodeId]
+                by_camera.setdefault(camera, {})[name] = item.Value.Value.Value
+        with self._lock:
+            self.writes += list(by_camera.items())
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopped is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+            self._thread.join(30)
+            self._loop.close()
+            self._loop = None
+
+    def seqs(self, camera: str, node: str = "Seq") -> list[int]:
+        with self._lock:
+            return [values[node] for cam, values in self.writes if cam == camera and node in values]

@@ -21,11 +21,12 @@ from patchcore.cli import app
 from runtime.connection import connect
 from runtime.status import collect_status
 from sinks.mqtt import Mqtt, MqttSettings
+from sinks.opcua import OpcUa, OpcUaSettings
 from sinks.messages import alarm_key, verdict_key
 from sinks.service import Sink, SinkSettings
 from sinks.webhook import Webhook, WebhookSettings
 
-from .sinkservers import MOSQUITTO, Mosquitto, Receiver, Subscriber, free_port, wait_for, write_alarms, write_results
+from .sinkservers import MOSQUITTO, Mosquitto, PlcServer, Receiver, Subscriber, free_port, wait_for, write_alarms, write_results
 
 KEYS = Keys()
 SECRET = b"test-secret-of-the-webhook"
@@ -341,3 +342,61 @@ def test_mqtt_credentials(client, tmp_path):
         refused.close()
     finally:
         broker.stop()
+
+
+# ---- OPC UA ------------------------------------------------------------------------------------------------------
+def opcua_sink(client, url, **settings) -> Sink:
+    return Sink(client, OpcUa(OpcUaSettings(url=url, timeout_s=2.0)), SinkSettings(**{"sink": "plc", **FAST,
+                                                                                        **settings}), KEYS)
+
+
+def test_opcua_writes_each_verdict_and_alarm_to_the_cameras_nodes_in_order(client):
+    plc = PlcServer(["cam-a", "cam-b"]).start()
+    try:
+        write_results(client, KEYS, "cam-a", range(20), score=1.5, threshold=1.0)
+        write_results(client, KEYS, "cam-b", range(10), threshold=None)
+        write_alarms(client, KEYS, "cam-a", [12])
+        with running(opcua_sink(client, plc.url)) as sink:
+            assert wait_for(lambda: len(plc.seqs("cam-a")) >= 20 and len(plc.seqs("cam-b")) >= 10
+                            and plc.seqs("cam-a", "AlarmSeq") == [12])
+            assert wait_for(lambda: sink_pending(client, "cam-a", "plc") + sink_pending(client, "cam-b", "plc") == 0)
+        assert plc.seqs("cam-a") == list(range(20)) and plc.seqs("cam-b") == list(range(10))
+        camera, written = next(w for w in plc.writes if w[0] == "cam-a" and "Seq" in w[1])
+        assert list(written) == ["Score", "Threshold", "Verdict", "Timestamp", "Seq"]  # Seq last, one request
+        assert written["Verdict"] is True and written["Score"] == 1.5 and written["Threshold"] == 1.0
+        _, unjudged = next(w for w in plc.writes if w[0] == "cam-b" and "Seq" in w[1])
+        assert unjudged["Verdict"] is False and unjudged["Threshold"] != unjudged["Threshold"]  # NaN: no threshold
+        assert sink.report.delivered == 31 and sink.report.deadlettered == 0
+    finally:
+        plc.stop()
+
+
+def test_opcua_missing_camera_node_and_wrong_type_go_to_dead_letters(client):
+    plc = PlcServer(["cam-a", "cam-t"], types={"Seq": "String"}).start()  # Seq of the wrong type everywhere
+    try:
+        write_results(client, KEYS, "cam-x", range(2))  # no folder for cam-x on the server
+        write_results(client, KEYS, "cam-a", range(2))
+        with running(opcua_sink(client, plc.url)) as sink:
+            assert wait_for(lambda: sink.report.deadlettered == 4)
+        reasons = {camera: [letter[b"reason"].decode() for _, letter in client.xrange(KEYS.sink_deadletter("plc", camera))]
+                   for camera in ("cam-x", "cam-a")}
+        assert all(r.startswith("BadNoMatch") for r in reasons["cam-x"]) and len(reasons["cam-x"]) == 2
+        assert all(r.startswith("BadTypeMismatch") for r in reasons["cam-a"]) and len(reasons["cam-a"]) == 2
+        assert sink_pending(client, "cam-x", "plc") == sink_pending(client, "cam-a", "plc") == 0
+    finally:
+        plc.stop()
+
+
+def test_opcua_server_down_then_up_loses_nothing(client):
+    port = free_port()
+    write_results(client, KEYS, "cam-a", range(15))
+    with running(opcua_sink(client, f"opc.tcp://127.0.0.1:{port}")) as sink:
+        assert wait_for(lambda: sink.report.failures >= 2 and sink.state == "down", 20)
+        assert sink_pending(client, "cam-a", "plc") == 15
+        plc = PlcServer(["cam-a"], port=port).start()
+        try:
+            assert wait_for(lambda: len(plc.seqs("cam-a")) >= 15, 30)
+            assert wait_for(lambda: sink_pending(client, "cam-a", "plc") == 0)
+        finally:
+            plc.stop()
+    assert plc.seqs("cam-a") == list(range(15))

@@ -7,6 +7,7 @@ import json
 import typer
 
 from sinks.mqtt import Mqtt, MqttSettings
+from sinks.opcua import OpcUa, OpcUaSettings
 from sinks.service import SettingsError, Sink, SinkSettings
 from sinks.webhook import Webhook, WebhookSettings
 
@@ -48,7 +49,8 @@ def webhook_command(webhook: dict = None, sink: dict = None, metrics_port: Metri
 
 @sink_app.command("mqtt")
 @settings_options(MqttSettings, "host", "port", "topic_prefix", "client_id", "username", "password_file", "tls",
-                  "ca_file", "cert_file", "key_file", "publish_timeout_s", into="mqtt")
+                  "ca_file", "cert_file", "key_file", "publish_timeout_s", into="mqtt",
+                  rename={"password_file": "mqtt_password_file"})
 @settings_options(SinkSettings, *SINK_FIELDS, into="sink")
 @connection
 def mqtt_command(mqtt: dict = None, sink: dict = None, metrics_port: MetricsPort = METRICS_OFF,
@@ -57,3 +59,15 @@ def mqtt_command(mqtt: dict = None, sink: dict = None, metrics_port: MetricsPort
     is acknowledged once the broker's PUBACK came."""
     client_id = f"patchcore-{sink['sink'] or 'mqtt'}-{sink['name']}"
     run_sink("mqtt", lambda: Mqtt(MqttSettings(**mqtt), client_id), sink, metrics_port, conn)
+
+
+@sink_app.command("opcua")
+@settings_options(OpcUaSettings, "url", "namespace_uri", "root", "username", "password_file", "timeout_s",
+                  into="opcua", rename={"password_file": "opcua_password_file"})
+@settings_options(SinkSettings, *SINK_FIELDS, into="sink")
+@connection
+def opcua_command(opcua: dict = None, sink: dict = None, metrics_port: MetricsPort = METRICS_OFF,
+                  conn: Connection = None) -> None:
+    """Write each verdict (Score, Threshold, Verdict, Timestamp, then Seq) and alarm (AlarmSeq) to the camera's
+    nodes Objects/<root>/<camera>/ of an OPC UA server (a PLC)."""
+    run_sink("opcua", lambda: OpcUa(OpcUaSettings(**opcua)), sink, metrics_port, conn)
