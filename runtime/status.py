@@ -73,13 +73,13 @@ def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float 
 
 
 SINK_STATES = ("ok", "retrying", "down", "stopped")  # what a sink process writes in its health
-SINK_NUMBERS = ("pending", "delivered", "deadlettered", "failures")
+SINK_NUMBERS = ("pending", "delivered", "deadlettered", "failures", "trimmed")
 
 
 def sink_health(client: redis.Redis, keys: Keys, dead_after_s: float = DEAD_AFTER_S) -> list[dict]:
     """Every sink process's health (the hash each writes every second, sinks/service.py): destination, state
     (ok, retrying, down, stopped; `gone` when not written for `dead_after_s`), pending, delivered,
-    dead-lettered, failures, last error, age. A field that does not parse reads as empty: a row is shown
+    dead-lettered, failures, trimmed (entries trimmed from their stream before delivery), last error, age. A field that does not parse reads as empty: a row is shown
     whatever one process wrote."""
     now, rows = time.time(), []
     for label, text in sorted(client.hgetall(keys.sink_health).items()):

@@ -304,6 +304,6 @@ class Sink:
         self.client.hset(self.keys.sink_health, self.label, json.dumps({
             "sink": self.settings.sink, "consumer": self.settings.name, "destination": self.destination.description,
             "state": state, "pending": len(self._held), "delivered": self.report.delivered,
-            "deadlettered": self.report.deadlettered, "failures": self.report.failures,
+            "deadlettered": self.report.deadlettered, "failures": self.report.failures, "trimmed": self.report.trimmed,
             "last_error": self.report.last_error, "failing_since_s": None if self._failing_since is None
             else round(time.monotonic() - self._failing_since, 1), "at": time.time()}))

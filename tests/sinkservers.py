@@ -247,6 +247,7 @@ class PlcServer:
         self.port = port or free_port()
         self.types = {**OPCUA_NODES, **(types or {})}
         self.writes: list[tuple[str, dict]] = []
+        self.write_at: list[float] = []  # when each of `writes` arrived (unix seconds)
         self._names: dict = {}  # node id -> (camera, node name)
         self._lock = threading.Lock()
         self._loop = None
@@ -306,8 +307,10 @@ class PlcServer:
             if item.NodeId in self._names and status.is_good():
                 camera, name = self._names[item.NodeId]
                 by_camera.setdefault(camera, {})[name] = item.Value.Value.Value
+        now = time.time()
         with self._lock:
             self.writes += list(by_camera.items())
+            self.write_at += [now] * len(by_camera)
 
     def stop(self) -> None:
         if self._loop is not None and self._stopped is not None:
