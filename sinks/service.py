@@ -212,20 +212,24 @@ class Sink:
                                                                       "count": added}})
 
     def _fill(self) -> None:
+        """Read up to the room left under max_pending: this consumer's own pending entries first (a restart),
+        then new ones. Holding nothing, it waits up to 100 ms for the first new entry (one blocking read over
+        every stream); holding some, it reads without waiting, capped over all streams (read_fair)."""
         room = self.settings.max_pending - len(self._held)
         if room <= 0:
             return
+        per_stream = max(1, room // len(self._streams.names))  # with more streams than room: one each
         if self._recover:
             if self._held:
                 return  # what was read of this consumer's pending list goes first
-            reply = self._streams.read_each(self.settings.name, self.settings.max_pending, "0")
-            added = self._take(reply)
+            added = self._take(self._streams.read_each(self.settings.name, per_stream, "0"))
             self.report.recovered += added
             self._recover = added > 0  # read again once delivered: there may be more than one page
             return
-        reply = self._streams.read_each(self.settings.name, min(self.settings.batch, room), ">",
-                                        None if self._held else 100)
-        self._take(reply)
+        if self._held:
+            self._take(self._streams.read_fair(self.settings.name, min(self.settings.batch, room)))
+        else:
+            self._take(self._streams.read_each(self.settings.name, min(self.settings.batch, per_stream), ">", 100))
 
     def _take(self, reply) -> int:
         """Hold the messages of `reply` ([(stream, [(id, fields)...])...]) not held yet; dead-letter the

@@ -400,3 +400,29 @@ def test_opcua_server_down_then_up_loses_nothing(client):
         finally:
             plc.stop()
     assert plc.seqs("cam-a") == list(range(15))
+
+
+# ---- Redis Cluster -----------------------------------------------------------------------------------------------
+@pytest.mark.cluster
+def test_a_sink_delivers_every_camera_of_a_cluster_in_order(redis_cluster, secret_file):
+    from .cluster import spread_cameras
+
+    redis_cluster.wait_ok()
+    redis_cluster.flush()
+    client = connect(redis_cluster.url)
+    cameras = spread_cameras(redis_cluster, KEYS)  # two per master: the streams lie on three nodes
+    receiver = Receiver(SECRET).start()
+    try:
+        for camera in cameras:
+            write_results(client, KEYS, camera, range(15))
+            write_alarms(client, KEYS, camera, [9])
+        with running(webhook_sink(client, receiver.url, secret_file)) as sink:
+            assert wait_for(lambda: len(receiver.received) >= 16 * len(cameras), 60)
+            assert wait_for(lambda: sum(sink_pending(client, camera) for camera in cameras) == 0)
+        keys = receiver.keys()
+        assert len(keys) == len(set(keys)) == 16 * len(cameras)
+        for camera in cameras:
+            assert [k for k in keys if k.startswith(f"verdict:{camera}:")] == expected_verdicts(camera, range(15))
+            assert alarm_key(camera, 9) in keys
+    finally:
+        receiver.stop()
