@@ -426,3 +426,57 @@ def test_a_sink_delivers_every_camera_of_a_cluster_in_order(redis_cluster, secre
             assert alarm_key(camera, 9) in keys
     finally:
         receiver.stop()
+
+
+# ---- status and the command line ---------------------------------------------------------------------------------
+def test_status_reads_whatever_a_sink_wrote_without_failing(client):
+    import time
+
+    client.hset(KEYS.sink_health, mapping={
+        "hook/s-1": json.dumps({"destination": "webhook http://x/", "state": "down", "pending": 7, "delivered": "many",
+                                "at": time.time()}),
+        "hook/s-2": b"\xff not json",
+        "mq/old": json.dumps({"state": "ok", "pending": 1, "at": time.time() - 1000}),
+        "mq/odd": json.dumps(["a list"]),
+    })
+    rows = {f"{r['sink']}/{r['consumer']}": r for r in collect_status(client, KEYS.prefix, reasons=False)["sinks"]}
+    assert rows["hook/s-1"]["state"] == "down" and rows["hook/s-1"]["pending"] == 7
+    assert rows["hook/s-1"]["delivered"] == 0  # not a count: read as 0
+    assert rows["hook/s-2"]["state"] == "gone" and rows["mq/odd"]["state"] == "gone"  # nothing readable, no time
+    assert rows["mq/old"]["state"] == "gone"  # not written for longer than dead_after_s
+
+
+def test_bad_sink_options_are_clear_errors_and_the_secret_is_never_shown(redis_server, tmp_path):
+    runner = CliRunner()
+    base = ["sink", "webhook", "--redis-url", redis_server.url]
+    refused = runner.invoke(app, [*base, "--url", "ftp://host/x"])
+    assert refused.exit_code == 2 and "bad webhook URL" in refused.output
+    missing = runner.invoke(app, [*base, "--url", "http://127.0.0.1:9/x", "--secret-file", str(tmp_path / "none")])
+    assert missing.exit_code == 2 and "cannot read the webhook secret file" in missing.output
+    nothing = runner.invoke(app, [*base, "--url", "http://127.0.0.1:9/x", "--no-verdicts", "--no-alarms"])
+    assert nothing.exit_code == 2 and "verdicts, alarms or both" in nothing.output
+    name = runner.invoke(app, [*base, "--url", "http://127.0.0.1:9/x", "--sink", "a b"])
+    assert name.exit_code == 2 and "bad sink name" in name.output
+    mqtt = runner.invoke(app, ["sink", "mqtt", "--redis-url", redis_server.url, "--topic-prefix", "a/#"])
+    assert mqtt.exit_code == 2 and "bad MQTT topic prefix" in mqtt.output
+    opcua = runner.invoke(app, ["sink", "opcua", "--redis-url", redis_server.url, "--url", "http://plc"])
+    assert opcua.exit_code == 2 and "bad OPC UA URL" in opcua.output
+
+
+def test_the_webhook_signature_is_hmac_sha256_over_timestamp_dot_body(secret_file):
+    import hashlib
+    import hmac
+
+    from sinks.messages import verdict_message
+    from sinks.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER
+
+    from .sinkservers import result
+
+    hook = Webhook(WebhookSettings(url="http://127.0.0.1:9/x", secret_file=secret_file))
+    message = verdict_message(KEYS.results("cam-a"), b"1-0", result("cam-a", 5))
+    headers = hook.headers(message, message.json)
+    expected = hmac.new(SECRET, f"{headers[TIMESTAMP_HEADER]}.".encode() + message.json, hashlib.sha256).hexdigest()
+    assert headers[SIGNATURE_HEADER] == f"sha256={expected}"
+    assert headers["Idempotency-Key"] == "verdict:cam-a:5:bottle" == json.loads(message.json)["id"]
+    assert SECRET.decode() not in repr(hook.__dict__.get("description")) + hook.description
+    hook.close()
