@@ -160,14 +160,18 @@ class Mosquitto:
     """Debian's mosquitto on a free loopback port, from a config file of its own (anonymous, or with a password
     file when `users` is given)."""
 
-    def __init__(self, folder: Path, port: int | None = None, users: dict[str, str] | None = None):
-        self.folder, self.port, self.users = folder, port or free_port(), users
+    def __init__(self, folder: Path, port: int | None = None, users: dict[str, str] | None = None,
+                 tls: tuple[Path, Path] | None = None):
+        self.folder, self.port, self.users, self.tls = folder, port or free_port(), users, tls
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Mosquitto":
         config = [f"listener {self.port} 127.0.0.1", "persistence false", "log_dest stderr", "log_type error"]
         if os.geteuid() == 0:  # as root mosquitto would become `mosquitto`, who cannot read the test's folder
             config.append("user root")
+        if self.tls:  # (certificate, key): TLS only on this listener
+            cert, key = self.tls
+            config += [f"certfile {cert}", f"keyfile {key}"]
         if self.users:
             passwd = self.folder / "passwd"
             passwd.write_text("")
@@ -199,10 +203,19 @@ class Mosquitto:
             self.process = None
 
 
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost and its key (openssl), valid one day."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 class Subscriber:
     """A paho client subscribed to `topic` (QoS 1) that records (topic, payload dict, retained, when)."""
 
-    def __init__(self, port: int, topic: str = "#"):
+    def __init__(self, port: int, topic: str = "#", ca_file: Path | None = None):
         import paho.mqtt.client as mqtt
 
         self.messages: list[tuple[str, dict, bool, float]] = []
@@ -212,6 +225,8 @@ class Subscriber:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *args: self._subscribed.set()
         self.client.on_connect = lambda client, *args: client.subscribe(topic, qos=1)
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=str(ca_file))
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         if not self._subscribed.wait(10):

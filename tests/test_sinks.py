@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,8 @@ from sinks.messages import alarm_key, verdict_key
 from sinks.service import Sink, SinkSettings
 from sinks.webhook import Webhook, WebhookSettings
 
-from .sinkservers import MOSQUITTO, Mosquitto, PlcServer, Receiver, Subscriber, free_port, wait_for, write_alarms, write_results
+from .sinkservers import (MOSQUITTO, Mosquitto, PlcServer, Receiver, Subscriber, free_port, self_signed, wait_for,
+                          write_alarms, write_results)
 
 KEYS = Keys()
 SECRET = b"test-secret-of-the-webhook"
@@ -480,3 +482,27 @@ def test_the_webhook_signature_is_hmac_sha256_over_timestamp_dot_body(secret_fil
     assert headers["Idempotency-Key"] == "verdict:cam-a:5:bottle" == json.loads(message.json)["id"]
     assert SECRET.decode() not in repr(hook.__dict__.get("description")) + hook.description
     hook.close()
+
+
+@needs_mosquitto
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test's certificate")
+def test_mqtt_over_tls_checks_the_broker_certificate(client, tmp_path):
+    cert, key = self_signed(tmp_path)
+    broker = Mosquitto(tmp_path, tls=(cert, key)).start()
+    subscriber = Subscriber(broker.port, "patchcore/#", ca_file=cert)
+    try:
+        write_results(client, KEYS, "cam-a", range(5))
+        trusted = Mqtt(MqttSettings(host="127.0.0.1", port=broker.port, tls=True, ca_file=cert), "pc-tls")
+        with running(Sink(client, trusted, SinkSettings(sink="mq", **FAST), KEYS)):
+            assert wait_for(lambda: len(subscriber.messages) >= 5)
+        assert subscriber.keys() == expected_verdicts("cam-a", range(5))
+        untrusted = Mqtt(MqttSettings(host="127.0.0.1", port=broker.port, tls=True), "pc-tls-2")  # system CAs only
+        attempt = untrusted.deliver([])
+        assert attempt.error is not None and "CERTIFICATE_VERIFY_FAILED" in attempt.error
+        untrusted.close()
+        plain = Mqtt(MqttSettings(host="127.0.0.1", port=broker.port, publish_timeout_s=1.0), "pc-plain")
+        assert plain.deliver([]).error is not None  # a TLS listener refuses plain MQTT
+        plain.close()
+    finally:
+        subscriber.stop()
+        broker.stop()
