@@ -171,8 +171,9 @@ def prune_dead(client: redis.Redis, prefix: str = "pc", after_s: float = PRUNE_A
     """Delete the consumers idle (workers: and without a heartbeat) for more than `after_s` that hold no
     pending entries (XGROUP DELCONSUMER on each of their streams, and their heartbeat); those holding
     entries are left for a live consumer to reclaim. A live consumer deleted this way (a store on a quiet
-    line) loses nothing: Redis re-creates it at its next delivery. Returns "group/name" of each consumer
-    deleted. Needs a user allowed XGROUP (operator)."""
+    line) loses nothing: Redis re-creates it at its next delivery. Also deletes the health rows of sink
+    processes gone or stopped for more than `after_s`. Returns "group/name" of each consumer deleted and
+    "sink <sink>/<consumer>" of each sink row. Needs a user allowed XGROUP (operator)."""
     keys = Keys(prefix)
     cameras = camera_list(client, keys.cameras)
     pruned = []
@@ -189,6 +190,10 @@ def prune_dead(client: redis.Redis, prefix: str = "pc", after_s: float = PRUNE_A
             if row["group"] == FRAME_GROUP:
                 client.hdel(keys.workers, row["name"])
             pruned.append(f"{row['group']}/{row['name']}")
+    for row in sink_health(client, keys, after_s):  # sink processes gone or stopped that long: their health rows
+        if row["state"] in ("gone", "stopped") and (row["age_s"] is None or row["age_s"] > after_s):
+            client.hdel(keys.sink_health, f"{row['sink']}/{row['consumer']}")
+            pruned.append(f"sink {row['sink']}/{row['consumer']}")
     return pruned
 
 

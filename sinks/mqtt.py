@@ -133,8 +133,8 @@ class Mqtt:
         client, self._client = self._client, None
         self._connected.clear()
         if client is not None:
+            client.disconnect()  # a DISCONNECT packet where the connection still stands, then the network thread
             client.loop_stop()
-            client.disconnect()
         with self._lock:
             self._acks.clear()
 

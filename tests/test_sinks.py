@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from contracts.keys import Keys, sink_group
 from patchcore.cli import app
 from runtime.connection import connect
-from runtime.status import collect_status
+from runtime.status import collect_status, prune_dead
 from sinks.mqtt import Mqtt, MqttSettings
 from sinks.opcua import OpcUa, OpcUaSettings
 from sinks.messages import alarm_key, verdict_key
@@ -446,6 +446,9 @@ def test_status_reads_whatever_a_sink_wrote_without_failing(client):
     assert rows["hook/s-1"]["delivered"] == 0  # not a count: read as 0
     assert rows["hook/s-2"]["state"] == "gone" and rows["mq/odd"]["state"] == "gone"  # nothing readable, no time
     assert rows["mq/old"]["state"] == "gone"  # not written for longer than dead_after_s
+    pruned = prune_dead(client, KEYS.prefix, after_s=500)  # `patchcore status --prune`: rows gone that long
+    assert sorted(pruned) == ["sink hook/s-2", "sink mq/odd", "sink mq/old"]
+    assert list(client.hgetall(KEYS.sink_health)) == [b"hook/s-1"]
 
 
 def test_bad_sink_options_are_clear_errors_and_the_secret_is_never_shown(redis_server, tmp_path):
