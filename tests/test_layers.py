@@ -29,7 +29,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
 TORCH_FREE = ("contracts.messages", "contracts.framecodec", "runtime.status", "runtime.health", "ingest.camera",
               "ingest.sources", "store.service", "store.alarms.log", "store.alarms.feed", "store.alarms.dismiss",
               "workers.banks.registry", "console.app",
-              "sinks.service", "sinks.webhook", "sinks.mqtt", "sinks.opcua", "patchcore.commands.sink")
+              "sinks.service", "sinks.deadletters", "sinks.webhook", "sinks.mqtt", "sinks.opcua", "patchcore.commands.sink")
 
 
 def project_imports(path: Path) -> set[str]:

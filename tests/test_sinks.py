@@ -159,7 +159,7 @@ def test_down_destination_backlog_is_bounded_by_max_pending(client, secret_file)
         assert info["lag"] == 42
 
 
-def test_webhook_4xx_goes_to_dead_letters_with_reason_and_the_rest_is_delivered(client, secret_file):
+def test_webhook_4xx_goes_to_dead_letters_with_reason_and_the_rest_is_delivered(redis_server, client, secret_file):
     receiver = Receiver(SECRET, refuse_seqs=frozenset({3, 8})).start()
     try:
         write_results(client, KEYS, "cam-a", range(12))
@@ -171,6 +171,11 @@ def test_webhook_4xx_goes_to_dead_letters_with_reason_and_the_rest_is_delivered(
         assert [json.loads(letter[b"body"])["seq"] for _, letter in letters] == [3, 8]
         assert all(letter[b"reason"] == b"HTTP 400: seq refused by the test" for _, letter in letters)
         assert [letter[b"key"].decode() for _, letter in letters] == expected_verdicts("cam-a", [3, 8])
+        listed = CliRunner().invoke(app, ["sink", "deadletters", "--sink", "hook", "--redis-url", redis_server.url])
+        assert listed.exit_code == 0, listed.output
+        rows = [json.loads(line) for line in listed.output.splitlines()]
+        assert [(r["camera"], r["key"], r["reason"]) for r in rows] == [
+            ("cam-a", key, "HTTP 400: seq refused by the test") for key in expected_verdicts("cam-a", [3, 8])]
     finally:
         receiver.stop()
 

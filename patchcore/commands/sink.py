@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
+from typing import Annotated, Optional
 
 import typer
 
+from contracts.keys import check_sink
+from sinks.deadletters import LIST_COUNT, sink_dead_letters
 from sinks.mqtt import Mqtt, MqttSettings
 from sinks.opcua import OpcUa, OpcUaSettings
 from sinks.service import SettingsError, Sink, SinkSettings
@@ -71,3 +75,20 @@ def opcua_command(opcua: dict = None, sink: dict = None, metrics_port: MetricsPo
     """Write each verdict (Score, Threshold, Verdict, Timestamp, then Seq) and alarm (AlarmSeq) to the camera's
     nodes Objects/<root>/<camera>/ of an OPC UA server (a PLC)."""
     run_sink("opcua", lambda: OpcUa(OpcUaSettings(**opcua)), sink, metrics_port, conn)
+
+
+@sink_app.command("deadletters")
+@connection
+def deadletters_command(
+    sink: Annotated[str, typer.Option(help="The sink's name (--sink of its processes).")],
+    camera: Annotated[Optional[str], typer.Option(help="Only this camera's.")] = None,
+    count: Annotated[int, typer.Option(help="The newest this many per camera.", min=1)] = LIST_COUNT,
+    conn: Connection = None,
+) -> None:
+    """One JSON line per dead letter of a sink: camera, reason, idempotency key, origin, when."""
+    try:
+        check_sink(sink)
+    except ValueError as exc:
+        fail(str(exc))
+    for letter in sink_dead_letters(conn.client(), conn.keys, sink, camera, count):
+        typer.echo(json.dumps(asdict(letter)))
