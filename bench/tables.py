@@ -177,6 +177,11 @@ TABLES: dict[str, Table] = {
         ("CPU-seconds per frame", "{cpu_s_per_frame:.3f}"))),
     "gpu_check": Table(("gpu_check",), (("backbone", "{backbone}"), ("images/s, batch 1", "{batch_1}"),
                                      ("batch 8", "{batch_8}"), ("batch 32", "{batch_32}"))),
+    "sink_latency": Table(("sink_latency",), (
+        ("destination", "{destination}"), ("verdicts/s", "{rate_per_s:.0f}"), ("seconds", "{seconds:.0f}"),
+        ("verdicts", "{verdicts:,}"), ("received", "{received:,}"), ("duplicates", "{duplicates}"),
+        ("latency p50", "{latency_p50_ms:.1f} ms"), ("latency p99", "{latency_p99_ms:.1f} ms"),
+        ("max", "{latency_max_ms:.0f} ms"))),
     "delivery": Table(("delivery",), (
         ("before", "{before}"), ("us", "{before_us:.1f}"), ("now", "{after}"), ("us", "{after_us:.1f}"),
         ("now / before", "x{x_before:.2f}"))),

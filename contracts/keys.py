@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 FRAME_GROUP = "workers"  # consumer group of the workers on every frame stream
 STORE_GROUP = "store"  # consumer group of the store on every results stream
+SINK_GROUP_PREFIX = "sink:"  # a sink's consumer group on the results and alarm streams: this + the sink's name
+MAX_SINK_NAME = 64  # characters
 
 
 MAX_CAMERA_NAME = 128  # characters
@@ -26,6 +28,19 @@ def check_camera(camera: str) -> str:
     if not camera.isprintable():
         raise ValueError(f"bad camera name {camera!r}: control characters are not allowed")
     return camera
+
+
+def check_sink(name: str) -> str:
+    """A sink's name (its consumer group and dead letters): 1 to MAX_SINK_NAME letters, digits, `-`, `_` or `.`."""
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_SINK_NAME \
+            or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name):
+        raise ValueError(f"bad sink name {str(name)[:200]!r}: 1 to {MAX_SINK_NAME} letters, digits, '-', '_' or '.'")
+    return name
+
+
+def sink_group(name: str) -> str:
+    """The consumer group of sink `name` on every results and alarm stream (its own position in each)."""
+    return SINK_GROUP_PREFIX + check_sink(name)
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,14 @@ class Keys:
     @property
     def alarm_rules(self) -> str:  # hash: camera or "line:<name>" -> JSON AlarmRule overrides
         return f"{self.prefix}:alarm_rules"
+
+    # sinks (sinks/: verdicts and alarms delivered to MQTT, webhooks, OPC UA)
+    @property
+    def sink_health(self) -> str:  # hash: "<sink>/<consumer>" -> JSON {destination, state, pending, delivered, ...}
+        return f"{self.prefix}:sinks:health"
+
+    def sink_deadletter(self, sink: str, camera: str) -> str:  # stream: what sink `sink` refused for good, with why
+        return f"{self._camera('sinkdeadletter', camera)}:{check_sink(sink)}"  # the camera's slot: acked atomically
 
     @property
     def workers(self) -> str:  # hash: worker name -> last heartbeat (unix s)

@@ -8,7 +8,7 @@ set -eu
 dir=$(dirname "$0")/secrets
 mkdir -p "$dir"
 chmod 700 "$dir"
-for user in worker store operator viewer bank-key $(for c in ${CAMERAS:-cam-1}; do echo "camera-$c"; done); do
+for user in worker store sink operator viewer bank-key $(for c in ${CAMERAS:-cam-1}; do echo "camera-$c"; done); do
   [ -s "$dir/$user" ] || (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$dir/$user")
   chmod 444 "$dir/$user"
 done

@@ -40,6 +40,18 @@ STAGE_SECONDS = Histogram("patchcore_stage_seconds", "Seconds per frame in each 
                           buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 END_TO_END = Histogram("patchcore_end_to_end_latency_seconds", "Capture to result written.",
                        buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+SINK_DELIVERED = Counter("patchcore_sink_delivered", "Messages a sink's destination confirmed (then acknowledged), "
+                         "by kind (verdict, alarm).", ["sink", "kind"])
+SINK_DEADLETTERED = Counter("patchcore_sink_deadlettered", "Messages a sink's destination refused for good (or that "
+                            "could not be read), dead-lettered with their reason.", ["sink"])
+SINK_FAILURES = Counter("patchcore_sink_failures", "Delivery attempts that failed for now (retried with backoff).",
+                        ["sink"])
+SINK_PENDING = Gauge("patchcore_sink_pending", "Messages a sink process holds: read, not yet confirmed.", ["sink"])
+SINK_STATE = Gauge("patchcore_sink_state", "1 for the sink's current state (ok, retrying, down), 0 for the others.",
+                   ["sink", "state"])
+SINK_LATENCY = Histogram("patchcore_sink_latency_seconds", "Entry written to Redis to its destination's confirmation.",
+                         ["sink"], buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+SINK_STATES = ("ok", "retrying", "down")  # the `state` label of SINK_STATE
 BANK_VERSION = Gauge("patchcore_bank_version", "Version of each bank this worker scores with.", ["bank"])
 
 # Dead-letter reasons are free text; the label is its kind (a bounded set), tried in this order.
@@ -114,6 +126,29 @@ def deadlettered(reason: str) -> None:
 def result_refused() -> None:
     """The store dead-lettered a result it refused."""
     DEADLETTERED.labels(BAD_RESULT).inc()
+
+
+def sink_started(sink: str) -> None:
+    """Sink: its series exist (at 0) before the first delivery, so an alert on the first failure fires."""
+    for kind in ("verdict", "alarm"):
+        SINK_DELIVERED.labels(sink, kind)
+    SINK_DEADLETTERED.labels(sink)
+    SINK_FAILURES.labels(sink)
+
+
+def sink_delivered(sink: str, kinds: Iterable[str], latencies: Iterable[float]) -> None:
+    """Sink: messages of these kinds were confirmed, `latencies` seconds after their entries were written."""
+    for kind in kinds:
+        SINK_DELIVERED.labels(sink, kind).inc()
+    for seconds in latencies:
+        SINK_LATENCY.labels(sink).observe(max(0.0, seconds))
+
+
+def sink_health(sink: str, state: str, pending: int) -> None:
+    """Sink: its state (one of SINK_STATES) and the messages it holds."""
+    SINK_PENDING.labels(sink).set(pending)
+    for name in SINK_STATES:
+        SINK_STATE.labels(sink, name).set(int(name == state))
 
 
 def consumer_lag(client: redis.Redis, streams: dict[str, str], group: str) -> dict[str, int]:

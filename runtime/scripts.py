@@ -23,7 +23,8 @@ from typing import Mapping, Sequence
 from redis.commands.core import Script
 
 # the scripts in runtime/lua/, by name
-NAMES = ("ack_and_write", "add_frame", "read_fair", "deadletter_write", "deadletter_replay", "commit_results")
+NAMES = ("ack_and_write", "add_frame", "read_fair", "deadletter_write", "deadletter_replay", "commit_results",
+         "sink_refuse")
 
 Value = bytes | str | int | float  # what redis-py sends as a script argument
 
@@ -75,6 +76,13 @@ def add_frame(script: Script, *, stream: str, stats: str, cameras: str | None, c
     -1: a duplicate, nothing written; else the number of older frames trimmed."""
     keys = [stream, stats] + ([cameras] if cameras is not None else [])
     return _call(script, keys, [seq, maxlen, captured_at, frame, camera], pipe)
+
+
+def sink_refuse(script: Script, *, stream: str, group: str, entry_id: bytes | str, deadletters: str, maxlen: int,
+                fields: Mapping[str, Value], pipe=None) -> int | None:
+    """Acknowledge `entry_id` of `stream` for the sink's `group` and, if this call acknowledged it, append `fields`
+    to `deadletters` (MAXLEN ~ maxlen); the entry stays in its stream. 1: recorded; 0: not pending any more."""
+    return _call(script, [stream, deadletters], [group, entry_id, maxlen, *_pairs(fields, "sink_refuse")], pipe)
 
 
 Entries = list[tuple[bytes, dict | None]]  # (entry id, fields; None for an entry deleted meanwhile)

@@ -68,7 +68,38 @@ def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float 
             "refused_camera_names_count": len(found.refused), "workers": workers, "banks": banks, "deadletter": deadletter,
             "deadletter_reasons": dict(Counter(reason_kind(letter.reason) for letter in DeadLetters(client, keys).list()))
             if reasons else None,
-            "consumers": consumers(client, keys, names, dead_after_s), "redis_faults": redis_faults(client)}
+            "consumers": consumers(client, keys, names, dead_after_s), "redis_faults": redis_faults(client),
+            "sinks": sink_health(client, keys, dead_after_s)}
+
+
+SINK_STATES = ("ok", "retrying", "down", "stopped")  # what a sink process writes in its health
+SINK_NUMBERS = ("pending", "delivered", "deadlettered", "failures", "trimmed")
+
+
+def sink_health(client: redis.Redis, keys: Keys, dead_after_s: float = DEAD_AFTER_S) -> list[dict]:
+    """Every sink process's health (the hash each writes every second, sinks/service.py): destination, state
+    (ok, retrying, down, stopped; `gone` when not written for `dead_after_s`), pending, delivered,
+    dead-lettered, failures, trimmed (entries trimmed from their stream before delivery), last error, age. A field that does not parse reads as empty: a row is shown
+    whatever one process wrote."""
+    now, rows = time.time(), []
+    for label, text in sorted(client.hgetall(keys.sink_health).items()):
+        try:
+            data = json.loads(text)
+            data = data if isinstance(data, dict) else {}
+        except (ValueError, UnicodeDecodeError):
+            data = {}
+        name = label.decode(errors="replace")[:MAX_TEXT]
+        sink, _, consumer = name.partition("/")
+        at = _time({"at": str(data.get("at", ""))}, "at")
+        state = data.get("state") if data.get("state") in SINK_STATES else "unknown"
+        if state != "stopped" and (at is None or now - at > dead_after_s):
+            state = "gone"
+        rows.append({"sink": sink, "consumer": consumer, "state": state,
+                     "destination": str(data.get("destination", ""))[:MAX_TEXT],
+                     "last_error": str(data.get("last_error", ""))[:MAX_TEXT],
+                     "age_s": None if at is None else max(0.0, now - at),
+                     **{k: _count({k: str(data.get(k, ""))}, k) for k in SINK_NUMBERS}})
+    return rows
 
 
 def _count(stats: dict[str, str], name: str, default: int | None = 0) -> int | None:
@@ -140,8 +171,9 @@ def prune_dead(client: redis.Redis, prefix: str = "pc", after_s: float = PRUNE_A
     """Delete the consumers idle (workers: and without a heartbeat) for more than `after_s` that hold no
     pending entries (XGROUP DELCONSUMER on each of their streams, and their heartbeat); those holding
     entries are left for a live consumer to reclaim. A live consumer deleted this way (a store on a quiet
-    line) loses nothing: Redis re-creates it at its next delivery. Returns "group/name" of each consumer
-    deleted. Needs a user allowed XGROUP (operator)."""
+    line) loses nothing: Redis re-creates it at its next delivery. Also deletes the health rows of sink
+    processes gone or stopped for more than `after_s`. Returns "group/name" of each consumer deleted and
+    "sink <sink>/<consumer>" of each sink row. Needs a user allowed XGROUP (operator)."""
     keys = Keys(prefix)
     cameras = camera_list(client, keys.cameras)
     pruned = []
@@ -158,6 +190,10 @@ def prune_dead(client: redis.Redis, prefix: str = "pc", after_s: float = PRUNE_A
             if row["group"] == FRAME_GROUP:
                 client.hdel(keys.workers, row["name"])
             pruned.append(f"{row['group']}/{row['name']}")
+    for row in sink_health(client, keys, after_s):  # sink processes gone or stopped that long: their health rows
+        if row["state"] in ("gone", "stopped") and (row["age_s"] is None or row["age_s"] > after_s):
+            client.hdel(keys.sink_health, f"{row['sink']}/{row['consumer']}")
+            pruned.append(f"sink {row['sink']}/{row['consumer']}")
     return pruned
 
 

@@ -28,7 +28,7 @@ from .conftest import ROOT
 from .test_pipeline import results, wait_for
 
 KEYS = Keys()
-USERS = ["camera-cam-1", "camera-cam-2", "worker", "store", "operator", "viewer"]
+USERS = ["camera-cam-1", "camera-cam-2", "worker", "store", "sink", "operator", "viewer"]
 DENIED = redis.exceptions.NoPermissionError
 
 
@@ -231,3 +231,35 @@ def test_the_whole_pipeline_runs_with_each_process_on_its_own_role(acl_server, s
     stats = viewer.hgetall(KEYS.camera_stats("cam-1"))
     assert (stats[b"ingested"], stats[b"results"], stats[b"deadlettered"], stats[b"alarms"]) == (
         b"16", b"16", b"1", str(len(alarms)).encode())
+
+
+def test_a_sink_reads_acknowledges_and_dead_letters_on_its_own_role_and_deletes_nothing(acl_server, tmp_path):
+    from sinks.service import Sink, SinkSettings
+    from sinks.webhook import Webhook, WebhookSettings
+
+    from .sinkservers import Receiver, write_alarms, write_results
+    from .sinkservers import wait_for as until
+
+    operator = acl_server.client("operator")
+    write_results(operator, KEYS, "cam-1", range(6))
+    write_alarms(operator, KEYS, "cam-1", [2])
+    receiver = Receiver(None, refuse_seqs=frozenset({4})).start()
+    sink = Sink(acl_server.client("sink"), Webhook(WebhookSettings(url=receiver.url)),
+                SinkSettings(sink="hook", refresh_s=0.2, health_s=0.1), KEYS)
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    try:
+        assert until(lambda: len(receiver.received) == 6 and sink.report.deadlettered == 1, 30)
+    finally:
+        sink.stop.set()
+        thread.join(20)
+        receiver.stop()
+    assert sink.report.delivered == 6
+    assert operator.xlen(KEYS.sink_deadletter("hook", "cam-1")) == 1
+    assert operator.hget(KEYS.sink_health, "hook/sink-1") is not None
+    own = acl_server.client("sink")
+    for denied in (lambda: own.delete(KEYS.results("cam-1")), lambda: own.xdel(KEYS.results("cam-1"), "0-1"),
+                   lambda: own.xtrim(KEYS.alarms("cam-1"), maxlen=0), lambda: own.hset(KEYS.alarm_rules, "cam-1", "{}"),
+                   lambda: own.set(KEYS.bank_active("default"), 1)):
+        with pytest.raises(DENIED):
+            denied()

@@ -118,7 +118,8 @@ SETTINGS_SOURCES = ["workers/settings.py", "ingest/camera.py", "store/service.py
                     "runtime/deadletter.py", "runtime/status.py", "patchcore/up.py", "console/app.py",
                     "scorer/config.py", "scorer/features.py", "scorer/index.py", "scorer/calibration.py",
                     "scorer/views.py", "contracts/keys.py", "contracts/messages.py", "contracts/framecodec.py",
-                    "workers/banks/registry.py"]
+                    "workers/banks/registry.py", "sinks/service.py", "sinks/webhook.py", "sinks/mqtt.py",
+                    "sinks/opcua.py", "sinks/deadletters.py"]
 
 
 def _number(node):

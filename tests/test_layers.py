@@ -21,13 +21,15 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "runtime": ("contracts",),  # the Redis runtime every process shares
     "ingest": ("contracts", "runtime"),
     "store": ("contracts", "runtime"),
+    "sinks": ("contracts", "runtime"),  # verdicts and alarms delivered to webhooks, MQTT, OPC UA
     "workers": ("contracts", "runtime", "scorer"),
     "console": ("contracts", "runtime", "store", "workers.banks.registry"),
-    "patchcore": ("contracts", "runtime", "scorer", "ingest", "store", "workers", "console"),
+    "patchcore": ("contracts", "runtime", "scorer", "ingest", "store", "sinks", "workers", "console"),
 }
 TORCH_FREE = ("contracts.messages", "contracts.framecodec", "runtime.status", "runtime.health", "ingest.camera",
               "ingest.sources", "store.service", "store.alarms.log", "store.alarms.feed", "store.alarms.dismiss",
-              "workers.banks.registry", "console.app")
+              "workers.banks.registry", "console.app",
+              "sinks.service", "sinks.deadletters", "sinks.webhook", "sinks.mqtt", "sinks.opcua", "patchcore.commands.sink")
 
 
 def project_imports(path: Path) -> set[str]:

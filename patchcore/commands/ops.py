@@ -131,6 +131,10 @@ def status_command(
                    + ("  DEAD" if row["dead"] else ""))
     for name in pruned:
         typer.echo(f"pruned consumer {name}")
+    for row in status["sinks"]:
+        typer.echo(f"sink {row['sink']}/{row['consumer']}: {row['state'].upper() if row['state'] != 'ok' else 'ok'}  "
+                   f"{row['destination']}  pending {row['pending']}  delivered {row['delivered']}  dead-lettered "
+                   f"{row['deadlettered']}" + (f"  last error: {row['last_error']}" if row["last_error"] else ""))
     if status["deadletter_reasons"]:
         typer.echo("dead letters: " + "  ".join(f"{kind} {n}" for kind, n in sorted(status["deadletter_reasons"].items())))
     for bank, version in status["banks"].items():
