@@ -54,13 +54,13 @@ def test_isolated_defects_never_raise_drift():
 
 def test_a_shifted_scene_raises_one_drift_after_the_stated_delay_and_its_return_clears_it():
     settings = DriftSettings()
-    assert (settings.raise_delay, settings.clear_delay) == (26, 23)  # ceil(0.8 * 32), ceil(0.7 * 32)
+    assert (settings.raise_delay, settings.clear_delay) == (26, 16)  # ceil(0.8 * 32), ceil(0.5 * 32)
     tracker = DriftTracker(settings)
     events = feed(tracker, [GOOD] * 40 + [SHIFTED] * 100 + [GOOD] * 60)
-    assert [(i, e["kind"]) for i, e in events] == [(40 + 25, "drift"), (140 + 22, "drift-cleared")]
+    assert [(i, e["kind"]) for i, e in events] == [(40 + 25, "drift"), (140 + 15, "drift-cleared")]
     raised, cleared = events[0][1], events[1][1]
     assert raised["n"] == 1 and raised["share_over"] == pytest.approx(26 / 32) and raised["quantile_ratio"] >= 1
-    assert cleared["n"] == 2 and cleared["share_over"] <= 0.3 and tracker.status == NORMAL
+    assert cleared["n"] == 2 and cleared["share_over"] <= 0.5 and tracker.status == NORMAL
 
 
 def test_a_shift_among_defects_is_found_no_later_than_the_stated_delay():
@@ -113,7 +113,7 @@ def test_the_tracker_survives_its_json_with_the_window():
 
 @pytest.mark.parametrize("values, error", [
     ({"window": 1}, "window"), ({"quantile": 1.5}, "quantile"), ({"level": 0}, "level"),
-    ({"raise_share": 0.2, "clear_share": 0.3}, "below raise_share"), ({"policy": "drop"}, "policy"),
+    ({"raise_share": 0.5, "clear_share": 0.5}, "below raise_share"), ({"policy": "drop"}, "policy"),
 ])
 def test_bad_drift_settings_are_refused_with_the_reason(values, error):
     with pytest.raises(ValueError, match=error):
@@ -222,7 +222,7 @@ def test_the_store_raises_one_drift_holds_the_alarms_counts_them_and_clears_on_r
     assert [e.kind for e in events] == ["drift", "drift-cleared"]
     raised, cleared = events
     assert 60 <= raised.seq <= 60 + DriftSettings().raise_delay - 1
-    assert 160 <= cleared.seq <= 160 + DriftSettings().clear_delay - 1
+    assert 160 <= cleared.seq < 160 + DriftSettings().window  # the line's defects among the returned frames add a few
     seqs = alarm_seqs(client)
     # no flood: no alarm is written between the drift and its clearing; the ones the window decided are held
     assert not [s for s in seqs if raised.seq < s <= cleared.seq]
@@ -296,3 +296,15 @@ def test_acknowledging_a_camera_without_drift_is_refused(redis_server):
         wait_for(lambda: store.report.results == 40)
     with pytest.raises(DriftError, match="not drifted"):
         acknowledge(client, KEYS, "cam-1", "alice")
+
+
+def test_under_policy_mark_the_alarms_are_written_marked_and_none_is_held(redis_server):
+    client = connect(redis_server.url)
+    write_results(client, np.full(60, SHIFTED))
+    with Store(redis_server.url, drift=DriftSettings(policy="mark")) as store:
+        wait_for(lambda: store.report.results == 60)
+    alarms = read_alarms(client, KEYS)[0]
+    assert [e.kind for e in drift_events(client)] == ["drift"] and store.report.held == 0
+    # decided from the frame that raised the drift (31: the first full window) on
+    assert {a.drift for a in alarms if a.seq >= 31} == {True} and {a.drift for a in alarms if a.seq < 31} == {None}
+    assert [a for a in alarms if a.drift][0].describe().startswith("DRIFT-MARKED ALARM")

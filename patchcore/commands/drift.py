@@ -10,7 +10,7 @@ import typer
 
 from contracts.messages import DriftEvent, MessageError
 from runtime.cameras import camera_list
-from store.alarms.drift import DriftError, acknowledge
+from store.alarms.drift import EVENTS_LISTED, DriftError, acknowledge
 
 from ..helptext import Typer
 from .common import Connection, connection, fail
@@ -18,8 +18,6 @@ from .common import Connection, connection, fail
 app = Typer()
 drift_app = Typer(help="A camera whose whole scene drifted: acknowledge it, list the events.", no_args_is_help=True)
 app.add_typer(drift_app, name="drift")
-
-LIST_COUNT = 20  # events listed per camera unless told
 
 
 def who(client, given: Optional[str]) -> str:
@@ -54,7 +52,7 @@ def drift_ack(
 @connection
 def drift_events(
     camera: Annotated[Optional[str], typer.Option(help="Only this camera's events.")] = None,
-    count: Annotated[int, typer.Option(min=1, help="The newest this many per camera.")] = LIST_COUNT,
+    count: Annotated[int, typer.Option(min=1, help="The newest this many per camera.")] = EVENTS_LISTED,
     conn: Connection = None,
 ) -> None:
     """One JSON line per drift event, per camera oldest first (drift, drift-cleared, drift-acknowledged)."""

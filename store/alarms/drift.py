@@ -10,7 +10,7 @@ false-alarm rate, e.g. 99 % of them). With a full window it:
 - raises drift when at least `raise_share` of the window is at or over the threshold AND the window's
   `quantile` (its low end, 0.25 by default) of score / threshold is at least `level` (1.0: even the window's
   lower quartile scores above the calibration's good range, which isolated defects never cause);
-- clears it when at most `clear_share` of the window is over the threshold again (the scene returned);
+- clears it when at most `clear_share` (half) of the window is over the threshold again (the scene returned);
 - while drifted (policy `hold`), the camera's defect alarms are held: decided, not written, and counted (`held`);
   policy `mark` writes them with `drift` set; `off` tracks nothing.
 
@@ -19,7 +19,8 @@ open (no new drift is raised) until the window is back to normal, which then cle
 event (`drift`, `drift-cleared`, `drift-acknowledged`), numbered per camera from 1, kept in an outbox of the state
 until written (runtime/lua/commit_drift.lua writes each number once). Detection delay: from the first shifted
 frame, at most ceil(raise_share * window) frames when every shifted frame scores over the threshold (26 frames
-with the defaults: 32 frames, 0.8); clearing takes at most ceil((1 - clear_share) * window) normal frames (23).
+with the defaults: 32 frames, 0.8); clearing takes at most ceil((1 - clear_share) * window) normal frames (16;
+the line's own defects among them add a few: clearing at half the window lets a line at its usual defect rate clear).
 
 The state is a small JSON document kept with the camera's alarm window (key "drift"), so it is committed with
 the results that changed it, by the same script.
@@ -42,6 +43,7 @@ RAISED, CLEARED, ACKED = DRIFT_KINDS  # the kinds of events: drift, drift-cleare
 MAX_OUTBOX = 16  # events kept in the state until written (one store's worth of transitions, and more)
 MAX_WINDOW = 1000
 DRIFT_MAXLEN = 10_000  # drift events kept per camera (approximate trimming)
+EVENTS_LISTED = 20  # `patchcore drift events` lists this many per camera unless told
 
 
 class DriftError(RuntimeError):
@@ -60,7 +62,7 @@ class DriftSettings:
                 "the calibrated threshold) and --drift-raise-share of it is over the threshold."})
     raise_share: float = field(default=0.8, metadata={
         "help": "Drift: share of the window at or over the threshold that (with --drift-level) raises drift."})
-    clear_share: float = field(default=0.3, metadata={
+    clear_share: float = field(default=0.5, metadata={
         "help": "Drift: cleared when at most this share of the window is over the threshold."})
     policy: str = field(default="hold", metadata={
         "help": "Drift: hold (the camera's alarms are held and counted until ack or the scene returns), mark "
