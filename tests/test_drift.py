@@ -4,6 +4,9 @@ tests/test_drift_line.py)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,6 +25,9 @@ from store.alarms.drift import (ACKNOWLEDGED, DRIFTED, NORMAL, DriftError, Drift
 from store.alarms.feed import read_alarms
 from store.alarms.rules import AlarmRule
 from store.service import ResultsStore, StoreSettings
+
+from .conftest import ROOT
+from .test_console import browser  # noqa: F401 - the headless browser fixture
 
 KEYS = Keys()
 GOOD, SHIFTED = 0.7, 2.0  # score / threshold of a good frame, and of any frame of a drifted scene
@@ -308,3 +314,38 @@ def test_under_policy_mark_the_alarms_are_written_marked_and_none_is_held(redis_
     # decided from the frame that raised the drift (31: the first full window) on
     assert {a.drift for a in alarms if a.seq >= 31} == {True} and {a.drift for a in alarms if a.seq < 31} == {None}
     assert [a for a in alarms if a.drift][0].describe().startswith("DRIFT-MARKED ALARM")
+
+
+def test_the_console_shows_a_drift_badge_with_the_held_alarms_and_then_the_acknowledgement(browser, redis_server):
+    """In the real headless browser (tests/test_console.py's): the camera card's badge and its held-alarm count."""
+    from selenium.webdriver.common.by import By
+
+    from patchcore.embedded_redis import free_port
+
+    client = connect(redis_server.url)
+    write_results(client, np.full(60, SHIFTED))
+    with Store(redis_server.url) as store:
+        wait_for(lambda: store.report.results == 60)
+    port = free_port()
+    console = subprocess.Popen([sys.executable, "-m", "patchcore", "console", "--port", str(port), "--redis-url",
+                                redis_server.url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "PATCHCORE_CONSOLE_CREDENTIALS"})
+    try:
+        assert "console at" in console.stdout.readline()
+        browser.get(f"http://127.0.0.1:{port}/")
+
+        def badge() -> tuple[str, str] | None:  # read in one script: the live grid re-renders every second
+            return browser.execute_script(
+                "const c = document.querySelector('[data-camera=\"cam-1\"]'); if (!c) return null;"
+                "const b = c.querySelector('.drift'); return [b.hidden ? '' : b.textContent,"
+                " c.querySelector('[data-stat=\"alarms held\"]').textContent];")
+
+        wait_for(lambda: badge() == ["DRIFT", str(store.report.held)], 60)
+        assert store.report.held > 0
+        title = browser.find_element(By.CSS_SELECTOR, '[data-camera="cam-1"] .drift').get_attribute("title")
+        assert "frame 31" in title and "patchcore drift ack cam-1" in title
+        acknowledge(client, KEYS, "cam-1", "alice")
+        wait_for(lambda: badge() == ["drift acknowledged", str(store.report.held)], 30)
+    finally:
+        console.terminate()
+        console.wait(timeout=30)

@@ -14,16 +14,16 @@ import threading
 import time
 
 import cv2
-import numpy as np
 import pytest
 
+from contracts.framecodec import encode_frame
 from contracts.keys import Keys
 from contracts.messages import DriftEvent
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import CaptureSource, SyntheticLine, scene_change
 from runtime.connection import connect
 from runtime.status import collect_status
-from scorer import BuildConfig, CoresetConfig, FeatureConfig, bank_to_bytes, build_bank
+from scorer import BuildConfig, CalibrationConfig, CoresetConfig, FeatureConfig, bank_to_bytes, build_bank
 from store.alarms.drift import DriftSettings
 from store.alarms.feed import read_alarms
 from workers.banks.registry import BankRegistry
@@ -33,6 +33,7 @@ from .conftest import ROOT, VIDEO, needs_video
 
 KEYS = Keys()
 RAISE_DELAY, CLEAR_DELAY = DriftSettings().raise_delay, DriftSettings().clear_delay  # 26, 23 frames
+VIDEO_SIDE = 320  # the sample video's frames shrunk to this longer side (ingest's --max-side)
 COOLDOWN_S, FPS = 1.0, 20.0  # the alarm rule's cooldown at the cameras' pace: at most one alarm per 20 frames
 
 
@@ -123,6 +124,13 @@ def check_one_drift(client, camera: str, change_at: int, back_at: int) -> tuple[
     return raised, cleared, seqs
 
 
+def mostly_defects(line: SyntheticLine, seqs: list[int]) -> bool:
+    """At least 3 in 4 of these alarms have a defective part in their 2-of-3 window (the bank's calibration allows
+    good frames over the threshold at its false-alarm rate, so a few alarms on good parts are the bank's, not drift's)."""
+    on_defects = [s for s in seqs if any(line.defect_at(f) for f in range(max(0, s - 2), s + 1))]
+    return 4 * len(on_defects) >= 3 * len(seqs)
+
+
 @pytest.fixture
 def published(redis_server, synthetic_bank_bytes):
     BankRegistry(connect(redis_server.url), KEYS).publish("default", synthetic_bank_bytes, activate=True)
@@ -140,15 +148,13 @@ def test_a_brightness_change_and_a_camera_shift_each_raise_one_drift_and_isolate
     for camera in ("lamp", "knocked"):
         _, cleared, seqs = check_one_drift(client, camera, change_at, change_at + length)
         held += cleared.held
-        line = lines[camera]
-        normal = [s for s in seqs if s < change_at or s > cleared.seq]
-        assert all(any(line.defect_at(f) for f in range(s - 2, s + 1)) for s in normal), normal  # defects only
+        assert mostly_defects(lines[camera], [s for s in seqs if s < change_at or s > cleared.seq])
     assert report["held"] == held and report["drift_events"] == {"drift": 2, "drift-cleared": 2}
     # the steady line: its defective parts alarm, and its scene never drifts
     steady = lines["steady"]
     assert drift_events(client, "steady") == []
     alarms = [a.seq for a in read_alarms(client, KEYS)[0] if a.camera == "steady"]
-    assert alarms and all(any(steady.defect_at(f) for f in range(s - 2, s + 1)) for s in alarms)
+    assert alarms and mostly_defects(steady, alarms), alarms
     status = {c["camera"]: c for c in collect_status(client)["cameras"]}
     assert status["lamp"]["drift"]["status"] == "normal" and status["lamp"]["drift_events"] == 2
     assert status["steady"]["drift"]["held"] == 0
@@ -171,17 +177,19 @@ class ChangedVideo(CaptureSource):
 
 @pytest.fixture(scope="module")
 def video_bank(tmp_path_factory, mobilenet):
-    """A mobilenet bank of the sample video's steady first 150 frames (every fourth)."""
+    """A mobilenet bank of the sample video's steady first 150 frames (every third), each as the camera sends it
+    (shrunk to 320 pixels, JPEG: encode_frame), calibrated as video frames (near-twins left out together)."""
     folder = tmp_path_factory.mktemp("video-good")
     capture = cv2.VideoCapture(str(VIDEO))
     for i in range(150):
         ok, frame = capture.read()
         assert ok
-        if i % 4 == 0:
-            cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.resize(frame, (320, 180)))
+        if i % 3 == 0:
+            (folder / f"{i:03d}.jpg").write_bytes(encode_frame(frame, max_side=VIDEO_SIDE)[0])
     capture.release()
-    config = BuildConfig(features=FeatureConfig(backbone="mobilenet_v2"), coreset=CoresetConfig(fraction=0.1))
-    return bank_to_bytes(build_bank(sorted(folder.glob("*.png")), config, device="cpu", progress=False))
+    config = BuildConfig(features=FeatureConfig(backbone="mobilenet_v2"), coreset=CoresetConfig(fraction=0.1),
+                         calibration=CalibrationConfig(contiguous=True))
+    return bank_to_bytes(build_bank(sorted(folder.glob("*.*")), config, device="cpu", progress=False))
 
 
 @needs_video
@@ -190,7 +198,7 @@ def test_the_sample_video_gives_one_drift_for_a_brightness_change_and_one_for_a_
     BankRegistry(client, KEYS).publish("default", video_bank, activate=True)
     change_at, length, frames = 40, 60, 150  # the video's steady frames 0..149, changed 40..99
     sources = {"lamp": ChangedVideo(change_at, length, gain=2.0), "knocked": ChangedVideo(change_at, length, shift=40)}
-    report = run_cameras(url, sources, frames, max_side=320)
+    report = run_cameras(url, sources, frames, max_side=VIDEO_SIDE)
     for camera in sources:
         check_one_drift(client, camera, change_at, change_at + length)
     assert report["drift_events"] == {"drift": 2, "drift-cleared": 2}

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -101,7 +101,8 @@ class DriftTracker:
         state = state or {}
         self.settings = settings
         self.status: str = state.get("status", NORMAL)
-        self.ratios: list[float] = [float(r) for r in state.get("ratios", [])][-settings.window:]
+        # kept whole: an acknowledgement (default settings) must not cut a store's longer window; `add` trims
+        self.ratios: list[float] = [float(r) for r in state.get("ratios", [])][-MAX_WINDOW:]
         self.events: int = int(state.get("events", 0))  # events decided so far (the last one's number)
         self.outbox: list[dict] = list(state.get("outbox", []))  # decided events, until known to be written
         self.held: int = int(state.get("held", 0))  # alarms held, all episodes
