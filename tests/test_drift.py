@@ -349,3 +349,24 @@ def test_the_console_shows_a_drift_badge_with_the_held_alarms_and_then_the_ackno
     finally:
         console.terminate()
         console.wait(timeout=30)
+
+
+@pytest.mark.cluster
+def test_on_a_redis_cluster_each_camera_on_every_master_raises_one_drift_and_is_acknowledged(redis_cluster):
+    """Every key a drift write touches is the camera's (one slot): the store's commit, its event and the
+    acknowledgement run on each master."""
+    from .cluster import spread_cameras
+
+    redis_cluster.wait_ok()
+    redis_cluster.flush()
+    client = connect(redis_cluster.url)
+    cameras = spread_cameras(redis_cluster, KEYS, per_master=1)
+    for camera in cameras:
+        write_results(client, [GOOD] * 8 + [SHIFTED] * 40, camera=camera)
+    with Store(redis_cluster.url) as store:
+        wait_for(lambda: store.report.results == 48 * len(cameras))
+        for camera in cameras:
+            assert acknowledge(client, KEYS, camera, "alice")["kind"] == "drift-acknowledged"
+    for camera in cameras:
+        assert [(e.kind, e.by) for e in drift_events(client, camera)] == [("drift", None), ("drift-acknowledged", "alice")]
+        assert 8 <= drift_events(client, camera)[0].seq < 8 + DriftSettings().raise_delay
