@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from contracts.keys import Keys
@@ -209,6 +210,10 @@ def wait_for(predicate, timeout: float = 60.0) -> None:
     raise AssertionError("timed out")
 
 
+def metric(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def drift_events(client, camera: str = "cam-1") -> list[DriftEvent]:
     return [DriftEvent.unpack(f[b"m"]) for _, f in client.xrange(KEYS.drift(camera))]
 
@@ -222,10 +227,16 @@ def test_the_store_raises_one_drift_holds_the_alarms_counts_them_and_clears_on_r
     normal = line_ratios(np.random.default_rng(11), 60)
     ratios = np.concatenate([normal, np.full(100, SHIFTED), line_ratios(np.random.default_rng(12), 60)])
     write_results(client, ratios)
+    held_before, raised_before = metric("patchcore_alarms_held_total", camera="cam-1"), \
+        metric("patchcore_drift_events_total", kind="drift")
     with Store(redis_server.url) as store:
         wait_for(lambda: store.report.results == len(ratios))
     events = drift_events(client)
     assert [e.kind for e in events] == ["drift", "drift-cleared"]
+    # the store's metrics say the same (this process's registry: the store ran in a thread)
+    assert metric("patchcore_alarms_held_total", camera="cam-1") - held_before == store.report.held
+    assert metric("patchcore_drift_events_total", kind="drift") - raised_before == 1
+    assert metric("patchcore_drift", camera="cam-1") == 0
     raised, cleared = events
     assert 60 <= raised.seq <= 60 + DriftSettings().raise_delay - 1
     assert 160 <= cleared.seq < 160 + DriftSettings().window  # the line's defects among the returned frames add a few
@@ -258,6 +269,7 @@ def test_ack_releases_the_alarms_records_who_and_the_status_says_so(redis_server
     with Store(redis_server.url) as store:
         wait_for(lambda: store.report.results == 60)
         line = CliRunner().invoke(app, ["status", "--redis-url", redis_server.url]).output
+        assert metric("patchcore_drift", camera="cam-1") == 1
         assert "DRIFT since seq 31" in line and "alarms held" in line
         acked = CliRunner().invoke(app, ["drift", "ack", "cam-1", "--by", "alice", "--redis-url", redis_server.url])
         assert acked.exit_code == 0, acked.output
