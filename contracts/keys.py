@@ -111,8 +111,15 @@ class Keys:
     def latest(self, camera: str) -> str:  # hash: the camera's latest result and alarm state
         return self._camera("latest", camera)
 
-    def alarm_state(self, camera: str) -> str:  # hash: version, window (the store's debounce state, JSON)
-        return self._camera("alarmstate", camera)
+    def alarm_state(self, camera: str) -> str:  # hash: version, window (the store's debounce and drift state,
+        return self._camera("alarmstate", camera)  # JSON), drift_announced (the last drift event written)
+
+    def drift(self, camera: str) -> str:  # stream of the camera's DriftEvent messages (drift, cleared, acknowledged)
+        return self._camera("drift", camera)
+
+    @property
+    def drift_channel(self) -> str:  # Pub/Sub channel of DriftEvent messages (live, best effort)
+        return f"{self.prefix}:drift:live"
 
     def overlay(self, camera: str, seq: int) -> str:  # JPEG bytes, with a TTL
         return f"{self._camera('overlay', camera)}:{seq}"

@@ -12,6 +12,8 @@ from .keys import Keys
 FRAME_SCHEMA = 1
 RESULT_SCHEMA = 1
 ALARM_SCHEMA = 1
+DRIFT_SCHEMA = 1
+DRIFT_KINDS = ("drift", "drift-cleared", "drift-acknowledged")  # DriftEvent.kind
 ENCODINGS = ("jpeg", "raw")
 DEFAULT_MAX_FRAME_BYTES = 16 << 20
 MAX_WINDOW_SCORES = 64  # an alarm carries the scores of at most this many frames of its window (the newest)
@@ -210,6 +212,9 @@ class Alarm:
     # from its capture to the alarm. Absent (None) on an alarm raised in order.
     late_by: int | None = None
     late_s: float | None = None
+    # Raised while its camera's scene had drifted, under the store's drift policy `mark` (store.alarms.drift);
+    # None elsewhere (under policy `hold` such alarms are held, not written).
+    drift: bool | None = None
     schema: int = ALARM_SCHEMA
 
     def pack(self) -> bytes:
@@ -235,6 +240,7 @@ class Alarm:
         _optional_integer(alarm.late_by, "late_by")
         _require(alarm.late_by is None or alarm.late_by >= 1, "late_by must be at least 1")
         _finite(alarm.late_s, "late_s", optional=True)
+        _require(alarm.drift is None or isinstance(alarm.drift, bool), "bad drift: true, false or null expected")
         _require((alarm.peak_seq is None) == (alarm.peak_score is None), "peak_seq and peak_score come together")
         scores = alarm.window_scores
         if scores is not None:
@@ -249,7 +255,7 @@ class Alarm:
 
     def describe(self) -> str:
         """One line saying what fired: the rule, the window's scores and its highest, the frame's own score."""
-        head = f"ALARM camera={self.camera} line={self.line} seq={self.seq} bank={self.bank}@v{self.bank_version}"
+        head = f"{'DRIFT-MARKED ' if self.drift else ''}ALARM camera={self.camera} line={self.line} seq={self.seq} bank={self.bank}@v{self.bank_version}"
         if self.late_by is not None:
             late_s = "" if self.late_s is None else f", {self.late_s:.1f} s after capture"
             head = (f"LATE {head} (its result arrived after {self.late_by} frames up to it were decided{late_s}; "
@@ -261,6 +267,57 @@ class Alarm:
         return (f"{head} ({self.rule}): {self.over} frames at or over threshold {self.threshold:.3f} in "
                 f"seq {self.window_first}..{self.seq} [{scores}]; highest {self.peak_score:.3f} at seq {self.peak_seq}; "
                 f"this frame {self.score:.3f}, {'over' if self.score >= self.threshold else 'under'} the threshold")
+
+
+@dataclass(frozen=True)
+class DriftEvent:
+    """A camera's whole scene moved away from its bank's calibration (`drift`), came back (`drift-cleared`), or an
+    operator acknowledged the drift (`drift-acknowledged`, `by`). `n` numbers a camera's events from 1 (each is
+    written once); `seq` is the frame that decided it (acknowledged: the frame that raised the drift); the window's
+    statistics of score / threshold at that frame; `held`: the camera's alarms held in the episode so far."""
+    camera: str
+    kind: str
+    n: int
+    seq: int
+    at: float  # unix seconds: the deciding frame's capture time, or the acknowledgement's time
+    line: str = ""
+    window: int = 0  # frames in the window
+    share_over: float | None = None  # share of the window at or over the threshold
+    quantile_ratio: float | None = None  # the window's low quantile of score / threshold
+    median_ratio: float | None = None
+    threshold: float | None = None
+    held: int = 0
+    by: str | None = None  # who acknowledged
+    schema: int = DRIFT_SCHEMA
+
+    def pack(self) -> bytes:
+        return _pack(self)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "DriftEvent":
+        """Decode and validate every field, as Result.unpack."""
+        event = _build(cls, _unpack(data, 1 << 16), DRIFT_SCHEMA)
+        _text(event.camera, "camera")
+        _require(event.kind in DRIFT_KINDS, f"bad kind: one of {', '.join(DRIFT_KINDS)} expected")
+        _text(event.line, "line", empty=True)
+        for name in ("n", "seq", "window", "held"):
+            _integer(getattr(event, name), name)
+        _require(event.n >= 1, "bad n: events are numbered from 1")
+        _finite(event.at, "at")
+        for name in ("share_over", "quantile_ratio", "median_ratio", "threshold"):
+            _finite(getattr(event, name), name, optional=True)
+        _require(event.share_over is None or 0 <= event.share_over <= 1, "bad share_over: in [0, 1] expected")
+        _optional_text(event.by, "by", 256)
+        _require((event.by is not None) == (event.kind == "drift-acknowledged"), "by comes with an acknowledgement only")
+        return event
+
+    def describe(self) -> str:
+        """One line: what happened to the camera's scene, and the window that says so."""
+        stats = "" if self.share_over is None else (
+            f": {self.share_over:.0%} of the last {self.window} frames over the threshold, low quantile "
+            f"{self.quantile_ratio:.2f} x, median {self.median_ratio:.2f} x the threshold")
+        who = f" by {self.by}" if self.by else ""
+        return f"{self.kind.upper()} camera={self.camera} seq={self.seq} #{self.n}{who}{stats}; alarms held {self.held}"
 
 
 def check_overlay_key(result: Result, keys: Keys) -> None:

@@ -106,12 +106,26 @@ class FolderSource:
         pass
 
 
+def scene_change(frame: np.ndarray, gain: float = 1.0, shift: int = 0) -> np.ndarray:
+    """The frame as a changed scene shows it: brightness times `gain` (a lamp replaced), the view moved `shift`
+    pixels right and down (a camera knocked; black where the view left the scene). (H, W, 3) uint8 -> same."""
+    if gain != 1.0:
+        frame = cv2.convertScaleAbs(frame, alpha=gain)
+    if shift:
+        move = np.float32([[1, 0, shift], [0, 1, shift]])
+        frame = cv2.warpAffine(frame, move, (frame.shape[1], frame.shape[0]), borderMode=cv2.BORDER_CONSTANT,
+                               borderValue=(0, 0, 0))
+    return frame
+
+
 @dataclass
 class SyntheticLine:
     """Procedurally drawn parts on a moving belt; a seeded share of them carries a defect.
 
     Every `period` frames a new part enters; it is centred at the middle frame of its period, where
     the ground truth is known: `defect_at(seq)` says whether the part in frame `seq` is defective.
+    A scene change (`gain`, `shift`: see scene_change) applies to frames `change_at` .. `change_at +
+    change_frames - 1` (all from `change_at` when change_frames is None): `changed(seq)` says which.
     """
 
     seed: int = 0
@@ -121,6 +135,10 @@ class SyntheticLine:
     period: int = 4  # frames per part: a part crosses the view in `period` frames
     max_frames: int | None = None
     live: bool = False
+    gain: float = 1.0
+    shift: int = 0
+    change_at: int = 0
+    change_frames: int | None = None
 
     def __post_init__(self) -> None:
         self._seq = 0
@@ -135,10 +153,18 @@ class SyntheticLine:
         part = seq // self.period
         return bool(np.random.default_rng([self.seed, part, 1]).random() < self.defect_rate)
 
+    def changed(self, seq: int) -> bool:
+        """Whether frame `seq` shows the changed scene."""
+        if (self.gain == 1.0 and not self.shift) or seq < self.change_at:
+            return False
+        return self.change_frames is None or seq < self.change_at + self.change_frames
+
     def read(self) -> np.ndarray | None:
         if self.max_frames is not None and self._seq >= self.max_frames:
             return None
         frame = self.render(self._seq)
+        if self.changed(self._seq):
+            frame = scene_change(frame, self.gain, self.shift)
         self._seq += 1
         return frame
 
@@ -184,12 +210,20 @@ def replay_fps(source: Source, fps: float | None) -> float | None:
 
 
 def parse_source(spec: str, loop: bool = False) -> Source:
-    """'synthetic[:seed=N,defect_rate=R,period=N,frames=N]', a video file, an image folder, rtsp/http URL, 'usb:N'."""
+    """'synthetic[:seed=N,defect_rate=R,period=N,frames=N,gain=G,shift=P,change_at=N,change_frames=N]' (gain and
+    shift: the scene changed from frame change_at, for change_frames frames), a video file, an image folder,
+    rtsp/http URL, 'usb:N'."""
     if spec.startswith("synthetic"):
         options = dict(part.split("=", 1) for part in spec.partition(":")[2].split(",") if "=" in part)
-        return SyntheticLine(seed=int(options.get("seed", 0)), defect_rate=float(options.get("defect_rate", 0.15)),
-                             period=int(options.get("period", 4)),
-                             max_frames=int(options["frames"]) if "frames" in options else None)
+        try:
+            return SyntheticLine(seed=int(options.get("seed", 0)), defect_rate=float(options.get("defect_rate", 0.15)),
+                                 period=int(options.get("period", 4)),
+                                 max_frames=int(options["frames"]) if "frames" in options else None,
+                                 gain=float(options.get("gain", 1.0)), shift=int(options.get("shift", 0)),
+                                 change_at=int(options.get("change_at", 0)),
+                                 change_frames=int(options["change_frames"]) if "change_frames" in options else None)
+        except ValueError as exc:
+            raise SourceError(f"bad synthetic source options in {spec!r}: {exc}") from None
     if spec.startswith(("rtsp://", "rtsps://", "http://", "https://")):
         return CaptureSource(spec, live=True)
     if spec.startswith("usb:") or spec.isdigit():

@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 from contracts.keys import camera_names
+from contracts.messages import DRIFT_KINDS
 
 FRAMES_INGESTED = Counter("patchcore_frames_ingested", "Frames appended to their camera's stream.", ["camera"])
 FRAMES_DROPPED = Counter("patchcore_frames_dropped", "Oldest frames trimmed from a full stream (live sources).",
@@ -29,6 +30,13 @@ FRAMES_DROPPED = Counter("patchcore_frames_dropped", "Oldest frames trimmed from
 RESULTS = Counter("patchcore_results", "Results written by workers.", ["camera", "verdict"])
 DEADLETTERED = Counter("patchcore_deadlettered", "Frames and results dead-lettered, by kind of reason.", ["reason"])
 ALARMS = Counter("patchcore_alarms", "Alarms raised by the store.", ["camera"])
+ALARMS_HELD = Counter("patchcore_alarms_held", "Defect alarms the store held (decided, not written) while their "
+                      "camera's scene had drifted (drift policy hold).", ["camera"])
+DRIFT = Gauge("patchcore_drift", "1 while a camera's scene has drifted (raised, neither cleared nor acknowledged), "
+              "else 0, as the store last committed it.", ["camera"])
+DRIFT_EVENTS = Counter("patchcore_drift_events", "Drift events written by the store, by kind (an acknowledgement "
+                       "relayed by the store counts here; one written by `patchcore drift ack` counts in Redis).",
+                       ["kind"])
 CAMERA_NAMES_REFUSED = Gauge("patchcore_camera_names_refused", "Members of the camera set that are no camera name "
                              "(skipped by every reader; `patchcore status` lists them), at this process's last read.")
 LATE_RESULTS = Counter("patchcore_late_results", "Results that arrived after their alarm windows were decided, by "
@@ -71,6 +79,8 @@ VERDICTS = ("normal", "anomalous")  # the `verdict` label of RESULTS
 
 for _kind in DEADLETTER_REASONS:  # series at 0 from the start (see the module's docstring)
     DEADLETTERED.labels(_kind)
+for _kind in DRIFT_KINDS:
+    DRIFT_EVENTS.labels(_kind)
 
 
 def reason_kind(reason: str) -> str:
@@ -88,9 +98,11 @@ def camera_ingesting(camera: str) -> None:
 
 
 def alarm_cameras(cameras: Iterable[str]) -> None:
-    """Store: the alarm series of these cameras exist (at 0) before their first alarm."""
+    """Store: the alarm, held-alarm and drift series of these cameras exist (at 0) before their first alarm."""
     for camera in cameras:
         ALARMS.labels(camera)
+        ALARMS_HELD.labels(camera)
+        DRIFT.labels(camera)
 
 
 def frame_appended(camera: str, dropped: int) -> None:

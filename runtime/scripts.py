@@ -24,7 +24,8 @@ from redis.commands.core import Script
 
 # the scripts in runtime/lua/, by name
 NAMES = ("ack_and_write", "add_frame", "read_fair", "deadletter_write", "deadletter_replay", "commit_results",
-         "sink_refuse")
+         "sink_refuse",
+         "commit_drift")
 
 Value = bytes | str | int | float  # what redis-py sends as a script argument
 
@@ -143,3 +144,20 @@ def commit_results(script: Script, *, results: str, state: str, latest: str, ala
     args = [group, version, window, alarms_maxlen, channel, len(ids), *ids, len(pairs), *pairs,
             *(x for alarm in new_alarms for x in (alarm.seq, alarm.message))]
     return _call(script, [results, state, latest, alarms, stats], args)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """A drift event to write: its number (a camera's events count from 1) and its packed DriftEvent message."""
+    n: int
+    message: bytes
+
+
+def commit_drift(script: Script, *, state: str, drift: str, stats: str, version: int, window: str | None,
+                 maxlen: int, channel: str, events: Sequence[NewEvent]) -> int:
+    """If `state` is still at `version`: set `window` (version + 1) when given, then append to `drift` (MAXLEN ~
+    maxlen), publish on `channel` and count (`drift_events` of `stats`) each of `events` whose number follows the
+    state's `drift_announced` (which follows), oldest first; those already written are skipped.
+    The number written (>= 0); -1: the state changed since it was read (nothing done)."""
+    args = [version, window or "", maxlen, channel, *(x for event in events for x in (event.n, event.message))]
+    return _call(script, [state, drift, stats], args)

@@ -49,6 +49,7 @@ def collect_status(client: redis.Redis, prefix: str = "pc", dead_after_s: float 
             "dropped": _count(stats, "dropped"),
             "deadlettered": _count(stats, "deadlettered"),
             "alarms": _count(stats, "alarms"),
+            "drift_events": _count(stats, "drift_events"),
             **window_counts(client, keys, camera),  # late results by outcome; sequence restarts
             "state": stats.get("state", "")[:MAX_TEXT],
             "replayed": _count(stats, "replayed"),
@@ -117,18 +118,32 @@ def _time(stats: dict[str, str], name: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+NO_DRIFT = {"status": "normal", "held": 0, "since_seq": None, "acknowledged_by": None}
+
+
 def window_counts(client: redis.Redis, keys: Keys, camera: str) -> dict:
     """What the store counts with the camera's debounce window (store.alarms.rules): `late`, its late results by
     outcome (alarm, covered, quiet, under), and `sequence_restarts`, how often its numbering started again;
-    nothing before the first, or where the window cannot be read."""
+    nothing before the first, or where the window cannot be read. `drift` (store.alarms.drift): the scene's status
+    (normal, drift, acknowledged), the alarms held in all, and the open episode's first frame and acknowledger."""
     text = client.hget(keys.alarm_state(camera), "window")
     try:
         window = json.loads(text) if text else {}
         late = window.get("late", {})
         return {"late": {str(k): int(v) for k, v in late.items() if int(v)} if isinstance(late, dict) else {},
-                "sequence_restarts": int(window.get("restarts", 0))}
+                "sequence_restarts": int(window.get("restarts", 0)), "drift": _drift(window.get("drift"))}
     except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
-        return {"late": {}, "sequence_restarts": 0}
+        return {"late": {}, "sequence_restarts": 0, "drift": dict(NO_DRIFT)}
+
+
+def _drift(state) -> dict:
+    if not isinstance(state, dict):
+        return dict(NO_DRIFT)
+    episode = state.get("episode") if isinstance(state.get("episode"), dict) else {}
+    by = episode.get("acknowledged_by")
+    return {"status": str(state.get("status", "normal"))[:32], "held": int(state.get("held", 0)),
+            "since_seq": int(episode["raised_seq"]) if "raised_seq" in episode else None,
+            "acknowledged_by": str(by)[:MAX_TEXT] if by is not None else None}
 
 
 def consumers(client: redis.Redis, keys: Keys, cameras: list[str], dead_after_s: float = DEAD_AFTER_S) -> list[dict]:

@@ -4,7 +4,13 @@ committed by one script (runtime/lua/commit_results.lua) that acknowledges them,
 debounce window, updates its latest state and appends and publishes its alarms - or, if any of those
 results is no longer pending (a retried send whose first reply was lost, or another store took them),
 does nothing. State changes only in that commit, so a failed commit leaves the results pending with
-the old state, to be handled again."""
+the old state, to be handled again.
+
+Drift (store.alarms.drift): the camera's drift tracker is part of that state (committed with the results that
+changed it), so whether an alarm was held or written is decided exactly once. The tracker's events wait in the
+state's outbox until runtime/lua/commit_drift.lua writes them to the camera's drift stream, once each, right after
+the commit; one left there (a crash between the two, another store's commit in between) is written by the next
+commit of that camera, or by any store within `refresh_s` of its start."""
 from __future__ import annotations
 
 import logging
@@ -15,13 +21,14 @@ from dataclasses import dataclass, field
 import redis
 
 from contracts.keys import STORE_GROUP, Keys, camera_of
-from contracts.messages import MAX_WINDOW_SCORES, Alarm, MessageError, Result, check_overlay_key
+from contracts.messages import MAX_WINDOW_SCORES, Alarm, DriftEvent, MessageError, Result, check_overlay_key
 from runtime import scripts
 from runtime.connection import connections_opened
 from runtime.deadletter import DeadLetterSettings
-from runtime.metrics import ALARMS, LATE_RESULTS, alarm_cameras, result_refused
+from runtime.metrics import ALARMS, ALARMS_HELD, DRIFT, DRIFT_EVENTS, LATE_RESULTS, alarm_cameras, result_refused
 from runtime.streams import CameraStreams, reclaim, serve
 
+from store.alarms.drift import DRIFT_MAXLEN, DRIFTED, DriftSettings, DriftTracker, state_json
 from store.alarms.rules import LATE_OUTCOMES, AlarmRule, AlarmWindow, Fired
 
 log = logging.getLogger("patchcore.store")
@@ -40,6 +47,7 @@ class StoreSettings:
     reorder: int = field(default=8, metadata={"help": "Results up to this many frames out of order raise the in-order "
                                                       "alarms (a missing frame delays alarms this many frames)."})
     quiet_s: float = 2.0  # a camera without new results this long: frames still waiting for a gap are decided
+    drift: DriftSettings = DriftSettings()  # telling a drifted scene from defects (store.alarms.drift)
 
 
 @dataclass
@@ -50,6 +58,8 @@ class StoreReport:
     conflicts: int = 0  # commits retried because the camera's state changed meanwhile
     recovered_reads: int = 0  # reads sent again on a new connection: what they delivered was read again from 0
     late: dict = field(default_factory=dict)  # late results (arrived after their windows were decided), by outcome
+    held: int = 0  # alarms held while their camera's scene had drifted
+    drift_events: dict = field(default_factory=dict)  # drift events this store wrote, by kind
 
 
 class ResultsStore:
@@ -67,6 +77,8 @@ class ResultsStore:
             LATE_RESULTS.labels(outcome)
         self._last_result: dict[str, float] = {}  # camera -> when its last result was handled (monotonic)
         self._commit = scripts.load(client, "commit_results")
+        self._commit_drift = scripts.load(client, "commit_drift")
+        self._unwritten: set[str] | None = None  # cameras whose drift outbox may hold unwritten events (None: all)
         self._ack_and_write = scripts.load(client, "ack_and_write")
         self._streams = CameraStreams(client, keys.cameras, keys.results, STORE_GROUP, settings.refresh_s)
 
@@ -111,6 +123,8 @@ class ResultsStore:
             except (ValueError, UnicodeDecodeError) as exc:  # a bad rule is refused, the default applies
                 log.error("alarm rule refused", extra={"fields": {"target": target.decode(errors="replace"),
                                                                   "error": str(exc)}})
+        for camera in [camera_of(s) for s in self._streams.names] if self._unwritten is None else list(self._unwritten):
+            self._write_drift_events(camera)
         for stream in self._streams.names:  # a store that died left results unacknowledged: take them over
             claimed = list(reclaim(self.client, stream, STORE_GROUP, self.settings.name, self.settings.claim_idle_ms))
             if claimed:
@@ -158,7 +172,7 @@ class ResultsStore:
         With `flush`, decides the frames that wait for missing predecessors (no results are added).
         """
         state_key = self.keys.alarm_state(camera)
-        version, text = self.client.hmget(state_key, ["version", "window"])
+        version, text, announced = self.client.hmget(state_key, ["version", "window", "drift_announced"])
         items = sorted(items, key=lambda item: item[1].seq)
         if items:
             self._last_result[camera] = time.monotonic()
@@ -171,7 +185,22 @@ class ResultsStore:
         rule = window.rule
         if not items and not window.undecided:
             return False
-        alarm_infos = window.flush() if flush else []
+        drift = DriftTracker.from_state(self.settings.drift, text)
+        drift.forget_written(int(announced or 0))
+        alarm_infos: list[tuple[Fired, bool]] = []  # (fired, marked as raised while drifted)
+        held = 0
+
+        def decided(fired: list[Fired]) -> None:  # held while the scene has drifted (policy hold), else written
+            nonlocal held
+            for one in fired:
+                if drift.holding:
+                    drift.hold()
+                    held += 1
+                else:
+                    alarm_infos.append((one, drift.marking))
+
+        if flush:
+            decided(window.flush())
         late_before = dict(window.late)
         for _, result in items:
             threshold = rule.threshold if rule.threshold is not None else result.threshold
@@ -179,7 +208,8 @@ class ResultsStore:
             info = {"seq": result.seq, "line": result.line, "score": result.score, "threshold": threshold,
                     "bank": result.bank, "bank_version": result.bank_version, "overlay_key": result.overlay_key,
                     "captured_at": result.captured_at}
-            alarm_infos += window.add(result.seq, over, result.captured_at, info)
+            drift.add(result.seq, result.score, threshold, result.line, result.captured_at)
+            decided(window.add(result.seq, over, result.captured_at, info))
         latest = {}
         if items:
             newest = items[-1][1]
@@ -188,11 +218,12 @@ class ResultsStore:
                       "bank_version": newest.bank_version, "scored_at": newest.scored_at,
                       "threshold": "" if threshold is None else threshold}
         alarms = [scripts.NewAlarm(alarm.seq, alarm.pack())
-                  for alarm in (self._alarm(camera, rule, fired) for fired in alarm_infos)]
+                  for alarm in (self._alarm(camera, rule, fired, marked) for fired, marked in alarm_infos)]
         reply = scripts.commit_results(
             self._commit, results=stream, state=state_key, latest=self.keys.latest(camera),
             alarms=self.keys.alarms(camera), stats=self.keys.camera_stats(camera), group=STORE_GROUP,
-            version=int(version or 0), window=window.to_json(), alarms_maxlen=self.settings.alarms_maxlen,
+            version=int(version or 0), window=state_json(window.to_json(), drift),
+            alarms_maxlen=self.settings.alarms_maxlen,
             channel=self.keys.alarms_channel, ids=[entry_id for entry_id, _ in items], latest_fields=latest,
             new_alarms=alarms)
         if reply == -1:
@@ -201,6 +232,11 @@ class ResultsStore:
             self.report.results += len(items)
             self.report.alarms += len(alarm_infos)
             ALARMS.labels(camera).inc(len(alarm_infos))
+            self.report.held += held
+            ALARMS_HELD.labels(camera).inc(held)
+            DRIFT.labels(camera).set(int(drift.status == DRIFTED))
+            if drift.outbox:
+                self._write_drift_events(camera, int(version or 0) + 1, drift)
             for outcome, count in window.late.items():
                 if count > late_before[outcome]:
                     self.report.late[outcome] = self.report.late.get(outcome, 0) + count - late_before[outcome]
@@ -209,7 +245,35 @@ class ResultsStore:
                                                                  "count": count - late_before[outcome]}})
         return reply == 1
 
-    def _alarm(self, camera: str, rule: AlarmRule, fired: Fired) -> Alarm:
+    def _write_drift_events(self, camera: str, version: int | None = None, drift: DriftTracker | None = None) -> None:
+        """Write the drift events waiting in `camera`'s state (its tracker `drift` at `version`, as just committed;
+        None: read them), once each; when the state moved on meanwhile, the camera is tried again at the next refresh
+        (a later commit carries the same outbox and writes it too)."""
+        state_key = self.keys.alarm_state(camera)
+        if drift is None:
+            stored, text, announced = self.client.hmget(state_key, ["version", "window", "drift_announced"])
+            version, drift = int(stored or 0), DriftTracker.from_state(self.settings.drift, text)
+            drift.forget_written(int(announced or 0))
+        self._unwritten = self._unwritten or set()
+        if not drift.outbox:
+            self._unwritten.discard(camera)
+            return
+        events = [DriftEvent(camera=camera, **event) for event in drift.outbox]
+        written = scripts.commit_drift(
+            self._commit_drift, state=state_key, drift=self.keys.drift(camera), stats=self.keys.camera_stats(camera),
+            version=version, window=None, maxlen=DRIFT_MAXLEN, channel=self.keys.drift_channel,
+            events=[scripts.NewEvent(event.n, event.pack()) for event in events])
+        if written < 0:
+            self._unwritten.add(camera)
+            return
+        self._unwritten.discard(camera)
+        for event in events[len(events) - written:]:
+            self.report.drift_events[event.kind] = self.report.drift_events.get(event.kind, 0) + 1
+            DRIFT_EVENTS.labels(event.kind).inc()
+            log.warning("drift event", extra={"fields": {"camera": camera, "kind": event.kind, "n": event.n,
+                                                         "seq": event.seq, "held": event.held}})
+
+    def _alarm(self, camera: str, rule: AlarmRule, fired: Fired, marked: bool = False) -> Alarm:
         """The alarm of a fired window: the alarm frame's own score, the window's scores and its highest, and
         the overlay of the highest-scoring frame that has one (the alarm frame itself may be under the threshold)."""
         scored = [info for _, _, info in fired.window if info is not None]
@@ -223,6 +287,7 @@ class ResultsStore:
             captured_at = fired.info.get("captured_at")
             info["late_by"], info["late_s"] = fired.late_by, None if captured_at is None else max(0.0, now - captured_at)
         return Alarm(camera=camera, raised_at=now, rule=rule.describe(), k=rule.k, n=rule.n, over=fired.over,
+                     drift=True if marked else None,
                      window_first=shown[0][0], window_scores=tuple(None if i is None else i["score"] for _, _, i in shown),
                      peak_seq=peak["seq"], peak_score=peak["score"], overlay_seq=pictured["seq"] if pictured else None,
                      overlay_jpeg=self.client.get(pictured["overlay_key"]) if pictured else None, **info)

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from store.alarms.feed import read_alarms
 from runtime.connection import connect
 from contracts.keys import Keys
-from contracts.messages import Alarm
+from contracts.messages import Alarm, DriftEvent
+from runtime import scripts
 from workers.banks.registry import BankRegistry
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine
@@ -187,6 +188,21 @@ def test_the_store_and_the_viewer(acl_server, synthetic_bank_bytes):
         operator.flushall()
     with pytest.raises(DENIED):
         operator.set("other:key", 1)
+
+
+def test_the_store_writes_drift_events_and_the_viewer_cannot(acl_server):
+    event = DriftEvent(camera="cam-1", kind="drift", n=1, seq=40, at=1.0)
+
+    def write_event(client):
+        return scripts.commit_drift(scripts.load(client, "commit_drift"), state=KEYS.alarm_state("cam-1"),
+                                    drift=KEYS.drift("cam-1"), stats=KEYS.camera_stats("cam-1"), version=0,
+                                    window=None, maxlen=100, channel=KEYS.drift_channel,
+                                    events=[scripts.NewEvent(1, event.pack())])
+
+    with pytest.raises(DENIED):
+        write_event(acl_server.client("viewer"))
+    assert write_event(acl_server.client("store")) == 1
+    assert [DriftEvent.unpack(f[b"m"]) for _, f in acl_server.client("viewer").xrange(KEYS.drift("cam-1"))] == [event]
 
 
 def test_the_whole_pipeline_runs_with_each_process_on_its_own_role(acl_server, synthetic_bank_bytes, tmp_path):

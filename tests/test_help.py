@@ -70,6 +70,8 @@ def derived_options():
                                                             "maxlen", "wait_replicas", "wait_ms"),
                                                     "--frames": "max_frames"}), *connection],
         ("store",): [(store, _same("name", "reorder")), (store.default_rule, _same("k", "n", "cooldown_s", "threshold")),
+                     (store.drift, {f"--drift-{name.replace('_', '-')}": name for name in (
+                         "window", "quantile", "level", "raise_share", "clear_share", "policy")}),
                      *connection],
         ("rule",): [(StoreSettings().default_rule, _same("k", "n", "cooldown_s", "threshold")), *connection],
         ("console",): [(ConsoleSettings(), _same("host", "port")), *connection],
@@ -84,7 +86,7 @@ def derived_options():
         ("bank", "calibrate"): [(worker, _same("device", "index", "weights"))],
         ("bank", "update"): [(worker, _same("device", "weights")), *connection],
         ("status",): connection, ("alarms",): connection, ("bank", "list"): connection,
-        ("deadletter", "list"): connection, ("alarm", "dismiss"): connection,
+        ("deadletter", "list"): connection, ("alarm", "dismiss"): connection, ("drift", "ack"): connection,
     }
 
 
@@ -110,6 +112,8 @@ def test_a_required_field_is_a_required_option_and_bad_values_are_refused():
     assert result.exit_code == 2 and "--camera" in result.output
     result = runner.invoke(app, ["store", "--k", "4", "--n", "3", "--redis-url", "redis://127.0.0.1:1/0"])
     assert result.exit_code == 2 and "k <= n" in result.output  # AlarmRule's own check, as a clear CLI error
+    result = runner.invoke(app, ["store", "--drift-policy", "drop", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 2 and "drift policy must be one of" in result.output  # DriftSettings' own check
     result = runner.invoke(app, ["console", "--port", "0"])
     assert result.exit_code == 2  # ConsoleSettings.port's range (field metadata)
 
@@ -117,7 +121,7 @@ def test_a_required_field_is_a_required_option_and_bad_values_are_refused():
 SETTINGS_SOURCES = ["workers/settings.py", "ingest/camera.py", "store/service.py", "store/alarms/rules.py",
                     "runtime/deadletter.py", "runtime/status.py", "patchcore/up.py", "console/app.py",
                     "scorer/config.py", "scorer/features.py", "scorer/index.py", "scorer/calibration.py",
-                    "scorer/views.py", "contracts/keys.py", "contracts/messages.py", "contracts/framecodec.py",
+                    "scorer/views.py", "store/alarms/drift.py", "contracts/keys.py", "contracts/messages.py", "contracts/framecodec.py",
                     "workers/banks/registry.py", "sinks/service.py", "sinks/webhook.py", "sinks/mqtt.py",
                     "sinks/opcua.py", "sinks/deadletters.py"]
 
@@ -202,7 +206,7 @@ def test_status_and_the_services_beside_cameras_start_without_torch():
     code = ("import sys\nfrom patchcore.cli import app\n"
             "for args in (['status', '--help'], ['ingest', '--help'], ['store', '--help'], ['console', '--help'],\n"
             "             ['alarms', '--help'], ['rule', '--help'], ['deadletter', 'list', '--help'],\n"
-            "             ['bank', 'list', '--help'], ['alarm', 'dismiss', '--help']):\n"
+            "             ['bank', 'list', '--help'], ['alarm', 'dismiss', '--help'], ['drift', 'ack', '--help']):\n"
             "    try:\n        app(args)\n    except SystemExit as exc:\n        assert exc.code == 0, args\n"
             "print('torch' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -76,6 +76,7 @@ def test_alarms_without_the_window_fields_still_read_and_print():
     (dict(peak_score=None), "come together"),
     (dict(over=-1), "bad over"),
     (dict(k=True), "bad k"),
+    (dict(drift=1), "bad drift"),
 ])
 def test_bad_alarm_explanations_are_refused(changes, reason):
     with pytest.raises(MessageError, match=reason):

@@ -146,7 +146,7 @@ function renderCameras(snapshot) {
     let card = grid.querySelector(`[data-camera="${CSS.escape(cam.camera)}"]`);
     if (!card) {
       card = el("article", {class: "camera", "data-camera": cam.camera},
-        el("h2", {}, cam.camera, " ", el("span", {class: "liveness"})),
+        el("h2", {}, cam.camera, " ", el("span", {class: "liveness"}), " ", el("span", {class: "drift", hidden: ""})),
         el("img", {class: "picture", alt: `latest picture of ${cam.camera}`}),
         el("div", {class: "spark-box"}),
         el("dl", {class: "stats"}));
@@ -158,6 +158,14 @@ function renderCameras(snapshot) {
     badge.textContent = cam.liveness;
     badge.className = `liveness ${cam.liveness}`;
     badge.title = cam.state + (cam.fault ? ` · fault: ${cam.fault}` : "");
+    // drift: the whole scene moved (store.alarms.drift); its alarms are held until `patchcore drift ack` or its return
+    const drift = card.querySelector(".drift");
+    drift.hidden = cam.drift.status === "normal";
+    drift.textContent = cam.drift.status === "drift" ? "DRIFT" : "drift acknowledged";
+    drift.className = `drift ${cam.drift.status}`;
+    drift.title = cam.drift.status === "drift"
+      ? `the scene drifted at frame ${cam.drift.since_seq}: alarms held (${cam.drift.held} in all) until \`patchcore drift ack ${cam.camera}\` or the scene returns`
+      : `drift since frame ${cam.drift.since_seq} acknowledged by ${cam.drift.acknowledged_by}`;
     const img = card.querySelector("img");
     const key = cam.image === "overlay" ? `overlay-${latest.seq}` : `frame-${Math.floor(snapshot.now)}`;
     if (cam.image && img.dataset.key !== key) {
@@ -171,7 +179,7 @@ function renderCameras(snapshot) {
       ["score", `${fmt(latest.score)} / ${fmt(latest.threshold)}`], ["bank", latest.bank ? `${latest.bank} v${latest.bank_version}` : "–"],
       ["lag", cam.lag_s === null ? "–" : `${fmt(cam.lag_s, 2)} s`], ["backlog", cam.backlog],
       ["ingested", cam.ingested], ["results", cam.results], ["dropped", cam.dropped],
-      ["dead-lettered", cam.deadlettered], ["alarms", cam.alarms],
+      ["dead-lettered", cam.deadlettered], ["alarms", cam.alarms], ["alarms held", cam.drift.held],
     ];
     card.querySelector("dl").replaceChildren(...stats.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {"data-stat": k}, v)]));
   }

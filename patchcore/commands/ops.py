@@ -118,6 +118,7 @@ def status_command(
                    f"dead-lettered {cam['deadlettered']}  alarms {cam['alarms']}  state: {cam['state']}"
                    + ("  LATE: " + " ".join(f"{k} {v}" for k, v in sorted(cam["late"].items())) if cam["late"] else "")
                    + (f"  sequence restarts: {cam['sequence_restarts']}" if cam["sequence_restarts"] else "")
+                   + drift_line(cam["drift"])
                    + (f"  FAULT: {cam['fault']}" if cam["fault"] else ""))
     if status["refused_camera_names_count"]:
         typer.echo(f"camera set: {status['refused_camera_names_count']} members refused (no camera name; skipped "
@@ -139,6 +140,16 @@ def status_command(
         typer.echo("dead letters: " + "  ".join(f"{kind} {n}" for kind, n in sorted(status["deadletter_reasons"].items())))
     for bank, version in status["banks"].items():
         typer.echo(f"bank {bank}: active v{version}")
+
+
+def drift_line(drift: dict) -> str:
+    """The camera's drift in `patchcore status`: while drifted, or acknowledged and not yet back, and held alarms."""
+    held = f" ({drift['held']} alarms held in all)" if drift["held"] else ""
+    if drift["status"] == "drift":
+        return f"  DRIFT since seq {drift['since_seq']}: alarms held until `patchcore drift ack` or the scene returns{held}"
+    if drift["status"] == "acknowledged":
+        return f"  drift since seq {drift['since_seq']} acknowledged by {drift['acknowledged_by']}{held}"
+    return f"  drift: none{held}" if drift["held"] else ""
 
 
 Ids = Annotated[Optional[list[str]], typer.Argument(help="Dead-letter ids (from `deadletter list`).")]

@@ -9,6 +9,7 @@ import typer
 
 from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SourceError, parse_source
+from store.alarms.drift import DriftSettings
 from store.service import ResultsStore, StoreSettings
 
 from ..helptext import Typer
@@ -17,6 +18,7 @@ from .common import (METRICS_OFF, Connection, MetricsPort, alarm_rule, connectio
                      stop_on_signals)
 
 app = Typer()
+DRIFT_FIELDS = ("window", "quantile", "level", "raise_share", "clear_share", "policy")  # as --drift-<field>
 
 
 @app.command("ingest")
@@ -49,10 +51,17 @@ def ingest_command(
 @app.command("store")
 @rule_options(StoreSettings().default_rule)
 @settings_options(StoreSettings, "name", "reorder", into="store", options={"reorder": {"min": 1}})
+@settings_options(DriftSettings, *DRIFT_FIELDS, into="drift", rename={name: f"drift_{name}" for name in DRIFT_FIELDS})
 @connection
-def store_command(rule: dict = None, store: dict = None, metrics_port: MetricsPort = METRICS_OFF, conn: Connection = None) -> None:
-    """Keep per-camera state and raise alarms (stream + Pub/Sub) until SIGINT/SIGTERM."""
-    settings = StoreSettings(**store, default_rule=alarm_rule(rule))
+def store_command(rule: dict = None, store: dict = None, drift: dict = None, metrics_port: MetricsPort = METRICS_OFF,
+                  conn: Connection = None) -> None:
+    """Keep per-camera state and raise alarms (stream + Pub/Sub) until SIGINT/SIGTERM; tell a drifted scene from
+    defects (--drift-*: one drift event, the camera's alarms held until `patchcore drift ack` or the scene returns)."""
+    try:
+        drift_settings = DriftSettings(**drift)
+    except ValueError as exc:
+        fail(str(exc))
+    settings = StoreSettings(**store, default_rule=alarm_rule(rule), drift=drift_settings)
     client = conn.client()
     results = ResultsStore(client, settings, conn.keys, stop_on_signals())
     serve_metrics(metrics_port, client, results.readiness)
