@@ -91,11 +91,10 @@ def score_command(
     """Score images: one JSON line per image with score, threshold and verdict (under a camera's settings, as a
     worker applies them, with --camera or the sensitivity and ROI options)."""
     compute = compute_config(precision, channels_last, device)
-    settings = None
-    if camera is not None or roi_polygon is not None or roi_mask is not None or any(
-            v is not None for v in sensitivity.values()):
-        base = stored_settings(conn, camera) if camera is not None else None
-        settings = camera_settings(camera or "offline", base, sensitivity, roi_polygon, roi_mask)
+    flags = roi_polygon is not None or roi_mask is not None or any(v is not None for v in sensitivity.values())
+    settings = stored_settings(conn, camera) if camera is not None else None  # as stored: its version recorded
+    if flags:  # options on top: settings of no stored version (0)
+        settings = camera_settings(camera or "offline", settings, sensitivity, roi_polygon, roi_mask)
     try:
         scorer = PatchCoreScorer(load_bank(bank), device=device, index=index, weights=weights,
                                  search=search_config(search, index), compute=compute)
