@@ -281,3 +281,29 @@ def test_a_change_reaches_a_running_worker_within_a_second(redis_server, images_
     first = min(picked[r.seq] for r in got if r.settings_version == version)
     assert first - changed_at < 1.0
     assert all(r.settings_version is None for r in got if r.scored_at < changed_at)  # before: the bank's
+
+
+def test_a_cameras_alarm_rule_reaches_a_running_store_within_a_second(redis_server):
+    from store.alarms.rules import AlarmRule
+    from store.service import ResultsStore, StoreSettings
+
+    client = connect(redis_server.url)
+    client.sadd(KEYS.cameras, "cam-1")
+    stop = threading.Event()
+    store = ResultsStore(connect(redis_server.url), StoreSettings(refresh_s=30.0), KEYS, stop)  # streams: rarely
+    thread = threading.Thread(target=store.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: store.rule_for("cam-1", "l") == StoreSettings().default_rule, 30)
+        time.sleep(1.0)  # the store is past its first reads
+        result = CliRunner().invoke(app, ["rule", "cam-1", "--k", "4", "--n", "7", "--cooldown-s", "0",
+                                          "--redis-url", redis_server.url])
+        changed_at = time.time()  # the rule is in Redis
+        assert result.exit_code == 0, result.output
+        wait_for(lambda: store.rule_for("cam-1", "l") == AlarmRule(k=4, n=7, cooldown_s=0.0), 10)
+        assert time.time() - changed_at < 1.0  # the store reads the rules every 0.5 s (streams every 30 s here)
+        client.hset(KEYS.alarm_rules, "cam-1", "{not json")  # a bad rule: refused, the default applies again
+        wait_for(lambda: store.rule_for("cam-1", "l") == StoreSettings().default_rule, 5)
+    finally:
+        stop.set()
+        thread.join(timeout=30)

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
+import redis
 import typer
 
 from contracts.control import CameraSettings, SettingsError, parse_polygon
@@ -74,6 +75,8 @@ def stored_settings(conn: Connection, camera: str) -> CameraSettings | None:
         return CameraControl(conn.client(), conn.keys).get(camera)
     except SettingsError as exc:
         fail(f"the stored settings of camera {camera!r} are refused: {exc}")
+    except redis.RedisError as exc:  # `patchcore score --camera`: Redis is all it needs the network for
+        fail(f"cannot read the settings of camera {camera!r} from Redis: {type(exc).__name__}: {exc}")
 
 
 @camera_app.command("set")
