@@ -94,6 +94,21 @@ def test_settings_writes_compare_and_set_and_the_audit_stream_stays_bounded(redi
         scripts.audit_append(append, stream=KEYS.audit, maxlen=0, fields={"n": 1})
 
 
+def test_a_server_out_of_memory_refuses_both_scripts_whole(redis_server):
+    import redis
+
+    client = connect(redis_server.url)
+    client.config_set("maxmemory", 1)  # every write is now refused (OOM)
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            CameraControl(client, KEYS).set(CameraSettings("cam-1", threshold=1.0))
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            scripts.audit_append(scripts.load(client, "audit_append"), stream=KEYS.audit, maxlen=10, fields={"n": 1})
+    finally:
+        client.config_set("maxmemory", 0)
+    assert client.dbsize() == 0  # no settings without their version, no entry: nothing half done
+
+
 def test_concurrent_writers_each_get_their_own_version_and_audit_entry(redis_server):
     def write(i: int) -> None:
         CameraControl(connect(redis_server.url), KEYS).set(CameraSettings(f"cam-{i % 3}", threshold=float(i)))
@@ -307,3 +322,24 @@ def test_a_cameras_alarm_rule_reaches_a_running_store_within_a_second(redis_serv
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def test_a_defect_outside_a_cameras_roi_is_not_inspected(images_and_bank):
+    from workers.camera import CameraRegions
+
+    images, bank_bytes = images_and_bank
+    scorer = PatchCoreScorer(bank_from_bytes(bank_bytes), device="cpu")
+    clean = images[0]  # a good image
+    height, width = clean.shape[:2]
+    defect = clean.copy()  # a red scratch in the top-left quarter, which the whole-frame view inspects
+    cv2.line(defect, (width // 8, height // 8), (width // 4, height // 5), (255, 40, 40), max(3, width // 60))
+    settings = CameraSettings("cam-1", roi_polygon=parse_polygon(
+        f"{width // 2},0;{width - 1},0;{width - 1},{height - 1};{width // 2},{height - 1}"), version=1)  # right half
+    region = CameraRegions().region(settings, height, width)
+    whole = scorer.score([clean, defect], maps=False).image_scores
+    right = scorer.score([clean, defect], maps=False, regions=[region, region]).image_scores
+    assert whole[1] > 1.2 * whole[0]  # the scratch is seen ...
+    assert right[1] - right[0] < 0.25 * (whole[1] - whole[0])  # ... and left out when outside the camera's ROI
+    # a batch that mixes cameras: each frame is scored under its own region, as when scored alone
+    mixed = scorer.score([defect, defect, clean], maps=False, regions=[None, region, region]).image_scores
+    np.testing.assert_allclose(mixed, [whole[1], right[1], right[0]], rtol=1e-4, atol=1e-4)
