@@ -343,3 +343,19 @@ def test_a_defect_outside_a_cameras_roi_is_not_inspected(images_and_bank):
     # a batch that mixes cameras: each frame is scored under its own region, as when scored alone
     mixed = scorer.score([defect, defect, clean], maps=False, regions=[None, region, region]).image_scores
     np.testing.assert_allclose(mixed, [whole[1], right[1], right[0]], rtol=1e-4, atol=1e-4)
+
+
+def test_settings_and_the_audit_trail_on_a_redis_cluster(redis_cluster):
+    from redis.cluster import RedisCluster
+
+    redis_cluster.wait_ok()
+    redis_cluster.flush()
+    client = connect(redis_cluster.url)
+    assert isinstance(client, RedisCluster)
+    control = CameraControl(client, KEYS)
+    watch = SettingsWatch(client, KEYS)
+    stored = control.set(CameraSettings("cam-1", threshold_offset=0.5, roi_polygon=((0, 0), (9, 0), (9, 9))))
+    assert watch.check() and watch.of("cam-1") == stored  # the script and the MULTI read: one slot, {control}
+    assert control.reset("cam-1") and watch.check() and watch.of("cam-1") is None
+    trail = read_audit(client, KEYS)
+    assert [(e.action, e.target) for e in trail.entries] == [("camera.set", "cam-1"), ("camera.reset", "cam-1")]
