@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -30,6 +31,7 @@ from starlette.staticfiles import StaticFiles
 
 from store.alarms.log import ENTRY_ID, AlarmLogError, LoggedAlarm, acknowledge_alarm, alarm_by_id, recent_alarms
 from contracts.keys import Keys
+from runtime.control import AUDIT_LIST_COUNT, read_audit
 from workers.banks.registry import RegistryError
 from store.alarms.dismiss import DismissError, dismiss_alarm
 
@@ -327,11 +329,29 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
             version = int((await request.json())["version"])
         except (ValueError, KeyError, TypeError):
             return _json({"error": "version (an integer) expected"}, 400)
-        return await bank_change(request, lambda: data.registry.activate(request.path_params["name"], version))
+        return await bank_change(request, lambda: data.registry.activate(request.path_params["name"], version,
+                                                                          who=f"console:{user}"))
 
     @action("rollback")
     async def rollback(request: Request, user: str) -> Response:
-        return await bank_change(request, lambda: data.registry.rollback(request.path_params["name"]))
+        return await bank_change(request, lambda: data.registry.rollback(request.path_params["name"],
+                                                                          who=f"console:{user}"))
+
+    async def audit(request: Request) -> Response:
+        """The audit trail, newest last: logged-in operators only (who changed what is no public information)."""
+        if not current_user(request):
+            return _json({"error": "log in as an operator to read the audit trail"}, 401)
+        try:
+            count = min(max(int(request.query_params.get("count", AUDIT_LIST_COUNT)), 1), 1000)
+            since = request.query_params.get("since")
+            since = None if since in (None, "") else float(since)
+            if since is not None and not math.isfinite(since):
+                raise ValueError(since)
+        except ValueError:
+            return _json({"error": "count must be an integer and since unix seconds"}, 400)
+        camera = request.query_params.get("camera") or None
+        trail = await run_in_threadpool(read_audit, client, keys, camera, since, count)
+        return _json({"entries": [entry.to_dict() for entry in trail.entries], "refused": trail.refused})
 
     async def deadletters(request: Request) -> Response:
         return _json(await run_in_threadpool(data.deadletter_groups))
@@ -348,7 +368,7 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
         if (why := await reason(request)) is None:
             return _json({"error": "reason (a string) expected"}, 400)
         letters = await run_in_threadpool(data.deadletters_with_reason, why)
-        outcome = await run_in_threadpool(data.deadletters.replay, letters)
+        outcome = await run_in_threadpool(data.deadletters.replay, letters, f"console:{user}")
         return _json({k: len(v) for k, v in outcome.items()})
 
     @action("purge")
@@ -356,7 +376,7 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
         if (why := await reason(request)) is None:
             return _json({"error": "reason (a string) expected"}, 400)
         letters = await run_in_threadpool(data.deadletters_with_reason, why)
-        return _json({"purged": await run_in_threadpool(data.deadletters.purge, letters)})
+        return _json({"purged": await run_in_threadpool(data.deadletters.purge, letters, f"console:{user}")})
 
     routes = [
         Route("/", index), Mount("/static", StaticFiles(directory=STATIC), name="static"),
@@ -368,7 +388,7 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
         Route("/api/alarms/{id}/dismiss", dismiss, methods=["POST"]),
         Route("/api/banks", banks), Route("/api/banks/{name}/activate", activate, methods=["POST"]),
         Route("/api/banks/{name}/rollback", rollback, methods=["POST"]),
-        Route("/api/deadletters", deadletters), Route("/api/deadletters/replay", replay, methods=["POST"]),
+        Route("/api/audit", audit), Route("/api/deadletters", deadletters), Route("/api/deadletters/replay", replay, methods=["POST"]),
         Route("/api/deadletters/purge", purge, methods=["POST"]),
     ]
     middleware = [Middleware(SecurityHeaders), Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings)),

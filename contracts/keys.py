@@ -154,6 +154,20 @@ class Keys:
     def sink_deadletter(self, sink: str, camera: str) -> str:  # stream: what sink `sink` refused for good, with why
         return f"{self._camera('sinkdeadletter', camera)}:{check_sink(sink)}"  # the camera's slot: acked atomically
 
+    # per-camera control (contracts/control.py) and the audit trail: the settings hash and its version counter
+    # share the `{control}` hash tag (runtime/lua/camera_settings_write.lua writes both at once)
+    @property
+    def camera_settings(self) -> str:  # hash: camera -> packed CameraSettings (sensitivity, region of interest)
+        return f"{self.prefix}:{{control}}:camera_settings"
+
+    @property
+    def camera_settings_version(self) -> str:  # string: the highest CameraSettings version written (workers poll it)
+        return f"{self.prefix}:{{control}}:camera_settings:version"
+
+    @property
+    def audit(self) -> str:  # stream of AuditEntry fields: who changed what alarms or what is kept (append-only)
+        return f"{self.prefix}:audit"
+
     @property
     def workers(self) -> str:  # hash: worker name -> last heartbeat (unix s)
         return f"{self.prefix}:workers"

@@ -141,6 +141,9 @@ class Result:
     patch_map: bytes | None = None
     patch_map_shape: tuple[int, int] | None = None
     patch_map_max: float | None = None
+    # the camera settings (contracts/control.py) its worker applied: their version (None: none were set, the
+    # bank's threshold and ROI decided); `threshold` is then the camera's threshold
+    settings_version: int | None = None
     schema: int = RESULT_SCHEMA
 
     def pack(self) -> bytes:
@@ -160,6 +163,7 @@ class Result:
             _finite(getattr(result, name), name)
         _finite(result.threshold, "threshold", optional=True)
         _require(isinstance(result.anomalous, bool), "bad anomalous: true or false expected")
+        _optional_integer(result.settings_version, "settings_version")
         _optional_text(result.overlay_key, "overlay_key", 512)
         timings = result.timings_ms
         _require(isinstance(timings, dict) and len(timings) <= 16, "bad timings_ms: a map of at most 16 entries expected")

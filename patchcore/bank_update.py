@@ -11,6 +11,7 @@ import redis
 
 from contracts.keys import Keys
 from contracts.messages import Frame, MessageError
+from runtime.control import record as audit
 from workers.banks.registry import BankRegistry
 from workers.banks.updates import UpdateError, consume, queued_frames
 from workers.settings import WorkerSettings
@@ -72,6 +73,10 @@ def update_published_bank(client: redis.Redis, keys: Keys, name: str, files: lis
                                                                   **bank_summary(updated)}, activate)
     consume(client, keys, name, [entry_id for entry_id, _ in queued])
     threshold = lambda b: b.calibration.threshold if b.calibration else None  # noqa: E731
+    audit(client, keys, "bank.update", name, {"version": version, "threshold": threshold(bank),
+                                              "bank_size": len(bank.features)},
+          {"version": new_version, "activated": activate, "threshold": threshold(updated),
+           "bank_size": len(updated.features), "added_images": len(images), "queued_frames_used": len(queued)})
     return UpdateReport(name, version, new_version, activate, len(images), len(updated.features) - len(bank.features),
                         len(updated.features), threshold(bank), threshold(updated),
                         round(time.perf_counter() - started, 2))

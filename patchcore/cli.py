@@ -21,9 +21,8 @@ COMMANDS = {
     "eval": "evaluate", "score": "evaluate", "export": "evaluate", "ingest": "stream", "worker": "scoring",
     "store": "stream", "rule": "ops", "alarms": "ops", "status": "ops", "up": "scoring",
     "bank": None,  # defined below: its commands come from two modules
-    "alarm": "ops", "deadletter": "ops", "console": "console", "weights": "weights",
-    "sink": "sink",
-    "drift": "drift",
+    "alarm": "ops", "deadletter": "ops", "camera": "control", "audit": "control", "console": "console",
+    "weights": "weights", "sink": "sink", "drift": "drift",
 }
 BANK_COMMANDS = {"build": "bank", "info": "bank", "calibrate": "bank", "publish": "registry", "list": "registry",
                  "activate": "registry", "rollback": "registry", "update": "bank"}

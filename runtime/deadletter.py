@@ -20,6 +20,7 @@ from contracts.keys import Keys, camera_of
 from runtime import scripts
 from runtime.metrics import deadlettered
 from .cameras import camera_list
+from .control import record as audit
 
 HEAD_BYTES = 64
 
@@ -111,8 +112,19 @@ class DeadLetters:
         found = self.client.xrange(self.keys.deadletter_payloads(letter.camera), letter.payload_id, letter.payload_id)
         return found[0][1][b"m"] if found else None
 
-    def replay(self, letters: list[DeadLetter]) -> dict[str, list[str]]:
-        """Put each letter's original bytes back on its camera's stream (workers score it again)."""
+    def replay(self, letters: list[DeadLetter], who: str | None = None) -> dict[str, list[str]]:
+        """Put each letter's original bytes back on its camera's stream (workers score it again). Audited per camera
+        (`who`, default the Redis user)."""
+        outcome: dict[str, list[str]] = {"replayed": [], "gone": [], "no_payload": []}
+        for camera, mine in _by_camera(letters).items():
+            done = self._replay_camera(mine)
+            audit(self.client, self.keys, "deadletter.replay", camera, _summary(mine),
+                  {k: v for k, v in done.items() if v}, camera=camera, who=who)
+            for kind, ids in done.items():
+                outcome[kind] += ids
+        return outcome
+
+    def _replay_camera(self, letters: list[DeadLetter]) -> dict[str, list[str]]:
         outcome: dict[str, list[str]] = {"replayed": [], "gone": [], "no_payload": []}
         for letter in letters:
             if letter.payload_id is None or letter.stream != self.keys.frames(letter.camera):
@@ -126,20 +138,39 @@ class DeadLetters:
             outcome[{1: "replayed", 0: "gone", -1: "no_payload"}[done]].append(letter.id)
         return outcome
 
-    def purge(self, letters: list[DeadLetter]) -> int:
-        """Delete dead letters and their payloads; returns how many entries were deleted."""
-        by_camera: dict[str, list[DeadLetter]] = {}
-        for letter in letters:
-            by_camera.setdefault(letter.camera, []).append(letter)
+    def purge(self, letters: list[DeadLetter], who: str | None = None) -> int:
+        """Delete dead letters and their payloads; returns how many entries were deleted. Audited per camera."""
         deleted = 0
-        for camera, mine in by_camera.items():  # one transaction per camera: its two streams share its slot
+        for camera, mine in _by_camera(letters).items():  # one transaction per camera: its two streams share its slot
             with self.client.pipeline(transaction=True) as pipe:
                 pipe.xdel(self.keys.deadletter(camera), *[letter.id for letter in mine])
                 payloads = [letter.payload_id for letter in mine if letter.payload_id]
                 if payloads:
                     pipe.xdel(self.keys.deadletter_payloads(camera), *payloads)
-                deleted += pipe.execute()[0]
+                gone = pipe.execute()[0]
+            deleted += gone
+            audit(self.client, self.keys, "deadletter.purge", camera, _summary(mine), {"purged": gone}, camera=camera,
+                  who=who)
         return deleted
+
+
+def _by_camera(letters: list[DeadLetter]) -> dict[str, list[DeadLetter]]:
+    by_camera: dict[str, list[DeadLetter]] = {}
+    for letter in letters:
+        by_camera.setdefault(letter.camera, []).append(letter)
+    return by_camera
+
+
+MAX_AUDITED_IDS = 100  # dead-letter ids named in one audit entry (the count is always there)
+
+
+def _summary(letters: list[DeadLetter]) -> dict:
+    """The dead letters an action took, for the audit: how many, their reasons and (the first) ids."""
+    reasons: dict[str, int] = {}
+    for letter in letters:
+        reasons[letter.reason[:200]] = reasons.get(letter.reason[:200], 0) + 1
+    return {"count": len(letters), "ids": [letter.id for letter in letters[:MAX_AUDITED_IDS]],
+            "reasons": dict(list(reasons.items())[:20])}
 
 
 def _letter(entry) -> DeadLetter:

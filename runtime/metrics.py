@@ -42,6 +42,8 @@ CAMERA_NAMES_REFUSED = Gauge("patchcore_camera_names_refused", "Members of the c
 LATE_RESULTS = Counter("patchcore_late_results", "Results that arrived after their alarm windows were decided, by "
                        "outcome: alarm (a late alarm raised), covered (an alarm already held it), quiet (cooldown), "
                        "under (under the threshold); the store starts every series at 0.", ["outcome"])
+CAMERA_SETTINGS_REFUSED = Counter("patchcore_camera_settings_refused", "Stored camera settings a worker refused to "
+                                  "apply (they did not decode; the bank's threshold and ROI apply), at each load.")
 BATCH_SIZE = Histogram("patchcore_batch_size", "Frames per worker batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 STAGE_SECONDS = Histogram("patchcore_stage_seconds", "Seconds per frame in each stage: queue (capture to picked by "
                           "a worker), decode, score (batch time / frames), write (batch write / frames).", ["stage"],

@@ -25,7 +25,7 @@ from redis.commands.core import Script
 # the scripts in runtime/lua/, by name
 NAMES = ("ack_and_write", "add_frame", "read_fair", "deadletter_write", "deadletter_replay", "commit_results",
          "sink_refuse",
-         "commit_drift")
+         "commit_drift", "audit_append", "camera_settings_write")
 
 Value = bytes | str | int | float  # what redis-py sends as a script argument
 
@@ -161,3 +161,25 @@ def commit_drift(script: Script, *, state: str, drift: str, stats: str, version:
     The number written (>= 0); -1: the state changed since it was read (nothing done)."""
     args = [version, window or "", maxlen, channel, *(x for event in events for x in (event.n, event.message))]
     return _call(script, [state, drift, stats], args)
+
+
+def audit_append(script: Script, *, stream: str, maxlen: int, fields: Mapping[str, Value]) -> bytes:
+    """Append `fields` to the audit `stream` and trim it to about `maxlen` entries. The new entry's id."""
+    if maxlen < 1:
+        raise ValueError(f"audit_append: maxlen must be at least 1, got {maxlen}")
+    return _call(script, [stream], [maxlen, *_pairs(fields, "audit_append")])
+
+
+@dataclass(frozen=True)
+class SettingsWrite:
+    """What camera_settings_write did: `written`, and the camera's packed settings before it (None: none)."""
+    written: bool
+    previous: bytes | None
+
+
+def camera_settings_write(script: Script, *, settings: str, version_key: str, read_version: int, camera: str,
+                          packed: bytes | None) -> SettingsWrite:
+    """Set `camera`'s `packed` settings (None: delete them) in `settings` and move `version_key` from `read_version`
+    to `read_version` + 1, unless the counter is no longer at `read_version` (then nothing is written)."""
+    reply = _call(script, [settings, version_key], [read_version, camera, b"" if packed is None else packed])
+    return SettingsWrite(bool(reply[0]), reply[1] if len(reply) > 1 else None)

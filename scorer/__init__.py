@@ -12,11 +12,11 @@ from .config import BuildConfig, CoresetConfig, FeatureConfig
 from .index import SearchConfig
 from .model import PatchCoreScorer, ScoreResult, build_bank, resolve_device, update_bank
 from .preprocess import ImageDecodeError, decode_image, load_image, to_rgb
-from .views import ViewConfig, ViewError
+from .views import Region, ViewConfig, ViewError
 
 __all__ = [
     "BACKBONES", "BackboneError", "BankError", "BuildConfig", "Calibration", "CalibrationConfig", "CoresetConfig",
-    "FeatureConfig", "SearchConfig", "ViewConfig", "ViewError", "update_bank",
+    "FeatureConfig", "Region", "SearchConfig", "ViewConfig", "ViewError", "update_bank",
     "ImageDecodeError", "MemoryBank", "PatchCoreScorer", "ScoreResult", "bank_from_bytes", "bank_to_bytes",
     "build_bank", "decode_image", "load_backbone", "load_bank", "load_image", "resolve_device", "save_bank", "to_rgb",
 ]

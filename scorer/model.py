@@ -30,7 +30,8 @@ from .overlay import heatmap_overlay
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb, upload
 from .scoring import reweight, smooth, window_maps
 from .stages import stage
-from .views import Layout, ViewConfig, ViewError, layout, shape_groups, stitch, valid_patches, windows, inspected_box
+from .views import (Layout, Region, ViewConfig, ViewError, layout, shape_groups, stitch, valid_patches, windows,
+                    inspected_box)
 
 Image = Union[np.ndarray, str, Path]  # an RGB uint8 array, or an image file
 
@@ -81,6 +82,7 @@ class PatchCoreScorer:
     """Scores images against a memory bank. The extractor and view must match the bank's settings exactly."""
 
     max_windows_per_pass = 64  # bounds the memory of one backbone pass and search (tiles: many per frame)
+    max_cached_masks = 256  # patch masks of (region, layout, grid) kept: cameras x frame sizes x settings versions
 
     def __init__(self, bank: MemoryBank, device: str | torch.device = "auto", index: str = "auto",
                  weights: str | Path | None = None, extractor: PatchFeatureExtractor | None = None,
@@ -115,8 +117,11 @@ class PatchCoreScorer:
     def threshold(self) -> float | None:
         return self.bank.calibration.threshold if self.bank.calibration else None
 
-    def verdict(self, scores: np.ndarray | float) -> np.ndarray | bool:
-        """Anomalous: score at or over the bank's threshold (never, for a bank without one)."""
+    def verdict(self, scores: np.ndarray | float, thresholds: np.ndarray | None = None) -> np.ndarray | bool:
+        """Anomalous: score at or over the bank's threshold (never, for a bank without one). `thresholds` [B]:
+        each score's own threshold instead (a camera's sensitivity; NaN: no threshold, never anomalous)."""
+        if thresholds is not None:
+            return np.asarray(scores) >= np.asarray(thresholds, dtype=np.float64)  # NaN compares False
         if self.threshold is None:
             return np.zeros(np.shape(scores), dtype=bool) if np.ndim(scores) else False
         result = np.asarray(scores) >= self.threshold
@@ -131,16 +136,23 @@ class PatchCoreScorer:
         return None
 
     @torch.inference_mode()
-    def score(self, images: Sequence[np.ndarray], maps: bool = True) -> ScoreResult:
+    def score(self, images: Sequence[np.ndarray], maps: bool = True,
+              regions: Sequence[Region | None] | None = None) -> ScoreResult:
         """RGB uint8 images (any sizes) -> scores (and anomaly maps); one backbone pass and one search per
-        group of equally sized images. An image's result does not depend on its batch companions."""
+        group of equally sized images. An image's result does not depend on its batch companions.
+
+        regions: per image, a region of interest that replaces the bank's (None: the bank's): patches outside it
+        are left out of the image score and are 0 in the maps."""
+        if regions is not None and len(regions) != len(images):
+            raise ValueError(f"{len(regions)} regions for {len(images)} images")
         scores = np.zeros(len(images), dtype=np.float32)
         heat: list = [None] * len(images)
         patches: list = [None] * len(images)
         layouts: list = [None] * len(images)
         for (height, width, *_), rows in shape_groups(images).items():
             lay = layout(self.view, height, width)
-            group_scores, group_patches = self._score_group([images[i] for i in rows], lay)
+            group_regions = None if regions is None else [regions[i] for i in rows]
+            group_scores, group_patches = self._score_group([images[i] for i in rows], lay, group_regions)
             group_maps = self._maps(group_patches, lay).cpu().numpy() if maps else None
             group_patches = group_patches.cpu().numpy()
             for j, i in enumerate(rows):
@@ -149,17 +161,21 @@ class PatchCoreScorer:
                     heat[i] = group_maps[j]
         return ScoreResult(scores, heat if maps else None, patches, layouts)
 
-    def _score_group(self, images: list[np.ndarray], lay: Layout) -> tuple[np.ndarray, torch.Tensor]:
+    def _score_group(self, images: list[np.ndarray], lay: Layout, regions: list[Region | None] | None = None
+                     ) -> tuple[np.ndarray, torch.Tensor]:
         with stage("resize_normalise"):
             batch = upload(images, self.device)
             inputs = windows(batch, self.view, lay, IMAGENET_MEAN, IMAGENET_STD)  # [B * T, 3, h, w], frame-major
         n_windows = len(lay.origins)
         grids, best, anchor, best_feature, grid = [], [], [], [], (0, 0)
+        masks = None  # [B * T, L]: each window's valid patches, its image's region applied
         for begin in range(0, len(inputs), self.max_windows_per_pass):
             features, grid = self.extractor(inputs[begin:begin + self.max_windows_per_pass])
             with stage("search"):
                 count, n_patches, dim = features.shape
-                valid = self._valid_mask(lay, grid)[(torch.arange(begin, begin + count) % n_windows)]  # [c, L]
+                if masks is None:
+                    masks = self._batch_masks(lay, grid, regions, len(images))
+                valid = masks[begin:begin + count]  # [c, L]
                 distances, nearest = self.index.search(features.reshape(-1, dim), k=1)
                 distances, nearest = distances.reshape(count, n_patches), nearest.reshape(count, n_patches)
                 top, where = torch.where(valid, distances, float("-inf")).max(dim=1)
@@ -178,12 +194,31 @@ class PatchCoreScorer:
             scores = torch.where(torch.isfinite(top), scores, 0.0)  # nothing to inspect (empty region of interest)
         return scores.cpu().numpy().astype(np.float32), torch.cat(grids).reshape(n_images, n_windows, *grid)
 
-    def _valid_mask(self, lay: Layout, grid: tuple[int, int]) -> torch.Tensor:
-        key = (lay, grid)
+    def _valid_mask(self, lay: Layout, grid: tuple[int, int], region: Region | None = None) -> torch.Tensor:
+        """bool [n_windows, L]: the patches inspected in each window, under `region` (None: the bank's ROI)."""
+        key = (lay, grid, None if region is None else region.key)
         if key not in self._valid:
-            mask = valid_patches(lay, grid, self.bank.roi)
+            if len(self._valid) >= self.max_cached_masks:
+                self._valid.pop(next(iter(self._valid)))  # the oldest: settings versions come and go
+            mask = valid_patches(lay, grid, self.bank.roi if region is None else region.mask)
             self._valid[key] = torch.from_numpy(mask.reshape(len(mask), -1)).to(self.device)
         return self._valid[key]
+
+    def _batch_masks(self, lay: Layout, grid: tuple[int, int], regions: list[Region | None] | None,
+                     n_images: int) -> torch.Tensor:
+        """bool [B * T, L], frame-major: each image's window masks. The distinct masks of the batch are stacked once
+        and gathered by each image's index: one tensor op for the batch, whatever its regions."""
+        default = self._valid_mask(lay, grid)  # [T, L]
+        if regions is None or all(r is None for r in regions):
+            return default.repeat(n_images, 1)
+        table, position = [default], {None: 0}
+        for region in regions:
+            key = None if region is None else region.key
+            if key not in position:
+                position[key] = len(table)
+                table.append(self._valid_mask(lay, grid, region))
+        index = torch.tensor([position[None if r is None else r.key] for r in regions], device=default.device)
+        return torch.stack(table)[index].reshape(n_images * default.shape[0], default.shape[1])
 
     @staticmethod
     def _maps(patch_scores: torch.Tensor, lay: Layout) -> torch.Tensor:
@@ -212,11 +247,14 @@ class PatchCoreScorer:
                 out[p] = heat
         return out
 
-    def overlay(self, image: np.ndarray, anomaly_map: np.ndarray, score: float) -> np.ndarray:
-        """The image with its anomaly map, score and threshold drawn on it: BGR uint8 (for cv2.imwrite / JPEG)."""
+    def overlay(self, image: np.ndarray, anomaly_map: np.ndarray, score: float, threshold: float | None = None
+                ) -> np.ndarray:
+        """The image with its anomaly map, score and threshold drawn on it: BGR uint8 (for cv2.imwrite / JPEG).
+        threshold: the one that decided this image (a camera's own); default the bank's."""
+        threshold = self.threshold if threshold is None else threshold
         with stage("overlay"):
-            return heatmap_overlay(image, anomaly_map, self.threshold, score,
-                                   self.verdict(score) if self.threshold is not None else None,
+            return heatmap_overlay(image, anomaly_map, threshold, score,
+                                   bool(score >= threshold) if threshold is not None else None,
                                    region=inspected_box(*image.shape[:2], self.view))
 
     @torch.inference_mode()

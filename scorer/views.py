@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -179,6 +179,15 @@ def windows(batch: torch.Tensor, view: ViewConfig, lay: Layout, mean: tuple[floa
     h, w = lay.window
     tiles = [work[:, :, y:y + h, x:x + w] for y, x in lay.origins]
     return torch.stack(tiles, dim=1).reshape(-1, 3, h, w)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A region of interest given per image at scoring time (a camera's own), in place of the bank's ROI: `mask`
+    bool [h, w], True = inspect, any resolution, stretched over the frame (as the bank's ROI). `key` names it
+    (equal keys: the same mask) so its patch masks are computed once per layout and reused."""
+    key: Hashable
+    mask: np.ndarray = field(compare=False, repr=False)
 
 
 def valid_patches(lay: Layout, grid: tuple[int, int], roi: np.ndarray | None) -> np.ndarray:

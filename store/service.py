@@ -43,6 +43,7 @@ class StoreSettings:
     alarms_maxlen: int = 100_000  # per camera
     batch: int = 256
     refresh_s: float = 2.0
+    rules_refresh_s: float = 0.5  # alarm rules (`patchcore rule`) are read again this often: a change applies within 1 s
     claim_idle_ms: int = 30_000
     reorder: int = field(default=8, metadata={"help": "Results up to this many frames out of order raise the in-order "
                                                       "alarms (a missing frame delays alarms this many frames)."})
@@ -71,6 +72,8 @@ class ResultsStore:
         self.stop = stop or threading.Event()
         self.report = StoreReport()
         self._rules: dict[str, AlarmRule] = {}
+        self._rules_due = 0.0  # time.monotonic() of the next read of the alarm rules
+        self._refused_rules: set[tuple[bytes, bytes]] = set()  # logged once each, not at every read
         self._unfinished = True  # results may be pending to this consumer name: handle those first
         self._opened = connections_opened(client)  # connections the client had opened after the last read
         for outcome in LATE_OUTCOMES:  # every series exists from the start, so a rate() alert sees the first one
@@ -112,17 +115,27 @@ class ResultsStore:
             self.handle(stream, entries)
         self._unfinished = start == "0" and any(entries for _, entries in reply)
 
+    def _maybe_reload_rules(self) -> None:
+        """Read the alarm rules again every rules_refresh_s (one HGETALL of a small hash)."""
+        if time.monotonic() < self._rules_due:
+            return
+        self._rules_due = time.monotonic() + self.settings.rules_refresh_s
+        rules, refused = {}, set()
+        for target, text in self.client.hgetall(self.keys.alarm_rules).items():
+            try:
+                rules[target.decode()] = AlarmRule.from_json(text)
+            except (ValueError, UnicodeDecodeError) as exc:  # a bad rule is refused, the default applies
+                refused.add((target, text))
+                if (target, text) not in self._refused_rules:
+                    log.error("alarm rule refused", extra={"fields": {"target": target.decode(errors="replace"),
+                                                                      "error": str(exc)}})
+        self._rules, self._refused_rules = rules, refused
+
     def _maybe_refresh(self) -> None:
+        self._maybe_reload_rules()
         if not self._streams.due():
             return
         alarm_cameras(camera_of(stream) for stream in self._streams.refresh())
-        self._rules = {}
-        for target, text in self.client.hgetall(self.keys.alarm_rules).items():
-            try:
-                self._rules[target.decode()] = AlarmRule.from_json(text)
-            except (ValueError, UnicodeDecodeError) as exc:  # a bad rule is refused, the default applies
-                log.error("alarm rule refused", extra={"fields": {"target": target.decode(errors="replace"),
-                                                                  "error": str(exc)}})
         for camera in [camera_of(s) for s in self._streams.names] if self._unwritten is None else list(self._unwritten):
             self._write_drift_events(camera)
         for stream in self._streams.names:  # a store that died left results unacknowledged: take them over

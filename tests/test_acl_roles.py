@@ -212,6 +212,10 @@ def test_the_whole_pipeline_runs_with_each_process_on_its_own_role(acl_server, s
     published = CliRunner().invoke(app, ["bank", "publish", str(bank), "--name", "default", "--activate",
                                          "--signing-key-file", str(key), "--redis-url", acl_server.url("operator")])
     assert published.exit_code == 0 and json.loads(published.output)["signed"], published.output
+    # a camera's sensitivity, set by the operator and read by the worker (factor 1: the bank's threshold)
+    sensitivity = CliRunner().invoke(app, ["camera", "set", "cam-1", "--threshold-factor", "1",
+                                           "--redis-url", acl_server.url("operator")])
+    assert sensitivity.exit_code == 0, sensitivity.output
     listener = acl_server.client("viewer").pubsub(ignore_subscribe_messages=True)
     listener.subscribe(KEYS.alarms_channel)
     stop = threading.Event()
@@ -233,6 +237,11 @@ def test_the_whole_pipeline_runs_with_each_process_on_its_own_role(acl_server, s
     viewer = acl_server.client("viewer")
     got = results(viewer)
     assert sorted(r.seq for r in got) == list(range(16)) and {r.bank_version for r in got} == {1}
+    assert {r.settings_version for r in got} == {json.loads(sensitivity.output)["version"]}
+    trail = [json.loads(line) for line in CliRunner().invoke(app, ["audit", "--json", "--redis-url",
+                                                                   acl_server.url("viewer")]).output.splitlines()]
+    assert [(e["action"], e["who"]) for e in trail] == [("bank.publish", "operator"), ("bank.activate", "operator"),
+                                                        ("camera.set", "operator")]  # ACL WHOAMI of each writer
     anomalous = sorted(r.seq for r in got if r.anomalous)
     assert anomalous and any(line.defect_at(s) for s in anomalous)
     alarms = read_alarms(viewer, KEYS)[0]

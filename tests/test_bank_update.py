@@ -3,6 +3,7 @@ import json
 
 import cv2
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from runtime.connection import connect
@@ -53,6 +54,12 @@ def test_a_dismissed_false_alarm_no_longer_alarms_after_the_update(redis_server,
         report = json.loads(out.output)
         assert report["version"] == 2 and report["active"] and report["images"] == 1 and report["added_features"] > 0
         assert client.xlen(KEYS.bank_updates("default")) == 0  # the queue was consumed
+        audited = [json.loads(line) for line in runner.invoke(app, ["audit", "--json", *url]).output.splitlines()]
+        assert [e["action"] for e in audited] == ["bank.publish", "bank.activate", "alarm.dismiss", "bank.publish",
+                                                  "bank.activate", "bank.update"]
+        update = audited[-1]  # what changed, with the thresholds before and after
+        assert update["before"]["version"] == 1 and update["after"]["version"] == 2
+        assert update["after"]["added_images"] == 1 and update["after"]["threshold"] == pytest.approx(report["threshold"])
         # the same label on another part of the line, and a real defect, after the update
         send(redis_server.url, "cam-2", [labelled(line, 9), line.render(13, defect=True)], tmp_path / "second")
         wait_for(lambda: running.store.report.results == 3)

@@ -16,6 +16,7 @@ import torch
 
 from contracts.keys import Keys
 from contracts.messages import Result
+from runtime.control import SettingsWatch
 from runtime.streams import REDIS_ERRORS
 from scorer import BackboneError
 from scorer.features import ComputeConfig
@@ -23,6 +24,7 @@ from scorer.hardware import apply_thread_plan
 from scorer.views import patch_canvas
 from workers.banks.cache import ActiveScorer, BankCache
 from workers.banks.registry import BankRegistry
+from workers.camera import CameraRegions, thresholds
 from workers.outcomes import Batch, DeadLetter, Decoded, Entry, Held, Outcome, Outcomes, Scored, Suspect, redis_held
 from workers.settings import WorkerSettings
 
@@ -40,6 +42,8 @@ class ScoreStage:
         self.banks = BankCache(BankRegistry(client, keys, signing_key=settings.bank_key), settings.device,
                                settings.index, settings.weights, ComputeConfig(settings.precision, settings.channels_last),
                                search=settings.search)
+        self.cameras = SettingsWatch(client, keys)  # per-camera threshold and ROI, reloaded when their version moves
+        self.regions = CameraRegions()
 
     def preload(self) -> None:
         """Every active bank, before its first frame: readiness means "can score"."""
@@ -49,6 +53,7 @@ class ScoreStage:
         """Every decoded frame's outcome, after the reader's (dead letters). Redis failing to name a bank's
         active version (a fault that passes) holds the batch's frames."""
         try:
+            self.cameras.check()  # one GET: a settings change applies from the next batch on
             outcomes = [outcome for bank, items in batch.by_bank.items() for outcome in self._score_bank(bank, items)]
         except REDIS_ERRORS as exc:  # the registry could not be read
             outcomes = list(redis_held(self.client, [d.entry for items in batch.by_bank.values() for d in items], exc))
@@ -88,7 +93,8 @@ class ScoreStage:
         their own are found. Returns ([(items, ScoreResult, ms per frame)], [(item, error)])."""
         started = time.perf_counter()
         try:
-            result = active.scorer.score([d.image for d in items], maps=False)
+            regions = [self.regions.region(self.cameras.of(d.frame.camera), *d.image.shape[:2]) for d in items]
+            result = active.scorer.score([d.image for d in items], maps=False, regions=regions)
         except HOST_FAULTS:
             raise
         except Exception as exc:  # noqa: BLE001 - a poison batch must not take good frames down with it
@@ -104,7 +110,9 @@ class ScoreStage:
         """Each frame's Result message, and the overlay JPEG of those found anomalous (their heatmaps only)."""
         scorer = active.scorer
         now = time.time()
-        verdicts = scorer.verdict(result.image_scores)
+        settings = [self.cameras.of(d.frame.camera) for d in items]
+        limits = thresholds(settings, scorer.threshold)  # [B] each camera's threshold, or None: the bank's
+        verdicts = scorer.verdict(result.image_scores, limits)
         rows = np.flatnonzero(verdicts).tolist()
         maps = dict(zip(rows, scorer.heatmaps(result, rows)))
         out = []
@@ -112,16 +120,19 @@ class ScoreStage:
             entry, frame, image = d.entry, d.frame, d.image
             score = float(result.image_scores[i])
             anomalous = bool(verdicts[i])
+            threshold = scorer.threshold if limits is None else None if np.isnan(limits[i]) else float(limits[i])
             overlay_key = jpeg = None
             if anomalous:
                 overlay_key = self.keys.overlay(frame.camera, frame.seq)
                 if isinstance(image, torch.Tensor):  # decoded on the GPU
                     image = image.cpu().numpy()
-                jpeg = cv2.imencode(".jpg", scorer.overlay(image, maps[i], score), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+                jpeg = cv2.imencode(".jpg", scorer.overlay(image, maps[i], score, threshold),
+                                    [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
             message = Result(
                 camera=frame.camera, line=frame.line, seq=frame.seq, captured_at=frame.captured_at, scored_at=now,
-                score=score, threshold=scorer.threshold, anomalous=anomalous, bank=active.name,
+                score=score, threshold=threshold, anomalous=anomalous, bank=active.name,
                 bank_version=active.version, worker=self.settings.name,
+                settings_version=None if settings[i] is None else settings[i].version,
                 timings_ms={"queue": round((entry.picked_at - frame.captured_at) * 1000, 2),
                             "decode": round(d.decode_ms, 2), "score": round(score_ms, 2)},
                 overlay_key=overlay_key, **(_patch_map(patch_canvas(result.patch_scores[i], result.layouts[i]))

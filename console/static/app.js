@@ -83,10 +83,12 @@ function showTab() {
   const tab = (location.hash || "#cameras").slice(1);
   for (const section of document.querySelectorAll("section.tab")) section.hidden = section.id !== tab;
   for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.tab === tab);
+  if (tab === "audit") loadAudit();
 }
 
 function renderAll() {
   renderAlarms();
+  if ((location.hash || "").slice(1) === "audit") loadAudit();
   if (state.banks) renderBanks(state.banks);
   if (state.deadletters) renderDeadletters(state.deadletters);
 }
@@ -282,6 +284,23 @@ function renderBanks(banks) {
             const done = await post(`/api/banks/${encodeURIComponent(bank.name)}/activate`, {version: v.version});
             if (done) { say(`bank ${done.name}: v${done.active} active`); loadBanks(); }
           }}, "Activate")))))))) : [el("p", {class: "empty"}, "no banks")]));
+}
+
+// audit trail (operators only: the API answers 401 to anyone else)
+async function loadAudit() {
+  const body = document.querySelector("#audit-table tbody");
+  if (!state.user) {
+    body.replaceChildren(el("tr", {}, el("td", {colspan: 6, class: "empty"}, "log in to read the audit trail")));
+    return;
+  }
+  const data = await getJSON("/api/audit?count=200").catch(() => null);
+  if (!data) return;
+  const show = (value) => (value === null ? "–" : JSON.stringify(value));
+  body.replaceChildren(...(data.entries.length ? data.entries.slice().reverse().map((e) => el("tr", {"data-id": e.id},
+    el("td", {}, new Date(e.at * 1000).toLocaleString()), el("td", {class: "who"}, e.who),
+    el("td", {class: "action"}, e.action), el("td", {class: "target"}, e.target),
+    el("td", {class: "state"}, show(e.before)), el("td", {class: "state"}, show(e.after))))
+    : [el("tr", {}, el("td", {colspan: 6, class: "empty"}, "no changes recorded"))]));
 }
 
 // dead letters

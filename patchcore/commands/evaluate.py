@@ -14,13 +14,15 @@ import typer
 from scorer import BackboneError, BankError, BuildConfig, ImageDecodeError, PatchCoreScorer, load_bank, load_image
 from scorer.evaluate import evaluate
 from scorer.index import IndexError_
+from workers.camera import CameraRegions, thresholds
 from workers.settings import WorkerSettings
 
 from ..helptext import Typer
 from ..options import field_option
 from .bank import (ChannelsLast, Device, Index, Layers, Precision, Roi, Weights, build_config, build_from_folder,
                    build_options, compute_config, roi_mask)
-from .common import Progress, Search, fail, search_config
+from .common import Connection, Progress, Search, connection, fail, search_config
+from .control import RoiMask, RoiPolygon, camera_settings, sensitivity_options, stored_settings
 
 try:
     from scorer.onnx_export import DEFAULT_OPSET, ExportError, export_onnx
@@ -72,6 +74,8 @@ def evaluate_command(
 
 
 @app.command("score")
+@sensitivity_options
+@connection
 def score_command(
     bank: Annotated[Path, typer.Argument(help="Bank file.")],
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG/JPEG/BMP).")],
@@ -79,15 +83,25 @@ def score_command(
     weights: Weights = WorkerSettings.weights, device: Device = WorkerSettings.device,
     index: Index = WorkerSettings.index, search: Search = None, batch_size: BatchSize = BuildConfig.batch_size,
     precision: Precision = WorkerSettings.precision, channels_last: ChannelsLast = WorkerSettings.channels_last,
+    camera: Annotated[Optional[str], typer.Option(help="Apply this camera's stored settings (read from --redis-url); "
+                                                       "the sensitivity and ROI options go on top.")] = None,
+    sensitivity: dict = None, roi_polygon: RoiPolygon = None, roi_mask: RoiMask = None,
+    conn: Connection = None,
 ) -> None:
-    """Score images: one JSON line per image with score, threshold and verdict."""
+    """Score images: one JSON line per image with score, threshold and verdict (under a camera's settings, as a
+    worker applies them, with --camera or the sensitivity and ROI options)."""
     compute = compute_config(precision, channels_last, device)
+    flags = roi_polygon is not None or roi_mask is not None or any(v is not None for v in sensitivity.values())
+    settings = stored_settings(conn, camera) if camera is not None else None  # as stored: its version recorded
+    if flags:  # options on top: settings of no stored version (0)
+        settings = camera_settings(camera or "offline", settings, sensitivity, roi_polygon, roi_mask)
     try:
         scorer = PatchCoreScorer(load_bank(bank), device=device, index=index, weights=weights,
                                  search=search_config(search, index), compute=compute)
     except (BankError, IndexError_) as exc:
         fail(str(exc))
-    threshold = scorer.threshold
+    threshold = scorer.threshold if settings is None else settings.effective_threshold(scorer.threshold)
+    regions = CameraRegions()
     failed = 0
     for begin in range(0, len(images), batch_size):
         paths, decoded = [], []
@@ -100,15 +114,19 @@ def score_command(
                 typer.echo(json.dumps({"image": str(path), "error": str(exc)}))
         if not decoded:
             continue
-        result = scorer.score(decoded, maps=heatmaps is not None)
+        result = scorer.score(decoded, maps=heatmaps is not None,
+                              regions=[regions.region(settings, *image.shape[:2]) for image in decoded])
+        verdicts = scorer.verdict(result.image_scores, thresholds([settings] * len(decoded), scorer.threshold))
         for i, path in enumerate(paths):
             score = float(result.image_scores[i])
             line = {"image": str(path), "score": round(score, 4), "threshold": threshold,
-                    "anomalous": None if threshold is None else scorer.verdict(score)}
+                    "anomalous": None if threshold is None else bool(verdicts[i])}
+            if settings is not None:
+                line["settings_version"] = settings.version
             if heatmaps is not None:
                 heatmaps.mkdir(parents=True, exist_ok=True)
                 target = heatmaps / f"{begin + i:05d}_{path.stem}_heatmap.png"  # unique even for equal names
-                cv2.imwrite(str(target), scorer.overlay(decoded[i], result.maps[i], score))
+                cv2.imwrite(str(target), scorer.overlay(decoded[i], result.maps[i], score, threshold))
                 line["heatmap"] = str(target)
             typer.echo(json.dumps(line))
     if failed:

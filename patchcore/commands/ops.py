@@ -10,6 +10,7 @@ import typer
 
 from contracts.messages import Alarm, MessageError
 from runtime.connection import redacted, redis_url
+from runtime.control import record as audit
 from runtime.deadletter import LIST_COUNT, DeadLetterError, DeadLetters
 from runtime.status import DEAD_AFTER_S, PRUNE_AFTER_S, collect_status, prune_dead
 from store.alarms.dismiss import DismissError, dismiss_alarm
@@ -37,11 +38,29 @@ def rule_command(
 ) -> None:
     """Set (or --delete) the alarm rule of a camera or line; stores pick it up within seconds."""
     client, keys = conn.client(), conn.keys
-    if delete:
-        client.hdel(keys.alarm_rules, target)
-    else:
-        client.hset(keys.alarm_rules, target, alarm_rule(rule).to_json())
+    after = None if delete else alarm_rule(rule)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hget(keys.alarm_rules, target)
+        if delete:
+            pipe.hdel(keys.alarm_rules, target)
+        else:
+            pipe.hset(keys.alarm_rules, target, after.to_json())
+        before = pipe.execute()[0]
+    if not (delete and before is None):  # deleting nothing changed nothing
+        audit(client, keys, "rule.delete" if delete else "rule.set", target, _rule_state(before),
+              None if after is None else json.loads(after.to_json()),
+              camera="" if target.startswith("line:") else target)
     typer.echo(json.dumps({"target": target, "deleted": delete}))
+
+
+def _rule_state(stored: bytes | None):
+    """A stored rule as the audit's `before` (refused ones say why)."""
+    if stored is None:
+        return None
+    try:
+        return json.loads(AlarmRule.from_json(stored).to_json())
+    except ValueError as exc:
+        return {"refused": str(exc)}
 
 
 @alarm_app.command("dismiss")

@@ -16,6 +16,7 @@ import redis
 from contracts.keys import Keys
 from contracts.messages import Alarm, MessageError
 from runtime.cameras import camera_list
+from runtime.control import record as audit, whoami
 
 LOOKBACK_MS = 5000  # `after` on other cameras' streams: their ids come from independent counters (and clocks)
 ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})-((?:[0-9a-f]{2}){1,128})$")
@@ -118,8 +119,12 @@ def alarm_by_id(client: redis.Redis, keys: Keys, alarm: str) -> LoggedAlarm:
     return found[0]
 
 
-def acknowledge_alarm(client: redis.Redis, keys: Keys, alarm: str, by: str = "operator") -> LoggedAlarm:
-    """Record that an operator has seen the alarm (the first acknowledgement is kept)."""
+def acknowledge_alarm(client: redis.Redis, keys: Keys, alarm: str, by: str | None = None) -> LoggedAlarm:
+    """Record that an operator has seen the alarm (the first acknowledgement is kept, and audited; `by` default: the
+    Redis user)."""
     logged = alarm_by_id(client, keys, alarm)
-    client.hsetnx(keys.acknowledged, logged.mark, json.dumps({"at": time.time(), "by": by}))
+    by = by or whoami(client)
+    if client.hsetnx(keys.acknowledged, logged.mark, json.dumps({"at": time.time(), "by": by})):
+        audit(client, keys, "alarm.acknowledge", logged.mark, {"acknowledged": False}, {"acknowledged": True,
+              "alarm": logged.id}, camera=logged.alarm.camera, who=by)
     return alarm_by_id(client, keys, alarm)

@@ -18,6 +18,7 @@ from pathlib import Path
 import redis
 
 from contracts.keys import Keys
+from runtime.control import record as audit
 
 
 class RegistryError(RuntimeError):
@@ -76,7 +77,10 @@ class BankRegistry:
     def verifies(self) -> bool:
         return self._signing_key is not None
 
-    def publish(self, name: str, data: bytes, meta: dict | None = None, activate: bool = False) -> int:
+    def publish(self, name: str, data: bytes, meta: dict | None = None, activate: bool = False,
+                who: str | None = None) -> int:
+        """Store `data` as bank `name`'s next version (activated at once with `activate`); audited (runtime.control:
+        `who`, default the Redis user)."""
         if not name or ":" in name:
             raise RegistryError(f"bad bank name {name!r}")
         if len(data) > self.max_bank_bytes:
@@ -91,9 +95,14 @@ class BankRegistry:
             pipe.hset(self.keys.bank_versions(name), str(version), json.dumps(record))
             pipe.sadd(self.keys.banks, name)
             pipe.execute()
+        audit(self.client, self.keys, "bank.publish", name, None,
+              {"version": version, "sha256": record["sha256"], "size": record["size"], "meta": record["meta"],
+               "signed": "hmac_sha256" in record}, who=who)
         if activate:
-            self.activate(name, version)
-        self.prune(name)
+            self.activate(name, version, who=who)
+        pruned = self.prune(name)
+        if pruned:
+            audit(self.client, self.keys, "bank.prune", name, {"versions": pruned}, None, who=who)
         return version
 
     def prune(self, name: str) -> list[int]:
@@ -144,7 +153,9 @@ class BankRegistry:
         value = self.client.lindex(self.keys.bank_history(name), -1)
         return int(value) if value is not None else None
 
-    def activate(self, name: str, version: int) -> None:
+    def activate(self, name: str, version: int, who: str | None = None) -> None:
+        """Make `version` the active one (the one before becomes the rollback target); audited."""
+        before: list[int | None] = [None]
         versions_key, active_key = self.keys.bank_versions(name), self.keys.bank_active(name)
         history_key = self.keys.bank_history(name)
 
@@ -152,15 +163,17 @@ class BankRegistry:
             if not pipe.hexists(versions_key, str(version)):
                 raise RegistryError(f"bank {name} has no version {version}")
             current = pipe.get(active_key)
+            before[0] = None if current is None else int(current)
             pipe.multi()
             if current is not None and int(current) != version:
                 pipe.rpush(history_key, current)
             pipe.set(active_key, version)
 
         self.client.transaction(swap, active_key, versions_key)
+        audit(self.client, self.keys, "bank.activate", name, {"active": before[0]}, {"active": version}, who=who)
 
-    def rollback(self, name: str) -> int:
-        """Re-activate the previously active version; returns it."""
+    def rollback(self, name: str, who: str | None = None) -> int:
+        """Re-activate the previously active version; returns it. Audited."""
         active_key, history_key = self.keys.bank_active(name), self.keys.bank_history(name)
         result: list[int] = []
 
@@ -168,12 +181,14 @@ class BankRegistry:
             previous = pipe.lindex(history_key, -1)
             if previous is None:
                 raise RegistryError(f"bank {name} has no earlier active version to roll back to")
+            current = pipe.get(active_key)
             pipe.multi()
             pipe.rpop(history_key)
             pipe.set(active_key, previous)
-            result[:] = [int(previous)]
+            result[:] = [int(previous), None if current is None else int(current)]
 
         self.client.transaction(pop, active_key, history_key)
+        audit(self.client, self.keys, "bank.rollback", name, {"active": result[1]}, {"active": result[0]}, who=who)
         return result[0]
 
     def fetch(self, name: str, version: int) -> bytes:
