@@ -3,6 +3,9 @@ what it writes, acknowledges, deletes and counts, and what it refuses, read back
 Run against every supported server with PATCHCORE_TEST_REDIS=all."""
 from __future__ import annotations
 
+import hashlib
+import re
+import shutil
 import time
 from importlib import resources
 
@@ -58,16 +61,90 @@ def exact_trimming(client) -> None:
 
 def test_every_script_is_a_documented_file_with_its_flags():
     folder = resources.files("runtime").joinpath("lua")
-    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".lua")) == sorted(f"{n}.lua" for n in scripts.NAMES)
-    flags = {"read_fair": "#!lua flags=allow-cross-slot-keys"}
-    for name in scripts.NAMES:
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".lua")) == sorted(f"{n}.lua" for n in scripts.names())
+    assert {"ack_and_write", "add_frame", "read_fair", "deadletter_write", "deadletter_replay",
+            "commit_results"} <= set(scripts.names())
+    for name in scripts.names():
         text = scripts.source(name)
         lines = text.splitlines()
-        assert lines[0] == flags.get(name, "#!lua"), name  # Redis >= 7 flags: refused whole when out of memory
+        assert re.fullmatch(r"#!lua( flags=[a-z0-9,-]+)?", lines[0]), name  # refused whole when out of memory
         header = lines[1:lines.index(next(line for line in lines[1:] if not line.startswith("--")))]
         assert header and all(line.startswith("--") for line in header)
         documented = "\n".join(header)
         assert "KEYS[1]" in documented and "ARGV[1]" in documented and "Returns" in documented, name
+    assert scripts.flags("read_fair") == ("allow-cross-slot-keys",) and scripts.flags("add_frame") == ()
+
+
+def listed(client) -> dict:
+    """FUNCTION LIST as {library: {function: flags}}, read with a plain command."""
+    out = {}
+    for library in client.execute_command("FUNCTION", "LIST"):
+        fields = library if isinstance(library, dict) else dict(zip(library[::2], library[1::2]))
+        functions = {}
+        for function in fields[b"functions"]:
+            f = function if isinstance(function, dict) else dict(zip(function[::2], function[1::2]))
+            functions[f[b"name"].decode()] = sorted(flag.decode() for flag in f[b"flags"])
+        out[fields[b"library_name"].decode()] = functions
+    return out
+
+
+def test_the_library_has_one_function_per_file_with_its_flags_and_a_version(client):
+    library = scripts.library()
+    assert library.version == hashlib.sha256(library.code.replace(library.version, "@VERSION@").encode()).hexdigest()[:12]
+    assert library.code.startswith(f"#!lua name=patchcore_{library.version}\n")
+    assert scripts.load_library(client) == {"": "loaded"}
+    assert scripts.load_library(client) == {"": "present"}  # loading again changes nothing
+    assert listed(client) == {library.name: {f"{name}_{library.version}": sorted(scripts.flags(name))
+                                             for name in scripts.names()}}
+    assert scripts.loaded_libraries(client) == [library.name]
+
+
+def test_a_new_file_joins_the_library_and_two_versions_run_side_by_side(client, tmp_path, monkeypatch):
+    old = scripts.library()
+    scripts.load_library(client)
+    folder = tmp_path / "lua"
+    shutil.copytree(resources.files("runtime").joinpath("lua"), folder)
+    (folder / "echo_keys.lua").write_text("#!lua flags=no-writes\n-- echo_keys: its keys.\n--\n-- KEYS[1]  any key\n"
+                                          "-- ARGV[1]  unused\n--\n-- Returns KEYS.\nreturn KEYS\n")
+    for cached in (scripts.names, scripts.source, scripts.library):
+        cached.cache_clear()
+    monkeypatch.setattr(scripts, "_folder", lambda: folder)
+    try:
+        new = scripts.library()
+        assert new.version != old.version and "echo_keys" in scripts.names()
+        assert scripts.load_library(client) == {"": "loaded"}  # beside the old version: no name collides
+        assert scripts.loaded_libraries(client) == sorted([old.name, new.name])
+        assert listed(client)[new.name][f"echo_keys_{new.version}"] == ["no-writes"]
+        assert scripts.load(client, "echo_keys")(["k1"], ["x"]) == [b"k1"]
+        assert client.fcall(f"add_frame_{old.version}", 2, "s", "st", 1, 10, 1.0, b"f", "cam") == 0  # an old worker
+        assert client.fcall(f"add_frame_{new.version}", 2, "s", "st", 2, 10, 1.0, b"f", "cam") == 0  # a new one
+        assert client.xlen("s") == 2
+        assert scripts.load_library(client, prune=True) == {"": f"present, pruned {old.name}"}
+        assert scripts.loaded_libraries(client) == [new.name]
+    finally:
+        monkeypatch.undo()
+        for cached in (scripts.names, scripts.source, scripts.library):
+            cached.cache_clear()
+
+
+def test_a_file_that_cannot_be_a_function_is_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "lua"
+    folder.mkdir()
+    (folder / "bad-name.lua").write_text("#!lua\nreturn 1\n")
+    monkeypatch.setattr(scripts, "_folder", lambda: folder)
+    scripts.names.cache_clear()
+    try:
+        with pytest.raises(scripts.LibraryError, match="bad-name"):
+            scripts.names()
+        (folder / "bad-name.lua").unlink()
+        (folder / "no_flags_line.lua").write_text("-- no_flags_line: its first line is no #!lua line\nreturn 1\n")
+        scripts.names.cache_clear()
+        with pytest.raises(scripts.LibraryError, match="first line"):
+            scripts.flags("no_flags_line")
+    finally:
+        monkeypatch.undo()
+        for cached in (scripts.names, scripts.source, scripts.library):
+            cached.cache_clear()
 
 
 def test_an_unknown_script_name_is_refused(client):
