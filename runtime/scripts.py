@@ -249,13 +249,16 @@ def ack_and_write(script: Function, *, stream: str, group: str, entry_id: bytes 
     return _call(script, keys, [group, entry_id, maxlen, counter, *_pairs(fields, "ack_and_write")], pipe)
 
 
-def add_frame(script: Function, *, stream: str, stats: str, cameras: str | None, camera: str, seq: int, maxlen: int,
-              captured_at: float, frame: bytes, pipe=None) -> int | None:
-    """Append the packed `frame` of `camera` to `stream` (MAXLEN ~ maxlen) unless `seq` is not above the stats'
-    `last_seq`, and register the camera in `cameras` when given (None on a Redis Cluster: another slot).
-    -1: a duplicate, nothing written; else the number of older frames trimmed."""
-    keys = [stream, stats] + ([cameras] if cameras is not None else [])
-    return _call(script, keys, [seq, maxlen, captured_at, frame, camera], pipe)
+DUPLICATE, REFUSED_SIZE, NOT_REGISTERED = -1, -2, -3  # add_frame's refusals (nothing written)
+
+
+def add_frame(script: Function, *, stream: str, stats: str, limits: str, seq: int, maxlen: int, captured_at: float,
+              frame: bytes, pipe=None) -> int | None:
+    """Append the packed `frame` to `stream` (MAXLEN ~ maxlen, never above the `limits` hash's max_stream_len)
+    unless `seq` is not above the stats' `last_seq`, or the frame is over the limits' max_entry_bytes.
+    -1: a duplicate; -2: over the size limit (counted as refused_size); -3: no limits (the camera is not
+    registered); nothing written for any of these; else the number of older frames trimmed."""
+    return _call(script, [stream, stats, limits], [seq, maxlen, captured_at, frame], pipe)
 
 
 Entries = list[tuple[bytes, dict | None]]  # (entry id, fields; None for an entry deleted meanwhile)

@@ -116,8 +116,9 @@ def test_a_new_file_joins_the_library_and_two_versions_run_side_by_side(client, 
         assert scripts.loaded_libraries(client) == sorted([old.name, new.name])
         assert listed(client)[new.name][f"echo_keys_{new.version}"] == ["no-writes"]
         assert scripts.load(client, "echo_keys")(["k1"], ["x"]) == [b"k1"]
-        assert client.fcall(f"add_frame_{old.version}", 2, "s", "st", 1, 10, 1.0, b"f", "cam") == 0  # an old worker
-        assert client.fcall(f"add_frame_{new.version}", 2, "s", "st", 2, 10, 1.0, b"f", "cam") == 0  # a new one
+        client.hset("lim", mapping=LIMITS)
+        assert client.fcall(f"add_frame_{old.version}", 3, "s", "st", "lim", 1, 10, 1.0, b"f") == 0  # an old worker
+        assert client.fcall(f"add_frame_{new.version}", 3, "s", "st", "lim", 2, 10, 1.0, b"f") == 0  # a new one
         assert client.xlen("s") == 2
         assert scripts.load_library(client, prune=True) == {"": f"present, pruned {old.name}"}
         assert scripts.loaded_libraries(client) == [new.name]
@@ -213,18 +214,22 @@ def test_ack_and_write_needs_an_outcome(client):
 
 # ---- add_frame -----------------------------------------------------------------------------------------
 
+LIMITS = {b"max_entry_bytes": b"100", b"max_stream_len": b"50"}
+
+
 def add(script, seq, **overrides):
-    call = dict(stream="frames", stats="stats", cameras="cameras", camera="cam-1", seq=seq, maxlen=100,
+    call = dict(stream="frames", stats="stats", limits="limits", seq=seq, maxlen=10,
                 captured_at=1700000000.25, frame=b"frame-%d" % seq)
+    if not script.client.exists("limits"):
+        script.client.hset("limits", mapping=LIMITS)  # an operator registered the camera
     return scripts.add_frame(script, **{**call, **overrides})
 
 
-def test_add_frame_appends_registers_and_counts_once_per_sequence_number(client):
+def test_add_frame_appends_and_counts_once_per_sequence_number(client):
     script = scripts.load(client, "add_frame")
     assert add(script, 0) == 0 and add(script, 1) == 0
     assert [fields for _, fields in client.xrange("frames")] == [{b"m": b"frame-0"}, {b"m": b"frame-1"}]
     assert client.hgetall("stats") == {b"last_seq": b"1", b"last_ingest_at": b"1700000000.25", b"ingested": b"2"}
-    assert client.smembers("cameras") == {b"cam-1"}
     before = snapshot(client)
     assert add(script, 1) == -1 and add(script, 0, frame=b"other") == -1  # a resend, or an older frame
     assert snapshot(client) == before
@@ -240,12 +245,34 @@ def test_add_frame_counts_what_its_bound_trimmed(client):
     assert int(client.hget("stats", "ingested")) == 7
 
 
-def test_add_frame_without_the_camera_set_and_in_a_pipeline(client):
+def test_add_frame_refuses_a_frame_over_the_operators_size_limit_and_counts_it(client):
     script = scripts.load(client, "add_frame")
+    assert add(script, 0, frame=b"x" * 100) == 0  # at the limit (100 bytes): written
+    before = client.xrange("frames")
+    assert add(script, 1, frame=b"x" * 101) == -2 and add(script, 2, frame=b"x" * 10_000) == -2
+    assert client.xrange("frames") == before and client.hget("stats", "last_seq") == b"0"
+    assert client.hget("stats", "refused_size") == b"2"
+    assert add(script, 3, frame=b"small") == 0  # the next frame that fits goes through
+
+
+def test_add_frame_bounds_the_stream_by_the_operators_cap_whatever_the_caller_asks(client):
+    script = scripts.load(client, "add_frame")
+    for seq in range(80):
+        add(script, seq, maxlen=1_000_000)  # the caller asks far more than max_stream_len (50)
+    assert client.xlen("frames") == 50  # exactly the cap: not the caller's bound, not approximate
+    assert client.hget("stats", "capped") == b"80" and int(client.hget("stats", "dropped")) == 30
+    assert [f[b"m"] for _, f in client.xrange("frames")][0] == b"frame-30"
+
+
+def test_add_frame_refuses_a_camera_without_limits_and_queues_in_a_pipeline(client):
+    script = scripts.load(client, "add_frame")
+    assert scripts.add_frame(script, stream="frames", stats="stats", limits="none", seq=0, maxlen=10, captured_at=1.0,
+                             frame=b"f") == -3  # not registered by an operator: nothing written
+    assert not client.exists("frames") and not client.exists("stats")
+    client.hset("limits", mapping=LIMITS)
     with client.pipeline(transaction=False) as pipe:
-        assert add(script, 5, cameras=None, pipe=pipe) is None
+        assert add(script, 5, pipe=pipe) is None
         assert pipe.execute() == [0]
-    assert not client.exists("cameras")  # on a cluster the set lies in another slot: registered apart
     assert client.hget("stats", "last_seq") == b"5" and client.xlen("frames") == 1
 
 
@@ -445,6 +472,7 @@ def _ack_and_write(client):
 
 def _add_frame(client):
     client.hset("stats", "last_seq", 0)
+    client.hset("limits", mapping=LIMITS)
     return lambda: add(scripts.load(client, "add_frame"), 1)
 
 

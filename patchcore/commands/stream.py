@@ -14,7 +14,7 @@ from store.service import ResultsStore, StoreSettings
 from ..helptext import Typer
 from ..options import settings_options
 from .common import (METRICS_OFF, Connection, MetricsPort, alarm_rule, connection, fail, rule_options, serve_metrics,
-                     stop_on_signals)
+                     service_errors, stop_on_signals)
 
 app = Typer()
 
@@ -40,9 +40,10 @@ def ingest_command(
         fail(str(exc))
     settings = IngestSettings(**ingest, **limits, **replication)
     client = conn.client()
-    camera = CameraIngest(client, src, settings, conn.keys, stop_on_signals())
-    serve_metrics(metrics_port, client, lambda: (camera.connected.is_set(), {"camera": settings.camera}))
-    report = camera.run()
+    with service_errors():
+        camera = CameraIngest(client, src, settings, conn.keys, stop_on_signals())
+        serve_metrics(metrics_port, client, lambda: (camera.connected.is_set(), {"camera": settings.camera}))
+        report = camera.run()
     typer.echo(json.dumps(vars(report)))
 
 
@@ -54,7 +55,8 @@ def store_command(rule: dict = None, store: dict = None, metrics_port: MetricsPo
     """Keep per-camera state and raise alarms (stream + Pub/Sub) until SIGINT/SIGTERM."""
     settings = StoreSettings(**store, default_rule=alarm_rule(rule))
     client = conn.client()
-    results = ResultsStore(client, settings, conn.keys, stop_on_signals())
-    serve_metrics(metrics_port, client, results.readiness)
-    report = results.run()
+    with service_errors():
+        results = ResultsStore(client, settings, conn.keys, stop_on_signals())
+        serve_metrics(metrics_port, client, results.readiness)
+        report = results.run()
     typer.echo(json.dumps(vars(report)))
