@@ -10,6 +10,8 @@ import time
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from store.alarms.feed import read_alarms
@@ -355,3 +357,52 @@ def test_history_is_append_only_for_every_service_role(acl_server, user):
     else:
         with pytest.raises(DENIED):
             client.xadd(KEYS.alarms("cam-1"), {"m": b"forged"})
+
+
+stats_fields = st.sampled_from([b"last_seq", b"ingested", b"results", b"dropped", b"deadlettered", b"alarms", b"state",
+                                b"last_ingest_at", b"refused_size", b"capped", b"\xffbad field"])
+camera_writes = st.lists(st.one_of(
+    st.tuples(st.just("frame"), st.dictionaries(st.one_of(st.just(b"m"), st.binary(min_size=1, max_size=8)),
+                                                st.binary(max_size=300), min_size=1, max_size=3)),
+    st.tuples(st.just("stats"), st.dictionaries(stats_fields, st.one_of(st.binary(max_size=40), st.sampled_from(
+        [b"nan", b"inf", b"-1", b"1e400", b"abc", b""])), min_size=1, max_size=4)),
+    st.tuples(st.just("preview"), st.binary(max_size=200))), min_size=1, max_size=8)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=camera_writes)
+def test_arbitrary_bytes_in_every_key_a_camera_may_write_stop_no_reader(acl_server, writes):
+    """As the camera role: arbitrary entries in its stream, fields in its stats, bytes as its preview. The worker's
+    reader takes them and dead-letters each (as the worker role), `patchcore status` and the console's data (as the
+    viewer) still answer with JSON."""
+    from console.data import ConsoleData
+    from runtime.deadletter import DeadLetters
+    from runtime.status import collect_status
+    from workers.reader import Reader
+
+    operator, camera = acl_server.client("operator"), acl_server.client("camera-cam-1")
+    operator.delete(KEYS.frames("cam-1"), KEYS.camera_stats("cam-1"), KEYS.preview("cam-1"), KEYS.deadletter("cam-1"),
+                    KEYS.deadletter_payloads("cam-1"))
+    for kind, value in writes:
+        if kind == "frame":
+            camera.xadd(KEYS.frames("cam-1"), value)
+        elif kind == "stats":
+            camera.hset(KEYS.camera_stats("cam-1"), mapping=value)
+        else:
+            camera.set(KEYS.preview("cam-1"), value)
+    worker = acl_server.client("worker")
+    reader = Reader(worker, WorkerSettings(name="w", max_wait_ms=1), KEYS, threading.Event())
+    readable = reader.streams.refresh()
+    batch = reader.collect(readable, lambda: False)
+    assert len(batch) == sum(kind == "frame" for kind, _ in writes)
+    prepared = reader.prepare(batch)
+    assert len(prepared.outcomes) == len(batch) and not prepared.by_bank  # no arbitrary entry is a frame
+    letters = DeadLetters(worker, KEYS)
+    for entry, outcome in prepared.outcomes:
+        assert letters.add(entry.stream, "workers", entry.entry_id, entry.raw, outcome.reason, "w")
+    viewer = acl_server.client("viewer")
+    status = collect_status(viewer, KEYS.prefix)
+    json.dumps(status, allow_nan=False)
+    assert "cam-1" in [c["camera"] for c in status["cameras"]]
+    json.dumps(ConsoleData(viewer, KEYS).snapshot(), allow_nan=False)
+    assert len(DeadLetters(viewer, KEYS).list("cam-1")) == len(batch)

@@ -511,3 +511,21 @@ def test_a_server_out_of_memory_refuses_the_whole_script(client, prepare):
     assert snapshot(client) == before  # nothing half done: no acknowledgement without its write
     call()  # the same call goes through once memory is back
     assert snapshot(client) != before
+
+
+# ---- a camera may write its stats hash: a forged counter restarts at 0, never fails a call ------------------
+
+@pytest.mark.parametrize("forged", [b"abc", b"", b"nan", b"1e3", b"9" * 19, b"-"])
+def test_a_forged_counter_in_the_stats_restarts_at_zero_instead_of_failing_the_call(client, forged):
+    (entry_id,) = delivered(client, "src", 1)
+    client.hset("stats", mapping={"results": forged, "deadlettered": forged, "alarms": forged})
+    assert ack(scripts.load(client, "ack_and_write"), entry_id) == 1  # HINCRBY on a forged value would fail it
+    assert client.hget("stats", "results") == b"1" and client.xlen("out") == 1
+    (second,) = [i for i in delivered(client, "frames", 1)]
+    assert dead(scripts.load(client, "deadletter_write"), second) == 1
+    assert client.hget("stats", "deadlettered") == b"1"
+    client.hset("stats", "ingested", forged)
+    client.hset("limits", mapping=LIMITS)
+    assert add(scripts.load(client, "add_frame"), 1, stream="frames-2") == 0
+    assert client.hget("stats", "ingested") == b"1"
+    assert client.hget("stats", "alarms") == forged  # untouched until a function counts it

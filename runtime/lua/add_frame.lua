@@ -21,12 +21,20 @@
 --
 -- Returns -1 for a duplicate (nothing written), -2 for a frame over the size limit (refused, counted), -3 for a
 -- camera without limits (not registered: nothing written), else the number of frames trimmed (0 or more).
+
+-- a counter of the camera's stats hash that is no integer HINCRBY can add to (the camera role may write that hash)
+-- starts again at 0, so a forged value cannot make the increment, and the whole call, fail
+local function counter(hash, field)
+  local value = redis.call('HGET', hash, field)
+  if value and not (string.match(value, '^-?%d+$') and #value <= 18) then redis.call('HSET', hash, field, 0) end
+end
 local limits = redis.call('HMGET', KEYS[3], 'max_entry_bytes', 'max_stream_len')
 local max_bytes, max_len = tonumber(limits[1]), tonumber(limits[2])
 if not max_bytes or not max_len then return -3 end
 local last = redis.call('HGET', KEYS[2], 'last_seq')
 if last and tonumber(last) and tonumber(last) >= tonumber(ARGV[1]) then return -1 end
 if #ARGV[4] > max_bytes then
+  counter(KEYS[2], 'refused_size')
   redis.call('HINCRBY', KEYS[2], 'refused_size', 1)
   return -2
 end
@@ -35,10 +43,15 @@ if tonumber(ARGV[2]) <= max_len then
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[4])
 else
   redis.call('XADD', KEYS[1], 'MAXLEN', max_len, '*', 'm', ARGV[4])
+  counter(KEYS[2], 'capped')
   redis.call('HINCRBY', KEYS[2], 'capped', 1)
 end
 local dropped = before + 1 - redis.call('XLEN', KEYS[1])
 redis.call('HSET', KEYS[2], 'last_seq', ARGV[1], 'last_ingest_at', ARGV[3])
+counter(KEYS[2], 'ingested')
 redis.call('HINCRBY', KEYS[2], 'ingested', 1)
-if dropped > 0 then redis.call('HINCRBY', KEYS[2], 'dropped', dropped) end
+if dropped > 0 then
+  counter(KEYS[2], 'dropped')
+  redis.call('HINCRBY', KEYS[2], 'dropped', dropped)
+end
 return dropped
