@@ -49,6 +49,7 @@ def compare(labels: tuple[str, str], make_runs, n: int) -> float:
 
 def ingest(client, frames: int, payload: bytes) -> None:
     add = scripts.load(client, "add_frame")
+    client.hset("limits", mapping={"max_entry_bytes": 1 << 30, "max_stream_len": 1 << 30})
 
     def runs(i):
         def old():
@@ -61,7 +62,7 @@ def ingest(client, frames: int, payload: bytes) -> None:
 
         def new():
             for seq in range(frames):
-                scripts.add_frame(add, stream=f"new{i}", stats=f"new{i}:stats", cameras=None, camera="cam", seq=seq,
+                scripts.add_frame(add, stream=f"new{i}", stats=f"new{i}:stats", limits="limits", seq=seq,
                                   maxlen=256, captured_at=time.time(), frame=payload)
         return old, new
 

@@ -95,6 +95,9 @@ class Keys:
     def camera_stats(self, camera: str) -> str:  # hash: ingested, dropped, last_seq, results, deadlettered, state
         return self._camera("stats", camera)
 
+    def camera_limits(self, camera: str) -> str:  # hash: max_entry_bytes, max_stream_len (operators write; add_frame reads)
+        return self._camera("limits", camera)
+
     def deadletter(self, camera: str) -> str:  # stream: reason, stream, id, worker, at, size, head, payload (id below)
         return self._camera("deadletter", camera)
 

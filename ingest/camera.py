@@ -17,6 +17,8 @@ from contracts.framecodec import DEFAULT_ENCODING, DEFAULT_JPEG_QUALITY, encode_
 from contracts.messages import Frame
 from runtime.metrics import camera_ingesting, frame_appended
 from runtime import scripts
+from runtime.cameras import ensure_camera
+from runtime.scripts import NOT_REGISTERED, REFUSED_SIZE
 from runtime.streams import REDIS_ERRORS, redis_fault, require_redis_7
 
 from .sources import Source, SourceError
@@ -48,7 +50,7 @@ class IngestSettings:
         "help": "After each write, wait until this many replicas have it (Redis WAIT; narrows what a failover loses; "
                 "0: do not wait)."})
     wait_ms: int = field(default=100, metadata={"help": "Wait for replicas at most this long (ms)."})
-    register_s: float = 5.0  # on a Redis Cluster, how often the camera re-registers in the camera set
+    register_s: float = 5.0  # how often the camera checks its registration (camera set, limits) again
     preview_interval_s: float = 1.0  # the latest frame as a JPEG for the console at most this often (0: never)
     preview_ttl_s: int = 300
 
@@ -74,7 +76,7 @@ class CameraIngest:
         self.stats = keys.camera_stats(settings.camera)
         self._add_frame = scripts.load(client, "add_frame")
         self.connected = threading.Event()  # set once registered with Redis (readiness)
-        # the camera set lies in another slot of a cluster: registered apart, every register_s
+        self.limits = keys.camera_limits(settings.camera)
         self._cluster = is_cluster(client)
         self._registered_at = float("-inf")
         self._preview_at = float("-inf")
@@ -84,7 +86,8 @@ class CameraIngest:
         report = IngestReport()
         require_redis_7(self.client)
         seq = self._next_seq()
-        self.client.sadd(self.keys.cameras, self.settings.camera)
+        ensure_camera(self.client, self.keys, self.settings.camera)  # an operator's registration, or refused
+        self._registered_at = time.monotonic()
         camera_ingesting(self.settings.camera)
         self._set_state("running")
         self.connected.set()
@@ -150,15 +153,16 @@ class CameraIngest:
                 if not self.source.live:  # files and folders wait for the workers instead of dropping
                     while self.client.xlen(self.stream) >= self.settings.maxlen and not self.stop.is_set():
                         time.sleep(0.01)
-                if self._cluster and time.monotonic() - self._registered_at > self.settings.register_s:
-                    self.client.sadd(self.keys.cameras, self.settings.camera)
+                if time.monotonic() - self._registered_at > self.settings.register_s:  # a data loss cannot hide it
+                    ensure_camera(self.client, self.keys, self.settings.camera)
                     self._registered_at = time.monotonic()
                 append = functools.partial(
-                    scripts.add_frame, self._add_frame, stream=self.stream, stats=self.stats,
-                    cameras=None if self._cluster else self.keys.cameras, camera=self.settings.camera, seq=frame.seq,
-                    maxlen=self.settings.maxlen, captured_at=frame.captured_at, frame=frame.pack())
+                    scripts.add_frame, self._add_frame, stream=self.stream, stats=self.stats, limits=self.limits,
+                    seq=frame.seq, maxlen=self.settings.maxlen, captured_at=frame.captured_at, frame=frame.pack())
                 if not self.settings.wait_replicas:
                     dropped = append()
+                    if self._refused(dropped):
+                        continue
                     frame_appended(self.settings.camera, dropped)
                     return max(0, dropped), True  # -1: already written by an earlier send
                 node = node_groups(self.client, [self.stream])[0][0]  # WAIT must follow the write on its connection
@@ -166,6 +170,8 @@ class CameraIngest:
                     append(pipe=pipe)
                     pipe.execute_command("WAIT", self.settings.wait_replicas, self.settings.wait_ms)
                     dropped, replicas = pipe.execute()
+                if self._refused(dropped):
+                    continue
                 frame_appended(self.settings.camera, dropped)
                 return max(0, dropped), int(replicas) >= self.settings.wait_replicas
             except REDIS_ERRORS as exc:  # outages, OOM, READONLY, LOADING, failovers: wait; anything else is a bug
@@ -193,6 +199,18 @@ class CameraIngest:
         except REDIS_ERRORS as exc:  # a preview is not worth a retry; anything but a fault is a bug
             if redis_fault(exc) is None:
                 raise
+
+    def _refused(self, reply: int) -> bool:
+        """True to send the frame again: add_frame found no limits (-3: the camera's registration is gone, a data
+        loss) and the camera was registered again (or CameraNotRegisteredError). A frame over the operator's size
+        limit (-2) was refused and counted by Redis: logged, and not sent again."""
+        if reply == REFUSED_SIZE:
+            log.warning("frame refused", extra={"fields": {"camera": self.settings.camera, "reason": "over the "
+                                                           "operator's max_entry_bytes"}})
+        if reply == NOT_REGISTERED:
+            ensure_camera(self.client, self.keys, self.settings.camera)
+            return True
+        return False
 
     def _next_seq(self) -> int:
         last = self.client.hget(self.stats, "last_seq")

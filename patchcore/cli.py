@@ -22,7 +22,7 @@ COMMANDS = {
     "store": "stream", "rule": "ops", "alarms": "ops", "status": "ops", "up": "scoring",
     "bank": None,  # defined below: its commands come from two modules
     "alarm": "ops", "deadletter": "ops", "camera": "control", "audit": "control", "console": "console",
-    "weights": "weights", "sink": "sink", "drift": "drift",
+    "weights": "weights", "sink": "sink", "drift": "drift", "redis": "redisadmin",
 }
 BANK_COMMANDS = {"build": "bank", "info": "bank", "calibrate": "bank", "publish": "registry", "list": "registry",
                  "activate": "registry", "rollback": "registry", "update": "bank"}

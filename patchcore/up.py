@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 import numpy as np
+import redis
 
+from runtime import scripts
 from runtime.connection import connect, redacted
 from runtime.health import both, serve_process
 from contracts.keys import Keys
@@ -176,6 +178,11 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
             url = stack.enter_context(EmbeddedRedis()).url
             echo(f"embedded redis-server at {url}")
         client = connect(url)
+        try:
+            scripts.load_library(client)  # the Redis Functions every service calls (FCALL)
+        except redis.exceptions.NoPermissionError as exc:
+            raise UpError(f"this Redis user may not load the Redis Functions library: an operator runs "
+                          f"`{scripts.LOAD_COMMAND}` first ({exc})") from None
         keys = Keys()
         bank_key = settings.bank_key or secrets.token_bytes(32)  # workers load only banks signed with it
         registry = BankRegistry(client, keys, signing_key=bank_key)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import asdict, dataclass, field
 
 import redis
 
-from contracts.keys import CameraNames, camera_names
+from contracts.keys import CameraNames, Keys, camera_names
 
 from .metrics import CAMERA_NAMES_REFUSED
 
@@ -34,3 +35,43 @@ def read_cameras(client: redis.Redis, cameras_key: str) -> CameraNames:
 def camera_list(client: redis.Redis, cameras_key: str) -> list[str]:
     """The valid camera names, sorted."""
     return list(read_cameras(client, cameras_key).names)
+
+
+REGISTER_COMMAND = "patchcore redis cameras"  # what an operator runs to register cameras (and their limits)
+
+
+class CameraNotRegisteredError(RuntimeError):
+    """The camera is not in the camera set or has no limits, and this client may not register it."""
+
+
+@dataclass(frozen=True)
+class CameraLimits:
+    """What the add_frame function allows a camera, read from its limits hash (written by an operator, never by
+    the camera): an entry over max_entry_bytes is refused, the stream never holds more than max_stream_len."""
+    max_entry_bytes: int = field(default=32 << 20, metadata={
+        "help": "Largest frame entry a camera may add, in bytes (larger ones are refused and counted)."})
+    max_stream_len: int = field(default=10_000, metadata={
+        "help": "Most entries a camera's frame stream holds, whatever the camera asks."})
+
+
+def register_camera(client: redis.Redis, keys: Keys, camera: str, limits: CameraLimits = CameraLimits()) -> None:
+    """Write `camera`'s limits and add it to the camera set (an operator's step: the camera role may do neither).
+    On a cluster the two keys lie in different slots: two commands, the limits first."""
+    client.hset(keys.camera_limits(camera), mapping=asdict(limits))
+    client.sadd(keys.cameras, camera)
+
+
+def ensure_camera(client: redis.Redis, keys: Keys, camera: str) -> bool:
+    """True when `camera` is in the camera set and has limits; if not, registers it with the default limits where
+    this client may (a server without the ACL) and says False. Raises CameraNotRegisteredError when it may not
+    (a camera credential under the shipped ACL): the message names the command an operator runs."""
+    limits = client.hmget(keys.camera_limits(camera), list(CameraLimits.__dataclass_fields__))
+    if client.sismember(keys.cameras, camera) and all(limits):
+        return True
+    try:
+        register_camera(client, keys, camera)
+    except redis.exceptions.NoPermissionError:
+        raise CameraNotRegisteredError(
+            f"camera {camera!r} is not registered (camera set and limits) and this Redis user may not register it: "
+            f"an operator runs `{REGISTER_COMMAND} {camera}`") from None
+    return False

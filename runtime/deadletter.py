@@ -11,6 +11,8 @@ A dead letter whose payload was kept can be replayed onto its camera's stream, o
 """
 from __future__ import annotations
 
+import functools
+
 import time
 from dataclasses import dataclass
 
@@ -59,8 +61,15 @@ class DeadLetter:
 class DeadLetters:
     def __init__(self, client: redis.Redis, keys: Keys = Keys(), settings: DeadLetterSettings = DeadLetterSettings()):
         self.client, self.keys, self.settings = client, keys, settings
-        self._write = scripts.load(client, "deadletter_write")
-        self._replay = scripts.load(client, "deadletter_replay")
+
+    # loaded when first written: a reader (`patchcore status`, a viewer's console) needs no function
+    @functools.cached_property
+    def _write(self) -> scripts.Function:
+        return scripts.load(self.client, "deadletter_write")
+
+    @functools.cached_property
+    def _replay(self) -> scripts.Function:
+        return scripts.load(self.client, "deadletter_replay")
 
     def add(self, stream: str, group: str, entry_id: bytes | str, raw: bytes, reason: str, worker: str) -> bool:
         """Dead-letter a pending frame; False when it was no longer pending (another consumer finished it)."""

@@ -1,50 +1,229 @@
-"""The Lua scripts that make each write of the pipeline happen once, and one typed call per script.
+"""The Lua code that makes each write of the pipeline happen once, as one Redis Functions library, and one typed
+call per function.
 
-Each script is a file of its own, `runtime/lua/<name>.lua` (shipped as package data), whose comment
-block documents its KEYS and ARGV and what it returns; `load` registers it with redis-py
-(`register_script`: EVALSHA, and on NOSCRIPT a SCRIPT LOAD and EVALSHA again; on a RedisCluster the
-call is routed by its first key). The functions below are the only code that knows a script's
-KEYS/ARGV layout: callers name every value, and lists travel as mappings or dataclasses.
+Each function is a file of its own, `runtime/lua/<name>.lua` (shipped as package data; every .lua file there is
+one, found when the library is built), whose comment block documents its KEYS and ARGV and what it returns. The
+library is generated from the files, never kept as a second copy: each file's body becomes the callback
+`function(KEYS, ARGV) <body> end` of a function, its `#!lua flags=...` line the function's flags. Services run
+it with FCALL (on a RedisCluster routed by the first key); nobody but an operator or the deploy tooling loads
+it (`patchcore redis load-functions`: FUNCTION LOAD on every primary), so no service role needs EVAL, EVALSHA
+or SCRIPT and none can run Lua of its own.
 
-Every script starts with `#!lua` (Redis >= 7.0 script flags): a server out of memory, or a replica,
-refuses the whole script before it runs, never half of it (a Lua error does not undo the writes made
-before it). Only read_fair declares a flag: `allow-cross-slot-keys`.
+Versions: the library is named `patchcore_<version>` and each function `<name>_<version>`, the version being
+a hash of the generated library. Function names are global in Redis, so two versions loaded side by side never
+collide: during a rolling upgrade old workers call the old library's functions and new ones the new library's;
+an operator deletes the old library after the upgrade (`patchcore redis load-functions --prune`). A service
+checks at start that its version is loaded on every primary (`ensure_library`); if not it tries FUNCTION LOAD
+once and, refused (a service role under the shipped ACL), stops with FunctionsMissingError, which names the
+command to run.
 
-A function given `pipe` (a redis-py pipeline) queues its call there and returns None: the reply comes
-with `pipe.execute()`, at the call's position.
+Every function without a `flags=` line is a writing function: a server out of memory, or a replica, refuses
+the whole call before it runs, never half of it (a Lua error does not undo the writes made before it). Only
+read_fair declares a flag: `allow-cross-slot-keys`.
+
+A function given `pipe` (a redis-py pipeline) queues its call there and returns None: the reply comes with
+`pipe.execute()`, at the call's position.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import re
+import weakref
 from dataclasses import dataclass
 from importlib import resources
 from typing import Mapping, Sequence
 
-from redis.commands.core import Script
+import redis
 
-# the scripts in runtime/lua/, by name
-NAMES = ("ack_and_write", "add_frame", "read_fair", "deadletter_write", "deadletter_replay", "commit_results",
-         "sink_refuse",
-         "commit_drift", "audit_append", "camera_settings_write")
+LIBRARY_PREFIX = "patchcore_"  # every version of the library is named patchcore_<version>
+LOAD_COMMAND = "patchcore redis load-functions"  # what an operator runs when a service finds the library missing
+_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")  # a function name: Redis allows letters, digits and underscores
+_FLAGS = re.compile(r"#!lua(?: flags=([a-z0-9,-]+))?\Z")  # a script's first line: `#!lua` or `#!lua flags=a,b`
+_VERSION = "@VERSION@"  # in the generated text before its hash is known
 
-Value = bytes | str | int | float  # what redis-py sends as a script argument
+Value = bytes | str | int | float  # what redis-py sends as a function argument
 
 
 class UnknownScriptError(ValueError):
-    """No script of that name in runtime/lua/."""
+    """No Lua file of that name in runtime/lua/."""
+
+
+class LibraryError(ValueError):
+    """A file of runtime/lua/ cannot become a function (bad name, or a first line that is no `#!lua` flags line)."""
+
+
+class FunctionsMissingError(RuntimeError):
+    """The library of this version is not loaded on a primary, and this client may not load it."""
+
+
+def _folder():
+    return resources.files("runtime").joinpath("lua")
+
+
+@functools.cache
+def names() -> tuple[str, ...]:
+    """The functions of the library: every runtime/lua/<name>.lua, sorted (files added later join by themselves)."""
+    found = sorted(p.name[:-4] for p in _folder().iterdir() if p.name.endswith(".lua"))
+    for name in found:
+        if not _NAME.match(name):
+            raise LibraryError(f"runtime/lua/{name}.lua: a function name is lower-case letters, digits and _")
+    return tuple(found)
 
 
 @functools.cache
 def source(name: str) -> str:
-    """The text of script `name` (runtime/lua/<name>.lua, read from the installed package)."""
-    if name not in NAMES:
-        raise UnknownScriptError(f"no Lua script {name!r}: known are {', '.join(NAMES)}")
-    return resources.files("runtime").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    """The text of runtime/lua/<name>.lua (read from the installed package)."""
+    if name not in names():
+        raise UnknownScriptError(f"no Lua script {name!r}: known are {', '.join(names())}")
+    return _folder().joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
-def load(client, name: str) -> Script:
-    """Script `name` registered with `client` (a Redis or RedisCluster): call it through its function below."""
-    return client.register_script(source(name))
+def flags(name: str) -> tuple[str, ...]:
+    """The flags of `name`'s `#!lua` line (none: a writing function, refused whole when out of memory)."""
+    first = source(name).split("\n", 1)[0].strip()
+    if (found := _FLAGS.match(first)) is None:
+        raise LibraryError(f"runtime/lua/{name}.lua: the first line must be `#!lua` or `#!lua flags=...`, not {first!r}")
+    return tuple(found.group(1).split(",")) if found.group(1) else ()
+
+
+def _register(name: str) -> str:
+    """One file as one function of the library: its body as the callback of (KEYS, ARGV), its flags."""
+    body = source(name).split("\n", 1)[1] if "\n" in source(name) else ""
+    listed = ", ".join(f"'{flag}'" for flag in flags(name))
+    return (f"-- runtime/lua/{name}.lua\n"
+            f"redis.register_function{{function_name = '{name}_{_VERSION}', flags = {{{listed}}},\n"
+            f"  callback = function(KEYS, ARGV)\n{body.rstrip()}\nend}}\n")
+
+
+def _template() -> str:
+    header = (f"#!lua name={LIBRARY_PREFIX}{_VERSION}\n"
+              "-- generated by runtime/scripts.py from runtime/lua/*.lua: edit those files, never this text\n")
+    return header + "".join(_register(name) for name in names())
+
+
+@dataclass(frozen=True)
+class Library:
+    """The generated library: its version, its name and its code (FUNCTION LOAD's argument)."""
+    version: str
+    name: str
+    code: str
+
+    def function(self, name: str) -> str:
+        """The name under which file `name`'s function is registered in this version."""
+        if name not in names():
+            raise UnknownScriptError(f"no Lua script {name!r}: known are {', '.join(names())}")
+        return f"{name}_{self.version}"
+
+
+@functools.cache
+def library() -> Library:
+    """The library of the installed runtime/lua/*.lua, versioned by the sha256 of its text (12 hex digits)."""
+    template = _template()
+    version = hashlib.sha256(template.encode()).hexdigest()[:12]
+    return Library(version, f"{LIBRARY_PREFIX}{version}", template.replace(_VERSION, version))
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+
+def primaries(client) -> list:
+    """(label, node client) of every primary: the one server, or each primary of a RedisCluster."""
+    if isinstance(client, redis.RedisCluster):
+        return [(node.name, node) for node in client.get_primaries()]
+    return [("", client)]
+
+
+def _command(client, node, *args):
+    if isinstance(client, redis.RedisCluster):
+        return client.execute_command(*args, target_nodes=node)
+    return client.execute_command(*args)
+
+
+def _text(value) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def loaded_libraries(client, node=None) -> list[str]:
+    """The names of the patchcore libraries loaded on `node` (a primary of `primaries`; default: the server)."""
+    reply = _command(client, node, "FUNCTION", "LIST", "LIBRARYNAME", f"{LIBRARY_PREFIX}*")
+    found = []
+    for item in reply or []:
+        fields = item if isinstance(item, dict) else dict(zip(item[::2], item[1::2]))
+        fields = {_text(k): v for k, v in fields.items()}
+        name = _text(fields.get("library_name", ""))
+        if name.startswith(LIBRARY_PREFIX):
+            found.append(name)
+    return sorted(found)
+
+
+def load_library(client, prune: bool = False) -> dict[str, str]:
+    """Load this version of the library on every primary where it is missing (FUNCTION LOAD; an operator's or the
+    deploy tooling's right) and, with `prune`, delete the other versions (after a rolling upgrade). Returns what was
+    done per primary ("loaded" or "present", and "pruned <names>"). Refused: redis.exceptions.NoPermissionError."""
+    lib, done = library(), {}
+    for label, node in primaries(client):
+        present = loaded_libraries(client, node)
+        if lib.name in present:
+            done[label] = "present"
+        else:
+            try:
+                _command(client, node, "FUNCTION", "LOAD", lib.code)
+            except redis.exceptions.NoPermissionError:
+                raise
+            except redis.ResponseError:
+                if lib.name not in loaded_libraries(client, node):  # not another client loading it at the same time
+                    raise
+            done[label] = "loaded"
+        old = [name for name in present if name != lib.name]
+        if prune and old:
+            for name in old:
+                _command(client, node, "FUNCTION", "DELETE", name)
+            done[label] += f", pruned {' '.join(old)}"
+    return done
+
+
+_ensured: "weakref.WeakSet" = weakref.WeakSet()  # clients whose primaries were found to hold this version
+
+
+def ensure_library(client) -> None:
+    """Check (once per client) that this version of the library is loaded on every primary; where it is missing,
+    try to load it once. Raises FunctionsMissingError when the client may not load it (every service role under
+    the shipped ACL): the message names the library and the command an operator runs."""
+    if client in _ensured:
+        return
+    lib = library()
+    for label, node in primaries(client):
+        if lib.name in loaded_libraries(client, node):
+            continue
+        try:
+            load_library(client)
+        except redis.exceptions.NoPermissionError:
+            where = f" on {label}" if label else ""
+            raise FunctionsMissingError(
+                f"the Redis Functions library {lib.name} (runtime/lua/*.lua of this version) is not loaded{where} "
+                f"and this Redis user may not load it: an operator runs `{LOAD_COMMAND}` (on a cluster it loads every "
+                f"primary), then start this process again") from None
+        break
+    _ensured.add(client)
+
+
+@dataclass(frozen=True)
+class Function:
+    """A function of the library bound to a client: call it through its typed function below."""
+    client: object
+    name: str  # the file's name
+    fname: str  # the registered (versioned) name
+
+    def __call__(self, keys: list[str], args: list[Value], client=None):
+        return (self.client if client is None else client).fcall(self.fname, len(keys), *keys, *args)
+
+
+def load(client, name: str) -> Function:
+    """Function `name` of this version of the library for `client` (a Redis or RedisCluster), which is made sure
+    to be loaded (`ensure_library`): call it through its typed function below."""
+    fname = library().function(name)
+    ensure_library(client)
+    return Function(client, name, fname)
 
 
 def _pairs(fields: Mapping[str, Value], what: str) -> list[Value]:
@@ -54,14 +233,14 @@ def _pairs(fields: Mapping[str, Value], what: str) -> list[Value]:
     return [x for pair in fields.items() for x in pair]
 
 
-def _call(script: Script, keys: list[str], args: list[Value], pipe=None):
+def _call(script: Function, keys: list[str], args: list[Value], pipe=None):
     if pipe is None:
-        return script(keys=keys, args=args)
-    script(keys=keys, args=args, client=pipe)
+        return script(keys, args)
+    script(keys, args, client=pipe)
     return None
 
 
-def ack_and_write(script: Script, *, stream: str, group: str, entry_id: bytes | str, target: str, stats: str,
+def ack_and_write(script: Function, *, stream: str, group: str, entry_id: bytes | str, target: str, stats: str,
                   counter: str, maxlen: int, fields: Mapping[str, Value], pipe=None) -> int | None:
     """Acknowledge `entry_id` of `stream` for `group` and, if this call acknowledged it and it is still in its
     stream, append `fields` to `target` (MAXLEN ~ maxlen), delete the entry and add 1 to `counter` of `stats`.
@@ -70,16 +249,19 @@ def ack_and_write(script: Script, *, stream: str, group: str, entry_id: bytes | 
     return _call(script, keys, [group, entry_id, maxlen, counter, *_pairs(fields, "ack_and_write")], pipe)
 
 
-def add_frame(script: Script, *, stream: str, stats: str, cameras: str | None, camera: str, seq: int, maxlen: int,
-              captured_at: float, frame: bytes, pipe=None) -> int | None:
-    """Append the packed `frame` of `camera` to `stream` (MAXLEN ~ maxlen) unless `seq` is not above the stats'
-    `last_seq`, and register the camera in `cameras` when given (None on a Redis Cluster: another slot).
-    -1: a duplicate, nothing written; else the number of older frames trimmed."""
-    keys = [stream, stats] + ([cameras] if cameras is not None else [])
-    return _call(script, keys, [seq, maxlen, captured_at, frame, camera], pipe)
+DUPLICATE, REFUSED_SIZE, NOT_REGISTERED = -1, -2, -3  # add_frame's refusals (nothing written)
 
 
-def sink_refuse(script: Script, *, stream: str, group: str, entry_id: bytes | str, deadletters: str, maxlen: int,
+def add_frame(script: Function, *, stream: str, stats: str, limits: str, seq: int, maxlen: int, captured_at: float,
+              frame: bytes, pipe=None) -> int | None:
+    """Append the packed `frame` to `stream` (MAXLEN ~ maxlen, never above the `limits` hash's max_stream_len)
+    unless `seq` is not above the stats' `last_seq`, or the frame is over the limits' max_entry_bytes.
+    -1: a duplicate; -2: over the size limit (counted as refused_size); -3: no limits (the camera is not
+    registered); nothing written for any of these; else the number of older frames trimmed."""
+    return _call(script, [stream, stats, limits], [seq, maxlen, captured_at, frame], pipe)
+
+
+def sink_refuse(script: Function, *, stream: str, group: str, entry_id: bytes | str, deadletters: str, maxlen: int,
                 fields: Mapping[str, Value], pipe=None) -> int | None:
     """Acknowledge `entry_id` of `stream` for the sink's `group` and, if this call acknowledged it, append `fields`
     to `deadletters` (MAXLEN ~ maxlen); the entry stays in its stream. 1: recorded; 0: not pending any more."""
@@ -89,7 +271,7 @@ def sink_refuse(script: Script, *, stream: str, group: str, entry_id: bytes | st
 Entries = list[tuple[bytes, dict | None]]  # (entry id, fields; None for an entry deleted meanwhile)
 
 
-def read_fair(script: Script, *, group: str, consumer: str, cap: int, start_id: str, streams: Sequence[str]
+def read_fair(script: Function, *, group: str, consumer: str, cap: int, start_id: str, streams: Sequence[str]
               ) -> list[tuple[str, Entries]]:
     """At most `cap` entries in all from `streams` (read in that order, each with a share of what is left),
     new ones (`start_id` ">") or those pending to `consumer` ("0", one pass): [(stream, entries), ...], one item
@@ -97,13 +279,13 @@ def read_fair(script: Script, *, group: str, consumer: str, cap: int, start_id: 
     node (the first routes the call)."""
     if not streams:
         raise ValueError("read_fair: at least one stream is needed")
-    reply = script(keys=[streams[0]], args=[group, consumer, cap, start_id, *streams])
+    reply = script([streams[0]], [group, consumer, cap, start_id, *streams])
     return [(stream.decode() if isinstance(stream, bytes) else stream,
              [(entry_id, dict(zip(fields[::2], fields[1::2])) if fields else None) for entry_id, fields in entries])
             for stream, entries in reply]
 
 
-def deadletter_write(script: Script, *, stream: str, group: str, entry_id: bytes | str, deadletters: str, stats: str,
+def deadletter_write(script: Function, *, stream: str, group: str, entry_id: bytes | str, deadletters: str, stats: str,
                      payloads: str, maxlen: int, payloads_kept: int, oldest_payload_id: str, payload: bytes,
                      fields: Mapping[str, Value]) -> int:
     """Acknowledge `entry_id` of `stream` for `group` and, if this call acknowledged it: keep `payload` (unless
@@ -115,7 +297,7 @@ def deadletter_write(script: Script, *, stream: str, group: str, entry_id: bytes
     return _call(script, keys, args)
 
 
-def deadletter_replay(script: Script, *, deadletters: str, payloads: str, stream: str, stats: str, letter_id: str,
+def deadletter_replay(script: Function, *, deadletters: str, payloads: str, stream: str, stats: str, letter_id: str,
                       payload_id: str) -> int:
     """Append the payload `payload_id` to `stream` and delete it and the dead letter `letter_id`, counting
     `replayed` in `stats`. 1: replayed; 0: no such dead letter; -1: its payload is gone."""
@@ -129,7 +311,7 @@ class NewAlarm:
     message: bytes
 
 
-def commit_results(script: Script, *, results: str, state: str, latest: str, alarms: str, stats: str, group: str,
+def commit_results(script: Function, *, results: str, state: str, latest: str, alarms: str, stats: str, group: str,
                    version: int, window: str, alarms_maxlen: int, channel: str, ids: Sequence[bytes | str],
                    latest_fields: Mapping[str, Value], new_alarms: Sequence[NewAlarm]) -> int:
     """Commit one camera's batch: if every id of `results` is still pending to `group` and `state` is still at
@@ -153,7 +335,7 @@ class NewEvent:
     message: bytes
 
 
-def commit_drift(script: Script, *, state: str, drift: str, stats: str, version: int, window: str | None,
+def commit_drift(script: Function, *, state: str, drift: str, stats: str, version: int, window: str | None,
                  maxlen: int, channel: str, events: Sequence[NewEvent]) -> int:
     """If `state` is still at `version`: set `window` (version + 1) when given, then append to `drift` (MAXLEN ~
     maxlen), publish on `channel` and count (`drift_events` of `stats`) each of `events` whose number follows the
@@ -163,7 +345,7 @@ def commit_drift(script: Script, *, state: str, drift: str, stats: str, version:
     return _call(script, [state, drift, stats], args)
 
 
-def audit_append(script: Script, *, stream: str, maxlen: int, fields: Mapping[str, Value]) -> bytes:
+def audit_append(script: Function, *, stream: str, maxlen: int, fields: Mapping[str, Value]) -> bytes:
     """Append `fields` to the audit `stream` and trim it to about `maxlen` entries. The new entry's id."""
     if maxlen < 1:
         raise ValueError(f"audit_append: maxlen must be at least 1, got {maxlen}")
@@ -177,7 +359,7 @@ class SettingsWrite:
     previous: bytes | None
 
 
-def camera_settings_write(script: Script, *, settings: str, version_key: str, read_version: int, camera: str,
+def camera_settings_write(script: Function, *, settings: str, version_key: str, read_version: int, camera: str,
                           packed: bytes | None) -> SettingsWrite:
     """Set `camera`'s `packed` settings (None: delete them) in `settings` and move `version_key` from `read_version`
     to `read_version` + 1, unless the counter is no longer at `read_version` (then nothing is written)."""

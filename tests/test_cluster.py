@@ -190,3 +190,37 @@ def test_up_runs_the_demo_end_to_end_on_a_cluster_node(cluster, tmp_path, synthe
     assert summary["frames_in"] == summary["results_out"] == 12 and summary["dropped"] == 0
     assert len(results(client, "cam-1")) == 12
     assert BankRegistry(client, KEYS).active("default") == summary["bank_version"]
+
+
+def test_the_functions_library_is_loaded_on_every_primary_and_called_by_the_first_key(cluster):
+    from typer.testing import CliRunner
+
+    from patchcore.cli import app
+    from runtime import scripts
+    from runtime.cameras import CameraLimits, register_camera
+
+    for port in cluster.master_ports():
+        cluster.node(port).function_flush()
+    library = scripts.library()
+    loaded = CliRunner().invoke(app, ["redis", "load-functions", "--redis-url", cluster.url])
+    assert loaded.exit_code == 0, loaded.output
+    done = json.loads(loaded.output)
+    assert done["library"] == library.name and sorted(done["primaries"].values()) == ["loaded"] * 3
+    for port in cluster.master_ports():
+        assert scripts.loaded_libraries(cluster.node(port)) == [library.name]
+    replicas = [port for port in cluster.alive() if port not in cluster.master_ports()]
+    wait_for(lambda: all(scripts.loaded_libraries(cluster.node(port)) == [library.name] for port in replicas), 10)
+    again = CliRunner().invoke(app, ["redis", "load-functions", "--redis-url", cluster.url])
+    assert sorted(json.loads(again.output)["primaries"].values()) == ["present"] * 3
+    client = connect(cluster.url)
+    add = scripts.load(client, "add_frame")
+    cameras = spread_cameras(cluster, KEYS, per_master=1)
+    for camera in cameras:  # one camera per master: each call goes to the master of its first key's slot
+        register_camera(client, KEYS, camera, CameraLimits(max_entry_bytes=10, max_stream_len=2))
+        replies = [scripts.add_frame(add, stream=KEYS.frames(camera), stats=KEYS.camera_stats(camera),
+                                     limits=KEYS.camera_limits(camera), seq=seq, maxlen=100, captured_at=1.0,
+                                     frame=b"f" * (11 if seq == 3 else 5)) for seq in range(4)]
+        assert replies[3] == scripts.REFUSED_SIZE
+        port = cluster.port_of_slot(key_slot(KEYS.frames(camera).encode()))
+        assert cluster.node(port).xlen(KEYS.frames(camera)) == 2  # the operator's cap, on that master
+    assert {cluster.port_of_slot(key_slot(KEYS.frames(c).encode())) for c in cameras} == set(cluster.master_ports())

@@ -166,8 +166,8 @@ def test_the_proxy_really_makes_redis_py_send_a_command_twice(redis_server):
 
 def test_a_lost_reply_duplicates_no_frame(redis_server):
     client = connect(redis_server.url)
-    client.script_load(scripts.source("add_frame"))  # so the first EVALSHA runs (not a NOSCRIPT reply)
-    with ReplyDroppingProxy(redis_server.port, marker=b"EVALSHA", drops=3) as proxy:
+    scripts.load_library(client)  # the functions the camera calls with FCALL
+    with ReplyDroppingProxy(redis_server.port, marker=b"FCALL", drops=3) as proxy:
         report = CameraIngest(connect(proxy.url), SyntheticLine(seed=1, max_frames=8), IngestSettings(camera="cam-1"),
                               KEYS).run()
     assert proxy.dropped == 3 and report.frames == 8
@@ -198,11 +198,11 @@ def store(url, rule=AlarmRule(k=2, n=3, cooldown_s=0), **settings):
 
 def test_a_lost_reply_duplicates_no_alarm_publish_or_count(redis_server):
     client = connect(redis_server.url)
-    client.script_load(scripts.source("commit_results"))
+    scripts.load_library(client)
     subscriber = client.pubsub(ignore_subscribe_messages=True)
     subscriber.subscribe(KEYS.alarms_channel)
     add_results(client, [result(seq=s, score=5.0 if s in (1, 2, 6, 7) else 0.1) for s in range(10)])
-    with ReplyDroppingProxy(redis_server.port, marker=b"EVALSHA", drops=1) as proxy:
+    with ReplyDroppingProxy(redis_server.port, marker=b"FCALL", drops=1) as proxy:
         s = store(proxy.url, batch=3)
         for _ in range(6):
             s._step()
@@ -222,7 +222,7 @@ def test_a_lost_reply_duplicates_no_result(redis_server, synthetic_bank_bytes):
     client = connect(redis_server.url)
     BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
     CameraIngest(client, SyntheticLine(seed=2, max_frames=6), IngestSettings(camera="cam-1"), KEYS).run()
-    client.script_load(scripts.source("ack_and_write"))
+    scripts.load_library(client)
     with ReplyDroppingProxy(redis_server.port, marker=b"EXEC", drops=1) as proxy:
         with Running(proxy.url, store=False, max_batch=6):
             wait_for(lambda: client.xlen(KEYS.frames("cam-1")) == 0, 120)

@@ -3,6 +3,9 @@ what it writes, acknowledges, deletes and counts, and what it refuses, read back
 Run against every supported server with PATCHCORE_TEST_REDIS=all."""
 from __future__ import annotations
 
+import hashlib
+import re
+import shutil
 import time
 from importlib import resources
 
@@ -58,16 +61,91 @@ def exact_trimming(client) -> None:
 
 def test_every_script_is_a_documented_file_with_its_flags():
     folder = resources.files("runtime").joinpath("lua")
-    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".lua")) == sorted(f"{n}.lua" for n in scripts.NAMES)
-    flags = {"read_fair": "#!lua flags=allow-cross-slot-keys"}
-    for name in scripts.NAMES:
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".lua")) == sorted(f"{n}.lua" for n in scripts.names())
+    assert {"ack_and_write", "add_frame", "read_fair", "deadletter_write", "deadletter_replay",
+            "commit_results"} <= set(scripts.names())
+    for name in scripts.names():
         text = scripts.source(name)
         lines = text.splitlines()
-        assert lines[0] == flags.get(name, "#!lua"), name  # Redis >= 7 flags: refused whole when out of memory
+        assert re.fullmatch(r"#!lua( flags=[a-z0-9,-]+)?", lines[0]), name  # refused whole when out of memory
         header = lines[1:lines.index(next(line for line in lines[1:] if not line.startswith("--")))]
         assert header and all(line.startswith("--") for line in header)
         documented = "\n".join(header)
         assert "KEYS[1]" in documented and "ARGV[1]" in documented and "Returns" in documented, name
+    assert scripts.flags("read_fair") == ("allow-cross-slot-keys",) and scripts.flags("add_frame") == ()
+
+
+def listed(client) -> dict:
+    """FUNCTION LIST as {library: {function: flags}}, read with a plain command."""
+    out = {}
+    for library in client.execute_command("FUNCTION", "LIST"):
+        fields = library if isinstance(library, dict) else dict(zip(library[::2], library[1::2]))
+        functions = {}
+        for function in fields[b"functions"]:
+            f = function if isinstance(function, dict) else dict(zip(function[::2], function[1::2]))
+            functions[f[b"name"].decode()] = sorted(flag.decode() for flag in f[b"flags"])
+        out[fields[b"library_name"].decode()] = functions
+    return out
+
+
+def test_the_library_has_one_function_per_file_with_its_flags_and_a_version(client):
+    library = scripts.library()
+    assert library.version == hashlib.sha256(library.code.replace(library.version, "@VERSION@").encode()).hexdigest()[:12]
+    assert library.code.startswith(f"#!lua name=patchcore_{library.version}\n")
+    assert scripts.load_library(client) == {"": "loaded"}
+    assert scripts.load_library(client) == {"": "present"}  # loading again changes nothing
+    assert listed(client) == {library.name: {f"{name}_{library.version}": sorted(scripts.flags(name))
+                                             for name in scripts.names()}}
+    assert scripts.loaded_libraries(client) == [library.name]
+
+
+def test_a_new_file_joins_the_library_and_two_versions_run_side_by_side(client, tmp_path, monkeypatch):
+    old = scripts.library()
+    scripts.load_library(client)
+    folder = tmp_path / "lua"
+    shutil.copytree(resources.files("runtime").joinpath("lua"), folder)
+    (folder / "echo_keys.lua").write_text("#!lua flags=no-writes\n-- echo_keys: its keys.\n--\n-- KEYS[1]  any key\n"
+                                          "-- ARGV[1]  unused\n--\n-- Returns KEYS.\nreturn KEYS\n")
+    for cached in (scripts.names, scripts.source, scripts.library):
+        cached.cache_clear()
+    monkeypatch.setattr(scripts, "_folder", lambda: folder)
+    try:
+        new = scripts.library()
+        assert new.version != old.version and "echo_keys" in scripts.names()
+        assert scripts.load_library(client) == {"": "loaded"}  # beside the old version: no name collides
+        assert scripts.loaded_libraries(client) == sorted([old.name, new.name])
+        assert listed(client)[new.name][f"echo_keys_{new.version}"] == ["no-writes"]
+        assert scripts.load(client, "echo_keys")(["k1"], ["x"]) == [b"k1"]
+        client.hset("lim", mapping=LIMITS)
+        assert client.fcall(f"add_frame_{old.version}", 3, "s", "st", "lim", 1, 10, 1.0, b"f") == 0  # an old worker
+        assert client.fcall(f"add_frame_{new.version}", 3, "s", "st", "lim", 2, 10, 1.0, b"f") == 0  # a new one
+        assert client.xlen("s") == 2
+        assert scripts.load_library(client, prune=True) == {"": f"present, pruned {old.name}"}
+        assert scripts.loaded_libraries(client) == [new.name]
+    finally:
+        monkeypatch.undo()
+        for cached in (scripts.names, scripts.source, scripts.library):
+            cached.cache_clear()
+
+
+def test_a_file_that_cannot_be_a_function_is_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "lua"
+    folder.mkdir()
+    (folder / "bad-name.lua").write_text("#!lua\nreturn 1\n")
+    monkeypatch.setattr(scripts, "_folder", lambda: folder)
+    scripts.names.cache_clear()
+    try:
+        with pytest.raises(scripts.LibraryError, match="bad-name"):
+            scripts.names()
+        (folder / "bad-name.lua").unlink()
+        (folder / "no_flags_line.lua").write_text("-- no_flags_line: its first line is no #!lua line\nreturn 1\n")
+        scripts.names.cache_clear()
+        with pytest.raises(scripts.LibraryError, match="first line"):
+            scripts.flags("no_flags_line")
+    finally:
+        monkeypatch.undo()
+        for cached in (scripts.names, scripts.source, scripts.library):
+            cached.cache_clear()
 
 
 def test_an_unknown_script_name_is_refused(client):
@@ -136,18 +214,22 @@ def test_ack_and_write_needs_an_outcome(client):
 
 # ---- add_frame -----------------------------------------------------------------------------------------
 
+LIMITS = {b"max_entry_bytes": b"100", b"max_stream_len": b"50"}
+
+
 def add(script, seq, **overrides):
-    call = dict(stream="frames", stats="stats", cameras="cameras", camera="cam-1", seq=seq, maxlen=100,
+    call = dict(stream="frames", stats="stats", limits="limits", seq=seq, maxlen=10,
                 captured_at=1700000000.25, frame=b"frame-%d" % seq)
+    if not script.client.exists("limits"):
+        script.client.hset("limits", mapping=LIMITS)  # an operator registered the camera
     return scripts.add_frame(script, **{**call, **overrides})
 
 
-def test_add_frame_appends_registers_and_counts_once_per_sequence_number(client):
+def test_add_frame_appends_and_counts_once_per_sequence_number(client):
     script = scripts.load(client, "add_frame")
     assert add(script, 0) == 0 and add(script, 1) == 0
     assert [fields for _, fields in client.xrange("frames")] == [{b"m": b"frame-0"}, {b"m": b"frame-1"}]
     assert client.hgetall("stats") == {b"last_seq": b"1", b"last_ingest_at": b"1700000000.25", b"ingested": b"2"}
-    assert client.smembers("cameras") == {b"cam-1"}
     before = snapshot(client)
     assert add(script, 1) == -1 and add(script, 0, frame=b"other") == -1  # a resend, or an older frame
     assert snapshot(client) == before
@@ -163,12 +245,34 @@ def test_add_frame_counts_what_its_bound_trimmed(client):
     assert int(client.hget("stats", "ingested")) == 7
 
 
-def test_add_frame_without_the_camera_set_and_in_a_pipeline(client):
+def test_add_frame_refuses_a_frame_over_the_operators_size_limit_and_counts_it(client):
     script = scripts.load(client, "add_frame")
+    assert add(script, 0, frame=b"x" * 100) == 0  # at the limit (100 bytes): written
+    before = client.xrange("frames")
+    assert add(script, 1, frame=b"x" * 101) == -2 and add(script, 2, frame=b"x" * 10_000) == -2
+    assert client.xrange("frames") == before and client.hget("stats", "last_seq") == b"0"
+    assert client.hget("stats", "refused_size") == b"2"
+    assert add(script, 3, frame=b"small") == 0  # the next frame that fits goes through
+
+
+def test_add_frame_bounds_the_stream_by_the_operators_cap_whatever_the_caller_asks(client):
+    script = scripts.load(client, "add_frame")
+    for seq in range(80):
+        add(script, seq, maxlen=1_000_000)  # the caller asks far more than max_stream_len (50)
+    assert client.xlen("frames") == 50  # exactly the cap: not the caller's bound, not approximate
+    assert client.hget("stats", "capped") == b"80" and int(client.hget("stats", "dropped")) == 30
+    assert [f[b"m"] for _, f in client.xrange("frames")][0] == b"frame-30"
+
+
+def test_add_frame_refuses_a_camera_without_limits_and_queues_in_a_pipeline(client):
+    script = scripts.load(client, "add_frame")
+    assert scripts.add_frame(script, stream="frames", stats="stats", limits="none", seq=0, maxlen=10, captured_at=1.0,
+                             frame=b"f") == -3  # not registered by an operator: nothing written
+    assert not client.exists("frames") and not client.exists("stats")
+    client.hset("limits", mapping=LIMITS)
     with client.pipeline(transaction=False) as pipe:
-        assert add(script, 5, cameras=None, pipe=pipe) is None
+        assert add(script, 5, pipe=pipe) is None
         assert pipe.execute() == [0]
-    assert not client.exists("cameras")  # on a cluster the set lies in another slot: registered apart
     assert client.hget("stats", "last_seq") == b"5" and client.xlen("frames") == 1
 
 
@@ -368,6 +472,7 @@ def _ack_and_write(client):
 
 def _add_frame(client):
     client.hset("stats", "last_seq", 0)
+    client.hset("limits", mapping=LIMITS)
     return lambda: add(scripts.load(client, "add_frame"), 1)
 
 
@@ -406,3 +511,21 @@ def test_a_server_out_of_memory_refuses_the_whole_script(client, prepare):
     assert snapshot(client) == before  # nothing half done: no acknowledgement without its write
     call()  # the same call goes through once memory is back
     assert snapshot(client) != before
+
+
+# ---- a camera may write its stats hash: a forged counter restarts at 0, never fails a call ------------------
+
+@pytest.mark.parametrize("forged", [b"abc", b"", b"nan", b"1e3", b"9" * 19, b"-"])
+def test_a_forged_counter_in_the_stats_restarts_at_zero_instead_of_failing_the_call(client, forged):
+    (entry_id,) = delivered(client, "src", 1)
+    client.hset("stats", mapping={"results": forged, "deadlettered": forged, "alarms": forged})
+    assert ack(scripts.load(client, "ack_and_write"), entry_id) == 1  # HINCRBY on a forged value would fail it
+    assert client.hget("stats", "results") == b"1" and client.xlen("out") == 1
+    (second,) = [i for i in delivered(client, "frames", 1)]
+    assert dead(scripts.load(client, "deadletter_write"), second) == 1
+    assert client.hget("stats", "deadlettered") == b"1"
+    client.hset("stats", "ingested", forged)
+    client.hset("limits", mapping=LIMITS)
+    assert add(scripts.load(client, "add_frame"), 1, stream="frames-2") == 0
+    assert client.hget("stats", "ingested") == b"1"
+    assert client.hget("stats", "alarms") == forged  # untouched until a function counts it

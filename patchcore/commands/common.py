@@ -5,6 +5,7 @@ Torch-free, like every module `patchcore status` and the services beside cameras
 scorer (search_config's) is inside its function."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ import typer
 
 from console.auth import CredentialsError, load_credentials
 from contracts.keys import Keys
+from runtime.cameras import CameraNotRegisteredError
 from runtime.connection import connect
+from runtime.scripts import FunctionsMissingError
 from runtime.health import serve_process
 from store.alarms.rules import AlarmRule
 from workers.banks.registry import RegistryError, load_signing_key
@@ -27,6 +30,16 @@ def fail(message: str) -> None:
     """Exit 2 with `error: message` on stderr (bad input, a missing file, a refused bank...)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def service_errors():
+    """A service that may not prepare Redis itself (the Functions library, its camera's registration) exits with
+    the error that names the operator's command, not a traceback."""
+    try:
+        yield
+    except (FunctionsMissingError, CameraNotRegisteredError) as exc:
+        fail(str(exc))
 
 
 @dataclass(frozen=True)

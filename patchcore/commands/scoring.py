@@ -20,7 +20,7 @@ from ..up import UpError, UpSettings, run_up
 from .bank import compute_config
 from .common import (METRICS_OFF, Connection, MetricsPort, Search, SigningKeyFile, Progress, alarm_rule, connection,
                      console_credentials, fail, rule_options, search_config, serve_metrics, signing_key,
-                     stop_on_signals)
+                     service_errors, stop_on_signals)
 
 app = Typer()
 UP = UpSettings()  # up's defaults, the bank it builds included
@@ -48,9 +48,10 @@ def worker_command(
     if name:
         settings = replace(settings, name=name)
     client = conn.client()
-    scoring = Worker(client, settings, conn.keys, stop_on_signals())
-    serve_metrics(metrics_port, client, scoring.readiness, conn.keys)
-    report = scoring.run()
+    with service_errors():
+        scoring = Worker(client, settings, conn.keys, stop_on_signals())
+        serve_metrics(metrics_port, client, scoring.readiness, conn.keys)
+        report = scoring.run()
     typer.echo(json.dumps(vars(report)))
 
 

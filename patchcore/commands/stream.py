@@ -15,7 +15,7 @@ from store.service import ResultsStore, StoreSettings
 from ..helptext import Typer
 from ..options import settings_options
 from .common import (METRICS_OFF, Connection, MetricsPort, alarm_rule, connection, fail, rule_options, serve_metrics,
-                     stop_on_signals)
+                     service_errors, stop_on_signals)
 
 app = Typer()
 DRIFT_FIELDS = ("window", "quantile", "level", "raise_share", "clear_share", "policy")  # as --drift-<field>
@@ -42,9 +42,10 @@ def ingest_command(
         fail(str(exc))
     settings = IngestSettings(**ingest, **limits, **replication)
     client = conn.client()
-    camera = CameraIngest(client, src, settings, conn.keys, stop_on_signals())
-    serve_metrics(metrics_port, client, lambda: (camera.connected.is_set(), {"camera": settings.camera}))
-    report = camera.run()
+    with service_errors():
+        camera = CameraIngest(client, src, settings, conn.keys, stop_on_signals())
+        serve_metrics(metrics_port, client, lambda: (camera.connected.is_set(), {"camera": settings.camera}))
+        report = camera.run()
     typer.echo(json.dumps(vars(report)))
 
 
@@ -63,7 +64,8 @@ def store_command(rule: dict = None, store: dict = None, drift: dict = None, met
         fail(str(exc))
     settings = StoreSettings(**store, default_rule=alarm_rule(rule), drift=drift_settings)
     client = conn.client()
-    results = ResultsStore(client, settings, conn.keys, stop_on_signals())
-    serve_metrics(metrics_port, client, results.readiness)
-    report = results.run()
+    with service_errors():
+        results = ResultsStore(client, settings, conn.keys, stop_on_signals())
+        serve_metrics(metrics_port, client, results.readiness)
+        report = results.run()
     typer.echo(json.dumps(vars(report)))

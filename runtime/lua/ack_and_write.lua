@@ -21,11 +21,19 @@
 --
 -- Returns 1 written; 0 not written: the entry was not pending any more (nothing done), or was trimmed
 -- from its stream while pending (then only acknowledged).
+
+-- a counter of the camera's stats hash that is no integer HINCRBY can add to (the camera role may write that hash)
+-- starts again at 0, so a forged value cannot make the increment, and the whole call, fail
+local function counter(hash, field)
+  local value = redis.call('HGET', hash, field)
+  if value and not (string.match(value, '^-?%d+$') and #value <= 18) then redis.call('HSET', hash, field, 0) end
+end
 local present = #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) > 0
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 or not present then return 0 end
 local fields = {}
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
 redis.call('XDEL', KEYS[1], ARGV[2])
+counter(KEYS[3], ARGV[4])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 return 1

@@ -19,6 +19,12 @@
 -- ARGV[5 ..] the events, oldest first: number, packed DriftEvent message, number, ...
 --
 -- Returns the number of events written (0 or more); -1 the state changed since it was read (nothing done).
+-- a counter of the camera's stats hash that is no integer HINCRBY can add to (the camera role may write that hash)
+-- starts again at 0, so a forged value cannot make the increment, and the whole call, fail
+local function counter(hash, field)
+  local value = redis.call('HGET', hash, field)
+  if value and not (string.match(value, '^-?%d+$') and #value <= 18) then redis.call('HSET', hash, field, 0) end
+end
 if (redis.call('HGET', KEYS[1], 'version') or '0') ~= ARGV[1] then return -1 end
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[1], 'version', tonumber(ARGV[1]) + 1, 'window', ARGV[2])
@@ -29,6 +35,7 @@ for i = 5, #ARGV, 2 do
   if tonumber(ARGV[i]) == announced + 1 then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'n', ARGV[i], 'm', ARGV[i + 1])
     redis.call('PUBLISH', ARGV[4], ARGV[i + 1])
+    counter(KEYS[3], 'drift_events')
     redis.call('HINCRBY', KEYS[3], 'drift_events', 1)
     announced = announced + 1
     written = written + 1

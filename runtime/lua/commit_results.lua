@@ -26,6 +26,13 @@
 --
 -- Returns 1 committed; 0 some result is no longer pending (nothing done); -1 the state changed since it
 -- was read (nothing done).
+
+-- a counter of the camera's stats hash that is no integer HINCRBY can add to (the camera role may write that hash)
+-- starts again at 0, so a forged value cannot make the increment, and the whole call, fail
+local function counter(hash, field)
+  local value = redis.call('HGET', hash, field)
+  if value and not (string.match(value, '^-?%d+$') and #value <= 18) then redis.call('HSET', hash, field, 0) end
+end
 local ids = tonumber(ARGV[6])
 for i = 7, 6 + ids do
   if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1) == 0 then return 0 end
@@ -42,6 +49,7 @@ end
 for i = at + latest + 1, #ARGV, 2 do
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[i + 1])
   redis.call('PUBLISH', ARGV[5], ARGV[i + 1])
+  counter(KEYS[5], 'alarms')
   redis.call('HINCRBY', KEYS[5], 'alarms', 1)
   redis.call('HSET', KEYS[3], 'last_alarm_seq', ARGV[i])
 end

@@ -23,6 +23,13 @@
 -- ARGV[7..] the dead letter's field, value, field, value, ... (at least one pair)
 --
 -- Returns 1 recorded; 0 nothing done (the frame was not pending any more).
+
+-- a counter of the camera's stats hash that is no integer HINCRBY can add to (the camera role may write that hash)
+-- starts again at 0, so a forged value cannot make the increment, and the whole call, fail
+local function counter(hash, field)
+  local value = redis.call('HGET', hash, field)
+  if value and not (string.match(value, '^-?%d+$') and #value <= 18) then redis.call('HSET', hash, field, 0) end
+end
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 local fields = {}
 for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
@@ -33,5 +40,6 @@ if ARGV[6] ~= '' then
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
 redis.call('XDEL', KEYS[1], ARGV[2])
+counter(KEYS[3], 'deadlettered')
 redis.call('HINCRBY', KEYS[3], 'deadlettered', 1)
 return 1
