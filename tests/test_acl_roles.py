@@ -290,7 +290,9 @@ def test_a_sink_reads_acknowledges_and_dead_letters_on_its_own_role_and_deletes_
     own = acl_server.client("sink")
     for denied in (lambda: own.delete(KEYS.results("cam-1")), lambda: own.xdel(KEYS.results("cam-1"), "0-1"),
                    lambda: own.xtrim(KEYS.alarms("cam-1"), maxlen=0), lambda: own.hset(KEYS.alarm_rules, "cam-1", "{}"),
-                   lambda: own.set(KEYS.bank_active("default"), 1)):
+                   lambda: own.set(KEYS.bank_active("default"), 1),
+                   lambda: own.xadd(KEYS.results("cam-1"), {"m": b"forged"}),  # no result or alarm of its own
+                   lambda: own.xadd(KEYS.alarms("cam-1"), {"m": b"forged"})):
         with pytest.raises(DENIED):
             denied()
 
