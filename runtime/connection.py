@@ -60,28 +60,33 @@ def connect(url: str | None = None, password_file: str | Path | None = None,
 
 
 class ConnectCounter:
-    """Counts the connections a client opens. A connection is opened again after every connection error:
-    a lost reply (which redis-py's retry answers by sending the command again), a restart, a failover. A
-    consumer that reads with XREADGROUP ">" compares the count before and after a read: a change means a
-    reply may have been lost, its entries delivered to this consumer but never seen (see connections_opened)."""
+    """Counts the connections a client opens, per thread (the thread that opens one is the thread whose command
+    needed it). A connection is opened again after every connection error: a lost reply (which redis-py's retry
+    answers by sending the command again, from the same thread), a restart, a failover. A consumer that reads with
+    XREADGROUP ">" compares its own thread's count before and after a read: a change means a reply may have been
+    lost, its entries delivered to this consumer but never seen (runtime.streams.CameraStreams). Counting per
+    thread keeps a worker's writer thread, opening a connection of its own, from making its reader read again."""
 
     def __init__(self, initialise: bool):
-        self._initialise, self._lock, self.count = initialise, threading.Lock(), 0
+        self._initialise, self._lock = initialise, threading.Lock()
+        self.counts: dict[int, int] = {}  # thread ident -> connections opened by that thread
 
     def __call__(self, connection) -> None:
         if self._initialise:
             connection.on_connect()  # what redis-py does when no connect function is given
         with self._lock:
-            self.count += 1
+            thread = threading.get_ident()
+            self.counts[thread] = self.counts.get(thread, 0) + 1
 
 
 _COUNTERS: "weakref.WeakKeyDictionary[object, ConnectCounter]" = weakref.WeakKeyDictionary()
 
 
 def connections_opened(client) -> int | None:
-    """How many connections a client made by `connect` has opened so far (None for a client made elsewhere)."""
+    """How many connections the calling thread has opened so far through a client made by `connect` (None for a
+    client made elsewhere)."""
     counter = _COUNTERS.get(client)
-    return None if counter is None else counter.count
+    return None if counter is None else counter.counts.get(threading.get_ident(), 0)
 
 
 def cluster_enabled(client: redis.Redis) -> bool:
