@@ -193,7 +193,8 @@ def redis_faults(client: redis.Redis) -> list[str]:
     faults = []
     used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
     if limit and used >= limit and info.get("maxmemory_policy") == "noeviction":
-        faults.append(f"memory full ({used} of {limit} bytes, noeviction): writes are refused")
+        faults.append(f"memory full ({used} of {limit} bytes, noeviction): writes are refused - cameras wait with "
+                      f"their frame, workers and the store hold theirs; nothing is lost. Raise maxmemory or free memory")
     if info.get("role") == "slave":
         faults.append(f"read-only replica of {info.get('master_host')}:{info.get('master_port')}")
     if int(info.get("loading", 0)):
