@@ -195,6 +195,10 @@ def redis_faults(client: redis.Redis) -> list[str]:
     if limit and used >= limit and info.get("maxmemory_policy") == "noeviction":
         faults.append(f"memory full ({used} of {limit} bytes, noeviction): writes are refused - cameras wait with "
                       f"their frame, workers and the store hold theirs; nothing is lost. Raise maxmemory or free memory")
+    if info.get("aof_enabled") and info.get("aof_last_write_status", "ok") != "ok":
+        faults.append("AOF write failing (disk full or failing): writes are refused (MISCONF) until Redis can write "
+                      "its append-only file again - cameras wait with their frame, workers and the store hold theirs. "
+                      "Free disk space")
     if info.get("role") == "slave":
         faults.append(f"read-only replica of {info.get('master_host')}:{info.get('master_port')}")
     if int(info.get("loading", 0)):

@@ -73,12 +73,13 @@ def stream_name(name: bytes | str) -> str:
 
 # Replies that say "not now" rather than "never": memory full under noeviction (OOM), a replica after
 # failover (READONLY), a server loading its data (LOADING), a replica cut off from its primary
-# (MASTERDOWN), a busy script (BUSY), too few replicas (NOREPLICAS), a stream or group lost with the
+# (MASTERDOWN), a busy script (BUSY), too few replicas (NOREPLICAS), a server that cannot persist (MISCONF: its AOF
+# or RDB cannot be written, e.g. a full disk; writes resume once it can), a stream or group lost with the
 # data (NOGROUP), a blocking read cut short by a demotion (UNBLOCKED); on a Redis Cluster, a slot moved
 # or being moved (MOVED, ASK, TRYAGAIN, a script that met a key no longer on its node) or not served
 # while a failover runs (CLUSTERDOWN). Inside a Lua script Redis may wrap them ("... -OOM command not allowed ..."), so
 # they are matched anywhere at the start of a word.
-_PASSING = re.compile(r"(?:^|[-\s])(OOM|READONLY|LOADING|MASTERDOWN|BUSY|NOREPLICAS|NOGROUP|TRYAGAIN|UNBLOCKED"
+_PASSING = re.compile(r"(?:^|[-\s])(OOM|READONLY|LOADING|MASTERDOWN|BUSY|NOREPLICAS|MISCONF|NOGROUP|TRYAGAIN|UNBLOCKED"
                       r"|CLUSTERDOWN|MOVED|ASK)\b")
 
 # What a Redis call can raise: redis-py's errors, and the cluster client's error for a slot no known node serves.
