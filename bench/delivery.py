@@ -83,6 +83,7 @@ def worker_reads(client, frames: int, payload: bytes, cameras: int = 20, cap: in
             pipe.execute()
         streams = CameraStreams(client, f"{prefix}:cameras", lambda c: f"{prefix}:frames:{c}", FRAME_GROUP, 0)
         streams.refresh()
+        streams.read_own("w")  # a reader's own pending entries go first (none here): then it reads new ones
         return streams
 
     def runs(i):

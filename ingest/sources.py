@@ -5,6 +5,7 @@ Each source yields BGR uint8 frames (OpenCV's order); `None` from `read()` means
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,29 +30,46 @@ class Source(Protocol):
 
 
 class CaptureSource:
-    """cv2.VideoCapture over a file, a stream URL or a USB device index."""
+    """cv2.VideoCapture over a file, a stream URL or a USB device index.
+
+    A live stream that stalls (a frozen server, a dead link) is declared failed within `timeout_s` (SourceError;
+    the camera reconnects). OpenCV's FFmpeg backend alone does not do that: after a stall its read waits out its
+    read timeout and then hands back a frame it had buffered - stamped, by the camera loop, with a fresh capture
+    time - again and again (three reads, ~30 s at a 10 s timeout). So the read timeout is half of `timeout_s`
+    and a read that waited it out is a stall: its frame is old, not a new one. A stream whose own clock
+    (CAP_PROP_POS_MSEC: the frames' timestamps) stops while reads go on returning frames for `timeout_s` is
+    stalled too (streams without timestamps, whose position never moves, are judged by their reads alone).
+    """
 
     def __init__(self, target: str | int, live: bool, loop: bool = False, timeout_s: float = 10.0):
         self.target = target
         self.live = live
         self.loop = loop
-        self.timeout_ms = int(timeout_s * 1000)
+        self.timeout_s = timeout_s
+        self.read_timeout_s = timeout_s / 2
         self._capture: cv2.VideoCapture | None = None
+        self._position = 0.0  # the stream's own time of its newest frame (ms), and when it last moved (monotonic)
+        self._moved_at = 0.0
 
     def open(self) -> None:
         self.close()
         # a stalled stream must fail the read (and reconnect), not hang the camera process
-        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.timeout_ms]
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.timeout_s * 1000),
+                  cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.read_timeout_s * 1000)]
         capture = cv2.VideoCapture(self.target, cv2.CAP_ANY, params) if self.live else cv2.VideoCapture(self.target)
         if not capture.isOpened():
             raise SourceError(f"cannot open {self.target!r}")
         self._capture = capture
+        self._position, self._moved_at = 0.0, time.monotonic()
 
     def read(self) -> np.ndarray | None:
         if self._capture is None:
             self.open()
+        started = time.monotonic()
         ok, frame = self._capture.read()
         if ok and frame is not None:
+            if self.live:
+                self._check_stall(time.monotonic() - started)
             return frame
         if self.live:
             raise SourceError(f"{self.target!r} returned no frame")
@@ -60,6 +78,18 @@ class CaptureSource:
             ok, frame = self._capture.read()
             return frame if ok else None
         return None
+
+    def _check_stall(self, waited_s: float) -> None:
+        """SourceError if the frame just read shows the stream stalled: its read waited out the read timeout, or
+        the stream's own clock has not moved for timeout_s."""
+        if waited_s >= 0.9 * self.read_timeout_s:
+            raise SourceError(f"{self.target!r} stalled: no new data for {waited_s:.1f} s")
+        now, position = time.monotonic(), float(self._capture.get(cv2.CAP_PROP_POS_MSEC))
+        if position > self._position:
+            self._position, self._moved_at = position, now
+        elif self._position > 0 and now - self._moved_at >= self.timeout_s:
+            raise SourceError(f"{self.target!r} stalled: stream time stuck at {self._position / 1000:.1f} s "
+                              f"for {now - self._moved_at:.1f} s")
 
     @property
     def fps(self) -> float:

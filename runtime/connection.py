@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,10 +34,35 @@ def redacted(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+@dataclass(frozen=True)
+class ClientTimeouts:
+    """How long a client waits on Redis before it gives up on a connection, and how often it tries again.
+
+    A partition (packets dropped, no connection refused: a blackholed proxy, a cable pulled, a VM paused) gives
+    no error at all; without a socket timeout a read waits for ever (TCP keepalive's defaults take hours). So
+    every reply is waited for at most `socket_s` (per socket read: a large bank that keeps arriving is not cut
+    off; the longest quiet command here is a 200 ms blocking read), a connection at most `connect_s`; then
+    redis-py's Retry reconnects and sends the command again, `retries` times with exponential backoff (0.1 s
+    doubling up to `backoff_cap_s`: about 21 s in all, which rides out a restart of Redis inside the call). A
+    call then fails with a TimeoutError or ConnectionError, which the long-running loops (runtime.streams.serve,
+    ingest) answer by backing off and trying again: a blackholed process notices within `socket_s`, keeps no
+    thread blocked, and carries on by itself once the network heals. At most (retries + 1) x (socket_s +
+    connect_s) + 21 s pass inside one call while the partition lasts (about 111 s with these values).
+    A connection idle for `health_check_s` is checked with a PING before it is used, and TCP keepalive is on.
+    """
+
+    socket_s: float = 5.0
+    connect_s: float = 5.0
+    retries: int = 8
+    backoff_base_s: float = 0.1
+    backoff_cap_s: float = 5.0
+    health_check_s: int = 30
+
+
 def connect(url: str | None = None, password_file: str | Path | None = None,
-            socket_timeout: float = 10.0) -> redis.Redis | RedisCluster:
-    """A client that retries connection errors with exponential backoff (redis-py's own Retry):
-    a `RedisCluster` when the URL names a node of a cluster, else a `Redis`.
+            timeouts: ClientTimeouts = ClientTimeouts()) -> redis.Redis | RedisCluster:
+    """A client that retries connection errors and timeouts with exponential backoff (redis-py's own Retry,
+    see ClientTimeouts): a `RedisCluster` when the URL names a node of a cluster, else a `Redis`.
 
     The password may come from the URL, from `password_file`, or from REDIS_PASSWORD_FILE.
     """
@@ -44,8 +70,10 @@ def connect(url: str | None = None, password_file: str | Path | None = None,
     kwargs = {}
     if password_file:
         kwargs["password"] = Path(password_file).read_text().strip()
-    common = dict(socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
-                  retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=8), **kwargs)
+    common = dict(socket_timeout=timeouts.socket_s, socket_connect_timeout=timeouts.connect_s,
+                  socket_keepalive=True, health_check_interval=timeouts.health_check_s,
+                  retry=Retry(ExponentialBackoff(cap=timeouts.backoff_cap_s, base=timeouts.backoff_base_s),
+                              retries=timeouts.retries), **kwargs)
     counter = ConnectCounter(initialise=True)
     client = redis.Redis.from_url(redis_url(url), retry_on_error=[redis.ConnectionError, redis.TimeoutError],
                                   redis_connect_func=counter, **common)
@@ -60,28 +88,33 @@ def connect(url: str | None = None, password_file: str | Path | None = None,
 
 
 class ConnectCounter:
-    """Counts the connections a client opens. A connection is opened again after every connection error:
-    a lost reply (which redis-py's retry answers by sending the command again), a restart, a failover. A
-    consumer that reads with XREADGROUP ">" compares the count before and after a read: a change means a
-    reply may have been lost, its entries delivered to this consumer but never seen (see connections_opened)."""
+    """Counts the connections a client opens, per thread (the thread that opens one is the thread whose command
+    needed it). A connection is opened again after every connection error: a lost reply (which redis-py's retry
+    answers by sending the command again, from the same thread), a restart, a failover. A consumer that reads with
+    XREADGROUP ">" compares its own thread's count before and after a read: a change means a reply may have been
+    lost, its entries delivered to this consumer but never seen (runtime.streams.CameraStreams). Counting per
+    thread keeps a worker's writer thread, opening a connection of its own, from making its reader read again."""
 
     def __init__(self, initialise: bool):
-        self._initialise, self._lock, self.count = initialise, threading.Lock(), 0
+        self._initialise, self._lock = initialise, threading.Lock()
+        self.counts: dict[int, int] = {}  # thread ident -> connections opened by that thread
 
     def __call__(self, connection) -> None:
         if self._initialise:
             connection.on_connect()  # what redis-py does when no connect function is given
         with self._lock:
-            self.count += 1
+            thread = threading.get_ident()
+            self.counts[thread] = self.counts.get(thread, 0) + 1
 
 
 _COUNTERS: "weakref.WeakKeyDictionary[object, ConnectCounter]" = weakref.WeakKeyDictionary()
 
 
 def connections_opened(client) -> int | None:
-    """How many connections a client made by `connect` has opened so far (None for a client made elsewhere)."""
+    """How many connections the calling thread has opened so far through a client made by `connect` (None for a
+    client made elsewhere)."""
     counter = _COUNTERS.get(client)
-    return None if counter is None else counter.count
+    return None if counter is None else counter.counts.get(threading.get_ident(), 0)
 
 
 def cluster_enabled(client: redis.Redis) -> bool:

@@ -243,8 +243,15 @@ def redis_faults(client: redis.Redis) -> list[str]:
         return [f"unknown ({exc})"]
     faults = []
     used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
-    if limit and used >= limit and info.get("maxmemory_policy") == "noeviction":
-        faults.append(f"memory full ({used} of {limit} bytes, noeviction): writes are refused")
+    # within 1 % of the limit counts as full: Valkey 8 refuses writes (OOM) while INFO's used_memory is still a few
+    # KB under maxmemory (what it counts for eviction differs)
+    if limit and used >= limit * 0.99 and info.get("maxmemory_policy") == "noeviction":
+        faults.append(f"memory full ({used} of {limit} bytes, noeviction): writes are refused - cameras wait with "
+                      f"their frame, workers and the store hold theirs; nothing is lost. Raise maxmemory or free memory")
+    if info.get("aof_enabled") and info.get("aof_last_write_status", "ok") != "ok":
+        faults.append("AOF write failing (disk full or failing): writes are refused (MISCONF) until Redis can write "
+                      "its append-only file again - cameras wait with their frame, workers and the store hold theirs. "
+                      "Free disk space")
     if info.get("role") == "slave":
         faults.append(f"read-only replica of {info.get('master_host')}:{info.get('master_port')}")
     if int(info.get("loading", 0)):

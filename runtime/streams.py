@@ -3,6 +3,7 @@ fair multi-stream read, and the classification of Redis faults). The Lua scripts
 happen once, even when a client retry sends it twice, are runtime/lua/*.lua, called through runtime.scripts."""
 from __future__ import annotations
 
+import logging
 import re
 import time
 from typing import Callable, Iterator
@@ -11,8 +12,10 @@ import redis
 from redis.exceptions import SlotNotCoveredError
 
 from runtime import scripts
-from runtime.connection import is_cluster, node_groups
+from runtime.connection import connections_opened, is_cluster, node_groups
 from .cameras import camera_list
+
+log = logging.getLogger("patchcore.streams")
 
 MIN_REDIS_VERSION = (7, 0)  # XAUTOCLAIM reports deleted entries (6.2 returns nils without their ids)
 
@@ -70,12 +73,13 @@ def stream_name(name: bytes | str) -> str:
 
 # Replies that say "not now" rather than "never": memory full under noeviction (OOM), a replica after
 # failover (READONLY), a server loading its data (LOADING), a replica cut off from its primary
-# (MASTERDOWN), a busy script (BUSY), too few replicas (NOREPLICAS), a stream or group lost with the
+# (MASTERDOWN), a busy script (BUSY), too few replicas (NOREPLICAS), a server that cannot persist (MISCONF: its AOF
+# or RDB cannot be written, e.g. a full disk; writes resume once it can), a stream or group lost with the
 # data (NOGROUP), a blocking read cut short by a demotion (UNBLOCKED); on a Redis Cluster, a slot moved
 # or being moved (MOVED, ASK, TRYAGAIN, a script that met a key no longer on its node) or not served
 # while a failover runs (CLUSTERDOWN). Inside a Lua script Redis may wrap them ("... -OOM command not allowed ..."), so
 # they are matched anywhere at the start of a word.
-_PASSING = re.compile(r"(?:^|[-\s])(OOM|READONLY|LOADING|MASTERDOWN|BUSY|NOREPLICAS|NOGROUP|TRYAGAIN|UNBLOCKED"
+_PASSING = re.compile(r"(?:^|[-\s])(OOM|READONLY|LOADING|MASTERDOWN|BUSY|NOREPLICAS|MISCONF|NOGROUP|TRYAGAIN|UNBLOCKED"
                       r"|CLUSTERDOWN|MOVED|ASK)\b")
 
 # What a Redis call can raise: redis-py's errors, and the cluster client's error for a slot no known node serves.
@@ -158,6 +162,16 @@ class CameraStreams:
     first. On a Redis Cluster a multi-stream XREADGROUP cannot span slots: the streams are grouped by
     the node that holds them (from the client's slot map, so new cameras and moved slots need nothing
     by hand), each node is read by one script call with its share of the cap, and waiting is polling.
+
+    Lost replies: a read of new entries (">") whose reply is lost on the way back (the connection then fails)
+    is sent again by redis-py's retry on a new connection, and the second read hands over the *next* entries;
+    the first delivery waits in the consumer's pending list, unseen, until someone reclaims it as abandoned
+    (claim_idle_ms later, and out of order). So the consumer's own pending entries are read first (`read_own`,
+    from id 0) before any new ones: at the start (a predecessor of the same name), on streams seen for the first
+    time, after a read of new entries that raised, after the calling thread opened a connection (any connection
+    error, a restart, a failover: runtime.connection.connections_opened) and when the caller says so (`reread`,
+    after a step that failed). Until then a read of new entries reads nothing; one during which a connection was
+    opened returns nothing (its entries are pending to the consumer) and the next read is `read_own`.
     """
 
     POLL_S = 0.01  # on a cluster: how often an idle reader looks again
@@ -170,6 +184,9 @@ class CameraStreams:
         self._next = 0.0
         self._offset = 0
         self._read_fair = scripts.load(client, "read_fair")
+        self._opened = connections_opened(client)  # the calling thread's count when it last looked
+        self._unread: set[str] = set()  # streams whose own pending entries are to be read before new ones
+        self.recovered = 0  # entries read_own found pending to the consumer and not known to the caller
 
     def due(self) -> bool:
         now = time.monotonic()
@@ -181,6 +198,7 @@ class CameraStreams:
     def forget(self) -> None:
         """After NOGROUP (data lost): the next refresh, due at once, re-creates the group on every stream."""
         self.names = []
+        self._unread = set()
         self._next = 0.0
 
     def refresh(self) -> list[str]:
@@ -188,9 +206,91 @@ class CameraStreams:
             self.server = require_redis_7(self.client)
         cameras = camera_list(self.client, self.cameras_key)
         streams = [self.stream_of(c) for c in cameras]
-        ensure_groups(self.client, sorted(set(streams) - set(self.names)), self.group)
+        new = set(streams) - set(self.names)
+        ensure_groups(self.client, sorted(new), self.group)
+        self._unread |= new  # a predecessor of the same consumer name may have left entries pending there
         self.names = streams
         return streams
+
+    # ---- the consumer's own pending entries first ----------------------------------------------------
+    def reread(self, streams: list[str] | None = None) -> None:
+        """Read the consumer's own pending entries of `streams` (default all) before new ones: after a step
+        that failed with entries taken and not finished."""
+        self._unread |= set(self.names if streams is None else streams)
+
+    def recovery_due(self, streams: list[str] | None = None) -> bool:
+        """Whether the consumer's own pending entries of any of `streams` (default all) must be read (`read_own`)
+        before new ones."""
+        self._look()
+        return not self._unread.isdisjoint(self.names if streams is None else streams)
+
+    def _look(self) -> bool:
+        """Whether the calling thread opened a connection since it last looked: if so, every stream is unread."""
+        opened = connections_opened(self.client)
+        if opened == self._opened:
+            return False
+        self._opened = opened
+        self._unread = set(self.names)
+        return True
+
+    def read_own(self, consumer: str, streams: list[str] | None = None, known: frozenset = frozenset()
+                 ) -> list[tuple[str, list[tuple[bytes, dict]]]]:
+        """The entries pending to `consumer` on those of `streams` (default all) that are unread, from id 0, less
+        `known` ((stream, entry id) pairs the caller holds already): [(stream, [(entry id, fields), ...]), ...],
+        in id order. XPENDING lists them and XRANGE fetches them, so neither their delivery count nor their idle
+        time changes (a lost reply is the same delivery, not a second one). Entries trimmed from their stream
+        while pending have nothing left to process: they are acknowledged here and not returned (their drop was
+        counted by the writer that trimmed them). Both commands are idempotent: a connection opened meanwhile
+        changes nothing in the answer."""
+        self._look()
+        names = self.names if streams is None else streams
+        todo = [s for s in names if s in self._unread]
+        out, page = [], 1000
+        for stream in todo:
+            ids, start = [], "-"
+            while True:
+                rows = self.client.xpending_range(stream, self.group, min=start, max="+", count=page,
+                                                  consumername=consumer)
+                ids += [row["message_id"] for row in rows]
+                if len(rows) < page:
+                    break
+                start = "(" + stream_name(rows[-1]["message_id"])
+            ids = [i for i in ids if (stream, i) not in known and (stream, stream_name(i)) not in known]
+            if not ids:
+                continue
+            with self.client.pipeline(transaction=False) as pipe:
+                for entry_id in ids:
+                    pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
+                found = pipe.execute()
+            entries = [row[0] for row in found if row]
+            gone = [entry_id for entry_id, row in zip(ids, found) if not row]
+            if gone:
+                self.client.xack(stream, self.group, *gone)
+            if entries:
+                out.append((stream, entries))
+        self._look()
+        self._unread -= set(todo)
+        unseen = sum(len(entries) for _, entries in out)
+        if unseen:
+            self.recovered += unseen
+            log.warning("own pending entries read again", extra={"fields": {
+                "consumer": consumer, "group": self.group, "entries": unseen, "streams": len(out)}})
+        return out
+
+    def _new(self, streams: list[str], read: Callable[[], list]) -> list:
+        """A read of new entries (">") from `streams`: nothing while their own pending entries are unread; nothing
+        if the calling thread opened a connection during the read (it may have been sent again after its first
+        reply was lost: what it delivered is pending to the consumer, read next by read_own)."""
+        if self.recovery_due(streams):
+            return []
+        try:
+            reply = read()
+        except BaseException:
+            self._unread |= set(streams)  # it may have delivered entries before it failed
+            raise
+        if self._look():
+            return []
+        return reply
 
     def read_fair(self, consumer: str, cap: int, streams: list[str] | None = None, start_id: str = ">"
                   ) -> list[tuple[str, list[tuple[bytes, dict]]]]:
@@ -200,6 +300,12 @@ class CameraStreams:
         names = self.names if streams is None else streams
         if not names or cap <= 0:
             return []
+        if start_id == ">":
+            return self._new(names, lambda: self._read_fair_now(consumer, cap, names, start_id))
+        return self._read_fair_now(consumer, cap, names, start_id)
+
+    def _read_fair_now(self, consumer: str, cap: int, names: list[str], start_id: str
+                       ) -> list[tuple[str, list[tuple[bytes, dict]]]]:
         start = self._offset % len(names)
         order = names[start:] + names[:start]
         out = []
@@ -223,9 +329,11 @@ class CameraStreams:
         if not self.names:
             return []
         if not is_cluster(self.client):
-            reply = self.client.xreadgroup(self.group, consumer, {s: start_id for s in self.names}, count=count,
-                                           block=block_ms)
-            return [(stream_name(stream), entries) for stream, entries in reply or []]
+            def read():
+                reply = self.client.xreadgroup(self.group, consumer, {s: start_id for s in self.names}, count=count,
+                                               block=block_ms)
+                return [(stream_name(stream), entries) for stream, entries in reply or []]
+            return self._new(self.names, read) if start_id == ">" else read()
         reply = self.read_fair(consumer, count * len(self.names), start_id=start_id)
         if reply or not block_ms or start_id != ">":
             return reply
@@ -236,11 +344,14 @@ class CameraStreams:
         """Wait up to `block_ms` for new entries on `streams`. A single Redis blocks in one XREADGROUP
         (COUNT 1 per stream: it may return more than `cap`); a cluster polls read_fair every POLL_S."""
         if not is_cluster(self.client):
-            reply = self.client.xreadgroup(self.group, consumer, {s: ">" for s in streams}, count=1, block=block_ms)
-            return [(stream_name(stream), entries) for stream, entries in reply or []]
+            def read():
+                reply = self.client.xreadgroup(self.group, consumer, {s: ">" for s in streams}, count=1,
+                                               block=block_ms)
+                return [(stream_name(stream), entries) for stream, entries in reply or []]
+            return self._new(streams, read)
         deadline = time.monotonic() + block_ms / 1000
         while True:
             reply = self.read_fair(consumer, cap, streams)
-            if reply or time.monotonic() >= deadline:
+            if reply or time.monotonic() >= deadline or self.recovery_due(streams):
                 return reply
             time.sleep(min(self.POLL_S, max(0.0, deadline - time.monotonic())))

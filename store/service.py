@@ -23,7 +23,6 @@ import redis
 from contracts.keys import STORE_GROUP, Keys, camera_of
 from contracts.messages import MAX_WINDOW_SCORES, Alarm, DriftEvent, MessageError, Result, check_overlay_key
 from runtime import scripts
-from runtime.connection import connections_opened
 from runtime.deadletter import DeadLetterSettings
 from runtime.metrics import ALARMS, ALARMS_HELD, DRIFT, DRIFT_EVENTS, LATE_RESULTS, alarm_cameras, result_refused
 from runtime.streams import CameraStreams, reclaim, serve
@@ -57,7 +56,7 @@ class StoreReport:
     alarms: int = 0
     bad_results: int = 0
     conflicts: int = 0  # commits retried because the camera's state changed meanwhile
-    recovered_reads: int = 0  # reads sent again on a new connection: what they delivered was read again from 0
+    recovered_reads: int = 0  # results found pending to this store, unseen (a lost read reply), and read again
     late: dict = field(default_factory=dict)  # late results (arrived after their windows were decided), by outcome
     held: int = 0  # alarms held while their camera's scene had drifted
     drift_events: dict = field(default_factory=dict)  # drift events this store wrote, by kind
@@ -74,8 +73,6 @@ class ResultsStore:
         self._rules: dict[str, AlarmRule] = {}
         self._rules_due = 0.0  # time.monotonic() of the next read of the alarm rules
         self._refused_rules: set[tuple[bytes, bytes]] = set()  # logged once each, not at every read
-        self._unfinished = True  # results may be pending to this consumer name: handle those first
-        self._opened = connections_opened(client)  # connections the client had opened after the last read
         for outcome in LATE_OUTCOMES:  # every series exists from the start, so a rate() alert sees the first one
             LATE_RESULTS.labels(outcome)
         self._last_result: dict[str, float] = {}  # camera -> when its last result was handled (monotonic)
@@ -90,30 +87,28 @@ class ResultsStore:
         return self.report
 
     def _step(self) -> None:
+        try:
+            self._read_and_handle()
+        except BaseException:
+            self._streams.reread()  # what this step took may be pending to this store, unfinished: it goes first
+            raise
+
+    def _read_and_handle(self) -> None:
         self._maybe_refresh()
         if not self._streams.names:
             self.stop.wait(0.1)
             return
-        # after a failed step, a new connection (a lost reply, a restart, a failover) and at start (for a
-        # predecessor of the same name) the results still pending to this store go first: handled after
-        # newer ones, they would find their windows decided
-        before = connections_opened(self.client)
-        if before != self._opened:
-            self._unfinished = True
-        start = "0" if self._unfinished else ">"
-        reply = self._streams.read_each(self.settings.name, self.settings.batch, start,
-                                        None if self._unfinished else 200)
-        self._opened = connections_opened(self.client)
-        self._unfinished = True
-        if start == ">" and self._opened != before:
-            # the read was sent again on a new connection: the entries its lost reply delivered are pending to
-            # this store, unseen; read them and this reply's entries together, in order, from 0
-            self.report.recovered_reads += 1
-            log.warning("store read recovered", extra={"fields": {"process": self.settings.name}})
-            return
+        # the results pending to this store go first (at start, after a new connection or a failed step:
+        # CameraStreams.read_own): handled after newer ones, they would find their windows decided
+        if self._streams.recovery_due():
+            before = self._streams.recovered
+            reply = self._streams.read_own(self.settings.name)
+            self.report.recovered_reads += self._streams.recovered - before
+        else:
+            reply = self._streams.read_each(self.settings.name, self.settings.batch, ">", 200)
         for stream, entries in reply:
-            self.handle(stream, entries)
-        self._unfinished = start == "0" and any(entries for _, entries in reply)
+            for begin in range(0, len(entries), self.settings.batch):
+                self.handle(stream, entries[begin:begin + self.settings.batch])
 
     def _maybe_reload_rules(self) -> None:
         """Read the alarm rules again every rules_refresh_s (one HGETALL of a small hash)."""

@@ -1,24 +1,67 @@
-"""A loopback TCP proxy in front of a real redis-server that loses replies: the command reaches the
-server and runs, its reply never reaches the client, the connection is closed. redis-py then sees a
-connection error and its retry sends the command again - the fault that duplicates writes."""
+"""A loopback TCP proxy in front of a real redis-server, with faults switchable while it runs:
+
+- drop reply and close (`marker`, `drops`): the command reaches the server and runs, its reply never reaches the
+  client, the connection is closed. redis-py then sees a connection error and its retry sends the command again -
+  the fault that duplicates writes and, for a read of new stream entries, hands over the next ones.
+- delay (`delay(seconds)`): every reply is held back that long (the commands go through at once): a slow network.
+- blackhole (`blackhole()`, or `blackhole_on(marker)` from the first write that contains `marker`, that write
+  included): nothing is forwarded either way and no connection is closed or refused - a partition, not a refusal.
+  What was sent meanwhile is held and delivered in order once healed (`heal()`), as TCP's retransmissions would
+  deliver it: a command the client gave up on may still reach the server after the partition.
+
+Loopback only; every thread is a daemon and every blocking call has a timeout, so a broken test cannot hang.
+"""
 from __future__ import annotations
 
+import collections
 import socket
 import threading
+import time
+
+_EMPTY_REPLIES = (b"*0\r\n", b"*-1\r\n", b"_\r\n", b"$-1\r\n")  # an empty array, a null (RESP2 and 3)
+_CLOSE = object()  # in a direction's queue: the sending side closed
 
 
-class ReplyDroppingProxy:
-    """`with ReplyDroppingProxy(redis_port, marker=b"EVALSHA", drops=1) as proxy: proxy.url`.
+class _Link:
+    """One client connection and its server connection; per direction a queue of (received at, data)."""
 
-    The first `drops` client writes that contain `marker` are forwarded, the server's reply to them
-    is swallowed and the client's connection closed after `settle_s`. Loopback only; every socket
-    has a timeout and every thread is a daemon, so a broken test cannot hang.
-    """
+    def __init__(self, client: socket.socket, server: socket.socket):
+        self.client, self.server = client, server
+        self.up: collections.deque = collections.deque()  # client -> server
+        self.down: collections.deque = collections.deque()  # server -> client
+        self.ready = threading.Condition()
+        self.watch = False  # a marked command was sent: its reply is to be dropped
+        self.swallow = False  # replies are lost from now on (the connection is about to close)
 
-    def __init__(self, target_port: int, marker: bytes, drops: int = 1, settle_s: float = 0.3):
-        self.target_port, self.marker, self.drops, self.settle_s = target_port, marker, drops, settle_s
+    def close(self) -> None:
+        for sock in (self.client, self.server):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        with self.ready:
+            self.ready.notify_all()
+
+
+class FaultProxy:
+    """`with FaultProxy(redis_port) as proxy: connect(proxy.url)`; then `proxy.blackhole()`, `proxy.heal()`,
+    `proxy.delay(2.5)`, ... at any time. With `marker`, the first `drops` replies to client writes that contain
+    it (default one) are dropped and their connections closed `settle_s` later (with `only_nonempty`, replies that are an empty
+    array or a null - a blocking read that timed out - pass and do not count)."""
+
+    def __init__(self, target_port: int, marker: bytes = b"", drops: int | None = None, settle_s: float = 0.3,
+                 only_nonempty: bool = False):
+        self.target_port, self.marker, self.settle_s = target_port, marker, settle_s
+        self.drops = drops if drops is not None else int(bool(marker))  # a marker alone: one drop
+        self.only_nonempty = only_nonempty
         self.dropped = 0
+        self.delay_s = 0.0
+        self._holding = False  # blackholed: nothing forwarded either way
+        self._hole_marker: bytes | None = None  # blackhole from the first write that contains it
+        self.holes = 0  # how many times a blackhole began
         self._lock = threading.Lock()
+        self._links: list[_Link] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
         self.port = self._listener.getsockname()[1]
@@ -28,13 +71,48 @@ class ReplyDroppingProxy:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def __enter__(self) -> "ReplyDroppingProxy":
+    # ---- switching faults -------------------------------------------------------------------------
+    def delay(self, seconds: float) -> None:
+        """Hold every reply back `seconds` from now on (0: none)."""
+        self.delay_s = seconds
+        self._wake()
+
+    def blackhole(self) -> None:
+        """Forward nothing either way from now on, closing nothing: a partition."""
+        with self._lock:
+            self.holes += not self._holding
+            self._holding = True
+
+    def blackhole_on(self, marker: bytes) -> None:
+        """Blackhole from the first client write that contains `marker` (that write held too)."""
+        with self._lock:
+            self._hole_marker = marker
+
+    def heal(self) -> None:
+        """End a blackhole (armed or begun): what was held is delivered, in order."""
+        with self._lock:
+            self._holding, self._hole_marker = False, None
+        self._wake()
+
+    @property
+    def holding(self) -> bool:
+        return self._holding
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+    def __enter__(self) -> "FaultProxy":
         threading.Thread(target=self._accept, daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._closing.set()
         self._listener.close()
+        for link in list(self._links):
+            link.close()
+
+    def _wake(self) -> None:
+        for link in list(self._links):
+            with link.ready:
+                link.ready.notify_all()
 
     def _accept(self) -> None:
         while not self._closing.is_set():
@@ -42,43 +120,83 @@ class ReplyDroppingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 continue
-            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
-            client.settimeout(30)
-            swallow = threading.Event()
-            threading.Thread(target=self._upstream, args=(client, server, swallow), daemon=True).start()
-            threading.Thread(target=self._downstream, args=(server, client, swallow), daemon=True).start()
+            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            server.settimeout(None)  # reads wait as long as the connection lives (a blackhole may last)
+            client.settimeout(None)
+            link = _Link(client, server)
+            self._links.append(link)
+            for target in (self._read_client, self._read_server):
+                threading.Thread(target=target, args=(link,), daemon=True).start()
+            for queue, sock in ((link.up, server), (link.down, client)):
+                threading.Thread(target=self._send, args=(link, queue, sock), daemon=True).start()
 
-    def _upstream(self, client: socket.socket, server: socket.socket, swallow: threading.Event) -> None:
+    def _read_client(self, link: _Link) -> None:
         try:
-            while data := client.recv(1 << 16):
+            while data := link.client.recv(1 << 16):
                 with self._lock:
-                    hit = self.marker in data and self.dropped < self.drops and not swallow.is_set()
-                    if hit:
-                        self.dropped += 1
-                        swallow.set()  # from now on the server's replies on this connection are lost
-                server.sendall(data)
-                if hit:
-                    threading.Timer(self.settle_s, self._close, args=(client, server)).start()
+                    if self._hole_marker is not None and self._hole_marker in data:
+                        self._hole_marker = None
+                        self.holes += not self._holding
+                        self._holding = True
+                    if self.marker and self.marker in data and self.dropped < self.drops:
+                        link.watch = True
+                self._put(link, link.up, data)
         except OSError:
             pass
-        finally:
-            self._close(client, server)
+        self._put(link, link.up, _CLOSE)
 
-    def _downstream(self, server: socket.socket, client: socket.socket, swallow: threading.Event) -> None:
+    def _read_server(self, link: _Link) -> None:
         try:
-            while data := server.recv(1 << 16):
-                if not swallow.is_set():
-                    client.sendall(data)
+            while data := link.server.recv(1 << 16):
+                if link.watch and not link.swallow:
+                    self._judge(link, data)
+                if not link.swallow:
+                    self._put(link, link.down, data)
         except OSError:
             pass
-        finally:
-            self._close(client, server)
+        self._put(link, link.down, _CLOSE)
+
+    def _judge(self, link: _Link, reply: bytes) -> None:
+        """The reply to a marked command: dropped (and the connection closed soon), unless it is empty and
+        `only_nonempty` lets it pass."""
+        link.watch = False
+        if self.only_nonempty and reply.startswith(_EMPTY_REPLIES):
+            return
+        with self._lock:
+            if self.dropped >= self.drops:
+                return
+            self.dropped += 1
+        link.swallow = True
+        threading.Timer(self.settle_s, link.close).start()
 
     @staticmethod
-    def _close(*sockets: socket.socket) -> None:
-        for sock in sockets:
+    def _put(link: _Link, queue: collections.deque, item) -> None:
+        with link.ready:
+            queue.append((time.monotonic(), item))
+            link.ready.notify_all()
+
+    def _send(self, link: _Link, queue: collections.deque, sock: socket.socket) -> None:
+        """Forward one direction's data in order, once no blackhole holds it and (replies) its delay has passed."""
+        replies = queue is link.down
+        while not self._closing.is_set():
+            with link.ready:
+                if not queue:
+                    link.ready.wait(0.2)
+                    continue
+                received, item = queue[0]
+                wait = (received + self.delay_s - time.monotonic()) if replies else 0.0
+                if self._holding or wait > 0:
+                    link.ready.wait(0.05 if self._holding else min(wait, 0.05))
+                    continue
+                queue.popleft()
+            if item is _CLOSE:
+                link.close()
+                return
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.sendall(item)
             except OSError:
-                pass
-            sock.close()
+                link.close()
+                return
+
+
+ReplyDroppingProxy = FaultProxy  # the name the lost-reply tests know it by

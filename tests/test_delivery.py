@@ -240,13 +240,38 @@ def test_a_lost_read_reply_loses_no_alarm_and_makes_none_late(redis_server):
         s = store(proxy.url, rule=AlarmRule(k=1, n=1, cooldown_s=0), batch=5, reorder=2)
         for _ in range(60):
             s._step()
-            if int(client.hget(KEYS.latest("cam-1"), "seq") or -1) == 59 and not s._unfinished:
+            if int(client.hget(KEYS.latest("cam-1"), "seq") or -1) == 59 and not s._streams.recovery_due():
                 break
     raised = [a.seq for a in alarms(client)]
     assert sorted(raised) == sorted(anomalous) and len(raised) == len(set(raised))  # each once
     assert proxy.dropped == 4 and s.report.recovered_reads >= 1
     assert not any(a.late_by for a in alarms(client)) and not s.report.late  # recovered at once, in order
     assert client.xpending(KEYS.results("cam-1"), STORE_GROUP)["pending"] == 0
+
+
+def test_a_lost_read_reply_of_a_worker_costs_no_claim_idle_wait_and_scores_each_frame_once(redis_server,
+                                                                                           synthetic_bank_bytes):
+    # the worker's reads of new frames (its blocking XREADGROUP and its read_fair script, both with ">") lose their
+    # replies: redis-py reads again and gets the next frames, while the first delivery waits, unseen, in the worker's
+    # pending list; reading its own pending frames first after the new connection scores them at once, not after
+    # claim_idle_ms (60 s here)
+    client = connect(redis_server.url)
+    BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
+    client.sadd(KEYS.cameras, "cam-1")
+    client.script_load(scripts.source("read_fair"))  # so that no dropped reply is a NOSCRIPT error
+    with ReplyDroppingProxy(redis_server.port, marker=b"\r\n$1\r\n>\r\n", drops=2, only_nonempty=True) as proxy:
+        with Running(proxy.url, store=False, max_batch=4, claim_idle_ms=60_000) as running:
+            wait_for(lambda: running.workers[0].readiness()[0], 120)
+            started = time.monotonic()
+            CameraIngest(client, SyntheticLine(seed=3, max_frames=12), IngestSettings(camera="cam-1"), KEYS).run()
+            wait_for(lambda: stats(client).get("results", 0) == 12, 50)
+            took = time.monotonic() - started
+            wait_for(lambda: running.workers[0].report.results == 12, 10)
+            report = running.workers[0].report
+    assert proxy.dropped == 2 and report.recovered >= 2  # the fault happened, and was recovered from
+    assert took < 20, took  # not the 60 s claim_idle_ms (the old code's wait); 2 s here under load, scoring included
+    assert sorted(r.seq for r in results(client)) == list(range(12))  # each once
+    assert report.reclaimed == 0 and client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0
 
 
 def test_a_result_later_than_reorder_raises_a_late_alarm_once(redis_server):

@@ -146,6 +146,7 @@ def test_redis_fault_names_the_replies_that_pass_and_no_others():
     assert redis_fault(redis.ResponseError(  # Redis 6.2 wraps a script's error
         "Error running script (call to f_1): @user_script:4: @user_script: 4: -OOM command not allowed")) == "oom"
     assert redis_fault(redis.ConnectionError("Connection refused")) == "outage"
+    assert redis_fault(redis.ResponseError("MISCONF Errors writing to the AOF file: No space left on device")) == "misconf"
     assert redis_fault(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")) is None
     assert redis_fault(redis.ResponseError("BUSYGROUP Consumer Group name already exists")) is None
     assert redis_fault(redis.exceptions.NoPermissionError("this user has no permissions")) is None

@@ -99,3 +99,36 @@ def test_an_rtsp_camera_outage_says_reconnecting_then_running_again(redis_server
         thread.join(timeout=30)
         server.kill()
         server.wait(timeout=30)
+
+
+def test_a_frozen_rtsp_server_is_declared_failed_within_10_s_and_the_camera_resumes(redis_server):
+    # SIGSTOP: the server's sockets stay open and say nothing (OpenCV alone waits out its read timeout three times,
+    # handing back buffered frames, ~30 s); the source's documented timeout is 10 s (CaptureSource's default)
+    client, port = connect(redis_server.url), free_port()
+    server = start_server(port)
+    stop = threading.Event()
+    camera = CameraIngest(connect(redis_server.url), CaptureSource(f"rtsp://127.0.0.1:{port}/cam", live=True),
+                          IngestSettings(camera="rtsp-1", backoff_initial_s=0.5, backoff_max_s=0.5, maxlen=10_000),
+                          KEYS, stop)
+    thread = threading.Thread(target=camera.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: int(stats(client).get("ingested", 0)) >= 20, 60, "20 frames")
+        server.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        ingested = int(stats(client)["ingested"])
+        wait_for(lambda: stats(client).get("state", "").startswith("reconnecting"), 15, "reconnecting")
+        declared = time.monotonic() - frozen_at
+        assert declared <= 10.0, declared
+        assert "stalled" in stats(client)["state"]
+        assert int(stats(client)["ingested"]) <= ingested + 3  # no stream of buffered frames passed off as new meanwhile
+        time.sleep(2.0)
+        server.send_signal(signal.SIGCONT)
+        wait_for(lambda: int(stats(client).get("ingested", 0)) >= ingested + 20, 90, "frames after the freeze")
+        wait_for(lambda: stats(client)["state"] == "running", 10, "running again")
+    finally:
+        stop.set()
+        server.send_signal(signal.SIGCONT)
+        thread.join(timeout=30)
+        server.kill()
+        server.wait(timeout=30)

@@ -162,6 +162,7 @@ def test_a_batch_being_collected_when_redis_fails_is_kept_for_the_next_one(redis
     worker = Worker(connect(redis_server.url), WorkerSettings(name="w", device="cpu", max_batch=8, max_wait_ms=10,
                                                               refresh_s=60), KEYS)
     worker._maybe_refresh()  # the camera's stream is known
+    worker.reader.streams.read_own("w")  # what a first collect does: nothing was pending to "w"
     worker._scoring = True  # a batch is being scored: the one being collected stays open
     read_blocking = worker.reader.streams.read_blocking
 

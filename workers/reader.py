@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import redis
 
@@ -44,7 +44,7 @@ class Reader:
         self._waiting = self._waiting + taken
         return len(taken)
 
-    def collect(self, readable: list[str], scorer_busy: Callable[[], bool]) -> list[Entry]:
+    def collect(self, readable: list[str], scorer_busy: Callable[[], bool], held: Iterable[Entry] = ()) -> list[Entry]:
         """At most max_batch frames over the `readable` streams, waiting at most max_wait_ms after the first arrives.
 
         Reads go through CameraStreams.read_fair (a hard cap, and a backlogged camera cannot starve
@@ -53,8 +53,15 @@ class Reader:
         an unpipelined worker's next batch would, instead of going on in small batches that cost more per frame.
         When nothing is waiting, one blocking read (COUNT 1 per stream) wakes on the first arrival; any frames
         it returns beyond the cap are already ours and go first next batch.
+
+        This worker's own pending frames go first when CameraStreams says so (at start, after a new connection: a
+        lost read reply): the caller has nothing in flight then (Worker._collect drains first), so what is pending
+        to this worker and neither waiting here nor `held` was delivered and never seen. A read that finds them due
+        mid-batch ends the batch; the next collect reads them.
         """
         cap = self.settings.max_batch
+        if readable and self.streams.recovery_due(readable):
+            self._recover(readable, held)
         batch, self._waiting = self._waiting[:cap], self._waiting[cap:]
         if not readable:
             self.stop.wait(0.1)
@@ -67,7 +74,7 @@ class Reader:
 
     def _fill(self, batch: list[Entry], cap: int, readable: list[str], scorer_busy: Callable[[], bool]) -> list[Entry]:
         deadline = None
-        while len(batch) < cap and not self.stop.is_set():
+        while len(batch) < cap and not self.stop.is_set() and not self.streams.recovery_due(readable):
             reply = self.streams.read_fair(self.settings.name, cap - len(batch), readable)
             if not reply:
                 if deadline is None:
@@ -90,6 +97,18 @@ class Reader:
             if not reply and not batch:
                 return batch
         return batch
+
+    def _recover(self, readable: list[str], held: Iterable[Entry]) -> None:
+        """This worker's own pending frames on `readable` streams that it does not hold (waiting or `held`): first
+        in line, with their delivery counts (for the poison rule: a lost reply is not a delivery of its own)."""
+        known = frozenset((e.stream, e.entry_id) for e in [*self._waiting, *held])
+        found = self.streams.read_own(self.settings.name, readable, known)
+        now, taken = time.time(), []
+        for stream, entries in found:
+            counts = deliveries(self.client, stream, FRAME_GROUP, self.settings.name, [i for i, _ in entries])
+            taken += [Entry(stream, entry_id, fields.get(b"m", b""), now, counts.get(entry_id, 1))
+                      for entry_id, fields in entries if entry_id in counts]  # not taken over meanwhile
+        self._waiting = taken + self._waiting
 
     def prepare(self, batch: list[Entry]) -> Batch:
         """Unpack, check and decode the frames (JPEGs together); those that cannot be accepted get a DeadLetter.

@@ -77,5 +77,6 @@ class WorkerReport:
     results: int = 0
     deadlettered: int = 0
     reclaimed: int = 0
+    recovered: int = 0  # frames found pending to this worker, unseen (a lost read reply), and read again
     held: int = 0  # frames kept pending through an infrastructure fault (each time)
     suspects: int = 0  # frames left pending because their scoring raised on their own

@@ -96,6 +96,13 @@ class Worker:
         return self.report
 
     def _step(self) -> None:
+        try:
+            self._step_once()
+        except BaseException:
+            self.reader.streams.reread()  # frames of a failed stage may be pending to this worker: read them first
+            raise
+
+    def _step_once(self) -> None:
         self._maybe_refresh()
         if self.holds.due():
             self._drain()  # batches in flight may hold more frames
@@ -144,8 +151,17 @@ class Worker:
             self.report.reclaimed += self.reader.reclaim()
 
     def _collect(self) -> list[Entry]:
-        """The next batch (Reader.collect), from the streams this worker may read now."""
-        return self.reader.collect(self.holds.readable(self.reader.streams.names), self._scorer_busy)
+        """The next batch (Reader.collect), from the streams this worker may read now. When its own pending frames
+        are to be read first (runtime.streams.CameraStreams: at start, after a new connection, a failed step), the
+        batches in flight are written first: the frames pending to this worker that it neither holds nor has
+        waiting are then those delivered to it and never seen (a lost read reply) or left by a failed stage."""
+        if self.reader.streams.recovery_due(self.holds.readable(self.reader.streams.names)):
+            self._drain()
+        before = self.reader.streams.recovered
+        batch = self.reader.collect(self.holds.readable(self.reader.streams.names), self._scorer_busy,
+                                    self.holds.entries)
+        self.report.recovered += self.reader.streams.recovered - before
+        return batch
 
     def _prepare(self, batch: list[Entry]) -> Batch:
         self.report.batches += 1
