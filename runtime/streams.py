@@ -204,13 +204,16 @@ class CameraStreams:
     def refresh(self) -> list[str]:
         if self.server is None:
             self.server = require_redis_7(self.client)
-        cameras = camera_list(self.client, self.cameras_key)
-        streams = [self.stream_of(c) for c in cameras]
+        streams = self.streams_for(camera_list(self.client, self.cameras_key))
         new = set(streams) - set(self.names)
         ensure_groups(self.client, sorted(new), self.group)
         self._unread |= new  # a predecessor of the same consumer name may have left entries pending there
         self.names = streams
         return streams
+
+    def streams_for(self, cameras: list[str]) -> list[str]:
+        """The streams read for `cameras` (one per camera here; a subclass may read several per camera)."""
+        return [self.stream_of(camera) for camera in cameras]
 
     # ---- the consumer's own pending entries first ----------------------------------------------------
     def reread(self, streams: list[str] | None = None) -> None:

@@ -27,8 +27,7 @@ import redis
 from contracts.keys import Keys, camera_of, check_sink, sink_group
 from runtime import scripts
 from runtime.metrics import SINK_DEADLETTERED, SINK_FAILURES, sink_delivered, sink_health, sink_started
-from runtime.streams import CameraStreams, ensure_groups, keep_pending, require_redis_7, serve
-from runtime.cameras import camera_list
+from runtime.streams import CameraStreams, keep_pending, serve
 
 from .messages import Message, Unreadable, parse_entry
 
@@ -112,14 +111,8 @@ class SinkStreams(CameraStreams):
         super().__init__(client, cameras_key, None, group, refresh_s)
         self.streams_of = tuple(streams_of)
 
-    def refresh(self) -> list[str]:
-        if self.server is None:
-            self.server = require_redis_7(self.client)
-        streams = [stream_of(camera) for camera in camera_list(self.client, self.cameras_key)
-                   for stream_of in self.streams_of]
-        ensure_groups(self.client, sorted(set(streams) - set(self.names)), self.group)
-        self.names = streams
-        return streams
+    def streams_for(self, cameras: list[str]) -> list[str]:
+        return [stream_of(camera) for camera in cameras for stream_of in self.streams_of]
 
 
 class Sink:
@@ -138,7 +131,6 @@ class Sink:
         self._refuse = scripts.load(client, "sink_refuse")
         self._held: list[Message] = []  # read, not yet confirmed: delivered in this order
         self._held_ids: set[tuple[str, bytes]] = set()
-        self._recover = True  # entries may be pending to this consumer name (a predecessor): read them first
         self._failing_since: float | None = None
         self._backoff = settings.backoff_s
         self._next_try = 0.0
@@ -212,19 +204,17 @@ class Sink:
                                                                       "count": added}})
 
     def _fill(self) -> None:
-        """Read up to the room left under max_pending: this consumer's own pending entries first (a restart),
+        """Read up to the room left under max_pending: this consumer's own pending entries first (at start: a
+        predecessor of the same name; after a new connection: a read whose reply was lost; CameraStreams.read_own),
         then new ones. Holding nothing, it waits up to 100 ms for the first new entry (one blocking read over
         every stream); holding some, it reads without waiting, capped over all streams (read_fair)."""
         room = self.settings.max_pending - len(self._held)
         if room <= 0:
             return
         per_stream = max(1, room // len(self._streams.names))  # with more streams than room: one each
-        if self._recover:
-            if self._held:
-                return  # what was read of this consumer's pending list goes first
-            added = self._take(self._streams.read_each(self.settings.name, per_stream, "0"))
+        if self._streams.recovery_due():  # at start (a predecessor's name), after a new connection or a failed step
+            added = self._take(self._streams.read_own(self.settings.name, known=frozenset(self._held_ids)))
             self.report.recovered += added
-            self._recover = added > 0  # read again once delivered: there may be more than one page
             return
         if self._held:
             self._take(self._streams.read_fair(self.settings.name, min(self.settings.batch, room)))

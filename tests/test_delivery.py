@@ -258,7 +258,7 @@ def test_a_lost_read_reply_of_a_worker_costs_no_claim_idle_wait_and_scores_each_
     client = connect(redis_server.url)
     BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
     client.sadd(KEYS.cameras, "cam-1")
-    client.script_load(scripts.source("read_fair"))  # so that no dropped reply is a NOSCRIPT error
+    scripts.load_library(client)  # loaded before the proxy: no dropped reply is FUNCTION LOAD's
     with ReplyDroppingProxy(redis_server.port, marker=b"\r\n$1\r\n>\r\n", drops=2, only_nonempty=True) as proxy:
         with Running(proxy.url, store=False, max_batch=4, claim_idle_ms=60_000) as running:
             wait_for(lambda: running.workers[0].readiness()[0], 120)

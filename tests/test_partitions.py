@@ -96,7 +96,8 @@ def test_a_worker_cut_off_longer_than_claim_idle_writes_no_duplicate_and_serves_
     client = connect(redis_server.url)
     BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
     client.sadd(KEYS.cameras, "cam-1")
-    ack_and_write = client.script_load(scripts.source("ack_and_write")).encode()
+    ack_and_write = scripts.library().function("ack_and_write").encode()  # FCALL names it
+    scripts.load_library(client)  # before the proxy: FUNCTION LOAD's text names every function too
     the_store = store(redis_server.url, "store-1")
     with FaultProxy(redis_server.port) as proxy:
         proxy.blackhole_on(ack_and_write)  # cut off once it has scored its first batch, before it writes
@@ -129,7 +130,8 @@ def test_a_worker_cut_off_longer_than_claim_idle_writes_no_duplicate_and_serves_
 def test_a_store_cut_off_longer_than_claim_idle_raises_no_duplicate_alarm_and_serves_again(redis_server):
     client = connect(redis_server.url)
     client.sadd(KEYS.cameras, "cam-1")
-    commit = client.script_load(scripts.source("commit_results")).encode()
+    commit = scripts.library().function("commit_results").encode()  # FCALL names it
+    scripts.load_library(client)  # before the proxy: FUNCTION LOAD's text names every function too
 
     def add(seqs):
         for seq in seqs:

@@ -105,6 +105,30 @@ def test_webhook_delivers_each_verdict_and_alarm_once_in_order_signed(client, se
         receiver.stop()
 
 
+def test_a_lost_read_reply_is_read_again_at_once_and_the_sink_keeps_reading(redis_server, client, secret_file):
+    """The reply to the sink's XREADGROUP is lost and its connection closed: what that read delivered is pending to
+    the sink, which reads it again on its new connection (CameraStreams.read_own) long before claim_idle_ms, and
+    then goes on reading new entries."""
+    from .faultproxy import FaultProxy
+
+    receiver = Receiver(SECRET).start()
+    try:
+        marker = b"\r\n$1\r\n>\r\n"  # XREADGROUP ... ">" (the library's text names XREADGROUP too)
+        with FaultProxy(redis_server.port, marker=marker, drops=1, only_nonempty=True) as proxy:
+            sink = webhook_sink(connect(proxy.url), receiver.url, secret_file, claim_idle_ms=120_000)
+            with running(sink):
+                write_results(client, KEYS, "cam-a", range(10))
+                assert wait_for(lambda: len(receiver.received) >= 10, 20)
+                assert proxy.dropped == 1
+                write_results(client, KEYS, "cam-a", range(10, 15))  # new entries after the recovery
+                assert wait_for(lambda: len(receiver.received) >= 15, 20)
+                assert wait_for(lambda: sink_pending(client, "cam-a") == 0)
+        assert receiver.keys() == expected_verdicts("cam-a", range(15))  # each once, in order
+        assert sink.report.recovered >= 1
+    finally:
+        receiver.stop()
+
+
 def test_a_wrong_secret_is_refused_by_the_receiver_and_dead_lettered(client, tmp_path):
     wrong = tmp_path / "wrong.secret"
     wrong.write_bytes(b"another secret")
