@@ -1,59 +1,81 @@
-"""Patch-feature throughput (images/s) of each backbone, measured side by side in one run.
+"""Each offline backbone alone and ensembles of them, measured with `patchcore eval` (its JSON) on real sets.
 
-    .venv/bin/python bench/backbones.py [--backbones mobilenet_v2,efficientnet_lite0] [--images 32]
+    .venv/bin/python bench/backbones.py [--data DIR] [--sets mvtec_bottle,visa_macaroni1]
+        [--configs mobilenet_v2,efficientnet_lite0,...,mobilenet_v2+efficientnet_lite0] [--keep]
 
-Same images (synthetic parts at 256 x 256 -> crop 224), same batch size, rounds interleaved so
-that load from other processes hits every backbone alike; prints the median of the rounds and
-the ratio to the first backbone.
+One `patchcore eval --data SET --backbone CONFIG --seed 0 --json FILE` per (set, configuration), one after the
+other (never two at once: the machine is shared), default view and settings (crop 256/224, 10 % coreset,
+leave-out threshold at a 1 % target false-alarm rate). Rows go to bench/results/backbones-eval.json; rows of
+configurations not run this time are kept from the file (`--keep`, the default), so a slow set can be measured one
+configuration per invocation. Build seconds are eval's `fit_seconds` (features, coreset, calibration); images/s
+its end-to-end scoring rate, maps included. Timings taken while other jobs share the CPU swing with their load
+(the file records the load average); quality columns do not depend on it.
 """
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
+from datadir import category  # bench/datadir.py, beside this script
+from results import RESULTS, write_result  # bench/results.py, beside this script
 
-from scorer.config import FeatureConfig
-from scorer.model import build_extractor
-from scorer.preprocess import preprocess
+NAME = "backbones-eval"
+SINGLES = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+ENSEMBLES = ("mobilenet_v2+efficientnet_lite0", "efficientnet_lite0+efficientnet_lite1",
+             "mobilenet_v2+efficientnet_lite0+efficientnet_lite1")
+ROOT = Path(__file__).resolve().parents[1]
 
-from results import write_result  # bench/results.py, beside this script
+
+def run_eval(data: Path, config: str, json_out: Path, extra: list[str]) -> dict:
+    """One `patchcore eval` in a child process; its JSON report."""
+    command = [sys.executable, "-m", "patchcore", "eval", "--data", str(data), "--backbone", config, "--seed", "0",
+               "--json", str(json_out), "--no-progress", *extra]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    report = json.loads(json_out.read_text())
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def row_of(set_name: str, config: str, report: dict, load: float) -> dict:
+    rate = report.get("best_recall_at_rate", {})
+    return {"data": set_name, "config": config, "combine": report.get("combine", "-"),
+            "image_auroc": report["image_auroc"], "pixel_auroc": report["pixel_auroc"], "pro": report["pro"],
+            "threshold": report["threshold"], "false_alarm_rate": report["false_alarm_rate"], "recall": report["recall"],
+            "best_recall_at_0_05": rate.get("0.05"), "build_s": report["fit_seconds"],
+            "images_per_s": report["images_per_second"], "load_average_1min": load}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--backbones", default="mobilenet_v2,efficientnet_lite0")
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="folder of the data sets (default: bench/datadir.py)")
+    parser.add_argument("--sets", default="mvtec_bottle,visa_macaroni1")
+    parser.add_argument("--configs", default=",".join(SINGLES + ENSEMBLES))
+    parser.add_argument("--eval-args", default="", help="extra `patchcore eval` options, e.g. '--combine max'")
+    parser.add_argument("--label", default="", help="suffix of the config's name in the table (e.g. ', max')")
+    parser.add_argument("--no-keep", dest="keep", action="store_false",
+                        help="drop the file's rows of configurations not run now")
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (256, 256, 3), dtype=np.uint8) for _ in range(args.images)]
-    batch = preprocess(images, 256, 224)
-    names = args.backbones.split(",")
-    extractors = {name: build_extractor(FeatureConfig(backbone=name))[0] for name in names}
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for name, extractor in extractors.items():  # warm-up
-        extractor(batch[:2])
-    for _ in range(args.rounds):
-        for name, extractor in extractors.items():
-            started = time.perf_counter()
-            for begin in range(0, len(batch), args.batch_size):
-                extractor(batch[begin:begin + args.batch_size])
-            seconds[name].append(time.perf_counter() - started)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"{args.images} images of 224 x 224, batch {args.batch_size}, median of {args.rounds} rounds")
-    base = args.images / statistics.median(seconds[names[0]])
-    rows = []
-    for name in names:
-        rate = args.images / statistics.median(seconds[name])
-        print(f"{name:20s} {rate:7.2f} images/s  ({rate / base:.2f}x {names[0]})")
-        rows.append({"backbone": name, "images_per_s": round(rate, 2), "x_first": round(rate / base, 3)})
-    write_result("backbones", {"images": args.images, "batch_size": args.batch_size, "rounds": args.rounds,
-                               "torch_threads": torch.get_num_threads(), "rows": rows})
+    path = RESULTS / f"{NAME}.json"
+    rows = json.loads(path.read_text())["figures"]["rows"] if args.keep and path.is_file() else []
+    for set_name in args.sets.split(","):
+        data = category(set_name, args.data)
+        for config in args.configs.split(","):
+            with tempfile.TemporaryDirectory(prefix="bench-backbones-") as folder:
+                report = run_eval(data, config, Path(folder) / "eval.json", args.eval_args.split())
+            row = row_of(set_name, config + args.label, report, round(os.getloadavg()[0], 2))
+            print(json.dumps(row), flush=True)
+            rows = [r for r in rows if (r["data"], r["config"]) != (row["data"], row["config"])] + [row]
+            rows.sort(key=lambda r: (r["data"], r["config"].count("+"), r["config"]))
+            write_result(NAME, {"rows": rows},
+                         command="bench/backbones.py --sets SET --configs CONFIG (one `patchcore eval --data SET "
+                                 "--backbone CONFIG --seed 0 --json FILE` per row, one at a time)")
 
 
 if __name__ == "__main__":
