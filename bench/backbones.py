@@ -3,12 +3,14 @@
     .venv/bin/python bench/backbones.py [--data DIR] [--sets mvtec_bottle,visa_macaroni1]
         [--configs mobilenet_v2,efficientnet_lite0,...,mobilenet_v2+efficientnet_lite0] [--keep]
 
-One `patchcore eval --data SET --backbone CONFIG --seed 0 --json FILE` per (set, configuration), one after the
-other (never two at once: the machine is shared), default view and settings (crop 256/224, 10 % coreset,
-leave-out threshold at a 1 % target false-alarm rate). Rows go to bench/results/backbones-eval.json; rows of
-configurations not run this time are kept from the file (`--keep`, the default), so a slow set can be measured one
-configuration per invocation. Build seconds are eval's `fit_seconds` (features, coreset, calibration); images/s
-its end-to-end scoring rate, maps included. Timings taken while other jobs share the CPU swing with their load
+Per set: each backbone's bank once (`patchcore bank build --backbone NAME --seed 0`, default view and settings:
+crop 256/224, 10 % coreset, leave-out threshold at a 1 % target false-alarm rate); each ensemble from its members'
+banks (`patchcore bank combine`, mean and max: the bank `bank build --backbone a+b` makes); then `patchcore eval
+--bank BANK --json FILE` of every configuration, one after the other (never two at once: the machine is shared),
+so the images/s of a set's configurations come from one run. Rows go to bench/results/backbones-eval.json; rows
+of configurations not run this time are kept from the file (`--no-keep` drops them), so a slow set can be
+measured a few configurations per invocation. Build seconds: the bank's (features, coreset, calibration; an
+ensemble's: its members' summed); images/s: eval's end-to-end scoring rate, maps included. Timings taken while other jobs share the CPU swing with their load
 (the file records the load average); quality columns do not depend on it.
 """
 from __future__ import annotations
@@ -19,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from datadir import category  # bench/datadir.py, beside this script
@@ -32,20 +33,45 @@ ENSEMBLES = ("mobilenet_v2+efficientnet_lite0", "efficientnet_lite0+efficientnet
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_eval(data: Path, config: str, json_out: Path, extra: list[str]) -> dict:
-    """One `patchcore eval` in a child process; its JSON report."""
-    command = [sys.executable, "-m", "patchcore", "eval", "--data", str(data), "--backbone", config, "--seed", "0",
-               "--json", str(json_out), "--no-progress", *extra]
-    started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+def patchcore(*args: str) -> None:
+    """One `patchcore` command in a child process (its JSON output not needed: files are)."""
+    subprocess.run([sys.executable, "-m", "patchcore", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def member_bank(data: Path, name: str, folder: Path) -> Path:
+    """`patchcore bank build` of one backbone (default settings, seed 0), once per set and run."""
+    path = folder / f"{name}.bank"
+    if not path.is_file():
+        patchcore("bank", "build", "--train", str(data / "train" / "good"), "--out", str(path), "--backbone", name,
+                  "--seed", "0", "--no-progress")
+    return path
+
+
+def bank_of(data: Path, config: str, combine: str, folder: Path) -> Path:
+    """The bank of a configuration: a member bank, or `patchcore bank combine` of its members' banks (the bank
+    `bank build --backbone a+b` makes, without building each member again)."""
+    members = config.split("+")
+    if len(members) == 1:
+        return member_bank(data, config, folder)
+    paths = [str(member_bank(data, name, folder)) for name in members]
+    path = folder / f"{config}-{combine}.bank"
+    patchcore("bank", "combine", *paths, "--out", str(path), "--combine", combine)
+    return path
+
+
+def run_eval(data: Path, bank: Path, json_out: Path) -> dict:
+    """`patchcore eval --bank`: its JSON report, with the bank's build seconds (members' summed for an ensemble)."""
+    patchcore("eval", "--data", str(data), "--bank", str(bank), "--json", str(json_out), "--no-progress")
     report = json.loads(json_out.read_text())
-    report["wall_s"] = round(time.perf_counter() - started, 1)
+    info = subprocess.run([sys.executable, "-m", "patchcore", "bank", "info", str(bank)], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+    report["fit_seconds"] = json.loads(info)["info"]["build_seconds"]
     return report
 
 
 def row_of(set_name: str, config: str, report: dict, load: float) -> dict:
     rate = report.get("best_recall_at_rate", {})
-    return {"data": set_name, "config": config, "combine": report.get("combine", "-"),
+    return {"data": set_name, "config": config, "combine": report.get("combine") or "-",
             "image_auroc": report["image_auroc"], "pixel_auroc": report["pixel_auroc"], "pro": report["pro"],
             "threshold": report["threshold"], "false_alarm_rate": report["false_alarm_rate"], "recall": report["recall"],
             "best_recall_at_0_05": rate.get("0.05"), "build_s": report["fit_seconds"],
@@ -57,25 +83,33 @@ def main() -> None:
     parser.add_argument("--data", help="folder of the data sets (default: bench/datadir.py)")
     parser.add_argument("--sets", default="mvtec_bottle,visa_macaroni1")
     parser.add_argument("--configs", default=",".join(SINGLES + ENSEMBLES))
-    parser.add_argument("--eval-args", default="", help="extra `patchcore eval` options, e.g. '--combine max'")
-    parser.add_argument("--label", default="", help="suffix of the config's name in the table (e.g. ', max')")
+    parser.add_argument("--combine", default="mean,max", help="ensembles: the combinations measured")
+    parser.add_argument("--banks", default=None, help="keep the banks in this folder (default: a temporary one)")
     parser.add_argument("--no-keep", dest="keep", action="store_false",
                         help="drop the file's rows of configurations not run now")
     args = parser.parse_args()
     path = RESULTS / f"{NAME}.json"
     rows = json.loads(path.read_text())["figures"]["rows"] if args.keep and path.is_file() else []
+    temporary = tempfile.TemporaryDirectory(prefix="bench-backbones-")
+    root = Path(args.banks or temporary.name)
     for set_name in args.sets.split(","):
         data = category(set_name, args.data)
-        for config in args.configs.split(","):
-            with tempfile.TemporaryDirectory(prefix="bench-backbones-") as folder:
-                report = run_eval(data, config, Path(folder) / "eval.json", args.eval_args.split())
-            row = row_of(set_name, config + args.label, report, round(os.getloadavg()[0], 2))
+        folder = root / set_name
+        folder.mkdir(parents=True, exist_ok=True)
+        runs = [(config, combine) for config in args.configs.split(",")
+                for combine in (args.combine.split(",") if "+" in config else ["-"])]
+        for config, combine in runs:
+            report = run_eval(data, bank_of(data, config, combine, folder), folder / "eval.json")
+            row = row_of(set_name, config, report, round(os.getloadavg()[0], 2))
             print(json.dumps(row), flush=True)
-            rows = [r for r in rows if (r["data"], r["config"]) != (row["data"], row["config"])] + [row]
-            rows.sort(key=lambda r: (r["data"], r["config"].count("+"), r["config"]))
+            key = (row["data"], row["config"], row["combine"])
+            rows = [r for r in rows if (r["data"], r["config"], r["combine"]) != key] + [row]
+            rows.sort(key=lambda r: (r["data"], r["config"].count("+"), r["config"], r["combine"]))
             write_result(NAME, {"rows": rows},
-                         command="bench/backbones.py --sets SET --configs CONFIG (one `patchcore eval --data SET "
-                                 "--backbone CONFIG --seed 0 --json FILE` per row, one at a time)")
+                         command="bench/backbones.py --sets SET --configs CONFIGS (per backbone `patchcore bank build "
+                                 "--train SET/train/good --backbone NAME --seed 0`, per ensemble `patchcore bank combine "
+                                 "MEMBERS --combine C`, then `patchcore eval --data SET --bank BANK --json FILE`; "
+                                 "one at a time)")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ COMMANDS = {
     "bank": None,  # defined below: its commands come from two modules
     "alarm": "ops", "deadletter": "ops", "console": "console", "weights": "weights",
 }
-BANK_COMMANDS = {"build": "bank", "info": "bank", "calibrate": "bank", "publish": "registry", "list": "registry",
+BANK_COMMANDS = {"build": "bank", "combine": "bank", "info": "bank", "calibrate": "bank", "publish": "registry", "list": "registry",
                  "activate": "registry", "rollback": "registry", "update": "bank"}
 
 

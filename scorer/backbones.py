@@ -26,6 +26,7 @@ from .efficientnet_lite import (LITE_MEAN, LITE_STD, convert_ported_state_dict, 
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 RANDOM_WEIGHTS = "random"
+ENSEMBLE_SEPARATOR = "+"  # "mobilenet_v2+efficientnet_lite0": an ensemble bank of one member per backbone
 
 
 class BackboneError(RuntimeError):
@@ -89,6 +90,11 @@ def resolve_backbone(name: str = AUTO_BACKBONE, weights: str | Path | None = Non
     """The backbone a build uses: `name` itself, or for "auto" the first of AUTO_PREFERENCE whose ImageNet
     weights file is present (checked by hash when loaded). Raises BackboneError when none is, or when "auto"
     is given a weights file (which backbone it belongs to cannot be guessed)."""
+    members = ensemble_members(name)
+    if members:
+        if weights is not None:
+            raise BackboneError("an ensemble loads each member's ImageNet weights: --weights is for one backbone")
+        return BackboneChoice(name, f"ensemble of {len(members)} asked for")
     if name != AUTO_BACKBONE:
         _spec(name)
         return BackboneChoice(name, "asked for")
@@ -103,6 +109,19 @@ def resolve_backbone(name: str = AUTO_BACKBONE, weights: str | Path | None = Non
         missing.append(candidate)
     raise BackboneError(f"no ImageNet weights found for any of {', '.join(AUTO_PREFERENCE)}: "
                         f"{fetch_hint(AUTO_PREFERENCE[0])}, or run scripts/setup.sh")
+
+
+def ensemble_members(name: str) -> tuple[str, ...]:
+    """The member backbones of an ensemble's name ("a+b" -> ("a", "b")); () for a single backbone. Each member
+    must be a known backbone ("auto" is not: an ensemble names its members), none twice."""
+    if ENSEMBLE_SEPARATOR not in name:
+        return ()
+    members = tuple(part.strip() for part in name.split(ENSEMBLE_SEPARATOR))
+    if len(set(members)) != len(members):
+        raise BackboneError(f"ensemble {name!r} names a backbone twice")
+    for member in members:
+        _spec(member)
+    return members
 
 
 def fetch_hint(name: str) -> str:

@@ -8,6 +8,7 @@ from .views import ViewConfig
 
 
 AUTO_BACKBONE = "auto"  # resolved when features are built: scorer.backbones.resolve_backbone
+COMBINES = ("mean", "max")  # how an ensemble's normalised member scores combine (scorer/ensemble.py)
 
 
 @dataclass(frozen=True)
@@ -62,3 +63,11 @@ class BuildConfig:
     # b of the paper's Eq. 7; 1 means plain max of the patch scores
     reweight_neighbours: int = field(default=9, metadata={"help": "b of the paper's Eq. 7 reweighting; 1 = plain max patch score."})
     batch_size: int = field(default=16, metadata={"help": "Images per backbone pass."})
+    # an ensemble bank (backbone "a+b"): members' scores, each normalised by its own held-out good scores,
+    # combined by this (scorer/ensemble.py)
+    combine: str = field(default="mean", metadata={
+        "help": "Ensembles (--backbone a+b): combine the members' normalised scores and maps by mean or max."})
+
+    def __post_init__(self) -> None:
+        if self.combine not in COMBINES:
+            raise ValueError(f"unknown combination {self.combine!r}; choose from {', '.join(COMBINES)}")
