@@ -144,3 +144,37 @@ def test_the_worker_scores_an_ensemble_bank_end_to_end(redis_server, ensemble):
     streamed = {r.seq: r for r in (Result.unpack(f[b"m"]) for _, f in client.xrange(keys.results("cam-1")))}
     np.testing.assert_allclose([streamed[f.seq].score for f in frames], expected.image_scores, rtol=1e-4, atol=1e-4)
     assert all(streamed[f.seq].threshold == pytest.approx(ensemble.calibration.threshold) for f in frames)
+
+
+def test_bank_combine_info_and_score_commands_take_an_ensemble(ensemble, test_images, tmp_path):
+    import cv2
+    from typer.testing import CliRunner
+
+    from patchcore.cli import app
+
+    paths = []
+    for member in ensemble.members:
+        paths.append(tmp_path / f"{member.feature_config.backbone}.bank")
+        save_bank(member, paths[-1])
+    out = tmp_path / "combined.bank"
+    made = CliRunner().invoke(app, ["bank", "combine", *map(str, paths), "--out", str(out), "--combine", "max"])
+    assert made.exit_code == 0, made.output
+    combined = load_bank(out)
+    expected = ensemble_of(ensemble.members, "max")
+    assert combined.combine == "max" and combined.calibration == expected.calibration
+    assert combined.normalisation == expected.normalisation
+    info = json.loads(CliRunner().invoke(app, ["bank", "info", str(out)]).output)
+    assert info["backbone"] == MEMBERS and [m["features"]["backbone"] for m in info["members"]] == MEMBERS.split("+")
+    images = []
+    for i, image in enumerate(test_images[2:5]):
+        images.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(images[-1]), image[:, :, ::-1])
+    scored = CliRunner().invoke(app, ["score", str(out), *map(str, images)])
+    assert scored.exit_code == 0, scored.output
+    lines = [json.loads(line) for line in scored.output.splitlines()]
+    offline = scorer_for(combined, device="cpu").score(test_images[2:5], maps=False).image_scores
+    np.testing.assert_allclose([line["score"] for line in lines], offline, atol=1e-3)
+    assert [line["anomalous"] for line in lines] == [bool(s >= combined.calibration.threshold) for s in offline]
+    # a single-backbone command refuses the ensemble clearly
+    refused = CliRunner().invoke(app, ["bank", "combine", str(out), str(paths[0]), "--out", str(tmp_path / "x.bank")])
+    assert refused.exit_code != 0 and "single-backbone" in refused.output
