@@ -1,59 +1,115 @@
-"""Patch-feature throughput (images/s) of each backbone, measured side by side in one run.
+"""Each offline backbone alone and ensembles of them, measured with `patchcore eval` (its JSON) on real sets.
 
-    .venv/bin/python bench/backbones.py [--backbones mobilenet_v2,efficientnet_lite0] [--images 32]
+    .venv/bin/python bench/backbones.py [--data DIR] [--sets mvtec_bottle,visa_macaroni1]
+        [--configs mobilenet_v2,efficientnet_lite0,...,mobilenet_v2+efficientnet_lite0] [--keep]
 
-Same images (synthetic parts at 256 x 256 -> crop 224), same batch size, rounds interleaved so
-that load from other processes hits every backbone alike; prints the median of the rounds and
-the ratio to the first backbone.
+Per set: each backbone's bank once (`patchcore bank build --backbone NAME --seed 0`, default view and settings:
+crop 256/224, 10 % coreset, leave-out threshold at a 1 % target false-alarm rate); each ensemble from its members'
+banks (`patchcore bank combine`, mean and max: the bank `bank build --backbone a+b` makes); then `patchcore eval
+--bank BANK --json FILE` of every configuration, one after the other (never two at once: the machine is shared),
+so the images/s of a set's configurations come from one run. Rows go to bench/results/backbones-eval.json; rows
+of configurations not run this time are kept from the file (`--no-keep` drops them), so a slow set can be
+measured a few configurations per invocation. Build seconds: the bank's (features, coreset, calibration; an
+ensemble's: its members' summed); images/s: eval's end-to-end scoring rate, maps included. Timings taken while other jobs share the CPU swing with their load
+(the file records the load average); quality columns do not depend on it.
 """
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
-import numpy as np
-import torch
+from datadir import category  # bench/datadir.py, beside this script
+from results import RESULTS, write_result  # bench/results.py, beside this script
 
-from scorer.config import FeatureConfig
-from scorer.model import build_extractor
-from scorer.preprocess import preprocess
+NAME = "backbones-eval"
+SINGLES = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+ENSEMBLES = ("mobilenet_v2+efficientnet_lite0", "efficientnet_lite0+efficientnet_lite1",
+             "mobilenet_v2+efficientnet_lite0+efficientnet_lite1")
+ROOT = Path(__file__).resolve().parents[1]
 
-from results import write_result  # bench/results.py, beside this script
+
+def patchcore(*args: str) -> None:
+    """One `patchcore` command in a child process (its JSON output not needed: files are)."""
+    subprocess.run([sys.executable, "-m", "patchcore", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def member_bank(data: Path, name: str, folder: Path) -> Path:
+    """`patchcore bank build` of one backbone (default settings, seed 0), once per set and run."""
+    path = folder / f"{name}.bank"
+    if not path.is_file():
+        patchcore("bank", "build", "--train", str(data / "train" / "good"), "--out", str(path), "--backbone", name,
+                  "--seed", "0", "--no-progress")
+    return path
+
+
+def bank_of(data: Path, config: str, combine: str, folder: Path) -> Path:
+    """The bank of a configuration: a member bank, or `patchcore bank combine` of its members' banks (the bank
+    `bank build --backbone a+b` makes, without building each member again)."""
+    members = config.split("+")
+    if len(members) == 1:
+        return member_bank(data, config, folder)
+    paths = [str(member_bank(data, name, folder)) for name in members]
+    path = folder / f"{config}-{combine}.bank"
+    patchcore("bank", "combine", *paths, "--out", str(path), "--combine", combine)
+    return path
+
+
+def run_eval(data: Path, bank: Path, json_out: Path) -> dict:
+    """`patchcore eval --bank`: its JSON report, with the bank's build seconds (members' summed for an ensemble)."""
+    patchcore("eval", "--data", str(data), "--bank", str(bank), "--json", str(json_out), "--no-progress")
+    report = json.loads(json_out.read_text())
+    info = subprocess.run([sys.executable, "-m", "patchcore", "bank", "info", str(bank)], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+    report["fit_seconds"] = json.loads(info)["info"]["build_seconds"]
+    return report
+
+
+def row_of(set_name: str, config: str, report: dict, load: float) -> dict:
+    rate = report.get("best_recall_at_rate", {})
+    return {"data": set_name, "config": config, "combine": report.get("combine") or "-",
+            "image_auroc": report["image_auroc"], "pixel_auroc": report["pixel_auroc"], "pro": report["pro"],
+            "threshold": report["threshold"], "false_alarm_rate": report["false_alarm_rate"], "recall": report["recall"],
+            "best_recall_at_0_05": rate.get("0.05"), "build_s": report["fit_seconds"],
+            "images_per_s": report["images_per_second"], "load_average_1min": load}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--backbones", default="mobilenet_v2,efficientnet_lite0")
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="folder of the data sets (default: bench/datadir.py)")
+    parser.add_argument("--sets", default="mvtec_bottle,visa_macaroni1")
+    parser.add_argument("--configs", default=",".join(SINGLES + ENSEMBLES))
+    parser.add_argument("--combine", default="mean,max", help="ensembles: the combinations measured")
+    parser.add_argument("--banks", default=None, help="keep the banks in this folder (default: a temporary one)")
+    parser.add_argument("--no-keep", dest="keep", action="store_false",
+                        help="drop the file's rows of configurations not run now")
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (256, 256, 3), dtype=np.uint8) for _ in range(args.images)]
-    batch = preprocess(images, 256, 224)
-    names = args.backbones.split(",")
-    extractors = {name: build_extractor(FeatureConfig(backbone=name))[0] for name in names}
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for name, extractor in extractors.items():  # warm-up
-        extractor(batch[:2])
-    for _ in range(args.rounds):
-        for name, extractor in extractors.items():
-            started = time.perf_counter()
-            for begin in range(0, len(batch), args.batch_size):
-                extractor(batch[begin:begin + args.batch_size])
-            seconds[name].append(time.perf_counter() - started)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"{args.images} images of 224 x 224, batch {args.batch_size}, median of {args.rounds} rounds")
-    base = args.images / statistics.median(seconds[names[0]])
-    rows = []
-    for name in names:
-        rate = args.images / statistics.median(seconds[name])
-        print(f"{name:20s} {rate:7.2f} images/s  ({rate / base:.2f}x {names[0]})")
-        rows.append({"backbone": name, "images_per_s": round(rate, 2), "x_first": round(rate / base, 3)})
-    write_result("backbones", {"images": args.images, "batch_size": args.batch_size, "rounds": args.rounds,
-                               "torch_threads": torch.get_num_threads(), "rows": rows})
+    path = RESULTS / f"{NAME}.json"
+    rows = json.loads(path.read_text())["figures"]["rows"] if args.keep and path.is_file() else []
+    temporary = tempfile.TemporaryDirectory(prefix="bench-backbones-")
+    root = Path(args.banks or temporary.name)
+    for set_name in args.sets.split(","):
+        data = category(set_name, args.data)
+        folder = root / set_name
+        folder.mkdir(parents=True, exist_ok=True)
+        runs = [(config, combine) for config in args.configs.split(",")
+                for combine in (args.combine.split(",") if "+" in config else ["-"])]
+        for config, combine in runs:
+            report = run_eval(data, bank_of(data, config, combine, folder), folder / "eval.json")
+            row = row_of(set_name, config, report, round(os.getloadavg()[0], 2))
+            print(json.dumps(row), flush=True)
+            key = (row["data"], row["config"], row["combine"])
+            rows = [r for r in rows if (r["data"], r["config"], r["combine"]) != key] + [row]
+            rows.sort(key=lambda r: (r["data"], r["config"].count("+"), r["config"], r["combine"]))
+            write_result(NAME, {"rows": rows},
+                         command="bench/backbones.py --sets SET --configs CONFIGS (per backbone `patchcore bank build "
+                                 "--train SET/train/good --backbone NAME --seed 0`, per ensemble `patchcore bank combine "
+                                 "MEMBERS --combine C`, then `patchcore eval --data SET --bank BANK --json FILE`; "
+                                 "one at a time)")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from scorer import (BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_
                     load_image)
 from scorer.backbones import BackboneError, resolve_backbone
 from scorer.calibration import CalibrationConfig
+from scorer.bank import bank_size
 from scorer.evaluate import bank_summary
 from scorer.index import SearchConfig
 from store.alarms.rules import AlarmRule
@@ -196,7 +197,7 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         version = registry.publish(settings.bank_name, bank_to_bytes(bank),
                                    {"source": "patchcore up", **bank_summary(bank)}, activate=True)
         threshold = bank.calibration.threshold if bank.calibration else None
-        echo(f"bank {settings.bank_name} v{version}: {len(bank.features)} features, threshold {threshold}")
+        echo(f"bank {settings.bank_name} v{version}: {bank_size(bank)} features, threshold {threshold}")
         if settings.console_port is not None:
             from console.app import ConsoleError, ConsoleServer, ConsoleSettings
 

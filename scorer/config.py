@@ -8,6 +8,7 @@ from .views import ViewConfig
 
 
 AUTO_BACKBONE = "auto"  # resolved when features are built: scorer.backbones.resolve_backbone
+COMBINES = ("mean", "max")  # how an ensemble's normalised member scores combine (scorer/ensemble.py)
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,9 @@ class FeatureConfig:
 
     backbone: str = field(default=AUTO_BACKBONE, metadata={  # a bank always stores the resolved name
         "help": "auto (wide_resnet50_2, the paper's, when its weights are present, else efficientnet_lite0; "
-                "`patchcore weights list`), wide_resnet50_2, resnet18, resnet50, mobilenet_v2 or efficientnet_lite0."})
+                "`patchcore weights list`), wide_resnet50_2, resnet18, resnet50, mobilenet_v2, efficientnet_lite0, "
+                "efficientnet_lite1, efficientnet_lite2, or an ensemble of several joined by + "
+                "(mobilenet_v2+efficientnet_lite0)."})
     layers: tuple[str, ...] = ()  # empty: the backbone's default taps
     weights_sha256: str = ""  # filled in from the weights actually loaded
     patch_size: int = 3
@@ -60,3 +63,11 @@ class BuildConfig:
     # b of the paper's Eq. 7; 1 means plain max of the patch scores
     reweight_neighbours: int = field(default=9, metadata={"help": "b of the paper's Eq. 7 reweighting; 1 = plain max patch score."})
     batch_size: int = field(default=16, metadata={"help": "Images per backbone pass."})
+    # an ensemble bank (backbone "a+b"): members' scores, each normalised by its own held-out good scores,
+    # combined by this (scorer/ensemble.py)
+    combine: str = field(default="mean", metadata={
+        "help": "Ensembles (--backbone a+b): combine the members' normalised scores and maps by mean or max."})
+
+    def __post_init__(self) -> None:
+        if self.combine not in COMBINES:
+            raise ValueError(f"unknown combination {self.combine!r}; choose from {', '.join(COMBINES)}")

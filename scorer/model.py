@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import BACKBONES, load_backbone, resolve_backbone
+from .backbones import BACKBONES, ensemble_members, load_backbone, resolve_backbone
 from .bank import BankError, Calibration, MemoryBank
 from .calibration import fold_ids, tail_fit_pvalue, threshold_for_rate
 from .config import BuildConfig, CoresetConfig, FeatureConfig
@@ -78,40 +78,10 @@ class ScoreResult:
     layouts: list[Layout]  # per image: where its windows lie
 
 
-class PatchCoreScorer:
-    """Scores images against a memory bank. The extractor and view must match the bank's settings exactly."""
-
-    max_windows_per_pass = 64  # bounds the memory of one backbone pass and search (tiles: many per frame)
-    max_cached_masks = 256  # patch masks of (region, layout, grid) kept: cameras x frame sizes x settings versions
-
-    def __init__(self, bank: MemoryBank, device: str | torch.device = "auto", index: str = "auto",
-                 weights: str | Path | None = None, extractor: PatchFeatureExtractor | None = None,
-                 reweight_neighbours: int | None = None, view: ViewConfig | None = None,
-                 search: SearchConfig | str = SearchConfig(), compute: ComputeConfig | None = None):
-        """compute: the backbone's precision and layout (default: the device's, ComputeConfig.resolve); with
-        `extractor`, that extractor's own."""
-        self.bank = bank
-        self.device = resolve_device(device)
-        apply_thread_plan()  # torch's and FAISS's threads sized together for the cores present
-        self.config = bank.feature_config
-        if view is not None and bank.view.differences(view):
-            raise BankError("bank does not match this view: " + "; ".join(bank.view.differences(view)))
-        self.view = bank.view
-        if extractor is None:
-            extractor, _ = build_extractor(replace(self.config, weights_sha256=""), weights, self.device,
-                                           compute or ComputeConfig())
-        elif compute is not None and compute.resolve(self.device) != extractor.compute:
-            raise ValueError(f"extractor runs with {extractor.compute}, not {compute}")
-        differences = self.config.differences(extractor.config)
-        if differences:
-            raise BankError("bank does not match this backbone/config: " + "; ".join(differences))
-        if bank.features.ndim != 2 or bank.features.shape[1] != self.config.target_dim:
-            raise BankError(f"bank features have shape {bank.features.shape}, expected [M, {self.config.target_dim}]")
-        self.extractor = extractor.to(self.device)
-        self.neighbours = bank.reweight_neighbours if reweight_neighbours is None else reweight_neighbours
-        self.index = make_index(bank.features, search, index, self.device)  # `index`: the flat engine
-        self._bank = torch.from_numpy(np.ascontiguousarray(bank.features)).to(self.device)
-        self._valid: dict[tuple, torch.Tensor] = {}
+class Verdicts:
+    """What a frame consumer needs beside the scores, shared by PatchCoreScorer and the ensemble's scorer:
+    the threshold and verdict from `self.bank.calibration`, refusals and overlays in `self.view`, file batches
+    through `self.score`."""
 
     @property
     def threshold(self) -> float | None:
@@ -134,6 +104,68 @@ class PatchCoreScorer:
         except ViewError as exc:
             return str(exc)
         return None
+
+    def overlay(self, image: np.ndarray, anomaly_map: np.ndarray, score: float, threshold: float | None = None
+                ) -> np.ndarray:
+        """The image with its anomaly map, score and threshold drawn on it: BGR uint8 (for cv2.imwrite / JPEG).
+        threshold: the one that decided this image (a camera's own); default the bank's."""
+        threshold = self.threshold if threshold is None else threshold
+        with stage("overlay"):
+            return heatmap_overlay(image, anomaly_map, threshold, score,
+                                   bool(score >= threshold) if threshold is not None else None,
+                                   region=inspected_box(*image.shape[:2], self.view))
+
+    def score_paths(self, paths: Sequence[Image], batch_size: int = 16, maps: bool = True,
+                    progress: bool = False, desc: str = "scoring") -> ScoreResult:
+        results = []
+        with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+            for images in iter_image_batches(paths, batch_size):
+                results.append(self.score(images, maps))
+                bar.update(len(images))
+        return ScoreResult(
+            np.concatenate([r.image_scores for r in results]),
+            [m for r in results for m in r.maps] if maps else None,
+            [p for r in results for p in r.patch_scores],
+            [lay for r in results for lay in r.layouts],
+        )
+
+
+class PatchCoreScorer(Verdicts):
+    """Scores images against a memory bank. The extractor and view must match the bank's settings exactly."""
+
+    max_windows_per_pass = 64  # bounds the memory of one backbone pass and search (tiles: many per frame)
+    max_cached_masks = 256  # patch masks of (region, layout, grid) kept: cameras x frame sizes x settings versions
+
+    def __init__(self, bank: MemoryBank, device: str | torch.device = "auto", index: str = "auto",
+                 weights: str | Path | None = None, extractor: PatchFeatureExtractor | None = None,
+                 reweight_neighbours: int | None = None, view: ViewConfig | None = None,
+                 search: SearchConfig | str = SearchConfig(), compute: ComputeConfig | None = None):
+        """compute: the backbone's precision and layout (default: the device's, ComputeConfig.resolve); with
+        `extractor`, that extractor's own."""
+        if not isinstance(bank, MemoryBank):
+            raise BankError("an ensemble bank is scored by scorer.ensemble.EnsembleScorer (scorer.ensemble.scorer_for)")
+        self.bank = bank
+        self.device = resolve_device(device)
+        apply_thread_plan()  # torch's and FAISS's threads sized together for the cores present
+        self.config = bank.feature_config
+        if view is not None and bank.view.differences(view):
+            raise BankError("bank does not match this view: " + "; ".join(bank.view.differences(view)))
+        self.view = bank.view
+        if extractor is None:
+            extractor, _ = build_extractor(replace(self.config, weights_sha256=""), weights, self.device,
+                                           compute or ComputeConfig())
+        elif compute is not None and compute.resolve(self.device) != extractor.compute:
+            raise ValueError(f"extractor runs with {extractor.compute}, not {compute}")
+        differences = self.config.differences(extractor.config)
+        if differences:
+            raise BankError("bank does not match this backbone/config: " + "; ".join(differences))
+        if bank.features.ndim != 2 or bank.features.shape[1] != self.config.target_dim:
+            raise BankError(f"bank features have shape {bank.features.shape}, expected [M, {self.config.target_dim}]")
+        self.extractor = extractor.to(self.device)
+        self.neighbours = bank.reweight_neighbours if reweight_neighbours is None else reweight_neighbours
+        self.index = make_index(bank.features, search, index, self.device)  # `index`: the flat engine
+        self._bank = torch.from_numpy(np.ascontiguousarray(bank.features)).to(self.device)
+        self._valid: dict[tuple, torch.Tensor] = {}
 
     @torch.inference_mode()
     def score(self, images: Sequence[np.ndarray], maps: bool = True,
@@ -163,9 +195,20 @@ class PatchCoreScorer:
 
     def _score_group(self, images: list[np.ndarray], lay: Layout, regions: list[Region | None] | None = None
                      ) -> tuple[np.ndarray, torch.Tensor]:
+        return self.score_windows(self.prepare_windows(images, lay), lay, len(images), regions)
+
+    def prepare_windows(self, images: list[np.ndarray], lay: Layout) -> torch.Tensor:
+        """Equally sized RGB images -> their view's ImageNet-normalised windows [B * T, 3, h, w], frame-major, on
+        the device (what every backbone takes: an extractor maps them onto its own normalisation)."""
         with stage("resize_normalise"):
             batch = upload(images, self.device)
-            inputs = windows(batch, self.view, lay, IMAGENET_MEAN, IMAGENET_STD)  # [B * T, 3, h, w], frame-major
+            return windows(batch, self.view, lay, IMAGENET_MEAN, IMAGENET_STD)
+
+    def score_windows(self, inputs: torch.Tensor, lay: Layout, n_images: int,
+                      regions: list[Region | None] | None = None) -> tuple[np.ndarray, torch.Tensor]:
+        """The windows of `n_images` images of one layout -> image scores [B] and patch distances
+        [B, n_windows, gh, gw] (0 outside the frame / region of interest). regions: per image, one that replaces
+        the bank's ROI (None: the bank's)."""
         n_windows = len(lay.origins)
         grids, best, anchor, best_feature, grid = [], [], [], [], (0, 0)
         masks = None  # [B * T, L]: each window's valid patches, its image's region applied
@@ -174,7 +217,7 @@ class PatchCoreScorer:
             with stage("search"):
                 count, n_patches, dim = features.shape
                 if masks is None:
-                    masks = self._batch_masks(lay, grid, regions, len(images))
+                    masks = self._batch_masks(lay, grid, regions, n_images)
                 valid = masks[begin:begin + count]  # [c, L]
                 distances, nearest = self.index.search(features.reshape(-1, dim), k=1)
                 distances, nearest = distances.reshape(count, n_patches), nearest.reshape(count, n_patches)
@@ -184,7 +227,6 @@ class PatchCoreScorer:
                 anchor.append(nearest[rows, where])
                 best_feature.append(features[rows, where])
                 grids.append(torch.where(valid, distances, 0.0))
-        n_images = len(images)
         with stage("reweight"):
             best_t = torch.cat(best).reshape(n_images, n_windows)
             top, window = best_t.max(dim=1)  # each image's highest patch over all its windows
@@ -247,16 +289,6 @@ class PatchCoreScorer:
                 out[p] = heat
         return out
 
-    def overlay(self, image: np.ndarray, anomaly_map: np.ndarray, score: float, threshold: float | None = None
-                ) -> np.ndarray:
-        """The image with its anomaly map, score and threshold drawn on it: BGR uint8 (for cv2.imwrite / JPEG).
-        threshold: the one that decided this image (a camera's own); default the bank's."""
-        threshold = self.threshold if threshold is None else threshold
-        with stage("overlay"):
-            return heatmap_overlay(image, anomaly_map, threshold, score,
-                                   bool(score >= threshold) if threshold is not None else None,
-                                   region=inspected_box(*image.shape[:2], self.view))
-
     @torch.inference_mode()
     def score_patches(self, patch_sets: Sequence[np.ndarray]) -> np.ndarray:
         """Image scores from already extracted patch features, one [P_i, D] array per image (P_i >= 1)."""
@@ -268,21 +300,6 @@ class PatchCoreScorer:
             scores[i] = float(reweight(top[None], nearest[where, 0][None], features[where][None], self._bank,
                                        self.index, self.neighbours)[0])
         return scores
-
-    def score_paths(self, paths: Sequence[Image], batch_size: int = 16, maps: bool = True,
-                    progress: bool = False, desc: str = "scoring") -> ScoreResult:
-        results = []
-        with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
-            for images in iter_image_batches(paths, batch_size):
-                results.append(self.score(images, maps))
-                bar.update(len(images))
-        return ScoreResult(
-            np.concatenate([r.image_scores for r in results]),
-            [m for r in results for m in r.maps] if maps else None,
-            [p for r in results for p in r.patch_scores],
-            [lay for r in results for lay in r.layouts],
-        )
-
 
 class PatchStore:
     """Training patch features in bounded memory: the full vectors in a temporary file, their random
@@ -414,6 +431,7 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
                device: str | torch.device = "auto", progress: bool = True, roi: np.ndarray | None = None,
                index: str = "auto", compute: ComputeConfig = ComputeConfig()) -> MemoryBank:
     """Fit: patch features of good images (files or RGB arrays) -> coreset memory bank with a threshold.
+    An ensemble's backbone ("a+b") gives an EnsembleBank instead (scorer.ensemble.build_ensemble).
 
     The threshold comes from good images only: each training image is scored against the coreset the build
     would have made without it (and its near-twins, for contiguous frames; scorer/heldout.py) - what the
@@ -423,6 +441,10 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
     """
     if not len(images):
         raise ValueError("no training images given")
+    if ensemble_members(config.features.backbone):  # "a+b": one member bank per backbone
+        from .ensemble import build_ensemble  # scorer.ensemble builds on this module
+
+        return build_ensemble(images, config, weights, device, progress, roi, index, compute)
     started = time.perf_counter()
     device = resolve_device(device)
     apply_thread_plan()
@@ -461,6 +483,8 @@ def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path |
     """
     if not len(images):
         raise ValueError("no new images given")
+    if not isinstance(bank, MemoryBank):
+        raise BankError("an ensemble bank cannot be updated in place yet: rebuild it with the new images")
     device = resolve_device(device)
     extractor, _ = build_extractor(replace(bank.feature_config, weights_sha256=""), weights, device, compute)
     # refuses a mismatch; the exact search, as the stored good scores were computed (build_bank)

@@ -21,7 +21,9 @@ from scorer.evaluate import bank_summary, labelled_scores
 from scorer.metrics import f1_optimal_threshold
 from scorer.preprocess import list_images
 from scorer.backbones import resolve_backbone
+from scorer.bank import MemoryBank
 from scorer.config import AUTO_BACKBONE
+from scorer.ensemble import ensemble_of
 from scorer.features import ComputeConfig, ComputeError
 from scorer.model import resolve_device
 from workers.banks.registry import RegistryError
@@ -43,6 +45,7 @@ Index = field_option(WorkerSettings, "index")
 Weights = field_option(WorkerSettings, "weights")
 Precision = field_option(WorkerSettings, "precision")
 ChannelsLast = field_option(WorkerSettings, "channels_last")
+Combine = field_option(BuildConfig, "combine")
 
 
 def compute_config(precision: str, channels_last: Optional[bool], device: str) -> ComputeConfig:
@@ -61,7 +64,7 @@ def build_options(command):
                      settings_options(ViewConfig, "kind", "resize", "crop", "size", "scale", "tile", "overlap",
                                       into="view", rename={"kind": "view"}),
                      settings_options(CalibrationConfig, "folds", "contiguous", "false_alarm_rate", into="calibration"),
-                     settings_options(BuildConfig, "reweight_neighbours", "batch_size", into="build",
+                     settings_options(BuildConfig, "reweight_neighbours", "batch_size", "combine", into="build",
                                       rename={"reweight_neighbours": "neighbours"})):
         command = decorate(command)
     return command
@@ -144,6 +147,28 @@ def bank_build(
             bank = build_from_folder(Path(folder), config, weights, device, progress, roi_mask(roi), compute)
     else:
         bank = build_from_folder(train, config, weights, device, progress, roi_mask(roi), compute)
+    save_bank(bank, out)
+    typer.echo(json.dumps({"bank": str(out), **bank_summary(bank)}, indent=2))
+
+
+@app.command("combine")
+def bank_combine(
+    members: Annotated[list[Path], typer.Argument(help="Bank files, one per backbone, built from the same training "
+                                                       "images with the same view and settings.")],
+    out: Annotated[Path, typer.Option(help="Ensemble bank file to write.")],
+    combine: Combine = BuildConfig.combine,
+) -> None:
+    """An ensemble bank from member banks built separately (as `bank build --backbone a+b` would make it)."""
+    try:
+        banks = [load_bank(path) for path in members]
+        if not all(isinstance(bank, MemoryBank) for bank in banks):
+            fail("every member must be a single-backbone bank")
+        info = {"n_train_images": banks[0].info.get("n_train_images"),
+                "build_seconds": round(sum(float(b.info.get("build_seconds", 0.0)) for b in banks), 2),
+                "combined_from": [str(path) for path in members]}
+        bank = ensemble_of(banks, combine, info)
+    except (BankError, ValueError) as exc:
+        fail(str(exc))
     save_bank(bank, out)
     typer.echo(json.dumps({"bank": str(out), **bank_summary(bank)}, indent=2))
 

@@ -11,7 +11,9 @@ from typing import Annotated, Optional
 import cv2
 import typer
 
-from scorer import BackboneError, BankError, BuildConfig, ImageDecodeError, PatchCoreScorer, load_bank, load_image
+from scorer import BackboneError, BankError, BuildConfig, ImageDecodeError, load_bank, load_image
+from scorer.bank import EnsembleBank, bank_size
+from scorer.ensemble import scorer_for
 from scorer.evaluate import evaluate
 from scorer.index import IndexError_
 from workers.camera import CameraRegions, thresholds
@@ -57,13 +59,17 @@ def evaluate_command(
             loaded = build_from_folder(data / "train" / "good", config, weights, device, progress, roi_mask(roi),
                                        compute)
             fit_seconds = time.perf_counter() - started
-        scorer = PatchCoreScorer(loaded, device=device, index=index, weights=weights,
-                                 search=search_config(search, index), compute=compute)
-    except (BankError, IndexError_) as exc:
+        scorer = scorer_for(loaded, device=device, index=index, weights=weights,
+                            search=search_config(search, index), compute=compute)
+    except (BankError, BackboneError, IndexError_) as exc:
         fail(str(exc))
     report = evaluate(scorer, data, fit_seconds, build["batch_size"], progress).to_dict()
-    report.update(backbone=loaded.feature_config.backbone, layers=list(loaded.feature_config.layers),
-                  coreset=loaded.coreset.fraction, seed=loaded.coreset.seed, bank_size=int(len(loaded.features)),
+    members = loaded.members if isinstance(loaded, EnsembleBank) else (loaded,)
+    report.update(backbone=loaded.backbone if isinstance(loaded, EnsembleBank) else loaded.feature_config.backbone,
+                  layers=[list(m.feature_config.layers) for m in members] if len(members) > 1
+                  else list(loaded.feature_config.layers),
+                  combine=loaded.combine if isinstance(loaded, EnsembleBank) else None,
+                  coreset=members[0].coreset.fraction, seed=members[0].coreset.seed, bank_size=bank_size(loaded),
                   reweight_neighbours=scorer.neighbours, index=scorer.index.kind,
                   device=str(scorer.device))
     images = report.pop("images")  # per-image scores: in the JSON file, not on the terminal
@@ -96,9 +102,9 @@ def score_command(
     if flags:  # options on top: settings of no stored version (0)
         settings = camera_settings(camera or "offline", settings, sensitivity, roi_polygon, roi_mask)
     try:
-        scorer = PatchCoreScorer(load_bank(bank), device=device, index=index, weights=weights,
-                                 search=search_config(search, index), compute=compute)
-    except (BankError, IndexError_) as exc:
+        scorer = scorer_for(load_bank(bank), device=device, index=index, weights=weights,
+                            search=search_config(search, index), compute=compute)
+    except (BankError, BackboneError, IndexError_) as exc:
         fail(str(exc))
     threshold = scorer.threshold if settings is None else settings.effective_threshold(scorer.threshold)
     regions = CameraRegions()

@@ -9,7 +9,9 @@ import torch
 
 from runtime.metrics import BANK_VERSION
 from workers.banks.registry import BankRegistry, RegistryError
-from scorer import BackboneError, BankError, PatchCoreScorer, bank_from_bytes, resolve_device
+from scorer import BackboneError, BankError, FeatureConfig, PatchCoreScorer, bank_from_bytes, resolve_device
+from scorer.ensemble import EnsembleScorer, scorer_for
+from scorer.features import PatchFeatureExtractor
 from scorer.features import ComputeConfig
 from scorer.index import IndexError_, SearchConfig
 from scorer.model import build_extractor
@@ -21,7 +23,7 @@ log = logging.getLogger("patchcore.worker")
 class ActiveScorer:
     name: str
     version: int
-    scorer: PatchCoreScorer
+    scorer: PatchCoreScorer | EnsembleScorer
 
 
 class BankCache:
@@ -45,6 +47,15 @@ class BankCache:
             log.warning("no bank signing key: banks are loaded unsigned (checked against their sha256 only)")
         self._retry_after: dict[tuple[str, int], float] = {}  # host faults (weights, memory): try again later
         self._errors: dict[str, tuple[str, bool]] = {}  # why a bank has no scorer, and whether this host is why
+
+    def _extractor(self, config: FeatureConfig) -> PatchFeatureExtractor:
+        """The backbone of a bank's (or ensemble member's) feature settings, shared by banks and versions."""
+        extractor = self._extractors.get(config)
+        if extractor is None:
+            extractor, actual = build_extractor(replace(config, weights_sha256=""), self.weights,
+                                                resolve_device(self.device), self.compute)
+            self._extractors[actual] = extractor
+        return extractor
 
     def why(self, name: str) -> tuple[str, bool]:
         """Why bank `name` has no scorer here, and whether the cause is this host (weights, memory)
@@ -72,14 +83,10 @@ class BankCache:
             return current
         try:
             bank = bank_from_bytes(self.registry.fetch(name, version), self.max_bank_bytes)
-            extractor = self._extractors.get(bank.feature_config)
-            if extractor is None:
-                extractor, actual = build_extractor(replace(bank.feature_config, weights_sha256=""), self.weights,
-                                                    resolve_device(self.device), self.compute)
-                self._extractors[actual] = extractor
-            # refuses (BankError) a bank whose settings or weights differ from the extractor's
-            scorer = PatchCoreScorer(bank, device=self.device, index=self.index, extractor=extractor,
-                                     search=self.search)
+            # refuses (BankError) a bank whose settings or weights differ from the extractor's; an ensemble
+            # gets one extractor per member (BackboneError: a member whose weights this host lacks)
+            scorer = scorer_for(bank, device=self.device, index=self.index, search=self.search,
+                                extractor_for=self._extractor)
         # this host, not the bank (IndexError_: a search this host cannot run, e.g. without faiss)
         except (BackboneError, IndexError_, OSError, MemoryError, torch.cuda.OutOfMemoryError) as exc:
             self._retry_after[(name, version)] = time.monotonic() + self.host_retry_s

@@ -1,0 +1,186 @@
+"""Ensemble banks (PatchCore, Roth et al. 2022, Sec. 4.4 / Table 4): one member bank per backbone, their scores
+normalised and combined.
+
+Each member is an ordinary bank of the same view and training images, with its own features, coreset and
+held-out calibration (scorer/heldout.py). Members' distances live on different scales, so each member's image
+scores and patch distances are normalised by its own good-image statistics: (s - loc) / scale with loc, scale
+the mean and standard deviation of its held-out good scores (what the member gives unseen good images), then
+combined across members by mean (default) or max. The combined threshold is fitted (Gumbel tail, the members'
+target false-alarm rate) to the combined held-out good scores: the same per-image combination of the members'
+held-out scores. Maps are the view's maps of the combined normalised patch distances (for the mean, the mean of
+the members' normalised maps: upsampling and smoothing are linear and keep constants).
+
+The scorer runs every member on one batch: one upload and one resize/normalisation per group of equally sized
+frames (every backbone takes the view's ImageNet-normalised windows and maps them onto its own normalisation),
+then each member's backbone and search.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .backbones import BackboneError, ensemble_members
+from .bank import AnyBank, BankError, Calibration, EnsembleBank, MemoryBank
+from .calibration import tail_fit_pvalue, threshold_for_rate
+from .config import BuildConfig, FeatureConfig
+from .features import ComputeConfig, PatchFeatureExtractor
+from .index import SearchConfig
+from .model import Image, PatchCoreScorer, ScoreResult, Verdicts, build_bank, resolve_device
+from .views import Region, layout, shape_groups
+
+
+def normalisation_of(good_scores: Sequence[float]) -> tuple[float, float]:
+    """(loc, scale) of a member: mean and standard deviation (ddof 1) of its held-out good image scores."""
+    good = np.asarray(good_scores, dtype=np.float64)
+    if len(good) < 2:
+        raise ValueError(f"an ensemble member needs at least 2 held-out good scores, got {len(good)}")
+    loc, scale = float(good.mean()), float(good.std(ddof=1))
+    if not scale > 0:
+        raise ValueError("an ensemble member's held-out good scores are all equal: no scale to normalise by")
+    return loc, scale
+
+
+def combine(values: Sequence[np.ndarray | torch.Tensor], normalisation: Sequence[tuple[float, float]], how: str):
+    """Members' raw values (scores [B] or patch distances [B, ...], numpy or torch, one per member) -> their
+    normalised combination, of the same shape."""
+    torch_values = isinstance(values[0], torch.Tensor)
+    normalised = [(v - loc) / scale for v, (loc, scale) in zip(values, normalisation)]
+    stacked = torch.stack(normalised) if torch_values else np.stack(normalised)
+    if how == "mean":
+        return stacked.mean(0)
+    if how == "max":
+        return stacked.amax(0) if torch_values else stacked.max(0)
+    raise ValueError(f"unknown combination {how!r}")
+
+
+def ensemble_of(members: Sequence[MemoryBank], how: str, info: dict | None = None) -> EnsembleBank:
+    """Member banks built from the same training images (in the same order) -> the ensemble, its threshold
+    fitted to the combined held-out good scores at the members' target false-alarm rate."""
+    calibrations = [m.calibration for m in members]
+    if any(c is None or not c.good_scores or c.false_alarm_rate is None for c in calibrations):
+        raise ValueError("an ensemble normalises each member by its held-out good scores: build with calibration "
+                         "(--folds >= 2)")
+    if len({len(c.good_scores) for c in calibrations}) != 1 or len({c.false_alarm_rate for c in calibrations}) != 1:
+        raise ValueError("ensemble members must be calibrated on the same training images at the same rate")
+    normalisation = tuple(normalisation_of(c.good_scores) for c in calibrations)
+    good = combine([np.asarray(c.good_scores, dtype=np.float64) for c in calibrations], normalisation, how)
+    rate = calibrations[0].false_alarm_rate
+    calibration = Calibration(threshold=threshold_for_rate(good, rate), method=calibrations[0].method,
+                              good_scores=tuple(float(g) for g in good), false_alarm_rate=rate,
+                              folds=calibrations[0].folds, tail_pvalue=tail_fit_pvalue(good))
+    return EnsembleBank(tuple(members), how, normalisation, calibration, info or {})
+
+
+def build_ensemble(images: Sequence[Image], config: BuildConfig, weights: str | Path | None = None,
+                   device: str | torch.device = "auto", progress: bool = True, roi: np.ndarray | None = None,
+                   index: str = "auto", compute: ComputeConfig = ComputeConfig()) -> EnsembleBank:
+    """One member bank per backbone of `config.features.backbone` ("a+b"), each with the build's other settings,
+    combined by `config.combine`."""
+    names = ensemble_members(config.features.backbone)
+    if weights is not None:
+        raise ValueError("an ensemble loads each member's ImageNet weights: --weights is for one backbone")
+    if config.features.layers:
+        raise ValueError("an ensemble taps each member's default layers: --layers is for one backbone")
+    started = time.perf_counter()
+    members = [build_bank(images, replace(config, features=replace(config.features, backbone=name)), None, device,
+                          progress, roi, index, compute) for name in names]
+    patches = {m.info.get("n_train_patches") for m in members}
+    if len(patches) != 1:
+        raise ValueError(f"ensemble members' patch grids differ in this view ({sorted(patches)} training patches): "
+                         "choose backbones of the same stride")
+    return ensemble_of(members, config.combine, {"n_train_images": len(images),
+                                                 "build_seconds": round(time.perf_counter() - started, 2)})
+
+
+class EnsembleScorer(Verdicts):
+    """Scores images against an ensemble bank: every member's backbone and search on one prepared batch, the
+    members' normalised image scores and patch distances combined (the bank's `combine`)."""
+
+    def __init__(self, bank: EnsembleBank, device: str | torch.device = "auto", index: str = "auto",
+                 extractors: Sequence[PatchFeatureExtractor] | None = None, search: SearchConfig | str = SearchConfig(),
+                 compute: ComputeConfig | None = None):
+        """extractors: one per member, in order (None: each member's backbone is loaded; a member whose weights
+        this host lacks is refused with a BackboneError that says how to get them)."""
+        self.bank = bank
+        self.device = resolve_device(device)
+        self.view = bank.view
+        self.members: list[PatchCoreScorer] = []
+        for i, member in enumerate(bank.members):
+            try:
+                self.members.append(PatchCoreScorer(member, self.device, index,
+                                                    extractor=extractors[i] if extractors else None,
+                                                    search=search, compute=None if extractors else compute))
+            except BackboneError as exc:
+                raise BackboneError(f"ensemble member {member.feature_config.backbone} cannot run here: {exc}") from None
+
+    @property
+    def index(self):
+        """The first member's search (every member searches with the same settings)."""
+        return self.members[0].index
+
+    @property
+    def extractor(self) -> PatchFeatureExtractor:
+        """The first member's extractor (every member computes with the same settings)."""
+        return self.members[0].extractor
+
+    @property
+    def neighbours(self) -> int:
+        return self.members[0].neighbours
+
+    @torch.inference_mode()
+    def score(self, images: Sequence[np.ndarray], maps: bool = True,
+              regions: Sequence[Region | None] | None = None) -> ScoreResult:
+        """RGB uint8 images (any sizes) -> combined scores (and maps); per group of equally sized images one
+        upload and resize/normalisation for all members, then each member's backbone and search.
+
+        regions: per image, a region of interest that replaces the bank's (None: the bank's), applied by every
+        member (PatchCoreScorer.score_windows)."""
+        if regions is not None and len(regions) != len(images):
+            raise ValueError(f"{len(regions)} regions for {len(images)} images")
+        scores = np.zeros(len(images), dtype=np.float32)
+        heat: list = [None] * len(images)
+        patches: list = [None] * len(images)
+        layouts: list = [None] * len(images)
+        first = self.members[0]
+        for (height, width, *_), rows in shape_groups(images).items():
+            lay = layout(self.view, height, width)
+            inputs = first.prepare_windows([images[i] for i in rows], lay)
+            group_regions = None if regions is None else [regions[i] for i in rows]
+            results = [member.score_windows(inputs, lay, len(rows), group_regions) for member in self.members]
+            grids = {tuple(grid.shape) for _, grid in results}
+            if len(grids) != 1:
+                raise BankError(f"ensemble members' patch grids differ for a {height}x{width} frame: {sorted(grids)}")
+            group_scores = combine([s for s, _ in results], self.bank.normalisation, self.bank.combine)
+            group_patches = combine([g for _, g in results], self.bank.normalisation, self.bank.combine)
+            group_maps = first._maps(group_patches, lay).cpu().numpy() if maps else None
+            group_patches = group_patches.cpu().numpy()
+            for j, i in enumerate(rows):
+                scores[i], patches[i], layouts[i] = group_scores[j], group_patches[j], lay
+                if maps:
+                    heat[i] = group_maps[j]
+        return ScoreResult(scores, heat if maps else None, patches, layouts)
+
+    def heatmaps(self, result: ScoreResult, rows: Sequence[int]) -> list[np.ndarray]:
+        """Maps of some images of a result scored with maps=False (from its combined patch distances)."""
+        return self.members[0].heatmaps(result, rows)
+
+
+def scorer_for(bank: AnyBank, device: str | torch.device = "auto", index: str = "auto",
+               weights: str | Path | None = None, search: SearchConfig | str = SearchConfig(),
+               compute: ComputeConfig | None = None,
+               extractor_for: Callable[[FeatureConfig], PatchFeatureExtractor] | None = None):
+    """The scorer of any bank: PatchCoreScorer for a single bank, EnsembleScorer for an ensemble.
+    extractor_for: a member's FeatureConfig -> an extractor for it (a worker's cache), else each is loaded."""
+    if isinstance(bank, EnsembleBank):
+        if weights is not None:
+            raise BankError("an ensemble bank loads each member's ImageNet weights: --weights is for one backbone")
+        extractors = [extractor_for(m.feature_config) for m in bank.members] if extractor_for else None
+        return EnsembleScorer(bank, device, index, extractors, search, compute)
+    extractor = extractor_for(bank.feature_config) if extractor_for else None
+    return PatchCoreScorer(bank, device, index, weights, extractor, search=search,
+                           compute=None if extractor else compute)
