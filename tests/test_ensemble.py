@@ -111,6 +111,28 @@ def test_ensemble_scores_and_maps_are_the_combination_of_the_members_scored_alon
     np.testing.assert_allclose(maxed.image_scores, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_cameras_region_applies_in_every_member_of_an_ensemble(ensemble, test_images):
+    """A per-image region of interest (a camera's own, workers/camera.py) replaces the bank's in each member: the
+    ensemble's scores under it are the combination of the members' scores under the same region."""
+    from scorer.views import Region
+
+    left = np.zeros((10, 10), dtype=bool)
+    left[:, :5] = True  # inspect the left half only
+    regions = [Region("left", left) if i % 2 else None for i in range(len(test_images))]
+    combined = scorer_for(ensemble, device="cpu").score(test_images, maps=False, regions=regions)
+    alone = [PatchCoreScorer(member, device="cpu").score(test_images, maps=False, regions=regions)
+             for member in ensemble.members]
+    stats = [(np.mean(m.calibration.good_scores), np.std(m.calibration.good_scores, ddof=1)) for m in ensemble.members]
+    expected = np.mean([(r.image_scores - loc) / scale for r, (loc, scale) in zip(alone, stats)], axis=0)
+    np.testing.assert_allclose(combined.image_scores, expected, rtol=1e-4, atol=1e-4)
+    whole = scorer_for(ensemble, device="cpu").score(test_images, maps=False)
+    assert not np.allclose(combined.image_scores[1::2], whole.image_scores[1::2])  # the region changed those
+    np.testing.assert_allclose(combined.image_scores[::2], whole.image_scores[::2], rtol=1e-5, atol=1e-5)
+    outside = np.mean([(0.0 - loc) / scale for loc, scale in stats])  # a member's 0 (not inspected), normalised
+    for patches in combined.patch_scores[1::2]:
+        np.testing.assert_allclose(patches[..., patches.shape[-1] // 2 + 1:], outside, rtol=1e-5)  # right of it
+
+
 def test_a_scorer_refuses_an_ensemble_whose_member_weights_it_lacks(ensemble, tmp_path, monkeypatch):
     import torch
     from dataclasses import replace
