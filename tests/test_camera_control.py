@@ -25,6 +25,7 @@ from workers.banks.registry import BankRegistry
 from workers.worker import Worker, WorkerSettings
 
 from .conftest import BOTTLE, synthetic_part
+from .test_pipeline import wait_for as pipeline_wait_for
 
 KEYS = Keys()
 
@@ -198,13 +199,8 @@ def results(client, camera: str) -> dict[int, Result]:
     return {r.seq: r for r in (Result.unpack(f[b"m"]) for _, f in client.xrange(KEYS.results(camera)))}
 
 
-def wait_for(predicate, timeout: float = 300.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
+def wait_for(predicate, timeout: float = 300.0) -> None:
+    pipeline_wait_for(predicate, timeout)  # tests/test_pipeline.py's, with this file's longer default
 
 
 def test_streamed_verdicts_agree_with_patchcore_score_under_a_cameras_threshold_and_roi(

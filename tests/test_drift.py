@@ -29,6 +29,7 @@ from store.service import ResultsStore, StoreSettings
 
 from .conftest import ROOT
 from .test_console import browser  # noqa: F401 - the headless browser fixture
+from .test_pipeline import wait_for as pipeline_wait_for
 
 KEYS = Keys()
 GOOD, SHIFTED = 0.7, 2.0  # score / threshold of a good frame, and of any frame of a drifted scene
@@ -202,12 +203,7 @@ class Store:
 
 
 def wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
+    pipeline_wait_for(predicate, timeout)  # tests/test_pipeline.py's, with this file's longer default
 
 
 def metric(name: str, **labels) -> float:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import cv2
 import pytest
@@ -30,6 +29,7 @@ from workers.banks.registry import BankRegistry
 from workers.worker import Worker, WorkerSettings
 
 from .conftest import ROOT, VIDEO, needs_video
+from .test_pipeline import wait_for as pipeline_wait_for
 
 KEYS = Keys()
 RAISE_DELAY, CLEAR_DELAY = DriftSettings().raise_delay, DriftSettings().clear_delay  # 26, 23 frames
@@ -74,12 +74,7 @@ class Workers:
 
 
 def wait_for(predicate, timeout: float = 600.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("timed out")
+    pipeline_wait_for(predicate, timeout)  # tests/test_pipeline.py's, with this file's longer default
 
 
 def all_handled(client, camera: str, frames: int) -> bool:
