@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 from contracts.keys import FRAME_GROUP, Keys
 from patchcore.embedded_redis import EmbeddedRedis
@@ -43,6 +44,16 @@ def memory_full_soon(client, margin=300_000) -> bool:
     return any("memory full" in f for f in collect_status(client)["redis_faults"])
 
 
+def writes_refused(client) -> bool:
+    """Whether Redis refuses a write now (used memory over maxmemory under noeviction): a probe SET of 64 KB (status
+    already says "memory full" within 1 % of the limit, when a few small frames may still fit)."""
+    try:
+        client.set("test:probe", b"x" * 65536)
+    except redis.exceptions.OutOfMemoryError:
+        return True
+    return False
+
+
 def test_memory_full_under_noeviction_back_pressures_ingest_and_loses_nothing_acknowledged(redis_server,
                                                                                           synthetic_bank_bytes):
     client = connect(redis_server.url)
@@ -58,13 +69,18 @@ def test_memory_full_under_noeviction_back_pressures_ingest_and_loses_nothing_ac
         thread.start()
     wait_for(lambda: all(n > 0 for n in ingested(client).values()), 60)
     client.config_set("maxmemory-policy", "noeviction")
-    wait_for(lambda: memory_full_soon(client), 120)
+    wait_for(lambda: memory_full_soon(client) and writes_refused(client), 120)
+    # and held full: the limit 2 MB under what Redis uses, so freed buffers (the bank's upload, query buffers) do not
+    # open room for a few more frames while the test counts
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) - 2_000_000)
+    # back-pressure, measured before any worker runs (a worker frees memory: it deletes the frames it scored)
+    time.sleep(1.0)
+    before = sum(ingested(client).values())
+    time.sleep(3.0)
+    assert sum(ingested(client).values()) <= before + len(CAMERAS)  # at most a frame each got in
     with Running(redis_server.url, workers=1, store=True, max_batch=8, claim_idle_ms=2000,
                  retry_initial_s=0.1, retry_max_s=0.5) as running:
         time.sleep(1.0)
-        before = sum(ingested(client).values())
-        time.sleep(3.0)
-        assert sum(ingested(client).values()) <= before + len(CAMERAS)  # back-pressure: at most a frame each got in
         assert all(t.is_alive() for t in threads + running.threads) and not errors, errors  # nobody exits
         lines = []
         wait_for(lambda: lines.extend(f for f in collect_status(client)["redis_faults"] if "memory full" in f)
