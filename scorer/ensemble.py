@@ -31,7 +31,7 @@ from .config import BuildConfig, FeatureConfig
 from .features import ComputeConfig, PatchFeatureExtractor
 from .index import SearchConfig
 from .model import Image, PatchCoreScorer, ScoreResult, Verdicts, build_bank, resolve_device
-from .views import Region, layout, shape_groups
+from .views import Layout, Region
 
 
 def normalisation_of(good_scores: Sequence[float]) -> tuple[float, float]:
@@ -132,38 +132,22 @@ class EnsembleScorer(Verdicts):
     def neighbours(self) -> int:
         return self.members[0].neighbours
 
-    @torch.inference_mode()
-    def score(self, images: Sequence[np.ndarray], maps: bool = True,
-              regions: Sequence[Region | None] | None = None) -> ScoreResult:
-        """RGB uint8 images (any sizes) -> combined scores (and maps); per group of equally sized images one
-        upload and resize/normalisation for all members, then each member's backbone and search.
+    def _score_group(self, images: list[np.ndarray], lay: Layout, regions: list[Region | None] | None = None
+                     ) -> tuple[np.ndarray, torch.Tensor]:
+        """Equally sized images -> combined scores [B] and patch distances [B, n_windows, gh, gw]: one upload and
+        resize/normalisation for all members, then each member's backbone and search (a camera's region applied
+        by every member, PatchCoreScorer.score_windows)."""
+        inputs = self.members[0].prepare_windows(images, lay)
+        results = [member.score_windows(inputs, lay, len(images), regions) for member in self.members]
+        grids = {tuple(grid.shape) for _, grid in results}
+        if len(grids) != 1:
+            raise BankError(f"ensemble members' patch grids differ for a {lay.frame[0]}x{lay.frame[1]} frame: "
+                            f"{sorted(grids)}")
+        return (combine([s for s, _ in results], self.bank.normalisation, self.bank.combine),
+                combine([g for _, g in results], self.bank.normalisation, self.bank.combine))
 
-        regions: per image, a region of interest that replaces the bank's (None: the bank's), applied by every
-        member (PatchCoreScorer.score_windows)."""
-        if regions is not None and len(regions) != len(images):
-            raise ValueError(f"{len(regions)} regions for {len(images)} images")
-        scores = np.zeros(len(images), dtype=np.float32)
-        heat: list = [None] * len(images)
-        patches: list = [None] * len(images)
-        layouts: list = [None] * len(images)
-        first = self.members[0]
-        for (height, width, *_), rows in shape_groups(images).items():
-            lay = layout(self.view, height, width)
-            inputs = first.prepare_windows([images[i] for i in rows], lay)
-            group_regions = None if regions is None else [regions[i] for i in rows]
-            results = [member.score_windows(inputs, lay, len(rows), group_regions) for member in self.members]
-            grids = {tuple(grid.shape) for _, grid in results}
-            if len(grids) != 1:
-                raise BankError(f"ensemble members' patch grids differ for a {height}x{width} frame: {sorted(grids)}")
-            group_scores = combine([s for s, _ in results], self.bank.normalisation, self.bank.combine)
-            group_patches = combine([g for _, g in results], self.bank.normalisation, self.bank.combine)
-            group_maps = first._maps(group_patches, lay).cpu().numpy() if maps else None
-            group_patches = group_patches.cpu().numpy()
-            for j, i in enumerate(rows):
-                scores[i], patches[i], layouts[i] = group_scores[j], group_patches[j], lay
-                if maps:
-                    heat[i] = group_maps[j]
-        return ScoreResult(scores, heat if maps else None, patches, layouts)
+    def _maps(self, patch_scores: torch.Tensor, lay: Layout) -> torch.Tensor:
+        return self.members[0]._maps(patch_scores, lay)
 
     def heatmaps(self, result: ScoreResult, rows: Sequence[int]) -> list[np.ndarray]:
         """Maps of some images of a result scored with maps=False (from its combined patch distances)."""

@@ -115,6 +115,33 @@ class Verdicts:
                                    bool(score >= threshold) if threshold is not None else None,
                                    region=inspected_box(*image.shape[:2], self.view))
 
+    @torch.inference_mode()
+    def score(self, images: Sequence[np.ndarray], maps: bool = True,
+              regions: Sequence[Region | None] | None = None) -> ScoreResult:
+        """RGB uint8 images (any sizes) -> scores (and anomaly maps); per group of equally sized images one
+        `_score_group` (one backbone pass and one search per backbone) and one `_maps`. An image's result does not
+        depend on its batch companions.
+
+        regions: per image, a region of interest that replaces the bank's (None: the bank's): patches outside it
+        are left out of the image score and are 0 in the maps."""
+        if regions is not None and len(regions) != len(images):
+            raise ValueError(f"{len(regions)} regions for {len(images)} images")
+        scores = np.zeros(len(images), dtype=np.float32)
+        heat: list = [None] * len(images)
+        patches: list = [None] * len(images)
+        layouts: list = [None] * len(images)
+        for (height, width, *_), rows in shape_groups(images).items():
+            lay = layout(self.view, height, width)
+            group_regions = None if regions is None else [regions[i] for i in rows]
+            group_scores, group_patches = self._score_group([images[i] for i in rows], lay, group_regions)
+            group_maps = self._maps(group_patches, lay).cpu().numpy() if maps else None
+            group_patches = group_patches.cpu().numpy()
+            for j, i in enumerate(rows):
+                scores[i], patches[i], layouts[i] = group_scores[j], group_patches[j], lay
+                if maps:
+                    heat[i] = group_maps[j]
+        return ScoreResult(scores, heat if maps else None, patches, layouts)
+
     def score_paths(self, paths: Sequence[Image], batch_size: int = 16, maps: bool = True,
                     progress: bool = False, desc: str = "scoring") -> ScoreResult:
         results = []
@@ -167,31 +194,6 @@ class PatchCoreScorer(Verdicts):
         self._bank = torch.from_numpy(np.ascontiguousarray(bank.features)).to(self.device)
         self._valid: dict[tuple, torch.Tensor] = {}
 
-    @torch.inference_mode()
-    def score(self, images: Sequence[np.ndarray], maps: bool = True,
-              regions: Sequence[Region | None] | None = None) -> ScoreResult:
-        """RGB uint8 images (any sizes) -> scores (and anomaly maps); one backbone pass and one search per
-        group of equally sized images. An image's result does not depend on its batch companions.
-
-        regions: per image, a region of interest that replaces the bank's (None: the bank's): patches outside it
-        are left out of the image score and are 0 in the maps."""
-        if regions is not None and len(regions) != len(images):
-            raise ValueError(f"{len(regions)} regions for {len(images)} images")
-        scores = np.zeros(len(images), dtype=np.float32)
-        heat: list = [None] * len(images)
-        patches: list = [None] * len(images)
-        layouts: list = [None] * len(images)
-        for (height, width, *_), rows in shape_groups(images).items():
-            lay = layout(self.view, height, width)
-            group_regions = None if regions is None else [regions[i] for i in rows]
-            group_scores, group_patches = self._score_group([images[i] for i in rows], lay, group_regions)
-            group_maps = self._maps(group_patches, lay).cpu().numpy() if maps else None
-            group_patches = group_patches.cpu().numpy()
-            for j, i in enumerate(rows):
-                scores[i], patches[i], layouts[i] = group_scores[j], group_patches[j], lay
-                if maps:
-                    heat[i] = group_maps[j]
-        return ScoreResult(scores, heat if maps else None, patches, layouts)
 
     def _score_group(self, images: list[np.ndarray], lay: Layout, regions: list[Region | None] | None = None
                      ) -> tuple[np.ndarray, torch.Tensor]:
