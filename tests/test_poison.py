@@ -89,6 +89,7 @@ def test_a_host_that_cannot_load_its_weights_lets_another_worker_score_its_frame
     threads[0].start()
     try:
         wait_for(lambda: sick.report.held >= 4)
+        wait_for(lambda: fault(client) != "")  # the count comes first, then the fault on the camera (holds.add)
         assert "cannot load on this host" in fault(client) and "gone.pth" in fault(client)
         assert client.xpending(STREAM, FRAME_GROUP)["pending"] == 4  # a sick host takes one batch, then no more
         threads.append(threading.Thread(target=healthy.run, daemon=True))
