@@ -16,6 +16,7 @@ from workers.banks.registry import BankRegistry
 from workers.banks.updates import UpdateError, consume, queued_frames
 from workers.settings import WorkerSettings
 from scorer import bank_from_bytes, bank_to_bytes, load_image, update_bank
+from scorer.bank import bank_size
 from scorer.evaluate import bank_summary
 from contracts.framecodec import decode_frame
 
@@ -74,9 +75,9 @@ def update_published_bank(client: redis.Redis, keys: Keys, name: str, files: lis
     consume(client, keys, name, [entry_id for entry_id, _ in queued])
     threshold = lambda b: b.calibration.threshold if b.calibration else None  # noqa: E731
     audit(client, keys, "bank.update", name, {"version": version, "threshold": threshold(bank),
-                                              "bank_size": len(bank.features)},
+                                              "bank_size": bank_size(bank)},
           {"version": new_version, "activated": activate, "threshold": threshold(updated),
-           "bank_size": len(updated.features), "added_images": len(images), "queued_frames_used": len(queued)})
-    return UpdateReport(name, version, new_version, activate, len(images), len(updated.features) - len(bank.features),
-                        len(updated.features), threshold(bank), threshold(updated),
+           "bank_size": bank_size(updated), "added_images": len(images), "queued_frames_used": len(queued)})
+    return UpdateReport(name, version, new_version, activate, len(images), bank_size(updated) - bank_size(bank),
+                        bank_size(updated), threshold(bank), threshold(updated),
                         round(time.perf_counter() - started, 2))

@@ -30,7 +30,7 @@ from .calibration import tail_fit_pvalue, threshold_for_rate
 from .config import BuildConfig, FeatureConfig
 from .features import ComputeConfig, PatchFeatureExtractor
 from .index import SearchConfig
-from .model import Image, PatchCoreScorer, ScoreResult, Verdicts, build_bank, resolve_device
+from .model import Image, PatchCoreScorer, ScoreResult, Verdicts, build_bank, resolve_device, update_member
 from .views import Layout, Region
 
 
@@ -95,6 +95,27 @@ def build_ensemble(images: Sequence[Image], config: BuildConfig, weights: str | 
                          "choose backbones of the same stride")
     return ensemble_of(members, config.combine, {"n_train_images": len(images),
                                                  "build_seconds": round(time.perf_counter() - started, 2)})
+
+
+def update_ensemble(bank: EnsembleBank, images: Sequence[Image], device: str | torch.device = "auto",
+                    progress: bool = False, index: str = "auto", batch_size: int = 16,
+                    compute: ComputeConfig = ComputeConfig()) -> EnsembleBank:
+    """update_bank of an ensemble: every member extended as a single bank is (its coreset continued, its own
+    threshold refitted), and the ensemble's threshold refitted at its rate to its combined good scores plus the
+    new images' members' scores (against the members before the update) combined. The members' normalisation
+    stays as it was: the stored combined good scores were computed with it, and stay comparable."""
+    updated = [update_member(member, images, None, device, progress, index, batch_size, compute)
+               for member in bank.members]
+    members = tuple(member for member, _ in updated)
+    calibration = bank.calibration
+    if calibration is not None and calibration.false_alarm_rate is not None:
+        new = combine([scores for _, scores in updated], bank.normalisation, bank.combine)
+        good = np.concatenate([np.asarray(calibration.good_scores, dtype=np.float64), new])
+        calibration = replace(calibration, threshold=threshold_for_rate(good, calibration.false_alarm_rate),
+                              good_scores=tuple(float(g) for g in good), tail_pvalue=tail_fit_pvalue(good))
+    info = {**bank.info, "n_train_images": int(bank.info.get("n_train_images", 0)) + len(images),
+            "updates": int(bank.info.get("updates", 0)) + 1, "last_update_images": len(images)}
+    return replace(bank, members=members, calibration=calibration, info=info)
 
 
 class EnsembleScorer(Verdicts):

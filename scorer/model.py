@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import BACKBONES, ensemble_members, load_backbone, resolve_backbone
-from .bank import BankError, Calibration, MemoryBank
+from .bank import AnyBank, BankError, Calibration, EnsembleBank, MemoryBank
 from .calibration import fold_ids, tail_fit_pvalue, threshold_for_rate
 from .config import BuildConfig, CoresetConfig, FeatureConfig
 from .coreset import coreset_size, extend_coreset, random_projection, select_coreset
@@ -473,20 +473,34 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
         return fit.bank_of(selected, calibration, info)
 
 
-def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path | None = None,
+def update_bank(bank: AnyBank, images: Sequence[Image], weights: str | Path | None = None,
                 device: str | torch.device = "auto", progress: bool = False, index: str = "auto",
-                batch_size: int = 16, compute: ComputeConfig = ComputeConfig()) -> MemoryBank:
+                batch_size: int = 16, compute: ComputeConfig = ComputeConfig()) -> AnyBank:
     """A bank that also knows new good images (e.g. dismissed false alarms), without a full rebuild.
 
     The greedy selection continues from the bank's coreset over the new images' patches until every new
     patch lies within the bank's recorded coverage radius (at most `coreset fraction` of the new patches
     are added). Each new image is scored against the bank before the update (a bank that did not see it),
     its score joins the stored good scores, and the threshold is refitted at the bank's false-alarm rate.
+    An ensemble updates each member so, and its own threshold from the members' new scores combined
+    (scorer/ensemble.py update_ensemble).
     """
     if not len(images):
         raise ValueError("no new images given")
-    if not isinstance(bank, MemoryBank):
-        raise BankError("an ensemble bank cannot be updated in place yet: rebuild it with the new images")
+    if isinstance(bank, EnsembleBank):
+        from .ensemble import update_ensemble  # scorer.ensemble builds on this module
+
+        if weights is not None:
+            raise ValueError("an ensemble loads each member's ImageNet weights: --weights is for one backbone")
+        return update_ensemble(bank, images, device, progress, index, batch_size, compute)
+    return update_member(bank, images, weights, device, progress, index, batch_size, compute)[0]
+
+
+def update_member(bank: MemoryBank, images: Sequence[Image], weights: str | Path | None = None,
+                  device: str | torch.device = "auto", progress: bool = False, index: str = "auto",
+                  batch_size: int = 16, compute: ComputeConfig = ComputeConfig()) -> tuple[MemoryBank, np.ndarray]:
+    """update_bank of a single-backbone bank -> (the updated bank, the new images' scores [N] against the bank
+    before the update, by the exact search)."""
     device = resolve_device(device)
     extractor, _ = build_extractor(replace(bank.feature_config, weights_sha256=""), weights, device, compute)
     # refuses a mismatch; the exact search, as the stored good scores were computed (build_bank)
@@ -512,4 +526,5 @@ def update_bank(bank: MemoryBank, images: Sequence[Image], weights: str | Path |
             "last_update_added": int(len(added)),
             "coverage_radius": round(max(float(radius), float(extension.radius)), 6)}
     features = np.concatenate([bank.features, new[added]]) if len(added) else bank.features
-    return replace(bank, features=np.ascontiguousarray(features, dtype=np.float32), calibration=calibration, info=info)
+    return (replace(bank, features=np.ascontiguousarray(features, dtype=np.float32), calibration=calibration,
+                    info=info), np.asarray(new_scores, dtype=np.float64))

@@ -201,3 +201,71 @@ def test_bank_combine_info_and_score_commands_take_an_ensemble(ensemble, test_im
     # a single-backbone command refuses the ensemble clearly
     refused = CliRunner().invoke(app, ["bank", "combine", str(out), str(paths[0]), "--out", str(tmp_path / "x.bank")])
     assert refused.exit_code != 0 and "single-backbone" in refused.output
+
+
+def test_an_ensemble_bank_updates_each_member_and_refits_its_threshold_on_the_combined_new_scores(
+        ensemble, redis_server, tmp_path):
+    """`bank update` of an ensemble: each member is extended exactly as that member alone would be, and the
+    ensemble's threshold is refitted with the new images' scores (each member's, against the member before the
+    update, normalised by the ensemble's unchanged normalisation, combined) added to its good scores."""
+    import cv2
+
+    from patchcore.bank_update import update_published_bank
+    from scorer import update_bank
+    from workers.banks.registry import BankRegistry
+
+    new = line_frames(3, start=40)
+    for i, image in enumerate(new):  # a harmless new label on good parts: unseen by the bank
+        cv2.rectangle(image, (150, 100), (185, 122), (30, 120, 200), -1)
+    updated = update_bank(ensemble, new, device="cpu")
+    assert isinstance(updated, EnsembleBank) and updated.normalisation == ensemble.normalisation
+    for member, before in zip(updated.members, ensemble.members):
+        alone = update_bank(before, new, device="cpu")
+        np.testing.assert_array_equal(member.features, alone.features)
+        assert member.calibration == alone.calibration
+    # independently: each member's exact-search scores of the new images against the bank before the update
+    scores = [PatchCoreScorer(m, device="cpu", search="exact").score(new, maps=False).image_scores
+              for m in ensemble.members]
+    combined = np.mean([(s - loc) / scale for s, (loc, scale) in zip(scores, ensemble.normalisation)], axis=0)
+    good = np.concatenate([ensemble.calibration.good_scores, combined])
+    np.testing.assert_allclose(updated.calibration.good_scores, good, rtol=1e-5, atol=1e-5)
+    assert updated.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.01), rel=1e-5)
+    assert updated.info["n_train_images"] == 10 + 3 and updated.info["updates"] == 1
+    # the same through the registry (`patchcore bank update NAME --image ...`)
+    client = connect(redis_server.url)
+    keys = Keys()
+    registry = BankRegistry(client, keys)
+    registry.publish("default", bank_to_bytes(ensemble), activate=True)
+    files = []
+    for i, image in enumerate(new):
+        files.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(files[-1]), image[:, :, ::-1])
+    report = update_published_bank(client, keys, "default", files, [], use_queue=False, device="cpu")
+    published = bank_from_bytes(registry.fetch("default", report.version))
+    assert isinstance(published, EnsembleBank) and report.bank_size == updated.size
+    assert published.calibration.threshold == pytest.approx(updated.calibration.threshold, rel=1e-4)
+
+
+def test_bank_calibrate_takes_an_ensemble(ensemble, test_images, tmp_path):
+    """`bank calibrate` of an ensemble: the F1-optimal threshold of the ensemble's combined scores."""
+    import cv2
+    from typer.testing import CliRunner
+
+    from patchcore.cli import app
+    from scorer.metrics import f1_optimal_threshold
+
+    data = tmp_path / "data"
+    for folder, images in (("good", test_images[:3]), ("scratch", test_images[3:])):
+        (data / "test" / folder).mkdir(parents=True)
+        for i, image in enumerate(images):
+            cv2.imwrite(str(data / "test" / folder / f"{i}.png"), image[:, :, ::-1])
+    path = tmp_path / "ensemble.bank"
+    save_bank(ensemble, path)
+    done = CliRunner().invoke(app, ["bank", "calibrate", str(path), "--data", str(data), "--no-progress"])
+    assert done.exit_code == 0, done.output
+    calibrated = load_bank(path)
+    scores = scorer_for(ensemble, device="cpu").score(test_images, maps=False).image_scores
+    expected, _ = f1_optimal_threshold(np.array([False] * 3 + [True] * 4), scores)
+    assert isinstance(calibrated, EnsembleBank) and calibrated.calibration.method == "f1"
+    assert calibrated.calibration.threshold == pytest.approx(expected, rel=1e-4)
+    assert calibrated.calibration.good_scores == ensemble.calibration.good_scores

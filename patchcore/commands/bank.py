@@ -15,7 +15,7 @@ import typer
 from contracts.framecodec import FrameCodecError
 from ingest.sources import SourceError
 from scorer import (BackboneError, BankError, BuildConfig, Calibration, CalibrationConfig, CoresetConfig,
-                    FeatureConfig, ImageDecodeError, PatchCoreScorer, ViewConfig, ViewError, build_bank, load_bank,
+                    FeatureConfig, ImageDecodeError, ViewConfig, ViewError, build_bank, load_bank,
                     save_bank)
 from scorer.evaluate import bank_summary, labelled_scores
 from scorer.metrics import f1_optimal_threshold
@@ -23,7 +23,7 @@ from scorer.preprocess import list_images
 from scorer.backbones import resolve_backbone
 from scorer.bank import MemoryBank
 from scorer.config import AUTO_BACKBONE
-from scorer.ensemble import ensemble_of
+from scorer.ensemble import ensemble_of, scorer_for
 from scorer.features import ComputeConfig, ComputeError
 from scorer.model import resolve_device
 from workers.banks.registry import RegistryError
@@ -193,7 +193,7 @@ def bank_calibrate(
     """Set the F1-optimal threshold from labelled validation images (keeps the good-only statistics)."""
     try:
         loaded = load_bank(bank)
-        scorer = PatchCoreScorer(loaded, device=device, index=index, weights=weights)
+        scorer = scorer_for(loaded, device=device, index=index, weights=weights)
     except BankError as exc:
         fail(str(exc))
     labels, scores = labelled_scores(scorer, data, progress=progress)
