@@ -67,12 +67,14 @@ class CaptureSource:
             self.open()
         started = time.monotonic()
         ok, frame = self._capture.read()
+        waited_s = time.monotonic() - started
         if ok and frame is not None:
             if self.live:
-                self._check_stall(time.monotonic() - started)
+                self._check_stall(waited_s)
             return frame
-        if self.live:
-            raise SourceError(f"{self.target!r} returned no frame")
+        if self.live:  # a read that waited out the read timeout for nothing (MJPEG over HTTP does) is a stall too
+            raise SourceError(self._stalled(waited_s) if waited_s >= 0.9 * self.read_timeout_s
+                              else f"{self.target!r} returned no frame")
         if self.loop:
             self.open()
             ok, frame = self._capture.read()
@@ -83,13 +85,16 @@ class CaptureSource:
         """SourceError if the frame just read shows the stream stalled: its read waited out the read timeout, or
         the stream's own clock has not moved for timeout_s."""
         if waited_s >= 0.9 * self.read_timeout_s:
-            raise SourceError(f"{self.target!r} stalled: no new data for {waited_s:.1f} s")
+            raise SourceError(self._stalled(waited_s))
         now, position = time.monotonic(), float(self._capture.get(cv2.CAP_PROP_POS_MSEC))
         if position > self._position:
             self._position, self._moved_at = position, now
         elif self._position > 0 and now - self._moved_at >= self.timeout_s:
             raise SourceError(f"{self.target!r} stalled: stream time stuck at {self._position / 1000:.1f} s "
                               f"for {now - self._moved_at:.1f} s")
+
+    def _stalled(self, waited_s: float) -> str:
+        return f"{self.target!r} stalled: no new data for {waited_s:.1f} s"
 
     @property
     def fps(self) -> float:

@@ -1,10 +1,13 @@
-"""A camera on a real RTSP server (GStreamer's, H.264 at 10 frames/s, run by the system python3): ingest reads it,
-rides out the server being killed, says `reconnecting` (and only that) while it is down, with one connection
-attempt per retry, and returns to `running` once frames come again (issue 19, cameras that tell the truth)."""
+"""Cameras on real stream servers: GStreamer's RTSP server (H.264 at 10 frames/s, run by the system python3) and an
+HTTP MJPEG server (tests/servers/mjpeg_server.py, 10 frames/s). Ingest reads each, rides out the server being
+killed, says `reconnecting` (and only that) while it is down, with one connection attempt per retry, returns to
+`running` once frames come again, and declares a frozen server (SIGSTOP) failed within the documented 10 s
+(issue 19, cameras that tell the truth)."""
 from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ from patchcore.embedded_redis import free_port
 from runtime.connection import connect
 from runtime.status import collect_status
 
-SERVER = Path(__file__).parent / "servers" / "rtsp_server.py"
+SERVERS = Path(__file__).parent / "servers"
 SYSTEM_PYTHON = "/usr/bin/python3"
 KEYS = Keys()
 
@@ -32,18 +35,27 @@ def rtsp_available() -> bool:
     return probe.returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not rtsp_available(), reason="no GStreamer RTSP server (Debian: "
-                                "gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-ugly)")
+# kind -> (the server's command, its stream URL); RTSP needs Debian's GStreamer RTSP server, MJPEG only this venv
+KINDS = {"rtsp": ([SYSTEM_PYTHON, str(SERVERS / "rtsp_server.py")], "rtsp://127.0.0.1:{port}/cam"),
+         "mjpeg": ([sys.executable, str(SERVERS / "mjpeg_server.py")], "http://127.0.0.1:{port}/cam.mjpg")}
+kinds = pytest.mark.parametrize("kind", [
+    pytest.param("rtsp", marks=pytest.mark.skipif(not rtsp_available(), reason=(
+        "no GStreamer RTSP server (Debian: gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-ugly)"))),
+    "mjpeg"])
 
 
-def start_server(port: int) -> subprocess.Popen:
-    server = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def start_server(kind: str, port: int) -> subprocess.Popen:
+    server = subprocess.Popen([*KINDS[kind][0], str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     assert server.stdout.readline().strip() == "ready", server.stderr.read()
     return server
 
 
-def stats(client, camera="rtsp-1") -> dict[str, str]:
+def url(kind: str, port: int) -> str:
+    return KINDS[kind][1].format(port=port)
+
+
+def stats(client, camera="stream-1") -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in client.hgetall(KEYS.camera_stats(camera)).items()}
 
 
@@ -65,13 +77,14 @@ class CountingSource(CaptureSource):
         super().open()
 
 
-def test_an_rtsp_camera_outage_says_reconnecting_then_running_again(redis_server):
+@kinds
+def test_a_stream_camera_outage_says_reconnecting_then_running_again(redis_server, kind):
     client, port = connect(redis_server.url), free_port()
-    server = start_server(port)
-    source = CountingSource(f"rtsp://127.0.0.1:{port}/cam", live=True, timeout_s=5.0)
+    server = start_server(kind, port)
+    source = CountingSource(url(kind, port), live=True, timeout_s=5.0)
     stop = threading.Event()
     camera = CameraIngest(connect(redis_server.url), source,
-                          IngestSettings(camera="rtsp-1", backoff_initial_s=0.5, backoff_max_s=0.5, maxlen=10_000),
+                          IngestSettings(camera="stream-1", backoff_initial_s=0.5, backoff_max_s=0.5, maxlen=10_000),
                           KEYS, stop)
     thread = threading.Thread(target=camera.run, daemon=True)
     thread.start()
@@ -90,7 +103,7 @@ def test_an_rtsp_camera_outage_says_reconnecting_then_running_again(redis_server
         assert source.opens - opens_before <= 3.0 / 0.5 + 1  # one connection attempt per retry, not two
         assert collect_status(client)["cameras"][0]["liveness"] == "reconnecting"
         ingested = int(stats(client)["ingested"])
-        server = start_server(port)  # the server is back
+        server = start_server(kind, port)  # the server is back
         wait_for(lambda: int(stats(client).get("ingested", 0)) >= ingested + 20, 90, "frames after the outage")
         wait_for(lambda: stats(client)["state"] == "running", 10, "running again")
         assert collect_status(client)["cameras"][0]["liveness"] == "live"
@@ -101,14 +114,15 @@ def test_an_rtsp_camera_outage_says_reconnecting_then_running_again(redis_server
         server.wait(timeout=30)
 
 
-def test_a_frozen_rtsp_server_is_declared_failed_within_10_s_and_the_camera_resumes(redis_server):
+@kinds
+def test_a_frozen_stream_server_is_declared_failed_within_10_s_and_the_camera_resumes(redis_server, kind):
     # SIGSTOP: the server's sockets stay open and say nothing (OpenCV alone waits out its read timeout three times,
     # handing back buffered frames, ~30 s); the source's documented timeout is 10 s (CaptureSource's default)
     client, port = connect(redis_server.url), free_port()
-    server = start_server(port)
+    server = start_server(kind, port)
     stop = threading.Event()
-    camera = CameraIngest(connect(redis_server.url), CaptureSource(f"rtsp://127.0.0.1:{port}/cam", live=True),
-                          IngestSettings(camera="rtsp-1", backoff_initial_s=0.5, backoff_max_s=0.5, maxlen=10_000),
+    camera = CameraIngest(connect(redis_server.url), CaptureSource(url(kind, port), live=True),
+                          IngestSettings(camera="stream-1", backoff_initial_s=0.5, backoff_max_s=0.5, maxlen=10_000),
                           KEYS, stop)
     thread = threading.Thread(target=camera.run, daemon=True)
     thread.start()
