@@ -77,17 +77,23 @@ class CountingSource(CaptureSource):
         super().open()
 
 
+def start_camera(redis_url: str, source: CaptureSource, stop: threading.Event) -> threading.Thread:
+    """A camera process's ingest loop on `source` (backoff 0.5 s), running in a thread until `stop`."""
+    camera = CameraIngest(connect(redis_url), source,
+                          IngestSettings(camera="stream-1", backoff_initial_s=0.5, backoff_max_s=0.5, maxlen=10_000),
+                          KEYS, stop)
+    thread = threading.Thread(target=camera.run, daemon=True)
+    thread.start()
+    return thread
+
+
 @kinds
 def test_a_stream_camera_outage_says_reconnecting_then_running_again(redis_server, kind):
     client, port = connect(redis_server.url), free_port()
     server = start_server(kind, port)
     source = CountingSource(url(kind, port), live=True, timeout_s=5.0)
     stop = threading.Event()
-    camera = CameraIngest(connect(redis_server.url), source,
-                          IngestSettings(camera="stream-1", backoff_initial_s=0.5, backoff_max_s=0.5, maxlen=10_000),
-                          KEYS, stop)
-    thread = threading.Thread(target=camera.run, daemon=True)
-    thread.start()
+    thread = start_camera(redis_server.url, source, stop)
     try:
         wait_for(lambda: int(stats(client).get("ingested", 0)) >= 20, 60, "20 frames")
         assert stats(client)["state"] == "running"
@@ -121,11 +127,7 @@ def test_a_frozen_stream_server_is_declared_failed_within_10_s_and_the_camera_re
     client, port = connect(redis_server.url), free_port()
     server = start_server(kind, port)
     stop = threading.Event()
-    camera = CameraIngest(connect(redis_server.url), CaptureSource(url(kind, port), live=True),
-                          IngestSettings(camera="stream-1", backoff_initial_s=0.5, backoff_max_s=0.5, maxlen=10_000),
-                          KEYS, stop)
-    thread = threading.Thread(target=camera.run, daemon=True)
-    thread.start()
+    thread = start_camera(redis_server.url, CaptureSource(url(kind, port), live=True), stop)
     try:
         wait_for(lambda: int(stats(client).get("ingested", 0)) >= 20, 60, "20 frames")
         server.send_signal(signal.SIGSTOP)
