@@ -221,3 +221,17 @@ def test_a_factor_set_in_the_console_reaches_a_running_worker(redis_server, synt
                    for r in after), after
     finally:
         server.stop()
+
+
+def test_the_preview_is_the_frame_as_sent_so_polygons_are_in_the_workers_pixels(redis_server):
+    import cv2
+    import numpy as np
+
+    from console.data import ConsoleData
+
+    client = connect(redis_server.url)
+    for camera, encoding in (("cam-raw", "raw"), ("cam-jpeg", "jpeg")):
+        ingest(redis_server.url, 1, camera=camera, encoding=encoding, max_side=160)  # 320x240 frames sent at 160x120
+        preview = cv2.imdecode(np.frombuffer(client.get(KEYS.preview(camera)), np.uint8), cv2.IMREAD_COLOR)
+        assert preview.shape == (120, 160, 3), camera
+        assert ConsoleData(client, KEYS).frame_size(camera) == (160, 120)
