@@ -18,9 +18,11 @@ from contracts.keys import Keys
 from patchcore.cli import app
 from patchcore.embedded_redis import free_port
 from runtime.connection import connect
+from contracts.control import CameraSettings
 from runtime.control import CameraControl, read_audit
 
 from .conftest import ROOT
+from .test_acl_roles import acl_server, redis7  # noqa: F401 - acl_server: the fixture
 from .test_console import Http, browser, click, read_lines, wait_for  # noqa: F401 - browser: the fixture
 from .test_pipeline import Running, ingest, results
 
@@ -180,6 +182,9 @@ def test_slider_region_editor_and_sink_health_in_a_browser(browser, redis_server
         for (sx, sy), (ex, ey) in zip(stored.roi_polygon, expected):
             assert abs(sx - ex) <= 1 and abs(sy - ey) <= 1, (stored.roi_polygon, expected)
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#roi-svg polygon.stored"), 5, "the stored region shown")
+        shots = ROOT / "docs" if os.environ.get("PATCHCORE_CONSOLE_SCREENSHOTS") else tmp_path
+        browser.execute_script("document.getElementById('camera-panel').scrollIntoView()")
+        browser.save_screenshot(str(shots / "console-settings.png"))
         assert audit_of(client) == [("console:op", "camera.set")] * 2
         browser.get("about:blank")
     finally:
@@ -235,3 +240,23 @@ def test_the_preview_is_the_frame_as_sent_so_polygons_are_in_the_workers_pixels(
         preview = cv2.imdecode(np.frombuffer(client.get(KEYS.preview(camera)), np.uint8), cv2.IMREAD_COLOR)
         assert preview.shape == (120, 160, 3), camera
         assert ConsoleData(client, KEYS).frame_size(camera) == (160, 120)
+
+
+@pytest.mark.skipif(redis7() is None, reason="the ACL file needs redis-server >= 7.0")
+def test_a_console_on_the_viewer_role_reads_settings_but_cannot_write_them(acl_server):
+    from console.app import ConsoleServer, ConsoleSettings
+
+    operator = acl_server.client("operator")  # the ACL roles of deploy/redis, cam-1 registered by the operator
+    CameraControl(operator, KEYS).set(CameraSettings("cam-1", threshold_factor=1.1))
+    settings = ConsoleSettings(port=free_port(), credentials={"op": hash_password("pw")}, interval_s=0.2)
+    server = ConsoleServer(acl_server.client("viewer"), KEYS, settings).start()
+    try:
+        http = Http(settings.url.rstrip("/"))
+        status, shown = http.call("/api/cameras/cam-1/settings")
+        assert status == 200 and shown["settings"]["threshold_factor"] == 1.1
+        status, answer = http.call("/api/cameras/cam-1/settings", {"threshold_factor": 2.0}, http.login("op", "pw"))
+        assert status == 403 and answer["error"]
+    finally:
+        server.stop()
+    assert CameraControl(operator, KEYS).get("cam-1").threshold_factor == 1.1
+    assert audit_of(operator) == [("operator", "camera.set")]
