@@ -364,13 +364,9 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
                 return
             if change.roi_polygon is not None:
                 inside_frame(change.roi_polygon, data.frame_size(camera))
-            try:
-                base = data.control.get(camera)
-            except SettingsError:
-                base = None  # refused settings are replaced (the audit keeps what was refused)
-            data.control.set(changed_settings(camera, base, change.sensitivity, change.roi_polygon,
-                                              bank_threshold=change.reset == "sensitivity",
-                                              bank_roi=change.reset == "roi"), who)
+            data.control.update(camera, lambda base: changed_settings(  # refused settings are replaced (audited)
+                camera, base, change.sensitivity, change.roi_polygon, bank_threshold=change.reset == "sensitivity",
+                bank_roi=change.reset == "roi"), who)
         try:
             await run_in_threadpool(write)
         except SettingsError as exc:

@@ -260,3 +260,38 @@ def test_a_console_on_the_viewer_role_reads_settings_but_cannot_write_them(acl_s
         server.stop()
     assert CameraControl(operator, KEYS).get("cam-1").threshold_factor == 1.1
     assert audit_of(operator) == [("operator", "camera.set")]
+
+
+def test_concurrent_read_modify_writes_lose_no_change(redis_server):
+    """The console and the CLI change some fields on top of the stored ones: twelve writers each adding 1 to the
+    offset at once end at 12 (a lost update would end lower), each with its own version and audit entry (the entries
+    in the order their writers got to append them)."""
+    import threading
+
+    from contracts.control import changed_settings
+
+    def add_one() -> None:
+        CameraControl(connect(redis_server.url), KEYS).update("cam-1", lambda base: changed_settings(
+            "cam-1", base, {"threshold_offset": (base.threshold_offset or 0.0) + 1.0}), who="console:op")
+
+    CameraControl(connect(redis_server.url), KEYS).set(CameraSettings("cam-1", threshold_factor=1.5))
+    errors = []
+    threads = [threading.Thread(target=lambda: errors.append(_error_of(add_one))) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [None] * 12
+    client = connect(redis_server.url)
+    stored = CameraControl(client, KEYS).get("cam-1")
+    assert stored.threshold_offset == 12.0 and stored.threshold_factor == 1.5 and stored.version == 13
+    afters = [e.to_dict()["after"] for e in read_audit(client, KEYS, "cam-1").entries[1:]]  # appended after each write
+    assert {a["version"]: a["threshold_offset"] for a in afters} == {v: v - 1.0 for v in range(2, 14)}
+
+
+def _error_of(call):
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        return exc
+    return None

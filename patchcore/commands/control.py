@@ -74,13 +74,9 @@ def camera_set(
 ) -> None:
     """Set a camera's sensitivity and/or region of interest (options not given are kept); audited."""
     control = CameraControl(conn.client(), conn.keys)
-    try:
-        base = control.get(camera)
-    except SettingsError:
-        base = None  # refused settings are replaced (the audit keeps what was refused)
-    settings = camera_settings(camera, base, sensitivity, roi_polygon, roi_mask, bank_threshold, bank_roi)
-    try:
-        stored = control.set(settings)
+    try:  # on the stored settings (refused ones are replaced, the audit keeps them), again if another writer came first
+        stored = control.update(camera, lambda base: camera_settings(camera, base, sensitivity, roi_polygon, roi_mask,
+                                                                     bank_threshold, bank_roi))
     except SettingsConflictError as exc:
         fail(str(exc))
     typer.echo(json.dumps(stored.describe()))
