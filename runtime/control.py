@@ -1,7 +1,8 @@
 """Per-camera settings in Redis (contracts/control.py) and the audit trail every change appends to.
 
-Writers (the CLI, the console) set or reset a camera's settings through `CameraControl`: one compare-and-set
-script writes the settings and bumps their version counter (runtime/lua/camera_settings_write.lua), then the
+Writers (the CLI, the console) set, update (read-modify-write: some fields changed, the rest kept) or reset a
+camera's settings through `CameraControl`: one compare-and-set script writes the settings and bumps their version
+counter (runtime/lua/camera_settings_write.lua), retried on another writer's settings when one came first, then the
 change is appended to the audit stream. Workers follow the settings with `SettingsWatch`: one GET of the version
 counter per check, the whole hash read only when it moved, so a change reaches every worker at its next batch
 without a restart. A stored entry that does not decode is refused, counted and logged, never fatal: the camera
