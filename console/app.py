@@ -1,7 +1,7 @@
 """The operator console: a Starlette app over the console's reads, live by Server-Sent Events.
 
 Read-only for everyone who can reach it; actions (acknowledge, dismiss, activate, roll back, replay,
-purge) need a logged-in operator (credentials file) and the session's CSRF token in `X-CSRF-Token`.
+purge, a camera's sensitivity and region of interest) need a logged-in operator (credentials file) and the session's CSRF token in `X-CSRF-Token`.
 The session is a signed cookie (HttpOnly, SameSite=strict). Nothing secret is put in a page or a log.
 """
 from __future__ import annotations
@@ -30,8 +30,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from store.alarms.log import ENTRY_ID, AlarmLogError, LoggedAlarm, acknowledge_alarm, alarm_by_id, recent_alarms
+from contracts.control import SENSITIVITY_FIELDS, SettingsError, changed_settings
 from contracts.keys import Keys
-from runtime.control import AUDIT_LIST_COUNT, read_audit
+from runtime.control import AUDIT_LIST_COUNT, SettingsConflictError, read_audit
 from workers.banks.registry import RegistryError
 from store.alarms.dismiss import DismissError, dismiss_alarm
 
@@ -92,6 +93,62 @@ def _alarm(logged: LoggedAlarm) -> dict:
             "threshold": alarm.threshold, "bank": alarm.bank, "bank_version": alarm.bank_version,
             "raised_at": alarm.raised_at, "rule": alarm.rule, "overlay": alarm.overlay_jpeg is not None,
             "acknowledged": logged.acknowledged, "dismissed": logged.dismissed}
+
+
+RESETS = {True: "all", "sensitivity": "sensitivity", "roi": "roi"}  # a settings body's `reset` -> what it drops
+
+
+@dataclass(frozen=True)
+class SettingsChange:
+    """A settings body of the console's camera panel, checked for shape (the values by CameraSettings itself)."""
+    sensitivity: dict  # any of SENSITIVITY_FIELDS -> number
+    roi_polygon: tuple[tuple[float, float], ...] | None  # frame pixels
+    reset: str | None  # "all" (remove the camera's settings), "sensitivity" or "roi" (the bank's applies again)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def settings_change(body) -> SettingsChange:
+    """`{"threshold_factor": 1.2, "roi_polygon": [[x, y], ...], "reset": "roi"}` and the like -> SettingsChange;
+    anything else (unknown fields, wrong types, nothing to change, contradictions) is a SettingsError."""
+    _check(isinstance(body, dict), "a JSON object expected")
+    unknown = sorted(set(body) - {*SENSITIVITY_FIELDS, "roi_polygon", "reset"})
+    _check(not unknown, f"unknown fields {unknown}: threshold, threshold_factor, threshold_offset, roi_polygon or "
+                        "reset expected")
+    sensitivity = {name: body[name] for name in SENSITIVITY_FIELDS if body.get(name) is not None}
+    for name, value in sensitivity.items():
+        _check(_is_number(value) and math.isfinite(value), f"bad {name} {str(value)[:40]}: a finite number expected")
+    polygon = body.get("roi_polygon")
+    if polygon is not None:
+        _check(isinstance(polygon, list) and all(isinstance(p, list) and len(p) == 2 and all(map(_is_number, p))
+                                                 for p in polygon), "bad roi_polygon: [[x, y], ...] pixels expected")
+        polygon = tuple((float(x), float(y)) for x, y in polygon)
+    reset = body.get("reset")
+    _check(reset is None or (isinstance(reset, (bool, str)) and reset in RESETS),
+           'bad reset: true (every setting), "sensitivity" or "roi" expected')
+    reset = None if reset is None else RESETS[reset]
+    _check(reset != "all" or not (sensitivity or polygon), "reset: true removes every setting: give nothing else")
+    _check(reset != "sensitivity" or not sensitivity, 'reset "sensitivity" and a threshold contradict each other')
+    _check(reset != "roi" or polygon is None, 'reset "roi" and a roi_polygon contradict each other')
+    _check(bool(sensitivity or polygon or reset), "nothing to change: give threshold, threshold_factor, "
+                                                  "threshold_offset, roi_polygon or reset")
+    return SettingsChange(sensitivity, polygon, reset)
+
+
+def _check(condition: bool, reason: str) -> None:
+    if not condition:
+        raise SettingsError(reason)
+
+
+def inside_frame(polygon: tuple[tuple[float, float], ...], size: tuple[int, int] | None) -> None:
+    """SettingsError unless every vertex lies on the frame of `size` (width, height) pixels (None: no frame)."""
+    _check(size is not None, "no recent frame of this camera to place a polygon on (its preview expired or was never "
+                             "written): use `patchcore camera set --roi-polygon`")
+    width, height = size
+    outside = [p for p in polygon if not (0 <= p[0] <= width and 0 <= p[1] <= height)]
+    _check(not outside, f"roi_polygon point {outside[0] if outside else ''} outside the {width}x{height} frame")
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -275,6 +332,49 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
             return _json({"error": "no picture of this camera"}, 404)
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
+    async def camera_frame(request: Request) -> Response:
+        jpeg = await run_in_threadpool(data.camera_frame, request.path_params["camera"])
+        if jpeg is None:
+            return _json({"error": "no recent frame of this camera"}, 404)
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    async def camera_settings(request: Request) -> Response:
+        """The camera's settings, its bank's calibrated threshold and the effective one: for everyone (read-only)."""
+        camera = request.path_params["camera"]
+        if not await run_in_threadpool(data.known_camera, camera):
+            return _json({"error": f"unknown camera {camera[:100]!r}"}, 404)
+        return _json(await run_in_threadpool(data.camera_settings, camera))
+
+    @action("camera settings")
+    async def change_camera_settings(request: Request, user: str) -> Response:
+        """Set or reset the camera's sensitivity and region of interest, as `patchcore camera set` (audited as
+        console:<operator>); a bad value is a 400 and writes nothing."""
+        camera = request.path_params["camera"]
+        if not await run_in_threadpool(data.known_camera, camera):
+            return _json({"error": f"unknown camera {camera[:100]!r}"}, 400)
+        try:
+            change = settings_change(await request.json())
+        except ValueError as exc:  # SettingsError, or a body that is no JSON
+            return _json({"error": str(exc) if isinstance(exc, SettingsError) else "a JSON object expected"}, 400)
+
+        def write() -> None:
+            who = f"console:{user}"
+            if change.reset == "all":
+                data.control.reset(camera, who)
+                return
+            if change.roi_polygon is not None:
+                inside_frame(change.roi_polygon, data.frame_size(camera))
+            data.control.update(camera, lambda base: changed_settings(  # refused settings are replaced (audited)
+                camera, base, change.sensitivity, change.roi_polygon, bank_threshold=change.reset == "sensitivity",
+                bank_roi=change.reset == "roi"), who)
+        try:
+            await run_in_threadpool(write)
+        except SettingsError as exc:
+            return _json({"error": str(exc)}, 400)
+        except SettingsConflictError as exc:
+            return _json({"error": str(exc)}, 409)
+        return _json(await run_in_threadpool(data.camera_settings, camera))
+
     async def alarms(request: Request) -> Response:
         try:
             count = min(max(int(request.query_params.get("count", 50)), 1), 500)
@@ -383,6 +483,9 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
         Route("/api/session", session), Route("/api/login", login, methods=["POST"]),
         Route("/api/logout", logout, methods=["POST"]), Route("/api/events", events),
         Route("/api/cameras", cameras), Route("/api/cameras/{camera}/image.jpg", camera_image),
+        Route("/api/cameras/{camera}/frame.jpg", camera_frame),
+        Route("/api/cameras/{camera}/settings", camera_settings, methods=["GET"]),
+        Route("/api/cameras/{camera}/settings", change_camera_settings, methods=["POST"]),
         Route("/api/alarms", alarms), Route("/api/alarms/{id}/overlay.jpg", alarm_overlay),
         Route("/api/alarms/{id}/acknowledge", acknowledge, methods=["POST"]),
         Route("/api/alarms/{id}/dismiss", dismiss, methods=["POST"]),

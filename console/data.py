@@ -7,9 +7,13 @@ import threading
 import time
 from collections import deque
 
+import cv2
+import numpy as np
 import redis
 
+from runtime.control import CameraControl
 from runtime.deadletter import DeadLetters
+from contracts.control import SettingsError
 from contracts.keys import Keys, check_camera
 from contracts.messages import MessageError, Result
 from workers.banks.registry import BankRegistry
@@ -59,6 +63,7 @@ class ConsoleData:
         self.window_s, self.max_points, self.interval_s = window_s, max_points, interval_s
         self.registry = BankRegistry(client, keys)
         self.deadletters = DeadLetters(client, keys)
+        self.control = CameraControl(client, keys)
         self._series: dict[str, deque] = {}  # camera -> [captured_at, score, threshold, anomalous, lag_s]
         self._after: dict[str, str] = {}  # camera -> last results entry id read
         self._lock = threading.Lock()
@@ -119,11 +124,7 @@ class ConsoleData:
 
     def camera_image(self, camera: str) -> bytes | None:
         """The heatmap overlay of the camera's latest result when it is anomalous, else its latest frame."""
-        try:
-            check_camera(camera)
-        except ValueError:  # not a camera name (it may still be a member of the set: anyone's SADD)
-            return None
-        if not self.client.sismember(self.keys.cameras, camera):
+        if not self.known_camera(camera):  # not a camera name (it may still be a member of the set: anyone's SADD)
             return None
         latest = _text(self.client.hgetall(self.keys.latest(camera)))
         if latest.get("anomalous") == "1" and "seq" in latest:
@@ -131,6 +132,54 @@ class ConsoleData:
             if overlay:
                 return overlay
         return self.client.get(self.keys.preview(camera))
+
+    def known_camera(self, camera: str) -> bool:
+        """A valid camera name in the camera set (its ingest registered it)."""
+        try:
+            check_camera(camera)
+        except ValueError:
+            return False
+        return bool(self.client.sismember(self.keys.cameras, camera))
+
+    def camera_frame(self, camera: str) -> bytes | None:
+        """The camera's latest frame (its preview JPEG: what the ROI editor draws on), never the overlay."""
+        return self.client.get(self.keys.preview(camera)) if self.known_camera(camera) else None
+
+    def frame_size(self, camera: str) -> tuple[int, int] | None:
+        """(width, height) of the camera's latest frame in pixels, the frame a polygon's vertices are in; None
+        without a recent frame (the preview expires) or when it does not decode."""
+        jpeg = self.camera_frame(camera)
+        image = None if not jpeg else cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+        return None if image is None else (int(image.shape[1]), int(image.shape[0]))
+
+    def bank_threshold(self, bank: str | None, version: int | None) -> float | None:
+        """The calibrated threshold of a bank version, from its registry record (None: unknown)."""
+        if bank is None or version is None:
+            return None
+        record = next((v for v in self.registry.versions(bank) if v.version == version), None)
+        if record is None:
+            return None
+        calibration = record.meta.get("calibration") or {}
+        return _number(str(calibration.get("threshold", record.meta.get("threshold"))))
+
+    def camera_settings(self, camera: str) -> dict:
+        """What the console's settings panel shows: the stored settings (or why they are refused), the bank that
+        scored the camera last with its calibrated threshold, the effective threshold, and the latest frame's size."""
+        refused = None
+        try:
+            stored = self.control.get(camera)
+        except SettingsError as exc:
+            stored, refused = None, str(exc)
+        latest = _text(self.client.hgetall(self.keys.latest(camera)))
+        bank, version = latest.get("bank"), int(latest["bank_version"]) if latest.get("bank_version", "").isdigit() else None
+        bank_threshold = self.bank_threshold(bank, version)
+        effective = bank_threshold if stored is None else stored.effective_threshold(bank_threshold)
+        size = self.frame_size(camera)
+        return {"camera": camera, "settings": None if stored is None else stored.describe(), "refused": refused,
+                "bank": bank, "bank_version": version, "bank_threshold": bank_threshold,
+                "effective_threshold": effective,
+                "frame": None if size is None else {"width": size[0], "height": size[1]},
+                "latest": {"score": _number(latest.get("score")), "threshold": _number(latest.get("threshold"))}}
 
     # banks
     def banks(self) -> list[dict]:

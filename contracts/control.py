@@ -198,6 +198,38 @@ class CameraSettings:
         return replace(self, version=version, set_at=time.time(), set_by=by)
 
 
+SENSITIVITY_FIELDS = ("threshold", "threshold_factor", "threshold_offset")
+
+
+def changed_settings(camera: str, base: CameraSettings | None, sensitivity: dict | None = None,
+                     roi_polygon=None, roi_mask: bytes | None = None, bank_threshold: bool = False,
+                     bank_roi: bool = False) -> CameraSettings:
+    """`base` (the camera's stored settings, or none) with the changes given on top: what `patchcore camera set` and
+    the console's settings form both write. `sensitivity`: any of SENSITIVITY_FIELDS (None values are not given); a
+    threshold replaces a factor and offset (and they it), a polygon replaces a mask (and it a polygon);
+    `bank_threshold` / `bank_roi` drop the camera's own. Bad values are a SettingsError naming the field."""
+    given = {name: value for name, value in (sensitivity or {}).items() if value is not None}
+    _require(set(given) <= set(SENSITIVITY_FIELDS), f"unknown sensitivity fields {sorted(set(given) - set(SENSITIVITY_FIELDS))}")
+    _require(roi_polygon is None or roi_mask is None, "a region of interest is a polygon or a mask, not both")
+    values = {"threshold": None, "threshold_factor": None, "threshold_offset": None, "roi_polygon": None,
+              "roi_mask": None}
+    if base is not None:
+        values.update(threshold=base.threshold, threshold_factor=base.threshold_factor,
+                      threshold_offset=base.threshold_offset, roi_polygon=base.roi_polygon, roi_mask=base.roi_mask)
+    if bank_threshold or "threshold" in given:
+        values.update(threshold=None, threshold_factor=None, threshold_offset=None)
+    elif given:  # a factor or an offset: the other one kept, an explicit threshold dropped
+        values.update(threshold=None)
+    values.update(given)
+    if bank_roi:
+        values.update(roi_polygon=None, roi_mask=None)
+    if roi_polygon is not None:
+        values.update(roi_polygon=roi_polygon, roi_mask=None)
+    if roi_mask is not None:
+        values.update(roi_mask=roi_mask, roi_polygon=None)
+    return CameraSettings(camera, **values)
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     """One change to what alarms or what is kept. `before`/`after` are JSON text (null: nothing there)."""

@@ -133,7 +133,7 @@ class CameraIngest:
             report.dropped += dropped
             report.unconfirmed += not confirmed
             report.frames += 1
-            self._preview(image, data)
+            self._preview(frame)
             seq += 1
         self._set_state(f"stopped: {report.ended or 'stop requested'}")
         self.source.close()
@@ -185,13 +185,16 @@ class CameraIngest:
                     return None
                 backoff = min(backoff * 2, self.settings.backoff_max_s)
 
-    def _preview(self, image: np.ndarray, data: bytes) -> None:
-        """Best effort: the latest frame as a JPEG under the camera's preview key, at most every preview_interval_s."""
+    def _preview(self, frame: Frame) -> None:
+        """Best effort: the latest frame as a JPEG under the camera's preview key, at most every preview_interval_s.
+        The frame as sent (after --max-side), so the console's ROI editor works in the pixels workers see."""
         now = time.monotonic()
         if not self.settings.preview_interval_s or now - self._preview_at < self.settings.preview_interval_s:
             return
         self._preview_at = now
-        if self.settings.encoding != "jpeg":
+        data = frame.data
+        if frame.encoding != "jpeg":  # raw pixels, shape (height, width, channels)
+            image = np.frombuffer(frame.data, np.uint8).reshape(frame.shape)
             ok, buffer = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])
             data = buffer.tobytes() if ok else b""
         try:

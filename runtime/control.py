@@ -1,7 +1,8 @@
 """Per-camera settings in Redis (contracts/control.py) and the audit trail every change appends to.
 
-Writers (the CLI, the console) set or reset a camera's settings through `CameraControl`: one compare-and-set
-script writes the settings and bumps their version counter (runtime/lua/camera_settings_write.lua), then the
+Writers (the CLI, the console) set, update (read-modify-write: some fields changed, the rest kept) or reset a
+camera's settings through `CameraControl`: one compare-and-set script writes the settings and bumps their version
+counter (runtime/lua/camera_settings_write.lua), retried on another writer's settings when one came first, then the
 change is appended to the audit stream. Workers follow the settings with `SettingsWatch`: one GET of the version
 counter per check, the whole hash read only when it moved, so a change reaches every worker at its next batch
 without a restart. A stored entry that does not decode is refused, counted and logged, never fatal: the camera
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import redis
 
@@ -133,19 +135,33 @@ class CameraControl:
 
     def set(self, settings: CameraSettings, who: str | None = None) -> CameraSettings:
         """Store `settings` as the next version; returns them as stored."""
-        return self._write(settings.camera, settings, who)[0]
+        return self._write(settings.camera, lambda _: settings, who)[0]
+
+    def update(self, camera: str, change: Callable[[CameraSettings | None], CameraSettings],
+               who: str | None = None) -> CameraSettings:
+        """Read-modify-write: `change` gets the camera's stored settings (None: none, or refused ones) and returns the
+        new ones, stored as the next version; when another writer came in between it is called again on theirs, so
+        no writer's change is lost (`patchcore camera set` and the console change some fields and keep the rest).
+        Whatever `change` raises (a SettingsError) leaves everything as it was."""
+        return self._write(camera, lambda packed: change(_decoded(packed)), who)[0]
 
     def reset(self, camera: str, who: str | None = None) -> bool:
         """Remove the camera's settings (the bank's threshold and ROI apply again); False if it had none."""
-        return self._write(camera, None, who)[1] is not None
+        return self._write(camera, lambda _: None, who)[1] is not None
 
-    def _write(self, camera: str, settings: CameraSettings | None, who: str | None
+    def _write(self, camera: str, make: Callable[[bytes | None], CameraSettings | None], who: str | None
                ) -> tuple[CameraSettings | None, bytes | None]:
-        """Write (None: delete) and audit; (the settings as stored, the packed settings they replaced)."""
+        """Write what `make` makes of the camera's packed settings (None: delete them) and audit; (the settings as
+        stored, the packed settings they replaced)."""
         who = who or whoami(self.client)
         script = scripts.load(self.client, "camera_settings_write")
         for _ in range(self.attempts):
-            read = int(self.client.get(self.keys.camera_settings_version) or 0)
+            pipe = self.client.pipeline(transaction=True)  # the version and the settings of the same moment
+            pipe.get(self.keys.camera_settings_version)
+            pipe.hget(self.keys.camera_settings, camera)
+            read, current = pipe.execute()
+            read = int(read or 0)
+            settings = make(current)
             stored = None if settings is None else settings.written(read + 1, who)
             outcome = scripts.camera_settings_write(
                 script, settings=self.keys.camera_settings, version_key=self.keys.camera_settings_version,
@@ -159,6 +175,14 @@ class CameraControl:
                    _described(outcome.previous), None if stored is None else stored.describe(), camera=camera, who=who,
                    settings=self.audit)
         return stored, outcome.previous
+
+
+def _decoded(packed: bytes | None) -> CameraSettings | None:
+    """Stored settings decoded; None for none and for ones that do not decode (a change replaces them)."""
+    try:
+        return None if packed is None else CameraSettings.unpack(packed)
+    except SettingsError:
+        return None
 
 
 def _described(packed: bytes | None):

@@ -2,7 +2,8 @@
 // actions POST JSON with the session's CSRF token. Text is always set with textContent (never HTML).
 "use strict";
 
-const state = {user: null, csrf: null, login: false, banks: null, deadletters: null, marks: null, alarms: new Map()};
+const state = {user: null, csrf: null, login: false, banks: null, deadletters: null, marks: null, alarms: new Map(),
+  snapshot: null, panel: null};
 const SVG = "http://www.w3.org/2000/svg";
 
 function el(tag, attrs = {}, ...children) {
@@ -72,6 +73,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   document.getElementById("logout").addEventListener("click", async () => {
     if (await post("/api/logout")) { await loadSession(); renderAll(); }
   });
+  setupPanel();
   window.addEventListener("hashchange", showTab);
   showTab();
   await loadSession();
@@ -88,6 +90,7 @@ function showTab() {
 
 function renderAll() {
   renderAlarms();
+  renderPanel();
   if ((location.hash || "").slice(1) === "audit") loadAudit();
   if (state.banks) renderBanks(state.banks);
   if (state.deadletters) renderDeadletters(state.deadletters);
@@ -106,7 +109,10 @@ function connect() {
 }
 
 function onSnapshot(snapshot) {
+  state.snapshot = snapshot;
   renderCameras(snapshot);
+  renderSinks(snapshot.sinks || []);
+  renderScoreCheck();
   const banks = JSON.stringify(snapshot.banks);
   if (state.banksSeen !== undefined && state.banksSeen !== banks) loadBanks();
   state.banksSeen = banks;
@@ -151,7 +157,8 @@ function renderCameras(snapshot) {
         el("h2", {}, cam.camera, " ", el("span", {class: "liveness"}), " ", el("span", {class: "drift", hidden: ""})),
         el("img", {class: "picture", alt: `latest picture of ${cam.camera}`}),
         el("div", {class: "spark-box"}),
-        el("dl", {class: "stats"}));
+        el("dl", {class: "stats"}),
+        el("button", {class: "open-settings", type: "button", onclick: () => openPanel(cam.camera)}, "Sensitivity and region"));
       grid.append(card);
     }
     const latest = cam.latest;
@@ -188,6 +195,138 @@ function renderCameras(snapshot) {
   for (const card of grid.querySelectorAll("[data-camera]")) if (!seen.has(card.dataset.camera)) card.remove();
   if (!snapshot.cameras.length && !grid.querySelector(".empty")) grid.append(el("p", {class: "empty"}, "no cameras yet"));
   if (snapshot.cameras.length) grid.querySelector(".empty")?.remove();
+}
+
+// a camera's settings: sensitivity slider and region-of-interest editor (operators change them, everyone reads)
+const cameraUrl = (camera, what) => `/api/cameras/${encodeURIComponent(camera)}/${what}`;
+
+function setupPanel() {
+  document.getElementById("panel-close").addEventListener("click", () => { state.panel = null; renderPanel(); });
+  const slider = document.getElementById("factor");
+  slider.addEventListener("input", () => { renderThreshold(); renderScoreCheck(); });
+  document.getElementById("factor-save").addEventListener("click", () => changeSettings({threshold_factor: Number(slider.value)},
+    (s) => `threshold factor ${fmt(s.settings?.threshold_factor)}: threshold ${fmt(s.effective_threshold, 3)}`));
+  document.getElementById("factor-reset").addEventListener("click", () => changeSettings({reset: "sensitivity"},
+    () => "the bank's threshold applies"));
+  const frame = document.getElementById("roi-frame");
+  frame.addEventListener("load", drawRoi);
+  frame.addEventListener("click", (event) => {
+    if (!state.user || !state.panel || !frame.naturalWidth) return;
+    // the click in the displayed image, scaled to the frame's pixels (the image is shown whole, aspect kept)
+    const box = frame.getBoundingClientRect();
+    const px = (v, size, shown) => Math.round(Math.min(Math.max(v * size / shown, 0), size) * 10) / 10;
+    state.panel.points.push([px(event.clientX - box.left, frame.naturalWidth, box.width),
+                             px(event.clientY - box.top, frame.naturalHeight, box.height)]);
+    drawRoi();
+  });
+  document.getElementById("roi-undo").addEventListener("click", () => { state.panel?.points.pop(); drawRoi(); });
+  document.getElementById("roi-save").addEventListener("click", () => changeSettings({roi_polygon: state.panel.points},
+    (s) => `region of interest saved: ${s.settings.roi_polygon.length} points`));
+  document.getElementById("roi-clear").addEventListener("click", () => changeSettings({reset: "roi"},
+    () => "region of interest cleared: the bank's applies"));
+  document.getElementById("roi-reload").addEventListener("click", loadFrame);
+}
+
+async function openPanel(camera) {
+  const info = await getJSON(cameraUrl(camera, "settings")).catch((error) => { say(error.message, true); return null; });
+  if (!info) return;
+  state.panel = {camera, info, points: []};
+  document.getElementById("factor").value = info.settings?.threshold_factor ?? 1;
+  loadFrame();
+  renderPanel();
+  document.getElementById("camera-panel").scrollIntoView();
+}
+
+function loadFrame() {
+  if (state.panel) document.getElementById("roi-frame").src = `${cameraUrl(state.panel.camera, "frame.jpg")}?v=${Date.now()}`;
+}
+
+async function changeSettings(body, what) {
+  const camera = state.panel?.camera;
+  if (!camera) return;
+  const done = await post(cameraUrl(camera, "settings"), body);
+  if (!done || state.panel?.camera !== camera) return;
+  state.panel.info = done;
+  if (body.roi_polygon || body.reset) state.panel.points = [];
+  say(`${camera}: ${what(done)}`);
+  renderPanel();
+}
+
+function renderPanel() {
+  const panel = document.getElementById("camera-panel");
+  panel.hidden = !state.panel;
+  if (!state.panel) return;
+  const {camera, info} = state.panel;
+  document.getElementById("panel-camera").textContent = camera;
+  const set = info.settings;
+  document.getElementById("panel-state").textContent = (info.refused ? `stored settings refused (${info.refused}); ` : "") +
+    (set ? `settings v${set.version} by ${set.set_by} at ${when(set.set_at)}` : "no settings of its own: the bank's threshold and region apply") +
+    (state.user ? "" : " · log in as an operator to change them");
+  document.getElementById("factor").disabled = !state.user;
+  document.getElementById("roi-help").textContent = state.user
+    ? "Click on the frame to place the region's corners (3 or more), then save. Green: the region stored now."
+    : "Green: the region of interest stored now.";
+  renderThreshold();
+  renderScoreCheck();
+  drawRoi();
+}
+
+function chosenThreshold() {
+  // what the slider's factor would make the threshold: bank threshold x factor + the stored offset
+  const {info} = state.panel;
+  if (info.bank_threshold === null) return null;
+  return info.bank_threshold * Number(document.getElementById("factor").value) + (info.settings?.threshold_offset ?? 0);
+}
+
+function renderThreshold() {
+  if (!state.panel) return;
+  const {info} = state.panel, factor = Number(document.getElementById("factor").value);
+  document.getElementById("factor-value").textContent = factor.toFixed(2);
+  const rows = [
+    ["bank", info.bank ? `${info.bank} v${info.bank_version}` : "– (no result yet)"],
+    ["bank threshold", fmt(info.bank_threshold, 3)],
+    ["threshold now", fmt(info.effective_threshold, 3) + (info.settings?.threshold !== null && info.settings?.threshold !== undefined ? " (explicit: a factor replaces it)" : "")],
+    ["with this factor", fmt(chosenThreshold(), 3)],
+    ["latest score", fmt(info.latest.score, 3)],
+  ];
+  document.getElementById("threshold-info").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {"data-info": k}, v)]));
+}
+
+function renderScoreCheck() {
+  const box = document.getElementById("score-check");
+  if (!state.panel || !state.snapshot) return;
+  const cam = state.snapshot.cameras.find((c) => c.camera === state.panel.camera);
+  const threshold = chosenThreshold();
+  if (!cam || !cam.series.length || threshold === null) { box.textContent = ""; return; }
+  const over = cam.series.filter((p) => p[1] >= threshold).length;
+  box.textContent = `${over} of the last ${cam.series.length} scores shown would be at or over ${fmt(threshold, 3)}` +
+    ` (${cam.series.filter((p) => p[3]).length} were anomalous)`;
+}
+
+function drawRoi() {
+  const svg = document.getElementById("roi-svg"), frame = document.getElementById("roi-frame");
+  if (!state.panel || !frame.naturalWidth) { svg.replaceChildren(); return; }
+  const w = frame.naturalWidth, h = frame.naturalHeight, r = Math.max(w, h) / 150;
+  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+  const points = (list) => list.map(([x, y]) => `${x},${y}`).join(" ");
+  const stored = state.panel.info.settings?.roi_polygon;
+  const drawn = state.panel.points;
+  svg.replaceChildren(
+    ...(stored ? [el("svg:polygon", {class: "stored", points: points(stored)})] : []),
+    ...(drawn.length ? [el("svg:polyline", {class: "drawing", points: points(drawn.length > 2 ? [...drawn, drawn[0]] : drawn)})] : []),
+    ...drawn.map(([x, y]) => el("svg:circle", {class: "vertex", cx: x, cy: y, r})));
+}
+
+// sinks: each sink process's health row (runtime.status.sink_health)
+function renderSinks(sinks) {
+  const body = document.querySelector("#sink-table tbody");
+  const age = (s) => (s === null ? "never" : `${s.toFixed(0)} s ago`);
+  body.replaceChildren(...(sinks.length ? sinks.map((s) => el("tr", {"data-sink": `${s.sink}/${s.consumer}`},
+    el("td", {}, s.sink), el("td", {}, s.consumer), el("td", {}, s.destination),
+    el("td", {class: `state ${s.state}`}, s.state), el("td", {}, s.pending), el("td", {}, s.delivered),
+    el("td", {}, s.deadlettered), el("td", {}, s.failures), el("td", {class: "error"}, s.last_error || "–"),
+    el("td", {}, age(s.age_s))))
+    : [el("tr", {}, el("td", {colspan: 10, class: "empty"}, "no sink processes"))]));
 }
 
 // alarms

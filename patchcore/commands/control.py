@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import redis
 import typer
 
-from contracts.control import CameraSettings, SettingsError, parse_polygon
+from contracts.control import CameraSettings, SettingsError, changed_settings, parse_polygon
 from runtime.control import AUDIT_LIST_COUNT, CameraControl, SettingsConflictError, read_audit, read_settings
 
 from ..helptext import Typer
@@ -39,30 +39,13 @@ sensitivity_options = settings_options(CameraSettings, "threshold", "threshold_f
 
 def camera_settings(camera: str, base: CameraSettings | None, sensitivity: dict, roi_polygon: Optional[str],
                     roi_mask: Optional[Path], bank_threshold: bool = False, bank_roi: bool = False) -> CameraSettings:
-    """`base` (the camera's stored settings, or none) with the options given on top: a threshold replaces a factor
-    and offset (and they it), a polygon replaces a mask (and it a polygon); bank_threshold / bank_roi drop the
-    camera's own. Bad values are a clear error."""
-    values = {"threshold": None, "threshold_factor": None, "threshold_offset": None, "roi_polygon": None,
-              "roi_mask": None}
-    if base is not None:
-        values.update(threshold=base.threshold, threshold_factor=base.threshold_factor,
-                      threshold_offset=base.threshold_offset, roi_polygon=base.roi_polygon, roi_mask=base.roi_mask)
-    given = {name: value for name, value in sensitivity.items() if value is not None}
-    if bank_threshold or "threshold" in given:
-        values.update(threshold=None, threshold_factor=None, threshold_offset=None)
-    elif given:  # a factor or an offset: the other one kept, an explicit threshold dropped
-        values.update(threshold=None)
-    values.update(given)
+    """`base` (the camera's stored settings, or none) with the options given on top (contracts.control.changed_settings:
+    what the console writes too); bad values are a clear error."""
     if roi_polygon is not None and roi_mask is not None:
         fail("give --roi-polygon or --roi-mask, not both")
     try:
-        if bank_roi:
-            values.update(roi_polygon=None, roi_mask=None)
-        if roi_polygon is not None:
-            values.update(roi_polygon=parse_polygon(roi_polygon), roi_mask=None)
-        if roi_mask is not None:
-            values.update(roi_mask=roi_mask.read_bytes(), roi_polygon=None)
-        return CameraSettings(camera, **values)
+        return changed_settings(camera, base, sensitivity, None if roi_polygon is None else parse_polygon(roi_polygon),
+                                None if roi_mask is None else roi_mask.read_bytes(), bank_threshold, bank_roi)
     except OSError as exc:
         fail(f"cannot read the mask {roi_mask}: {exc.strerror}")
     except SettingsError as exc:
@@ -91,13 +74,9 @@ def camera_set(
 ) -> None:
     """Set a camera's sensitivity and/or region of interest (options not given are kept); audited."""
     control = CameraControl(conn.client(), conn.keys)
-    try:
-        base = control.get(camera)
-    except SettingsError:
-        base = None  # refused settings are replaced (the audit keeps what was refused)
-    settings = camera_settings(camera, base, sensitivity, roi_polygon, roi_mask, bank_threshold, bank_roi)
-    try:
-        stored = control.set(settings)
+    try:  # on the stored settings (refused ones are replaced, the audit keeps them), again if another writer came first
+        stored = control.update(camera, lambda base: camera_settings(camera, base, sensitivity, roi_polygon, roi_mask,
+                                                                     bank_threshold, bank_roi))
     except SettingsConflictError as exc:
         fail(str(exc))
     typer.echo(json.dumps(stored.describe()))
