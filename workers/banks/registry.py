@@ -14,8 +14,8 @@ holds the chunk count, so a reader never sees a version whose chunks are not all
 """
 from __future__ import annotations
 
-import hashlib
 import contextlib
+import hashlib
 import hmac
 import json
 import time
@@ -119,7 +119,8 @@ class BankRegistry:
                 pipe.execute()
         except BaseException:
             with contextlib.suppress(redis.RedisError):  # no record names them: nothing else would delete them
-                self.client.delete(*blob_keys)
+                if not self.client.hexists(self.keys.bank_versions(name), str(version)):  # (EXEC's reply lost)
+                    self.client.delete(*blob_keys)
             raise
         audit(self.client, self.keys, "bank.publish", name, None,
               {"version": version, "sha256": record["sha256"], "size": record["size"], "meta": record["meta"],
