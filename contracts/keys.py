@@ -183,8 +183,13 @@ class Keys:
     def bank_versions(self, name: str) -> str:  # hash: version -> JSON metadata (sha256, size, published_at, ...)
         return f"{self._bank}:{name}:versions"
 
-    def bank_blob(self, name: str, version: int) -> str:  # bank file bytes
+    def bank_blob(self, name: str, version: int) -> str:  # bank file bytes: the whole file, or its chunk 0
         return f"{self._bank}:{name}:blob:{version}"
+
+    def bank_blob_chunk(self, name: str, version: int, index: int) -> str:  # chunk `index` >= 1 of a chunked bank
+        if index < 1:  # chunk 0 is bank_blob: a bank of one chunk is stored as before chunking
+            raise ValueError(f"bank chunk index {index}: chunk 0 is bank_blob")
+        return f"{self._bank}:{name}:blob:{version}:{index}"
 
     def bank_active(self, name: str) -> str:  # string: the active version
         return f"{self._bank}:{name}:active"

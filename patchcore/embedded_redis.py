@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from runtime.server_limits import server_args
+
 
 SERVER_ENV = "PATCHCORE_REDIS_SERVER"  # path of the server binary to embed, overriding the search
 MIN_VERSION = (7, 0)
@@ -64,11 +66,14 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """`with EmbeddedRedis() as server: server.url` - stopped (and its files removed) on exit."""
+    """`with EmbeddedRedis() as server: server.url` - stopped (and its files removed) on exit. Started with the
+    shipped bounds on one command (runtime.server_limits), as every deployment is; `config_file` (e.g.
+    deploy/redis/limits.conf) is read first instead, as compose and Kubernetes start Redis."""
 
     def __init__(self, port: int | None = None, extra_args: list[str] | None = None, appendonly: bool = False,
-                 data_dir: str | Path | None = None, binary: str | None = None):
+                 data_dir: str | Path | None = None, binary: str | None = None, config_file: str | Path | None = None):
         self.binary = binary
+        self.config_file = config_file
         self.port = port or free_port()
         self._owned_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="patchcore-redis-"))
@@ -81,8 +86,10 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
-        args = [self.binary or find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no", *self.extra_args]
+        config = [str(self.config_file)] if self.config_file is not None else []
+        args = [self.binary or find_redis_server(), *config, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.data_dir), "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                *([] if config else server_args()), *self.extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

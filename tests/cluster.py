@@ -12,6 +12,7 @@ from pathlib import Path
 import redis
 
 from patchcore.embedded_redis import MIN_VERSION, free_port, server_version
+from runtime.server_limits import server_args
 
 
 def cluster_tools() -> tuple[str, str] | None:
@@ -51,7 +52,7 @@ class LocalCluster:
              "--cluster-port", str(free_port()), "--cluster-config-file", str(folder / "nodes.conf"),
              "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-replica-validity-factor", "0",
              "--appendonly", "yes", "--save", "", "--dir", str(folder), "--daemonize", "no", "--logfile",
-             str(folder / "log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             str(folder / "log"), *server_args()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:

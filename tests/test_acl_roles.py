@@ -12,12 +12,15 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from typer.testing import CliRunner
 
 from store.alarms.feed import read_alarms
 from runtime import scripts
 from runtime.cameras import CameraLimits, CameraNotRegisteredError, register_camera
 from runtime.connection import connect
+from runtime import server_limits
 from contracts.keys import Keys
 from contracts.messages import Alarm, DriftEvent
 from runtime import scripts
@@ -78,7 +81,8 @@ def acl_server(tmp_path):
                     str(acl)], env={"CAMERAS": "cam-1 cam-2 cam-3", "PATH": "/usr/bin:/bin"}, check=True)
     text = acl.read_text()
     assert "pw-" not in text and text.count("user camera-") == 3  # hashed, one user per camera
-    with EmbeddedRedis(binary=redis7(), extra_args=["--aclfile", str(acl)]) as server:
+    with EmbeddedRedis(binary=redis7(), config_file=ROOT / "deploy/redis/limits.conf",
+                       extra_args=["--aclfile", str(acl)]) as server:
         prepared = AclServer(server.port, secrets)
         operator = prepared.client("operator")  # what the deploy tooling does before the services start:
         scripts.load_library(operator)  # load the Functions library
@@ -355,6 +359,70 @@ def test_a_camera_writes_only_its_own_stream_within_the_operators_limits(acl_ser
     # bounded by the function (Redis 7 runs a function with its caller's rights: the function's XADD needs it)
     camera.xadd(KEYS.frames("cam-1"), {"m": b"x" * 2000})
     assert operator.xlen(KEYS.frames("cam-1")) == 6
+
+
+def one_shot(acl_server, user: str) -> redis.Redis:
+    """A client of `user` that sends each command once: Redis closes the connection on a command over its bounds."""
+    return redis.Redis(port=acl_server.port, username=user, password=acl_server.password(user),
+                       retry=Retry(NoBackoff(), 0))
+
+
+def used_memory(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def test_the_shipped_bounds_sit_above_the_largest_default_frame_and_a_bank_chunk():
+    """deploy/redis/limits.conf is runtime/server_limits.py's; an honest command fits it: a frame at the default
+    camera limit with its stream key and command (FCALL add_frame: 4 arguments besides the frame), and a bank chunk."""
+    assert (ROOT / "deploy/redis/limits.conf").read_text() == server_limits.config_text()
+    assert server_limits.MAX_ARGUMENT_BYTES >= CameraLimits().max_entry_bytes + (1 << 20)
+    assert server_limits.MAX_ARGUMENT_BYTES >= 2 * BankRegistry.CHUNK_BYTES
+    assert server_limits.MAX_QUERY_BUFFER_BYTES > server_limits.MAX_ARGUMENT_BYTES
+    honest_worker = WorkerSettings().max_batch * WorkerSettings().max_frame_bytes  # one XREADGROUP reply at most
+    assert server_limits.MAX_CLIENTS_MEMORY_BYTES >= honest_worker + server_limits.MAX_ARGUMENT_BYTES
+    assert min(server_limits.SERVER_LIMITS.values()) >= 1 << 20  # Redis' minimum for the first two
+
+
+def test_redis_refuses_a_raw_camera_entry_over_the_shipped_bounds_and_memory_does_not_grow(acl_server):
+    """Issue 22: the camera role holds XADD on its own stream (add_frame runs with its rights), so it can write an
+    entry outside the function's size limit; the shipped config makes Redis refuse one over the bounds before it is
+    stored: one field over proto-max-bulk-len, or many fields each under it (maxmemory-clients). An honest camera's
+    frames, up to the default max_entry_bytes, still go in."""
+    operator, stream = acl_server.client("operator"), KEYS.frames("cam-1")
+    before = used_memory(operator)
+    over = b"x" * (server_limits.MAX_ARGUMENT_BYTES + 1)
+    under = b"y" * (server_limits.MAX_ARGUMENT_BYTES - (1 << 20))
+    many = server_limits.MAX_CLIENTS_MEMORY_BYTES // len(under) + 1  # fields, each one under proto-max-bulk-len
+    for attack in (lambda camera: camera.xadd(stream, {"m": over}),
+                   lambda camera: camera.set(KEYS.preview("cam-1"), over),
+                   lambda camera: camera.xadd(stream, {f"m{i}": under for i in range(many)})):
+        with pytest.raises((redis.ConnectionError, redis.ResponseError)):  # Redis closes the connection
+            attack(one_shot(acl_server, "camera-cam-1"))
+        assert operator.xlen(stream) == 0 and not operator.exists(KEYS.preview("cam-1"))
+        assert used_memory(operator) < before + (4 << 20)  # nothing stored, the command's buffers freed
+    frames_into(acl_server.url("camera-cam-1"), "cam-1", 3)  # the honest camera carries on
+    camera = acl_server.client("camera-cam-1")
+    largest = b"z" * CameraLimits().max_entry_bytes  # the largest frame the default limits allow, through add_frame
+    assert scripts.add_frame(scripts.load(camera, "add_frame"), stream=stream, stats=KEYS.camera_stats("cam-1"),
+                             limits=KEYS.camera_limits("cam-1"), seq=10, maxlen=1000, captured_at=1.0,
+                             frame=largest) == 0
+    assert operator.xlen(stream) == 4
+    assert operator.xrevrange(stream, count=1)[0][1][b"m"] == largest
+
+
+def test_an_operator_publishes_a_bank_over_the_bound_in_chunks_and_a_worker_reads_it(acl_server,
+                                                                                   synthetic_bank_bytes):
+    """A bank larger than one command may carry (the real bank's bytes repeated past proto-max-bulk-len): one SET of
+    it is refused, the registry's chunked publish works, and the worker role reads it back whole and verified."""
+    key = b"s" * 32
+    data = (synthetic_bank_bytes * (server_limits.MAX_ARGUMENT_BYTES // len(synthetic_bank_bytes) + 2))
+    assert len(data) > server_limits.MAX_ARGUMENT_BYTES
+    with pytest.raises((redis.ConnectionError, redis.ResponseError)):
+        one_shot(acl_server, "operator").set(KEYS.bank_blob("big", 1), data)
+    version = BankRegistry(acl_server.client("operator"), KEYS, signing_key=key).publish("big", data)
+    assert BankRegistry(acl_server.client("worker"), KEYS, signing_key=key).fetch("big", version) == data
+    (published,) = BankRegistry(acl_server.client("viewer"), KEYS).versions("big")
+    assert published.chunks == -(-len(data) // BankRegistry.CHUNK_BYTES) and published.size == len(data)
 
 
 def test_a_camera_the_operator_did_not_register_is_refused_with_the_command_to_run(acl_server):

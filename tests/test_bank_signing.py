@@ -34,7 +34,7 @@ def test_a_worker_with_a_key_refuses_unsigned_wrongly_signed_and_tampered_banks(
                                                                                               synthetic_bank_bytes)
     tampered = operator.publish("default", synthetic_bank_bytes)  # then altered by a Redis writer without the key,
     client.setrange(KEYS.bank_blob("default", tampered), 200, b"!")  # who also recomputes the sha256
-    altered = client.get(KEYS.bank_blob("default", tampered))
+    altered = synthetic_bank_bytes[:200] + b"!" + synthetic_bank_bytes[201:]  # (bank_blob is its first chunk)
     record = json.loads(client.hget(KEYS.bank_versions("default"), tampered))
     client.hset(KEYS.bank_versions("default"), tampered,
                 json.dumps({**record, "sha256": hashlib.sha256(altered).hexdigest()}))

@@ -40,6 +40,23 @@ def test_a_cluster_is_found_from_any_node_and_a_single_redis_stays_plain(cluster
     assert not isinstance(connect(redis_server.url), RedisCluster)
 
 
+def test_a_chunked_bank_is_published_read_and_pruned_on_a_cluster(cluster, synthetic_bank_bytes):
+    """A bank in chunks (one SET each) on a cluster: every chunk in the registry's slot, read back whole and
+    verified, and every chunk of a pruned version deleted."""
+    client = connect(cluster.url)
+    registry = BankRegistry(client, KEYS, signing_key=b"c" * 32, chunk_bytes=64 << 10, keep_versions=1)
+    first = registry.publish("default", synthetic_bank_bytes)
+    (published,) = registry.versions("default")
+    assert published.chunks > 3
+    old = [KEYS.bank_blob("default", first)] + [KEYS.bank_blob_chunk("default", first, i)
+                                                for i in range(1, published.chunks)]
+    assert {key_slot(key.encode()) for key in old} == {key_slot(KEYS.bank_versions("default").encode())}
+    assert client.exists(*old) == len(old)
+    second = registry.publish("default", synthetic_bank_bytes, activate=True)  # prunes the first
+    assert registry.fetch("default", second) == synthetic_bank_bytes
+    assert [v.version for v in registry.versions("default")] == [second] and client.exists(*old) == 0
+
+
 def camera_stats(client, camera):
     return {k.decode(): v.decode() for k, v in client.hgetall(KEYS.camera_stats(camera)).items()}
 

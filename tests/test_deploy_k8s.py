@@ -96,11 +96,14 @@ def check_system(docs: list[dict], gpu: bool = True) -> None:
     (server,) = redis["spec"]["template"]["spec"]["containers"]
     assert arg(server, "--appendonly") == "yes" and arg(server, "--aclfile") == "/data/users.acl"
     assert arg(server, "--maxmemory-policy") == "noeviction"
+    assert server["args"][:2] == ["redis-server", "/acl/limits.conf"]  # the bounds on one command, as its config file
+    assert {"name": "acl", "mountPath": "/acl", "readOnly": True} in server["volumeMounts"]
     (render,) = redis["spec"]["template"]["spec"]["initContainers"]
     assert render["command"][:3] == ["sh", "/acl/render-acl.sh", "/acl/users.acl"]
     assert {e["name"]: e["value"] for e in render["env"]}["CAMERAS"].split() == cameras  # one ACL user per camera
     (acl,) = [d for d in by_kind["ConfigMap"] if d["metadata"]["name"].startswith("patchcore-redis-acl")]
     assert acl["data"]["users.acl"] == (ROOT / "deploy/redis/users.acl").read_text()
+    assert acl["data"]["limits.conf"] == (ROOT / "deploy/redis/limits.conf").read_text()
     volumes = {v["name"]: v for v in redis["spec"]["template"]["spec"]["volumes"]}
     assert volumes["acl"]["configMap"]["name"] == acl["metadata"]["name"]
     (job,) = by_kind["Job"]

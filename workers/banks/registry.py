@@ -5,9 +5,16 @@ every version carries an HMAC-SHA256 over its name, version number and bytes: a 
 the key signs what it publishes and loads only versions signed with it, so whoever can write to
 Redis without holding the key cannot make a worker load a bank. Publishing keeps the blobs of the
 newest `keep_versions` versions (and the active one and the rollback target) and deletes the rest.
+
+A version's bytes are stored in chunks of at most `chunk_bytes` (one SET each), so no command carries a whole bank:
+the shipped Redis config bounds one argument (`proto-max-bulk-len`, deploy/redis/limits.conf) far below a bank's size.
+Chunk 0 is `bank_blob`, chunk i >= 1 `bank_blob_chunk` (all in the registry's slot); the version record, written last,
+holds the chunk count, so a reader never sees a version whose chunks are not all written. A record without a count
+(published before chunking) names one blob: it loads as before. The sha256 and the signature cover the whole bytes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -55,23 +62,30 @@ class BankVersion:
     published_at: float
     meta: dict
     signed: bool = False
+    chunks: int = 1  # Redis keys its bytes are stored in
 
 
 class BankRegistry:
     """`signing_key`: sign on publish, and refuse to fetch versions not signed with it (None: no signatures).
-    `keep_versions`: blobs kept per bank name after a publish, besides the active version and the rollback target."""
+    `keep_versions`: blobs kept per bank name after a publish, besides the active version and the rollback target.
+    `chunk_bytes`: the most bytes of one chunk (one SET) of a published version."""
 
     KEEP_VERSIONS = 3  # the default of keep_versions (`patchcore bank publish --keep`)
+    CHUNK_BYTES = 4 << 20  # the default of chunk_bytes: well under the shipped proto-max-bulk-len (tests check it)
+    MAX_CHUNKS = 1 << 16  # a record naming more chunks is refused as unreadable
 
     def __init__(self, client: redis.Redis, keys: Keys = Keys(), max_bank_bytes: int = 2 << 30,
-                 signing_key: bytes | None = None, keep_versions: int = KEEP_VERSIONS):
+                 signing_key: bytes | None = None, keep_versions: int = KEEP_VERSIONS, chunk_bytes: int = CHUNK_BYTES):
         if keep_versions < 1:
             raise RegistryError("keep_versions must be at least 1")
+        if chunk_bytes < 1:
+            raise RegistryError("chunk_bytes must be at least 1")
         self.client = client
         self.keys = keys
         self.max_bank_bytes = max_bank_bytes
         self._signing_key = signing_key
         self.keep_versions = keep_versions
+        self.chunk_bytes = chunk_bytes
 
     @property
     def verifies(self) -> bool:
@@ -85,16 +99,29 @@ class BankRegistry:
             raise RegistryError(f"bad bank name {name!r}")
         if len(data) > self.max_bank_bytes:
             raise RegistryError(f"bank of {len(data)} bytes exceeds the {self.max_bank_bytes}-byte limit")
+        if len(data) > self.chunk_bytes * self.MAX_CHUNKS:
+            raise RegistryError(f"bank of {len(data)} bytes needs more than {self.MAX_CHUNKS} chunks of "
+                                f"{self.chunk_bytes} bytes")
         version = int(self.client.incr(self.keys.bank_counter(name)))
+        view = memoryview(data)
+        chunks = [view[start:start + self.chunk_bytes] for start in range(0, max(len(data), 1), self.chunk_bytes)]
         record = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "published_at": time.time(),
-                  "meta": meta or {}}
+                  "meta": meta or {}, "chunks": len(chunks)}
         if self._signing_key is not None:
             record["hmac_sha256"] = bank_signature(self._signing_key, name, version, data)
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.bank_blob(name, version), data)
-            pipe.hset(self.keys.bank_versions(name), str(version), json.dumps(record))
-            pipe.sadd(self.keys.banks, name)
-            pipe.execute()
+        blob_keys = self._blob_keys(name, version, len(chunks))
+        try:
+            for key, chunk in zip(blob_keys, chunks):  # one command each, never the whole bank (no MULTI either:
+                self.client.set(key, chunk)  # queued commands count against the client's query buffer limit)
+            with self.client.pipeline(transaction=True) as pipe:  # the record last: readers see all chunks or none
+                pipe.hset(self.keys.bank_versions(name), str(version), json.dumps(record))
+                pipe.sadd(self.keys.banks, name)
+                pipe.execute()
+        except BaseException:
+            with contextlib.suppress(redis.RedisError):  # no record names them: nothing else would delete them
+                if not self.client.hexists(self.keys.bank_versions(name), str(version)):  # (EXEC's reply lost)
+                    self.client.delete(*blob_keys)
+            raise
         audit(self.client, self.keys, "bank.publish", name, None,
               {"version": version, "sha256": record["sha256"], "size": record["size"], "meta": record["meta"],
                "signed": "hmac_sha256" in record}, who=who)
@@ -105,9 +132,21 @@ class BankRegistry:
             audit(self.client, self.keys, "bank.prune", name, {"versions": pruned}, None, who=who)
         return version
 
+    def _blob_keys(self, name: str, version: int, chunks: int) -> list[str]:
+        """The keys of a version's `chunks` chunks, in order (chunk 0 is bank_blob, as before chunking)."""
+        return [self.keys.bank_blob(name, version)] + [self.keys.bank_blob_chunk(name, version, index)
+                                                       for index in range(1, chunks)]
+
+    def _chunk_count(self, record: dict) -> int:
+        """The chunk count of a parsed version record: 1 when it has none (published before chunking)."""
+        chunks = record.get("chunks", 1)
+        if type(chunks) is not int or not 1 <= chunks <= self.MAX_CHUNKS:
+            raise ValueError(f"bad chunk count {chunks!r}")
+        return chunks
+
     def prune(self, name: str) -> list[int]:
-        """Delete the versions (blob and record) older than the newest `keep_versions`, except the active
-        one and the rollback target; returns the deleted version numbers."""
+        """Delete the versions (every chunk and the record) older than the newest `keep_versions`, except the
+        active one and the rollback target; returns the deleted version numbers."""
         versions_key, active_key, history_key = (self.keys.bank_versions(name), self.keys.bank_active(name),
                                                  self.keys.bank_history(name))
         deleted: list[int] = []
@@ -117,9 +156,14 @@ class BankRegistry:
             protected = set(versions[-self.keep_versions:])
             protected.update(int(v) for v in (pipe.get(active_key), pipe.lindex(history_key, -1)) if v is not None)
             old = [v for v in versions if v not in protected]
+            records = pipe.hmget(versions_key, [str(v) for v in old]) if old else []
             pipe.multi()
-            for version in old:
-                pipe.delete(self.keys.bank_blob(name, version))
+            for version, record in zip(old, records):
+                try:
+                    chunks = self._chunk_count(json.loads(record))
+                except (ValueError, TypeError, AttributeError):  # an unreadable record: its chunk 0 at least
+                    chunks = 1
+                pipe.delete(*self._blob_keys(name, version, chunks))
                 pipe.hdel(versions_key, str(version))
                 pipe.lrem(history_key, 0, str(version))  # rollback never lands on a deleted version
             deleted[:] = old
@@ -141,7 +185,7 @@ class BankRegistry:
         for version, record in raw.items():
             data = json.loads(record)
             out.append(BankVersion(name, int(version), data["sha256"], data["size"], data["published_at"], data["meta"],
-                                   "hmac_sha256" in data))
+                                   "hmac_sha256" in data, data.get("chunks", 1)))
         return sorted(out, key=lambda v: v.version)
 
     def active(self, name: str) -> int | None:
@@ -192,16 +236,17 @@ class BankRegistry:
         return result[0]
 
     def fetch(self, name: str, version: int) -> bytes:
-        """Bank bytes, checked against the sha256 recorded at publication and, with a signing key, its signature."""
+        """Bank bytes (its chunks joined), checked against the sha256 recorded at publication and, with a signing key,
+        its signature."""
         record = self.client.hget(self.keys.bank_versions(name), str(version))
-        data = self.client.get(self.keys.bank_blob(name, version))
-        if record is None or data is None:
+        if record is None:
             raise RegistryError(f"bank {name} version {version} is not in the registry")
         try:
             record = json.loads(record)
-            published_sha256 = record["sha256"]
-        except (ValueError, TypeError, KeyError):
+            published_sha256, chunks = record["sha256"], self._chunk_count(record)
+        except (ValueError, TypeError, KeyError, AttributeError):
             raise RegistryError(f"bank {name} version {version}: unreadable registry record") from None
+        data = self._read_chunks(name, version, chunks)
         if self._signing_key is not None:
             signature = record.get("hmac_sha256")
             if not isinstance(signature, str):
@@ -213,3 +258,17 @@ class BankRegistry:
         if hashlib.sha256(data).hexdigest() != published_sha256:
             raise RegistryError(f"bank {name} version {version}: bytes do not match their published sha256")
         return data
+
+    def _read_chunks(self, name: str, version: int, chunks: int) -> bytes:
+        """A version's chunks joined, one GET each (no reply holds more than one chunk); at most max_bank_bytes."""
+        parts, size = [], 0
+        for index, key in enumerate(self._blob_keys(name, version, chunks)):
+            part = self.client.get(key)
+            if part is None:  # deleted by a prune since the record was read, or by hand
+                raise RegistryError(f"bank {name} version {version} is not in the registry (chunk {index} of "
+                                    f"{chunks} is missing)")
+            size += len(part)
+            if size > self.max_bank_bytes:
+                raise RegistryError(f"bank {name} version {version} exceeds the {self.max_bank_bytes}-byte limit")
+            parts.append(part)
+        return b"".join(parts)
