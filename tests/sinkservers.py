@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from contracts.keys import Keys
-from contracts.messages import Alarm, Result
+from contracts.messages import Alarm, DriftEvent, Result
 
 MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if Path(p).is_file()), None)
 
@@ -61,6 +61,30 @@ def write_alarms(client, keys: Keys, camera: str, seqs) -> None:
     client.sadd(keys.cameras, camera)
     for seq in seqs:
         client.xadd(keys.alarms(camera), {"m": alarm(camera, seq).pack()})
+
+
+def drift_events(camera: str, line: str = "line-1", first_seq: int = 40) -> list[DriftEvent]:
+    """A camera's drift episode as the store decides it (store.alarms.drift.DriftTracker): a scene that moves (drift),
+    an operator's acknowledgement, the scene's return (drift-cleared); numbered from 1."""
+    from store.alarms.drift import DriftSettings, DriftTracker
+
+    tracker, events = DriftTracker(DriftSettings()), []
+    seq = first_seq
+    for ratio, frames in ((0.5, 32), (2.0, 40), (None, 0), (0.5, 40)):
+        if ratio is None:  # the operator acknowledges
+            events.append(tracker.acknowledge("alice", time.time()))
+            continue
+        for _ in range(frames):
+            events += tracker.add(seq, ratio, 1.0, line, time.time())
+            seq += 1
+    return [DriftEvent(camera=camera, **event) for event in events]
+
+
+def write_drift(client, keys: Keys, camera: str, events) -> None:
+    """Append `events` to the camera's drift stream as runtime/lua/commit_drift.lua does (fields n and m)."""
+    client.sadd(keys.cameras, camera)
+    for event in events:
+        client.xadd(keys.drift(camera), {"n": event.n, "m": event.pack()})
 
 
 # ---- webhook receiver -----------------------------------------------------------------------------------------
@@ -247,18 +271,19 @@ class Subscriber:
 
 # ---- OPC UA ----------------------------------------------------------------------------------------------------
 OPCUA_NODES = {"Verdict": "Boolean", "Score": "Double", "Threshold": "Double", "Seq": "Int64", "AlarmSeq": "Int64",
-               "Timestamp": "DateTime"}  # the layout docs/sinks.md gives a PLC programmer
+               "Timestamp": "DateTime", "Drift": "Boolean", "DriftSeq": "Int64"}  # docs/sinks.md's layout for a PLC
 
 
 class PlcServer:
     """An asyncua server on loopback (its own event loop in a thread) with the PLC-style layout: Objects/<root>/
-    <camera>/{Verdict, Score, Threshold, Seq, AlarmSeq, Timestamp} for each of `cameras` (`types` overrides a
-    node's type, to test a mismatch). Every Write request that reaches the nodes is recorded, in order, as
+    <camera>/{Verdict, Score, Threshold, Seq, AlarmSeq, Timestamp, Drift, DriftSeq} for each of `cameras` (`types`
+    overrides a node's type, to test a mismatch; `omit` maps a camera to nodes it lacks). Every Write request that reaches the nodes is recorded, in order, as
     (camera, {node: value})."""
 
     def __init__(self, cameras, namespace_uri: str = "urn:patchcore:line", root: str = "Patchcore",
-                 port: int | None = None, types: dict | None = None):
+                 port: int | None = None, types: dict | None = None, omit: dict | None = None):
         self.cameras, self.namespace_uri, self.root = list(cameras), namespace_uri, root
+        self.omit = omit or {}
         self.port = port or free_port()
         self.types = {**OPCUA_NODES, **(types or {})}
         self.writes: list[tuple[str, dict]] = []
@@ -304,6 +329,8 @@ class PlcServer:
             for camera in self.cameras:
                 folder = await root.add_folder(ns, camera)
                 for name, kind in self.types.items():
+                    if name in self.omit.get(camera, ()):
+                        continue
                     initial = {"Boolean": False, "Double": 0.0, "Int64": 0, "DateTime": None, "String": ""}[kind]
                     node = await folder.add_variable(ns, name, initial, getattr(ua.VariantType, kind))
                     await node.set_writable()

@@ -23,12 +23,12 @@ from runtime.connection import connect
 from runtime.status import collect_status, prune_dead
 from sinks.mqtt import Mqtt, MqttSettings
 from sinks.opcua import OpcUa, OpcUaSettings
-from sinks.messages import alarm_key, verdict_key
+from sinks.messages import alarm_key, drift_key, verdict_key
 from sinks.service import Sink, SinkSettings
 from sinks.webhook import Webhook, WebhookSettings
 
-from .sinkservers import (MOSQUITTO, Mosquitto, PlcServer, Receiver, Subscriber, free_port, self_signed, wait_for,
-                          write_alarms, write_results)
+from .sinkservers import (MOSQUITTO, Mosquitto, PlcServer, Receiver, Subscriber, drift_events, free_port, self_signed,
+                          wait_for, write_alarms, write_drift, write_results)
 
 KEYS = Keys()
 SECRET = b"test-secret-of-the-webhook"
@@ -70,7 +70,7 @@ def expected_verdicts(camera, seqs):
 
 def sink_pending(client, camera, sink="hook") -> int:
     return sum(int(client.xpending(stream, sink_group(sink))["pending"])
-               for stream in (KEYS.results(camera), KEYS.alarms(camera)))
+               for stream in (KEYS.results(camera), KEYS.alarms(camera), KEYS.drift(camera)))
 
 
 # ---- webhook -----------------------------------------------------------------------------------------------------
@@ -101,6 +101,56 @@ def test_webhook_delivers_each_verdict_and_alarm_once_in_order_signed(client, se
             assert REGISTRY.get_sample_value("patchcore_sink_delivered_total", {"sink": "hook", "kind": kind}) \
                 == counted[kind] + count
         assert client.xlen(KEYS.results("cam-a")) == 30  # the store and other sinks still read them
+    finally:
+        receiver.stop()
+
+
+def test_drift_events_reach_the_webhook_as_type_drift_in_order_with_their_keys(client, secret_file):
+    """A camera's drift episode (raised, acknowledged, returned: the store's tracker decides them) is delivered
+    with the verdicts, each event once with the key drift:<camera>:<n>; a sink told --no-drift leaves them."""
+    receiver = Receiver(SECRET).start()
+    try:
+        events = drift_events("cam-a")
+        assert [e.kind for e in events] == ["drift", "drift-acknowledged", "drift-cleared"]
+        write_results(client, KEYS, "cam-a", range(5))
+        write_drift(client, KEYS, "cam-a", events)
+        with running(webhook_sink(client, receiver.url, secret_file)) as sink:
+            assert wait_for(lambda: len(receiver.received) >= 8)
+            assert wait_for(lambda: sink_pending(client, "cam-a") == 0)
+        keys = receiver.keys()
+        assert [k for k in keys if k.startswith("drift:")] == [drift_key("cam-a", n) for n in (1, 2, 3)]
+        assert len(keys) == len(set(keys)) == 8 and sink.report.delivered == 8
+        bodies = [r["body"] for r in receiver.received if r["body"]["type"] == "drift"]
+        for body, event in zip(bodies, events):
+            assert body["event"] == event.kind and body["n"] == event.n and body["seq"] == event.seq
+            assert body["camera"] == "cam-a" and body["line"] == "line-1"  # the acknowledgement too: one topic
+            assert body["share_over"] == event.share_over and body["held"] == event.held and body["by"] == event.by
+        assert [b["drifted"] for b in bodies] == [True, True, False]
+        assert bodies[1]["by"] == "alice" and bodies[1]["seq"] == bodies[0]["seq"]  # the frame that raised it
+        assert REGISTRY.get_sample_value("patchcore_sink_delivered_total", {"sink": "hook", "kind": "drift"}) >= 3
+        # another sink that does not deliver drift leaves the drift streams alone (no group there)
+        other = webhook_sink(client, receiver.url, secret_file, sink="nodrift", drift=False)
+        with running(other):
+            assert wait_for(lambda: other.report.delivered == 5)
+        groups = {g["name"] for g in client.xinfo_groups(KEYS.drift("cam-a"))}
+        assert sink_group("hook").encode() in groups and sink_group("nodrift").encode() not in groups
+    finally:
+        receiver.stop()
+
+
+def test_an_unreadable_drift_event_is_dead_lettered(client, secret_file):
+    receiver = Receiver(SECRET).start()
+    try:
+        events = drift_events("cam-a")
+        write_drift(client, KEYS, "cam-a", events[:1])
+        client.xadd(KEYS.drift("cam-a"), {"n": 2, "m": events[1].pack()[:-3]})  # cut short
+        write_drift(client, KEYS, "cam-b", events[2:])  # cam-a's event on cam-b's stream
+        with running(webhook_sink(client, receiver.url, secret_file)) as sink:
+            assert wait_for(lambda: len(receiver.received) >= 1 and sink.report.deadlettered == 2)
+        assert receiver.keys() == [drift_key("cam-a", 1)]
+        (_, letter), = client.xrange(KEYS.sink_deadletter("hook", "cam-b"))
+        assert letter[b"reason"].decode() == f"drift of camera 'cam-a' arrived on {KEYS.drift('cam-b')}"
+        assert client.xlen(KEYS.sink_deadletter("hook", "cam-a")) == 1
     finally:
         receiver.stop()
 
@@ -327,6 +377,33 @@ def test_mqtt_topics_payloads_order_and_retained_verdict(client, tmp_path):
 
 
 @needs_mosquitto
+def test_mqtt_drift_events_go_to_the_drift_topic_and_the_last_is_retained(client, tmp_path):
+    broker = Mosquitto(tmp_path).start()
+    subscriber = Subscriber(broker.port, "plant/#")
+    try:
+        events = drift_events("cam-a")
+        write_drift(client, KEYS, "cam-a", events[:2])  # drifted, acknowledged: still drifted
+        write_results(client, KEYS, "cam-a", range(3))
+        destination = Mqtt(MqttSettings(host="127.0.0.1", port=broker.port, topic_prefix="plant"), "pc-drift")
+        with running(Sink(client, destination, SinkSettings(sink="mq", **FAST), KEYS)):
+            assert wait_for(lambda: len(subscriber.messages) >= 5)
+            assert wait_for(lambda: sink_pending(client, "cam-a", "mq") == 0)
+        drift = [m for m in subscriber.messages if m[0] == "plant/line-1/cam-a/drift"]
+        assert [m[1]["id"] for m in drift] == [drift_key("cam-a", 1), drift_key("cam-a", 2)]
+        assert [m[1]["event"] for m in drift] == ["drift", "drift-acknowledged"] and drift[0][1]["type"] == "drift"
+        late = Subscriber(broker.port, "plant/+/+/drift")  # connects later: the camera's current drift state
+        try:
+            assert wait_for(lambda: len(late.messages) >= 1, 10)
+            (topic_name, body, retained, _), = late.messages
+            assert retained and body["id"] == drift_key("cam-a", 2) and body["drifted"] is True
+        finally:
+            late.stop()
+    finally:
+        subscriber.stop()
+        broker.stop()
+
+
+@needs_mosquitto
 def test_mqtt_broker_down_then_up_loses_nothing(client, tmp_path):
     port = free_port()
     write_results(client, KEYS, "cam-a", range(10))
@@ -418,6 +495,27 @@ def test_opcua_missing_camera_node_and_wrong_type_go_to_dead_letters(client):
         plc.stop()
 
 
+def test_opcua_drift_events_write_drift_then_drift_seq_and_a_server_without_them_still_takes_verdicts(client):
+    plc = PlcServer(["cam-a", "cam-b"], omit={"cam-b": ("Drift", "DriftSeq")}).start()
+    try:
+        events = drift_events("cam-a")
+        write_drift(client, KEYS, "cam-a", events)
+        write_drift(client, KEYS, "cam-b", drift_events("cam-b")[:1])
+        write_results(client, KEYS, "cam-b", range(4))
+        with running(opcua_sink(client, plc.url)) as sink:
+            assert wait_for(lambda: len(plc.seqs("cam-a", "DriftSeq")) >= 3 and len(plc.seqs("cam-b")) >= 4
+                            and sink.report.deadlettered == 1)
+            assert wait_for(lambda: sink_pending(client, "cam-a", "plc") + sink_pending(client, "cam-b", "plc") == 0)
+        drift = [written for camera, written in plc.writes if camera == "cam-a"]
+        assert [list(w) for w in drift] == [["Drift", "DriftSeq"]] * 3  # one request each, DriftSeq last
+        assert [(w["Drift"], w["DriftSeq"]) for w in drift] == [(True, 1), (True, 2), (False, 3)]
+        assert plc.seqs("cam-b") == list(range(4))  # no Drift nodes there: its verdicts still land
+        (_, letter), = client.xrange(KEYS.sink_deadletter("plc", "cam-b"))
+        assert letter[b"reason"].startswith(b"BadNoMatch") and letter[b"key"] == drift_key("cam-b", 1).encode()
+    finally:
+        plc.stop()
+
+
 def test_opcua_server_down_then_up_loses_nothing(client):
     port = free_port()
     write_results(client, KEYS, "cam-a", range(15))
@@ -487,8 +585,8 @@ def test_bad_sink_options_are_clear_errors_and_the_secret_is_never_shown(redis_s
     assert refused.exit_code == 2 and "bad webhook URL" in refused.output
     missing = runner.invoke(app, [*base, "--url", "http://127.0.0.1:9/x", "--secret-file", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "cannot read the webhook secret file" in missing.output
-    nothing = runner.invoke(app, [*base, "--url", "http://127.0.0.1:9/x", "--no-verdicts", "--no-alarms"])
-    assert nothing.exit_code == 2 and "verdicts, alarms or both" in nothing.output
+    nothing = runner.invoke(app, [*base, "--url", "http://127.0.0.1:9/x", "--no-verdicts", "--no-alarms", "--no-drift"])
+    assert nothing.exit_code == 2 and "verdicts, alarms or drift events (one at least)" in nothing.output
     name = runner.invoke(app, [*base, "--url", "http://127.0.0.1:9/x", "--sink", "a b"])
     assert name.exit_code == 2 and "bad sink name" in name.output
     mqtt = runner.invoke(app, ["sink", "mqtt", "--redis-url", redis_server.url, "--topic-prefix", "a/#"])

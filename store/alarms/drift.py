@@ -156,7 +156,7 @@ class DriftTracker:
         if self.status == NORMAL and stats["share_over"] >= self.settings.raise_share \
                 and stats["quantile_ratio"] >= self.settings.level:
             self.status = DRIFTED
-            self.episode = {"raised_seq": seq, "raised_at": at, "held": 0, "acknowledged_by": None,
+            self.episode = {"raised_seq": seq, "raised_at": at, "line": line, "held": 0, "acknowledged_by": None,
                             "acknowledged_at": None}
             return [self._event(RAISED, seq, line, at, threshold, stats)]
         if self.status != NORMAL and stats["share_over"] <= self.settings.clear_share:
@@ -173,7 +173,9 @@ class DriftTracker:
             raise DriftError(f"not drifted (status {self.status})")
         self.status = ACKNOWLEDGED
         self.episode = {**self.episode, "acknowledged_by": by, "acknowledged_at": at}
-        return self._event(ACKED, self.episode["raised_seq"], "", at, None, self.stats(), by=by)
+        # the raising frame's line (a sink's MQTT topic of the camera's drift events stays one); "" in older states
+        return self._event(ACKED, self.episode["raised_seq"], self.episode.get("line", ""), at, None, self.stats(),
+                           by=by)
 
     def _event(self, kind: str, seq: int, line: str, at: float, threshold: float | None, stats: dict,
                by: str | None = None) -> dict:
