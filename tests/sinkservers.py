@@ -364,3 +364,83 @@ class PlcServer:
     def seqs(self, camera: str, node: str = "Seq") -> list[int]:
         with self._lock:
             return [values[node] for cam, values in self.writes if cam == camera and node in values]
+
+
+# ---- Modbus TCP ------------------------------------------------------------------------------------------------
+class ModbusPlc:
+    """A pymodbus TCP server on loopback (its own event loop in a thread) standing in for a PLC: unit `unit`,
+    `coils` coils and `registers` holding registers from address 0 (beyond them: the ILLEGAL_ADDRESS exception).
+    Every write that reaches the datastore is recorded in order as (function code, address, values); the record
+    outlives a stop and a start on the same port (a PLC restarted keeps its program's log, not its registers)."""
+
+    def __init__(self, unit: int = 1, coils: int = 64, registers: int = 64, port: int | None = None):
+        self.unit, self.coils, self.registers = unit, coils, registers
+        self.port = port or free_port()
+        self.writes: list[tuple[int, int, list]] = []
+        self._lock = threading.Lock()
+        self._loop = None
+        self._thread: threading.Thread | None = None
+        self._server = None
+
+    def start(self) -> "ModbusPlc":
+        import asyncio
+
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import SimData, SimDevice
+        from pymodbus.simulator.simutils import DataType
+
+        async def record(function_code, start, address, count, current, values):
+            if values is not None:
+                with self._lock:
+                    self.writes.append((function_code, address, list(values)))
+            return None
+
+        device = SimDevice(id=self.unit, action=record, simdata=(
+            [SimData(0, count=self.coils, values=False, datatype=DataType.BITS)],
+            [SimData(0, count=16, values=False, datatype=DataType.BITS)],
+            [SimData(0, count=self.registers, values=0, datatype=DataType.REGISTERS)],
+            [SimData(0, count=16, values=0, datatype=DataType.REGISTERS)]))
+        self._loop = asyncio.new_event_loop()
+
+        async def serve():
+            self._server = ModbusTcpServer(device, address=("127.0.0.1", self.port))
+            await self._server.serve_forever()
+
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(serve(),), daemon=True)
+        self._thread.start()
+        if not wait_for(self._listening, 10):
+            raise RuntimeError("the Modbus server did not start")
+        return self
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        import asyncio
+
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop).result(10)
+            self._thread.join(10)
+            self._loop.close()
+            self._loop = None
+
+    def recorded(self) -> list[tuple[int, int, list]]:
+        with self._lock:
+            return list(self.writes)
+
+    def read(self, coil: int, coils: int, register: int, registers: int) -> tuple[list[bool], list[int]]:
+        """Coils and holding registers as a PLC program reads them (a Modbus client, FC1 and FC3)."""
+        from pymodbus.client import ModbusTcpClient
+
+        client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=2)
+        try:
+            assert client.connect()
+            bits = client.read_coils(coil, count=coils, device_id=self.unit).bits[:coils]
+            words = client.read_holding_registers(register, count=registers, device_id=self.unit).registers
+            return bits, words
+        finally:
+            client.close()
