@@ -370,13 +370,15 @@ class PlcServer:
 class ModbusPlc:
     """A pymodbus TCP server on loopback (its own event loop in a thread) standing in for a PLC: unit `unit`,
     `coils` coils and `registers` holding registers from address 0 (beyond them: the ILLEGAL_ADDRESS exception).
-    Every write that reaches the datastore is recorded in order as (function code, address, values); the record
-    outlives a stop and a start on the same port (a PLC restarted keeps its program's log, not its registers)."""
+    Every write that reaches the datastore is recorded in order as (function code, address, values), and when it
+    came in `write_at` (unix seconds); the record outlives a stop and a start on the same port (a PLC restarted
+    keeps its program's log, not its registers)."""
 
     def __init__(self, unit: int = 1, coils: int = 64, registers: int = 64, port: int | None = None):
         self.unit, self.coils, self.registers = unit, coils, registers
         self.port = port or free_port()
         self.writes: list[tuple[int, int, list]] = []
+        self.write_at: list[float] = []
         self._lock = threading.Lock()
         self._loop = None
         self._thread: threading.Thread | None = None
@@ -393,6 +395,7 @@ class ModbusPlc:
             if values is not None:
                 with self._lock:
                     self.writes.append((function_code, address, list(values)))
+                    self.write_at.append(time.time())
             return None
 
         device = SimDevice(id=self.unit, action=record, simdata=(
@@ -431,6 +434,10 @@ class ModbusPlc:
     def recorded(self) -> list[tuple[int, int, list]]:
         with self._lock:
             return list(self.writes)
+
+    def recorded_at(self) -> list[tuple[tuple[int, int, list], float]]:
+        with self._lock:
+            return list(zip(self.writes, self.write_at))
 
     def read(self, coil: int, coils: int, register: int, registers: int) -> tuple[list[bool], list[int]]:
         """Coils and holding registers as a PLC program reads them (a Modbus client, FC1 and FC3)."""
