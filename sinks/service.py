@@ -1,7 +1,7 @@
 """A sink process: reads verdicts (the cameras' results streams), alarms (their alarm streams) and/or drift events
-(their drift streams, store.alarms.drift) with the sink's own consumer group, hands them to one destination (sinks/webhook.py, mqtt.py, opcua.py) in order, and
-acknowledges an entry only once the destination confirmed it: delivery at least once, every message with its
-idempotency key (sinks/messages.py).
+(their drift streams, store.alarms.drift) with the sink's own consumer group, hands them to one destination
+(sinks/webhook.py, mqtt.py, opcua.py, modbus.py) in order, and acknowledges an entry only once the destination
+confirmed it: delivery at least once, every message with its idempotency key (sinks/messages.py).
 
 - Several processes of one sink (the same `--sink`, different `--name`) share its group, like workers.
 - Killed mid-delivery, a process loses nothing: what it had read stays pending to its consumer name; at start
@@ -10,8 +10,8 @@ idempotency key (sinks/messages.py).
 - A destination that is down keeps the messages pending: the process holds at most `max_pending` (it stops
   reading new entries beyond that), retries with exponential backoff, and says so in its health (the hash
   Keys.sink_health, read by `patchcore status`) and its metrics.
-- A permanent refusal (HTTP 4xx other than 408/429, an OPC UA bad node or type, a message that does not
-  decode) is acknowledged into the sink's dead letters with its reason (runtime/lua/sink_refuse.lua).
+- A permanent refusal (HTTP 4xx other than 408/429, an OPC UA bad node or type, a Modbus exception reply or a
+  camera without a Modbus block, a message that does not decode) is acknowledged into the sink's dead letters with its reason (runtime/lua/sink_refuse.lua).
 """
 from __future__ import annotations
 
