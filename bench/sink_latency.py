@@ -153,8 +153,8 @@ def main() -> int:
                         key = f"{bases[address - 10]}:{seqs.pop(address - 10)}"
                         rows.append((key, SCORED_AT[key], at))
                 return rows
-            rows.append(measure("modbus", redis_server.url, ["--host", "127.0.0.1", "--port", str(modbus.port),
-                                                             *[f"--map={camera}={base}" for base, camera in bases.items()]],
+            blocks = [f"--map={camera}={base}" for base, camera in bases.items()]
+            rows.append(measure("modbus", redis_server.url, ["--host", "127.0.0.1", "--port", str(modbus.port), *blocks],
                                 committed, client, cameras, args.rate, args.seconds))
         finally:
             modbus.stop()

@@ -9,7 +9,8 @@ The body is the same for every destination (docs/sinks.md): a verdict
 `{"type": "drift", "id": "drift:<camera>:<n>", "camera", "line", "seq", "n", "event", "drifted", "at", "window",
 "share_over", "quantile_ratio", "median_ratio", "threshold", "held", "by"}` where `event` is `drift` (the scene
 moved: started), `drift-acknowledged` (an operator acknowledged it) or `drift-cleared` (the scene returned) and
-`drifted` says whether the scene is drifted after it. `id` is the idempotency key: a message delivered twice (at least once) carries the same one.
+`drifted` says whether the scene is drifted after it. `id` is the idempotency key: a message delivered twice (at
+least once) carries the same one.
 """
 from __future__ import annotations
 

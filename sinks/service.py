@@ -11,7 +11,8 @@ confirmed it: delivery at least once, every message with its idempotency key (si
   reading new entries beyond that), retries with exponential backoff, and says so in its health (the hash
   Keys.sink_health, read by `patchcore status`) and its metrics.
 - A permanent refusal (HTTP 4xx other than 408/429, an OPC UA bad node or type, a Modbus exception reply or a
-  camera without a Modbus block, a message that does not decode) is acknowledged into the sink's dead letters with its reason (runtime/lua/sink_refuse.lua).
+  camera without a Modbus block, a message that does not decode) is acknowledged into the sink's dead letters with
+  its reason (runtime/lua/sink_refuse.lua).
 """
 from __future__ import annotations
 

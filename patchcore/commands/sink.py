@@ -1,5 +1,5 @@
-"""`patchcore sink webhook | mqtt | opcua | modbus`: one process delivering verdicts, alarms and drift events to one destination
-(sinks/). Run several with the same --sink and different --name to share the work. Torch-free."""
+"""`patchcore sink webhook | mqtt | opcua | modbus`: one process delivering verdicts, alarms and drift events to one
+destination (sinks/). Run several with the same --sink and different --name to share the work. Torch-free."""
 from __future__ import annotations
 
 import json
