@@ -769,3 +769,24 @@ def test_modbus_maps_from_a_file_and_bad_maps_are_clear_errors(redis_server, tmp
                           (["--map-file", str(tmp_path / "none")], "cannot read the Modbus map file")):
         refused = runner.invoke(app, [*base, *args])
         assert refused.exit_code == 2 and message in refused.output, (args, refused.output)
+
+
+def test_modbus_heartbeat_counts_on_from_the_plcs_value_and_wraps(client):
+    """A new sink (or a new connection) reads the block's heartbeat and writes the next value: the PLC sees it
+    move whatever the sink wrote before; 65535 is followed by 0."""
+    from pymodbus.client import ModbusTcpClient
+
+    plc = ModbusPlc().start()
+    try:
+        other = ModbusTcpClient("127.0.0.1", port=plc.port, timeout=2)
+        assert other.connect()
+        other.write_register(16 + 10, 65_534)  # cam-a's heartbeat, as an earlier sink process left it
+        other.close()
+        write_results(client, KEYS, "cam-a", range(3))
+        with running(modbus_sink(client, plc.port, ["cam-a=16"])):
+            assert wait_for(lambda: block(plc, 16)[1]["heartbeat"] == 1)
+        assert block(plc, 16)[1]["seq"] == 2
+        beats = [values[0] for code, address, values in plc.recorded() if code == 6 and address == 26]
+        assert beats == [65_534, 65_535, 0, 1]  # the test's own write first
+    finally:
+        plc.stop()
