@@ -3,7 +3,8 @@
     .venv/bin/python bench/sink_latency.py [--rate 100] [--seconds 20] [--cameras 4]
 
 For each destination (webhook: an http.server receiver that checks signatures; MQTT: Debian's mosquitto and a
-subscriber; OPC UA: an asyncua server with the PLC layout, see tests/sinkservers.py) one `patchcore sink`
+subscriber; OPC UA: an asyncua server with the PLC layout; Modbus TCP: a pymodbus server with a block per camera,
+a verdict received when its heartbeat register is written; see tests/sinkservers.py) one `patchcore sink`
 process runs against an embedded Redis while this script writes `--rate` verdicts per second, spread over
 `--cameras` cameras, into their results streams (as workers do), for `--seconds`. The latency of a verdict is the
 time its destination got it minus its `scored_at` (set just before its XADD; one clock: one machine). Every
@@ -31,12 +32,16 @@ from contracts.keys import Keys  # noqa: E402
 from contracts.messages import Result  # noqa: E402
 from patchcore.embedded_redis import EmbeddedRedis  # noqa: E402
 from runtime.connection import connect  # noqa: E402
-from tests.sinkservers import MOSQUITTO, Mosquitto, PlcServer, Receiver, Subscriber, wait_for  # noqa: E402
+from tests.sinkservers import (MOSQUITTO, ModbusPlc, Mosquitto, PlcServer, Receiver, Subscriber,  # noqa: E402
+                               wait_for)
 
 from results import write_result  # noqa: E402  (bench/results.py, beside this script)
 
 KEYS = Keys()
 SECRET = b"bench-secret"
+
+
+SCORED_AT: dict[str, float] = {}  # "<camera>:<seq>" -> its scored_at (a Modbus block carries no time)
 
 
 def produce(client, cameras: list[str], rate: float, seconds: float) -> int:
@@ -51,6 +56,7 @@ def produce(client, cameras: list[str], rate: float, seconds: float) -> int:
         result = Result(camera=camera, line="line-1", seq=seqs[camera], captured_at=now, scored_at=now, score=0.5,
                         threshold=1.0, anomalous=False, bank="bench", bank_version=1, worker="bench")
         client.xadd(KEYS.results(camera), {"m": result.pack()}, maxlen=100_000, approximate=True)
+        SCORED_AT[f"{camera}:{result.seq}"] = now
         seqs[camera] += 1
         sent += 1
     return sent
@@ -133,6 +139,25 @@ def main() -> int:
                                 args.seconds))
         finally:
             plc.stop()
+
+        modbus = ModbusPlc(coils=16 * len(cameras), registers=16 * len(cameras)).start()
+        try:
+            bases = {16 * i: camera for i, camera in enumerate(cameras)}
+
+            def committed():  # a verdict counts as received when its block's heartbeat (base + 10) is written
+                rows, seqs = [], {}
+                for (code, address, values), at in modbus.recorded_at():
+                    if code == 16 and address in bases:
+                        seqs[address] = values[0] << 16 | values[1]
+                    elif code == 6 and address - 10 in seqs:
+                        key = f"{bases[address - 10]}:{seqs.pop(address - 10)}"
+                        rows.append((key, SCORED_AT[key], at))
+                return rows
+            blocks = [f"--map={camera}={base}" for base, camera in bases.items()]
+            rows.append(measure("modbus", redis_server.url, ["--host", "127.0.0.1", "--port", str(modbus.port), *blocks],
+                                committed, client, cameras, args.rate, args.seconds))
+        finally:
+            modbus.stop()
     write_result("sink_latency", {"rows": rows, "load_average_1min": round(os.getloadavg()[0], 2)})
     return 0 if all(row["complete"] for row in rows) else 1
 

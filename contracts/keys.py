@@ -149,6 +149,10 @@ class Keys:
     def alarm_rules(self) -> str:  # hash: camera or "line:<name>" -> JSON AlarmRule overrides
         return f"{self.prefix}:alarm_rules"
 
+    @property
+    def drift_settings(self) -> str:  # hash: camera -> JSON of its DriftSettings overrides (store.alarms.drift)
+        return f"{self.prefix}:drift_settings"
+
     # sinks (sinks/: verdicts and alarms delivered to MQTT, webhooks, OPC UA)
     @property
     def sink_health(self) -> str:  # hash: "<sink>/<consumer>" -> JSON {destination, state, pending, delivered, ...}

@@ -2,7 +2,8 @@
 before its entry is acknowledged.
 
 Topics: `<topic_prefix>/<line>/<camera>/verdict` (retained: a subscriber that connects gets each camera's last
-verdict at once) and `<topic_prefix>/<line>/<camera>/alarm` (not retained). A line or camera name is one topic
+verdict at once), `<topic_prefix>/<line>/<camera>/alarm` (not retained) and `<topic_prefix>/<line>/<camera>/drift`
+(retained: the camera's last drift event says whether its scene is drifted now). A line or camera name is one topic
 level: `%`, `/`, `+`, `#` and control characters in it are percent-encoded, and an empty line is `_`. The
 payload is the message's JSON (sinks/messages.py), the MQTT 5 user property `idempotency-key` carries its id.
 
@@ -37,7 +38,7 @@ class MqttSettings:
     port: int = field(default=1883, metadata={"help": "MQTT broker port (8883 is the usual TLS port).",
                                               "min": 1, "max": 65535})
     topic_prefix: str = field(default="patchcore", metadata={"help": "First topic level(s): <prefix>/<line>/<camera>/"
-                                                                     "verdict|alarm."})
+                                                                     "verdict|alarm|drift."})
     client_id: str = field(default="", metadata={"help": "MQTT client id (default: patchcore-<sink>-<name>)."})
     username: str | None = field(default=None, metadata={"help": "MQTT user name."})
     password_file: Path | None = field(default=None, metadata={

@@ -9,9 +9,12 @@ Node layout (defined on the server, by the PLC programmer; docs/sinks.md): under
     Seq        Int64     the frame's sequence number (written last in the same Write request)
     AlarmSeq   Int64     sequence number of the camera's latest alarm
     Timestamp  DateTime  the frame's capture time (UTC)
+    Drift      Boolean   true: the camera's whole scene has drifted (from a drift event to its drift-cleared)
+    DriftSeq   Int64     number of the camera's latest drift event (written last with Drift)
 where <ns> is the index of `namespace_uri` on that server. A verdict writes Score, Threshold, Verdict, Timestamp
 and Seq in one Write request, in that order (a PLC that triggers on Seq finds the others already set); an alarm
-writes AlarmSeq. Nodes are looked up once per camera (TranslateBrowsePathsToNodeIds).
+writes AlarmSeq; a drift event Drift then DriftSeq. Nodes are looked up once per camera and kind of message
+(TranslateBrowsePathsToNodeIds), so a server without the Drift nodes still takes verdicts and alarms.
 
 A missing node or a wrong type (BadNoMatch, BadNodeIdUnknown, BadTypeMismatch, BadNotWritable, BadUserAccessDenied,
 ...) is a permanent refusal (dead letter); a lost connection, a timeout or any other status is a failure for now:
@@ -29,14 +32,17 @@ from asyncua import ua
 from asyncua.sync import Client
 from asyncua.ua import uaerrors
 
-from .messages import ALARM, Message
+from .messages import ALARM, DRIFT, VERDICT, Message
 from .service import Attempt, SettingsError
 from .webhook import read_secret
 
 VERDICT_NODES = ("Score", "Threshold", "Verdict", "Timestamp", "Seq")  # written in this order, Seq last
 ALARM_NODES = ("AlarmSeq",)
+DRIFT_NODES = ("Drift", "DriftSeq")  # DriftSeq last
+NODES = {VERDICT: VERDICT_NODES, ALARM: ALARM_NODES, DRIFT: DRIFT_NODES}  # by message kind
 TYPES = {"Score": ua.VariantType.Double, "Threshold": ua.VariantType.Double, "Verdict": ua.VariantType.Boolean,
-         "Timestamp": ua.VariantType.DateTime, "Seq": ua.VariantType.Int64, "AlarmSeq": ua.VariantType.Int64}
+         "Timestamp": ua.VariantType.DateTime, "Seq": ua.VariantType.Int64, "AlarmSeq": ua.VariantType.Int64,
+         "Drift": ua.VariantType.Boolean, "DriftSeq": ua.VariantType.Int64}
 # statuses that say "never" for this message (its camera's nodes are missing, of another type, not writable)
 PERMANENT = (uaerrors.BadNoMatch, uaerrors.BadNodeIdUnknown, uaerrors.BadTypeMismatch, uaerrors.BadNotWritable,
              uaerrors.BadUserAccessDenied, uaerrors.BadOutOfRange, uaerrors.BadBrowseNameInvalid,
@@ -70,6 +76,8 @@ def values(message: Message) -> list[tuple[str, object]]:
     """(node name, value) of a message, in write order."""
     if message.kind == ALARM:
         return [("AlarmSeq", message.seq)]
+    if message.kind == DRIFT:
+        return [("Drift", bool(message.body["drifted"])), ("DriftSeq", int(message.body["n"]))]
     body = message.body
     threshold = body["threshold"]
     return [("Score", float(body["score"])), ("Threshold", float("nan") if threshold is None else float(threshold)),
@@ -85,7 +93,7 @@ class OpcUa:
         self.description = f"opcua {settings.url.split('@')[-1]} {settings.root}"
         self._client: Client | None = None
         self._ns: int | None = None
-        self._nodes: dict[str, dict] = {}  # camera -> node name -> node
+        self._nodes: dict[tuple[str, str], dict] = {}  # (camera, message kind) -> node name -> node
 
     def _connect(self) -> None:
         if self._client is not None:
@@ -103,12 +111,13 @@ class OpcUa:
             raise
         self._client = client
 
-    def _camera_nodes(self, camera: str) -> dict:
-        nodes = self._nodes.get(camera)
+    def _camera_nodes(self, camera: str, kind: str) -> dict:
+        """The nodes a message of `kind` writes for `camera` (looked up once per connection)."""
+        nodes = self._nodes.get((camera, kind))
         if nodes is None:
             folder = self._client.nodes.objects.get_child([f"{self._ns}:{self.settings.root}", f"{self._ns}:{camera}"])
-            nodes = {name: folder.get_child(f"{self._ns}:{name}") for name in (*VERDICT_NODES, *ALARM_NODES)}
-            self._nodes[camera] = nodes
+            nodes = {name: folder.get_child(f"{self._ns}:{name}") for name in NODES[kind]}
+            self._nodes[(camera, kind)] = nodes
         return nodes
 
     def deliver(self, messages: Sequence[Message]) -> Attempt:
@@ -121,7 +130,7 @@ class OpcUa:
             return Attempt(done, f"{type(exc).__name__}: {exc}")
         for message in messages:
             try:
-                nodes = self._camera_nodes(message.camera)
+                nodes = self._camera_nodes(message.camera, message.kind)
                 pairs = values(message)
                 self._client.write_values([nodes[name] for name, _ in pairs],
                                           [ua.DataValue(ua.Variant(value, TYPES[name])) for name, value in pairs])

@@ -1,7 +1,7 @@
-"""A sink process: reads verdicts (the cameras' results streams) and/or alarms (their alarm streams) with the
-sink's own consumer group, hands them to one destination (sinks/webhook.py, mqtt.py, opcua.py) in order, and
-acknowledges an entry only once the destination confirmed it: delivery at least once, every message with its
-idempotency key (sinks/messages.py).
+"""A sink process: reads verdicts (the cameras' results streams), alarms (their alarm streams) and/or drift events
+(their drift streams, store.alarms.drift) with the sink's own consumer group, hands them to one destination
+(sinks/webhook.py, mqtt.py, opcua.py, modbus.py) in order, and acknowledges an entry only once the destination
+confirmed it: delivery at least once, every message with its idempotency key (sinks/messages.py).
 
 - Several processes of one sink (the same `--sink`, different `--name`) share its group, like workers.
 - Killed mid-delivery, a process loses nothing: what it had read stays pending to its consumer name; at start
@@ -10,8 +10,9 @@ idempotency key (sinks/messages.py).
 - A destination that is down keeps the messages pending: the process holds at most `max_pending` (it stops
   reading new entries beyond that), retries with exponential backoff, and says so in its health (the hash
   Keys.sink_health, read by `patchcore status`) and its metrics.
-- A permanent refusal (HTTP 4xx other than 408/429, an OPC UA bad node or type, a message that does not
-  decode) is acknowledged into the sink's dead letters with its reason (runtime/lua/sink_refuse.lua).
+- A permanent refusal (HTTP 4xx other than 408/429, an OPC UA bad node or type, a Modbus exception reply or a
+  camera without a Modbus block, a message that does not decode) is acknowledged into the sink's dead letters with
+  its reason (runtime/lua/sink_refuse.lua).
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ class SinkSettings:
     name: str = field(default="sink-1", metadata={"help": "Consumer name of this process (unique within the sink)."})
     verdicts: bool = field(default=True, metadata={"help": "Deliver every frame's verdict (the results streams)."})
     alarms: bool = field(default=True, metadata={"help": "Deliver alarms (the alarm streams)."})
+    drift: bool = field(default=True, metadata={"help": "Deliver drift events: a camera's scene drifted, was "
+                                                        "acknowledged, returned (the drift streams)."})
     batch: int = field(default=64, metadata={"help": "Messages handed to the destination at once, at most.", "min": 1})
     max_pending: int = field(default=1000, metadata={
         "help": "Messages held unconfirmed, at most: beyond it no new entry is read (they wait in Redis).", "min": 1})
@@ -86,8 +89,8 @@ class SinkSettings:
                 check_sink(self.sink)
             except ValueError as exc:
                 raise SettingsError(str(exc)) from None
-        if not (self.verdicts or self.alarms):
-            raise SettingsError("a sink must deliver verdicts, alarms or both")
+        if not (self.verdicts or self.alarms or self.drift):
+            raise SettingsError("a sink must deliver verdicts, alarms or drift events (one at least)")
         if min(self.batch, self.max_pending, self.claim_idle_ms) < 1 or self.backoff_s <= 0:
             raise SettingsError("batch, max_pending, claim_idle_ms and backoff_s must be positive")
 
@@ -104,7 +107,7 @@ class SinkReport:
 
 
 class SinkStreams(CameraStreams):
-    """CameraStreams over several streams per camera (its results and/or its alarms): on a single Redis one
+    """CameraStreams over several streams per camera (its results, alarms and/or drift events): on a single Redis one
     blocking XREADGROUP waits on all of them, so an alarm never waits behind an idle results stream."""
 
     def __init__(self, client: redis.Redis, cameras_key: str, streams_of: Sequence, group: str, refresh_s: float):
@@ -125,8 +128,8 @@ class Sink:
         self.report = SinkReport()
         self.group = sink_group(settings.sink)
         self.label = f"{settings.sink}/{settings.name}"
-        kinds = [stream_of for stream_of, wanted in ((keys.results, settings.verdicts), (keys.alarms, settings.alarms))
-                 if wanted]
+        kinds = [stream_of for stream_of, wanted in ((keys.results, settings.verdicts), (keys.alarms, settings.alarms),
+                                                     (keys.drift, settings.drift)) if wanted]
         self._streams = SinkStreams(client, keys.cameras, kinds, self.group, settings.refresh_s)
         self._refuse = scripts.load(client, "sink_refuse")
         self._held: list[Message] = []  # read, not yet confirmed: delivered in this order

@@ -27,7 +27,8 @@ from runtime.deadletter import DeadLetterSettings
 from runtime.metrics import ALARMS, ALARMS_HELD, DRIFT, DRIFT_EVENTS, LATE_RESULTS, alarm_cameras, result_refused
 from runtime.streams import CameraStreams, reclaim, serve
 
-from store.alarms.drift import DRIFT_MAXLEN, DRIFTED, DriftSettings, DriftTracker, state_json
+from store.alarms.drift import (DRIFT_MAXLEN, DRIFTED, DriftSettings, DriftTracker, overrides_from_json, state_json,
+                                with_overrides)
 from store.alarms.rules import LATE_OUTCOMES, AlarmRule, AlarmWindow, Fired
 
 log = logging.getLogger("patchcore.store")
@@ -42,7 +43,8 @@ class StoreSettings:
     alarms_maxlen: int = 100_000  # per camera
     batch: int = 256
     refresh_s: float = 2.0
-    rules_refresh_s: float = 0.5  # alarm rules (`patchcore rule`) are read again this often: a change applies within 1 s
+    rules_refresh_s: float = 0.5  # alarm rules (`patchcore rule`) and cameras' drift settings (`patchcore drift set`)
+    # are read again this often: a change applies within 1 s
     claim_idle_ms: int = 30_000
     reorder: int = field(default=8, metadata={"help": "Results up to this many frames out of order raise the in-order "
                                                       "alarms (a missing frame delays alarms this many frames)."})
@@ -73,6 +75,8 @@ class ResultsStore:
         self._rules: dict[str, AlarmRule] = {}
         self._rules_due = 0.0  # time.monotonic() of the next read of the alarm rules
         self._refused_rules: set[tuple[bytes, bytes]] = set()  # logged once each, not at every read
+        self._drift: dict[str, DriftSettings] = {}  # camera -> its drift settings, where it has overrides
+        self._refused_drift: set[tuple[bytes, bytes]] = set()  # logged once each
         for outcome in LATE_OUTCOMES:  # every series exists from the start, so a rate() alert sees the first one
             LATE_RESULTS.labels(outcome)
         self._last_result: dict[str, float] = {}  # camera -> when its last result was handled (monotonic)
@@ -111,12 +115,18 @@ class ResultsStore:
                 self.handle(stream, entries[begin:begin + self.settings.batch])
 
     def _maybe_reload_rules(self) -> None:
-        """Read the alarm rules again every rules_refresh_s (one HGETALL of a small hash)."""
+        """Read the alarm rules and the cameras' drift settings again every rules_refresh_s (an HGETALL of each
+        small hash)."""
         if time.monotonic() < self._rules_due:
             return
         self._rules_due = time.monotonic() + self.settings.rules_refresh_s
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.alarm_rules)
+            pipe.hgetall(self.keys.drift_settings)
+            stored_rules, stored_drift = pipe.execute()
+        self._load_drift_settings(stored_drift)
         rules, refused = {}, set()
-        for target, text in self.client.hgetall(self.keys.alarm_rules).items():
+        for target, text in stored_rules.items():
             try:
                 rules[target.decode()] = AlarmRule.from_json(text)
             except (ValueError, UnicodeDecodeError) as exc:  # a bad rule is refused, the default applies
@@ -125,6 +135,24 @@ class ResultsStore:
                     log.error("alarm rule refused", extra={"fields": {"target": target.decode(errors="replace"),
                                                                       "error": str(exc)}})
         self._rules, self._refused_rules = rules, refused
+
+    def _load_drift_settings(self, stored: dict) -> None:
+        """Each camera's drift settings: the store's with its overrides; overrides that do not decode or do not
+        fit the store's settings are refused (logged once), and the store's own settings apply to that camera."""
+        drift, refused = {}, set()
+        for camera, text in stored.items():
+            try:
+                drift[camera.decode()] = with_overrides(self.settings.drift, overrides_from_json(text))
+            except (ValueError, TypeError, UnicodeDecodeError) as exc:
+                refused.add((camera, text))
+                if (camera, text) not in self._refused_drift:
+                    log.error("drift settings refused", extra={"fields": {"camera": camera.decode(errors="replace"),
+                                                                          "error": str(exc)}})
+        self._drift, self._refused_drift = drift, refused
+
+    def drift_for(self, camera: str) -> DriftSettings:
+        """The drift settings the camera's results are tracked with: its overrides over the store's."""
+        return self._drift.get(camera, self.settings.drift)
 
     def _maybe_refresh(self) -> None:
         self._maybe_reload_rules()
@@ -193,7 +221,7 @@ class ResultsStore:
         rule = window.rule
         if not items and not window.undecided:
             return False
-        drift = DriftTracker.from_state(self.settings.drift, text)
+        drift = DriftTracker.from_state(self.drift_for(camera), text)
         drift.forget_written(int(announced or 0))
         alarm_infos: list[tuple[Fired, bool]] = []  # (fired, marked as raised while drifted)
         held = 0

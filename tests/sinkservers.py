@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from contracts.keys import Keys
-from contracts.messages import Alarm, Result
+from contracts.messages import Alarm, DriftEvent, Result
 
 MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if Path(p).is_file()), None)
 
@@ -61,6 +61,30 @@ def write_alarms(client, keys: Keys, camera: str, seqs) -> None:
     client.sadd(keys.cameras, camera)
     for seq in seqs:
         client.xadd(keys.alarms(camera), {"m": alarm(camera, seq).pack()})
+
+
+def drift_events(camera: str, line: str = "line-1", first_seq: int = 40) -> list[DriftEvent]:
+    """A camera's drift episode as the store decides it (store.alarms.drift.DriftTracker): a scene that moves (drift),
+    an operator's acknowledgement, the scene's return (drift-cleared); numbered from 1."""
+    from store.alarms.drift import DriftSettings, DriftTracker
+
+    tracker, events = DriftTracker(DriftSettings()), []
+    seq = first_seq
+    for ratio, frames in ((0.5, 32), (2.0, 40), (None, 0), (0.5, 40)):
+        if ratio is None:  # the operator acknowledges
+            events.append(tracker.acknowledge("alice", time.time()))
+            continue
+        for _ in range(frames):
+            events += tracker.add(seq, ratio, 1.0, line, time.time())
+            seq += 1
+    return [DriftEvent(camera=camera, **event) for event in events]
+
+
+def write_drift(client, keys: Keys, camera: str, events) -> None:
+    """Append `events` to the camera's drift stream as runtime/lua/commit_drift.lua does (fields n and m)."""
+    client.sadd(keys.cameras, camera)
+    for event in events:
+        client.xadd(keys.drift(camera), {"n": event.n, "m": event.pack()})
 
 
 # ---- webhook receiver -----------------------------------------------------------------------------------------
@@ -247,18 +271,19 @@ class Subscriber:
 
 # ---- OPC UA ----------------------------------------------------------------------------------------------------
 OPCUA_NODES = {"Verdict": "Boolean", "Score": "Double", "Threshold": "Double", "Seq": "Int64", "AlarmSeq": "Int64",
-               "Timestamp": "DateTime"}  # the layout docs/sinks.md gives a PLC programmer
+               "Timestamp": "DateTime", "Drift": "Boolean", "DriftSeq": "Int64"}  # docs/sinks.md's layout for a PLC
 
 
 class PlcServer:
     """An asyncua server on loopback (its own event loop in a thread) with the PLC-style layout: Objects/<root>/
-    <camera>/{Verdict, Score, Threshold, Seq, AlarmSeq, Timestamp} for each of `cameras` (`types` overrides a
-    node's type, to test a mismatch). Every Write request that reaches the nodes is recorded, in order, as
+    <camera>/{Verdict, Score, Threshold, Seq, AlarmSeq, Timestamp, Drift, DriftSeq} for each of `cameras` (`types`
+    overrides a node's type, to test a mismatch; `omit` maps a camera to nodes it lacks). Every Write request that reaches the nodes is recorded, in order, as
     (camera, {node: value})."""
 
     def __init__(self, cameras, namespace_uri: str = "urn:patchcore:line", root: str = "Patchcore",
-                 port: int | None = None, types: dict | None = None):
+                 port: int | None = None, types: dict | None = None, omit: dict | None = None):
         self.cameras, self.namespace_uri, self.root = list(cameras), namespace_uri, root
+        self.omit = omit or {}
         self.port = port or free_port()
         self.types = {**OPCUA_NODES, **(types or {})}
         self.writes: list[tuple[str, dict]] = []
@@ -304,6 +329,8 @@ class PlcServer:
             for camera in self.cameras:
                 folder = await root.add_folder(ns, camera)
                 for name, kind in self.types.items():
+                    if name in self.omit.get(camera, ()):
+                        continue
                     initial = {"Boolean": False, "Double": 0.0, "Int64": 0, "DateTime": None, "String": ""}[kind]
                     node = await folder.add_variable(ns, name, initial, getattr(ua.VariantType, kind))
                     await node.set_writable()
@@ -337,3 +364,90 @@ class PlcServer:
     def seqs(self, camera: str, node: str = "Seq") -> list[int]:
         with self._lock:
             return [values[node] for cam, values in self.writes if cam == camera and node in values]
+
+
+# ---- Modbus TCP ------------------------------------------------------------------------------------------------
+class ModbusPlc:
+    """A pymodbus TCP server on loopback (its own event loop in a thread) standing in for a PLC: unit `unit`,
+    `coils` coils and `registers` holding registers from address 0 (beyond them: the ILLEGAL_ADDRESS exception).
+    Every write that reaches the datastore is recorded in order as (function code, address, values), and when it
+    came in `write_at` (unix seconds); the record outlives a stop and a start on the same port (a PLC restarted
+    keeps its program's log, not its registers)."""
+
+    def __init__(self, unit: int = 1, coils: int = 64, registers: int = 64, port: int | None = None):
+        self.unit, self.coils, self.registers = unit, coils, registers
+        self.port = port or free_port()
+        self.writes: list[tuple[int, int, list]] = []
+        self.write_at: list[float] = []
+        self._lock = threading.Lock()
+        self._loop = None
+        self._thread: threading.Thread | None = None
+        self._server = None
+
+    def start(self) -> "ModbusPlc":
+        import asyncio
+
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import SimData, SimDevice
+        from pymodbus.simulator.simutils import DataType
+
+        async def record(function_code, start, address, count, current, values):
+            if values is not None:
+                with self._lock:
+                    self.writes.append((function_code, address, list(values)))
+                    self.write_at.append(time.time())
+            return None
+
+        device = SimDevice(id=self.unit, action=record, simdata=(
+            [SimData(0, count=self.coils, values=False, datatype=DataType.BITS)],
+            [SimData(0, count=16, values=False, datatype=DataType.BITS)],
+            [SimData(0, count=self.registers, values=0, datatype=DataType.REGISTERS)],
+            [SimData(0, count=16, values=0, datatype=DataType.REGISTERS)]))
+        self._loop = asyncio.new_event_loop()
+
+        async def serve():
+            self._server = ModbusTcpServer(device, address=("127.0.0.1", self.port))
+            await self._server.serve_forever()
+
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(serve(),), daemon=True)
+        self._thread.start()
+        if not wait_for(self._listening, 10):
+            raise RuntimeError("the Modbus server did not start")
+        return self
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        import asyncio
+
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop).result(10)
+            self._thread.join(10)
+            self._loop.close()
+            self._loop = None
+
+    def recorded(self) -> list[tuple[int, int, list]]:
+        with self._lock:
+            return list(self.writes)
+
+    def recorded_at(self) -> list[tuple[tuple[int, int, list], float]]:
+        with self._lock:
+            return list(zip(self.writes, self.write_at))
+
+    def read(self, coil: int, coils: int, register: int, registers: int) -> tuple[list[bool], list[int]]:
+        """Coils and holding registers as a PLC program reads them (a Modbus client, FC1 and FC3)."""
+        from pymodbus.client import ModbusTcpClient
+
+        client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=2)
+        try:
+            assert client.connect()
+            bits = client.read_coils(coil, count=coils, device_id=self.unit).bits[:coils]
+            words = client.read_holding_registers(register, count=registers, device_id=self.unit).registers
+            return bits, words
+        finally:
+            client.close()

@@ -20,9 +20,10 @@ from contracts.messages import DriftEvent, MessageError, Result
 from patchcore.cli import app
 from runtime import scripts
 from runtime.connection import connect
+from runtime.control import read_audit
 from runtime.status import collect_status
 from store.alarms.drift import (ACKNOWLEDGED, DRIFTED, NORMAL, DriftError, DriftSettings, DriftTracker, acknowledge,
-                                state_json)
+                                overrides_from_json, state_json, with_overrides)
 from store.alarms.feed import read_alarms
 from store.alarms.rules import AlarmRule
 from store.service import ResultsStore, StoreSettings
@@ -378,3 +379,67 @@ def test_on_a_redis_cluster_each_camera_on_every_master_raises_one_drift_and_is_
     for camera in cameras:
         assert [(e.kind, e.by) for e in drift_events(client, camera)] == [("drift", None), ("drift-acknowledged", "alice")]
         assert 8 <= drift_events(client, camera)[0].seq < 8 + DriftSettings().raise_delay
+
+
+def printed(result) -> list[dict]:
+    """The command's JSON lines (each with "camera"): the store thread's log lines may share the captured output."""
+    rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    return [row for row in rows if "camera" in row and "overrides" in row]
+
+
+def test_a_cameras_own_drift_settings_apply_live_merge_and_go_when_deleted(redis_server):
+    """`patchcore drift set` while a store runs: its next results are tracked with the camera's window (drift raised
+    as the 8-frame window fills, not the default 32-frame one) or policy (off: no drift, the alarms flow); the other
+    cameras keep the store's settings; a bad stored override is refused and the store's settings apply."""
+    client = connect(redis_server.url)
+    runner = CliRunner()
+    url = ["--redis-url", redis_server.url]
+    client.hset(KEYS.drift_settings, "cam-4", json.dumps({"window": 1}))  # written past the CLI: refused
+    with Store(redis_server.url) as store:
+        short = runner.invoke(app, ["drift", "set", "cam-1", "--window", "8", *url])
+        assert short.exit_code == 0, short.output
+        assert printed(short) == [{"camera": "cam-1", "overrides": {"window": 8}, "deleted": False}]
+        assert runner.invoke(app, ["drift", "set", "cam-3", "--policy", "off", *url]).exit_code == 0
+        wait_for(lambda: store.drift_for("cam-1").window == 8 and store.drift_for("cam-3").policy == "off")
+        assert store.drift_for("cam-2") == store.drift_for("cam-4") == DriftSettings()
+        for camera in ("cam-1", "cam-2", "cam-3"):
+            write_results(client, np.full(40, SHIFTED), camera=camera)
+        wait_for(lambda: store.report.results == 120)
+    (one,), (two,) = drift_events(client, "cam-1"), drift_events(client, "cam-2")
+    assert (one.kind, one.seq, one.window) == ("drift", 7, 8)  # every frame shifted: raised once 8 frames are in
+    assert (two.kind, two.seq, two.window) == ("drift", 31, 32)
+    assert drift_events(client, "cam-3") == []
+    alarms = {camera: [a.seq for a in read_alarms(client, KEYS)[0] if a.camera == camera]
+              for camera in ("cam-1", "cam-2", "cam-3")}
+    assert max(alarms["cam-1"]) <= 7 and max(alarms["cam-2"]) <= 31  # held from the drift on
+    assert max(alarms["cam-3"]) == 39  # policy off: every 2-of-3 window alarms
+    # the options given are merged into the camera's overrides; --delete drops them; each change is audited
+    merged = runner.invoke(app, ["drift", "set", "cam-1", "--level", "1.5", *url])
+    assert printed(merged)[0]["overrides"] == {"level": 1.5, "window": 8}
+    assert runner.invoke(app, ["drift", "set", "cam-3", "--delete", *url]).exit_code == 0
+    listed = printed(runner.invoke(app, ["drift", "settings", *url]))
+    assert [row["camera"] for row in listed] == ["cam-1", "cam-4"]
+    assert listed[0]["overrides"] == {"level": 1.5, "window": 8} and "refused" not in listed[0]["overrides"]
+    audit = [(e.action, e.target) for e in read_audit(client, KEYS).entries]
+    assert audit == [("drift.set", "cam-1"), ("drift.set", "cam-3"), ("drift.set", "cam-1"), ("drift.delete", "cam-3")]
+    for args, message in ((["cam-1", "--clear-share", "0.9"], "clear_share (0.9) must be below raise_share (0.8)"),
+                          (["cam-1", "--window", "1"], "drift window must be an integer in [2, 1000]"),
+                          (["cam-1", "--policy", "loud"], "drift policy must be one of"),
+                          (["cam-1"], "give the settings to change, or --delete"),
+                          (["cam-1", "--window", "8", "--delete"], "give the settings to change, or --delete"),
+                          (["{cam}", "--window", "8"], "braces are not allowed")):
+        refused = runner.invoke(app, ["drift", "set", *args, *url])
+        assert refused.exit_code == 2 and message in refused.output, (args, refused.output)
+    assert json.loads(client.hget(KEYS.drift_settings, "cam-1")) == {"level": 1.5, "window": 8}  # unchanged
+
+
+def test_the_overrides_are_checked_against_the_store_that_applies_them():
+    base = DriftSettings(raise_share=0.6, clear_share=0.3)
+    assert with_overrides(base, overrides_from_json('{"window": 16}')) == DriftSettings(window=16, raise_share=0.6,
+                                                                                         clear_share=0.3)
+    with pytest.raises(ValueError, match="must be below raise_share"):
+        with_overrides(base, overrides_from_json('{"clear_share": 0.7}'))  # fine with the defaults' 0.8, not here
+    for text, message in (('[1]', "not a JSON object"), ('{"windw": 3}', "unknown fields"), ("{", "not JSON"),
+                          ('{"window": "8"}', "must be an integer")):
+        with pytest.raises(ValueError, match=message):
+            with_overrides(base, overrides_from_json(text))

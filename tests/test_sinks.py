@@ -5,9 +5,11 @@ sink is killed; a permanent refusal lands in the sink's dead letters with its re
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -21,14 +23,15 @@ from contracts.keys import Keys, sink_group
 from patchcore.cli import app
 from runtime.connection import connect
 from runtime.status import collect_status, prune_dead
+from sinks.modbus import Modbus, ModbusSettings, register_map
 from sinks.mqtt import Mqtt, MqttSettings
 from sinks.opcua import OpcUa, OpcUaSettings
-from sinks.messages import alarm_key, verdict_key
+from sinks.messages import alarm_key, drift_key, verdict_key
 from sinks.service import Sink, SinkSettings
 from sinks.webhook import Webhook, WebhookSettings
 
-from .sinkservers import (MOSQUITTO, Mosquitto, PlcServer, Receiver, Subscriber, free_port, self_signed, wait_for,
-                          write_alarms, write_results)
+from .sinkservers import (MOSQUITTO, ModbusPlc, Mosquitto, PlcServer, Receiver, Subscriber, drift_events, free_port, self_signed,
+                          wait_for, write_alarms, write_drift, write_results)
 
 KEYS = Keys()
 SECRET = b"test-secret-of-the-webhook"
@@ -70,7 +73,7 @@ def expected_verdicts(camera, seqs):
 
 def sink_pending(client, camera, sink="hook") -> int:
     return sum(int(client.xpending(stream, sink_group(sink))["pending"])
-               for stream in (KEYS.results(camera), KEYS.alarms(camera)))
+               for stream in (KEYS.results(camera), KEYS.alarms(camera), KEYS.drift(camera)))
 
 
 # ---- webhook -----------------------------------------------------------------------------------------------------
@@ -101,6 +104,56 @@ def test_webhook_delivers_each_verdict_and_alarm_once_in_order_signed(client, se
             assert REGISTRY.get_sample_value("patchcore_sink_delivered_total", {"sink": "hook", "kind": kind}) \
                 == counted[kind] + count
         assert client.xlen(KEYS.results("cam-a")) == 30  # the store and other sinks still read them
+    finally:
+        receiver.stop()
+
+
+def test_drift_events_reach_the_webhook_as_type_drift_in_order_with_their_keys(client, secret_file):
+    """A camera's drift episode (raised, acknowledged, returned: the store's tracker decides them) is delivered
+    with the verdicts, each event once with the key drift:<camera>:<n>; a sink told --no-drift leaves them."""
+    receiver = Receiver(SECRET).start()
+    try:
+        events = drift_events("cam-a")
+        assert [e.kind for e in events] == ["drift", "drift-acknowledged", "drift-cleared"]
+        write_results(client, KEYS, "cam-a", range(5))
+        write_drift(client, KEYS, "cam-a", events)
+        with running(webhook_sink(client, receiver.url, secret_file)) as sink:
+            assert wait_for(lambda: len(receiver.received) >= 8)
+            assert wait_for(lambda: sink_pending(client, "cam-a") == 0)
+        keys = receiver.keys()
+        assert [k for k in keys if k.startswith("drift:")] == [drift_key("cam-a", n) for n in (1, 2, 3)]
+        assert len(keys) == len(set(keys)) == 8 and sink.report.delivered == 8
+        bodies = [r["body"] for r in receiver.received if r["body"]["type"] == "drift"]
+        for body, event in zip(bodies, events):
+            assert body["event"] == event.kind and body["n"] == event.n and body["seq"] == event.seq
+            assert body["camera"] == "cam-a" and body["line"] == "line-1"  # the acknowledgement too: one topic
+            assert body["share_over"] == event.share_over and body["held"] == event.held and body["by"] == event.by
+        assert [b["drifted"] for b in bodies] == [True, True, False]
+        assert bodies[1]["by"] == "alice" and bodies[1]["seq"] == bodies[0]["seq"]  # the frame that raised it
+        assert REGISTRY.get_sample_value("patchcore_sink_delivered_total", {"sink": "hook", "kind": "drift"}) >= 3
+        # another sink that does not deliver drift leaves the drift streams alone (no group there)
+        other = webhook_sink(client, receiver.url, secret_file, sink="nodrift", drift=False)
+        with running(other):
+            assert wait_for(lambda: other.report.delivered == 5)
+        groups = {g["name"] for g in client.xinfo_groups(KEYS.drift("cam-a"))}
+        assert sink_group("hook").encode() in groups and sink_group("nodrift").encode() not in groups
+    finally:
+        receiver.stop()
+
+
+def test_an_unreadable_drift_event_is_dead_lettered(client, secret_file):
+    receiver = Receiver(SECRET).start()
+    try:
+        events = drift_events("cam-a")
+        write_drift(client, KEYS, "cam-a", events[:1])
+        client.xadd(KEYS.drift("cam-a"), {"n": 2, "m": events[1].pack()[:-3]})  # cut short
+        write_drift(client, KEYS, "cam-b", events[2:])  # cam-a's event on cam-b's stream
+        with running(webhook_sink(client, receiver.url, secret_file)) as sink:
+            assert wait_for(lambda: len(receiver.received) >= 1 and sink.report.deadlettered == 2)
+        assert receiver.keys() == [drift_key("cam-a", 1)]
+        (_, letter), = client.xrange(KEYS.sink_deadletter("hook", "cam-b"))
+        assert letter[b"reason"].decode() == f"drift of camera 'cam-a' arrived on {KEYS.drift('cam-b')}"
+        assert client.xlen(KEYS.sink_deadletter("hook", "cam-a")) == 1
     finally:
         receiver.stop()
 
@@ -327,6 +380,33 @@ def test_mqtt_topics_payloads_order_and_retained_verdict(client, tmp_path):
 
 
 @needs_mosquitto
+def test_mqtt_drift_events_go_to_the_drift_topic_and_the_last_is_retained(client, tmp_path):
+    broker = Mosquitto(tmp_path).start()
+    subscriber = Subscriber(broker.port, "plant/#")
+    try:
+        events = drift_events("cam-a")
+        write_drift(client, KEYS, "cam-a", events[:2])  # drifted, acknowledged: still drifted
+        write_results(client, KEYS, "cam-a", range(3))
+        destination = Mqtt(MqttSettings(host="127.0.0.1", port=broker.port, topic_prefix="plant"), "pc-drift")
+        with running(Sink(client, destination, SinkSettings(sink="mq", **FAST), KEYS)):
+            assert wait_for(lambda: len(subscriber.messages) >= 5)
+            assert wait_for(lambda: sink_pending(client, "cam-a", "mq") == 0)
+        drift = [m for m in subscriber.messages if m[0] == "plant/line-1/cam-a/drift"]
+        assert [m[1]["id"] for m in drift] == [drift_key("cam-a", 1), drift_key("cam-a", 2)]
+        assert [m[1]["event"] for m in drift] == ["drift", "drift-acknowledged"] and drift[0][1]["type"] == "drift"
+        late = Subscriber(broker.port, "plant/+/+/drift")  # connects later: the camera's current drift state
+        try:
+            assert wait_for(lambda: len(late.messages) >= 1, 10)
+            (topic_name, body, retained, _), = late.messages
+            assert retained and body["id"] == drift_key("cam-a", 2) and body["drifted"] is True
+        finally:
+            late.stop()
+    finally:
+        subscriber.stop()
+        broker.stop()
+
+
+@needs_mosquitto
 def test_mqtt_broker_down_then_up_loses_nothing(client, tmp_path):
     port = free_port()
     write_results(client, KEYS, "cam-a", range(10))
@@ -418,6 +498,27 @@ def test_opcua_missing_camera_node_and_wrong_type_go_to_dead_letters(client):
         plc.stop()
 
 
+def test_opcua_drift_events_write_drift_then_drift_seq_and_a_server_without_them_still_takes_verdicts(client):
+    plc = PlcServer(["cam-a", "cam-b"], omit={"cam-b": ("Drift", "DriftSeq")}).start()
+    try:
+        events = drift_events("cam-a")
+        write_drift(client, KEYS, "cam-a", events)
+        write_drift(client, KEYS, "cam-b", drift_events("cam-b")[:1])
+        write_results(client, KEYS, "cam-b", range(4))
+        with running(opcua_sink(client, plc.url)) as sink:
+            assert wait_for(lambda: len(plc.seqs("cam-a", "DriftSeq")) >= 3 and len(plc.seqs("cam-b")) >= 4
+                            and sink.report.deadlettered == 1)
+            assert wait_for(lambda: sink_pending(client, "cam-a", "plc") + sink_pending(client, "cam-b", "plc") == 0)
+        drift = [written for camera, written in plc.writes if camera == "cam-a"]
+        assert [list(w) for w in drift] == [["Drift", "DriftSeq"]] * 3  # one request each, DriftSeq last
+        assert [(w["Drift"], w["DriftSeq"]) for w in drift] == [(True, 1), (True, 2), (False, 3)]
+        assert plc.seqs("cam-b") == list(range(4))  # no Drift nodes there: its verdicts still land
+        (_, letter), = client.xrange(KEYS.sink_deadletter("plc", "cam-b"))
+        assert letter[b"reason"].startswith(b"BadNoMatch") and letter[b"key"] == drift_key("cam-b", 1).encode()
+    finally:
+        plc.stop()
+
+
 def test_opcua_server_down_then_up_loses_nothing(client):
     port = free_port()
     write_results(client, KEYS, "cam-a", range(15))
@@ -487,8 +588,8 @@ def test_bad_sink_options_are_clear_errors_and_the_secret_is_never_shown(redis_s
     assert refused.exit_code == 2 and "bad webhook URL" in refused.output
     missing = runner.invoke(app, [*base, "--url", "http://127.0.0.1:9/x", "--secret-file", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "cannot read the webhook secret file" in missing.output
-    nothing = runner.invoke(app, [*base, "--url", "http://127.0.0.1:9/x", "--no-verdicts", "--no-alarms"])
-    assert nothing.exit_code == 2 and "verdicts, alarms or both" in nothing.output
+    nothing = runner.invoke(app, [*base, "--url", "http://127.0.0.1:9/x", "--no-verdicts", "--no-alarms", "--no-drift"])
+    assert nothing.exit_code == 2 and "verdicts, alarms or drift events (one at least)" in nothing.output
     name = runner.invoke(app, [*base, "--url", "http://127.0.0.1:9/x", "--sink", "a b"])
     assert name.exit_code == 2 and "bad sink name" in name.output
     mqtt = runner.invoke(app, ["sink", "mqtt", "--redis-url", redis_server.url, "--topic-prefix", "a/#"])
@@ -538,3 +639,154 @@ def test_mqtt_over_tls_checks_the_broker_certificate(client, tmp_path):
     finally:
         subscriber.stop()
         broker.stop()
+
+
+# ---- Modbus TCP --------------------------------------------------------------------------------------------------
+def modbus_sink(client, port, blocks, unit=1, word_order="big", **settings) -> Sink:
+    destination = Modbus(ModbusSettings(host="127.0.0.1", port=port, unit=unit, blocks=tuple(blocks),
+                                        word_order=word_order, timeout_s=1.0))
+    return Sink(client, destination, SinkSettings(**{"sink": "plc-mb", **FAST, **settings}), KEYS)
+
+
+def u32(words):
+    """A uint32 from two registers, high word first (docs/sinks.md's register map)."""
+    return words[0] << 16 | words[1]
+
+
+def f32(words):
+    return struct.unpack(">f", struct.pack(">HH", *words))[0]
+
+
+def block(plc, base):
+    """(coils Verdict, Alarm, Drift), {name: value} of a camera's block, read as the PLC reads it."""
+    bits, words = plc.read(base, 3, base, 11)
+    return bits, {"seq": u32(words[0:2]), "score": f32(words[2:4]), "threshold": f32(words[4:6]),
+                  "alarm_seq": u32(words[6:8]), "drift_seq": u32(words[8:10]), "heartbeat": words[10]}
+
+
+def recorded_seqs(plc, base):
+    """The frame seqs written to a block (its FC16 writes at base), in order."""
+    return [u32(values[0:2]) for code, address, values in plc.recorded() if code == 16 and address == base]
+
+
+def test_modbus_writes_each_message_into_its_cameras_block_heartbeat_last(client):
+    plc = ModbusPlc(unit=3).start()
+    try:
+        write_results(client, KEYS, "cam-a", range(20), score=1.5, threshold=1.0)
+        write_results(client, KEYS, "cam-b", range(10), score=0.25, threshold=None)
+        write_alarms(client, KEYS, "cam-a", [12])
+        write_drift(client, KEYS, "cam-b", drift_events("cam-b")[:1])
+        with running(modbus_sink(client, plc.port, ["cam-a=0", "cam-b=16"], unit=3)) as sink:
+            assert wait_for(lambda: block(plc, 0)[1]["heartbeat"] == 21 and block(plc, 16)[1]["heartbeat"] == 11)
+            assert wait_for(lambda: sink_pending(client, "cam-a", "plc-mb") + sink_pending(client, "cam-b", "plc-mb")
+                            == 0)
+        assert sink.report.delivered == 32 and sink.report.deadlettered == 0
+        bits, a = block(plc, 0)
+        assert bits == [True, True, False]  # anomalous, an alarm came, no drift
+        assert (a["seq"], a["score"], a["threshold"], a["alarm_seq"], a["drift_seq"]) == (19, 1.5, 1.0, 12, 0)
+        bits, b = block(plc, 16)
+        assert bits == [False, False, True]  # a good frame, no alarm, the scene drifted
+        assert b["seq"] == 9 and b["score"] == 0.25 and math.isnan(b["threshold"]) and b["drift_seq"] == 1
+        assert recorded_seqs(plc, 0) == list(range(20)) and recorded_seqs(plc, 16) == list(range(10))
+        # each message: its coil (FC5), its registers (FC16), then the heartbeat (FC6) one higher than before
+        a_writes = [(code, address) for code, address, _ in plc.recorded() if address < 16]
+        assert a_writes[:3] == [(5, 0), (16, 0), (6, 10)] and len(a_writes) == 3 * 21
+        beats = [values[0] for code, address, values in plc.recorded() if code == 6 and address == 10]
+        assert beats == list(range(1, 22))
+    finally:
+        plc.stop()
+
+
+def test_modbus_little_word_order_swaps_the_words_of_32_bit_values(client):
+    plc = ModbusPlc().start()
+    try:
+        write_results(client, KEYS, "cam-a", [70_000], score=0.75, threshold=2.5)
+        with running(modbus_sink(client, plc.port, ["cam-a=8"], word_order="little")):
+            assert wait_for(lambda: block(plc, 8)[1]["heartbeat"] == 1)
+        _, words = plc.read(8, 1, 8, 6)
+        assert u32(words[1::-1]) == 70_000 and f32(words[3:1:-1]) == 0.75 and f32(words[5:3:-1]) == 2.5
+    finally:
+        plc.stop()
+
+
+def test_modbus_server_killed_and_restarted_loses_nothing(client):
+    plc = ModbusPlc().start()
+    port = plc.port
+    write_results(client, KEYS, "cam-a", range(10))
+    try:
+        with running(modbus_sink(client, port, ["cam-a=0"])) as sink:
+            assert wait_for(lambda: block(plc, 0)[1]["seq"] == 9 and sink_pending(client, "cam-a", "plc-mb") == 0)
+            plc.stop()  # the PLC goes away mid-stream
+            write_results(client, KEYS, "cam-a", range(10, 30))
+            assert wait_for(lambda: sink.state == "down" and sink_pending(client, "cam-a", "plc-mb") == 20, 20)
+            before = plc.recorded()
+            plc = ModbusPlc(port=port)
+            plc.writes = before  # one record across the restart
+            plc.start()
+            assert wait_for(lambda: block(plc, 0)[1]["seq"] == 29, 30)
+            assert wait_for(lambda: sink.state == "ok" and sink_pending(client, "cam-a", "plc-mb") == 0)
+        seqs = recorded_seqs(plc, 0)
+        assert sorted(set(seqs)) == list(range(30))  # each at least once
+        assert seqs == sorted(seqs)  # in order (a message retried after the restart may come twice in a row)
+        assert sink.report.failures >= 1 and sink.report.deadlettered == 0
+    finally:
+        plc.stop()
+
+
+def test_modbus_bad_address_and_unmapped_camera_go_to_dead_letters(client):
+    plc = ModbusPlc(coils=32, registers=32).start()
+    try:
+        write_results(client, KEYS, "cam-a", range(3))
+        write_results(client, KEYS, "cam-far", range(2))  # its block lies beyond the PLC's 32 registers
+        write_results(client, KEYS, "cam-x", range(2))  # no block at all
+        with running(modbus_sink(client, plc.port, ["cam-a=0", "cam-far=40"])) as sink:
+            assert wait_for(lambda: sink.report.deadlettered == 4 and sink.report.delivered == 3)
+            assert wait_for(lambda: sum(sink_pending(client, c, "plc-mb") for c in ("cam-a", "cam-far", "cam-x")) == 0)
+        assert block(plc, 0)[1]["seq"] == 2
+        reasons = {camera: [letter[b"reason"].decode() for _, letter in
+                            client.xrange(KEYS.sink_deadletter("plc-mb", camera))] for camera in ("cam-far", "cam-x")}
+        assert reasons["cam-far"] == ["Modbus exception 2 (ILLEGAL_ADDRESS) on coil 40"] * 2
+        assert reasons["cam-x"] == ["camera 'cam-x' has no Modbus block (--map cam-x=BASE)"] * 2
+    finally:
+        plc.stop()
+
+
+def test_modbus_maps_from_a_file_and_bad_maps_are_clear_errors(redis_server, tmp_path):
+    mapping = tmp_path / "blocks.map"
+    mapping.write_text("# camera=base\ncam-1=0\n\n cam=2 = 32\n")
+    assert register_map(ModbusSettings(map_file=mapping, blocks=("cam-3=11",))) == {"cam-1": 0, "cam=2": 32,
+                                                                                    "cam-3": 11}
+    runner = CliRunner()
+    base = ["sink", "modbus", "--redis-url", redis_server.url, "--port", "1502"]
+    for args, message in (([], "no camera has a Modbus block"),
+                          (["--map", "cam-1=0", "--map", "cam-2=10"], "overlap"),
+                          (["--map", "cam-1=0", "--map", "cam-1=20"], "two Modbus blocks"),
+                          (["--map", "cam-1"], "is no CAMERA=BASE"),
+                          (["--map", "cam-1=x"], "the base of 'cam-1' is no address"),
+                          (["--map", "{cam}=0"], "braces are not allowed"),
+                          (["--map", "cam-1=65530"], "out of range"),
+                          (["--map", "cam-1=0", "--word-order", "middle"], "bad word order"),
+                          (["--map-file", str(tmp_path / "none")], "cannot read the Modbus map file")):
+        refused = runner.invoke(app, [*base, *args])
+        assert refused.exit_code == 2 and message in refused.output, (args, refused.output)
+
+
+def test_modbus_heartbeat_counts_on_from_the_plcs_value_and_wraps(client):
+    """A new sink (or a new connection) reads the block's heartbeat and writes the next value: the PLC sees it
+    move whatever the sink wrote before; 65535 is followed by 0."""
+    from pymodbus.client import ModbusTcpClient
+
+    plc = ModbusPlc().start()
+    try:
+        other = ModbusTcpClient("127.0.0.1", port=plc.port, timeout=2)
+        assert other.connect()
+        other.write_register(16 + 10, 65_534)  # cam-a's heartbeat, as an earlier sink process left it
+        other.close()
+        write_results(client, KEYS, "cam-a", range(3))
+        with running(modbus_sink(client, plc.port, ["cam-a=16"])):
+            assert wait_for(lambda: block(plc, 16)[1]["heartbeat"] == 1)
+        assert block(plc, 16)[1]["seq"] == 2
+        beats = [values[0] for code, address, values in plc.recorded() if code == 6 and address == 26]
+        assert beats == [65_534, 65_535, 0, 1]  # the test's own write first
+    finally:
+        plc.stop()

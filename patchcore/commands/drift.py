@@ -1,5 +1,6 @@
-"""`patchcore drift ack | events`: a camera's drifted scene (store.alarms.drift) - acknowledge it (its alarms flow
-again; who is recorded in the event and the state), or list its events. Torch-free."""
+"""`patchcore drift ack | events | set | settings`: a camera's drifted scene (store.alarms.drift) - acknowledge it
+(its alarms flow again; who is recorded in the event and the state), list its events, or set the camera's own
+drift settings (window, level, shares, policy: overrides of the store's, picked up live). Torch-free."""
 from __future__ import annotations
 
 import json
@@ -8,9 +9,12 @@ from typing import Annotated, Optional
 import redis
 import typer
 
+from contracts.keys import check_camera
 from contracts.messages import DriftEvent, MessageError
 from runtime.cameras import camera_list
-from store.alarms.drift import EVENTS_LISTED, DriftError, acknowledge
+from runtime.control import record as audit
+from store.alarms.drift import (EVENTS_LISTED, DriftError, DriftSettings, acknowledge, overrides_from_json,
+                                with_overrides)
 
 from ..helptext import Typer
 from .common import Connection, connection, fail
@@ -69,3 +73,72 @@ def drift_events(
                 typer.echo(f"skipped a malformed drift event {entry_id.decode()}: {exc}", err=True)
                 continue
             typer.echo(json.dumps({"id": entry_id.decode(), **vars(event)}))
+
+
+def _help(name: str) -> str:
+    text = DriftSettings.__dataclass_fields__[name].metadata["help"].removeprefix("Drift: ").replace("--drift-", "--")
+    return f"This camera's: {text}"
+
+
+def _stored(raw: bytes | None):
+    """A camera's stored overrides as the audit's `before` (refused ones say why)."""
+    if raw is None:
+        return None
+    try:
+        return overrides_from_json(raw)
+    except ValueError as exc:
+        return {"refused": str(exc)}
+
+
+@drift_app.command("set")
+@connection
+def drift_set(
+    camera: Annotated[str, typer.Argument(help="Camera whose drift settings to set.")],
+    window: Annotated[Optional[int], typer.Option(help=_help("window"))] = None,
+    quantile: Annotated[Optional[float], typer.Option(help=_help("quantile"))] = None,
+    level: Annotated[Optional[float], typer.Option(help=_help("level"))] = None,
+    raise_share: Annotated[Optional[float], typer.Option(help=_help("raise_share"))] = None,
+    clear_share: Annotated[Optional[float], typer.Option(help=_help("clear_share"))] = None,
+    policy: Annotated[Optional[str], typer.Option(help=_help("policy"))] = None,
+    delete: Annotated[bool, typer.Option(help="Remove the camera's overrides: the store's settings apply.")] = False,
+    conn: Connection = None,
+) -> None:
+    """Set a camera's own drift settings (those given; the others keep their earlier override or the store's
+    value), or --delete them; running stores apply them within a second, from the camera's next results."""
+    try:
+        check_camera(camera)
+    except ValueError as exc:
+        fail(str(exc))
+    given = {name: value for name, value in (("window", window), ("quantile", quantile), ("level", level),
+                                             ("raise_share", raise_share), ("clear_share", clear_share),
+                                             ("policy", policy)) if value is not None}
+    if delete == bool(given):
+        fail("give the settings to change, or --delete (not both)")
+    client, keys = conn.client(), conn.keys
+    before = client.hget(keys.drift_settings, camera)
+    previous = _stored(before)
+    after = None
+    if not delete:
+        after = {**(previous if previous is not None and "refused" not in previous else {}), **given}
+        try:  # checked against the defaults; a store started with other settings checks them again
+            with_overrides(DriftSettings(), after)
+        except ValueError as exc:
+            fail(f"camera {camera}: {exc}")
+    with client.pipeline(transaction=True) as pipe:
+        if delete:
+            pipe.hdel(keys.drift_settings, camera)
+        else:
+            pipe.hset(keys.drift_settings, camera, json.dumps(after, sort_keys=True))
+        pipe.execute()
+    if not (delete and before is None):  # deleting nothing changed nothing
+        audit(client, keys, "drift.delete" if delete else "drift.set", camera, previous, after, camera=camera)
+    typer.echo(json.dumps({"camera": camera, "overrides": after, "deleted": delete}))
+
+
+@drift_app.command("settings")
+@connection
+def drift_settings(conn: Connection = None) -> None:
+    """One JSON line per camera with drift overrides: the overrides as stored (or why a store refuses them)."""
+    stored = conn.client().hgetall(conn.keys.drift_settings)
+    for camera in sorted(stored):
+        typer.echo(json.dumps({"camera": camera.decode(errors="replace"), "overrides": _stored(stored[camera])}))

@@ -1,5 +1,5 @@
-"""`patchcore sink webhook | mqtt | opcua`: one process delivering verdicts and alarms to one destination
-(sinks/). Run several with the same --sink and different --name to share the work. Torch-free."""
+"""`patchcore sink webhook | mqtt | opcua | modbus`: one process delivering verdicts, alarms and drift events to one
+destination (sinks/). Run several with the same --sink and different --name to share the work. Torch-free."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ import typer
 
 from contracts.keys import check_sink
 from sinks.deadletters import LIST_COUNT, sink_dead_letters
+from sinks.modbus import Modbus, ModbusSettings
 from sinks.mqtt import Mqtt, MqttSettings
 from sinks.opcua import OpcUa, OpcUaSettings
 from sinks.service import SettingsError, Sink, SinkSettings
@@ -20,11 +21,14 @@ from ..options import settings_options
 from .common import METRICS_OFF, Connection, MetricsPort, connection, fail, serve_metrics, stop_on_signals
 
 app = Typer()
-sink_app = Typer(help="Deliver verdicts and alarms to the line: webhook, MQTT, OPC UA (at least once).",
+sink_app = Typer(help="Deliver verdicts, alarms and drift events to the line: webhook, MQTT, OPC UA, Modbus TCP "
+                                   "(at least once).",
                  no_args_is_help=True)
 app.add_typer(sink_app, name="sink")
 
-SINK_FIELDS = ("sink", "name", "verdicts", "alarms", "batch", "max_pending", "claim_idle_ms", "max_backoff_s")
+ModbusBlocks = Annotated[Optional[list[str]], typer.Option(  # a list: repeatable (the field is a tuple)
+    "--map", help=ModbusSettings.__dataclass_fields__["blocks"].metadata["help"])]
+SINK_FIELDS = ("sink", "name", "verdicts", "alarms", "drift", "batch", "max_pending", "claim_idle_ms", "max_backoff_s")
 
 
 def run_sink(kind: str, make_destination, sink: dict, metrics_port: int, conn: Connection) -> None:
@@ -59,7 +63,8 @@ def webhook_command(webhook: dict = None, sink: dict = None, metrics_port: Metri
 @connection
 def mqtt_command(mqtt: dict = None, sink: dict = None, metrics_port: MetricsPort = METRICS_OFF,
                  conn: Connection = None) -> None:
-    """Publish each message at QoS 1 to <prefix>/<line>/<camera>/verdict|alarm (last verdict retained); an entry
+    """Publish each message at QoS 1 to <prefix>/<line>/<camera>/verdict|alarm|drift (last verdict and drift
+    retained); an entry
     is acknowledged once the broker's PUBACK came."""
     client_id = f"patchcore-{sink['sink'] or 'mqtt'}-{sink['name']}"
     run_sink("mqtt", lambda: Mqtt(MqttSettings(**mqtt), client_id), sink, metrics_port, conn)
@@ -72,9 +77,21 @@ def mqtt_command(mqtt: dict = None, sink: dict = None, metrics_port: MetricsPort
 @connection
 def opcua_command(opcua: dict = None, sink: dict = None, metrics_port: MetricsPort = METRICS_OFF,
                   conn: Connection = None) -> None:
-    """Write each verdict (Score, Threshold, Verdict, Timestamp, then Seq) and alarm (AlarmSeq) to the camera's
-    nodes Objects/<root>/<camera>/ of an OPC UA server (a PLC)."""
+    """Write each verdict (Score, Threshold, Verdict, Timestamp, then Seq), alarm (AlarmSeq) and drift event
+    (Drift, then DriftSeq) to the camera's nodes Objects/<root>/<camera>/ of an OPC UA server (a PLC)."""
     run_sink("opcua", lambda: OpcUa(OpcUaSettings(**opcua)), sink, metrics_port, conn)
+
+
+@sink_app.command("modbus")
+@settings_options(ModbusSettings, "host", "port", "unit", "map_file", "word_order", "timeout_s", into="modbus")
+@settings_options(SinkSettings, *SINK_FIELDS, into="sink")
+@connection
+def modbus_command(modbus: dict = None, block: ModbusBlocks = None, sink: dict = None,
+                   metrics_port: MetricsPort = METRICS_OFF, conn: Connection = None) -> None:
+    """Write each verdict, alarm and drift event into its camera's block of coils and holding registers on a PLC
+    (Modbus TCP), its heartbeat register last; the register map is in docs/sinks.md."""
+    run_sink("modbus", lambda: Modbus(ModbusSettings(**modbus, blocks=tuple(block or ()))), sink, metrics_port,
+             conn)
 
 
 @sink_app.command("deadletters")

@@ -24,9 +24,15 @@ the line's own defects among them add a few: clearing at half the window lets a 
 
 The state is a small JSON document kept with the camera's alarm window (key "drift"), so it is committed with
 the results that changed it, by the same script.
+
+Per camera: `patchcore drift set CAM --window 64 ...` stores overrides of some of these settings (a JSON object
+in the hash Keys.drift_settings); the store reads them again every `rules_refresh_s` with the alarm rules and
+applies them over its own (`with_overrides`) from the camera's next results on. A longer window fills from the
+frames that follow; a shorter one keeps the newest frames of the window it had.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -44,6 +50,7 @@ MAX_OUTBOX = 16  # events kept in the state until written (one store's worth of 
 MAX_WINDOW = 1000
 DRIFT_MAXLEN = 10_000  # drift events kept per camera (approximate trimming)
 EVENTS_LISTED = 20  # `patchcore drift events` lists this many per camera unless told
+MAX_OVERRIDE_BYTES = 1024  # a camera's stored drift overrides (JSON)
 
 
 class DriftError(RuntimeError):
@@ -91,6 +98,29 @@ class DriftSettings:
     def clear_delay(self) -> int:
         """The most normal frames (none over the threshold) from the scene's return to the drift-cleared event."""
         return math.ceil((1 - self.clear_share) * self.window - 1e-9)
+
+
+def overrides_from_json(text: str | bytes) -> dict:
+    """A camera's stored drift overrides: a JSON object of some DriftSettings fields; ValueError for anything else
+    (not JSON, not an object, unknown fields, too long). The values are checked by `with_overrides`."""
+    if len(text) > MAX_OVERRIDE_BYTES:
+        raise ValueError(f"drift settings of {len(text)} bytes exceed {MAX_OVERRIDE_BYTES}")
+    try:
+        values = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"drift settings are not JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError("drift settings are not a JSON object")
+    unknown = set(values) - {f.name for f in dataclasses.fields(DriftSettings)}
+    if unknown:
+        raise ValueError(f"drift settings have unknown fields {sorted(unknown)}")
+    return values
+
+
+def with_overrides(base: DriftSettings, overrides: dict) -> DriftSettings:
+    """`base` with a camera's overrides applied; ValueError (DriftSettings' own checks) when the result is invalid,
+    e.g. a clear_share that is not below the raise_share it meets."""
+    return dataclasses.replace(base, **overrides)
 
 
 class DriftTracker:
@@ -156,7 +186,7 @@ class DriftTracker:
         if self.status == NORMAL and stats["share_over"] >= self.settings.raise_share \
                 and stats["quantile_ratio"] >= self.settings.level:
             self.status = DRIFTED
-            self.episode = {"raised_seq": seq, "raised_at": at, "held": 0, "acknowledged_by": None,
+            self.episode = {"raised_seq": seq, "raised_at": at, "line": line, "held": 0, "acknowledged_by": None,
                             "acknowledged_at": None}
             return [self._event(RAISED, seq, line, at, threshold, stats)]
         if self.status != NORMAL and stats["share_over"] <= self.settings.clear_share:
@@ -173,7 +203,9 @@ class DriftTracker:
             raise DriftError(f"not drifted (status {self.status})")
         self.status = ACKNOWLEDGED
         self.episode = {**self.episode, "acknowledged_by": by, "acknowledged_at": at}
-        return self._event(ACKED, self.episode["raised_seq"], "", at, None, self.stats(), by=by)
+        # the raising frame's line (a sink's MQTT topic of the camera's drift events stays one); "" in older states
+        return self._event(ACKED, self.episode["raised_seq"], self.episode.get("line", ""), at, None, self.stats(),
+                           by=by)
 
     def _event(self, kind: str, seq: int, line: str, at: float, threshold: float | None, stats: dict,
                by: str | None = None) -> dict:
