@@ -61,6 +61,8 @@ class IngestReport:
     dropped: int = 0
     source_errors: int = 0
     unconfirmed: int = 0  # frames sent whose WAIT timed out before wait_replicas replicas had them
+    redis_waits: int = 0  # writes Redis refused or could not take (outage, out of memory, failover): the frame
+    # waited and was sent again (back-pressure: a live camera reads no new frame meanwhile)
     ended: str = ""
 
 
@@ -125,7 +127,7 @@ class CameraIngest:
             data, shape = encode_frame(image, self.settings.encoding, self.settings.jpeg_quality, self.settings.max_side)
             frame = Frame(camera=self.settings.camera, line=self.settings.line, bank=self.settings.bank, seq=seq,
                           captured_at=captured_at, encoding=self.settings.encoding, shape=shape, data=data)
-            pushed = self._push(frame)
+            pushed = self._push(frame, report)
             if pushed is None:  # stopped while Redis was refusing the frame: it is not counted as sent
                 report.ended = f"stopped during a Redis outage (frame {seq} may not have been written)"
                 break
@@ -139,9 +141,10 @@ class CameraIngest:
         self.source.close()
         return report
 
-    def _push(self, frame: Frame) -> tuple[int, bool] | None:
-        """Append the frame (retrying through Redis outages); returns how many old frames were trimmed and
-        whether the wanted replicas confirmed it, or None when `stop` came before Redis took the frame.
+    def _push(self, frame: Frame, report: IngestReport) -> tuple[int, bool] | None:
+        """Append the frame (retrying through Redis outages, each retry counted in `report.redis_waits`); returns
+        how many old frames were trimmed and whether the wanted replicas confirmed it, or None when `stop` came
+        before Redis took the frame.
 
         The append is one script keyed by the camera's sequence number (runtime/lua/add_frame.lua): when a
         reply is lost and the call is sent again (by redis-py's retry or by this loop), the second
@@ -179,6 +182,7 @@ class CameraIngest:
                 if fault is None:
                     raise
                 refresh_topology(self.client)
+                report.redis_waits += 1
                 log.warning("redis unavailable", extra={"fields": {"camera": self.settings.camera, "fault": fault,
                                                                    "error": str(exc), "retry_in_s": backoff}})
                 if self.stop.wait(backoff):

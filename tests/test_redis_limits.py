@@ -16,6 +16,9 @@ from ingest.camera import CameraIngest, IngestSettings
 from ingest.sources import SyntheticLine
 from runtime.connection import connect
 from runtime.status import collect_status
+from contracts.messages import Alarm
+from store.alarms.rules import AlarmRule
+from store.service import ResultsStore, StoreSettings
 from workers.banks.registry import BankRegistry
 
 from .test_pipeline import Running, results, wait_for
@@ -95,6 +98,74 @@ def test_memory_full_under_noeviction_back_pressures_ingest_and_loses_nothing_ac
     assert not errors, errors
     for camera, count in took.items():  # every frame Redis acknowledged: exactly one result
         assert sorted(r.seq for r in results(client, camera)) == list(range(count)), camera
+        assert client.xpending(KEYS.frames(camera), FRAME_GROUP)["pending"] == 0
+    assert collect_status(client)["redis_faults"] == []
+
+
+HUNDRED = [f"cam-{i:03d}" for i in range(100)]
+
+
+def test_memory_full_with_a_hundred_cameras_loses_nothing_acknowledged_and_alarms_resume(redis_server,
+                                                                                        synthetic_bank_bytes):
+    """Issue 19: 100 small cameras stream into maxmemory (noeviction). Ingest back-pressures (each camera waits with
+    its frame, and counts the writes Redis refused), the workers and the store ride it out, every frame Redis took
+    gets exactly one result, and alarms resume once memory frees: the store's rule alarms on every result (k = 1 of
+    n = 1, threshold 0), so each result must come with exactly one alarm, those after the limit was lifted too."""
+    client = connect(redis_server.url)
+    BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
+    stop_cameras, errors, reports = threading.Event(), [], {}
+    cameras = {camera: CameraIngest(connect(redis_server.url), SyntheticLine(seed=i, live=True, width=64, height=48),
+                                    IngestSettings(camera=camera, fps=0.25, maxlen=100_000, backoff_initial_s=0.1,
+                                                   backoff_max_s=0.5, preview_interval_s=0), KEYS, stop_cameras)
+               for i, camera in enumerate(HUNDRED)}
+    threads = [threading.Thread(target=guarded, args=(lambda c=c: reports.setdefault(c, cameras[c].run()), errors),
+                                daemon=True) for c in HUNDRED]
+    for thread in threads:
+        thread.start()
+
+    def taken() -> dict[str, int]:
+        with client.pipeline(transaction=False) as pipe:
+            for camera in HUNDRED:
+                pipe.hget(KEYS.camera_stats(camera), "ingested")
+            return dict(zip(HUNDRED, (int(n or 0) for n in pipe.execute())))
+
+    wait_for(lambda: all(n > 0 for n in taken().values()), 60)
+    client.config_set("maxmemory-policy", "noeviction")
+    wait_for(lambda: memory_full_soon(client) and writes_refused(client), 120)
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) - 2_000_000)  # held full (see above)
+    time.sleep(1.0)
+    before = sum(taken().values())
+    time.sleep(4.0)  # each camera (one frame per 4 s) tries at least once
+    assert sum(taken().values()) <= before + len(HUNDRED)  # at most a frame each got in: back-pressure
+    every_result = AlarmRule(k=1, n=1, cooldown_s=0, threshold=0.0)
+    with Running(redis_server.url, workers=1, store=False, max_batch=16, claim_idle_ms=2000, retry_initial_s=0.1,
+                 retry_max_s=0.5) as running:
+        store = ResultsStore(connect(redis_server.url), StoreSettings(default_rule=every_result, refresh_s=0.2), KEYS,
+                             running.stop)
+        store_thread = threading.Thread(target=guarded, args=(store.run, errors), daemon=True)
+        store_thread.start()
+        time.sleep(2.0)
+        assert all(t.is_alive() for t in threads + running.threads + [store_thread]) and not errors, errors
+        assert store.report.alarms == 0  # nothing could be written while memory was full
+        full = taken()
+        client.config_set("maxmemory", 0)  # memory frees (an operator raised the limit)
+        wait_for(lambda: all(n > full[c] for c, n in taken().items()), 60)  # every camera got a frame in again
+        stop_cameras.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        took = taken()
+        wait_for(lambda: store.report.results == sum(took.values()), 300)
+        wait_for(lambda: store.report.alarms == sum(took.values()), 30)
+    store_thread.join(timeout=30)
+    assert not errors, errors
+    assert sorted(reports) == HUNDRED
+    assert all(reports[c].frames == took[c] for c in HUNDRED)  # what each camera counted as sent, Redis took
+    assert all(reports[c].redis_waits > 0 for c in HUNDRED)  # every camera waited: back-pressure, counted
+    for camera, count in took.items():  # every frame Redis acknowledged: exactly one result, and one alarm
+        assert sorted(r.seq for r in results(client, camera)) == list(range(count)), camera
+        alarms = [Alarm.unpack(f[b"m"]) for _, f in client.xrange(KEYS.alarms(camera))]
+        assert sorted(a.seq for a in alarms) == list(range(count)), camera
+        assert max(a.seq for a in alarms) >= full[camera]  # alarms resumed: on frames taken after memory freed
         assert client.xpending(KEYS.frames(camera), FRAME_GROUP)["pending"] == 0
     assert collect_status(client)["redis_faults"] == []
 
