@@ -210,7 +210,7 @@ class PatchFeatureExtractor(nn.Module):
         self.target_dim = target_dim
         self.config = None  # the FeatureConfig it implements, set by scorer.model.build_extractor
         self._pooling: dict = {}  # (layer, channels, device) -> (first, last output column, conv weight)
-        self.use(ComputeConfig("fp32", False))  # the reference arithmetic until build_extractor sets the default
+        self.use(ComputeConfig("fp32", False, "torch"))  # the reference arithmetic until build_extractor sets the default
 
     def use(self, compute: ComputeConfig = ComputeConfig()) -> "PatchFeatureExtractor":
         """Run the backbone with these compute settings from now on (precision, memory layout), auto fields
@@ -328,7 +328,9 @@ def onnx_session(extractor: PatchFeatureExtractor, size: tuple[int, int]) -> tup
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         grid = extractor.patch_features(example)[1]  # builds the pooling weights now: constants in the trace
-        torch.onnx.export(_Features(extractor), (example,), graph, dynamo=False, opset_version=ONNX_OPSET,
+        # .eval(): the exporter restores the wrapper's training flag afterwards, recursively (a fresh module is in
+        # training mode: that would leave the backbone's batch norms training for the torch path)
+        torch.onnx.export(_Features(extractor).eval(), (example,), graph, dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["images"], output_names=["features"],
                           dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
     options = onnxruntime.SessionOptions()

@@ -117,3 +117,15 @@ def test_engine_resolved_and_refused_clearly(monkeypatch):
     assert fallback.engine == "torch" and "falls back: onnxruntime is not installed" in fallback.reason
     with pytest.raises(ComputeError, match="not installed"):
         ComputeConfig(engine="onnxruntime").resolve("cpu")
+
+
+def test_the_export_leaves_the_backbone_as_it_was():
+    """The exporter restores a module's training flag recursively: the backbone's batch norms must stay in eval
+    mode after an export, so the torch path of the same extractor still computes the same features."""
+    extractor, _ = build_extractor(FeatureConfig(backbone="resnet18"), weights="random", compute=ORT)
+    x = torch.rand(2, 3, 96, 128)
+    got = extractor(x)[0]  # exports the graph for 96 x 128
+    assert not any(module.training for module in extractor.modules())
+    with torch.no_grad():
+        reference = extractor.patch_features(x)[0]
+    assert float((got - reference).abs().max()) <= ENGINE_RTOL * float(reference.abs().max())
