@@ -41,8 +41,9 @@ AUTO = "auto"  # a ComputeConfig field left to the device's default (ComputeConf
 # contiguous layout's features to float rounding (tests/test_precision.py) and runs the backbone faster
 # (bench/profile_path.py); bf16 stays an option, not the default: its image/pixel AUROC and PRO were not shown to
 # stay within 0.002 of fp32 on bottle and macaroni1 on a CPU with native BF16. The engine: ONNX Runtime runs the
-# same float32 graph (backbone + pooling) to ~4e-6 relative of torch's features (tests/test_engine.py) and, on the
-# 2-core AVX2 EPYC, 2.8x faster in CPU time than torch (bench/eval_speed.py, docs/scorer.md "CPU speed"); where
+# same float32 graph (backbone + pooling) to ~4e-6 relative of torch's features (tests/test_engine.py) in about a
+# third of torch's CPU time on the 2-core AVX2 EPYC (13 vs 37 ms per 224 px image, one thread each, under load),
+# with eval's image/pixel AUROC and PRO unchanged (bench/eval_speed.py, docs/scorer.md "CPU speed"); where
 # onnxruntime is not installed the CPU falls back to torch and says so. CUDA's: as before (unmeasured here).
 DEFAULTS = {"cpu": ("fp32", True, "onnxruntime"), "cuda": ("fp32", False, "torch")}
 OTHER_DEVICE_DEFAULT = ("fp32", False, "torch")
