@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/profile_path.py --data /work/shared/datasets --video /work/shared/media/bottle-detection.mp4
         [--banks DIR] [--images 48] [--batch-size 16] [--precision ...] [--channels-last/--no-channels-last]
+        [--engine torch|onnxruntime]
 
 Data come from --data (or $PATCHCORE_DATA: the folder holding mvtec_bottle and visa_macaroni1) and --video (or
 $PATCHCORE_VIDEO). A bank per source is loaded from --banks (<name>.bank) or built there once (mobilenet_v2, the
@@ -11,7 +12,8 @@ defaults; the video's from its first --warmup-frames frames, as `patchcore up` d
 Per batch the path is the eval's and the worker's: decode (files: read + cv2; video: JPEG frames as ingest sends
 them, decoded by the worker's decoder), resize/normalise, backbone, pooling, search, Eq. 7, the maps (upsampling
 and smoothing) of every image, and an overlay for each image the bank flags. Stages are exclusive times; `other`
-is the wall time no stage claims (Python glue, copies to numpy). The JSON goes to bench/results/.
+is the wall time no stage claims (Python glue, copies to numpy); with the onnxruntime engine the pooling runs in
+the backbone's graph, so its time is in "backbone". The JSON goes to bench/results/.
 """
 from __future__ import annotations
 
@@ -119,13 +121,14 @@ def main() -> None:
     parser.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: the CPU's, ComputeConfig.resolve)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="default: the CPU's (ComputeConfig.resolve)")
+    parser.add_argument("--engine", default=None, help="torch or onnxruntime (default: the CPU's, ComputeConfig.resolve)")
     parser.add_argument("--sources", default="bottle,macaroni1,video", help="which of bottle, macaroni1, video")
     parser.add_argument("--label", default="after", help="bench/results/profile_path-<label>.json (e.g. before, after)")
     args = parser.parse_args()
     if args.data is None and args.video is None:
         parser.error("give --data and/or --video (or set PATCHCORE_DATA / PATCHCORE_VIDEO)")
 
-    compute = ComputeConfig(args.precision or "auto", args.channels_last).resolve("cpu")
+    compute = ComputeConfig(args.precision or "auto", args.channels_last, args.engine or "auto").resolve("cpu")
     report = {"cpu": cpu_info(), "compute": compute.to_dict(), "backbone": args.backbone,
               "batch_size": args.batch_size, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "sources": {}}

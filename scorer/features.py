@@ -1,7 +1,11 @@
 """Locally aware patch features (paper section 3.1), computed batched on the model's device."""
 from __future__ import annotations
 
+import hashlib
+import io
 import math
+import threading
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -10,7 +14,7 @@ from torch import nn
 from torchvision.models import MobileNetV2, ResNet
 
 from .efficientnet_lite import EfficientNetLite
-from .hardware import cpu_features
+from .hardware import cpu_features, thread_plan
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .stages import stage
 
@@ -30,14 +34,19 @@ def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ENGINES = ("torch", "onnxruntime")  # what runs the backbone and pooling (ComputeConfig.engine)
 AUTO = "auto"  # a ComputeConfig field left to the device's default (ComputeConfig.resolve)
 
-# The defaults, per device type: (precision, channels_last). The CPU's: channels_last float32 computes the
+# The defaults, per device type: (precision, channels_last, engine). The CPU's: channels_last float32 computes the
 # contiguous layout's features to float rounding (tests/test_precision.py) and runs the backbone faster
 # (bench/profile_path.py); bf16 stays an option, not the default: its image/pixel AUROC and PRO were not shown to
-# stay within 0.002 of fp32 on bottle and macaroni1 on a CPU with native BF16. CUDA's: as before (unmeasured here).
-DEFAULTS = {"cpu": ("fp32", True), "cuda": ("fp32", False)}
-OTHER_DEVICE_DEFAULT = ("fp32", False)
+# stay within 0.002 of fp32 on bottle and macaroni1 on a CPU with native BF16. The engine: ONNX Runtime runs the
+# same float32 graph (backbone + pooling) to ~4e-6 relative of torch's features (tests/test_engine.py) in about a
+# third of torch's CPU time on the 2-core AVX2 EPYC (13 vs 37 ms per 224 px image, one thread each, under load),
+# with eval's image/pixel AUROC and PRO unchanged (bench/eval_speed.py, docs/scorer.md "CPU speed"); where
+# onnxruntime is not installed the CPU falls back to torch and says so. CUDA's: as before (unmeasured here).
+DEFAULTS = {"cpu": ("fp32", True, "onnxruntime"), "cuda": ("fp32", False, "torch")}
+OTHER_DEVICE_DEFAULT = ("fp32", False, "torch")
 
 
 class ComputeError(ValueError):
@@ -50,7 +59,9 @@ class ComputeConfig:
     built with (info["compute"]), but any bank is scored with any settings: they move scores only by rounding
     (fp32 layouts) or slightly (bf16/fp16; tests/test_precision.py). `precision` bf16/fp16 runs the backbone under
     autocast (its tapped maps come back as float32; neighbourhoods, pooling, search and maps stay float32);
-    `channels_last` is the memory layout of the convolutions (NHWC: faster with oneDNN on CPUs).
+    `channels_last` is the memory layout of the convolutions (NHWC: faster with oneDNN on CPUs). `engine`: torch, or
+    onnxruntime (CPU, fp32 only: the extractor's float32 graph exported once per input size and run by ONNX
+    Runtime; the same features to float rounding, faster on CPUs; channels_last does not apply to it).
 
     Fields left "auto"/None take the device's default (DEFAULTS) in `resolve`, the one place defaults are decided;
     the extractor always runs a resolved config. `emulate` lets a precision run on a CPU without native
@@ -58,6 +69,7 @@ class ComputeConfig:
 
     precision: str = AUTO
     channels_last: bool | None = None
+    engine: str = AUTO
     emulate: bool = False
     reason: str = field(default="", compare=False)  # how `resolve` decided (e.g. a CPU without BF16 fell back)
 
@@ -66,20 +78,24 @@ class ComputeConfig:
             raise ComputeError(f"unknown precision {self.precision!r}; choose from {AUTO}, {', '.join(PRECISIONS)}")
         if self.channels_last not in (None, True, False):
             raise ComputeError(f"channels_last must be true, false or unset (auto), not {self.channels_last!r}")
+        if self.engine != AUTO and self.engine not in ENGINES:
+            raise ComputeError(f"unknown engine {self.engine!r}; choose from {AUTO}, {', '.join(ENGINES)}")
 
     @property
     def resolved(self) -> bool:
-        return self.precision != AUTO and self.channels_last is not None
+        return self.precision != AUTO and self.channels_last is not None and self.engine != AUTO
 
     def resolve(self, device: torch.device | str = "cpu") -> "ComputeConfig":
         """This config with every auto field set to `device`'s default; ComputeError when `device` cannot run it."""
         device = torch.device(device)
-        default_precision, default_layout = DEFAULTS.get(device.type, OTHER_DEVICE_DEFAULT)
+        default_precision, default_layout, default_engine = DEFAULTS.get(device.type, OTHER_DEVICE_DEFAULT)
         precision = default_precision if self.precision == AUTO else self.precision
         channels_last = default_layout if self.channels_last is None else self.channels_last
         notes = [f"precision {precision} ({'default' if self.precision == AUTO else 'asked'} on {device.type})",
                  f"{'channels_last' if channels_last else 'contiguous'} "
                  f"({'default' if self.channels_last is None else 'asked'})"]
+        engine, why = self._engine(default_engine, precision, device)
+        notes.append(f"engine {engine} ({why})")
         if precision != "fp32":
             native, why = native_precision(precision, device)
             if not native and not self.emulate:
@@ -91,10 +107,39 @@ class ComputeConfig:
             notes.append(f"this CPU has {'native' if features.bf16 else 'no native'} BF16 ({features.describe()})")
         if self.resolved and self.reason:  # resolved before (e.g. by the CLI): keep how it was decided
             return self
-        return replace(self, precision=precision, channels_last=channels_last, reason="; ".join(notes))
+        return replace(self, precision=precision, channels_last=channels_last, engine=engine, reason="; ".join(notes))
+
+    def _engine(self, default: str, precision: str, device: torch.device) -> tuple[str, str]:
+        """(the engine that runs, how it was decided); ComputeError for an engine asked where it cannot run."""
+        missing = onnxruntime_missing()
+        if self.engine == "onnxruntime":
+            if device.type != "cpu":
+                raise ComputeError(f"engine onnxruntime runs on the CPU only, not on {device.type}; use torch")
+            if precision != "fp32":
+                raise ComputeError(f"engine onnxruntime runs fp32 only, not {precision}; use torch")
+            if missing:
+                raise ComputeError(f"engine onnxruntime asked for, but {missing}")
+            return "onnxruntime", "asked"
+        if self.engine == "torch":
+            return "torch", "asked"
+        if default == "onnxruntime" and precision != "fp32":
+            return "torch", f"default; onnxruntime runs fp32 only, not {precision}"
+        if default == "onnxruntime" and missing:
+            return "torch", f"default on {device.type} falls back: {missing}"
+        return default, f"default on {device.type}"
 
     def to_dict(self) -> dict:
-        return {"precision": self.precision, "channels_last": self.channels_last, "reason": self.reason}
+        return {"precision": self.precision, "channels_last": self.channels_last, "engine": self.engine,
+                "reason": self.reason}
+
+
+def onnxruntime_missing() -> str:
+    """Why the onnxruntime engine cannot run here ("" when it can): the package, from the [onnx] extra."""
+    try:
+        import onnxruntime  # noqa: F401  (the [onnx] extra)
+    except ImportError:
+        return "onnxruntime is not installed (pip install 'patchcore-stream[onnx]')"
+    return ""
 
 
 def native_precision(precision: str, device: torch.device) -> tuple[bool, str]:
@@ -166,7 +211,7 @@ class PatchFeatureExtractor(nn.Module):
         self.target_dim = target_dim
         self.config = None  # the FeatureConfig it implements, set by scorer.model.build_extractor
         self._pooling: dict = {}  # (layer, channels, device) -> (first, last output column, conv weight)
-        self.use(ComputeConfig("fp32", False))  # the reference arithmetic until build_extractor sets the default
+        self.use(ComputeConfig("fp32", False, "torch"))  # the reference arithmetic until build_extractor sets the default
 
     def use(self, compute: ComputeConfig = ComputeConfig()) -> "PatchFeatureExtractor":
         """Run the backbone with these compute settings from now on (precision, memory layout), auto fields
@@ -174,12 +219,43 @@ class PatchFeatureExtractor(nn.Module):
         compute = compute.resolve(self.scale.device)
         self.compute = compute
         self.body.to(memory_format=torch.channels_last if compute.channels_last else torch.contiguous_format)
+        self._sessions: dict[tuple[int, int], tuple[object, tuple[int, int]]] = {}  # onnxruntime: (H, W) -> graph
         return self
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """images [B, 3, H, W] -> (features [B, h*w, target_dim], (h, w))."""
+        if self.compute.engine == "onnxruntime":
+            return self._onnx_features(images)
         return self.patch_features(images)
+
+    def _onnx_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """forward through ONNX Runtime: patch_features' float32 graph for this input size (exported the first
+        time a size is seen). Backbone and pooling are one graph here, timed as the stage "backbone"."""
+        session, grid = self._onnx_session(tuple(images.shape[-2:]))
+        with stage("backbone"):
+            features = session.run(None, {"images": images.float().contiguous().numpy()})[0]
+        return torch.from_numpy(features), grid
+
+    def _onnx_session(self, size: tuple[int, int]) -> tuple[object, tuple[int, int]]:
+        if size not in self._sessions:
+            with _EXPORT_LOCK:  # one export at a time; extractors of equal weights share one graph per size
+                key = (self.fingerprint(), size)
+                if key not in _SESSIONS:
+                    if len(_SESSIONS) >= MAX_SESSIONS:
+                        _SESSIONS.pop(next(iter(_SESSIONS)))  # the oldest
+                    _SESSIONS[key] = onnx_session(self, size)
+                self._sessions[size] = _SESSIONS[key]
+        return self._sessions[size]
+
+    def fingerprint(self) -> str:
+        """sha256 of everything the features depend on: the settings, the input normalisation and every weight
+        of the truncated backbone (so two extractors share an ONNX graph only when they compute the same)."""
+        digest = hashlib.sha256(repr((self.layers, self.patch_size, self.pretrain_dim, self.target_dim,
+                                      self.renormalise, str(self.scale.device))).encode())
+        for tensor in [self.scale, self.shift, *self.body.state_dict().values()]:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """forward without inference mode (what ONNX export traces: convolutions, resizes, pads and sums)."""
@@ -222,6 +298,48 @@ class PatchFeatureExtractor(nn.Module):
             conv = weights[:, first:last].T.reshape(last - first, channels, k, k)  # unfold's (c, ky, kx) order
             self._pooling[key] = first, last, conv.to(device=fmap.device, dtype=torch.float32).contiguous()
         return self._pooling[key]
+
+
+ONNX_OPSET = 17  # as scorer/onnx_export.py's export
+MAX_SESSIONS = 16  # ONNX graphs kept per process: backbones x input sizes (a worker's banks share them)
+_EXPORT_LOCK = threading.Lock()
+_SESSIONS: dict[tuple[str, tuple[int, int]], tuple[object, tuple[int, int]]] = {}
+
+
+class _Features(nn.Module):
+    """The extractor's patch_features as a module returning the features only (what the ONNX graph computes)."""
+
+    def __init__(self, extractor: PatchFeatureExtractor):
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extractor.patch_features(images)[0]
+
+
+def onnx_session(extractor: PatchFeatureExtractor, size: tuple[int, int]) -> tuple[object, tuple[int, int]]:
+    """(an ONNX Runtime session of the extractor's float32 patch_features for [B, 3, *size] inputs, any B; its grid).
+
+    Traced in memory by the TorchScript exporter (no onnxscript, no file); the session gets torch's thread count
+    (scorer.hardware.thread_plan: the two run one after the other, never at once)."""
+    import onnxruntime  # the [onnx] extra (ComputeConfig.resolve refused the engine without it)
+
+    example = torch.zeros(2, 3, *size, device=extractor.scale.device)
+    graph = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        grid = extractor.patch_features(example)[1]  # builds the pooling weights now: constants in the trace
+        # .eval(): the exporter restores the wrapper's training flag afterwards, recursively (a fresh module is in
+        # training mode: that would leave the backbone's batch norms training for the torch path)
+        torch.onnx.export(_Features(extractor).eval(), (example,), graph, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["images"], output_names=["features"],
+                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = thread_plan().intra_op
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: logs stay quiet
+    session = onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
+    return session, grid
 
 
 def adaptive_pool_matrix(length: int, out: int) -> torch.Tensor:

@@ -139,15 +139,42 @@ def rerank_block_bytes(device: torch.device) -> int:
 
 def exact_distances(queries: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor,
                     max_block_bytes: int = RERANK_BLOCK_BYTES) -> torch.Tensor:
-    """|q - bank[i]| for queries [Q, D] and indices [Q, S] (inf where an index is -1: none found), in blocks
-    small enough that each gathered [rows, S, D] block is subtracted and reduced while still in cache (on a
-    2-core Xeon, 2 MB blocks re-ranked 16 candidates ~3x faster than 256 MB blocks)."""
+    """|q - bank[i]| for queries [Q, D] and indices [Q, S] (inf where an index is -1: none found).
+
+    On the CPU with faiss: one fused pass (faiss.fvec_L2sqr_by_idx: each candidate's squared differences summed
+    in place, no gathered copy; OpenMP over the queries): on the 2-core AVX2 EPYC ~8x less CPU time than the
+    blocked torch path for 784 x 8 candidates of 1024 dims, the same sums to float rounding (2.4e-7 relative).
+    Elsewhere in blocks small enough that each gathered [rows, S, D] block is subtracted and reduced while still
+    in cache (on a 2-core Xeon, 2 MB blocks re-ranked 16 candidates ~3x faster than 256 MB blocks)."""
+    if not len(queries):
+        return queries.new_zeros(indices.shape)
+    if faiss is not None and queries.device.type == "cpu" and bank.device.type == "cpu":
+        return _faiss_distances(queries, bank, indices)
+    return blocked_distances(queries, bank, indices, max_block_bytes)
+
+
+def blocked_distances(queries: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor,
+                      max_block_bytes: int = RERANK_BLOCK_BYTES) -> torch.Tensor:
+    """exact_distances with torch on any device: gathered blocks, subtracted and reduced while in cache."""
     if not len(queries):
         return queries.new_zeros(indices.shape)
     rows = max(1, max_block_bytes // (4 * bank.shape[1] * indices.shape[1]))
     out = torch.cat([torch.linalg.vector_norm(queries[b:b + rows, None, :] - bank[indices[b:b + rows].clamp(min=0)], dim=2)
                      for b in range(0, len(queries), rows)])
     return torch.where(indices >= 0, out, math.inf)
+
+
+def _faiss_distances(queries: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """exact_distances on the CPU by faiss.fvec_L2sqr_by_idx (float32 arrays, C order; -1s: inf)."""
+    q = np.ascontiguousarray(queries.detach().numpy(), dtype=np.float32)
+    b = np.ascontiguousarray(bank.detach().numpy(), dtype=np.float32)
+    ids = np.ascontiguousarray(indices.clamp(min=0).numpy(), dtype=np.int64)
+    if ids.size and int(ids.max()) >= len(b):
+        raise IndexError_(f"candidate index {int(ids.max())} outside the bank of {len(b)}")
+    squared = np.empty(ids.shape, dtype=np.float32)
+    faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(squared), faiss.swig_ptr(q), faiss.swig_ptr(b), faiss.swig_ptr(ids),
+                            q.shape[1], ids.shape[0], ids.shape[1])
+    return torch.where(indices >= 0, torch.from_numpy(squared).sqrt_(), math.inf)
 
 
 class NearestNeighbourIndex:

@@ -82,7 +82,7 @@ def export_onnx(bank: MemoryBank, out: str | Path, weights: str | Path | None = 
         raise ExportError(f"ONNX Runtime's features differ from PyTorch's by {difference:.2e} (limit {tolerance:.0e})")
     save_bank(bank, out / BANK_FILE)
     shutil.copyfile(onnx_runtime.__file__, out / RUNTIME_FILE)
-    grid = extractor(example[:1].float())[1]
+    grid = extractor.patch_features(example[:1].float())[1]
     settings = {
         "format": onnx_runtime.EXPORT_FORMAT, "version": onnx_runtime.EXPORT_VERSION,
         "onnx": ONNX_FILE, "onnx_sha256": file_sha256(out / ONNX_FILE), "bank": BANK_FILE,

@@ -43,3 +43,21 @@ def test_all_kinds_report_the_same_distance_for_the_same_neighbour():
     assert torch.equal(d_faiss, d_torch)
     exact = np.linalg.norm(queries.numpy().astype(np.float64) - bank[i_faiss[:, 0].numpy()], axis=1)
     np.testing.assert_allclose(d_faiss[:, 0].numpy(), exact, rtol=1e-5)
+
+
+def test_fused_and_blocked_re_ranking_give_the_true_distances():
+    """exact_distances (on the CPU: faiss's fused pass when faiss is there) and the blocked torch path both give
+    |q - b| of float64 to float rounding, and inf where a candidate is missing (-1)."""
+    from scorer.index import blocked_distances, exact_distances
+
+    rng = np.random.default_rng(2)
+    bank = (rng.normal(size=(700, 96)) + 5.0).astype(np.float32)
+    queries = rng.normal(size=(120, 96)).astype(np.float32) + 5.0
+    ids = rng.integers(0, 700, size=(120, 9))
+    ids[::7, -2:] = -1
+    expected = np.linalg.norm(queries[:, None, :].astype(np.float64) - bank[np.clip(ids, 0, None)], axis=2)
+    expected[ids < 0] = np.inf
+    args = (torch.from_numpy(queries), torch.from_numpy(bank), torch.from_numpy(ids))
+    for got in (exact_distances(*args), blocked_distances(*args, max_block_bytes=4 * 96 * 9 * 11)):
+        assert got.dtype == torch.float32 and got.shape == (120, 9)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)

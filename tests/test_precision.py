@@ -2,6 +2,7 @@
 channels_last float32 gives the contiguous layout's features and scores to float rounding; the defaults are
 resolved per device and CPU; precisions a CPU cannot run natively are refused by type; a bank records how it was
 built and keeps its threshold when built with another layout (or, on a BF16 CPU, another precision)."""
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,8 @@ def _features(images: list[np.ndarray], compute: ComputeConfig) -> np.ndarray:
 def test_channels_last_features_match_contiguous_on_real_images(mobilenet):
     for category in (BOTTLE, MACARONI):
         images = _images(category, 4)
-        contiguous = _features(images, ComputeConfig("fp32", channels_last=False))
-        last = _features(images, ComputeConfig("fp32", channels_last=True))
+        contiguous = _features(images, ComputeConfig("fp32", channels_last=False, engine="torch"))
+        last = _features(images, ComputeConfig("fp32", channels_last=True, engine="torch"))
         assert contiguous.shape == last.shape == (4, 28 * 28, 1024)
         scale = np.abs(contiguous).max()
         assert np.abs(last - contiguous).max() <= LAYOUT_RTOL * scale, category.name
@@ -71,10 +72,10 @@ def _small_bank(compute: ComputeConfig, folds: int = 3):
 
 @needs_bottle
 def test_channels_last_scores_and_maps_match_contiguous(mobilenet):
-    bank = _small_bank(ComputeConfig("fp32", channels_last=False), folds=0)
+    bank = _small_bank(ComputeConfig("fp32", channels_last=False, engine="torch"), folds=0)
     images = _images(BOTTLE, 6)
-    contiguous = PatchCoreScorer(bank, device="cpu", compute=ComputeConfig("fp32", channels_last=False)).score(images)
-    last = PatchCoreScorer(bank, device="cpu", compute=ComputeConfig("fp32", channels_last=True)).score(images)
+    contiguous = PatchCoreScorer(bank, device="cpu", compute=ComputeConfig("fp32", False, "torch")).score(images)
+    last = PatchCoreScorer(bank, device="cpu", compute=ComputeConfig("fp32", True, "torch")).score(images)
     np.testing.assert_allclose(last.image_scores, contiguous.image_scores, rtol=LAYOUT_RTOL)
     for a, b in zip(last.maps, contiguous.maps):
         np.testing.assert_allclose(a, b, rtol=LAYOUT_RTOL, atol=LAYOUT_RTOL * float(b.max()))
@@ -82,16 +83,18 @@ def test_channels_last_scores_and_maps_match_contiguous(mobilenet):
 
 def test_defaults_resolved_per_device_and_cpu():
     cpu = ComputeConfig().resolve("cpu")
-    assert (cpu.precision, cpu.channels_last) == DEFAULTS["cpu"] == ("fp32", True)
+    assert DEFAULTS["cpu"] == ("fp32", True, "onnxruntime")
+    assert (cpu.precision, cpu.channels_last) == ("fp32", True)
+    assert cpu.engine == ("onnxruntime" if importlib.util.find_spec("onnxruntime") else "torch")  # else falls back
     assert cpu.resolved and not ComputeConfig().resolved
     # the reason says whether this CPU could have run bf16 natively (checked against /proc/cpuinfo here)
     assert ("has native BF16" if NATIVE_BF16 else "has no native BF16") in cpu.reason
     assert cpu_features().bf16 == NATIVE_BF16
-    asked = ComputeConfig("fp32", channels_last=False).resolve("cpu")
-    assert (asked.precision, asked.channels_last) == ("fp32", False)
+    asked = ComputeConfig("fp32", channels_last=False, engine="torch").resolve("cpu")
+    assert (asked.precision, asked.channels_last, asked.engine) == ("fp32", False, "torch")
     # resolving twice changes nothing; the reason does not take part in equality
     assert cpu.resolve("cpu") == cpu
-    assert ComputeConfig("fp32", True) == cpu
+    assert ComputeConfig("fp32", True, cpu.engine) == cpu
 
 
 def test_bad_settings_refused_by_type():
@@ -115,8 +118,8 @@ def test_bf16_refused_on_a_cpu_without_native_bf16():
 
 @needs_bottle
 def test_bank_records_its_compute_and_keeps_its_threshold_across_layouts(mobilenet, tmp_path):
-    contiguous = _small_bank(ComputeConfig("fp32", channels_last=False))
-    last = _small_bank(ComputeConfig())  # the CPU default: channels_last
+    contiguous = _small_bank(ComputeConfig("fp32", channels_last=False, engine="torch"))
+    last = _small_bank(ComputeConfig(engine="torch"))  # the CPU default layout: channels_last
     assert contiguous.info["compute"]["channels_last"] is False
     assert last.info["compute"]["channels_last"] is True and last.info["compute"]["precision"] == "fp32"
     save_bank(last, tmp_path / "b.bank")

@@ -40,7 +40,8 @@ class ScoreStage:
         self.client, self.settings, self.keys = client, settings, keys
         apply_thread_plan()  # torch's threads sized with the rest of the process (scorer.hardware.thread_plan)
         self.banks = BankCache(BankRegistry(client, keys, signing_key=settings.bank_key), settings.device,
-                               settings.index, settings.weights, ComputeConfig(settings.precision, settings.channels_last),
+                               settings.index, settings.weights,
+                               ComputeConfig(settings.precision, settings.channels_last, settings.engine),
                                search=settings.search)
         self.cameras = SettingsWatch(client, keys)  # per-camera threshold and ROI, reloaded when their version moves
         self.regions = CameraRegions()

@@ -45,13 +45,15 @@ Index = field_option(WorkerSettings, "index")
 Weights = field_option(WorkerSettings, "weights")
 Precision = field_option(WorkerSettings, "precision")
 ChannelsLast = field_option(WorkerSettings, "channels_last")
+Engine = field_option(WorkerSettings, "engine")
 Combine = field_option(BuildConfig, "combine")
 
 
-def compute_config(precision: str, channels_last: Optional[bool], device: str) -> ComputeConfig:
+def compute_config(precision: str, channels_last: Optional[bool], device: str,
+                   engine: str = WorkerSettings.engine) -> ComputeConfig:
     """The backbone's compute settings resolved for the device (refused here, clearly: ComputeError)."""
     try:
-        return ComputeConfig(precision, channels_last).resolve(resolve_device(device))
+        return ComputeConfig(precision, channels_last, engine).resolve(resolve_device(device))
     except ComputeError as exc:
         fail(str(exc))
 
@@ -130,9 +132,10 @@ def bank_build(
     view: dict = None, roi: Roi = None, calibration: dict = None, build: dict = None,
     device: Device = WorkerSettings.device, progress: Progress = True,
     precision: Precision = WorkerSettings.precision, channels_last: ChannelsLast = WorkerSettings.channels_last,
+    engine: Engine = WorkerSettings.engine,
 ) -> None:
     """Build a memory bank from good images (features, coreset, threshold calibration)."""
-    compute = compute_config(precision, channels_last, device)
+    compute = compute_config(precision, channels_last, device, engine)
     if warmup_source is not None:  # frames of a line: near-twins, so contiguous folds
         calibration = {**calibration, "contiguous": True}
     config = build_config(features, layers, coreset, view, calibration, build)

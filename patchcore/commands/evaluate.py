@@ -21,7 +21,7 @@ from workers.settings import WorkerSettings
 
 from ..helptext import Typer
 from ..options import field_option
-from .bank import (ChannelsLast, Device, Index, Layers, Precision, Roi, Weights, build_config, build_from_folder,
+from .bank import (ChannelsLast, Device, Engine, Index, Layers, Precision, Roi, Weights, build_config, build_from_folder,
                    build_options, compute_config, roi_mask)
 from .common import Connection, Progress, Search, connection, fail, search_config
 from .control import RoiMask, RoiPolygon, camera_settings, sensitivity_options, stored_settings
@@ -47,9 +47,10 @@ def evaluate_command(
     device: Device = WorkerSettings.device, index: Index = WorkerSettings.index, search: Search = None,
     progress: Progress = True,
     precision: Precision = WorkerSettings.precision, channels_last: ChannelsLast = WorkerSettings.channels_last,
+    engine: Engine = WorkerSettings.engine,
 ) -> None:
     """Image AUROC, pixel AUROC and PRO on a category's test set (builds the bank unless --bank)."""
-    compute = compute_config(precision, channels_last, device)
+    compute = compute_config(precision, channels_last, device, engine)
     try:
         if bank is not None:
             loaded, fit_seconds = load_bank(bank), 0.0
@@ -89,6 +90,7 @@ def score_command(
     weights: Weights = WorkerSettings.weights, device: Device = WorkerSettings.device,
     index: Index = WorkerSettings.index, search: Search = None, batch_size: BatchSize = BuildConfig.batch_size,
     precision: Precision = WorkerSettings.precision, channels_last: ChannelsLast = WorkerSettings.channels_last,
+    engine: Engine = WorkerSettings.engine,
     camera: Annotated[Optional[str], typer.Option(help="Apply this camera's stored settings (read from --redis-url); "
                                                        "the sensitivity and ROI options go on top.")] = None,
     sensitivity: dict = None, roi_polygon: RoiPolygon = None, roi_mask: RoiMask = None,
@@ -96,7 +98,7 @@ def score_command(
 ) -> None:
     """Score images: one JSON line per image with score, threshold and verdict (under a camera's settings, as a
     worker applies them, with --camera or the sensitivity and ROI options)."""
-    compute = compute_config(precision, channels_last, device)
+    compute = compute_config(precision, channels_last, device, engine)
     flags = roi_polygon is not None or roi_mask is not None or any(v is not None for v in sensitivity.values())
     settings = stored_settings(conn, camera) if camera is not None else None  # as stored: its version recorded
     if flags:  # options on top: settings of no stored version (0)

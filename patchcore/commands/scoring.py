@@ -30,7 +30,7 @@ Frames = field_option(UpSettings, "frames")  # up's --frames defaults to None: a
 @app.command("worker")
 @settings_options(WorkerSettings, "max_batch", "max_wait_ms", "claim_idle_ms", "max_frame_bytes", "result_maps",
                   "max_pixels", "max_deliveries", "device", "index", into="worker")
-@settings_options(WorkerSettings, "weights", "precision", "channels_last", "prefetch", into="backbone")
+@settings_options(WorkerSettings, "weights", "precision", "channels_last", "engine", "prefetch", into="backbone")
 @settings_options(WorkerSettings, "wait_replicas", "wait_ms", into="replication")
 @connection
 def worker_command(
@@ -42,7 +42,7 @@ def worker_command(
 
     With a signing key, only banks signed with it are loaded; without one, any bank that matches its sha256."""
     # refused here, clearly, rather than when the first bank loads
-    compute_config(backbone["precision"], backbone["channels_last"], worker["device"])
+    compute_config(backbone["precision"], backbone["channels_last"], worker["device"], backbone["engine"])
     settings = WorkerSettings(**worker, **backbone, **replication, search=search_config(search, worker["index"]),
                               bank_key=signing_key(signing_key_file))
     if name:

@@ -1,0 +1,131 @@
+"""The backbone's engine (scorer.features.ComputeConfig.engine) on real images and real mobilenet_v2 weights:
+ONNX Runtime runs the extractor's float32 graph and gives torch's fp32 features, scores and maps to float rounding;
+a bank built with one engine keeps its threshold under the other; the CPU default is onnxruntime where it is
+installed (a host without it falls back to torch and says so); the engine is refused clearly where it cannot run."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from scorer import BuildConfig, CalibrationConfig, CoresetConfig, FeatureConfig, PatchCoreScorer, build_bank
+from scorer.features import ComputeConfig, ComputeError
+from scorer.model import build_extractor
+from scorer.preprocess import list_images, load_image, preprocess
+
+from .conftest import BOTTLE, SHARED, needs_bottle
+
+pytest.importorskip("onnxruntime")  # the [onnx] extra (CI installs it)
+
+MACARONI = SHARED / "datasets" / "visa_macaroni1"
+needs_macaroni = pytest.mark.skipif(not MACARONI.is_dir(), reason="../shared/datasets/visa_macaroni1 is absent")
+
+# onnxruntime vs torch, both float32: the same graph, other kernels (sums in another order). Measured on bottle and
+# macaroni1 test images: features within 3.6e-6 of the largest feature value; scores and maps within 1e-6 relative.
+ENGINE_RTOL = 1e-5
+TORCH = ComputeConfig("fp32", False, "torch")  # the reference: torch's contiguous float32 arithmetic
+ORT = ComputeConfig("fp32", None, "onnxruntime")
+
+
+def _images(category, count: int) -> list[np.ndarray]:
+    folders = sorted(p for p in (category / "test").iterdir() if p.is_dir())
+    paths = [p for folder in folders for p in list_images(folder)[:max(1, count // len(folders))]]
+    return [load_image(p) for p in paths[:count]]
+
+
+def _features(images: list[np.ndarray], compute: ComputeConfig, size: int = 224) -> np.ndarray:
+    extractor, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), compute=compute)
+    return extractor(preprocess(images, size + 32, size))[0].numpy()
+
+
+@needs_bottle
+@needs_macaroni
+def test_onnxruntime_features_match_torch_fp32_on_real_images(mobilenet):
+    for category in (BOTTLE, MACARONI):
+        images = _images(category, 4)
+        reference = _features(images, TORCH)
+        got = _features(images, ORT)
+        assert reference.shape == got.shape == (4, 28 * 28, 1024)
+        assert np.abs(got - reference).max() <= ENGINE_RTOL * np.abs(reference).max(), category.name
+
+
+@needs_bottle
+def test_onnxruntime_at_another_input_size_and_batch(mobilenet):
+    """A graph per input size, any batch size: 256 px windows (a 32 x 32 grid), batches of 1 and 3."""
+    images = _images(BOTTLE, 3)
+    reference = _features(images, TORCH, size=256)
+    extractor, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), compute=ORT)
+    inputs = preprocess(images, 288, 256)
+    single, grid = extractor(inputs[:1])
+    batch, _ = extractor(inputs)
+    assert grid == (32, 32) and batch.shape == (3, 32 * 32, 1024)
+    scale = np.abs(reference).max()
+    assert np.abs(batch.numpy() - reference).max() <= ENGINE_RTOL * scale
+    assert np.abs(single.numpy() - reference[:1]).max() <= ENGINE_RTOL * scale
+
+
+def _small_bank(compute: ComputeConfig):
+    paths = list_images(BOTTLE / "train" / "good")[::20]  # 11 images
+    config = BuildConfig(features=FeatureConfig(backbone="mobilenet_v2"), coreset=CoresetConfig(fraction=0.1),
+                         calibration=CalibrationConfig(folds=3))
+    return build_bank(paths, config, device="cpu", progress=False, compute=compute)
+
+
+@needs_bottle
+def test_onnxruntime_scores_maps_and_threshold_match_torch_fp32(mobilenet):
+    reference_bank, bank = _small_bank(TORCH), _small_bank(ORT)
+    assert bank.info["compute"]["engine"] == "onnxruntime" and reference_bank.info["compute"]["engine"] == "torch"
+    threshold = reference_bank.calibration.threshold
+    assert abs(bank.calibration.threshold - threshold) <= ENGINE_RTOL * threshold
+    images = _images(BOTTLE, 6)
+    reference = PatchCoreScorer(reference_bank, device="cpu", compute=TORCH).score(images)
+    got = PatchCoreScorer(reference_bank, device="cpu", compute=ORT).score(images)
+    np.testing.assert_allclose(got.image_scores, reference.image_scores, rtol=ENGINE_RTOL)
+    for a, b in zip(got.maps, reference.maps):
+        np.testing.assert_allclose(a, b, rtol=ENGINE_RTOL, atol=ENGINE_RTOL * float(b.max()))
+
+
+def test_extractors_of_equal_weights_share_a_graph_and_others_do_not():
+    first, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), weights="random", compute=ORT)
+    second, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), weights="random", compute=ORT)
+    x = torch.rand(2, 3, 64, 64)
+    equal = first.fingerprint() == second.fingerprint()
+    assert equal == all(torch.equal(a, b) for a, b in zip(first.body.state_dict().values(),
+                                                        second.body.state_dict().values()))
+    for extractor in (first, second):  # each its own weights' features, whether the graph is shared or not
+        with torch.no_grad():
+            torch_features = extractor.patch_features(x)[0]
+        got = extractor(x)[0]
+        assert torch.allclose(got, torch_features, rtol=0, atol=ENGINE_RTOL * float(torch_features.abs().max()))
+    assert (first._onnx_session((64, 64))[0] is second._onnx_session((64, 64))[0]) == equal
+
+
+def test_engine_resolved_and_refused_clearly(monkeypatch):
+    cpu = ComputeConfig().resolve("cpu")
+    assert cpu.engine == "onnxruntime" and "engine onnxruntime (default on cpu)" in cpu.reason
+    assert ComputeConfig(engine="torch").resolve("cpu").engine == "torch"
+    assert ComputeConfig().resolve("meta").engine == "torch"  # other devices: torch
+    with pytest.raises(ComputeError, match="unknown engine"):
+        ComputeConfig(engine="tensorrt")
+    with pytest.raises(ComputeError, match="CPU only"):
+        ComputeConfig(engine="onnxruntime").resolve("meta")
+    with pytest.raises(ComputeError, match="fp32 only"):
+        ComputeConfig("bf16", engine="onnxruntime", emulate=True).resolve("cpu")
+    assert ComputeConfig("bf16", emulate=True).resolve("cpu").engine == "torch"  # the default follows the precision
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as on a host without the [onnx] extra: import fails
+    fallback = ComputeConfig().resolve("cpu")
+    assert fallback.engine == "torch" and "falls back: onnxruntime is not installed" in fallback.reason
+    with pytest.raises(ComputeError, match="not installed"):
+        ComputeConfig(engine="onnxruntime").resolve("cpu")
+
+
+def test_the_export_leaves_the_backbone_as_it_was():
+    """The exporter restores a module's training flag recursively: the backbone's batch norms must stay in eval
+    mode after an export, so the torch path of the same extractor still computes the same features."""
+    extractor, _ = build_extractor(FeatureConfig(backbone="resnet18"), weights="random", compute=ORT)
+    x = torch.rand(2, 3, 96, 128)
+    got = extractor(x)[0]  # exports the graph for 96 x 128
+    assert not any(module.training for module in extractor.modules())
+    with torch.no_grad():
+        reference = extractor.patch_features(x)[0]
+    assert float((got - reference).abs().max()) <= ENGINE_RTOL * float(reference.abs().max())
