@@ -153,6 +153,10 @@ class EnsembleScorer(Verdicts):
     def neighbours(self) -> int:
         return self.members[0].neighbours
 
+    def warm_up(self) -> None:
+        for member in self.members:
+            member.warm_up()
+
     def _score_group(self, images: list[np.ndarray], lay: Layout, regions: list[Region | None] | None = None
                      ) -> tuple[np.ndarray, torch.Tensor]:
         """Equally sized images -> combined scores [B] and patch distances [B, n_windows, gh, gw]: one upload and

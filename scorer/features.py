@@ -229,6 +229,12 @@ class PatchFeatureExtractor(nn.Module):
             return self._onnx_features(images)
         return self.patch_features(images)
 
+    def warm_up(self, size: tuple[int, int]) -> None:
+        """Do now what the first batch of inputs of `size` (H, W) would do first (onnxruntime: export its graph,
+        ~2 s of CPU), so that a worker pays it when it loads a bank, not on a frame."""
+        if self.compute.engine == "onnxruntime":
+            self._onnx_session(tuple(size))
+
     def _onnx_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """forward through ONNX Runtime: patch_features' float32 graph for this input size (exported the first
         time a size is seen). Backbone and pooling are one graph here, timed as the stage "backbone"."""

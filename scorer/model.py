@@ -195,6 +195,13 @@ class PatchCoreScorer(Verdicts):
         self._valid: dict[tuple, torch.Tensor] = {}
 
 
+    def warm_up(self) -> None:
+        """Ready the backbone for this bank's input size where the view fixes it (crop, tiles): see
+        PatchFeatureExtractor.warm_up."""
+        size = self.bank.view.window_size()
+        if size is not None:
+            self.extractor.warm_up(size)
+
     def _score_group(self, images: list[np.ndarray], lay: Layout, regions: list[Region | None] | None = None
                      ) -> tuple[np.ndarray, torch.Tensor]:
         return self.score_windows(self.prepare_windows(images, lay), lay, len(images), regions)

@@ -64,6 +64,10 @@ class ViewConfig:
             if not 0 <= self.overlap < 1:
                 raise ViewError(f"tiles view needs 0 <= overlap < 1, got {self.overlap}")
 
+    def window_size(self) -> tuple[int, int] | None:
+        """The backbone's input size (H, W) whatever the frame, or None where it follows the frame (full view)."""
+        return {"crop": (self.crop, self.crop), "tiles": (self.tile, self.tile)}.get(self.kind)
+
     def relevant(self) -> dict:
         """The fields that matter for this kind (the others are ignored and not compared)."""
         names = {"crop": ("kind", "resize", "crop"), "full": ("kind", "size"),

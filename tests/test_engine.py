@@ -129,3 +129,21 @@ def test_the_export_leaves_the_backbone_as_it_was():
     with torch.no_grad():
         reference = extractor.patch_features(x)[0]
     assert float((got - reference).abs().max()) <= ENGINE_RTOL * float(reference.abs().max())
+
+
+def test_a_worker_readies_the_graph_when_it_loads_a_bank_not_on_its_first_frame(redis_server, synthetic_bank_bytes):
+    """The ONNX export of the backbone (~2 s of CPU) happens when the worker's cache loads a crop-view bank: its
+    first frame finds the graph for the crop's size ready, and scoring it exports nothing more."""
+    from contracts.keys import Keys
+    from runtime.connection import connect
+    from workers.banks.cache import BankCache
+    from workers.banks.registry import BankRegistry
+
+    registry = BankRegistry(connect(redis_server.url), Keys())
+    registry.publish("default", synthetic_bank_bytes, activate=True)
+    active = BankCache(registry, "cpu").get("default")
+    extractor, view = active.scorer.extractor, active.scorer.bank.view
+    assert extractor.compute.engine == "onnxruntime" and view.kind == "crop"
+    assert list(extractor._sessions) == [(view.crop, view.crop)]
+    active.scorer.score([np.full((240, 320, 3), 128, np.uint8)], maps=False)
+    assert list(extractor._sessions) == [(view.crop, view.crop)]

@@ -87,6 +87,7 @@ class BankCache:
             # gets one extractor per member (BackboneError: a member whose weights this host lacks)
             scorer = scorer_for(bank, device=self.device, index=self.index, search=self.search,
                                 extractor_for=self._extractor)
+            scorer.warm_up()  # the backbone's first-batch cost (an ONNX export) paid here, not on a frame
         # this host, not the bank (IndexError_: a search this host cannot run, e.g. without faiss)
         except (BackboneError, IndexError_, OSError, MemoryError, torch.cuda.OutOfMemoryError) as exc:
             self._retry_after[(name, version)] = time.monotonic() + self.host_retry_s
