@@ -432,7 +432,8 @@ class BankFit:
         """Per-position statistics of the training images' leave-one-out patch distances (scorer/position.py),
         and the images' good scores under them (each image normalised without its own distances; None without
         calibration). layouts: each training image's (layout, grid, valid mask), from extract_patches."""
-        keys = {(lay, grid) for lay, grid, _ in layouts}
+        # what positions mean: the windows, their grid and the patches inspected (frames of other sizes may share it)
+        keys = {(len(lay.origins), lay.window, grid, mask.tobytes()) for lay, grid, mask in layouts}
         if len(keys) != 1:
             raise ValueError(f"--position-norm needs training images of one window layout (one frame size under "
                              f"the full and tiles views); these give {len(keys)}")
