@@ -146,6 +146,12 @@ TABLES: dict[str, Table] = {
         ("threshold", "{threshold:.2f}"), ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
         ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}"), ("build s", "{build_s:.0f}"),
         ("images/s", "{images_per_s:.2f}"), ("load", "{load_average_1min:.1f}"))),
+    "detail-eval": Table(("detail-eval",), (
+        ("data", "{data}"), ("bank", "{config}"), ("taps", "{layers}"), ("bank size", "{bank_size}"),
+        ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"),
+        ("threshold", "{threshold:.2f}"), ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
+        ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}"), ("build s", "{build_s:.0f}"),
+        ("images/s", "{images_per_s:.2f}"), ("load", "{load_average_1min:.1f}"))),
     "maps": Table(("maps-mvtec_bottle", "maps-visa_macaroni1"), (("data (mobilenet_v2 bank): pixel AUROC / PRO", "{data}"),
                            *((header, f"{{{key}_pixel_auroc}} / {{{key}_pro}}") for header, key in MAP_VARIANTS))),
     "reweighting-margins": Table(("reweighting-mvtec_bottle", "reweighting-visa_macaroni1"), (

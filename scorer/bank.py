@@ -16,12 +16,17 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from .config import COMBINES, CoresetConfig, FeatureConfig
+from .position import PositionNorm
 from .views import ViewConfig
 
 BANK_FORMAT = "patchcore-bank"
 BANK_FORMAT_VERSION = 2  # 2: view and region of interest; version 1 files read as the crop view
 ENSEMBLE_FORMAT_VERSION = 3  # an ensemble bank: one member bank per backbone (single banks stay version 2)
-READABLE_VERSIONS = (1, 2, 3)
+# a single bank with per-position statistics (scorer/position.py): a build that does not know them must refuse
+# the bank (its scores would be raw distances against a threshold in z units), so it is a version of its own
+POSITION_FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+POSITION_TENSORS = ("position.mean", "position.scale")  # [T, gh, gw] float32 each
 ENSEMBLE_KEYS = {"combine", "normalisation", "members"}  # an ensemble's settings: exactly these
 DEFAULT_MAX_BANK_BYTES = 2 << 30  # refuse larger files: a hostile bank must not exhaust memory
 
@@ -69,11 +74,14 @@ class MemoryBank:
     info: dict[str, Any] = field(default_factory=dict)  # n_train_images, n_train_patches, build_seconds, ...
     view: ViewConfig = field(default_factory=ViewConfig)
     roi: np.ndarray | None = None  # bool [H, W] region of interest in frame coordinates (any resolution)
+    position: PositionNorm | None = None  # per-position statistics of good patch scores (--position-norm)
 
     def metadata(self) -> dict[str, Any]:
+        extra = {} if self.position is None else {"position_norm": self.position.settings()}
         return {
             "format": BANK_FORMAT,
-            "format_version": BANK_FORMAT_VERSION,
+            "format_version": BANK_FORMAT_VERSION if self.position is None else POSITION_FORMAT_VERSION,
+            **extra,
             "features": self.feature_config.to_dict(),
             "view": self.view.to_dict(),
             "coreset": vars(self.coreset).copy(),
@@ -109,6 +117,9 @@ class EnsembleBank:
             raise BankError(f"{len(self.normalisation)} normalisations for {len(self.members)} members")
         if not all(np.isfinite(loc) and np.isfinite(scale) and scale > 0 for loc, scale in self.normalisation):
             raise BankError(f"member normalisations must be finite with a positive scale: {self.normalisation}")
+        if any(m.position is not None for m in self.members):
+            raise BankError("an ensemble's members cannot have per-position statistics (--position-norm is for "
+                            "single-backbone banks)")
         names = [m.feature_config.backbone for m in self.members]
         if len(set(names)) != len(names):
             raise BankError(f"an ensemble's members have distinct backbones, got {names}")
@@ -172,6 +183,9 @@ def bank_to_bytes(bank: AnyBank) -> bytes:
                    for i, m in enumerate(bank.members)}
     else:
         tensors = {"features": np.ascontiguousarray(bank.features, dtype="<f4")}
+        if bank.position is not None:
+            tensors[POSITION_TENSORS[0]] = np.ascontiguousarray(bank.position.mean, dtype="<f4")
+            tensors[POSITION_TENSORS[1]] = np.ascontiguousarray(bank.position.scale, dtype="<f4")
     if bank.roi is not None:
         tensors["roi"] = np.ascontiguousarray(bank.roi, dtype=np.uint8)
     return st_save(tensors, metadata={"settings": settings, "sha256": _checksum(tensors, settings)})
@@ -208,6 +222,14 @@ def bank_from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BANK_BYTES) -> Any
         raise BankError("not a patchcore bank file: features missing")
     calibration = settings.get("calibration")
     features = settings["features"]
+    has_position = "position_norm" in settings or any(name in tensors for name in POSITION_TENSORS)
+    if has_position and version != POSITION_FORMAT_VERSION:
+        raise BankError(f"bank format version {version} carries per-position statistics: only version "
+                        f"{POSITION_FORMAT_VERSION} may (the file was altered or written by a faulty build)")
+    if version == POSITION_FORMAT_VERSION and not (
+            "position_norm" in settings and all(name in tensors for name in POSITION_TENSORS)):
+        raise BankError(f"bank format version {POSITION_FORMAT_VERSION} needs its per-position settings and "
+                        f"tensors {', '.join(POSITION_TENSORS)}")
     try:
         if version == 1:  # crop view, its sizes kept in the feature settings; threshold mean + 3 std
             view = ViewConfig(kind="crop", resize=int(features.get("resize", 256)), crop=int(features.get("crop", 224)))
@@ -225,8 +247,10 @@ def bank_from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BANK_BYTES) -> Any
             info=settings.get("info", {}),
             view=view,
             roi=None if roi is None else roi.astype(bool),
+            position=None if not has_position else PositionNorm.from_parts(
+                settings["position_norm"], tensors[POSITION_TENSORS[0]], tensors[POSITION_TENSORS[1]]),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:  # scorer.position.PositionError is a ValueError
         raise BankError(f"bank settings are invalid: {type(exc).__name__}: {exc}") from None
 
 

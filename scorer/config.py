@@ -67,7 +67,13 @@ class BuildConfig:
     # combined by this (scorer/ensemble.py)
     combine: str = field(default="mean", metadata={
         "help": "Ensembles (--backbone a+b): combine the members' normalised scores and maps by mean or max."})
+    # per-position statistics of good patch scores in the bank, patch scores normalised by them (scorer/position.py)
+    position_norm: bool = field(default=False, metadata={
+        "help": "Fixtured parts only: normalise each patch score by the good images' statistics at its position "
+                "(threshold in z units); never for parts that move, rotate or change scale (docs/scorer.md)."})
 
     def __post_init__(self) -> None:
         if self.combine not in COMBINES:
             raise ValueError(f"unknown combination {self.combine!r}; choose from {', '.join(COMBINES)}")
+        if self.position_norm and self.calibration.folds and self.calibration.method != "leave-out":
+            raise ValueError("--position-norm calibrates from leave-out scores: it cannot use the kfold method")

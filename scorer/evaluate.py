@@ -169,6 +169,7 @@ def bank_summary(bank: AnyBank) -> dict:
                 "calibration": bank.calibration.to_dict() if bank.calibration else None, "info": bank.info}
     return {"features": bank.feature_config.to_dict(), "view": bank.view.relevant(), "bank_size": int(len(bank.features)),
             "roi": list(bank.roi.shape) if bank.roi is not None else None,
+            "position_norm": bank.position.settings() if bank.position is not None else None,
             "coreset": vars(bank.coreset), "reweight_neighbours": bank.reweight_neighbours,
             "threshold": bank.calibration.threshold if bank.calibration else None,
             "calibration": bank.calibration.to_dict() if bank.calibration else None, "info": bank.info}

@@ -71,11 +71,17 @@ def exact_image_score(patches: torch.Tensor, bank: torch.Tensor, neighbours: int
     nearest = nearest_rows(patches, bank)[:, 0]
     distances = torch.linalg.vector_norm(patches - bank[nearest], dim=1)
     top, where = distances.max(dim=0)
+    return float(top) * eq7_weight(patches[where], int(nearest[where]), bank, neighbours)
+
+
+def eq7_weight(patch: torch.Tensor, anchor: int, bank: torch.Tensor, neighbours: int) -> float:
+    """Eq. 7's 1 - softmax(d)[0] for an image's highest patch [D] whose nearest bank row is `anchor`: d its
+    distances to m*'s `neighbours` nearest bank rows (1.0 for neighbours <= 1: the plain maximum)."""
     if neighbours <= 1:
-        return float(top)
-    support = nearest_rows(bank[nearest[where]][None], bank, min(neighbours, len(bank)))[0]
-    d = torch.linalg.vector_norm(bank[support] - patches[where][None], dim=1)
-    return float(top) * float(1.0 - torch.softmax(d, dim=0)[0])
+        return 1.0
+    support = nearest_rows(bank[anchor][None], bank, min(neighbours, len(bank)))[0]
+    d = torch.linalg.vector_norm(bank[support] - patch[None], dim=1)
+    return float(1.0 - torch.softmax(d, dim=0)[0])
 
 
 class LeaveOut:
@@ -121,6 +127,43 @@ class LeaveOut:
             bank = torch.from_numpy(self.store.gather(self.rows(i)))
             patches = torch.from_numpy(np.array(self.store.image(i), dtype=np.float32))  # memmap rows: a copy
             out[i] = exact_image_score(patches, bank, neighbours)
+            if progress is not None:
+                progress(1)
+        return out
+
+    @torch.inference_mode()
+    def patch_distances(self, progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Every training image's patch distances against its leave-one-out coreset (true L2 to the nearest
+        row), for per-position statistics (scorer/position.py): [N, P] float32, all images having P patches."""
+        n_images = len(self.store.offsets) - 1
+        counts = np.diff(self.store.offsets)
+        if len(set(counts.tolist())) != 1:
+            raise ValueError(f"training images give {sorted(set(counts.tolist()))} patches: per-position statistics "
+                             f"need one layout (images of one size)")
+        out = np.zeros((n_images, int(counts[0])), dtype=np.float32)
+        for i in range(n_images):
+            bank = torch.from_numpy(self.store.gather(self.rows(i)))
+            patches = torch.from_numpy(np.array(self.store.image(i), dtype=np.float32))
+            nearest = nearest_rows(patches, bank)[:, 0]
+            out[i] = torch.linalg.vector_norm(patches - bank[nearest], dim=1).numpy()
+            if progress is not None:
+                progress(1)
+        return out
+
+    @torch.inference_mode()
+    def normalised_scores(self, z: np.ndarray, neighbours: int,
+                          progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Every training image's score [N] float64 from its normalised patch scores z [N, P]: the highest z
+        times Eq. 7's weight of that patch against its leave-one-out coreset (as `scores` does with distances)."""
+        out = np.zeros(len(z), dtype=np.float64)
+        for i, row in enumerate(z):
+            where = int(np.argmax(row))
+            weight = 1.0
+            if neighbours > 1:
+                bank = torch.from_numpy(self.store.gather(self.rows(i)))
+                patch = torch.from_numpy(np.array(self.store.image(i)[where], dtype=np.float32))
+                weight = eq7_weight(patch, int(nearest_rows(patch[None], bank)[0, 0]), bank, neighbours)
+            out[i] = float(row[where]) * weight
             if progress is not None:
                 progress(1)
         return out

@@ -27,6 +27,7 @@ from .hardware import apply_thread_plan, thread_plan
 from .heldout import LeaveOut, exclusion_ranges
 from .index import SearchConfig, make_index
 from .overlay import heatmap_overlay
+from .position import PositionNorm, leave_one_out_z, position_norm
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb, upload
 from .scoring import reweight, smooth, window_maps
 from .stages import stage
@@ -193,6 +194,30 @@ class PatchCoreScorer(Verdicts):
         self.index = make_index(bank.features, search, index, self.device)  # `index`: the flat engine
         self._bank = torch.from_numpy(np.ascontiguousarray(bank.features)).to(self.device)
         self._valid: dict[tuple, torch.Tensor] = {}
+        self._position = None  # (mean, scale) [T, gh * gw] on the device, for a bank with per-position statistics
+        if bank.position is not None:
+            self._position = tuple(torch.from_numpy(a.reshape(len(a), -1)).to(self.device)
+                                   for a in (bank.position.mean, bank.position.scale))
+
+    def refusal(self, height: int, width: int) -> str | None:
+        """Why a frame of this size cannot be scored (None: it can): the view's reasons, and for a bank with
+        per-position statistics a frame of another window layout."""
+        reason = super().refusal(height, width)
+        if reason is None and self.bank.position is not None:
+            lay = layout(self.view, height, width)
+            reason = self.bank.position.mismatch(len(lay.origins), lay.window)
+        return reason
+
+    def _normalise(self, distances: torch.Tensor, first: int, n_windows: int, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch distances [c, L] of the windows first, first + 1, ... (frame-major: window (first + r) % T) ->
+        per-position z scores (d - mean) / scale (scorer/position.py)."""
+        mean, scale = self._position
+        expected = self.bank.position.grid
+        if (n_windows, *grid) != expected:
+            raise ViewError(f"frames give {n_windows} window(s) of {grid[0]}x{grid[1]} patches; the bank's "
+                            f"per-position statistics are for {expected[0]} of {expected[1]}x{expected[2]}")
+        which = torch.arange(first, first + len(distances), device=distances.device) % n_windows
+        return (distances - mean[which]) / scale[which]
 
 
     def warm_up(self) -> None:
@@ -230,6 +255,8 @@ class PatchCoreScorer(Verdicts):
                 valid = masks[begin:begin + count]  # [c, L]
                 distances, nearest = self.index.search(features.reshape(-1, dim), k=1)
                 distances, nearest = distances.reshape(count, n_patches), nearest.reshape(count, n_patches)
+                if self._position is not None:
+                    distances = self._normalise(distances, begin, n_windows, grid)
                 top, where = torch.where(valid, distances, float("-inf")).max(dim=1)
                 rows = torch.arange(count, device=features.device)
                 best.append(top)
@@ -301,6 +328,8 @@ class PatchCoreScorer(Verdicts):
     @torch.inference_mode()
     def score_patches(self, patch_sets: Sequence[np.ndarray]) -> np.ndarray:
         """Image scores from already extracted patch features, one [P_i, D] array per image (P_i >= 1)."""
+        if self.bank.position is not None:
+            raise BankError("patch sets carry no positions: a bank with per-position statistics scores images")
         scores = np.zeros(len(patch_sets), dtype=np.float32)
         for i, patches in enumerate(patch_sets):
             features = torch.from_numpy(np.array(patches, dtype=np.float32)).to(self.device)
@@ -352,12 +381,14 @@ class PatchStore:
 
 def extract_patches(extractor: PatchFeatureExtractor, sources: Sequence[Image], view: ViewConfig,
                     roi: np.ndarray | None, batch_size: int, device: torch.device,
-                    progress: bool = False) -> Iterator[np.ndarray]:
-    """The valid patch features [P_i, D] of each image, in order (the view's windows, padding and ROI applied)."""
+                    progress: bool = False, layouts: list | None = None) -> Iterator[np.ndarray]:
+    """The valid patch features [P_i, D] of each image, in order (the view's windows, padding and ROI applied).
+    layouts: when given, each image's (layout, grid, valid mask [T * gh * gw]) is appended to it."""
     masks: dict = {}
     with torch.inference_mode(), tqdm(total=len(sources), desc="features", unit="img", disable=not progress) as bar:
         for images in iter_image_batches(sources, batch_size):
             out: list = [None] * len(images)
+            where: list = [None] * len(images)  # each image's (layout, grid, valid mask)
             for (height, width, *_), rows in shape_groups(images).items():
                 lay = layout(view, height, width)
                 batch = upload([images[i] for i in rows], device)
@@ -374,6 +405,9 @@ def extract_patches(extractor: PatchFeatureExtractor, sources: Sequence[Image], 
                     raise ValueError(f"no patch of a {height}x{width} image lies in the region of interest")
                 for j, i in enumerate(rows):
                     out[i] = features[j][masks[key]]
+                    where[i] = (lay, grid, masks[key])
+            if layouts is not None:
+                layouts.extend(where)
             yield from out
             bar.update(len(images))
 
@@ -397,9 +431,31 @@ class BankFit:
         return chosen.indices if points is None else points[chosen.indices]
 
     def bank_of(self, selected: np.ndarray, calibration: Calibration | None = None,
-                info: dict | None = None) -> MemoryBank:
+                info: dict | None = None, position: PositionNorm | None = None) -> MemoryBank:
         return MemoryBank(self.store.gather(selected), self.feature_config, self.config.coreset, calibration,
-                          self.config.reweight_neighbours, info or {}, self.config.view, self.roi)
+                          self.config.reweight_neighbours, info or {}, self.config.view, self.roi, position)
+
+    def position_norm(self, selected: np.ndarray, layouts: list) -> tuple[PositionNorm, np.ndarray | None]:
+        """Per-position statistics of the training images' leave-one-out patch distances (scorer/position.py),
+        and the images' good scores under them (each image normalised without its own distances; None without
+        calibration). layouts: each training image's (layout, grid, valid mask), from extract_patches."""
+        # what positions mean: the windows, their grid and the patches inspected (frames of other sizes may share it)
+        keys = {(len(lay.origins), lay.window, grid, mask.tobytes()) for lay, grid, mask in layouts}
+        if len(keys) != 1:
+            raise ValueError(f"--position-norm needs training images of one window layout (one frame size under "
+                             f"the full and tiles views); these give {len(keys)}")
+        lay, grid, mask = layouts[0]
+        leave = self.leave_out(selected)
+        with tqdm(total=len(layouts), desc="position statistics", unit="img", disable=not self.progress) as bar:
+            distances = leave.patch_distances(bar.update)
+        position = position_norm(distances, np.flatnonzero(mask), (len(lay.origins), *grid), lay.window)
+        if not self.config.calibration.folds:
+            return position, None
+        with tqdm(total=len(layouts), desc="calibration (leave-one-out)", unit="img",
+                  disable=not self.progress) as bar:
+            good = leave.normalised_scores(leave_one_out_z(distances, position.floor), self.config.reweight_neighbours,
+                                           bar.update)
+        return position, good
 
     def leave_out(self, selected: np.ndarray) -> LeaveOut:
         """Leave-one-out coresets of the coreset `selected` (made by `coreset(None, "coreset")`)."""
@@ -451,6 +507,8 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
     if not len(images):
         raise ValueError("no training images given")
     if ensemble_members(config.features.backbone):  # "a+b": one member bank per backbone
+        if config.position_norm:
+            raise ValueError("--position-norm is for single-backbone banks, not ensembles")
         from .ensemble import build_ensemble  # scorer.ensemble builds on this module
 
         return build_ensemble(images, config, weights, device, progress, roi, index, compute)
@@ -459,16 +517,21 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
     apply_thread_plan()
     extractor, feature_config = build_extractor(config.features, weights, device, compute)
     roi = None if roi is None else np.asarray(roi).astype(bool)
+    layouts = [] if config.position_norm else None
     with tempfile.TemporaryDirectory(prefix="patchcore-build-") as folder:
         store = PatchStore(Path(folder), feature_config.target_dim, config.coreset)
-        for patches in extract_patches(extractor, images, config.view, roi, config.batch_size, device, progress):
+        for patches in extract_patches(extractor, images, config.view, roi, config.batch_size, device, progress,
+                                       layouts):
             store.add(patches)
         store.close()
         feature_seconds = time.perf_counter() - started
         fit = BankFit(store, config, feature_config, roi, extractor, device, index, progress)
         selected = fit.coreset(None, "coreset")
-        calibration, settings = None, config.calibration
-        if settings.folds:
+        calibration, settings, position = None, config.calibration, None
+        if config.position_norm:  # leave-out only (BuildConfig): good scores in z units
+            position, good = fit.position_norm(selected, layouts)
+            calibration = None if good is None else fit.calibration(good, settings.method)
+        elif settings.folds:
             good = fit.kfold_scores() if settings.method == "kfold" else fit.leave_out_scores(selected)
             calibration = fit.calibration(good, settings.method)
         info = {"n_train_images": len(images), "n_train_patches": int(len(store.projected)),
@@ -477,7 +540,7 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
                 "coverage_radius": round(float(fit.radius["coreset"]), 6),
                 "feature_seconds": round(feature_seconds, 2), "build_seconds": round(time.perf_counter() - started, 2),
                 "compute": extractor.compute.to_dict()}  # how the features were computed (any bank scores with any)
-        return fit.bank_of(selected, calibration, info)
+        return fit.bank_of(selected, calibration, info, position)
 
 
 def update_bank(bank: AnyBank, images: Sequence[Image], weights: str | Path | None = None,
@@ -508,6 +571,9 @@ def update_member(bank: MemoryBank, images: Sequence[Image], weights: str | Path
                   batch_size: int = 16, compute: ComputeConfig = ComputeConfig()) -> tuple[MemoryBank, np.ndarray]:
     """update_bank of a single-backbone bank -> (the updated bank, the new images' scores [N] against the bank
     before the update, by the exact search)."""
+    if bank.position is not None:
+        raise BankError("a bank with per-position statistics cannot be updated in place yet: rebuild it with the "
+                        "new images")
     device = resolve_device(device)
     extractor, _ = build_extractor(replace(bank.feature_config, weights_sha256=""), weights, device, compute)
     # refuses a mismatch; the exact search, as the stored good scores were computed (build_bank)

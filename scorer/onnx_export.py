@@ -53,6 +53,8 @@ def export_onnx(bank: MemoryBank, out: str | Path, weights: str | Path | None = 
     """Write the export folder for `bank`; returns its settings (export.json)."""
     if not isinstance(bank, MemoryBank):
         raise ExportError("the ONNX export takes a single-backbone bank; this is an ensemble")
+    if bank.position is not None:
+        raise ExportError("the ONNX export does not apply per-position statistics (--position-norm) yet")
     if bank.view.kind != "crop" or bank.roi is not None:
         raise ExportError(f"the ONNX export supports the crop view without a region of interest; this bank has "
                           f"view {bank.view.kind!r}{' and a region of interest' if bank.roi is not None else ''}")

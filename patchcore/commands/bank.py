@@ -66,8 +66,8 @@ def build_options(command):
                      settings_options(ViewConfig, "kind", "resize", "crop", "size", "scale", "tile", "overlap",
                                       into="view", rename={"kind": "view"}),
                      settings_options(CalibrationConfig, "folds", "contiguous", "false_alarm_rate", into="calibration"),
-                     settings_options(BuildConfig, "reweight_neighbours", "batch_size", "combine", into="build",
-                                      rename={"reweight_neighbours": "neighbours"})):
+                     settings_options(BuildConfig, "reweight_neighbours", "batch_size", "combine", "position_norm",
+                                      into="build", rename={"reweight_neighbours": "neighbours"})):
         command = decorate(command)
     return command
 

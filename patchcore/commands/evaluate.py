@@ -70,6 +70,8 @@ def evaluate_command(
                   layers=[list(m.feature_config.layers) for m in members] if len(members) > 1
                   else list(loaded.feature_config.layers),
                   combine=loaded.combine if isinstance(loaded, EnsembleBank) else None,
+                  position_norm=None if isinstance(loaded, EnsembleBank) or loaded.position is None
+                  else loaded.position.settings(),
                   coreset=members[0].coreset.fraction, seed=members[0].coreset.seed, bank_size=bank_size(loaded),
                   reweight_neighbours=scorer.neighbours, index=scorer.index.kind,
                   device=str(scorer.device))
