@@ -466,7 +466,8 @@ def report(args: argparse.Namespace, soak: Soak, counts: dict) -> dict:
     print(f"soak {args.minutes:g} min on {os.cpu_count()} cores: {args.cameras} cameras at {args.fps:g} fps "
           f"(one sending garbage), {args.workers} workers, {sum('SIGKILL worker' in e for e in soak.events)} worker "
           f"and {sum('SIGKILL store' in e for e in soak.events)} store SIGKILLs, "
-          f"{sum('redis-server' in e for e in soak.events)} Redis SIGKILL+restarts (AOF, appendfsync always)")
+          f"{sum('redis-server' in e for e in soak.events)} Redis SIGKILLs "
+          f"({'master failovers' if args.cluster else 'restarted from the AOF, appendfsync always'})")
     if args.lost_replies or args.cluster:
         print(f"faults: {soak.server.faults()}")
     print(f"{'camera':18s} {'sent':>6s} {'results':>7s} {'dup':>4s} {'dead':>5s} {'dropped':>7s} {'lost':>5s} "
