@@ -191,6 +191,14 @@ TABLES: dict[str, Table] = {
         ("alarms", "{alarms}"), ("duplicate alarms", "{duplicate_alarms}"), ("backlog drained", "{drain_s} s"),
         ("RSS MB: worker", "{rss_mb[worker]}"), ("store", "{rss_mb[store]}"), ("each camera", "{rss_mb[camera]}"),
         ("Redis", "{rss_mb[redis]}")), lambda figures: figures),
+    "soak-faults": Table(("soak-lost-replies", "soak-cluster"), (
+        ("soak", "{redis_faults}"), ("minutes", "{minutes:g}"),
+        ("worker / store / Redis SIGKILLs", "{kills[worker]} / {kills[store]} / {kills[redis]}"),
+        ("frames sent", "{good[sent]:,}"), ("results", "{good[results]:,}"), ("duplicates", "{good[duplicates]}"),
+        ("lost", "{good[lost]}"), ("gaps", "{good[gaps]}"), ("anomalous results", "{good[anomalous]:,}"),
+        ("alarms (late)", "{good[alarms]:,} ({good[late_alarms]})"), ("missing alarms", "{good[missing_alarms]}"),
+        ("duplicate alarms", "{good[duplicate_alarms]}"),
+        ("garbage dead-lettered", "{garbage_deadlettered:,} of {garbage_sent:,}")), lambda figures: figures),
     "demo": Table(("demo",), (
         ("command", "`{command}`"), ("camera", "{mode}"), ("worker", "{worker}"), ("search", "{search}"),
         ("UTC", "{time}"), ("frames/s", "{frames_per_s:.1f}"), ("latency p50", "{latency_p50_ms} ms || {latency_p50}"),

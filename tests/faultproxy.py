@@ -3,6 +3,10 @@
 - drop reply and close (`marker`, `drops`): the command reaches the server and runs, its reply never reaches the
   client, the connection is closed. redis-py then sees a connection error and its retry sends the command again -
   the fault that duplicates writes and, for a read of new stream entries, hands over the next ones.
+- lose replies at random (`drop_rate`): each client write (a command, or a pipeline of them: any command) has its
+  reply dropped with that probability and its connection closed, as with a marker: what bench/soak.py's
+  `--lost-replies` puts in front of every process. Drawn per command, not per packet, so that a long reply (a
+  bank of megabytes) is as likely to be lost as a short one.
 - delay (`delay(seconds)`): every reply is held back that long (the commands go through at once): a slow network.
 - blackhole (`blackhole()`, or `blackhole_on(marker)` from the first write that contains `marker`, that write
   included): nothing is forwarded either way and no connection is closed or refused - a partition, not a refusal.
@@ -14,6 +18,7 @@ Loopback only; every thread is a daemon and every blocking call has a timeout, s
 from __future__ import annotations
 
 import collections
+import random
 import socket
 import threading
 import time
@@ -32,6 +37,7 @@ class _Link:
         self.ready = threading.Condition()
         self.watch = False  # a marked command was sent: its reply is to be dropped
         self.swallow = False  # replies are lost from now on (the connection is about to close)
+        self.doomed = False  # drop_rate drew this connection's next reply: it is to be dropped
 
     def close(self) -> None:
         for sock in (self.client, self.server):
@@ -48,14 +54,22 @@ class FaultProxy:
     """`with FaultProxy(redis_port) as proxy: connect(proxy.url)`; then `proxy.blackhole()`, `proxy.heal()`,
     `proxy.delay(2.5)`, ... at any time. With `marker`, the first `drops` replies to client writes that contain
     it (default one) are dropped and their connections closed `settle_s` later (with `only_nonempty`, replies that are an empty
-    array or a null - a blocking read that timed out - pass and do not count)."""
+    array or a null - a blocking read that timed out - pass and do not count). With `drop_rate` (0 to 1), the reply to
+    every client write, whatever the command, is dropped with that probability (a `seed`ed draw) and its connection
+    closed the same way; `replies` counts the writes drawn for, `dropped` the replies dropped. While the server is down, a
+    client's connection is accepted and closed at once (`refused` counts them): a restarted server is found again."""
 
     def __init__(self, target_port: int, marker: bytes = b"", drops: int | None = None, settle_s: float = 0.3,
-                 only_nonempty: bool = False):
+                 only_nonempty: bool = False, drop_rate: float = 0.0, seed: int = 0):
+        if not 0.0 <= drop_rate <= 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
         self.target_port, self.marker, self.settle_s = target_port, marker, settle_s
         self.drops = drops if drops is not None else int(bool(marker))  # a marker alone: one drop
         self.only_nonempty = only_nonempty
+        self.drop_rate, self._rng = drop_rate, random.Random(seed)
         self.dropped = 0
+        self.replies = 0  # client writes whose reply was drawn for (drop_rate)
+        self.refused = 0  # client connections closed because the server could not be reached
         self.delay_s = 0.0
         self._holding = False  # blackholed: nothing forwarded either way
         self._hole_marker: bytes | None = None  # blackhole from the first write that contains it
@@ -120,7 +134,12 @@ class FaultProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 continue
-            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:  # the server is down (a restart): the client sees its connection closed, and retries
+                self.refused += 1
+                client.close()
+                continue
             server.settimeout(None)  # reads wait as long as the connection lives (a blackhole may last)
             client.settimeout(None)
             link = _Link(client, server)
@@ -140,6 +159,9 @@ class FaultProxy:
                         self._holding = True
                     if self.marker and self.marker in data and self.dropped < self.drops:
                         link.watch = True
+                    if self.drop_rate and not link.doomed:
+                        self.replies += 1
+                        link.doomed = self._rng.random() < self.drop_rate
                 self._put(link, link.up, data)
         except OSError:
             pass
@@ -150,6 +172,8 @@ class FaultProxy:
             while data := link.server.recv(1 << 16):
                 if link.watch and not link.swallow:
                     self._judge(link, data)
+                if link.doomed and not link.swallow:
+                    self._lose(link)
                 if not link.swallow:
                     self._put(link, link.down, data)
         except OSError:
@@ -165,6 +189,13 @@ class FaultProxy:
         with self._lock:
             if self.dropped >= self.drops:
                 return
+            self.dropped += 1
+        link.swallow = True
+        threading.Timer(self.settle_s, link.close).start()
+
+    def _lose(self, link: _Link) -> None:
+        """`drop_rate` drew this reply: it is dropped, and the connection closed soon."""
+        with self._lock:
             self.dropped += 1
         link.swallow = True
         threading.Timer(self.settle_s, link.close).start()

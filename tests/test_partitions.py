@@ -188,3 +188,26 @@ def test_replies_delayed_by_seconds_lose_and_duplicate_nothing(redis_server, syn
     assert alarm_seqs(client) == expected_alarms(client)
     assert client.xpending(KEYS.frames("cam-1"), FRAME_GROUP)["pending"] == 0
     assert client.xpending(KEYS.results("cam-1"), STORE_GROUP)["pending"] == 0
+
+
+def test_a_proxy_losing_a_share_of_replies_runs_every_command_and_loses_only_its_reply(redis_server):
+    """The fault of bench/soak.py --lost-replies: a share of replies (any command) dropped, the connection closed.
+    A plain RESP client (one INCR, one reply; a new connection after each closed one) sees one closed connection per
+    dropped reply, while the server ran every command."""
+    import socket
+
+    import redis
+
+    calls, failed, sock = 300, 0, None
+    with FaultProxy(redis_server.port, drop_rate=0.2, seed=1, settle_s=0.05) as proxy:
+        for _ in range(calls):
+            sock = sock or socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            sock.sendall(b"*2\r\n$4\r\nINCR\r\n$4\r\nruns\r\n")
+            if not sock.recv(64).startswith(b":"):  # b"": closed without its reply
+                failed += 1
+                sock.close()
+                sock = None
+        counted = int(redis.Redis(port=redis_server.port).get("runs"))
+    assert proxy.replies == calls and failed == proxy.dropped  # one reply per call; each dropped one is an error
+    assert 0.1 * calls < proxy.dropped < 0.3 * calls  # about the share asked for (a seeded draw)
+    assert counted == calls  # the command behind every lost reply ran
