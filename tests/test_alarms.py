@@ -105,7 +105,7 @@ def test_the_state_survives_json_and_a_new_rule_starts_afresh():
     ('{"k": "2"}', "integer"), ('{"k": true}', "integer"), ('{"k": 4, "n": 3}', "1 <= k <= n"),
     ('{"n": 100000}', "1 <= k <= n"), ('{"cooldown_s": NaN}', "cooldown_s"), ('{"cooldown_s": -1}', "cooldown_s"),
     ('{"threshold": "high"}', "threshold"), ('{"threshold": Infinity}', "threshold"), ('[1, 2]', "not a JSON object"),
-    ('{"k": 1, "evil": 1}', "unknown keys"), ("not json", "not JSON"), ('{"k": 1, "pad": "' + "x" * 5000 + '"}', "bytes"),
+    ('{"k": 1, "evil": 1}', "unknown fields"), ("not json", "not JSON"), ('{"k": 1, "pad": "' + "x" * 5000 + '"}', "bytes"),
 ])
 def test_a_malformed_rule_is_refused_with_its_reason(text, reason):
     with pytest.raises(ValueError, match=reason):

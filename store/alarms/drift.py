@@ -43,6 +43,8 @@ import numpy as np
 from contracts.messages import DRIFT_KINDS, DriftEvent
 from runtime import scripts
 
+from .rules import json_fields
+
 DRIFT_POLICIES = ("hold", "mark", "off")
 NORMAL, DRIFTED, ACKNOWLEDGED = "normal", "drift", "acknowledged"  # the tracker's status
 RAISED, CLEARED, ACKED = DRIFT_KINDS  # the kinds of events: drift, drift-cleared, drift-acknowledged
@@ -103,18 +105,7 @@ class DriftSettings:
 def overrides_from_json(text: str | bytes) -> dict:
     """A camera's stored drift overrides: a JSON object of some DriftSettings fields; ValueError for anything else
     (not JSON, not an object, unknown fields, too long). The values are checked by `with_overrides`."""
-    if len(text) > MAX_OVERRIDE_BYTES:
-        raise ValueError(f"drift settings of {len(text)} bytes exceed {MAX_OVERRIDE_BYTES}")
-    try:
-        values = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"drift settings are not JSON: {exc}") from None
-    if not isinstance(values, dict):
-        raise ValueError("drift settings are not a JSON object")
-    unknown = set(values) - {f.name for f in dataclasses.fields(DriftSettings)}
-    if unknown:
-        raise ValueError(f"drift settings have unknown fields {sorted(unknown)}")
-    return values
+    return json_fields(text, DriftSettings, "drift settings", MAX_OVERRIDE_BYTES)
 
 
 def with_overrides(base: DriftSettings, overrides: dict) -> DriftSettings:

@@ -66,19 +66,26 @@ class AlarmRule:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "AlarmRule":
-        """A rule from its JSON; anything else (not an object, unknown keys, wrong types) is a ValueError."""
-        if len(text) > MAX_RULE_BYTES:
-            raise ValueError(f"alarm rule of {len(text)} bytes exceeds {MAX_RULE_BYTES}")
-        try:
-            values = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"alarm rule is not JSON: {exc}") from None
-        if not isinstance(values, dict):
-            raise ValueError("alarm rule is not a JSON object")
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"alarm rule has unknown keys {sorted(unknown)}")
-        return cls(**values)
+        """A rule from its JSON; anything else (not an object, unknown fields, wrong types) is a ValueError."""
+        return cls(**json_fields(text, cls, "alarm rule", MAX_RULE_BYTES))
+
+
+def json_fields(text: str | bytes, settings: type, what: str, max_bytes: int) -> dict:
+    """Stored JSON of some fields of the dataclass `settings` (an operator's rule or overrides, read from Redis)
+    -> those fields; ValueError naming `what` for anything else (too long, not JSON, not an object, unknown
+    fields). The values are checked by the dataclass itself."""
+    if len(text) > max_bytes:
+        raise ValueError(f"{what}: {len(text)} bytes, over the limit of {max_bytes}")
+    try:
+        values = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what}: not JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{what}: not a JSON object")
+    unknown = set(values) - {f.name for f in fields(settings)}
+    if unknown:
+        raise ValueError(f"{what}: unknown fields {sorted(unknown)}")
+    return values
 
 
 @dataclass(frozen=True)
