@@ -246,32 +246,34 @@ def measure(url: str, run: Run, bank: bytes, tag: str) -> dict:
     register(client, keys, names, run.maxlen)
     log = open(run.log, "ab") if run.log else subprocess.DEVNULL
     procs = service(url, prefix, run, log)
-    context = mp.get_context("spawn")
-    out = context.Queue()
-    start_at = time.time() + 5  # the producer's imports and first connections
-    producer = context.Process(target=produce, args=(url, prefix, run.cameras, run.fps, run.seconds, start_at,
-                                                     out))
-    producer.start()
-    time.sleep(max(0.0, start_at - time.time()))
-    cpu0 = {name: proc_cpu_s(p.pid) for name, p, _ in procs}
-    redis_cpu0, _ = redis_totals(client)
-    while producer.is_alive() and time.time() < start_at + run.seconds + 60:
-        producer.join(1.0)  # (memory sampled below, at the end of the paced window)
-    sent, trimmed, lag_p99, producer_cpu = out.get(timeout=60)
-    producer.join(10)
-    paced_end = time.time()
-    paced_s = paced_end - start_at
-    redis_cpu1, memory_paced = redis_totals(client)
-    cpu1 = {name: proc_cpu_s(p.pid) for name, p, _ in procs}
-    scored_frames = sum(batched(port) for name, _, port in procs if name.startswith("worker"))
-    scored = outcomes(client, keys, names, ("results",))  # in the paced window (the queues were empty before it)
-    total = sum(sent)
-    backlog = total - outcomes(client, keys, names)  # frames not yet scored when the cameras stop
-    deadline = time.time() + run.drain_s
-    while outcomes(client, keys, names) < total and time.time() < deadline:
-        time.sleep(1.0)
-    time.sleep(3.0)  # the store's last commits
-    stop(procs)
+    try:  # the worker and store processes stop whatever happens (a dead producer: queue.Empty)
+        context = mp.get_context("spawn")
+        out = context.Queue()
+        start_at = time.time() + 5  # the producer's imports and first connections
+        producer = context.Process(target=produce, args=(url, prefix, run.cameras, run.fps, run.seconds, start_at,
+                                                         out))
+        producer.start()
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0 = {name: proc_cpu_s(p.pid) for name, p, _ in procs}
+        redis_cpu0, _ = redis_totals(client)
+        while producer.is_alive() and time.time() < start_at + run.seconds + 60:
+            producer.join(1.0)  # (memory sampled below, at the end of the paced window)
+        sent, trimmed, lag_p99, producer_cpu = out.get(timeout=60)
+        producer.join(10)
+        paced_end = time.time()
+        paced_s = paced_end - start_at
+        redis_cpu1, memory_paced = redis_totals(client)
+        cpu1 = {name: proc_cpu_s(p.pid) for name, p, _ in procs}
+        scored_frames = sum(batched(port) for name, _, port in procs if name.startswith("worker"))
+        scored = outcomes(client, keys, names, ("results",))  # in the paced window (the queues were empty before it)
+        total = sum(sent)
+        backlog = total - outcomes(client, keys, names)  # frames not yet scored when the cameras stop
+        deadline = time.time() + run.drain_s
+        while outcomes(client, keys, names) < total and time.time() < deadline:
+            time.sleep(1.0)
+        time.sleep(3.0)  # the store's last commits
+    finally:
+        stop(procs)
     # every frame one outcome, per camera: results (no seq twice) + dead letters + trimmed = sent
     latencies, per_camera_p99, duplicates, missing, queued, drained = [], [], 0, 0, 0, 0
     for name, count in zip(names, sent):

@@ -2,13 +2,13 @@
 window of recent scores), banks (versions, settings, calibration, users), dead letters by reason."""
 from __future__ import annotations
 
+import io
 import math
 import threading
 import time
 from collections import deque
 
-import cv2
-import numpy as np
+import PIL.Image
 import redis
 
 from runtime.control import CameraControl
@@ -149,8 +149,14 @@ class ConsoleData:
         """(width, height) of the camera's latest frame in pixels, the frame a polygon's vertices are in; None
         without a recent frame (the preview expires) or when it does not decode."""
         jpeg = self.camera_frame(camera)
-        image = None if not jpeg else cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
-        return None if image is None else (int(image.shape[1]), int(image.shape[0]))
+        if not jpeg:
+            return None
+        try:  # the header only: the preview is the camera's bytes, and a public GET must not decode megapixels
+            with PIL.Image.open(io.BytesIO(jpeg)) as image:
+                width, height = image.size
+        except (PIL.UnidentifiedImageError, OSError, ValueError):
+            return None
+        return int(width), int(height)
 
     def bank_threshold(self, bank: str | None, version: int | None) -> float | None:
         """The calibrated threshold of a bank version, from its registry record (None: unknown)."""

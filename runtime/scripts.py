@@ -365,3 +365,10 @@ def camera_settings_write(script: Function, *, settings: str, version_key: str, 
     to `read_version` + 1, unless the counter is no longer at `read_version` (then nothing is written)."""
     reply = _call(script, [settings, version_key], [read_version, camera, b"" if packed is None else packed])
     return SettingsWrite(bool(reply[0]), reply[1] if len(reply) > 1 else None)
+
+
+def hash_field_swap(script: Function, *, key: str, field: str, read: bytes | None, value: bytes | str | None) -> bool:
+    """Set `field` of hash `key` to `value` (None: delete it) if it still holds `read` (None: absent); False, with
+    nothing written, when another writer changed it first."""
+    new = b"" if value is None else value
+    return bool(_call(script, [key], [field, "0" if read is None else "1", b"" if read is None else read, new]))

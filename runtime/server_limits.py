@@ -6,7 +6,7 @@ can carry:
 - `proto-max-bulk-len`: one argument (a frame, a field, a bank chunk) of at most MAX_ARGUMENT_BYTES, else Redis
   answers a protocol error and closes the connection before the bytes are stored. Above the largest frame the
   default camera limits allow (runtime.cameras.CameraLimits.max_entry_bytes, 32 MiB, plus its message header) and
-  above a bank chunk (workers.banks.registry, 4 MiB): tests/test_redis_limits_shipped.py checks both.
+  above a bank chunk (workers.banks.registry, 4 MiB): tests/test_acl_roles.py checks both.
 - `client-query-buffer-limit`: the bytes one client has sent that Redis has not parsed yet.
 - `maxmemory-clients`: the memory of every client together (query and output buffers, and the arguments of a
   command being read). Only this bounds a command of many arguments (an XADD of many fields, each under

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import io
 import math
 import threading
@@ -34,6 +35,7 @@ def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger("patchcore.scorer")
 ENGINES = ("torch", "onnxruntime")  # what runs the backbone and pooling (ComputeConfig.engine)
 AUTO = "auto"  # a ComputeConfig field left to the device's default (ComputeConfig.resolve)
 
@@ -237,20 +239,32 @@ class PatchFeatureExtractor(nn.Module):
 
     def _onnx_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """forward through ONNX Runtime: patch_features' float32 graph for this input size (exported the first
-        time a size is seen). Backbone and pooling are one graph here, timed as the stage "backbone"."""
-        session, grid = self._onnx_session(tuple(images.shape[-2:]))
+        time a size is seen). Backbone and pooling are one graph here, timed as the stage "backbone". A size whose
+        graph could not be made runs in torch (the same features to float rounding)."""
+        prepared = self._onnx_session(tuple(images.shape[-2:]))
+        if prepared is None:
+            return self.patch_features(images)
+        session, grid = prepared
         with stage("backbone"):
             features = session.run(None, {"images": images.float().contiguous().numpy()})[0]
         return torch.from_numpy(features), grid
 
-    def _onnx_session(self, size: tuple[int, int]) -> tuple[object, tuple[int, int]]:
+    def _onnx_session(self, size: tuple[int, int]) -> tuple[object, tuple[int, int]] | None:
+        """The graph for inputs of `size` and its grid; None where it cannot be made here (torch runs that size)."""
         if size not in self._sessions:
             with _EXPORT_LOCK:  # one export at a time; extractors of equal weights share one graph per size
                 key = (self.fingerprint(), size)
                 if key not in _SESSIONS:
                     if len(_SESSIONS) >= MAX_SESSIONS:
                         _SESSIONS.pop(next(iter(_SESSIONS)))  # the oldest
-                    _SESSIONS[key] = onnx_session(self, size)
+                    try:
+                        _SESSIONS[key] = onnx_session(self, size)
+                    # the exporter and ONNX Runtime raise errors of their own kinds (RuntimeError, onnxruntime's
+                    # Fail, InvalidGraph...): whatever it is, this size is scored by torch instead, said once
+                    except Exception as exc:  # noqa: BLE001
+                        log.warning("onnxruntime cannot run this backbone at this input size; torch runs it",
+                                    extra={"fields": {"size": list(size), "error": f"{type(exc).__name__}: {exc}"}})
+                        _SESSIONS[key] = None
                 self._sessions[size] = _SESSIONS[key]
         return self._sessions[size]
 

@@ -561,7 +561,7 @@ def update_bank(bank: AnyBank, images: Sequence[Image], weights: str | Path | No
         from .ensemble import update_ensemble  # scorer.ensemble builds on this module
 
         if weights is not None:
-            raise ValueError("an ensemble loads each member's ImageNet weights: --weights is for one backbone")
+            raise BankError("an ensemble loads each member's ImageNet weights: --weights is for one backbone")
         return update_ensemble(bank, images, device, progress, index, batch_size, compute)
     return update_member(bank, images, weights, device, progress, index, batch_size, compute)[0]
 

@@ -69,7 +69,8 @@ def test_the_settings_api_writes_only_for_an_operator_and_refuses_bad_values_who
                {"roi_polygon": [[10, 10], [20, 20]]}, {"roi_polygon": [[0, 0], [FRAME[0] + 1, 0], [0, 100]]},
                {"roi_polygon": [[0, 0], [10, -1], [5, 5]]}, {"roi_polygon": [[0, 0], [10, 0], [5]]},
                {"roi_polygon": "0,0;10,0;5,5"}, {"colour": 1}, {}, {"reset": True, "threshold": 1.0},
-               {"reset": "sensitivity", "threshold_factor": 2.0}, {"reset": "everything"}, [1, 2]]
+               {"reset": "sensitivity", "threshold_factor": 2.0}, {"reset": "everything"}, [1, 2],
+               {"threshold": 10 ** 400}, {"roi_polygon": [[0, 0], [10 ** 400, 0], [5, 5]]}]  # beyond a float
         for body in bad:
             status, answer = http.call("/api/cameras/cam-1/settings", body, csrf)
             assert status == 400 and answer["error"], (body, status, answer)

@@ -72,6 +72,19 @@ def test_a_shifted_scene_raises_one_drift_after_the_stated_delay_and_its_return_
     assert cleared["n"] == 2 and cleared["share_over"] <= 0.5 and tracker.status == NORMAL
 
 
+def test_a_camera_whose_drift_policy_is_turned_off_while_drifted_is_cleared_at_once():
+    """An operator's `drift set CAM --policy off` while the camera is drifted: its next frame clears the drift (one
+    event, so a sink's retained drift state and a PLC's Drift coil do not stay set), and nothing more is decided."""
+    import dataclasses
+
+    tracker = DriftTracker()
+    events = feed(tracker, [SHIFTED] * 40)
+    assert [e["kind"] for _, e in events] == ["drift"] and tracker.status != NORMAL
+    tracker.settings = dataclasses.replace(tracker.settings, policy="off")  # as the store applies an override
+    events = feed(tracker, [SHIFTED] * 40)
+    assert [(i, e["kind"]) for i, e in events] == [(0, "drift-cleared")] and tracker.status == NORMAL
+
+
 def test_a_shift_among_defects_is_found_no_later_than_the_stated_delay():
     rng = np.random.default_rng(3)
     for trial in range(20):

@@ -88,16 +88,36 @@ def test_onnxruntime_scores_maps_and_threshold_match_torch_fp32(mobilenet):
 def test_extractors_of_equal_weights_share_a_graph_and_others_do_not():
     first, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), weights="random", compute=ORT)
     second, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), weights="random", compute=ORT)
+    third, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), weights="random", compute=ORT)
+    with torch.no_grad():
+        next(third.body.parameters()).add_(1e-3)  # other weights than the first two (seeded alike)
     x = torch.rand(2, 3, 64, 64)
-    equal = first.fingerprint() == second.fingerprint()
-    assert equal == all(torch.equal(a, b) for a, b in zip(first.body.state_dict().values(),
-                                                        second.body.state_dict().values()))
-    for extractor in (first, second):  # each its own weights' features, whether the graph is shared or not
+    assert all(torch.equal(a, b) for a, b in zip(first.body.state_dict().values(), second.body.state_dict().values()))
+    assert first.fingerprint() == second.fingerprint() != third.fingerprint()
+    for extractor in (first, second, third):  # each its own weights' features, whether the graph is shared or not
         with torch.no_grad():
             torch_features = extractor.patch_features(x)[0]
         got = extractor(x)[0]
         assert torch.allclose(got, torch_features, rtol=0, atol=ENGINE_RTOL * float(torch_features.abs().max()))
-    assert (first._onnx_session((64, 64))[0] is second._onnx_session((64, 64))[0]) == equal
+    assert first._onnx_session((64, 64))[0] is second._onnx_session((64, 64))[0]
+    assert third._onnx_session((64, 64))[0] is not first._onnx_session((64, 64))[0]
+
+
+def test_a_size_onnxruntime_cannot_prepare_runs_in_torch(monkeypatch):
+    """An export or session failure (the exporter's and ONNX Runtime's own error kinds) never fails a batch or a
+    bank load: that input size runs in torch, with torch's features."""
+    import scorer.features as features
+
+    def broken(extractor, size):
+        raise RuntimeError("exporter failure")
+
+    monkeypatch.setattr(features, "onnx_session", broken)
+    extractor, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), weights="random", compute=ORT)
+    x = torch.rand(2, 3, 72, 72)
+    extractor.warm_up((72, 72))  # does not raise
+    with torch.no_grad():
+        expected = extractor.patch_features(x)[0]
+    assert torch.equal(extractor(x)[0], expected)
 
 
 def test_engine_resolved_and_refused_clearly(monkeypatch):

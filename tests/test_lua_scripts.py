@@ -529,3 +529,19 @@ def test_a_forged_counter_in_the_stats_restarts_at_zero_instead_of_failing_the_c
     assert add(scripts.load(client, "add_frame"), 1, stream="frames-2") == 0
     assert client.hget("stats", "ingested") == b"1"
     assert client.hget("stats", "alarms") == forged  # untouched until a function counts it
+
+
+def test_hash_field_swap_writes_only_over_what_the_caller_read(client):
+    swap = scripts.load(client, "hash_field_swap")
+    assert scripts.hash_field_swap(swap, key="h", field="cam-1", read=None, value='{"window": 8}')  # absent: set
+    assert client.hget("h", "cam-1") == b'{"window": 8}'
+    # a writer that read "absent" (before the first write) is refused: nothing written
+    assert not scripts.hash_field_swap(swap, key="h", field="cam-1", read=None, value='{"level": 2}')
+    # one that read another value is refused too
+    assert not scripts.hash_field_swap(swap, key="h", field="cam-1", read=b'{"window": 9}', value='{"x": 1}')
+    assert client.hget("h", "cam-1") == b'{"window": 8}'
+    # over what it read: written; then deleted
+    assert scripts.hash_field_swap(swap, key="h", field="cam-1", read=b'{"window": 8}', value='{"window": 8, "level": 2}')
+    assert client.hget("h", "cam-1") == b'{"window": 8, "level": 2}'
+    assert scripts.hash_field_swap(swap, key="h", field="cam-1", read=b'{"window": 8, "level": 2}', value=None)
+    assert not client.hexists("h", "cam-1")

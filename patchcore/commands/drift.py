@@ -11,6 +11,7 @@ import typer
 
 from contracts.keys import check_camera
 from contracts.messages import DriftEvent, MessageError
+from runtime import scripts
 from runtime.cameras import camera_list
 from runtime.control import record as audit
 from store.alarms.drift import (EVENTS_LISTED, DriftError, DriftSettings, acknowledge, overrides_from_json,
@@ -18,6 +19,8 @@ from store.alarms.drift import (EVENTS_LISTED, DriftError, DriftSettings, acknow
 
 from ..helptext import Typer
 from .common import Connection, connection, fail
+
+SWAP_ATTEMPTS = 5  # read-merge-write rounds of `drift set` before it gives up on a camera whose settings keep changing
 
 app = Typer()
 drift_app = Typer(help="A camera whose whole scene drifted: acknowledge it, list the events.", no_args_is_help=True)
@@ -115,21 +118,22 @@ def drift_set(
     if delete == bool(given):
         fail("give the settings to change, or --delete (not both)")
     client, keys = conn.client(), conn.keys
-    before = client.hget(keys.drift_settings, camera)
-    previous = _stored(before)
-    after = None
-    if not delete:
-        after = {**(previous if previous is not None and "refused" not in previous else {}), **given}
-        try:  # checked against the defaults; a store started with other settings checks them again
-            with_overrides(DriftSettings(), after)
-        except ValueError as exc:
-            fail(f"camera {camera}: {exc}")
-    with client.pipeline(transaction=True) as pipe:
-        if delete:
-            pipe.hdel(keys.drift_settings, camera)
-        else:
-            pipe.hset(keys.drift_settings, camera, json.dumps(after, sort_keys=True))
-        pipe.execute()
+    swap = scripts.load(client, "hash_field_swap")
+    for _ in range(SWAP_ATTEMPTS):  # read, merge, write if nobody wrote in between (else merge into theirs)
+        before = client.hget(keys.drift_settings, camera)
+        previous = _stored(before)
+        after = None
+        if not delete:
+            after = {**(previous if previous is not None and "refused" not in previous else {}), **given}
+            try:  # checked against the defaults; a store started with other settings checks them again
+                with_overrides(DriftSettings(), after)
+            except ValueError as exc:
+                fail(f"camera {camera}: {exc}")
+        if scripts.hash_field_swap(swap, key=keys.drift_settings, field=camera, read=before,
+                                   value=None if delete else json.dumps(after, sort_keys=True)):
+            break
+    else:
+        fail(f"camera {camera}: its drift settings kept changing ({SWAP_ATTEMPTS} attempts); try again")
     if not (delete and before is None):  # deleting nothing changed nothing
         audit(client, keys, "drift.delete" if delete else "drift.set", camera, previous, after, camera=camera)
     typer.echo(json.dumps({"camera": camera, "overrides": after, "deleted": delete}))

@@ -168,6 +168,11 @@ class DriftTracker:
 
     def add(self, seq: int, score: float, threshold: float | None, line: str, at: float) -> list[dict]:
         """Feed one scored frame (its threshold: the one its alarm is judged by; None or <= 0: not counted)."""
+        if self.settings.policy == "off" and self.status != NORMAL:  # turned off while drifted: the drift ends
+            self.status, self.ratios = NORMAL, []
+            event = self._event(CLEARED, seq, line, at, threshold, self.stats())
+            self.episode = None
+            return [event]
         if self.settings.policy == "off" or threshold is None or not threshold > 0:
             return []
         self.ratios = (self.ratios + [score / threshold])[-self.settings.window:]
