@@ -57,19 +57,28 @@ def writes_refused(client) -> bool:
     return False
 
 
+def start_cameras(url: str, names, fps: float, stop: threading.Event, errors: list,
+                  reports: dict | None = None) -> list[threading.Thread]:
+    """Small live synthetic cameras (64x48, back-off 0.1-0.5 s, no previews) streaming into `url` until `stop`, each
+    in a started thread; an exception goes to `errors`, a camera's report (when its run returns) to `reports`."""
+    reports = {} if reports is None else reports
+    threads = []
+    for i, name in enumerate(names):
+        camera = CameraIngest(connect(url), SyntheticLine(seed=i, live=True, width=64, height=48),
+                              IngestSettings(camera=name, fps=fps, maxlen=100_000, backoff_initial_s=0.1,
+                                             backoff_max_s=0.5, preview_interval_s=0), KEYS, stop)
+        run = (lambda name=name, camera=camera: reports.setdefault(name, camera.run()))
+        threads.append(threading.Thread(target=guarded, args=(run, errors), daemon=True))
+        threads[-1].start()
+    return threads
+
+
 def test_memory_full_under_noeviction_back_pressures_ingest_and_loses_nothing_acknowledged(redis_server,
                                                                                           synthetic_bank_bytes):
     client = connect(redis_server.url)
     BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
     stop_cameras, errors = threading.Event(), []
-    cameras = [CameraIngest(connect(redis_server.url), SyntheticLine(seed=i, live=True, width=64, height=48),
-                            IngestSettings(camera=camera, fps=4, maxlen=100_000, backoff_initial_s=0.1,
-                                           backoff_max_s=0.5, preview_interval_s=0), KEYS, stop_cameras)
-               for i, camera in enumerate(CAMERAS)]
-
-    threads = [threading.Thread(target=guarded, args=(camera.run, errors), daemon=True) for camera in cameras]
-    for thread in threads:
-        thread.start()
+    threads = start_cameras(redis_server.url, CAMERAS, 4, stop_cameras, errors)
     wait_for(lambda: all(n > 0 for n in ingested(client).values()), 60)
     client.config_set("maxmemory-policy", "noeviction")
     wait_for(lambda: memory_full_soon(client) and writes_refused(client), 120)
@@ -114,14 +123,7 @@ def test_memory_full_with_a_hundred_cameras_loses_nothing_acknowledged_and_alarm
     client = connect(redis_server.url)
     BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
     stop_cameras, errors, reports = threading.Event(), [], {}
-    cameras = {camera: CameraIngest(connect(redis_server.url), SyntheticLine(seed=i, live=True, width=64, height=48),
-                                    IngestSettings(camera=camera, fps=0.25, maxlen=100_000, backoff_initial_s=0.1,
-                                                   backoff_max_s=0.5, preview_interval_s=0), KEYS, stop_cameras)
-               for i, camera in enumerate(HUNDRED)}
-    threads = [threading.Thread(target=guarded, args=(lambda c=c: reports.setdefault(c, cameras[c].run()), errors),
-                                daemon=True) for c in HUNDRED]
-    for thread in threads:
-        thread.start()
+    threads = start_cameras(redis_server.url, HUNDRED, 0.25, stop_cameras, errors, reports)
 
     def taken() -> dict[str, int]:
         with client.pipeline(transaction=False) as pipe:
@@ -195,13 +197,7 @@ def test_aof_on_a_full_disk_back_pressures_ingest_and_loses_nothing_acknowledged
             client = connect(server.url)
             BankRegistry(client, KEYS).publish("default", synthetic_bank_bytes, activate=True)
             stop_cameras, errors = threading.Event(), []
-            cameras = [CameraIngest(connect(server.url), SyntheticLine(seed=i, live=True, width=64, height=48),
-                                    IngestSettings(camera=camera, fps=4, maxlen=100_000, backoff_initial_s=0.1,
-                                                   backoff_max_s=0.5, preview_interval_s=0), KEYS, stop_cameras)
-                       for i, camera in enumerate(CAMERAS)]
-            threads = [threading.Thread(target=guarded, args=(camera.run, errors), daemon=True) for camera in cameras]
-            for thread in threads:
-                thread.start()
+            threads = start_cameras(server.url, CAMERAS, 4, stop_cameras, errors)
             wait_for(lambda: all(n > 0 for n in ingested(client).values()), 60)
             used_kb = shutil.disk_usage(disk).used // 1024
             resize_tmpfs(disk, f"{used_kb + 256}k")  # ~256 KB of room left
