@@ -1,0 +1,79 @@
+"""The streaming worker's capacity and latency of two checkouts, back to back: `patchcore up --fps 0` (frames/s of
+the whole service on this machine, unthrottled) and `patchcore up` at its paced default (latency p50 / p99), for
+a baseline (e.g. the commit before a change, checked out with its own .venv) and this checkout, alternated over
+--rounds. Prints a row per run and writes bench/results/worker_speed.json.
+
+    .venv/bin/python bench/worker_speed.py --baseline /path/to/old/checkout [--rounds 2] [--frames 400]
+
+Both run the same source and backbone (`--backbone`, default mobilenet_v2, so the ratio compares the code, not the
+backbone `auto` resolves to in each checkout); each run builds its bank from the source's first frames, untimed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from results import write_result  # bench/results.py
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_up(checkout: Path, args: list[str]) -> dict:
+    """One `patchcore up ARGS --json F` of a checkout (its own .venv), its summary."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        done = subprocess.run([str(checkout / ".venv" / "bin" / "patchcore"), "up", *args, "--json", out.name],
+                              capture_output=True, text=True, cwd=checkout, timeout=1800)
+        if done.returncode != 0:
+            raise SystemExit(f"up failed in {checkout}: {done.stderr[-2000:]}")
+        return json.loads(Path(out.name).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline", type=Path, required=True, help="checkout of the baseline, with its .venv")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=400, help="frames of each unthrottled run")
+    parser.add_argument("--paced-frames", type=int, default=200, help="frames of each paced run (0: none)")
+    parser.add_argument("--source", default="synthetic")
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    args = parser.parse_args()
+    common = ["--source", args.source, "--backbone", args.backbone]
+    modes = {"unthrottled": [*common, "--frames", str(args.frames), "--fps", "0"]}
+    if args.paced_frames:
+        modes["paced"] = [*common, "--frames", str(args.paced_frames)]
+    runs = {(mode, which): [] for mode in modes for which in ("baseline", "this")}
+    for _ in range(args.rounds):
+        for mode, up_args in modes.items():
+            for which, checkout in (("baseline", args.baseline), ("this", ROOT)):
+                summary = run_up(checkout, up_args)
+                runs[mode, which].append(summary)
+                print(json.dumps({"mode": mode, "checkout": which, **{key: summary.get(key) for key in (
+                    "frames_in", "results_out", "frames_per_second", "latency_ms_p50", "latency_ms_p99",
+                    "kept_up")}}), flush=True)
+    rows = []
+    for mode in modes:
+        median = {(which, key): statistics.median(s[key] for s in runs[mode, which])
+                  for which in ("baseline", "this")
+                  for key in ("frames_per_second", "latency_ms_p50", "latency_ms_p99")}
+        rows.append({"mode": mode, "command": "patchcore up " + " ".join(modes[mode]),
+                     **{f"{which}_{key}": round(value, 2) for (which, key), value in median.items()},
+                     "ratio": round(median["this", "frames_per_second"] / median["baseline", "frames_per_second"], 2),
+                     "complete": all(s["results_out"] == s["frames_in"] for mode_runs in
+                                     (runs[mode, "baseline"], runs[mode, "this"]) for s in mode_runs),
+                     "rounds": args.rounds,
+                     "baseline_runs": [s["frames_per_second"] for s in runs[mode, "baseline"]],
+                     "this_runs": [s["frames_per_second"] for s in runs[mode, "this"]]})
+        print(json.dumps(rows[-1]), flush=True)
+    baseline_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline, capture_output=True,
+                                     text=True).stdout.strip()
+    write_result("worker_speed", {"baseline_commit": baseline_commit, "rows": rows},
+                 command=" ".join(["bench/worker_speed.py", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()
