@@ -153,14 +153,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
 @dataclass(frozen=True)
 class Run:
     """One measurement's settings."""
@@ -178,6 +170,8 @@ def service(url: str, prefix: str, run: Run, log) -> list[tuple[str, subprocess.
     """The real processes: `patchcore worker` x run.workers (one torch thread each: two share 2 cores) and
     `patchcore store`, each with a metrics port, their logs to `log`; returns (name, process, metrics port) of
     each once all are ready."""
+    from runtime.health import is_ready
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     patchcore = [sys.executable, "-m", "patchcore"]
     common = ["--redis-url", url, "--prefix", prefix]
@@ -194,7 +188,7 @@ def service(url: str, prefix: str, run: Run, log) -> list[tuple[str, subprocess.
     deadline = time.time() + 600
     procs = [(name, proc, port) for (name, proc), port in zip(procs, ports)]
     for name, proc, port in procs:
-        while not ready(port):
+        while not is_ready(port):
             if time.time() > deadline or proc.poll() is not None:
                 stop(procs)
                 raise SystemExit(f"{name} did not become ready")

@@ -23,6 +23,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.connection import connect
+from runtime.health import is_ready
 from contracts.keys import Keys
 from workers.banks.registry import BankRegistry
 from patchcore.embedded_redis import EmbeddedRedis
@@ -43,14 +44,6 @@ def scrape(port: int) -> dict[str, float]:
             elif not sample.labels:
                 values[sample.name] = sample.value
     return values
-
-
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
 
 
 def main() -> None:
@@ -75,7 +68,7 @@ def main() -> None:
         try:
             client.sadd(Keys().cameras, "cam-1")  # the worker joins its group before the first frame: ready
             deadline = time.time() + 600
-            while not ready(port):
+            while not is_ready(port):
                 if time.time() > deadline or worker.poll() is not None:
                     raise SystemExit("the worker did not become ready")
                 time.sleep(0.5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.request
 from socketserver import ThreadingMixIn
 from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -90,3 +91,13 @@ def serve(port: int, healthy: Check, ready: Check, host: str = "0.0.0.0") -> WSG
     server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name=f"metrics:{port}", daemon=True).start()
     return server
+
+
+def is_ready(port: int, host: str = "127.0.0.1", timeout_s: float = 5.0) -> bool:
+    """Whether the process serving on `port` answers /readyz with 200 (the client side of `serve`: bench scripts
+    wait on it for the processes they start); False for a 503, a refused connection or no answer in `timeout_s`."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=timeout_s) as reply:
+            return reply.status == 200
+    except OSError:  # urllib's HTTPError (a 503) is an OSError too
+        return False

@@ -198,6 +198,23 @@ def test_healthz_says_503_when_redis_is_gone(redis_server):
         server.server_close()
 
 
+def test_is_ready_follows_readyz_and_a_closed_port():
+    """runtime.health.is_ready, the one client of /readyz the bench scripts wait on: True for a 200, False for a
+    503 and for a port nobody serves."""
+    from runtime.health import is_ready, serve
+
+    state = {"ready": False}
+    server = serve(free_port(), lambda: (True, {}), lambda: (state["ready"], {}), host="127.0.0.1")
+    try:
+        assert get(server.server_port, "/readyz")[0] == 503 and not is_ready(server.server_port)
+        state["ready"] = True
+        assert get(server.server_port, "/readyz")[0] == 200 and is_ready(server.server_port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not is_ready(server.server_port, timeout_s=2)  # closed now: refused
+
+
 def run_worker(url: str, name: str, seconds: float) -> Worker:
     stop = threading.Event()
     worker = Worker(connect(url), WorkerSettings(name=name, refresh_s=0.2, claim_idle_ms=600_000, device="cpu"),
