@@ -7,6 +7,7 @@ import io
 import math
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -221,7 +222,7 @@ class PatchFeatureExtractor(nn.Module):
         compute = compute.resolve(self.scale.device)
         self.compute = compute
         self.body.to(memory_format=torch.channels_last if compute.channels_last else torch.contiguous_format)
-        self._sessions: dict[tuple[int, int], tuple[object, tuple[int, int]]] = {}  # onnxruntime: (H, W) -> graph
+        self._sessions: dict[tuple[int, int], _Graph] = {}  # onnxruntime: (H, W) -> graph (held here, shared weakly)
         return self
 
     @torch.inference_mode()
@@ -250,23 +251,27 @@ class PatchFeatureExtractor(nn.Module):
         return torch.from_numpy(features), grid
 
     def _onnx_session(self, size: tuple[int, int]) -> tuple[object, tuple[int, int]] | None:
-        """The graph for inputs of `size` and its grid; None where it cannot be made here (torch runs that size)."""
+        """The graph for inputs of `size` and its grid; None where it cannot be made here (torch runs that size).
+
+        The extractor holds its graphs; the process-wide `_SESSIONS` only lends them (weakly) to other extractors
+        of equal weights, so a graph goes with the last extractor that ran it (a dropped bank's scorer)."""
         if size not in self._sessions:
             with _EXPORT_LOCK:  # one export at a time; extractors of equal weights share one graph per size
                 key = (self.fingerprint(), size)
-                if key not in _SESSIONS:
-                    if len(_SESSIONS) >= MAX_SESSIONS:
-                        _SESSIONS.pop(next(iter(_SESSIONS)))  # the oldest
+                graph = _SESSIONS.get(key)
+                if graph is None:
                     try:
-                        _SESSIONS[key] = onnx_session(self, size)
+                        graph = _Graph(*onnx_session(self, size))
                     # the exporter and ONNX Runtime raise errors of their own kinds (RuntimeError, onnxruntime's
                     # Fail, InvalidGraph...): whatever it is, this size is scored by torch instead, said once
                     except Exception as exc:  # noqa: BLE001
                         log.warning("onnxruntime cannot run this backbone at this input size; torch runs it",
                                     extra={"fields": {"size": list(size), "error": f"{type(exc).__name__}: {exc}"}})
-                        _SESSIONS[key] = None
-                self._sessions[size] = _SESSIONS[key]
-        return self._sessions[size]
+                        graph = _Graph(None, None)
+                    _SESSIONS[key] = graph
+                self._sessions[size] = graph
+        graph = self._sessions[size]
+        return None if graph.session is None else (graph.session, graph.grid)
 
     def fingerprint(self) -> str:
         """sha256 of everything the features depend on: the settings, the input normalisation and every weight
@@ -321,9 +326,21 @@ class PatchFeatureExtractor(nn.Module):
 
 
 ONNX_OPSET = 17  # as scorer/onnx_export.py's export
-MAX_SESSIONS = 16  # ONNX graphs kept per process: backbones x input sizes (a worker's banks share them)
 _EXPORT_LOCK = threading.Lock()
-_SESSIONS: dict[tuple[str, tuple[int, int]], tuple[object, tuple[int, int]]] = {}
+
+
+class _Graph:
+    """An ONNX Runtime session and its grid (both None: this input size runs in torch), held by the extractors that
+    ran it: weakly referable, so that `_SESSIONS` can lend it without keeping it."""
+
+    __slots__ = ("session", "grid", "__weakref__")
+
+    def __init__(self, session: object | None, grid: tuple[int, int] | None):
+        self.session, self.grid = session, grid
+
+
+# (extractor fingerprint, input size) -> the graph, while an extractor holds it (a worker's banks share them)
+_SESSIONS: weakref.WeakValueDictionary[tuple[str, tuple[int, int]], _Graph] = weakref.WeakValueDictionary()
 
 
 class _Features(nn.Module):

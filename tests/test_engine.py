@@ -103,6 +103,31 @@ def test_extractors_of_equal_weights_share_a_graph_and_others_do_not():
     assert third._onnx_session((64, 64))[0] is not first._onnx_session((64, 64))[0]
 
 
+def test_a_graph_goes_with_the_last_extractor_that_ran_it(monkeypatch):
+    """The process-wide cache only lends graphs: an extractor of equal weights reuses one (no second export) while
+    another holds it, and once every extractor that ran it is dropped (a bank's scorer gone), the graph is freed."""
+    import gc
+    import weakref
+
+    import scorer.features as features
+
+    first, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), weights="random", compute=ORT)
+    second, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), weights="random", compute=ORT)
+    first.warm_up((64, 64))
+    key = (first.fingerprint(), (64, 64))
+    session = weakref.ref(first._onnx_session((64, 64))[0])  # the ONNX Runtime session itself
+    exports = []
+    real = features.onnx_session
+    monkeypatch.setattr(features, "onnx_session", lambda *args: exports.append(args) or real(*args))
+    assert second._onnx_session((64, 64))[0] is session() and exports == []  # lent, not exported again
+    del first
+    gc.collect()
+    assert key in features._SESSIONS and session() is not None  # the second extractor still runs it
+    del second
+    gc.collect()
+    assert key not in features._SESSIONS and session() is None  # gone with the last extractor that ran it
+
+
 def test_a_size_onnxruntime_cannot_prepare_runs_in_torch(monkeypatch):
     """An export or session failure (the exporter's and ONNX Runtime's own error kinds) never fails a batch or a
     bank load: that input size runs in torch, with torch's features."""
@@ -167,3 +192,34 @@ def test_a_worker_readies_the_graph_when_it_loads_a_bank_not_on_its_first_frame(
     assert list(extractor._sessions) == [(view.crop, view.crop)]
     active.scorer.score([np.full((240, 320, 3), 128, np.uint8)], maps=False)
     assert list(extractor._sessions) == [(view.crop, view.crop)]
+
+
+def test_a_worker_forgets_the_backbone_and_graph_of_a_bank_it_switched_away_from(redis_server, synthetic_bank_bytes):
+    """A bank's new version with other feature settings (here the first pooling's size) gets an extractor of its
+    own; the one of the version it replaced, which no bank serves any more, is dropped with its ONNX graph."""
+    import dataclasses
+    import gc
+    import weakref
+
+    import scorer.features as features
+    from contracts.keys import Keys
+    from runtime.connection import connect
+    from scorer import bank_from_bytes, bank_to_bytes
+    from workers.banks.cache import BankCache
+    from workers.banks.registry import BankRegistry
+
+    registry = BankRegistry(connect(redis_server.url), Keys())
+    registry.publish("default", synthetic_bank_bytes, activate=True)
+    cache = BankCache(registry, "cpu")
+    old = cache.get("default").scorer.extractor
+    old_ref, key = weakref.ref(old), (old.fingerprint(), next(iter(old._sessions)))
+    assert key in features._SESSIONS
+    bank = bank_from_bytes(synthetic_bank_bytes)
+    other = dataclasses.replace(bank, feature_config=dataclasses.replace(bank.feature_config, pretrain_dim=512))
+    registry.publish("default", bank_to_bytes(other), activate=True)
+    new = cache.get("default").scorer.extractor
+    assert new is not old and new.pretrain_dim == 512
+    assert len(cache._extractors) == 1 and next(iter(cache._extractors.values())) is new  # the old one forgotten
+    del old
+    gc.collect()
+    assert old_ref() is None and key not in features._SESSIONS

@@ -57,6 +57,12 @@ class BankCache:
             self._extractors[actual] = extractor
         return extractor
 
+    def _drop_unused_extractors(self) -> None:
+        """Forget the backbones no serving scorer runs (a bank switched to a version of other feature settings):
+        their weights and ONNX graphs go with them (scorer.features lends a graph only while an extractor holds it)."""
+        used = {id(member.extractor) for active in self._scorers.values() for member in _members(active.scorer)}
+        self._extractors = {config: e for config, e in self._extractors.items() if id(e) in used}
+
     def why(self, name: str) -> tuple[str, bool]:
         """Why bank `name` has no scorer here, and whether the cause is this host (weights, memory)
         rather than the registry (no active version, a refused one)."""
@@ -103,6 +109,12 @@ class BankCache:
                                         "serving": current.version if current else None}})
             return current
         self._scorers[name] = ActiveScorer(name, version, scorer)
+        self._drop_unused_extractors()
         BANK_VERSION.labels(name).set(version)
         log.info("bank loaded", extra={"fields": {"bank": name, "version": version}})
         return self._scorers[name]
+
+
+def _members(scorer: PatchCoreScorer | EnsembleScorer) -> list[PatchCoreScorer]:
+    """The single-bank scorers that make up `scorer` (itself, or an ensemble's members)."""
+    return list(scorer.members) if isinstance(scorer, EnsembleScorer) else [scorer]
