@@ -27,6 +27,7 @@ ENSEMBLE_FORMAT_VERSION = 3  # an ensemble bank: one member bank per backbone (s
 POSITION_FORMAT_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 POSITION_TENSORS = ("position.mean", "position.scale")  # [T, gh, gw] float32 each
+CALIBRATION_WINDOWS = "calibration_windows"  # [N, 3, h, w] float16: a bank's int8 calibration windows (optional)
 ENSEMBLE_KEYS = {"combine", "normalisation", "members"}  # an ensemble's settings: exactly these
 DEFAULT_MAX_BANK_BYTES = 2 << 30  # refuse larger files: a hostile bank must not exhaust memory
 
@@ -75,6 +76,9 @@ class MemoryBank:
     view: ViewConfig = field(default_factory=ViewConfig)
     roi: np.ndarray | None = None  # bool [H, W] region of interest in frame coordinates (any resolution)
     position: PositionNorm | None = None  # per-position statistics of good patch scores (--position-norm)
+    # float16 [N, 3, h, w]: good training windows, ImageNet-normalised, that int8 scoring quantises with
+    # (scorer.features.Int8Calibration); None in banks built before int8 (they score in fp32 only)
+    calibration_windows: np.ndarray | None = None
 
     def metadata(self) -> dict[str, Any]:
         extra = {} if self.position is None else {"position_norm": self.position.settings()}
@@ -181,8 +185,12 @@ def bank_to_bytes(bank: AnyBank) -> bytes:
     if isinstance(bank, EnsembleBank):
         tensors = {f"members.{i}.features": np.ascontiguousarray(m.features, dtype="<f4")
                    for i, m in enumerate(bank.members)}
+        tensors.update({f"members.{i}.{CALIBRATION_WINDOWS}": np.ascontiguousarray(m.calibration_windows, dtype="<f2")
+                        for i, m in enumerate(bank.members) if m.calibration_windows is not None})
     else:
         tensors = {"features": np.ascontiguousarray(bank.features, dtype="<f4")}
+        if bank.calibration_windows is not None:
+            tensors[CALIBRATION_WINDOWS] = np.ascontiguousarray(bank.calibration_windows, dtype="<f2")
         if bank.position is not None:
             tensors[POSITION_TENSORS[0]] = np.ascontiguousarray(bank.position.mean, dtype="<f4")
             tensors[POSITION_TENSORS[1]] = np.ascontiguousarray(bank.position.scale, dtype="<f4")
@@ -249,6 +257,7 @@ def bank_from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BANK_BYTES) -> Any
             roi=None if roi is None else roi.astype(bool),
             position=None if not has_position else PositionNorm.from_parts(
                 settings["position_norm"], tensors[POSITION_TENSORS[0]], tensors[POSITION_TENSORS[1]]),
+            calibration_windows=_windows(tensors.get(CALIBRATION_WINDOWS)),
         )
     except (KeyError, TypeError, ValueError) as exc:  # scorer.position.PositionError is a ValueError
         raise BankError(f"bank settings are invalid: {type(exc).__name__}: {exc}") from None
@@ -261,6 +270,8 @@ def _ensemble_from(settings: dict[str, Any], tensors: dict[str, np.ndarray]) -> 
         raise BankError(f"ensemble settings must have exactly {sorted(ENSEMBLE_KEYS)}")
     members = ensemble["members"]
     expected = {f"members.{i}.features" for i in range(len(members))} | ({"roi"} if "roi" in tensors else set())
+    expected |= {f"members.{i}.{CALIBRATION_WINDOWS}" for i in range(len(members))
+                 if f"members.{i}.{CALIBRATION_WINDOWS}" in tensors}  # optional (banks built before int8)
     if not isinstance(members, list) or set(tensors) != expected:
         raise BankError(f"ensemble tensors {sorted(tensors)} do not match its {len(members)} members")
     roi = tensors.get("roi")
@@ -272,12 +283,24 @@ def _ensemble_from(settings: dict[str, Any], tensors: dict[str, np.ndarray]) -> 
             feature_config=FeatureConfig.from_dict(member["features"]), coreset=CoresetConfig(**member["coreset"]),
             calibration=Calibration.from_dict(member["calibration"]) if member["calibration"] else None,
             reweight_neighbours=int(member["reweight_neighbours"]), info=member["info"], view=view,
-            roi=None if roi is None else roi.astype(bool)) for i, member in enumerate(members))
+            roi=None if roi is None else roi.astype(bool),
+            calibration_windows=_windows(tensors.get(f"members.{i}.{CALIBRATION_WINDOWS}")))
+            for i, member in enumerate(members))
         return EnsembleBank(built, str(ensemble["combine"]),
                             tuple((float(loc), float(scale)) for loc, scale in ensemble["normalisation"]),
                             Calibration.from_dict(calibration) if calibration else None, settings.get("info", {}))
     except (KeyError, TypeError, ValueError) as exc:
         raise BankError(f"ensemble bank settings are invalid: {type(exc).__name__}: {exc}") from None
+
+
+def _windows(tensor: np.ndarray | None) -> np.ndarray | None:
+    """A bank's calibration windows, checked: float16 [N >= 1, 3, h, w], finite."""
+    if tensor is None:
+        return None
+    if tensor.dtype != np.float16 or tensor.ndim != 4 or tensor.shape[1] != 3 or not len(tensor) \
+            or not np.isfinite(tensor).all():
+        raise ValueError(f"calibration windows must be finite float16 [N, 3, h, w], not {tensor.dtype} {tensor.shape}")
+    return tensor
 
 
 def bank_checksum(data: bytes) -> str:

@@ -10,6 +10,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +36,9 @@ def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     raise TypeError(f"no stage list for {type(backbone).__name__}")
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the autocast dtype of each precision; int8 is ONNX Runtime's static quantisation (scorer/onnx_quantise.py): no
+# autocast, and where its graph cannot be made the size runs in float32
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
 log = logging.getLogger("patchcore.scorer")
 ENGINES = ("torch", "onnxruntime")  # what runs the backbone and pooling (ComputeConfig.engine)
 AUTO = "auto"  # a ComputeConfig field left to the device's default (ComputeConfig.resolve)
@@ -63,8 +66,11 @@ class ComputeConfig:
     (fp32 layouts) or slightly (bf16/fp16; tests/test_precision.py). `precision` bf16/fp16 runs the backbone under
     autocast (its tapped maps come back as float32; neighbourhoods, pooling, search and maps stay float32);
     `channels_last` is the memory layout of the convolutions (NHWC: faster with oneDNN on CPUs). `engine`: torch, or
-    onnxruntime (CPU, fp32 only: the extractor's float32 graph exported once per input size and run by ONNX
-    Runtime; the same features to float rounding, faster on CPUs; channels_last does not apply to it).
+    onnxruntime (CPU: the extractor's float32 graph exported once per input size and run by ONNX Runtime; the same
+    features to float rounding, faster on CPUs; channels_last does not apply to it). `precision` int8 runs in
+    onnxruntime only: the float32 graph statically quantised (scorer/onnx_quantise.py) with activation ranges from
+    the bank's calibration windows (good training windows stored in the bank: `Int8Calibration`), native where
+    the CPU has VNNI (avx512_vnni / avx_vnni / amx_int8).
 
     Fields left "auto"/None take the device's default (DEFAULTS) in `resolve`, the one place defaults are decided;
     the extractor always runs a resolved config. `emulate` lets a precision run on a CPU without native
@@ -115,11 +121,19 @@ class ComputeConfig:
     def _engine(self, default: str, precision: str, device: torch.device) -> tuple[str, str]:
         """(the engine that runs, how it was decided); ComputeError for an engine asked where it cannot run."""
         missing = onnxruntime_missing()
+        if precision == "int8":  # ONNX Runtime's int8 kernels: no other engine runs it
+            if self.engine == "torch":
+                raise ComputeError("precision int8 runs in engine onnxruntime only, not torch")
+            if device.type != "cpu":
+                raise ComputeError(f"precision int8 runs on the CPU only, not on {device.type}; use fp32")
+            if missing:
+                raise ComputeError(f"precision int8 runs in onnxruntime, but {missing}")
+            return "onnxruntime", "int8 runs in onnxruntime" if self.engine == AUTO else "asked"
         if self.engine == "onnxruntime":
             if device.type != "cpu":
                 raise ComputeError(f"engine onnxruntime runs on the CPU only, not on {device.type}; use torch")
             if precision != "fp32":
-                raise ComputeError(f"engine onnxruntime runs fp32 only, not {precision}; use torch")
+                raise ComputeError(f"engine onnxruntime runs fp32 and int8 only, not {precision}; use torch")
             if missing:
                 raise ComputeError(f"engine onnxruntime asked for, but {missing}")
             return "onnxruntime", "asked"
@@ -149,6 +163,9 @@ def native_precision(precision: str, device: torch.device) -> tuple[bool, str]:
     """(whether `device` runs `precision` convolutions natively, why not)."""
     if device.type == "cpu":
         features = cpu_features()
+        if precision == "int8":
+            return features.int8, (f"{features.describe()} lacks avx512_vnni, avx_vnni or amx_int8 (without VNNI "
+                                   "ONNX Runtime's int8 kernels take their slower AVX2 path; not a default anywhere)")
         native = features.bf16 if precision == "bf16" else features.fp16
         flags = "avx512_bf16 or amx_bf16" if precision == "bf16" else "avx512_fp16 or amx_fp16"
         return native, f"{features.describe()} lacks {flags} (torch would run reference kernels, far slower than fp32)"
@@ -222,27 +239,31 @@ class PatchFeatureExtractor(nn.Module):
         compute = compute.resolve(self.scale.device)
         self.compute = compute
         self.body.to(memory_format=torch.channels_last if compute.channels_last else torch.contiguous_format)
-        self._sessions: dict[tuple[int, int], _Graph] = {}  # onnxruntime: (H, W) -> graph (held here, shared weakly)
+        # onnxruntime: ((H, W), int8 calibration digest or "") -> graph (held here, shared weakly)
+        self._sessions: dict[tuple[tuple[int, int], str], _Graph] = {}
         return self
 
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """images [B, 3, H, W] -> (features [B, h*w, target_dim], (h, w))."""
+    def forward(self, images: torch.Tensor, calibration: Int8Calibration | None = None
+                ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """images [B, 3, H, W] -> (features [B, h*w, target_dim], (h, w)). calibration: the bank's int8
+        calibration windows (precision int8 needs them; the other precisions ignore them)."""
         if self.compute.engine == "onnxruntime":
-            return self._onnx_features(images)
+            return self._onnx_features(images, calibration)
         return self.patch_features(images)
 
-    def warm_up(self, size: tuple[int, int]) -> None:
+    def warm_up(self, size: tuple[int, int], calibration: Int8Calibration | None = None) -> None:
         """Do now what the first batch of inputs of `size` (H, W) would do first (onnxruntime: export its graph,
-        ~2 s of CPU), so that a worker pays it when it loads a bank, not on a frame."""
+        ~2 s of CPU; int8: and quantise it), so that a worker pays it when it loads a bank, not on a frame."""
         if self.compute.engine == "onnxruntime":
-            self._onnx_session(tuple(size))
+            self._onnx_session(tuple(size), calibration)
 
-    def _onnx_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """forward through ONNX Runtime: patch_features' float32 graph for this input size (exported the first
-        time a size is seen). Backbone and pooling are one graph here, timed as the stage "backbone". A size whose
-        graph could not be made runs in torch (the same features to float rounding)."""
-        prepared = self._onnx_session(tuple(images.shape[-2:]))
+    def _onnx_features(self, images: torch.Tensor, calibration: Int8Calibration | None
+                       ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """forward through ONNX Runtime: patch_features' graph for this input size (exported the first time a size
+        is seen; int8: quantised with `calibration`). Backbone and pooling are one graph here, timed as the stage
+        "backbone". A size whose graph could not be made runs in torch (the same features to float rounding)."""
+        prepared = self._onnx_session(tuple(images.shape[-2:]), calibration)
         if prepared is None:
             return self.patch_features(images)
         session, grid = prepared
@@ -250,28 +271,55 @@ class PatchFeatureExtractor(nn.Module):
             features = session.run(None, {"images": images.float().contiguous().numpy()})[0]
         return torch.from_numpy(features), grid
 
-    def _onnx_session(self, size: tuple[int, int]) -> tuple[object, tuple[int, int]] | None:
+    def _onnx_session(self, size: tuple[int, int], calibration: Int8Calibration | None = None
+                      ) -> tuple[object, tuple[int, int]] | None:
         """The graph for inputs of `size` and its grid; None where it cannot be made here (torch runs that size).
 
         The extractor holds its graphs; the process-wide `_SESSIONS` only lends them (weakly) to other extractors
-        of equal weights, so a graph goes with the last extractor that ran it (a dropped bank's scorer)."""
-        if size not in self._sessions:
+        of equal weights, so a graph goes with the last extractor that ran it (a dropped bank's scorer). An int8
+        graph is one per (size, calibration windows): banks of one backbone share the extractor, not the graph."""
+        int8 = self.compute.precision == "int8"
+        if int8 and calibration is None:
+            raise ComputeError("precision int8 needs the bank's calibration windows (banks built since int8 carry "
+                               "them): rebuild the bank, or score it with --precision fp32")
+        local = (size, calibration.digest) if int8 else (size, "")
+        if local not in self._sessions:
             with _EXPORT_LOCK:  # one export at a time; extractors of equal weights share one graph per size
-                key = (self.fingerprint(), size)
+                key = (self.fingerprint(), *local)
                 graph = _SESSIONS.get(key)
                 if graph is None:
-                    try:
-                        graph = _Graph(*onnx_session(self, size))
-                    # the exporter and ONNX Runtime raise errors of their own kinds (RuntimeError, onnxruntime's
-                    # Fail, InvalidGraph...): whatever it is, this size is scored by torch instead, said once
-                    except Exception as exc:  # noqa: BLE001
-                        log.warning("onnxruntime cannot run this backbone at this input size; torch runs it",
-                                    extra={"fields": {"size": list(size), "error": f"{type(exc).__name__}: {exc}"}})
-                        graph = _Graph(None, None)
+                    graph = self._make_graph(size, calibration if int8 else None)
                     _SESSIONS[key] = graph
-                self._sessions[size] = graph
-        graph = self._sessions[size]
+                self._sessions[local] = graph
+        graph = self._sessions[local]
         return None if graph.session is None else (graph.session, graph.grid)
+
+    def _make_graph(self, size: tuple[int, int], calibration: Int8Calibration | None) -> _Graph:
+        """The float32 graph for `size` (int8: quantised with `calibration`); a graph that cannot be made is said
+        once and runs as the next best: an int8 failure in float32 ONNX Runtime, an export failure in torch."""
+        try:
+            graph, grid = onnx_graph(self, size)
+        # the exporter and ONNX Runtime raise errors of their own kinds (RuntimeError, onnxruntime's Fail,
+        # InvalidGraph...): whatever it is, this size is scored by torch instead, said once
+        except Exception as exc:  # noqa: BLE001
+            log.warning("onnxruntime cannot run this backbone at this input size; torch runs it",
+                        extra={"fields": {"size": list(size), "error": f"{type(exc).__name__}: {exc}"}})
+            return _Graph(None, None)
+        if calibration is not None:
+            from .onnx_quantise import quantise_graph
+
+            try:
+                quantised = quantise_graph(graph, calibration.inputs(size), reduce_range=not cpu_features().int8)
+                return _Graph(ort_session(quantised), grid)
+            except Exception as exc:  # noqa: BLE001 - the quantiser's and ONNX Runtime's own error kinds
+                log.warning("the int8 graph cannot be made at this input size; float32 onnxruntime runs it",
+                            extra={"fields": {"size": list(size), "error": f"{type(exc).__name__}: {exc}"}})
+        try:
+            return _Graph(ort_session(graph), grid)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("onnxruntime cannot run this backbone at this input size; torch runs it",
+                        extra={"fields": {"size": list(size), "error": f"{type(exc).__name__}: {exc}"}})
+            return _Graph(None, None)
 
     def fingerprint(self) -> str:
         """sha256 of everything the features depend on: the settings, the input normalisation and every weight
@@ -339,8 +387,9 @@ class _Graph:
         self.session, self.grid = session, grid
 
 
-# (extractor fingerprint, input size) -> the graph, while an extractor holds it (a worker's banks share them)
-_SESSIONS: weakref.WeakValueDictionary[tuple[str, tuple[int, int]], _Graph] = weakref.WeakValueDictionary()
+# (extractor fingerprint, input size, int8 calibration digest or "") -> the graph, while an extractor holds it (a
+# worker's banks share them)
+_SESSIONS: weakref.WeakValueDictionary[tuple[str, tuple[int, int], str], _Graph] = weakref.WeakValueDictionary()
 
 
 class _Features(nn.Module):
@@ -354,13 +403,10 @@ class _Features(nn.Module):
         return self.extractor.patch_features(images)[0]
 
 
-def onnx_session(extractor: PatchFeatureExtractor, size: tuple[int, int]) -> tuple[object, tuple[int, int]]:
-    """(an ONNX Runtime session of the extractor's float32 patch_features for [B, 3, *size] inputs, any B; its grid).
+def onnx_graph(extractor: PatchFeatureExtractor, size: tuple[int, int]) -> tuple[bytes, tuple[int, int]]:
+    """(the extractor's float32 patch_features as a serialised ONNX graph for [B, 3, *size] inputs, any B; its grid).
 
-    Traced in memory by the TorchScript exporter (no onnxscript, no file); the session gets torch's thread count
-    (scorer.hardware.thread_plan: the two run one after the other, never at once)."""
-    import onnxruntime  # the [onnx] extra (ComputeConfig.resolve refused the engine without it)
-
+    Traced in memory by the TorchScript exporter (no onnxscript, no file)."""
     example = torch.zeros(2, 3, *size, device=extractor.scale.device)
     graph = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
@@ -371,12 +417,44 @@ def onnx_session(extractor: PatchFeatureExtractor, size: tuple[int, int]) -> tup
         torch.onnx.export(_Features(extractor).eval(), (example,), graph, dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["images"], output_names=["features"],
                           dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+    return graph.getvalue(), grid
+
+
+def onnx_session(extractor: PatchFeatureExtractor, size: tuple[int, int]) -> tuple[object, tuple[int, int]]:
+    """(an ONNX Runtime session of the extractor's float32 patch_features for [B, 3, *size] inputs, any B; its grid)."""
+    graph, grid = onnx_graph(extractor, size)
+    return ort_session(graph), grid
+
+
+def ort_session(graph: bytes, threads: int | None = None) -> object:
+    """An ONNX Runtime CPU session of a serialised graph; by default it gets torch's thread count
+    (scorer.hardware.thread_plan: the two run one after the other, never at once)."""
+    import onnxruntime  # the [onnx] extra (ComputeConfig.resolve refused the engine without it)
+
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = thread_plan().intra_op
+    options.intra_op_num_threads = threads or thread_plan().intra_op
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: logs stay quiet
-    session = onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
-    return session, grid
+    return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+class Int8Calibration:
+    """A bank's int8 calibration windows: good training windows, ImageNet-normalised as every backbone takes them
+    ([N, 3, h, w], stored float16 in the bank), and their digest (which int8 graph they make). The quantiser takes
+    its activation ranges from them, so they must be the line's own good images."""
+
+    def __init__(self, windows: np.ndarray):
+        if windows.ndim != 4 or windows.shape[1] != 3 or not len(windows):
+            raise ComputeError(f"int8 calibration windows must be [N >= 1, 3, h, w], not {windows.shape}")
+        self.windows = windows
+        self.digest = hashlib.sha256(np.ascontiguousarray(windows).tobytes()).hexdigest()
+
+    def inputs(self, size: tuple[int, int]) -> np.ndarray:
+        """The windows as float32 inputs of `size` (H, W): resized bilinearly where the view's size differs."""
+        tensor = torch.from_numpy(np.ascontiguousarray(self.windows)).float()
+        if tuple(tensor.shape[-2:]) != tuple(size):
+            tensor = F.interpolate(tensor, size=tuple(size), mode="bilinear", align_corners=False)
+        return tensor.numpy()
 
 
 def adaptive_pool_matrix(length: int, out: int) -> torch.Tensor:

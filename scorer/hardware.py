@@ -36,13 +36,20 @@ class CpuFeatures:
             return bool({"avx512_fp16", "amx_fp16"} & self.flags)
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
 
+    @property
+    def int8(self) -> bool:
+        """int8 dot products in hardware (VNNI, AMX): what ONNX Runtime's int8 convolutions run fast on."""
+        if self.flags:
+            return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & self.flags)
+        return False  # no flags read (not Linux): int8 stays off
+
     def describe(self) -> str:
         wanted = [f for f in REPORTED_FLAGS if f in self.flags]
         return f"{self.model or 'unknown CPU'} ({self.capability}; {' '.join(wanted) or 'no listed flags'})"
 
     def to_dict(self) -> dict:
         return {"model": self.model, "capability": self.capability, "cores": self.cores,
-                "flags": {f: f in self.flags for f in REPORTED_FLAGS}, "bf16": self.bf16, "fp16": self.fp16}
+                "flags": {f: f in self.flags for f in REPORTED_FLAGS}, "bf16": self.bf16, "fp16": self.fp16, "int8": self.int8}
 
 
 @lru_cache(maxsize=1)

@@ -22,7 +22,7 @@ from .bank import AnyBank, BankError, Calibration, EnsembleBank, MemoryBank
 from .calibration import fold_ids, tail_fit_pvalue, threshold_for_rate
 from .config import BuildConfig, CoresetConfig, FeatureConfig
 from .coreset import coreset_size, extend_coreset, random_projection, select_coreset
-from .features import ComputeConfig, PatchFeatureExtractor
+from .features import ComputeConfig, Int8Calibration, PatchFeatureExtractor
 from .hardware import apply_thread_plan, thread_plan
 from .heldout import LeaveOut, exclusion_ranges
 from .index import SearchConfig, make_index
@@ -35,6 +35,8 @@ from .views import (Layout, Region, ViewConfig, ViewError, layout, shape_groups,
                     inspected_box)
 
 Image = Union[np.ndarray, str, Path]  # an RGB uint8 array, or an image file
+CALIBRATION_WINDOWS = 16  # good training windows a bank keeps for int8 scoring (scorer.features.Int8Calibration)
+CALIBRATION_BYTES = 16 << 20  # at most this much of them (float16): fewer windows where the view's are large
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -190,6 +192,10 @@ class PatchCoreScorer(Verdicts):
         if bank.features.ndim != 2 or bank.features.shape[1] != self.config.target_dim:
             raise BankError(f"bank features have shape {bank.features.shape}, expected [M, {self.config.target_dim}]")
         self.extractor = extractor.to(self.device)
+        self.int8 = None if bank.calibration_windows is None else Int8Calibration(bank.calibration_windows)
+        if self.extractor.compute.precision == "int8" and self.int8 is None:
+            raise BankError("precision int8 quantises with the bank's calibration windows, and this bank has none "
+                            "(built before int8): rebuild it, or score it with --precision fp32")
         self.neighbours = bank.reweight_neighbours if reweight_neighbours is None else reweight_neighbours
         self.index = make_index(bank.features, search, index, self.device)  # `index`: the flat engine
         self._bank = torch.from_numpy(np.ascontiguousarray(bank.features)).to(self.device)
@@ -225,7 +231,7 @@ class PatchCoreScorer(Verdicts):
         PatchFeatureExtractor.warm_up."""
         size = self.bank.view.window_size()
         if size is not None:
-            self.extractor.warm_up(size)
+            self.extractor.warm_up(size, self.int8)
 
     def _score_group(self, images: list[np.ndarray], lay: Layout, regions: list[Region | None] | None = None
                      ) -> tuple[np.ndarray, torch.Tensor]:
@@ -247,7 +253,7 @@ class PatchCoreScorer(Verdicts):
         grids, best, anchor, best_feature, grid = [], [], [], [], (0, 0)
         masks = None  # [B * T, L]: each window's valid patches, its image's region applied
         for begin in range(0, len(inputs), self.max_windows_per_pass):
-            features, grid = self.extractor(inputs[begin:begin + self.max_windows_per_pass])
+            features, grid = self.extractor(inputs[begin:begin + self.max_windows_per_pass], self.int8)
             with stage("search"):
                 count, n_patches, dim = features.shape
                 if masks is None:
@@ -381,9 +387,11 @@ class PatchStore:
 
 def extract_patches(extractor: PatchFeatureExtractor, sources: Sequence[Image], view: ViewConfig,
                     roi: np.ndarray | None, batch_size: int, device: torch.device,
-                    progress: bool = False, layouts: list | None = None) -> Iterator[np.ndarray]:
+                    progress: bool = False, layouts: list | None = None,
+                    int8: Int8Calibration | None = None) -> Iterator[np.ndarray]:
     """The valid patch features [P_i, D] of each image, in order (the view's windows, padding and ROI applied).
-    layouts: when given, each image's (layout, grid, valid mask [T * gh * gw]) is appended to it."""
+    layouts: when given, each image's (layout, grid, valid mask [T * gh * gw]) is appended to it. int8: the
+    calibration windows an int8 extractor quantises with."""
     masks: dict = {}
     with torch.inference_mode(), tqdm(total=len(sources), desc="features", unit="img", disable=not progress) as bar:
         for images in iter_image_batches(sources, batch_size):
@@ -393,7 +401,7 @@ def extract_patches(extractor: PatchFeatureExtractor, sources: Sequence[Image], 
                 lay = layout(view, height, width)
                 batch = upload([images[i] for i in rows], device)
                 inputs = windows(batch, view, lay, IMAGENET_MEAN, IMAGENET_STD)
-                chunks = [extractor(inputs[b:b + PatchCoreScorer.max_windows_per_pass])
+                chunks = [extractor(inputs[b:b + PatchCoreScorer.max_windows_per_pass], int8)
                           for b in range(0, len(inputs), PatchCoreScorer.max_windows_per_pass)]
                 grid = chunks[0][1]
                 features = torch.cat([c[0] for c in chunks]).cpu().numpy()
@@ -412,13 +420,33 @@ def extract_patches(extractor: PatchFeatureExtractor, sources: Sequence[Image], 
             bar.update(len(images))
 
 
+def calibration_windows(sources: Sequence[Image], view: ViewConfig, device: torch.device,
+                        count: int = CALIBRATION_WINDOWS) -> np.ndarray:
+    """Up to `count` good windows [N, 3, h, w] float16, ImageNet-normalised as every backbone takes them, spread
+    over the training images (theirs and the view's windows alike; those of the first image's window size): what
+    int8 scoring takes its activation ranges from (scorer.features.Int8Calibration)."""
+    picks = np.unique(np.linspace(0, len(sources) - 1, min(count, len(sources))).astype(int))
+    found: list[torch.Tensor] = []
+    for i in picks:
+        image = to_rgb(sources[i]) if isinstance(sources[i], np.ndarray) else load_image(sources[i])
+        lay = layout(view, image.shape[0], image.shape[1])
+        found.append(windows(upload([image], device), view, lay, IMAGENET_MEAN, IMAGENET_STD).cpu())
+    size = found[0].shape[-2:]
+    every = torch.cat([w for w in found if w.shape[-2:] == size])
+    count = max(1, min(count, CALIBRATION_BYTES // (2 * every[0].numel())))
+    chosen = np.unique(np.linspace(0, len(every) - 1, min(count, len(every))).astype(int))
+    return every[torch.from_numpy(chosen)].to(torch.float16).numpy()
+
+
 class BankFit:
     """Coreset, bank and good scores from training patches already in a PatchStore (the fit after the features)."""
 
     def __init__(self, store: PatchStore, config: BuildConfig, feature_config: FeatureConfig, roi: np.ndarray | None,
-                 extractor: PatchFeatureExtractor, device: torch.device, index: str = "auto", progress: bool = False):
+                 extractor: PatchFeatureExtractor, device: torch.device, index: str = "auto", progress: bool = False,
+                 windows: np.ndarray | None = None):
         self.store, self.config, self.feature_config, self.roi = store, config, feature_config, roi
         self.extractor, self.device, self.index, self.progress = extractor, device, index, progress
+        self.windows = windows  # the banks' int8 calibration windows (calibration_windows)
         self.radius: dict[str, float] = {}
 
     def coreset(self, points: np.ndarray | None, desc: str) -> np.ndarray:
@@ -433,7 +461,8 @@ class BankFit:
     def bank_of(self, selected: np.ndarray, calibration: Calibration | None = None,
                 info: dict | None = None, position: PositionNorm | None = None) -> MemoryBank:
         return MemoryBank(self.store.gather(selected), self.feature_config, self.config.coreset, calibration,
-                          self.config.reweight_neighbours, info or {}, self.config.view, self.roi, position)
+                          self.config.reweight_neighbours, info or {}, self.config.view, self.roi, position,
+                          self.windows)
 
     def position_norm(self, selected: np.ndarray, layouts: list) -> tuple[PositionNorm, np.ndarray | None]:
         """Per-position statistics of the training images' leave-one-out patch distances (scorer/position.py),
@@ -518,14 +547,15 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
     extractor, feature_config = build_extractor(config.features, weights, device, compute)
     roi = None if roi is None else np.asarray(roi).astype(bool)
     layouts = [] if config.position_norm else None
+    windows = calibration_windows(images, config.view, device)  # stored: any bank can be scored in int8
     with tempfile.TemporaryDirectory(prefix="patchcore-build-") as folder:
         store = PatchStore(Path(folder), feature_config.target_dim, config.coreset)
         for patches in extract_patches(extractor, images, config.view, roi, config.batch_size, device, progress,
-                                       layouts):
+                                       layouts, Int8Calibration(windows)):
             store.add(patches)
         store.close()
         feature_seconds = time.perf_counter() - started
-        fit = BankFit(store, config, feature_config, roi, extractor, device, index, progress)
+        fit = BankFit(store, config, feature_config, roi, extractor, device, index, progress, windows)
         selected = fit.coreset(None, "coreset")
         calibration, settings, position = None, config.calibration, None
         if config.position_norm:  # leave-out only (BuildConfig): good scores in z units
@@ -578,7 +608,8 @@ def update_member(bank: MemoryBank, images: Sequence[Image], weights: str | Path
     extractor, _ = build_extractor(replace(bank.feature_config, weights_sha256=""), weights, device, compute)
     # refuses a mismatch; the exact search, as the stored good scores were computed (build_bank)
     scorer = PatchCoreScorer(bank, device=device, index=index, extractor=extractor, search="exact")
-    patches = list(extract_patches(extractor, images, bank.view, bank.roi, batch_size, device, progress))
+    patches = list(extract_patches(extractor, images, bank.view, bank.roi, batch_size, device, progress,
+                                   int8=scorer.int8))
     new_scores = scorer.score_patches(patches)
     new = np.concatenate(patches)
     config = bank.coreset

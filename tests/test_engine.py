@@ -114,11 +114,11 @@ def test_a_graph_goes_with_the_last_extractor_that_ran_it(monkeypatch):
     first, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), weights="random", compute=ORT)
     second, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), weights="random", compute=ORT)
     first.warm_up((64, 64))
-    key = (first.fingerprint(), (64, 64))
+    key = (first.fingerprint(), (64, 64), "")
     session = weakref.ref(first._onnx_session((64, 64))[0])  # the ONNX Runtime session itself
     exports = []
-    real = features.onnx_session
-    monkeypatch.setattr(features, "onnx_session", lambda *args: exports.append(args) or real(*args))
+    real = features.onnx_graph
+    monkeypatch.setattr(features, "onnx_graph", lambda *args: exports.append(args) or real(*args))
     assert second._onnx_session((64, 64))[0] is session() and exports == []  # lent, not exported again
     del first
     gc.collect()
@@ -136,7 +136,7 @@ def test_a_size_onnxruntime_cannot_prepare_runs_in_torch(monkeypatch):
     def broken(extractor, size):
         raise RuntimeError("exporter failure")
 
-    monkeypatch.setattr(features, "onnx_session", broken)
+    monkeypatch.setattr(features, "onnx_graph", broken)
     extractor, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), weights="random", compute=ORT)
     x = torch.rand(2, 3, 72, 72)
     extractor.warm_up((72, 72))  # does not raise
@@ -154,7 +154,7 @@ def test_engine_resolved_and_refused_clearly(monkeypatch):
         ComputeConfig(engine="tensorrt")
     with pytest.raises(ComputeError, match="CPU only"):
         ComputeConfig(engine="onnxruntime").resolve("meta")
-    with pytest.raises(ComputeError, match="fp32 only"):
+    with pytest.raises(ComputeError, match="fp32 and int8 only"):
         ComputeConfig("bf16", engine="onnxruntime", emulate=True).resolve("cpu")
     assert ComputeConfig("bf16", emulate=True).resolve("cpu").engine == "torch"  # the default follows the precision
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as on a host without the [onnx] extra: import fails
@@ -189,9 +189,9 @@ def test_a_worker_readies_the_graph_when_it_loads_a_bank_not_on_its_first_frame(
     active = BankCache(registry, "cpu").get("default")
     extractor, view = active.scorer.extractor, active.scorer.bank.view
     assert extractor.compute.engine == "onnxruntime" and view.kind == "crop"
-    assert list(extractor._sessions) == [(view.crop, view.crop)]
+    assert list(extractor._sessions) == [((view.crop, view.crop), "")]  # (size, no int8 calibration)
     active.scorer.score([np.full((240, 320, 3), 128, np.uint8)], maps=False)
-    assert list(extractor._sessions) == [(view.crop, view.crop)]
+    assert list(extractor._sessions) == [((view.crop, view.crop), "")]  # (size, no int8 calibration)
 
 
 def test_a_worker_forgets_the_backbone_and_graph_of_a_bank_it_switched_away_from(redis_server, synthetic_bank_bytes):
@@ -212,7 +212,7 @@ def test_a_worker_forgets_the_backbone_and_graph_of_a_bank_it_switched_away_from
     registry.publish("default", synthetic_bank_bytes, activate=True)
     cache = BankCache(registry, "cpu")
     old = cache.get("default").scorer.extractor
-    old_ref, key = weakref.ref(old), (old.fingerprint(), next(iter(old._sessions)))
+    old_ref, key = weakref.ref(old), (old.fingerprint(), *next(iter(old._sessions)))
     assert key in features._SESSIONS
     bank = bank_from_bytes(synthetic_bank_bytes)
     other = dataclasses.replace(bank, feature_config=dataclasses.replace(bank.feature_config, pretrain_dim=512))

@@ -80,7 +80,8 @@ def test_ensemble_load_is_strict(ensemble):
     with pytest.raises(BankError, match="do not match"):
         bank_from_bytes(resigned(data, drop="members.1.features"))
     with pytest.raises(BankError, match="at least 2 members"):
-        bank_from_bytes(resigned(resigned(data, drop="members.1.features"),
+        bank_from_bytes(resigned(resigned(resigned(data, drop="members.1.features"),
+                                          drop="members.1.calibration_windows"),
                                  lambda s: s["ensemble"].update(members=s["ensemble"]["members"][:1],
                                                                 normalisation=s["ensemble"]["normalisation"][:1])))
     # the single-bank path refuses an ensemble, it does not score one member

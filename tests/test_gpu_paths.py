@@ -75,7 +75,7 @@ def test_channels_last_and_bf16_autocast_against_fp32(mobilenet):
     difference = np.abs(bf16.image_scores - fp32.image_scores).max() / fp32.image_scores.max()
     assert 0 < difference < BF16_SCORE_TOLERANCE  # it really ran in bf16, and stayed close
     with pytest.raises(ValueError, match="unknown precision"):
-        ComputeConfig("int8")
+        ComputeConfig("int4")
 
 
 @needs_bottle

@@ -99,7 +99,7 @@ def test_defaults_resolved_per_device_and_cpu():
 
 def test_bad_settings_refused_by_type():
     with pytest.raises(ComputeError):
-        ComputeConfig("int8")
+        ComputeConfig("int4")
     with pytest.raises(ComputeError):
         ComputeConfig("fp32", channels_last="yes")
     assert issubclass(ComputeError, ValueError)

@@ -49,13 +49,15 @@ class WorkerSettings:
                 "package). 'random' only for tests."})
     # the backbone's arithmetic and memory layout; "auto"/None: the device's default (scorer.features.ComputeConfig)
     precision: str = field(default="auto", metadata={
-        "help": "Backbone arithmetic: auto (the device's default: fp32 on CPUs), fp32, or bf16/fp16 autocast (GPUs; "
-                "CPUs with native BF16; scores move slightly)."})
+        "help": "Backbone arithmetic: auto (the device's default: fp32 on CPUs), fp32, bf16/fp16 autocast (GPUs; "
+                "CPUs with native BF16; scores move slightly), or int8 (ONNX Runtime, CPUs with VNNI, calibrated on "
+                "the bank's good windows; faster, scores move slightly)."})
     channels_last: bool | None = field(default=None, metadata={
         "help": "Backbone in channels_last memory layout; default: the device's (on CPUs, where it is exact)."})
     engine: str = field(default="auto", metadata={
         "help": "What runs the backbone and pooling: auto (the device's default: onnxruntime on CPUs where installed, "
-                "else torch), torch, or onnxruntime (CPU, fp32; the same features to float rounding, faster)."})
+                "else torch), torch, or onnxruntime (CPU, fp32 or int8; fp32 gives the same features to float rounding, "
+                "faster)."})
     # pipelining: read and decode the next batch while the current one is scored, and write the previous one's
     # results meanwhile, once a batch has gone through cleanly (so a worker that cannot score takes one batch, not
     # two: tests/test_poison.py). A fault that starts mid-run finds up to three batches taken (read, scored, being
