@@ -3,6 +3,7 @@ change, checked out with its own .venv) against this one, interleaved over --rou
 (image AUROC, pixel AUROC, PRO) that must not move. Prints a row per run and writes bench/results/eval_speed.json.
 
     .venv/bin/python bench/eval_speed.py --baseline /path/to/old/checkout --banks DIR [--data ROOT] [--rounds 2]
+        [--precision int8]   # this checkout with an option (the baseline with its default): eval_speed-int8.json
 
 DIR holds <category>.bank for each category (built once, e.g. by the baseline: both score the same bank).
 """
@@ -23,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = ("mvtec_bottle", "visa_macaroni1")
 
 
-def run_eval(checkout: Path, data: Path, bank: Path) -> dict:
+def run_eval(checkout: Path, data: Path, bank: Path, extra: tuple[str, ...] = ()) -> dict:
     """One `patchcore eval --bank` of a checkout (its own .venv), its report."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         done = subprocess.run([str(checkout / ".venv" / "bin" / "patchcore"), "eval", "--data", str(data), "--bank",
-                               str(bank), "--device", "cpu", "--no-progress", "--json", out.name],
+                               str(bank), "--device", "cpu", "--no-progress", "--json", out.name, *extra],
                               capture_output=True, text=True, cwd=checkout, timeout=3600)
         if done.returncode != 0:
             raise SystemExit(f"eval failed in {checkout}: {done.stderr[-2000:]}")
@@ -40,12 +41,16 @@ def main() -> None:
     parser.add_argument("--banks", type=Path, required=True, help="folder of <category>.bank files")
     parser.add_argument("--data", default=None, help="data root (default $PATCHCORE_DATA or ../shared/datasets)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--precision", default=None,
+                        help="run this checkout with --precision P (e.g. int8; the baseline keeps its default); "
+                             "writes eval_speed-P.json")
     args = parser.parse_args()
+    extra = {"this": ("--precision", args.precision) if args.precision else (), "baseline": ()}
     runs = {(name, which): [] for name in CATEGORIES for which in ("baseline", "this")}
     for _ in range(args.rounds):
         for name in CATEGORIES:
             for which, checkout in (("baseline", args.baseline), ("this", ROOT)):
-                report = run_eval(checkout, data_set(name, args.data), args.banks / f"{name}.bank")
+                report = run_eval(checkout, data_set(name, args.data), args.banks / f"{name}.bank", extra[which])
                 runs[name, which].append(report)
                 print(json.dumps({"data": name, "checkout": which, "images_per_second": report["images_per_second"],
                                   "image_auroc": report["image_auroc"], "pixel_auroc": report["pixel_auroc"],
@@ -66,7 +71,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     baseline_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline, capture_output=True,
                                      text=True).stdout.strip()
-    write_result("eval_speed", {"baseline_commit": baseline_commit, "rows": rows},
+    name = "eval_speed" + (f"-{args.precision}" if args.precision else "")
+    write_result(name, {"baseline_commit": baseline_commit, "precision": args.precision, "rows": rows},
                  command=" ".join(["bench/eval_speed.py", *sys.argv[1:]]))
 
 

@@ -116,6 +116,17 @@ TABLES: dict[str, Table] = {
         ("image AUROC", "{baseline_image_auroc:.4f} / {this_image_auroc:.4f}"),
         ("pixel AUROC", "{baseline_pixel_auroc:.4f} / {this_pixel_auroc:.4f}"),
         ("PRO", "{baseline_pro:.4f} / {this_pro:.4f}"))),
+    "int8-features": Table(("int8",), (
+        ("backbone", "{backbone}"), ("fp32 images/s", "{fp32_images_per_s:.1f}"),
+        ("int8 images/s", "{int8_images_per_s:.1f}"), ("speed-up", "x{speedup:.2f}"),
+        ("feature difference (Frobenius, relative)", "{feature_fro_rel:.3f}")),
+        lambda figures: figures[0]["features"]),
+    "int8-eval": Table(("int8",), (
+        ("data", "{data}"), ("precision", "{precision}"), ("images/s", "{images_per_s:.1f}"),
+        ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"),
+        ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
+        ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}")),
+        lambda figures: figures[0]["eval"]),
     "threshold_sizes": Table(("threshold_sizes",), (
         ("set", "{set}"), ("train images", "{n_train}"), ("method", "{method}"), ("threshold", "{threshold:.2f}"),
         ("FAR (test good)", "{false_alarm_rate:.3f}"), ("FAR (unused train)", "{unused:.3f} || -"),
