@@ -11,6 +11,7 @@ End to end: `patchcore eval --bank DIR/<set>.bank --precision P --json FILE` for
 in both). Quality must be compared against the fp32 row of the same run. Writes bench/results/int8.json.
 
     .venv/bin/python bench/int8.py --banks DIR [--data ROOT] [--rounds 2] [--images 32] [--backbones a,b]
+        [--label NAME]
 """
 from __future__ import annotations
 
@@ -113,14 +114,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="datasets root (default: bench/datadir.py's)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--images", type=int, default=32, help="test crops of the feature comparison")
-    parser.add_argument("--backbones", default=",".join(BACKBONES))
+    parser.add_argument("--backbones", default=",".join(BACKBONES), help="of the feature rows ('': none)")
+    parser.add_argument("--label", default="", help="written as bench/results/int8-LABEL.json (e.g. the banks' backbone)")
     args = parser.parse_args()
     apply_thread_plan()
     print(f"CPU {cpu()}", flush=True)
-    features = feature_rows(data_set(CATEGORIES[0], args.data), args.backbones.split(","), args.images,
-                            max(3, args.rounds * 2))
+    backbones = [name for name in args.backbones.split(",") if name]
+    features = feature_rows(data_set(CATEGORIES[0], args.data), backbones, args.images, max(3, args.rounds * 2))
     evals = eval_rows(args.banks, args.data, args.rounds)
-    write_result("int8", {"features": features, "eval": evals},
+    write_result("int8" + (f"-{args.label}" if args.label else ""), {"features": features, "eval": evals},
                  command=" ".join(["bench/int8.py", *sys.argv[1:]]))
 
 

@@ -127,6 +127,12 @@ TABLES: dict[str, Table] = {
         ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
         ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}")),
         lambda figures: figures[0]["eval"]),
+    "int8-efficientnet_lite2": Table(("int8-efficientnet_lite2",), (
+        ("data", "{data}"), ("precision", "{precision}"), ("images/s", "{images_per_s:.1f}"),
+        ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"),
+        ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
+        ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}")),
+        lambda figures: figures[0]["eval"]),
     "threshold_sizes": Table(("threshold_sizes",), (
         ("set", "{set}"), ("train images", "{n_train}"), ("method", "{method}"), ("threshold", "{threshold:.2f}"),
         ("FAR (test good)", "{false_alarm_rate:.3f}"), ("FAR (unused train)", "{unused:.3f} || -"),
