@@ -106,33 +106,44 @@ def threshold_rows(figures: list[dict]) -> list[dict]:
             for one in figures for row in one["rows"] for method in ("leave-out", "kfold") if method in row]
 
 
+def eval_speed_table(result: str, this: str) -> Table:
+    """bench/eval_speed.py's rows: a baseline checkout against this one (`this`: the column's name)."""
+    return Table((result,), (
+        ("data", "{data}"), ("baseline images/s", "{baseline_images_per_second:.2f}"),
+        (this, "{this_images_per_second:.2f}"), ("ratio", "x{ratio:.2f}"),
+        ("image AUROC", "{baseline_image_auroc:.4f} / {this_image_auroc:.4f}"),
+        ("pixel AUROC", "{baseline_pixel_auroc:.4f} / {this_pixel_auroc:.4f}"),
+        ("PRO", "{baseline_pro:.4f} / {this_pro:.4f}")))
+
+
+def int8_eval_table(result: str) -> Table:
+    """bench/int8.py's end-to-end rows: `patchcore eval` of one set of banks in fp32 and in int8."""
+    return Table((result,), (
+        ("data", "{data}"), ("precision", "{precision}"), ("images/s", "{images_per_s:.1f}"),
+        ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"),
+        ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
+        ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}")), lambda figures: figures[0]["eval"])
+
+
 TABLES: dict[str, Table] = {
     "profile_path": Table(("profile_path-before", "profile_path-after"), (
         ("run", "{run}"), ("source", "{source}"), ("images/s", "{images_per_second:.2f}"),
         *((f"{stage} %", "{" + stage + ":.0f}") for stage in STAGES)), profile_rows),
-    "eval_speed": Table(("eval_speed",), (
-        ("data", "{data}"), ("baseline images/s", "{baseline_images_per_second:.2f}"),
-        ("this images/s", "{this_images_per_second:.2f}"), ("ratio", "x{ratio:.2f}"),
-        ("image AUROC", "{baseline_image_auroc:.4f} / {this_image_auroc:.4f}"),
-        ("pixel AUROC", "{baseline_pixel_auroc:.4f} / {this_pixel_auroc:.4f}"),
-        ("PRO", "{baseline_pro:.4f} / {this_pro:.4f}"))),
+    "eval_speed": eval_speed_table("eval_speed", "this images/s"),
+    "eval_speed-int8": eval_speed_table("eval_speed-int8", "this, int8, images/s"),
+    "worker_speed": Table(("worker_speed",), (
+        ("mode", "{mode}"), ("baseline frames/s", "{baseline_frames_per_second:.1f}"),
+        ("this frames/s", "{this_frames_per_second:.1f}"), ("ratio", "x{ratio:.2f}"),
+        ("latency p50 ms (baseline / this)", "{baseline_latency_ms_p50:.0f} / {this_latency_ms_p50:.0f}"),
+        ("latency p99 ms (baseline / this)", "{baseline_latency_ms_p99:.0f} / {this_latency_ms_p99:.0f}"),
+        ("every frame scored", "{complete}"))),
     "int8-features": Table(("int8",), (
         ("backbone", "{backbone}"), ("fp32 images/s", "{fp32_images_per_s:.1f}"),
         ("int8 images/s", "{int8_images_per_s:.1f}"), ("speed-up", "x{speedup:.2f}"),
         ("feature difference (Frobenius, relative)", "{feature_fro_rel:.3f}")),
         lambda figures: figures[0]["features"]),
-    "int8-eval": Table(("int8",), (
-        ("data", "{data}"), ("precision", "{precision}"), ("images/s", "{images_per_s:.1f}"),
-        ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"),
-        ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
-        ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}")),
-        lambda figures: figures[0]["eval"]),
-    "int8-efficientnet_lite2": Table(("int8-efficientnet_lite2",), (
-        ("data", "{data}"), ("precision", "{precision}"), ("images/s", "{images_per_s:.1f}"),
-        ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"),
-        ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
-        ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}")),
-        lambda figures: figures[0]["eval"]),
+    "int8-eval": int8_eval_table("int8"),
+    "int8-efficientnet_lite2": int8_eval_table("int8-efficientnet_lite2"),
     "threshold_sizes": Table(("threshold_sizes",), (
         ("set", "{set}"), ("train images", "{n_train}"), ("method", "{method}"), ("threshold", "{threshold:.2f}"),
         ("FAR (test good)", "{false_alarm_rate:.3f}"), ("FAR (unused train)", "{unused:.3f} || -"),
