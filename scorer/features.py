@@ -420,12 +420,6 @@ def onnx_graph(extractor: PatchFeatureExtractor, size: tuple[int, int]) -> tuple
     return graph.getvalue(), grid
 
 
-def onnx_session(extractor: PatchFeatureExtractor, size: tuple[int, int]) -> tuple[object, tuple[int, int]]:
-    """(an ONNX Runtime session of the extractor's float32 patch_features for [B, 3, *size] inputs, any B; its grid)."""
-    graph, grid = onnx_graph(extractor, size)
-    return ort_session(graph), grid
-
-
 def ort_session(graph: bytes, threads: int | None = None) -> object:
     """An ONNX Runtime CPU session of a serialised graph; by default it gets torch's thread count
     (scorer.hardware.thread_plan: the two run one after the other, never at once)."""
