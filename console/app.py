@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import secrets
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -510,7 +511,7 @@ def create_app(client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettin
 
 
 class ConsoleServer:
-    """uvicorn serving the console, in the calling thread (`run`) or a background thread (`start`/`stop`)."""
+    """uvicorn serving the console in a background thread (`start`/`stop`; `serve` blocks until a signal)."""
 
     def __init__(self, client: redis.Redis, keys: Keys = Keys(), settings: ConsoleSettings = ConsoleSettings()):
         import uvicorn
@@ -521,8 +522,18 @@ class ConsoleServer:
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
-    def run(self) -> None:
-        self.server.run()
+    def serve(self) -> None:
+        """After `start`: block until Ctrl-C or SIGTERM, then stop gracefully (what `patchcore console` runs, so
+        that it says where it listens only once it does)."""
+        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self.server, "should_exit", True))
+        try:
+            while self._thread is not None and self._thread.is_alive():
+                self._thread.join(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.stop()
 
     def start(self, timeout: float = 10.0) -> "ConsoleServer":
         self._thread = threading.Thread(target=self.server.run, name="console", daemon=True)

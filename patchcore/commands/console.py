@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from console.app import ConsoleServer, ConsoleSettings
+from console.app import ConsoleError, ConsoleServer, ConsoleSettings
 from console.auth import USER, CredentialsError, hash_password
 
 from ..helptext import Typer
@@ -36,9 +36,12 @@ def console_command(ctx: typer.Context, console: dict = None, credentials: Conso
         return
     settings = ConsoleSettings(**console, credentials=console_credentials(credentials),
                                allowed_hosts=tuple(allowed_host) if allowed_host else None)
-    server = ConsoleServer(conn.client(), conn.keys, settings)
+    try:
+        server = ConsoleServer(conn.client(), conn.keys, settings).start()  # listening before it says so
+    except ConsoleError as exc:  # the port in use, say
+        fail(str(exc))
     typer.echo(f"console at {settings.url} ({'operators can log in' if settings.credentials else 'read-only'})")
-    server.run()
+    server.serve()
 
 
 @console_app.command("hash-password")
