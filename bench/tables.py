@@ -90,10 +90,11 @@ STAGES = ("decode", "resize_normalise", "backbone", "pooling", "search", "reweig
           "other")
 
 
-def profile_rows(figures: list[dict]) -> list[dict]:
-    """One row per profile (before, after) and source: images/s and each stage's share (bench/profile_path.py)."""
+def profile_rows(figures: list[dict], labels: tuple[str, ...] = ("before", "after")) -> list[dict]:
+    """One row per profile (`labels`, in the table's result order) and source: images/s and each stage's share
+    (bench/profile_path.py)."""
     rows = []
-    for label, one in zip(("before", "after"), figures):
+    for label, one in zip(labels, figures):
         for source, result in one["sources"].items():
             rows.append({"run": label, "source": source, "images_per_second": result["images_per_second"],
                          **{stage: result["stages"].get(stage, {}).get("share", 0.0) * 100 for stage in STAGES}})
@@ -129,6 +130,10 @@ TABLES: dict[str, Table] = {
     "profile_path": Table(("profile_path-before", "profile_path-after"), (
         ("run", "{run}"), ("source", "{source}"), ("images/s", "{images_per_second:.2f}"),
         *((f"{stage} %", "{" + stage + ":.0f}") for stage in STAGES)), profile_rows),
+    "profile_path-backbones": Table(("profile_path-mobilenet_v2", "profile_path-efficientnet_lite2"), (
+        ("backbone", "{run}"), ("source", "{source}"), ("images/s", "{images_per_second:.2f}"),
+        *((f"{stage} %", "{" + stage + ":.0f}") for stage in STAGES)),
+        lambda figures: profile_rows(figures, ("mobilenet_v2", "efficientnet_lite2"))),
     "eval_speed": eval_speed_table("eval_speed", "this images/s"),
     "eval_speed-int8": eval_speed_table("eval_speed-int8", "this, int8, images/s"),
     "worker_speed": Table(("worker_speed",), (
