@@ -126,6 +126,16 @@ def int8_eval_table(result: str) -> Table:
         ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}")), lambda figures: figures[0]["eval"])
 
 
+def threshold_table(result: str) -> Table:
+    """bench/threshold_sizes.py's rows: the threshold at each training-set size and calibration method."""
+    return Table((result,), (
+        ("set", "{set}"), ("train images", "{n_train}"), ("method", "{method}"), ("threshold", "{threshold:.2f}"),
+        ("FAR (test good)", "{false_alarm_rate:.3f}"), ("FAR (unused train)", "{unused:.3f} || -"),
+        ("recall", "{recall:.3f}"), ("best recall at the rate", "{best_recall_at_rate:.3f}"),
+        ("gap", "{recall_gap:+.3f}"), ("good-score mean (test good)", "{good_scores_mean:.2f} ({test_good_mean:.2f})"),
+        ("tail KS p", "{tail_ks_pvalue:.2f}")), threshold_rows)
+
+
 TABLES: dict[str, Table] = {
     "profile_path": Table(("profile_path-before", "profile_path-after"), (
         ("run", "{run}"), ("source", "{source}"), ("images/s", "{images_per_second:.2f}"),
@@ -149,12 +159,8 @@ TABLES: dict[str, Table] = {
         lambda figures: figures[0]["features"]),
     "int8-eval": int8_eval_table("int8"),
     "int8-efficientnet_lite2": int8_eval_table("int8-efficientnet_lite2"),
-    "threshold_sizes": Table(("threshold_sizes",), (
-        ("set", "{set}"), ("train images", "{n_train}"), ("method", "{method}"), ("threshold", "{threshold:.2f}"),
-        ("FAR (test good)", "{false_alarm_rate:.3f}"), ("FAR (unused train)", "{unused:.3f} || -"),
-        ("recall", "{recall:.3f}"), ("best recall at the rate", "{best_recall_at_rate:.3f}"),
-        ("gap", "{recall_gap:+.3f}"), ("good-score mean (test good)", "{good_scores_mean:.2f} ({test_good_mean:.2f})"),
-        ("tail KS p", "{tail_ks_pvalue:.2f}")), threshold_rows),
+    "threshold_sizes": threshold_table("threshold_sizes"),
+    "threshold_sizes-efficientnet_lite2": threshold_table("threshold_sizes-efficientnet_lite2"),
     "views": Table(("views",), (("data", "{data}"), ("view", "{view}"), *EVAL, ("threshold", "{threshold:.2f}"),
                              *GOOD_ONLY, ("images/s", "{images_per_s:.2f}"))),
     "views-efficientnet_lite0": Table(("views-efficientnet_lite0",), (

@@ -98,6 +98,7 @@ def main() -> None:
                         help="rows so far, rewritten after each (the finished run goes to bench/results/)")
     parser.add_argument("--methods", nargs="+", default=["leave-out", "kfold"], choices=["leave-out", "kfold"])
     parser.add_argument("--combine", nargs="+", help="merge these result files (runs of one set each) into --out")
+    parser.add_argument("--label", default="", help="written as bench/results/threshold_sizes-LABEL.json")
     args = parser.parse_args()
     args.data = args.data or [str(data_set(None, name)) for name in ("mvtec_bottle", "visa_macaroni1")]
     if args.combine:
@@ -135,7 +136,7 @@ def main() -> None:
                                        "reweight_neighbours": config.reweight_neighbours, "target_rate": args.rate,
                                        "subset_seed": args.subset_seed, "search": "default (auto)",
                                        "rows": rows}, indent=2) + "\n")
-    write_result("threshold_sizes", json.loads(out.read_text()))
+    write_result("threshold_sizes" + (f"-{args.label}" if args.label else ""), json.loads(out.read_text()))
     print(render("threshold_sizes"))
 
 
