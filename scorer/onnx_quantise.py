@@ -1,13 +1,14 @@
 """int8 feature graphs: ONNX Runtime's static quantisation of the extractor's float32 graph (scorer.features).
 
-What is quantised (measured by bench/int8.py on a 2-core AMD EPYC with AVX-512 VNNI, 16 bottle test crops, 224 px):
-every operator in QDQ form (quantise/dequantise pairs ONNX Runtime fuses into int8 kernels), weights int8 per
-output channel, activations uint8 per tensor from the min/max ranges of the calibration windows - except the
-backbone's first `FLOAT_STAGES` stages, kept float32. Quantised whole, mobilenet_v2's features moved by 18-23 %
+What is quantised: every operator in QDQ form (quantise/dequantise pairs ONNX Runtime fuses into int8 kernels),
+weights int8 per output channel, activations uint8 per tensor from the min/max ranges of the calibration windows -
+except the backbone's first `FLOAT_STAGES` stages, kept float32. Why (a /tmp comparison on the 2-core AMD EPYC
+with AVX-512 VNNI, 16 bottle test crops at 224 px): quantised whole, mobilenet_v2's features moved by 18-23 %
 (Frobenius, relative), nearly all of it from its first inverted residual block (features.1, whose depthwise
-activations one per-tensor scale cannot hold); with stages 0-2 in float32 5 %, at about 2x float32's speed
-(Lite2: 11 % whole, 7 % with stages 0-2 float32, 1.6-1.8x). `reduce_range` (7-bit weights) only where the CPU has
-no VNNI: the AVX2 u8 x s8 kernels sum pairs of products in int16, which saturates with full 8-bit weights.
+activations one per-tensor scale cannot hold), Lite2's by 11 %; with stages 0-2 in float32, 5 % and 7 %.
+bench/int8.py measures the shipped form against float32 (features, speed, `patchcore eval` end to end).
+`reduce_range` (7-bit weights) only where the CPU has no VNNI: the AVX2 u8 x s8 kernels sum pairs of products in
+int16, which saturates with full 8-bit weights.
 
 Calibration inputs must be real images of the line (a bank's good training windows): the activation ranges are
 taken from them, so noise or another line's images would give ranges that clip or waste the 8 bits.
