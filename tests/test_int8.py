@@ -2,9 +2,10 @@
 against float32 on real images and real mobilenet_v2 weights; the calibration windows a bank stores; where int8 is
 refused (no VNNI, engine torch, a bank without windows).
 
-Tolerances (measured on this machine, AMD EPYC with AVX-512 VNNI, mobilenet_v2, crop view): image scores moved by
-at most 1.6 % (bottle) of the highest fp32 score; a bank's threshold by at most a few %. The test allows 5 % and
-8 % (margin for other CPUs' kernels), and the image AUROC must not move."""
+Tolerances (measured with this test's own data on an AMD EPYC with AVX-512 VNNI, mobilenet_v2, crop view): image
+scores moved by 0.6 % of the highest fp32 score, maps by 6 % of the map's maximum, the threshold of a bank built in
+int8 by 4 % of the fp32-built one's. The test allows 5 %, 15 % and 8 % (margin for other CPUs' kernels), and the
+image AUROC must not move."""
 from dataclasses import replace
 from pathlib import Path
 
