@@ -14,11 +14,10 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from datadir import category as data_set  # bench/datadir.py
-from results import write_result  # bench/results.py
+from results import patchcore_json, write_result  # bench/results.py
 
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = ("mvtec_bottle", "visa_macaroni1")
@@ -26,13 +25,8 @@ CATEGORIES = ("mvtec_bottle", "visa_macaroni1")
 
 def run_eval(checkout: Path, data: Path, bank: Path, extra: tuple[str, ...] = ()) -> dict:
     """One `patchcore eval --bank` of a checkout (its own .venv), its report."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        done = subprocess.run([str(checkout / ".venv" / "bin" / "patchcore"), "eval", "--data", str(data), "--bank",
-                               str(bank), "--device", "cpu", "--no-progress", "--json", out.name, *extra],
-                              capture_output=True, text=True, cwd=checkout, timeout=3600)
-        if done.returncode != 0:
-            raise SystemExit(f"eval failed in {checkout}: {done.stderr[-2000:]}")
-        return json.loads(Path(out.name).read_text())
+    return patchcore_json(checkout, "eval", "--data", str(data), "--bank", str(bank), "--device", "cpu",
+                          "--no-progress", *extra)
 
 
 def main() -> None:

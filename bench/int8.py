@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 
 from datadir import category as data_set  # bench/datadir.py
-from results import cpu, write_result  # bench/results.py
+from results import cpu, patchcore_json, write_result  # bench/results.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -81,11 +79,8 @@ def feature_rows(folder: Path, backbones: list[str], images: int, rounds: int) -
 
 
 def run_eval(data: Path, bank: Path, precision: str) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([sys.executable, "-m", "patchcore", "eval", "--data", str(data), "--bank", str(bank),
-                        "--device", "cpu", "--precision", precision, "--no-progress", "--json", out.name],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        return json.loads(Path(out.name).read_text())
+    return patchcore_json(ROOT, "eval", "--data", str(data), "--bank", str(bank), "--device", "cpu", "--precision",
+                          precision, "--no-progress")
 
 
 def eval_rows(banks: Path, data_root: Path | None, rounds: int) -> list[dict]:

@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,6 +63,17 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (commit + ("+dirty" if dirty else "")) or None
+
+
+def patchcore_json(checkout: Path, *args: str, timeout: float = 3600) -> dict:
+    """`patchcore ARGS --json F` run by a checkout's own .venv, in that checkout: the JSON it wrote. A failed run
+    stops the bench with the tail of its stderr."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        done = subprocess.run([str(checkout / ".venv" / "bin" / "patchcore"), *args, "--json", out.name],
+                              capture_output=True, text=True, cwd=checkout, timeout=timeout)
+        if done.returncode != 0:
+            raise SystemExit(f"patchcore {args[0]} failed in {checkout}: {done.stderr[-2000:]}")
+        return json.loads(Path(out.name).read_text())
 
 
 def finite(value):

@@ -15,22 +15,16 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from results import write_result  # bench/results.py
+from results import patchcore_json, write_result  # bench/results.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_up(checkout: Path, args: list[str]) -> dict:
     """One `patchcore up ARGS --json F` of a checkout (its own .venv), its summary."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        done = subprocess.run([str(checkout / ".venv" / "bin" / "patchcore"), "up", *args, "--json", out.name],
-                              capture_output=True, text=True, cwd=checkout, timeout=1800)
-        if done.returncode != 0:
-            raise SystemExit(f"up failed in {checkout}: {done.stderr[-2000:]}")
-        return json.loads(Path(out.name).read_text())
+    return patchcore_json(checkout, "up", *args, timeout=1800)
 
 
 def main() -> None:
