@@ -66,3 +66,13 @@ def test_refusals_are_told_apart_by_type_not_text():
     assert refusal(redis.exceptions.ConnectionError("out of memory")).startswith("cannot reach Redis")
     assert refusal(SourceError("cannot open rtsp://x")) == "cannot open the source: cannot open rtsp://x"
     assert refusal(ValueError("NOPERM")) is None  # a bug keeps its traceback
+
+
+def test_eval_of_a_folder_without_a_test_set_says_so_before_building(tmp_path):
+    """Bad input (exit 2): a data folder with training images but no test/ is refused with the layout expected,
+    before any bank is built (no weights are loaded: --weights names a file that does not exist), not a traceback."""
+    (tmp_path / "train" / "good").mkdir(parents=True)
+    done = patchcore("eval", "--data", str(tmp_path), "--backbone", "mobilenet_v2", "--weights",
+                     str(tmp_path / "absent.pth"), "--no-progress")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"error: {tmp_path / 'test'} not found: expected the MVTec layout test/<type>" in done.stderr

@@ -14,7 +14,7 @@ import typer
 from scorer import BackboneError, BankError, BuildConfig, ImageDecodeError, load_bank, load_image
 from scorer.bank import EnsembleBank, bank_size
 from scorer.ensemble import scorer_for
-from scorer.evaluate import evaluate
+from scorer.evaluate import evaluate, test_samples
 from scorer.index import IndexError_
 from workers.camera import CameraRegions, thresholds
 from workers.settings import WorkerSettings
@@ -51,6 +51,10 @@ def evaluate_command(
 ) -> None:
     """Image AUROC, pixel AUROC and PRO on a category's test set (builds the bank unless --bank)."""
     compute = compute_config(precision, channels_last, device, engine)
+    try:
+        test_samples(data)  # the test set's layout, checked before a bank is built for it
+    except FileNotFoundError as exc:
+        fail(str(exc))
     try:
         if bank is not None:
             loaded, fit_seconds = load_bank(bank), 0.0
