@@ -296,30 +296,29 @@ class PatchFeatureExtractor(nn.Module):
 
     def _make_graph(self, size: tuple[int, int], calibration: Int8Calibration | None) -> _Graph:
         """The float32 graph for `size` (int8: quantised with `calibration`); a graph that cannot be made is said
-        once and runs as the next best: an int8 failure in float32 ONNX Runtime, an export failure in torch."""
+        once and runs as the next best: an int8 failure in float32 ONNX Runtime, any other failure in torch."""
         try:
             graph, grid = onnx_graph(self, size)
+            session = None if calibration is None else self._int8_session(graph, calibration, size)
+            return _Graph(session if session is not None else ort_session(graph), grid)
         # the exporter and ONNX Runtime raise errors of their own kinds (RuntimeError, onnxruntime's Fail,
         # InvalidGraph...): whatever it is, this size is scored by torch instead, said once
         except Exception as exc:  # noqa: BLE001
             log.warning("onnxruntime cannot run this backbone at this input size; torch runs it",
                         extra={"fields": {"size": list(size), "error": f"{type(exc).__name__}: {exc}"}})
             return _Graph(None, None)
-        if calibration is not None:
-            from .onnx_quantise import quantise_graph
 
-            try:
-                quantised = quantise_graph(graph, calibration.inputs(size), reduce_range=not cpu_features().int8)
-                return _Graph(ort_session(quantised), grid)
-            except Exception as exc:  # noqa: BLE001 - the quantiser's and ONNX Runtime's own error kinds
-                log.warning("the int8 graph cannot be made at this input size; float32 onnxruntime runs it",
-                            extra={"fields": {"size": list(size), "error": f"{type(exc).__name__}: {exc}"}})
+    @staticmethod
+    def _int8_session(graph: bytes, calibration: Int8Calibration, size: tuple[int, int]) -> object | None:
+        """An ONNX Runtime session of `graph` quantised with `calibration`; None (said once) where it cannot be made."""
+        from .onnx_quantise import quantise_graph
+
         try:
-            return _Graph(ort_session(graph), grid)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("onnxruntime cannot run this backbone at this input size; torch runs it",
+            return ort_session(quantise_graph(graph, calibration.inputs(size), reduce_range=not cpu_features().int8))
+        except Exception as exc:  # noqa: BLE001 - the quantiser's and ONNX Runtime's own error kinds
+            log.warning("the int8 graph cannot be made at this input size; float32 onnxruntime runs it",
                         extra={"fields": {"size": list(size), "error": f"{type(exc).__name__}: {exc}"}})
-            return _Graph(None, None)
+            return None
 
     def fingerprint(self) -> str:
         """sha256 of everything the features depend on: the settings, the input normalisation and every weight

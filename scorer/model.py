@@ -35,7 +35,7 @@ from .views import (Layout, Region, ViewConfig, ViewError, layout, shape_groups,
                     inspected_box)
 
 Image = Union[np.ndarray, str, Path]  # an RGB uint8 array, or an image file
-CALIBRATION_WINDOWS = 16  # good training windows a bank keeps for int8 scoring (scorer.features.Int8Calibration)
+CALIBRATION_WINDOW_COUNT = 16  # good training windows a bank keeps for int8 scoring (scorer.features.Int8Calibration)
 CALIBRATION_BYTES = 16 << 20  # at most this much of them (float16): fewer windows where the view's are large
 
 
@@ -421,7 +421,7 @@ def extract_patches(extractor: PatchFeatureExtractor, sources: Sequence[Image], 
 
 
 def calibration_windows(sources: Sequence[Image], view: ViewConfig, device: torch.device,
-                        count: int = CALIBRATION_WINDOWS) -> np.ndarray:
+                        count: int = CALIBRATION_WINDOW_COUNT) -> np.ndarray:
     """Up to `count` good windows [N, 3, h, w] float16, ImageNet-normalised as every backbone takes them, spread
     over the training images (theirs and the view's windows alike; those of the first image's window size): what
     int8 scoring takes its activation ranges from (scorer.features.Int8Calibration)."""

@@ -141,3 +141,22 @@ def test_int8_refused_where_it_cannot_run(monkeypatch):
     resolved = ComputeConfig("int8").resolve("cpu")
     assert resolved.precision == "int8" and resolved.engine == "onnxruntime"
     assert ComputeConfig().resolve("cpu").precision == "fp32"  # int8 is an option, never the default
+
+
+def test_an_int8_graph_that_cannot_be_made_runs_in_float32_onnxruntime(mobilenet, monkeypatch):
+    """A quantiser failure never fails a batch or a bank load: that size runs the float32 ONNX graph."""
+    import torch
+
+    import scorer.onnx_quantise as onnx_quantise
+    from scorer.model import build_extractor
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("quantiser failure")
+
+    monkeypatch.setattr(onnx_quantise, "quantise_graph", broken)
+    windows = Int8Calibration(np.random.default_rng(2).standard_normal((4, 3, 64, 64)).astype(np.float16))
+    int8, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), compute=INT8)
+    fp32, _ = build_extractor(FeatureConfig(backbone="mobilenet_v2"), compute=ComputeConfig("fp32", engine="onnxruntime"))
+    x = torch.rand(2, 3, 64, 64)
+    int8.warm_up((64, 64), windows)  # does not raise
+    assert torch.equal(int8(x, windows)[0], fp32(x)[0])
