@@ -75,9 +75,8 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 # What "auto" picks: the first whose ImageNet weights are present. wide_resnet50_2 is the paper's; without it,
 # efficientnet_lite2, whose weights are a package dependency (present on every install) and which measured best
-# of the offline backbones and ensembles (docs/scorer.md "Backbones and ensembles (eval)": macaroni1 image AUROC
-# 0.938 and best recall at 5 % false alarms 0.72 against Lite1's 0.932 / 0.65, Lite0's 0.921 / 0.58 and
-# mobilenet_v2's 0.890 / 0.45; bottle 1.000 for all, Lite2 the best PRO); then Lite0 and mobilenet_v2.
+# of the offline backbones and ensembles on macaroni1 and bottle (the table and its reading: docs/scorer.md,
+# "Backbones and ensembles (eval)"); then Lite0 and mobilenet_v2.
 AUTO_PREFERENCE = ("wide_resnet50_2", "efficientnet_lite2", "efficientnet_lite0", "mobilenet_v2")
 
 

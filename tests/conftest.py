@@ -15,6 +15,17 @@ needs_bottle = pytest.mark.skipif(not BOTTLE.is_dir(), reason="../shared/dataset
 needs_video = pytest.mark.skipif(not VIDEO.is_file(), reason="../shared/media/bottle-detection.mp4 is absent")
 
 
+def cpu_flags() -> set[str]:
+    """The flags line of /proc/cpuinfo, read here independently of scorer.hardware (the tests' own expectation)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 @pytest.fixture(scope="session")
 def mobilenet():
     """Real ImageNet mobilenet_v2 weights from the torch hub cache (seeded by the README set-up)."""

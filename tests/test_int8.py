@@ -20,7 +20,7 @@ from scorer.features import ComputeConfig, ComputeError, Int8Calibration
 from scorer.hardware import CpuFeatures
 from scorer.preprocess import list_images, load_image
 
-from .conftest import BOTTLE, SHARED, needs_bottle
+from .conftest import BOTTLE, SHARED, cpu_flags, needs_bottle
 
 MACARONI = SHARED / "datasets" / "visa_macaroni1"
 SCORE_RTOL = 0.05  # |int8 - fp32| image score, relative to the highest fp32 score
@@ -28,16 +28,9 @@ THRESHOLD_RTOL = 0.08  # a bank built in int8 against one built in fp32, same im
 MAP_RTOL = 0.15  # |int8 - fp32| anomaly map, relative to the fp32 map's maximum
 
 
-def _vnni() -> bool:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split(":", 1)[1].split()))
-
-
-needs_vnni = pytest.mark.skipif(not _vnni(), reason="int8 runs natively only on CPUs with VNNI")
-INT8 = ComputeConfig("int8", emulate=not _vnni())  # emulate: the refusal tests' CPUs without VNNI still build
+VNNI = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+needs_vnni = pytest.mark.skipif(not VNNI, reason="int8 runs natively only on CPUs with VNNI")
+INT8 = ComputeConfig("int8", emulate=not VNNI)  # emulate: the refusal tests' CPUs without VNNI still build
 
 
 def _set(category: Path, train_every: int, tests: int) -> tuple[list[Path], list[np.ndarray], np.ndarray]:

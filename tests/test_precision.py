@@ -14,7 +14,7 @@ from scorer.hardware import cpu_features
 from scorer.model import build_extractor
 from scorer.preprocess import list_images, load_image, preprocess
 
-from .conftest import BOTTLE, SHARED, needs_bottle
+from .conftest import BOTTLE, SHARED, cpu_flags, needs_bottle
 
 MACARONI = SHARED / "datasets" / "visa_macaroni1"
 needs_macaroni = pytest.mark.skipif(not MACARONI.is_dir(), reason="../shared/datasets/visa_macaroni1 is absent")
@@ -26,18 +26,7 @@ LAYOUT_RTOL = 1e-5
 BF16_RTOL = 0.06
 
 
-def _cpu_flags() -> set[str]:
-    """The flags line of /proc/cpuinfo, read here independently of scorer.hardware."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-NATIVE_BF16 = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+NATIVE_BF16 = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def _images(category: Path, count: int) -> list[np.ndarray]:
@@ -109,7 +98,7 @@ def test_bad_settings_refused_by_type():
 def test_bf16_refused_on_a_cpu_without_native_bf16():
     with pytest.raises(ComputeError):
         ComputeConfig("bf16").resolve("cpu")
-    if not {"avx512_fp16", "amx_fp16"} & _cpu_flags():
+    if not {"avx512_fp16", "amx_fp16"} & cpu_flags():
         with pytest.raises(ComputeError):
             ComputeConfig("fp16").resolve("cpu")
     emulated = ComputeConfig("bf16", emulate=True).resolve("cpu")  # tests only: reference kernels
