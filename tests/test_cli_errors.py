@@ -76,3 +76,15 @@ def test_eval_of_a_folder_without_a_test_set_says_so_before_building(tmp_path):
                      str(tmp_path / "absent.pth"), "--no-progress")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"error: {tmp_path / 'test'} not found: expected the MVTec layout test/<type>" in done.stderr
+
+
+def test_a_console_whose_port_is_taken_says_so(redis_server):
+    """`patchcore console` says where it listens only once it does: a port another process holds is an error
+    (exit 2) naming the address, and no "console at" line is printed."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = patchcore("console", "--port", str(port), "--redis-url", redis_server.url, timeout=60)
+    assert done.returncode == 2 and "console at" not in done.stdout, (done.stdout, done.stderr[-2000:])
+    assert f"error: the console could not start on http://127.0.0.1:{port}/" in done.stderr
