@@ -103,8 +103,14 @@ def profile_rows(figures: list[dict], labels: tuple[str, ...] = ("before", "afte
 
 def threshold_rows(figures: list[dict]) -> list[dict]:
     """One row per data set, training-set size and calibration method (bench/threshold_sizes.py)."""
-    return [{**row, **row[method], "method": method, "unused": row[method]["false_alarm_rate_unused_train"]}
-            for one in figures for row in one["rows"] for method in ("leave-out", "kfold") if method in row]
+    def flat(row: dict, threshold: dict) -> dict:
+        interval = threshold.get("rate_interval")
+        return {**row, **threshold, "unused": threshold["false_alarm_rate_unused_train"],
+                "confidence": threshold.get("confidence", 0.5), "unused_mean": row.get("unused_train_mean"),
+                "interval": f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else None}
+
+    return [flat(row, threshold) for one in figures for row in one["rows"]
+            for threshold in row.get("thresholds") or [{**row[m], "method": m} for m in ("leave-out", "kfold") if m in row]]
 
 
 def eval_speed_table(result: str, this: str) -> Table:
@@ -129,10 +135,13 @@ def int8_eval_table(result: str) -> Table:
 def threshold_table(result: str) -> Table:
     """bench/threshold_sizes.py's rows: the threshold at each training-set size and calibration method."""
     return Table((result,), (
-        ("set", "{set}"), ("train images", "{n_train}"), ("method", "{method}"), ("threshold", "{threshold:.2f}"),
+        ("set", "{set}"), ("train images", "{n_train}"), ("method", "{method}"), ("confidence", "{confidence}"),
+        ("threshold", "{threshold:.2f}"), ("FAR 90 % interval (bank)", "{interval} || -"),
         ("FAR (test good)", "{false_alarm_rate:.3f}"), ("FAR (unused train)", "{unused:.3f} || -"),
         ("recall", "{recall:.3f}"), ("best recall at the rate", "{best_recall_at_rate:.3f}"),
-        ("gap", "{recall_gap:+.3f}"), ("good-score mean (test good)", "{good_scores_mean:.2f} ({test_good_mean:.2f})"),
+        ("gap", "{recall_gap:+.3f}"),
+        ("good-score mean: calibration / unused train / test good",
+         "{good_scores_mean:.2f} / {unused_mean:.2f} / {test_good_mean:.2f} || {good_scores_mean:.2f} / - / {test_good_mean:.2f}"),
         ("tail KS p", "{tail_ks_pvalue:.2f}")), threshold_rows)
 
 

@@ -1,7 +1,7 @@
 """The good-only threshold at any training-set size: leave-out vs k-fold calibration (issue 23, item 0).
 
     .venv/bin/python bench/threshold_sizes.py [--data DIR ...] [--sizes 30 50 100 0] [--backbone mobilenet_v2]
-        [--out bench/results/threshold_sizes.json]
+        [--confidences 0.5 0.9] [--label NAME]
     .venv/bin/python bench/threshold_sizes.py --combine A.json B.json [--out ...]   # one file, one table
 
 For each category (MVTec layout) and each training-set size (0: all of train/good; else a seeded random
@@ -9,10 +9,13 @@ subset), builds the bank exactly as `build_bank` does (crop view, 10 % coreset, 
 patch features extracted once per image, then sets the threshold at the target false-alarm rate from the
 good scores of both methods - "leave-out" (the default: the shipped coreset less each image's own features)
 and "kfold" (5 folds against coresets of the other folds) - and scores the test images with the bank's
-default search, as `patchcore eval` does. Per row: the threshold, the observed false-alarm rate on the good
-test images (and on the training images left out of a subset: more unseen good images), the recall, and
-`best_recall_at_rate` (the best recall any threshold reaches at the same false-alarm budget on the test
-scores). Both methods share the bank and the test scores; only the threshold differs.
+default search, as `patchcore eval` does. Per row: the threshold (at each `--confidences`, scorer.calibration
+.TailFits: 0.5 the fit's own estimate) with the interval of the false-alarm rate the bank reports, the observed
+false-alarm rate on the good test images (and on the training images left out of a subset: more unseen good
+images), the recall, and `best_recall_at_rate` (the best recall any threshold reaches at the same false-alarm
+budget on the test scores); and the mean good score of each kind (calibration, unused training, test), which
+tells a calibration that is off from test images that differ from the training ones. Both methods share the
+bank and the test scores; only the threshold differs.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import numpy as np
 from scipy import stats
 
 from scorer import BuildConfig, CalibrationConfig, CoresetConfig, FeatureConfig, PatchCoreScorer
-from scorer.calibration import fit_tail
+from scorer.calibration import TailFits, fit_tail
 from scorer.evaluate import test_samples, train_images
 from scorer.metrics import best_recall_at_rate, image_auroc
 from scorer.model import BankFit, PatchStore, build_extractor, extract_patches
@@ -43,7 +46,8 @@ def patches_of(extractor, paths, config: BuildConfig) -> list[np.ndarray]:
 
 
 def fit_row(train: list[np.ndarray], test: list[np.ndarray], labels: np.ndarray, unused: list[np.ndarray],
-            config: BuildConfig, feature_config, extractor, methods: tuple[str, ...] = ("leave-out", "kfold")) -> dict:
+            config: BuildConfig, feature_config, extractor, methods: tuple[str, ...] = ("leave-out", "kfold"),
+            confidences: tuple[float, ...] = (0.5,)) -> dict:
     rate = config.calibration.false_alarm_rate
     with tempfile.TemporaryDirectory(prefix="threshold-sizes-") as folder:
         store = PatchStore(Path(folder), feature_config.target_dim, config.coreset)
@@ -69,20 +73,26 @@ def fit_row(train: list[np.ndarray], test: list[np.ndarray], labels: np.ndarray,
            "best_recall_at_rate": best_recall_at_rate(labels, scores, rate),
            "test_good_mean": round(float(test_good.mean()), 4), "test_good_max": round(float(test_good.max()), 4),
            "n_test_good": int((~labels).sum()), "n_test_defective": int(labels.sum()), "n_unused_train": len(unused)}
+    if len(unused):
+        row["unused_train_mean"] = round(float(unused_scores.mean()), 4)
+    row["thresholds"] = []
     for method, values in good.items():
-        tail = fit_tail(values)
-        threshold = tail.quantile(rate)
+        tail, fits = fit_tail(values), TailFits(values)
         ks = stats.kstest(values, "gumbel_r", args=(tail.location, tail.scale))
-        row[method] = {
-            "threshold": round(threshold, 4),
-            "false_alarm_rate": float((test_good >= threshold).mean()),
-            "recall": float((scores[labels] >= threshold).mean()),
-            "false_alarm_rate_unused_train": float((unused_scores >= threshold).mean()) if len(unused) else None,
-            "good_scores_mean": round(float(values.mean()), 4),
-            "tail_ks_statistic": round(float(ks.statistic), 4), "tail_ks_pvalue": round(float(ks.pvalue), 4),
-            "seconds_under_load": seconds[method],
-        }
-        row[method]["recall_gap"] = round(row["best_recall_at_rate"] - row[method]["recall"], 4)
+        for confidence in confidences:
+            threshold = fits.threshold(rate, confidence)
+            one = {
+                "method": method, "confidence": confidence, "threshold": round(threshold, 4),
+                "rate_interval": [round(r, 4) for r in fits.rate_interval(threshold)],
+                "false_alarm_rate": float((test_good >= threshold).mean()),
+                "recall": float((scores[labels] >= threshold).mean()),
+                "false_alarm_rate_unused_train": float((unused_scores >= threshold).mean()) if len(unused) else None,
+                "good_scores_mean": round(float(values.mean()), 4),
+                "tail_ks_statistic": round(float(ks.statistic), 4), "tail_ks_pvalue": round(float(ks.pvalue), 4),
+                "seconds_under_load": seconds[method],
+            }
+            one["recall_gap"] = round(row["best_recall_at_rate"] - one["recall"], 4)
+            row["thresholds"].append(one)
     return row
 
 
@@ -97,6 +107,8 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/threshold_sizes.partial.json",
                         help="rows so far, rewritten after each (the finished run goes to bench/results/)")
     parser.add_argument("--methods", nargs="+", default=["leave-out", "kfold"], choices=["leave-out", "kfold"])
+    parser.add_argument("--confidences", nargs="+", type=float, default=[0.5, 0.9],
+                        help="threshold confidences (CalibrationConfig.confidence), each a row from the same scores")
     parser.add_argument("--combine", nargs="+", help="merge these result files (runs of one set each) into --out")
     parser.add_argument("--label", default="", help="written as bench/results/threshold_sizes-LABEL.json")
     args = parser.parse_args()
@@ -128,7 +140,7 @@ def main() -> None:
             chosen = np.sort(np.random.default_rng(args.subset_seed).permutation(len(paths))[:n])
             rest = np.setdiff1d(np.arange(len(paths)), chosen)
             row = fit_row([train[i] for i in chosen], test, labels, [train[i] for i in rest],
-                          replace(config), feature_config, extractor, tuple(args.methods))
+                          replace(config), feature_config, extractor, tuple(args.methods), tuple(args.confidences))
             row = {"set": Path(category).name, "size": "full" if n == len(paths) else n, **row}
             rows.append(row)
             print(json.dumps(row), flush=True)

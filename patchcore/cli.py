@@ -24,7 +24,8 @@ COMMANDS = {
     "alarm": "ops", "deadletter": "ops", "camera": "control", "audit": "control", "console": "console",
     "weights": "weights", "sink": "sink", "drift": "drift", "redis": "redisadmin",
 }
-BANK_COMMANDS = {"build": "bank", "combine": "bank", "info": "bank", "calibrate": "bank", "publish": "registry", "list": "registry",
+BANK_COMMANDS = {"build": "bank", "combine": "bank", "info": "bank", "calibrate": "bank", "threshold": "bank",
+                 "publish": "registry", "list": "registry",
                  "activate": "registry", "rollback": "registry", "update": "bank"}
 
 

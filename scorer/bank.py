@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from .calibration import POINT_ESTIMATE, TailFits, tail_fit_pvalue
 from .config import COMBINES, CoresetConfig, FeatureConfig
 from .position import PositionNorm
 from .views import ViewConfig
@@ -41,28 +42,53 @@ class Calibration:
     """Decision threshold on image scores and how it was chosen."""
 
     threshold: float
-    # "kfold-gumbel" (good images only, at a target false-alarm rate), "f1" (labelled validation images),
-    # "good-sigma" (banks of format 1: mean + 3 std of 10 % held-back images)
+    # "leave-out-gumbel" / "kfold-gumbel" (good images only, at a target false-alarm rate), "f1" (labelled
+    # validation images), "good-sigma" (banks of format 1: mean + 3 std of 10 % held-back images)
     method: str
     good_scores: tuple[float, ...] = ()  # every training image's score against a bank without it
     false_alarm_rate: float | None = None  # the target rate the threshold was set for
     folds: int | None = None
     f1: float | None = None
     tail_pvalue: float | None = None  # KS p-value of the good scores against the fitted Gumbel (low: misfit)
+    confidence: float | None = None  # how sure the threshold is to hold the rate (None: banks before it, 0.5)
+    # the false-alarm rate at the threshold under the tail fits the good scores allow (RATE_INTERVAL_LEVEL)
+    rate_interval: tuple[float, float] | None = None
+
+    @classmethod
+    def fitted(cls, good: np.ndarray, false_alarm_rate: float, method: str, folds: int | None = None,
+               confidence: float = POINT_ESTIMATE) -> "Calibration":
+        """The threshold at `false_alarm_rate` (with `confidence`) fitted to good scores [N]."""
+        good = np.asarray(good, dtype=np.float64)
+        fits = TailFits(good)
+        threshold = fits.threshold(false_alarm_rate, confidence)
+        return cls(threshold=threshold, method=method, good_scores=tuple(float(g) for g in good),
+                   false_alarm_rate=false_alarm_rate, folds=folds, tail_pvalue=tail_fit_pvalue(good),
+                   confidence=confidence, rate_interval=fits.rate_interval(threshold))
+
+    def refit(self, good: np.ndarray) -> "Calibration":
+        """The same calibration fitted to other good scores (a bank update's, an ensemble's): its rate and
+        confidence kept. Only for calibrations at a target rate."""
+        if self.false_alarm_rate is None:
+            raise ValueError(f"a {self.method} threshold has no target false-alarm rate to refit")
+        return Calibration.fitted(good, self.false_alarm_rate, self.method, self.folds,
+                                  POINT_ESTIMATE if self.confidence is None else self.confidence)
 
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "method": self.method, "good_scores": list(self.good_scores),
                 "false_alarm_rate": self.false_alarm_rate, "folds": self.folds, "f1": self.f1,
-                "tail_pvalue": self.tail_pvalue}
+                "tail_pvalue": self.tail_pvalue, "confidence": self.confidence,
+                "rate_interval": None if self.rate_interval is None else list(self.rate_interval)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Calibration":
-        rate, folds = data.get("false_alarm_rate"), data.get("folds")
+        rate, folds, interval = data.get("false_alarm_rate"), data.get("folds"), data.get("rate_interval")
         return cls(threshold=float(data["threshold"]), method=str(data["method"]),
                    good_scores=tuple(float(s) for s in data.get("good_scores", ())),
                    false_alarm_rate=None if rate is None else float(rate),
                    folds=None if folds is None else int(folds), f1=data.get("f1"),
-                   tail_pvalue=None if data.get("tail_pvalue") is None else float(data["tail_pvalue"]))
+                   tail_pvalue=None if data.get("tail_pvalue") is None else float(data["tail_pvalue"]),
+                   confidence=None if data.get("confidence") is None else float(data["confidence"]),
+                   rate_interval=None if interval is None else (float(interval[0]), float(interval[1])))
 
 
 @dataclass(frozen=True)

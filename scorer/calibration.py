@@ -9,9 +9,15 @@ so the good scores are what the shipped bank gives an unseen good image at any t
 many patch distances, so its distribution has an extreme-value (Gumbel) tail: a Gumbel fitted to the good
 scores by maximum likelihood gives the threshold at a target false-alarm rate, far steadier than mean + k
 std or an empirical quantile of a few hundred images; `tail_fit_pvalue` checks the fit.
+
+A fit from n good scores is itself uncertain, the more so the fewer the images: `TailFits` gives the interval of
+the false-alarm rate a threshold fitted from n scores has (`rate_interval`, reported with every bank) and, with
+`confidence` above 0.5, the threshold that holds the target rate with that confidence instead of the fit's own
+estimate (which is under the target in about half of all training sets).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +25,10 @@ from scipy import stats
 
 
 CALIBRATION_METHODS = ("leave-out", "kfold")
+POINT_ESTIMATE = 0.5  # confidence of the fitted tail's own quantile: as likely above the target rate as below
+TAIL_DRAWS = 1000  # standard Gumbel samples TailFits refits (fewer: its intervals cover less than they say)
+TAIL_SEED = 0  # their seed: a bank rebuilt from the same images gets the same threshold
+RATE_INTERVAL_LEVEL = 0.9  # the false-alarm rate's interval reported with a threshold
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,10 @@ class CalibrationConfig:
     false_alarm_rate: float = field(default=0.01, metadata={"help": "Target share of good images at or over the threshold."})
     method: str = field(default="leave-out", metadata={
         "help": "leave-out (each image against the shipped coreset less its own features) or kfold."})
+    confidence: float = field(default=POINT_ESTIMATE, metadata={
+        "help": "How sure the threshold is to hold --false-alarm-rate, given how many good images it was fitted "
+                "from: 0.5 = the fitted tail's own estimate; e.g. 0.9 = at or under the rate in 9 of 10 training "
+                "sets (a higher threshold, the more so the fewer the images)."})
 
     def __post_init__(self) -> None:
         if self.folds == 1 or self.folds < 0:
@@ -40,6 +54,7 @@ class CalibrationConfig:
             raise ValueError(f"false-alarm rate must be in (0, 0.5), got {self.false_alarm_rate}")
         if self.method not in CALIBRATION_METHODS:
             raise ValueError(f"unknown calibration method {self.method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+        check_confidence(self.confidence)
 
     def twin_window(self, n_images: int) -> int:
         """Leave-out: how many neighbours on each side of an image are left out with it (0 unless contiguous):
@@ -91,6 +106,55 @@ def tail_fit_pvalue(good_scores: np.ndarray) -> float:
     return float(stats.kstest(scores, "gumbel_r", args=(fit.location, fit.scale)).pvalue)
 
 
-def threshold_for_rate(good_scores: np.ndarray, false_alarm_rate: float) -> float:
-    """The score a share `false_alarm_rate` of good images reaches or exceeds, from the fitted tail."""
-    return fit_tail(good_scores).quantile(false_alarm_rate)
+def check_confidence(confidence: float) -> None:
+    if not POINT_ESTIMATE <= confidence < 1:
+        raise ValueError(f"threshold confidence must be in [0.5, 1), got {confidence}")
+
+
+class TailFits:
+    """What n good scores leave unknown about their tail. The Gumbel is a location-scale family and its maximum-
+    likelihood fit is equivariant, so (q - location_hat) / scale_hat has one distribution whatever the true tail
+    (a pivot): drawn here from `draws` samples of n standard Gumbel scores, each refitted (seeded: a bank rebuilt
+    from the same images gets the same threshold). From it, exact under the Gumbel up to the draws: the threshold
+    that holds a rate with a given confidence, and the false-alarm rates a threshold placed like the stored one
+    (location_hat + k scale_hat) has across training sets of n images. Wide at 30 images, narrow at 300."""
+
+    def __init__(self, good_scores: np.ndarray, draws: int = TAIL_DRAWS, seed: int = TAIL_SEED):
+        scores = np.asarray(good_scores, dtype=np.float64)
+        self.fit = fit_tail(scores)
+        # [draws] each: fits of standard Gumbel samples of n scores (they depend on n only: computed once per n)
+        self.locations, self.scales = standard_refits(len(scores), draws, seed)
+
+    def threshold(self, false_alarm_rate: float, confidence: float = POINT_ESTIMATE) -> float:
+        """The score that holds `false_alarm_rate` with `confidence` (in that share of training sets the true
+        rate at it is at or under the target); at 0.5 the fit's own quantile (its plug-in estimate)."""
+        check_confidence(confidence)
+        if confidence == POINT_ESTIMATE:
+            return self.fit.quantile(false_alarm_rate)
+        pivots = (stats.gumbel_r.isf(false_alarm_rate) - self.locations) / self.scales
+        return self.fit.location + self.fit.scale * float(np.quantile(pivots, confidence))
+
+    def rate_interval(self, threshold: float, level: float = RATE_INTERVAL_LEVEL) -> tuple[float, float]:
+        """The central `level` share of the true false-alarm rates that a threshold placed as this one is,
+        relative to the fit, has across training sets of the same size: (low, high)."""
+        k = (threshold - self.fit.location) / self.fit.scale
+        rates = stats.gumbel_r.sf(self.locations + self.scales * k)
+        low, high = np.quantile(rates, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+        return float(low), float(high)
+
+
+@functools.lru_cache(maxsize=64)
+def standard_refits(n: int, draws: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Locations and scales [draws] of the Gumbel fits of `draws` samples of n standard Gumbel scores."""
+    refits = [fit_tail(sample) for sample in np.random.default_rng(seed).gumbel(size=(draws, n))]
+    locations, scales = np.array([f.location for f in refits]), np.array([f.scale for f in refits])
+    locations.flags.writeable = scales.flags.writeable = False  # shared by every TailFits of n scores
+    return locations, scales
+
+
+def threshold_for_rate(good_scores: np.ndarray, false_alarm_rate: float, confidence: float = POINT_ESTIMATE) -> float:
+    """The score a share `false_alarm_rate` of good images reaches or exceeds, from the fitted tail (with
+    `confidence` above 0.5: the score that holds the rate with that confidence, TailFits)."""
+    if confidence == POINT_ESTIMATE:
+        return fit_tail(good_scores).quantile(false_alarm_rate)
+    return TailFits(good_scores).threshold(false_alarm_rate, confidence)

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from .backbones import BackboneError, ensemble_members
-from .bank import AnyBank, BankError, Calibration, EnsembleBank, MemoryBank
-from .calibration import tail_fit_pvalue, threshold_for_rate
+from .bank import AnyBank, BankError, EnsembleBank, MemoryBank
 from .config import BuildConfig, FeatureConfig
 from .features import ComputeConfig, PatchFeatureExtractor
 from .index import SearchConfig
@@ -67,12 +66,11 @@ def ensemble_of(members: Sequence[MemoryBank], how: str, info: dict | None = Non
                          "(--folds >= 2)")
     if len({len(c.good_scores) for c in calibrations}) != 1 or len({c.false_alarm_rate for c in calibrations}) != 1:
         raise ValueError("ensemble members must be calibrated on the same training images at the same rate")
+    if len({c.confidence for c in calibrations}) != 1:
+        raise ValueError("ensemble members must be calibrated at the same threshold confidence")
     normalisation = tuple(normalisation_of(c.good_scores) for c in calibrations)
     good = combine([np.asarray(c.good_scores, dtype=np.float64) for c in calibrations], normalisation, how)
-    rate = calibrations[0].false_alarm_rate
-    calibration = Calibration(threshold=threshold_for_rate(good, rate), method=calibrations[0].method,
-                              good_scores=tuple(float(g) for g in good), false_alarm_rate=rate,
-                              folds=calibrations[0].folds, tail_pvalue=tail_fit_pvalue(good))
+    calibration = calibrations[0].refit(good)  # the members' rate, method, folds and confidence
     return EnsembleBank(tuple(members), how, normalisation, calibration, info or {})
 
 
@@ -110,9 +108,7 @@ def update_ensemble(bank: EnsembleBank, images: Sequence[Image], device: str | t
     calibration = bank.calibration
     if calibration is not None and calibration.false_alarm_rate is not None:
         new = combine([scores for _, scores in updated], bank.normalisation, bank.combine)
-        good = np.concatenate([np.asarray(calibration.good_scores, dtype=np.float64), new])
-        calibration = replace(calibration, threshold=threshold_for_rate(good, calibration.false_alarm_rate),
-                              good_scores=tuple(float(g) for g in good), tail_pvalue=tail_fit_pvalue(good))
+        calibration = calibration.refit(np.concatenate([np.asarray(calibration.good_scores, dtype=np.float64), new]))
     info = {**bank.info, "n_train_images": int(bank.info.get("n_train_images", 0)) + len(images),
             "updates": int(bank.info.get("updates", 0)) + 1, "last_update_images": len(images)}
     return replace(bank, members=members, calibration=calibration, info=info)

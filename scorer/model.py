@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .backbones import BACKBONES, ensemble_members, load_backbone, resolve_backbone
 from .bank import AnyBank, BankError, Calibration, EnsembleBank, MemoryBank
-from .calibration import fold_ids, tail_fit_pvalue, threshold_for_rate
+from .calibration import fold_ids
 from .config import BuildConfig, CoresetConfig, FeatureConfig
 from .coreset import coreset_size, extend_coreset, random_projection, select_coreset
 from .features import ComputeConfig, Int8Calibration, PatchFeatureExtractor
@@ -516,9 +516,8 @@ class BankFit:
     def calibration(self, good: np.ndarray, method: str) -> Calibration:
         """The threshold at the configured false-alarm rate from good scores computed by `method`."""
         settings = self.config.calibration
-        return Calibration(threshold=threshold_for_rate(good, settings.false_alarm_rate), method=f"{method}-gumbel",
-                           good_scores=tuple(float(s) for s in good), false_alarm_rate=settings.false_alarm_rate,
-                           folds=settings.folds, tail_pvalue=tail_fit_pvalue(good))
+        return Calibration.fitted(good, settings.false_alarm_rate, f"{method}-gumbel", settings.folds,
+                                  settings.confidence)
 
 
 def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), weights: str | Path | None = None,
@@ -622,9 +621,7 @@ def update_member(bank: MemoryBank, images: Sequence[Image], weights: str | Path
     added = extension.indices
     calibration = bank.calibration
     if calibration is not None and calibration.false_alarm_rate is not None:
-        good = np.concatenate([np.asarray(calibration.good_scores), new_scores])
-        calibration = replace(calibration, threshold=threshold_for_rate(good, calibration.false_alarm_rate),
-                              good_scores=tuple(float(g) for g in good), tail_pvalue=tail_fit_pvalue(good))
+        calibration = calibration.refit(np.concatenate([np.asarray(calibration.good_scores), new_scores]))
     info = {**bank.info, "n_train_images": int(bank.info.get("n_train_images", 0)) + len(images),
             "updates": int(bank.info.get("updates", 0)) + 1, "last_update_images": len(images),
             "last_update_added": int(len(added)),

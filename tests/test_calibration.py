@@ -178,3 +178,97 @@ def test_the_tail_fit_check_accepts_gumbel_scores_and_rejects_two_populations():
     # two kinds of good images far apart (e.g. two part variants in one bank): no single Gumbel describes them
     mixed = np.concatenate([rng.normal(10, 0.3, 60), rng.normal(16, 0.3, 40)])
     assert tail_fit_pvalue(mixed) < 0.01
+
+
+def test_a_confident_threshold_holds_the_rate_in_that_share_of_training_sets():
+    """A known tail, Gumbel(10, 1), and many training sets of 30 good scores drawn from it: the threshold at
+    confidence 0.9 is at or over the true 1 % point in about 9 of 10 sets, the fit's own estimate in about half,
+    and the reported 90 % interval of the false-alarm rate holds the true rate at the stored threshold in about
+    9 of 10 (the expectation is the known distribution, not the bootstrap)."""
+    from scorer.calibration import TailFits
+
+    rng = np.random.default_rng(11)
+    truth = stats.gumbel_r.ppf(0.99, loc=10, scale=1)
+    confident, point, covered, widths = [], [], [], []
+    for _ in range(300):
+        good = stats.gumbel_r.rvs(loc=10, scale=1, size=30, random_state=rng)
+        fits = TailFits(good)
+        confident.append(fits.threshold(0.01, 0.9) >= truth)
+        threshold = fits.threshold(0.01)
+        assert threshold == pytest.approx(threshold_for_rate(good, 0.01))  # 0.5: the fit's own quantile
+        point.append(threshold >= truth)
+        low, high = fits.rate_interval(threshold)
+        covered.append(low <= stats.gumbel_r.sf(threshold, loc=10, scale=1) <= high)
+        widths.append(high - low)
+    # 300 sets: a share's standard error is <= 0.03
+    assert 0.84 <= np.mean(confident) <= 0.96
+    assert 0.35 <= np.mean(point) <= 0.6  # the plug-in quantile runs low at 30 images (about 0.45)
+    assert 0.84 <= np.mean(covered) <= 0.96
+    many = TailFits(stats.gumbel_r.rvs(loc=10, scale=1, size=300, random_state=rng))
+    low, high = many.rate_interval(many.threshold(0.01))
+    assert high - low < 0.5 * np.median(widths)  # ten times the images: a much narrower interval
+
+
+def test_confidence_is_checked():
+    from scorer.calibration import TailFits
+
+    with pytest.raises(ValueError, match="confidence"):
+        CalibrationConfig(confidence=0.3)
+    with pytest.raises(ValueError, match="confidence"):
+        TailFits(np.arange(10.0)).threshold(0.01, 1.0)
+
+
+@pytest.mark.slow
+def test_bank_threshold_refits_a_real_bank_at_a_confidence_without_rebuilding(tmp_path):
+    """30 real bottle images: `bank build --confidence 0.9` stores a threshold above the default build's, the
+    same good scores, its confidence and the rate's interval; `bank threshold` refits either bank to the
+    other's threshold from the stored scores alone; bad values are refused and leave the bank as it was."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from patchcore.cli import app
+    from scorer import load_bank
+
+    from .conftest import BOTTLE
+
+    if not BOTTLE.is_dir():
+        pytest.skip("MVTec bottle is not in ../shared")
+    train = tmp_path / "good"
+    train.mkdir()
+    for path in sorted((BOTTLE / "train" / "good").glob("*.png"))[:30]:
+        shutil.copy(path, train / path.name)
+    args = ["bank", "build", "--train", str(train), "--backbone", "mobilenet_v2", "--no-progress", "--device", "cpu"]
+    built = {}
+    for name, extra in (("point", []), ("confident", ["--confidence", "0.9"])):
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / f"{name}.bank"), *extra])
+        assert result.exit_code == 0, result.output
+        built[name] = json.loads(result.stdout)["calibration"]
+    point, confident = built["point"], built["confident"]
+    assert point["good_scores"] == confident["good_scores"] and len(point["good_scores"]) == 30
+    assert (point["confidence"], confident["confidence"]) == (0.5, 0.9)
+    assert confident["threshold"] > point["threshold"]
+    # the interval of the rate at each threshold: the target inside the point estimate's, above the confident one's 5 %
+    assert point["rate_interval"][0] < 0.01 < point["rate_interval"][1]
+    assert confident["rate_interval"][0] < 0.01 and confident["rate_interval"][1] > 0.01
+    assert confident["rate_interval"][1] < point["rate_interval"][1]
+    good = np.array(point["good_scores"])
+    assert (good >= point["threshold"]).mean() <= 0.1  # the training images' own scores mostly below
+
+    refit = CliRunner().invoke(app, ["bank", "threshold", str(tmp_path / "point.bank"), "--confidence", "0.9",
+                                     "--out", str(tmp_path / "refit.bank")])
+    assert refit.exit_code == 0, refit.output
+    assert json.loads(refit.stdout)["threshold"] == pytest.approx(confident["threshold"], rel=1e-9)
+    reloaded = load_bank(tmp_path / "refit.bank")
+    assert reloaded.calibration.confidence == 0.9 and reloaded.calibration.threshold == pytest.approx(
+        confident["threshold"], rel=1e-9)
+    assert reloaded.calibration.method == "leave-out-gumbel"
+    back = CliRunner().invoke(app, ["bank", "threshold", str(tmp_path / "refit.bank"), "--confidence", "0.5"])
+    assert back.exit_code == 0 and json.loads(back.stdout)["threshold"] == pytest.approx(point["threshold"], rel=1e-9)
+
+    before = (tmp_path / "point.bank").read_bytes()
+    for bad in (["--confidence", "1.5"], ["--false-alarm-rate", "0"]):
+        refused = CliRunner().invoke(app, ["bank", "threshold", str(tmp_path / "point.bank"), *bad])
+        assert refused.exit_code == 2 and refused.output.strip(), bad
+    assert (tmp_path / "point.bank").read_bytes() == before

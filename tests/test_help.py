@@ -58,7 +58,7 @@ def derived_options():
     worker, up, store = WorkerSettings(), UpSettings(), StoreSettings()
     build = [(FeatureConfig(), _same("backbone")), (CoresetConfig(), {"--coreset": "fraction", "--seed": "seed"}),
              (ViewConfig(), {"--view": "kind", **_same("resize", "crop", "size", "scale", "tile", "overlap")}),
-             (CalibrationConfig(), _same("folds", "contiguous", "false_alarm_rate")),
+             (CalibrationConfig(), _same("folds", "contiguous", "false_alarm_rate", "confidence")),
              (BuildConfig(), {"--neighbours": "reweight_neighbours", "--batch-size": "batch_size"}),
              (worker, _same("device", "weights"))]
     connection = [(Keys(), {"--prefix": "prefix"})]

@@ -1,4 +1,4 @@
-"""`patchcore bank build | info | calibrate | update`: banks from images (scorer), and a published bank extended
+"""`patchcore bank build | info | calibrate | threshold | update`: banks from images (scorer), and a published bank extended
 (patchcore.bank_update). The build options are the scorer's settings (scorer.config, views, calibration), so
 this module loads torch, and imports everything at the top."""
 from __future__ import annotations
@@ -47,6 +47,7 @@ Precision = field_option(WorkerSettings, "precision")
 ChannelsLast = field_option(WorkerSettings, "channels_last")
 Engine = field_option(WorkerSettings, "engine")
 Combine = field_option(BuildConfig, "combine")
+GOOD_ONLY_REFIT = "good-only-gumbel"  # `bank threshold` of a bank whose threshold was F1-optimal: the build's method is gone
 
 
 def compute_config(precision: str, channels_last: Optional[bool], device: str,
@@ -65,7 +66,8 @@ def build_options(command):
                      settings_options(CoresetConfig, "fraction", "seed", into="coreset", rename={"fraction": "coreset"}),
                      settings_options(ViewConfig, "kind", "resize", "crop", "size", "scale", "tile", "overlap",
                                       into="view", rename={"kind": "view"}),
-                     settings_options(CalibrationConfig, "folds", "contiguous", "false_alarm_rate", into="calibration"),
+                     settings_options(CalibrationConfig, "folds", "contiguous", "false_alarm_rate", "confidence",
+                                      into="calibration"),
                      settings_options(BuildConfig, "reweight_neighbours", "batch_size", "combine", "position_norm",
                                       into="build", rename={"reweight_neighbours": "neighbours"})):
         command = decorate(command)
@@ -210,6 +212,42 @@ def bank_calibrate(
     save_bank(loaded.with_calibration(calibration), out or bank)
     typer.echo(json.dumps({"bank": str(out or bank), "threshold": threshold, "f1": f1,
                            "previous_threshold": previous.threshold if previous else None}, indent=2))
+
+
+@app.command("threshold")
+def bank_threshold(
+    bank: Annotated[Path, typer.Argument(help="Bank file whose good-only threshold to refit.")],
+    false_alarm_rate: Annotated[Optional[float], typer.Option(
+        help="Target share of good images at or over the threshold (default: the bank's).")] = None,
+    confidence: Annotated[Optional[float], typer.Option(
+        help="How sure the threshold is to hold the rate: 0.5 = the fitted tail's own estimate, 0.9 = in 9 of 10 "
+             "training sets (default: the bank's).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write here instead of overwriting BANK.")] = None,
+) -> None:
+    """Refit the good-only threshold from the good scores the bank stores, at another false-alarm rate or
+    confidence: seconds, no images, no rebuild (the scores do not depend on either)."""
+    try:
+        loaded = load_bank(bank)
+    except BankError as exc:
+        fail(str(exc))
+    previous = loaded.calibration
+    if previous is None or len(previous.good_scores) < 5:
+        fail(f"{bank} stores no good scores to fit a threshold to (built with --folds 0?): rebuild it with calibration")
+    rate = false_alarm_rate if false_alarm_rate is not None else previous.false_alarm_rate
+    if rate is None:
+        fail(f"{bank}'s threshold is F1-optimal ({previous.method}): give --false-alarm-rate for a good-only one")
+    level = confidence if confidence is not None else (previous.confidence or CalibrationConfig.confidence)
+    try:
+        CalibrationConfig(false_alarm_rate=rate, confidence=level)  # the build's own range checks
+        method = previous.method if previous.false_alarm_rate is not None else GOOD_ONLY_REFIT
+        calibration = Calibration.fitted(previous.good_scores, rate, method, previous.folds, level)
+    except ValueError as exc:
+        fail(str(exc))
+    save_bank(loaded.with_calibration(calibration), out or bank)
+    typer.echo(json.dumps({"bank": str(out or bank), "threshold": calibration.threshold,
+                           "false_alarm_rate": rate, "confidence": level,
+                           "rate_interval": list(calibration.rate_interval),
+                           "previous_threshold": previous.threshold}, indent=2))
 
 
 @app.command("update")
