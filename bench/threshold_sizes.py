@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--combine", nargs="+", help="merge these result files (runs of one set each) into --out")
     parser.add_argument("--label", default="", help="written as bench/results/threshold_sizes-LABEL.json")
     args = parser.parse_args()
-    args.data = args.data or [str(data_set(None, name)) for name in ("mvtec_bottle", "visa_macaroni1")]
+    args.data = args.data or [str(data_set(name)) for name in ("mvtec_bottle", "visa_macaroni1")]
     if args.combine:
         parts = [json.loads(Path(f).read_text()) for f in args.combine]
         parts = [part.get("figures", part) for part in parts]  # finished results or partial files

@@ -50,13 +50,13 @@ class Calibration:
     folds: int | None = None
     f1: float | None = None
     tail_pvalue: float | None = None  # KS p-value of the good scores against the fitted Gumbel (low: misfit)
-    confidence: float | None = None  # how sure the threshold is to hold the rate (None: banks before it, 0.5)
+    confidence: float | None = None  # how sure the threshold is to hold the rate (None: banks before it: 0.5)
     # the false-alarm rate at the threshold under the tail fits the good scores allow (RATE_INTERVAL_LEVEL)
     rate_interval: tuple[float, float] | None = None
 
     @classmethod
-    def fitted(cls, good: np.ndarray, false_alarm_rate: float, method: str, folds: int | None = None,
-               confidence: float = POINT_ESTIMATE) -> "Calibration":
+    def fitted(cls, good: np.ndarray, false_alarm_rate: float, method: str, folds: int | None,
+               confidence: float) -> "Calibration":
         """The threshold at `false_alarm_rate` (with `confidence`) fitted to good scores [N]."""
         good = np.asarray(good, dtype=np.float64)
         fits = TailFits(good)

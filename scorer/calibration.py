@@ -42,10 +42,12 @@ class CalibrationConfig:
     false_alarm_rate: float = field(default=0.01, metadata={"help": "Target share of good images at or over the threshold."})
     method: str = field(default="leave-out", metadata={
         "help": "leave-out (each image against the shipped coreset less its own features) or kfold."})
-    confidence: float = field(default=POINT_ESTIMATE, metadata={
+    # 0.75 by measurement: bench/threshold_sizes.py on two sets at 30-300 images (docs/scorer.md, "The good-only
+    # threshold at any training-set size")
+    confidence: float = field(default=0.75, metadata={
         "help": "How sure the threshold is to hold --false-alarm-rate, given how many good images it was fitted "
-                "from: 0.5 = the fitted tail's own estimate; e.g. 0.9 = at or under the rate in 9 of 10 training "
-                "sets (a higher threshold, the more so the fewer the images)."})
+                "from: at or under the rate in this share of training sets (0.5 = the fitted tail's own estimate; "
+                "higher = a higher threshold, the more so the fewer the images)."})
 
     def __post_init__(self) -> None:
         if self.folds == 1 or self.folds < 0:

@@ -77,6 +77,9 @@ class EvalReport:
     images_per_second: float
     n_test_images: int
     threshold: float | None
+    # the bank's calibration: its target rate, confidence and the rate's 90 % interval at the threshold (None: F1
+    # or no calibration; scorer.calibration.TailFits)
+    threshold_calibration: dict | None
     false_alarm_rate: float | None  # share of good test images at or over the bank's threshold
     recall: float | None  # share of defective test images at or over it
     good_flagged: int  # normal test images at or above the bank's threshold (false alarms)
@@ -129,6 +132,7 @@ def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_s
         images_per_second=round(len(images) / seconds, 2),
         n_test_images=len(images),
         threshold=threshold,
+        threshold_calibration=threshold_calibration(scorer),
         false_alarm_rate=float(flagged[~labels].mean()) if threshold is not None else None,
         recall=float(flagged[labels].mean()) if threshold is not None else None,
         good_flagged=int((flagged & ~labels).sum()) if threshold is not None else -1,
@@ -143,6 +147,16 @@ def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_s
         images=[{"image": str(s.path.relative_to(Path(category))), "type": s.defect_type, "score": float(v)}
                 for s, v in zip(samples, scores_all)],
     )
+
+
+def threshold_calibration(scorer: Verdicts) -> dict | None:
+    """How the bank's threshold was set, for eval's report: method, target rate, confidence, the rate's interval."""
+    calibration = scorer.bank.calibration
+    if calibration is None:
+        return None
+    return {"method": calibration.method, "target_rate": calibration.false_alarm_rate,
+            "confidence": calibration.confidence,
+            "rate_interval": None if calibration.rate_interval is None else list(calibration.rate_interval)}
 
 
 def scorer_rate(scorer: Verdicts) -> list[float]:

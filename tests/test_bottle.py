@@ -42,6 +42,10 @@ def test_eval_reaches_the_official_numbers(bottle_bank, tmp_path):
     assert report["search"] == "ivf, dims=128, ivf_lists=256, ivf_probes=16, shortlist=8"
     assert report["false_alarm_rate"] <= 0.05
     assert report["recall"] >= report["recall_at_f1"] - 0.10
+    # how the threshold was set, with the interval of its false-alarm rate from 209 good images around the target
+    calibration = report["threshold_calibration"]
+    assert (calibration["method"], calibration["target_rate"], calibration["confidence"]) == ("leave-out-gumbel", 0.01, 0.75)
+    assert calibration["rate_interval"][0] < 0.01 < calibration["rate_interval"][1] < 0.03
     assert report["images_per_second"] > 0
     # per-image scores in the JSON file (not on the terminal): the rates re-derived from them agree
     scores = {row["image"]: (row["type"] != "good", row["score"]) for row in report["images"]}

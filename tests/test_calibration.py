@@ -68,7 +68,8 @@ def test_kfold_scores_equal_scoring_each_fold_against_a_bank_without_it(mobilene
                       device="cpu", progress=False)
     good = np.array(bank.calibration.good_scores)
     assert len(good) == 10 and bank.calibration.method == "kfold-gumbel"
-    assert bank.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.05))
+    assert bank.calibration.confidence == calibration.confidence == 0.75  # the default
+    assert bank.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.05, 0.75))
     ids = fold_ids(10, folds, contiguous=True, seed=0)
     for k in (0, 3):
         rest = [img for img, f in zip(images, ids) if f != k]
@@ -119,7 +120,8 @@ def test_leave_out_scores_score_each_image_against_a_coreset_that_never_saw_it(m
     bank = build_bank(images, config, device="cpu", progress=False)
     good = np.array(bank.calibration.good_scores)
     assert len(good) == 12 and bank.calibration.method == "leave-out-gumbel"
-    assert bank.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.05))
+    assert bank.calibration.confidence == calibration.confidence == 0.75  # the default
+    assert bank.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.05, 0.75))
     window = calibration.twin_window(12)
     assert window == (2 if contiguous else 0)
     extractor, feature_config = build_extractor(config.features, device="cpu")
@@ -220,9 +222,10 @@ def test_confidence_is_checked():
 
 @pytest.mark.slow
 def test_bank_threshold_refits_a_real_bank_at_a_confidence_without_rebuilding(tmp_path):
-    """30 real bottle images: `bank build --confidence 0.9` stores a threshold above the default build's, the
-    same good scores, its confidence and the rate's interval; `bank threshold` refits either bank to the
-    other's threshold from the stored scores alone; bad values are refused and leave the bank as it was."""
+    """30 real bottle images: `bank build` stores its confidence (default 0.75) and the rate's interval;
+    `--confidence 0.9` the same good scores with a higher threshold; `bank threshold` refits either bank to the
+    other's threshold, or to the fit's own estimate (0.5), from the stored scores alone; bad values are refused
+    and leave the bank as it was."""
     import json
     import shutil
 
@@ -241,22 +244,23 @@ def test_bank_threshold_refits_a_real_bank_at_a_confidence_without_rebuilding(tm
         shutil.copy(path, train / path.name)
     args = ["bank", "build", "--train", str(train), "--backbone", "mobilenet_v2", "--no-progress", "--device", "cpu"]
     built = {}
-    for name, extra in (("point", []), ("confident", ["--confidence", "0.9"])):
+    for name, extra in (("default", []), ("confident", ["--confidence", "0.9"])):
         result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / f"{name}.bank"), *extra])
         assert result.exit_code == 0, result.output
         built[name] = json.loads(result.stdout)["calibration"]
-    point, confident = built["point"], built["confident"]
-    assert point["good_scores"] == confident["good_scores"] and len(point["good_scores"]) == 30
-    assert (point["confidence"], confident["confidence"]) == (0.5, 0.9)
-    assert confident["threshold"] > point["threshold"]
-    # the interval of the rate at each threshold: the target inside the point estimate's, above the confident one's 5 %
-    assert point["rate_interval"][0] < 0.01 < point["rate_interval"][1]
-    assert confident["rate_interval"][0] < 0.01 and confident["rate_interval"][1] > 0.01
-    assert confident["rate_interval"][1] < point["rate_interval"][1]
-    good = np.array(point["good_scores"])
-    assert (good >= point["threshold"]).mean() <= 0.1  # the training images' own scores mostly below
+    default, confident = built["default"], built["confident"]
+    assert default["good_scores"] == confident["good_scores"] and len(default["good_scores"]) == 30
+    assert (default["confidence"], confident["confidence"]) == (0.75, 0.9)
+    good = np.array(default["good_scores"])
+    plug_in = threshold_for_rate(good, 0.01)  # the fitted Gumbel's own 1 % quantile
+    assert plug_in < default["threshold"] < confident["threshold"]
+    # the rate's 90 % interval: the target inside it, the upper end lower the higher the threshold
+    for calibration in (default, confident):
+        assert calibration["rate_interval"][0] < 0.01 < calibration["rate_interval"][1]
+    assert confident["rate_interval"][1] < default["rate_interval"][1]
+    assert (good >= default["threshold"]).mean() <= 0.1  # the training images' own scores mostly below
 
-    refit = CliRunner().invoke(app, ["bank", "threshold", str(tmp_path / "point.bank"), "--confidence", "0.9",
+    refit = CliRunner().invoke(app, ["bank", "threshold", str(tmp_path / "default.bank"), "--confidence", "0.9",
                                      "--out", str(tmp_path / "refit.bank")])
     assert refit.exit_code == 0, refit.output
     assert json.loads(refit.stdout)["threshold"] == pytest.approx(confident["threshold"], rel=1e-9)
@@ -265,10 +269,10 @@ def test_bank_threshold_refits_a_real_bank_at_a_confidence_without_rebuilding(tm
         confident["threshold"], rel=1e-9)
     assert reloaded.calibration.method == "leave-out-gumbel"
     back = CliRunner().invoke(app, ["bank", "threshold", str(tmp_path / "refit.bank"), "--confidence", "0.5"])
-    assert back.exit_code == 0 and json.loads(back.stdout)["threshold"] == pytest.approx(point["threshold"], rel=1e-9)
+    assert back.exit_code == 0 and json.loads(back.stdout)["threshold"] == pytest.approx(plug_in, rel=1e-9)
 
-    before = (tmp_path / "point.bank").read_bytes()
+    before = (tmp_path / "default.bank").read_bytes()
     for bad in (["--confidence", "1.5"], ["--false-alarm-rate", "0"]):
-        refused = CliRunner().invoke(app, ["bank", "threshold", str(tmp_path / "point.bank"), *bad])
+        refused = CliRunner().invoke(app, ["bank", "threshold", str(tmp_path / "default.bank"), *bad])
         assert refused.exit_code == 2 and refused.output.strip(), bad
-    assert (tmp_path / "point.bank").read_bytes() == before
+    assert (tmp_path / "default.bank").read_bytes() == before

@@ -103,7 +103,7 @@ def test_ensemble_scores_and_maps_are_the_combination_of_the_members_scored_alon
     good = np.mean([(np.array(m.calibration.good_scores) - loc) / scale
                     for m, (loc, scale) in zip(ensemble.members, stats)], axis=0)
     np.testing.assert_allclose(ensemble.calibration.good_scores, good, rtol=1e-9)
-    assert ensemble.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.01))
+    assert ensemble.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.01, CalibrationConfig().confidence))
     # defective parts score above the good ones
     assert combined.image_scores[3:].min() > combined.image_scores[:3].max()
     # max: the largest normalised member score
@@ -230,7 +230,7 @@ def test_an_ensemble_bank_updates_each_member_and_refits_its_threshold_on_the_co
     combined = np.mean([(s - loc) / scale for s, (loc, scale) in zip(scores, ensemble.normalisation)], axis=0)
     good = np.concatenate([ensemble.calibration.good_scores, combined])
     np.testing.assert_allclose(updated.calibration.good_scores, good, rtol=1e-5, atol=1e-5)
-    assert updated.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.01), rel=1e-5)
+    assert updated.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.01, CalibrationConfig().confidence), rel=1e-5)
     assert updated.info["n_train_images"] == 10 + 3 and updated.info["updates"] == 1
     # the same through the registry (`patchcore bank update NAME --image ...`)
     client = connect(redis_server.url)

@@ -22,6 +22,7 @@ from scorer.metrics import f1_optimal_threshold
 from scorer.preprocess import list_images
 from scorer.backbones import resolve_backbone
 from scorer.bank import MemoryBank
+from scorer.calibration import POINT_ESTIMATE
 from scorer.config import AUTO_BACKBONE
 from scorer.ensemble import ensemble_of, scorer_for
 from scorer.features import ComputeConfig, ComputeError
@@ -236,7 +237,8 @@ def bank_threshold(
     rate = false_alarm_rate if false_alarm_rate is not None else previous.false_alarm_rate
     if rate is None:
         fail(f"{bank}'s threshold is F1-optimal ({previous.method}): give --false-alarm-rate for a good-only one")
-    level = confidence if confidence is not None else (previous.confidence or CalibrationConfig.confidence)
+    level = confidence if confidence is not None else (
+        POINT_ESTIMATE if previous.confidence is None else previous.confidence)  # older banks: the fit's estimate
     try:
         CalibrationConfig(false_alarm_rate=rate, confidence=level)  # the build's own range checks
         method = previous.method if previous.false_alarm_rate is not None else GOOD_ONLY_REFIT
