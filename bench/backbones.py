@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/backbones.py [--data DIR] [--sets mvtec_bottle,visa_macaroni1]
         [--configs mobilenet_v2,efficientnet_lite0,...,mobilenet_v2+efficientnet_lite0] [--keep]
+        [--bank-options="--view full --size 320" --label NAME]   # another view: its own result file
 
 Per set: each backbone's bank once (`patchcore bank build --backbone NAME --seed 0`, default view and settings:
 crop 256/224, 10 % coreset, leave-out threshold at a 1 % target false-alarm rate); each ensemble from its members'
@@ -38,22 +39,22 @@ def patchcore(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "patchcore", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
-def member_bank(data: Path, name: str, folder: Path) -> Path:
-    """`patchcore bank build` of one backbone (default settings, seed 0), once per set and run."""
+def member_bank(data: Path, name: str, folder: Path, view: tuple[str, ...] = ()) -> Path:
+    """`patchcore bank build` of one backbone (default settings but `view`'s options, seed 0), once per set and run."""
     path = folder / f"{name}.bank"
     if not path.is_file():
         patchcore("bank", "build", "--train", str(data / "train" / "good"), "--out", str(path), "--backbone", name,
-                  "--seed", "0", "--no-progress")
+                  "--seed", "0", "--no-progress", *view)
     return path
 
 
-def bank_of(data: Path, config: str, combine: str, folder: Path) -> Path:
+def bank_of(data: Path, config: str, combine: str, folder: Path, view: tuple[str, ...] = ()) -> Path:
     """The bank of a configuration: a member bank, or `patchcore bank combine` of its members' banks (the bank
     `bank build --backbone a+b` makes, without building each member again)."""
     members = config.split("+")
     if len(members) == 1:
-        return member_bank(data, config, folder)
-    paths = [str(member_bank(data, name, folder)) for name in members]
+        return member_bank(data, config, folder, view)
+    paths = [str(member_bank(data, name, folder, view)) for name in members]
     path = folder / f"{config}-{combine}.bank"
     patchcore("bank", "combine", *paths, "--out", str(path), "--combine", combine)
     return path
@@ -71,7 +72,7 @@ def run_eval(data: Path, bank: Path, json_out: Path) -> dict:
 
 def row_of(set_name: str, config: str, report: dict, load: float) -> dict:
     rate = report.get("best_recall_at_rate", {})
-    return {"data": set_name, "config": config, "combine": report.get("combine") or "-",
+    return {"data": set_name, "config": config, "combine": report.get("combine") or "-", "view": report["view"],
             "image_auroc": report["image_auroc"], "pixel_auroc": report["pixel_auroc"], "pro": report["pro"],
             "threshold": report["threshold"], "false_alarm_rate": report["false_alarm_rate"], "recall": report["recall"],
             "best_recall_at_0_05": rate.get("0.05"), "build_s": report["fit_seconds"],
@@ -87,8 +88,12 @@ def main() -> None:
     parser.add_argument("--banks", default=None, help="keep the banks in this folder (default: a temporary one)")
     parser.add_argument("--no-keep", dest="keep", action="store_false",
                         help="drop the file's rows of configurations not run now")
+    parser.add_argument("--bank-options", default="", help='more `bank build` options for every bank, e.g. '
+                        '--bank-options="--view full --size 320" (default: none, the default crop view)')
+    parser.add_argument("--label", default=NAME, help="the result file's name (bench/results/LABEL.json)")
     args = parser.parse_args()
-    path = RESULTS / f"{NAME}.json"
+    view = tuple(args.bank_options.split())
+    path = RESULTS / f"{args.label}.json"
     rows = json.loads(path.read_text())["figures"]["rows"] if args.keep and path.is_file() else []
     temporary = tempfile.TemporaryDirectory(prefix="bench-backbones-")
     root = Path(args.banks or temporary.name)
@@ -99,15 +104,17 @@ def main() -> None:
         runs = [(config, combine) for config in args.configs.split(",")
                 for combine in (args.combine.split(",") if "+" in config else ["-"])]
         for config, combine in runs:
-            report = run_eval(data, bank_of(data, config, combine, folder), folder / "eval.json")
+            report = run_eval(data, bank_of(data, config, combine, folder, view), folder / "eval.json")
             row = row_of(set_name, config, report, round(os.getloadavg()[0], 2))
             print(json.dumps(row), flush=True)
             key = (row["data"], row["config"], row["combine"])
             rows = [r for r in rows if (r["data"], r["config"], r["combine"]) != key] + [row]
             rows.sort(key=lambda r: (r["data"], r["config"].count("+"), r["config"], r["combine"]))
-            write_result(NAME, {"rows": rows},
-                         command="bench/backbones.py --sets SET --configs CONFIGS (per backbone `patchcore bank build "
-                                 "--train SET/train/good --backbone NAME --seed 0`, per ensemble `patchcore bank combine "
+            write_result(args.label, {"rows": rows},
+                         command=f"bench/backbones.py --sets SET --configs CONFIGS{' --bank-options=' + repr(args.bank_options) if view else ''}"
+                                 " (per backbone `patchcore bank build "
+                                 f"--train SET/train/good --backbone NAME --seed 0{' ' + args.bank_options if view else ''}`, "
+                                 "per ensemble `patchcore bank combine "
                                  "MEMBERS --combine C`, then `patchcore eval --data SET --bank BANK --json FILE`; "
                                  "one at a time)")
 
