@@ -194,6 +194,12 @@ TABLES: dict[str, Table] = {
         ("threshold", "{threshold:.2f}"), ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
         ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}"), ("build s", "{build_s:.0f}"),
         ("images/s", "{images_per_s:.2f}"), ("load", "{load_average_1min:.1f}"))),
+    "views-efficientnet_lite2": Table(("views-efficientnet_lite2",), (
+        ("data", "{data}"), ("backbone, view", "{config}, {view}"),
+        ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"),
+        ("threshold", "{threshold:.2f}"), ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
+        ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}"), ("build s", "{build_s:.0f}"),
+        ("images/s", "{images_per_s:.2f}"), ("load", "{load_average_1min:.1f}"))),
     "detail-eval": Table(("detail-eval",), (
         ("data", "{data}"), ("bank", "{config}"), ("taps", "{layers}"), ("bank size", "{bank_size}"),
         ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"),
