@@ -222,7 +222,8 @@ def test_confidence_is_checked():
 
 @pytest.mark.slow
 def test_bank_threshold_refits_a_real_bank_at_a_confidence_without_rebuilding(tmp_path):
-    """30 real bottle images: `bank build` stores its confidence (default 0.75) and the rate's interval;
+    """30 real bottle images: `bank build` stores its confidence (default 0.75) and the rate's interval, and its
+    threshold keeps the issue's bounds on unseen good images and the test set;
     `--confidence 0.9` the same good scores with a higher threshold; `bank threshold` refits either bank to the
     other's threshold, or to the fit's own estimate (0.5), from the stored scores alone; bad values are refused
     and leave the bank as it was."""
@@ -270,6 +271,27 @@ def test_bank_threshold_refits_a_real_bank_at_a_confidence_without_rebuilding(tm
     assert reloaded.calibration.method == "leave-out-gumbel"
     back = CliRunner().invoke(app, ["bank", "threshold", str(tmp_path / "refit.bank"), "--confidence", "0.5"])
     assert back.exit_code == 0 and json.loads(back.stdout)["threshold"] == pytest.approx(plug_in, rel=1e-9)
+
+    # the threshold on this 30-image training set against unseen good images (the other 179 training images, the
+    # 20 good test images) and the defects: the issue's bounds, FAR <= 0.05 and recall within 0.10 of the best
+    # any threshold reaches at the target rate on the test scores
+    from scorer import PatchCoreScorer
+    from scorer.metrics import best_recall_at_rate
+
+    unused = sorted((BOTTLE / "train" / "good").glob("*.png"))[30:]
+    scorer = PatchCoreScorer(load_bank(tmp_path / "default.bank"), device="cpu")
+    unseen = scorer.score_paths(unused, maps=False, progress=False).image_scores
+    assert len(unseen) == 179 and (unseen >= default["threshold"]).mean() <= 0.05
+    report_path = tmp_path / "eval.json"
+    evaluated = CliRunner().invoke(app, ["eval", "--data", str(BOTTLE), "--bank", str(tmp_path / "default.bank"),
+                                         "--json", str(report_path), "--no-progress", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(report_path.read_text())
+    labels = np.array([row["type"] != "good" for row in report["images"]])
+    scores = np.array([row["score"] for row in report["images"]])
+    assert report["false_alarm_rate"] <= 0.05
+    assert report["recall"] >= best_recall_at_rate(labels, scores, 0.01) - 0.10
+    assert report["threshold_calibration"]["confidence"] == 0.75
 
     before = (tmp_path / "default.bank").read_bytes()
     for bad in (["--confidence", "1.5"], ["--false-alarm-rate", "0"]):
