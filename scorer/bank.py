@@ -15,7 +15,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from .calibration import POINT_ESTIMATE, TailFits, tail_fit_pvalue
+from .calibration import (POINT_ESTIMATE, RATE_INTERVAL_LEVEL, RATE_SPREAD_ADVICE, TAIL_MISFIT_P, TailFits,
+                          tail_fit_pvalue)
 from .config import COMBINES, CoresetConfig, FeatureConfig
 from .position import PositionNorm
 from .views import ViewConfig
@@ -72,6 +73,22 @@ class Calibration:
             raise ValueError(f"a {self.method} threshold has no target false-alarm rate to refit")
         return Calibration.fitted(good, self.false_alarm_rate, self.method, self.folds,
                                   POINT_ESTIMATE if self.confidence is None else self.confidence)
+
+    def advice(self) -> list[str]:
+        """What an operator should know about this threshold, in sentences (empty when nothing): a tail the good
+        scores do not follow, or too few good images for the rate it states."""
+        out = []
+        if self.tail_pvalue is not None and self.tail_pvalue < TAIL_MISFIT_P:
+            out.append(f"the good scores do not follow a Gumbel tail (KS p = {self.tail_pvalue:.3f}): the false-alarm "
+                       f"rate the threshold states is not to be trusted; look for outliers or other parts among the "
+                       f"training images")
+        if (self.rate_interval is not None and self.false_alarm_rate is not None
+                and self.rate_interval[1] >= RATE_SPREAD_ADVICE * self.false_alarm_rate):
+            low, high = self.rate_interval
+            out.append(f"from {len(self.good_scores)} good images the threshold's false-alarm rate lies anywhere in "
+                       f"{100 * low:.1f}-{100 * high:.1f} % ({100 * RATE_INTERVAL_LEVEL:.0f} % of training sets; target "
+                       f"{100 * self.false_alarm_rate:g} %): more good images narrow it")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "method": self.method, "good_scores": list(self.good_scores),

@@ -29,6 +29,8 @@ POINT_ESTIMATE = 0.5  # confidence of the fitted tail's own quantile: as likely 
 TAIL_DRAWS = 1000  # standard Gumbel samples TailFits refits (fewer: its intervals cover less than they say)
 TAIL_SEED = 0  # their seed: a bank rebuilt from the same images gets the same threshold
 RATE_INTERVAL_LEVEL = 0.9  # the false-alarm rate's interval reported with a threshold
+TAIL_MISFIT_P = 0.05  # a tail fit whose KS p-value is below this is a misfit (tail_fit_pvalue)
+RATE_SPREAD_ADVICE = 1.5  # advise more good images when the rate's interval reaches this multiple of the target
 
 
 @dataclass(frozen=True)

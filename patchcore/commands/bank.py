@@ -109,10 +109,13 @@ def build_from_folder(train: Path, config: BuildConfig, weights: Optional[str], 
         fail(f"no PNG/JPEG/BMP images in {train}")
     try:
         echo_backbone(config.features.backbone, weights)
-        return build_bank(paths, config, weights, device, progress, roi=roi,
+        bank = build_bank(paths, config, weights, device, progress, roi=roi,
                           compute=compute or compute_config(WorkerSettings.precision, WorkerSettings.channels_last, device))
     except (BackboneError, ValueError) as exc:
         fail(str(exc))
+    for sentence in bank.calibration.advice() if bank.calibration else ():
+        typer.echo(f"threshold: {sentence}", err=True)
+    return bank
 
 
 def echo_backbone(name: str, weights: Optional[str]) -> None:
