@@ -99,7 +99,7 @@ def main() -> None:
     root = Path(args.banks or temporary.name)
     for set_name in args.sets.split(","):
         data = category(set_name, args.data)
-        folder = root / set_name
+        folder = root / args.label / set_name  # a view's banks apart from another's
         folder.mkdir(parents=True, exist_ok=True)
         runs = [(config, combine) for config in args.configs.split(",")
                 for combine in (args.combine.split(",") if "+" in config else ["-"])]
@@ -107,8 +107,8 @@ def main() -> None:
             report = run_eval(data, bank_of(data, config, combine, folder, view), folder / "eval.json")
             row = row_of(set_name, config, report, round(os.getloadavg()[0], 2))
             print(json.dumps(row), flush=True)
-            key = (row["data"], row["config"], row["combine"])
-            rows = [r for r in rows if (r["data"], r["config"], r["combine"]) != key] + [row]
+            key = (row["data"], row["config"], row["combine"], row["view"])
+            rows = [r for r in rows if (r["data"], r["config"], r["combine"], r.get("view")) != key] + [row]
             rows.sort(key=lambda r: (r["data"], r["config"].count("+"), r["config"], r["combine"]))
             write_result(args.label, {"rows": rows},
                          command=f"bench/backbones.py --sets SET --configs CONFIGS{' --bank-options=' + repr(args.bank_options) if view else ''}"

@@ -106,7 +106,7 @@ def threshold_rows(figures: list[dict]) -> list[dict]:
     def flat(row: dict, threshold: dict) -> dict:
         interval = threshold.get("rate_interval")
         return {**row, **threshold, "unused": threshold["false_alarm_rate_unused_train"],
-                "confidence": threshold.get("confidence", 0.5), "unused_mean": row.get("unused_train_mean"),
+                "confidence": threshold.get("confidence", "plug-in"), "unused_mean": row.get("unused_train_mean"),
                 "interval": f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else None}
 
     return [flat(row, threshold) for one in figures for row in one["rows"]

@@ -1,7 +1,7 @@
 """The good-only threshold at any training-set size: leave-out vs k-fold calibration (issue 23, item 0).
 
     .venv/bin/python bench/threshold_sizes.py [--data DIR ...] [--sizes 30 50 100 0] [--backbone mobilenet_v2]
-        [--confidences 0.5 0.9] [--label NAME]
+        [--confidences plug-in 0.5 0.75 0.9] [--label NAME]
     .venv/bin/python bench/threshold_sizes.py --combine A.json B.json [--out ...]   # one file, one table
 
 For each category (MVTec layout) and each training-set size (0: all of train/good; else a seeded random
@@ -10,7 +10,7 @@ patch features extracted once per image, then sets the threshold at the target f
 good scores of both methods - "leave-out" (the default: the shipped coreset less each image's own features)
 and "kfold" (5 folds against coresets of the other folds) - and scores the test images with the bank's
 default search, as `patchcore eval` does. Per row: the threshold (at each `--confidences`, scorer.calibration
-.TailFits: 0.5 the fit's own estimate) with the interval of the false-alarm rate the bank reports, the observed
+.TailFits; "plug-in": the fit's own quantile, as banks from before confidences) with the interval of the false-alarm rate the bank reports, the observed
 false-alarm rate on the good test images (and on the training images left out of a subset: more unseen good
 images), the recall, and `best_recall_at_rate` (the best recall any threshold reaches at the same false-alarm
 budget on the test scores); and the mean good score of each kind (calibration, unused training, test), which
@@ -41,13 +41,20 @@ from tables import render  # bench/tables.py: the one place the table is written
 
 
 
+PLUG_IN = "plug-in"  # --confidences' name for None: TailFits' plug-in quantile
+
+
+def confidence_arg(text: str) -> float | None:
+    return None if text == PLUG_IN else float(text)
+
+
 def patches_of(extractor, paths, config: BuildConfig) -> list[np.ndarray]:
     return list(extract_patches(extractor, paths, config.view, None, config.batch_size, "cpu"))
 
 
 def fit_row(train: list[np.ndarray], test: list[np.ndarray], labels: np.ndarray, unused: list[np.ndarray],
             config: BuildConfig, feature_config, extractor, methods: tuple[str, ...] = ("leave-out", "kfold"),
-            confidences: tuple[float, ...] = (0.5,)) -> dict:
+            confidences: tuple[float | None, ...] = (None,)) -> dict:
     rate = config.calibration.false_alarm_rate
     with tempfile.TemporaryDirectory(prefix="threshold-sizes-") as folder:
         store = PatchStore(Path(folder), feature_config.target_dim, config.coreset)
@@ -82,7 +89,8 @@ def fit_row(train: list[np.ndarray], test: list[np.ndarray], labels: np.ndarray,
         for confidence in confidences:
             threshold = fits.threshold(rate, confidence)
             one = {
-                "method": method, "confidence": confidence, "threshold": round(threshold, 4),
+                "method": method, "confidence": PLUG_IN if confidence is None else confidence,
+                "threshold": round(threshold, 4),
                 "rate_interval": [round(r, 4) for r in fits.rate_interval(threshold)],
                 "false_alarm_rate": float((test_good >= threshold).mean()),
                 "recall": float((scores[labels] >= threshold).mean()),
@@ -107,8 +115,9 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/threshold_sizes.partial.json",
                         help="rows so far, rewritten after each (the finished run goes to bench/results/)")
     parser.add_argument("--methods", nargs="+", default=["leave-out", "kfold"], choices=["leave-out", "kfold"])
-    parser.add_argument("--confidences", nargs="+", type=float, default=[0.5, 0.9],
-                        help="threshold confidences (CalibrationConfig.confidence), each a row from the same scores")
+    parser.add_argument("--confidences", nargs="+", type=confidence_arg, default=[None, 0.5, 0.75, 0.9],
+                        help="threshold confidences (CalibrationConfig.confidence; plug-in: the fit's own quantile), "
+                             "each a row from the same scores")
     parser.add_argument("--combine", nargs="+", help="merge these result files (runs of one set each) into --out")
     parser.add_argument("--label", default="", help="written as bench/results/threshold_sizes-LABEL.json")
     args = parser.parse_args()

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from .calibration import (POINT_ESTIMATE, RATE_INTERVAL_LEVEL, RATE_SPREAD_ADVICE, TAIL_MISFIT_P, TailFits,
+from .calibration import (RATE_INTERVAL_LEVEL, RATE_SPREAD_ADVICE, TAIL_MISFIT_P, TailFits,
                           tail_fit_pvalue)
 from .config import COMBINES, CoresetConfig, FeatureConfig
 from .position import PositionNorm
@@ -51,14 +51,17 @@ class Calibration:
     folds: int | None = None
     f1: float | None = None
     tail_pvalue: float | None = None  # KS p-value of the good scores against the fitted Gumbel (low: misfit)
-    confidence: float | None = None  # how sure the threshold is to hold the rate (None: banks before it: 0.5)
-    # the false-alarm rate at the threshold under the tail fits the good scores allow (RATE_INTERVAL_LEVEL)
+    # how sure the threshold is to hold the rate (TailFits; None: banks from before it, the fitted tail's own quantile)
+    confidence: float | None = None
+    # the central RATE_INTERVAL_LEVEL share of the true false-alarm rates a threshold placed as this one has across
+    # training sets of this size (it depends on their number, the rate and the confidence only: TailFits)
     rate_interval: tuple[float, float] | None = None
 
     @classmethod
     def fitted(cls, good: np.ndarray, false_alarm_rate: float, method: str, folds: int | None,
-               confidence: float) -> "Calibration":
-        """The threshold at `false_alarm_rate` (with `confidence`) fitted to good scores [N]."""
+               confidence: float | None) -> "Calibration":
+        """The threshold at `false_alarm_rate` (with `confidence`; None: the plug-in quantile) fitted to good
+        scores [N]."""
         good = np.asarray(good, dtype=np.float64)
         fits = TailFits(good)
         threshold = fits.threshold(false_alarm_rate, confidence)
@@ -71,8 +74,7 @@ class Calibration:
         confidence kept. Only for calibrations at a target rate."""
         if self.false_alarm_rate is None:
             raise ValueError(f"a {self.method} threshold has no target false-alarm rate to refit")
-        return Calibration.fitted(good, self.false_alarm_rate, self.method, self.folds,
-                                  POINT_ESTIMATE if self.confidence is None else self.confidence)
+        return Calibration.fitted(good, self.false_alarm_rate, self.method, self.folds, self.confidence)
 
     def advice(self) -> list[str]:
         """What an operator should know about this threshold, in sentences (empty when nothing): a tail the good
@@ -87,7 +89,8 @@ class Calibration:
             low, high = self.rate_interval
             out.append(f"from {len(self.good_scores)} good images the threshold's false-alarm rate lies anywhere in "
                        f"{100 * low:.1f}-{100 * high:.1f} % ({100 * RATE_INTERVAL_LEVEL:.0f} % of training sets; target "
-                       f"{100 * self.false_alarm_rate:g} %): more good images narrow it")
+                       f"{100 * self.false_alarm_rate:g} %): more good images narrow it, a higher --confidence "
+                       f"lowers its upper end")
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,10 +10,11 @@ many patch distances, so its distribution has an extreme-value (Gumbel) tail: a 
 scores by maximum likelihood gives the threshold at a target false-alarm rate, far steadier than mean + k
 std or an empirical quantile of a few hundred images; `tail_fit_pvalue` checks the fit.
 
-A fit from n good scores is itself uncertain, the more so the fewer the images: `TailFits` gives the interval of
-the false-alarm rate a threshold fitted from n scores has (`rate_interval`, reported with every bank) and, with
-`confidence` above 0.5, the threshold that holds the target rate with that confidence instead of the fit's own
-estimate (which is under the target in about half of all training sets).
+A fit from n good scores is itself uncertain, the more so the fewer the images: `TailFits` gives the threshold
+that holds the target rate with a stated `confidence` (in that share of training sets of n images the true rate
+at it is at or under the target), and the interval of the false-alarm rate at a threshold (`rate_interval`,
+reported with every bank fitted at a rate). Banks from before stored no confidence: theirs is the fitted tail's
+own quantile (the plug-in estimate, `confidence=None`), which at 30 images holds the rate in only ~45 % of sets.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from scipy import stats
 
 
 CALIBRATION_METHODS = ("leave-out", "kfold")
-POINT_ESTIMATE = 0.5  # confidence of the fitted tail's own quantile: as likely above the target rate as below
 TAIL_DRAWS = 1000  # standard Gumbel samples TailFits refits (fewer: its intervals cover less than they say)
 TAIL_SEED = 0  # their seed: a bank rebuilt from the same images gets the same threshold
 RATE_INTERVAL_LEVEL = 0.9  # the false-alarm rate's interval reported with a threshold
@@ -48,7 +48,7 @@ class CalibrationConfig:
     # threshold at any training-set size")
     confidence: float = field(default=0.75, metadata={
         "help": "How sure the threshold is to hold --false-alarm-rate, given how many good images it was fitted "
-                "from: at or under the rate in this share of training sets (0.5 = the fitted tail's own estimate; "
+                "from: at or under the rate in this share of training sets (0.5: as likely over as under; "
                 "higher = a higher threshold, the more so the fewer the images)."})
 
     def __post_init__(self) -> None:
@@ -111,7 +111,7 @@ def tail_fit_pvalue(good_scores: np.ndarray) -> float:
 
 
 def check_confidence(confidence: float) -> None:
-    if not POINT_ESTIMATE <= confidence < 1:
+    if not 0.5 <= confidence < 1:
         raise ValueError(f"threshold confidence must be in [0.5, 1), got {confidence}")
 
 
@@ -129,12 +129,12 @@ class TailFits:
         # [draws] each: fits of standard Gumbel samples of n scores (they depend on n only: computed once per n)
         self.locations, self.scales = standard_refits(len(scores), draws, seed)
 
-    def threshold(self, false_alarm_rate: float, confidence: float = POINT_ESTIMATE) -> float:
+    def threshold(self, false_alarm_rate: float, confidence: float | None = None) -> float:
         """The score that holds `false_alarm_rate` with `confidence` (in that share of training sets the true
-        rate at it is at or under the target); at 0.5 the fit's own quantile (its plug-in estimate)."""
-        check_confidence(confidence)
-        if confidence == POINT_ESTIMATE:
+        rate at it is at or under the target); None: the fit's own quantile (the plug-in estimate)."""
+        if confidence is None:
             return self.fit.quantile(false_alarm_rate)
+        check_confidence(confidence)
         pivots = (stats.gumbel_r.isf(false_alarm_rate) - self.locations) / self.scales
         return self.fit.location + self.fit.scale * float(np.quantile(pivots, confidence))
 
@@ -156,9 +156,9 @@ def standard_refits(n: int, draws: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return locations, scales
 
 
-def threshold_for_rate(good_scores: np.ndarray, false_alarm_rate: float, confidence: float = POINT_ESTIMATE) -> float:
-    """The score a share `false_alarm_rate` of good images reaches or exceeds, from the fitted tail (with
-    `confidence` above 0.5: the score that holds the rate with that confidence, TailFits)."""
-    if confidence == POINT_ESTIMATE:
+def threshold_for_rate(good_scores: np.ndarray, false_alarm_rate: float, confidence: float | None = None) -> float:
+    """The score a share `false_alarm_rate` of good images reaches or exceeds, from the fitted tail (with a
+    `confidence`: the score that holds the rate with that confidence, TailFits)."""
+    if confidence is None:
         return fit_tail(good_scores).quantile(false_alarm_rate)
     return TailFits(good_scores).threshold(false_alarm_rate, confidence)

@@ -67,7 +67,8 @@ def ensemble_of(members: Sequence[MemoryBank], how: str, info: dict | None = Non
     if len({len(c.good_scores) for c in calibrations}) != 1 or len({c.false_alarm_rate for c in calibrations}) != 1:
         raise ValueError("ensemble members must be calibrated on the same training images at the same rate")
     if len({c.confidence for c in calibrations}) != 1:
-        raise ValueError("ensemble members must be calibrated at the same threshold confidence")
+        raise ValueError("ensemble members must be calibrated at the same threshold confidence (`patchcore bank "
+                         "threshold MEMBER --confidence C` refits one without a rebuild)")
     normalisation = tuple(normalisation_of(c.good_scores) for c in calibrations)
     good = combine([np.asarray(c.good_scores, dtype=np.float64) for c in calibrations], normalisation, how)
     calibration = calibrations[0].refit(good)  # the members' rate, method, folds and confidence

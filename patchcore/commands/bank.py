@@ -22,7 +22,6 @@ from scorer.metrics import f1_optimal_threshold
 from scorer.preprocess import list_images
 from scorer.backbones import resolve_backbone
 from scorer.bank import MemoryBank
-from scorer.calibration import POINT_ESTIMATE
 from scorer.config import AUTO_BACKBONE
 from scorer.ensemble import ensemble_of, scorer_for
 from scorer.features import ComputeConfig, ComputeError
@@ -109,13 +108,16 @@ def build_from_folder(train: Path, config: BuildConfig, weights: Optional[str], 
         fail(f"no PNG/JPEG/BMP images in {train}")
     try:
         echo_backbone(config.features.backbone, weights)
-        bank = build_bank(paths, config, weights, device, progress, roi=roi,
+        return build_bank(paths, config, weights, device, progress, roi=roi,
                           compute=compute or compute_config(WorkerSettings.precision, WorkerSettings.channels_last, device))
     except (BackboneError, ValueError) as exc:
         fail(str(exc))
+
+
+def echo_advice(bank) -> None:
+    """What an operator should know about a bank's threshold (Calibration.advice), on stderr: `threshold: ...`."""
     for sentence in bank.calibration.advice() if bank.calibration else ():
         typer.echo(f"threshold: {sentence}", err=True)
-    return bank
 
 
 def echo_backbone(name: str, weights: Optional[str]) -> None:
@@ -157,6 +159,7 @@ def bank_build(
     else:
         bank = build_from_folder(train, config, weights, device, progress, roi_mask(roi), compute)
     save_bank(bank, out)
+    echo_advice(bank)
     typer.echo(json.dumps({"bank": str(out), **bank_summary(bank)}, indent=2))
 
 
@@ -212,7 +215,8 @@ def bank_calibrate(
     previous = loaded.calibration
     calibration = Calibration(threshold=threshold, method="f1", f1=f1,
                               good_scores=previous.good_scores if previous else (),
-                              folds=previous.folds if previous else None)
+                              folds=previous.folds if previous else None,
+                              confidence=previous.confidence if previous else None)  # for `bank threshold`
     save_bank(loaded.with_calibration(calibration), out or bank)
     typer.echo(json.dumps({"bank": str(out or bank), "threshold": threshold, "f1": f1,
                            "previous_threshold": previous.threshold if previous else None}, indent=2))
@@ -239,16 +243,17 @@ def bank_threshold(
         fail(f"{bank} stores no good scores to fit a threshold to (built with --folds 0?): rebuild it with calibration")
     rate = false_alarm_rate if false_alarm_rate is not None else previous.false_alarm_rate
     if rate is None:
-        fail(f"{bank}'s threshold is F1-optimal ({previous.method}): give --false-alarm-rate for a good-only one")
-    level = confidence if confidence is not None else (
-        POINT_ESTIMATE if previous.confidence is None else previous.confidence)  # older banks: the fit's estimate
+        fail(f"{bank}'s threshold ({previous.method}) has no target false-alarm rate: give --false-alarm-rate for a "
+             f"good-only one")
+    level = confidence if confidence is not None else previous.confidence  # None (older banks): the plug-in quantile
     try:
-        CalibrationConfig(false_alarm_rate=rate, confidence=level)  # the build's own range checks
+        CalibrationConfig(false_alarm_rate=rate, **({} if level is None else {"confidence": level}))  # range checks
         method = previous.method if previous.false_alarm_rate is not None else GOOD_ONLY_REFIT
         calibration = Calibration.fitted(previous.good_scores, rate, method, previous.folds, level)
     except ValueError as exc:
         fail(str(exc))
     save_bank(loaded.with_calibration(calibration), out or bank)
+    echo_advice(loaded.with_calibration(calibration))
     typer.echo(json.dumps({"bank": str(out or bank), "threshold": calibration.threshold,
                            "false_alarm_rate": rate, "confidence": level,
                            "rate_interval": list(calibration.rate_interval),

@@ -22,7 +22,7 @@ from workers.settings import WorkerSettings
 from ..helptext import Typer
 from ..options import field_option
 from .bank import (ChannelsLast, Device, Engine, Index, Layers, Precision, Roi, Weights, build_config, build_from_folder,
-                   build_options, compute_config, roi_mask)
+                   build_options, compute_config, echo_advice, roi_mask)
 from .common import Connection, Progress, Search, connection, fail, search_config
 from .control import RoiMask, RoiPolygon, camera_settings, sensitivity_options, stored_settings
 
@@ -68,6 +68,7 @@ def evaluate_command(
                             search=search_config(search, index), compute=compute)
     except (BankError, BackboneError, IndexError_) as exc:
         fail(str(exc))
+    echo_advice(loaded)
     report = evaluate(scorer, data, fit_seconds, build["batch_size"], progress).to_dict()
     members = loaded.members if isinstance(loaded, EnsembleBank) else (loaded,)
     report.update(backbone=loaded.backbone if isinstance(loaded, EnsembleBank) else loaded.feature_config.backbone,
