@@ -155,6 +155,11 @@ TABLES: dict[str, Table] = {
         lambda figures: profile_rows(figures, ("mobilenet_v2", "efficientnet_lite2"))),
     "eval_speed": eval_speed_table("eval_speed", "this images/s"),
     "eval_speed-int8": eval_speed_table("eval_speed-int8", "this, int8, images/s"),
+    "vs_official": Table(("vs_official",), (
+        ("set", "{set}"), ("implementation", "{implementation}"), ("backbone", "{backbone}"),
+        ("images/s", "{images_per_second:.2f}"), ("this / official", "x{ratio:.2f} || -"),
+        ("build s", "{build_seconds:.1f}"), ("bank", "{bank:,} || -"), ("image AUROC", "{image_auroc:.4f}"),
+        ("pixel AUROC", "{pixel_auroc:.4f}"))),
     "worker_speed": Table(("worker_speed",), (
         ("mode", "{mode}"), ("baseline frames/s", "{baseline_frames_per_second:.1f}"),
         ("this frames/s", "{this_frames_per_second:.1f}"), ("ratio", "x{ratio:.2f}"),
