@@ -43,7 +43,8 @@ class Calibration:
     """Decision threshold on image scores and how it was chosen."""
 
     threshold: float
-    # "leave-out-gumbel" / "kfold-gumbel" (good images only, at a target false-alarm rate), "f1" (labelled
+    # "leave-out-gumbel" / "kfold-gumbel" (good images only, at a target false-alarm rate), "good-only-gumbel"
+    # (`bank threshold` of an F1 bank: the stored good scores' method is not recorded), "f1" (labelled
     # validation images), "good-sigma" (banks of format 1: mean + 3 std of 10 % held-back images)
     method: str
     good_scores: tuple[float, ...] = ()  # every training image's score against a bank without it
@@ -84,9 +85,13 @@ class Calibration:
             out.append(f"the good scores do not follow a Gumbel tail (KS p = {self.tail_pvalue:.3f}): the false-alarm "
                        f"rate the threshold states is not to be trusted; look for outliers or other parts among the "
                        f"training images")
-        if (self.rate_interval is not None and self.false_alarm_rate is not None
-                and self.rate_interval[1] >= RATE_SPREAD_ADVICE * self.false_alarm_rate):
-            low, high = self.rate_interval
+        interval = self.rate_interval
+        if interval is None and self.false_alarm_rate is not None and len(self.good_scores) >= 5:
+            # banks from before intervals were stored: the same interval from their good scores
+            interval = TailFits(np.asarray(self.good_scores, dtype=np.float64)).rate_interval(self.threshold)
+        if (interval is not None and self.false_alarm_rate is not None
+                and interval[1] >= RATE_SPREAD_ADVICE * self.false_alarm_rate):
+            low, high = interval
             out.append(f"from {len(self.good_scores)} good images the threshold's false-alarm rate lies anywhere in "
                        f"{100 * low:.1f}-{100 * high:.1f} % ({100 * RATE_INTERVAL_LEVEL:.0f} % of training sets; target "
                        f"{100 * self.false_alarm_rate:g} %): more good images narrow it, a higher --confidence "

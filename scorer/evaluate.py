@@ -77,8 +77,8 @@ class EvalReport:
     images_per_second: float
     n_test_images: int
     threshold: float | None
-    # the bank's calibration: its target rate, confidence and the rate's 90 % interval at the threshold (None: F1
-    # or no calibration; scorer.calibration.TailFits)
+    # the bank's calibration: its method, target rate, confidence and the rate's 90 % interval at the threshold
+    # (the last three None for an F1 threshold; the whole None for a bank without calibration; TailFits)
     threshold_calibration: dict | None
     false_alarm_rate: float | None  # share of good test images at or over the bank's threshold
     recall: float | None  # share of defective test images at or over it

@@ -68,8 +68,8 @@ def test_kfold_scores_equal_scoring_each_fold_against_a_bank_without_it(mobilene
                       device="cpu", progress=False)
     good = np.array(bank.calibration.good_scores)
     assert len(good) == 10 and bank.calibration.method == "kfold-gumbel"
-    assert bank.calibration.confidence == calibration.confidence == 0.75  # the default
-    assert bank.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.05, 0.75))
+    assert bank.calibration.confidence == calibration.confidence  # the default
+    assert bank.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.05, calibration.confidence))
     ids = fold_ids(10, folds, contiguous=True, seed=0)
     for k in (0, 3):
         rest = [img for img, f in zip(images, ids) if f != k]
@@ -120,8 +120,8 @@ def test_leave_out_scores_score_each_image_against_a_coreset_that_never_saw_it(m
     bank = build_bank(images, config, device="cpu", progress=False)
     good = np.array(bank.calibration.good_scores)
     assert len(good) == 12 and bank.calibration.method == "leave-out-gumbel"
-    assert bank.calibration.confidence == calibration.confidence == 0.75  # the default
-    assert bank.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.05, 0.75))
+    assert bank.calibration.confidence == calibration.confidence  # the default
+    assert bank.calibration.threshold == pytest.approx(threshold_for_rate(good, 0.05, calibration.confidence))
     window = calibration.twin_window(12)
     assert window == (2 if contiguous else 0)
     extractor, feature_config = build_extractor(config.features, device="cpu")
@@ -198,7 +198,8 @@ def test_a_confident_threshold_holds_the_rate_in_that_share_of_training_sets():
         confident.append(fits.threshold(0.01, 0.9) >= truth)
         median.append(fits.threshold(0.01, 0.5) >= truth)
         threshold = fits.threshold(0.01)
-        assert threshold == pytest.approx(threshold_for_rate(good, 0.01))  # None: the fit's own quantile
+        assert threshold == pytest.approx(fit_tail(good).quantile(0.01))  # None: the fit's own quantile
+        assert threshold < fits.threshold(0.01, 0.5)  # which holds the rate in fewer sets than the pivot's median
         plug_in.append(threshold >= truth)
         low, high = fits.rate_interval(threshold)
         covered.append(low <= stats.gumbel_r.sf(threshold, loc=10, scale=1) <= high)
@@ -213,6 +214,69 @@ def test_a_confident_threshold_holds_the_rate_in_that_share_of_training_sets():
     assert high - low < 0.5 * np.median(widths)  # ten times the images: a much narrower interval
 
 
+def gumbel_calibration(n: int, confidence: float | None, seed: int = 5):
+    from scorer.bank import Calibration
+
+    good = stats.gumbel_r.rvs(loc=10, scale=1, size=n, random_state=np.random.default_rng(seed))
+    return Calibration.fitted(good, 0.01, "leave-out-gumbel", None, confidence)
+
+
+def test_a_calibration_round_trips_its_confidence_and_interval(tmp_path):
+    from scorer import load_bank, save_bank
+
+    from .test_bank import small_bank
+
+    calibration = gumbel_calibration(40, 0.9)
+    assert calibration.confidence == 0.9 and calibration.rate_interval[0] < 0.01 < calibration.rate_interval[1]
+    save_bank(small_bank().with_calibration(calibration), tmp_path / "a.bank")
+    assert load_bank(tmp_path / "a.bank").calibration == calibration
+
+
+def test_advice_for_a_bank_from_before_stored_intervals():
+    """A bank saved without a rate interval (before they were stored) gets the same advice from its good scores."""
+    from dataclasses import replace
+
+    few = gumbel_calibration(30, None)
+    old = replace(few, rate_interval=None)
+    assert old.advice() == few.advice() and any("from 30 good images" in line for line in old.advice())
+    assert gumbel_calibration(1000, None).advice() == []  # many images: a narrow interval, nothing to say
+
+
+def test_bank_threshold_on_an_f1_bank_takes_the_default_confidence(tmp_path):
+    """An F1 threshold (bank calibrate) has no confidence; a good-only refit of it takes the build's default, a
+    good-only bank from before confidences keeps its plug-in quantile."""
+    import json
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    from patchcore.cli import app
+    from scorer import load_bank, save_bank
+    from scorer.bank import Calibration
+
+    from .test_bank import small_bank
+
+    fitted = gumbel_calibration(30, None)
+    good = np.array(fitted.good_scores)
+    f1 = Calibration(threshold=12.0, method="f1", f1=0.9, good_scores=fitted.good_scores)
+    save_bank(small_bank().with_calibration(f1), tmp_path / "f1.bank")
+    refused = CliRunner().invoke(app, ["bank", "threshold", str(tmp_path / "f1.bank")])
+    assert refused.exit_code == 2 and "no target false-alarm rate" in refused.output
+    result = CliRunner().invoke(app, ["bank", "threshold", str(tmp_path / "f1.bank"), "--false-alarm-rate", "0.01"])
+    assert result.exit_code == 0, result.output
+    default = CalibrationConfig().confidence
+    assert json.loads(result.stdout)["confidence"] == default
+    refit = load_bank(tmp_path / "f1.bank").calibration
+    assert (refit.method, refit.confidence) == ("good-only-gumbel", default)
+    assert refit.threshold == pytest.approx(threshold_for_rate(good, 0.01, default), rel=1e-9)
+
+    save_bank(small_bank().with_calibration(replace(fitted, rate_interval=None)), tmp_path / "old.bank")
+    kept = CliRunner().invoke(app, ["bank", "threshold", str(tmp_path / "old.bank"), "--false-alarm-rate", "0.02"])
+    assert kept.exit_code == 0, kept.output
+    assert json.loads(kept.stdout)["confidence"] is None
+    assert json.loads(kept.stdout)["threshold"] == pytest.approx(threshold_for_rate(good, 0.02), rel=1e-9)
+
+
 def test_confidence_is_checked():
     from scorer.calibration import TailFits
 
@@ -224,11 +288,11 @@ def test_confidence_is_checked():
 
 @pytest.mark.slow
 def test_bank_threshold_refits_a_real_bank_at_a_confidence_without_rebuilding(tmp_path):
-    """30 real bottle images: `bank build` stores its confidence (default 0.75) and the rate's interval, and its
+    """30 real bottle images: `bank build` stores its confidence (the default) and the rate's interval, and its
     threshold keeps the issue's bounds on unseen good images and the test set;
     `--confidence 0.9` the same good scores with a higher threshold; `bank threshold` refits either bank to the
-    other's threshold, or to the fit's own estimate (0.5), from the stored scores alone; bad values are refused
-    and leave the bank as it was."""
+    other's threshold, or to 0.5 (as likely over the rate as under), from the stored scores alone; bad values are
+    refused and leave the bank as it was."""
     import json
     import shutil
 
@@ -241,6 +305,8 @@ def test_bank_threshold_refits_a_real_bank_at_a_confidence_without_rebuilding(tm
 
     if not BOTTLE.is_dir():
         pytest.skip("MVTec bottle is not in ../shared")
+    default_confidence = CalibrationConfig().confidence
+    assert default_confidence < 0.9  # what the comparisons below take
     train = tmp_path / "good"
     train.mkdir()
     for path in sorted((BOTTLE / "train" / "good").glob("*.png"))[:30]:
@@ -251,13 +317,13 @@ def test_bank_threshold_refits_a_real_bank_at_a_confidence_without_rebuilding(tm
         result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / f"{name}.bank"), *extra])
         assert result.exit_code == 0, result.output
         built[name] = json.loads(result.stdout)["calibration"]
-        # 30 images: at 0.75 the rate may reach 2 % (twice the target) and the build says so on stderr (the JSON
-        # stays clean); at 0.9 its interval stays under 1.5 times the target: nothing to say
+        # 30 images: at the default (0.75) the rate may reach 2 % (twice the target) and the build says so on
+        # stderr (the JSON stays clean); at 0.9 its interval stays under 1.5 times the target: nothing to say
         advised = "threshold: from 30 good images the threshold's false-alarm rate lies anywhere in" in result.stderr
         assert advised == (name == "default"), result.stderr
     default, confident = built["default"], built["confident"]
     assert default["good_scores"] == confident["good_scores"] and len(default["good_scores"]) == 30
-    assert (default["confidence"], confident["confidence"]) == (0.75, 0.9)
+    assert (default["confidence"], confident["confidence"]) == (default_confidence, 0.9)
     good = np.array(default["good_scores"])
     plug_in = threshold_for_rate(good, 0.01)  # the fitted Gumbel's own 1 % quantile
     assert plug_in < default["threshold"] < confident["threshold"]
@@ -312,7 +378,7 @@ def test_bank_threshold_refits_a_real_bank_at_a_confidence_without_rebuilding(tm
     scores = np.array([row["score"] for row in report["images"]])
     assert report["false_alarm_rate"] <= 0.05
     assert report["recall"] >= best_recall_at_rate(labels, scores, 0.01) - 0.10
-    assert report["threshold_calibration"]["confidence"] == 0.75
+    assert report["threshold_calibration"]["confidence"] == default_confidence
 
     before = (tmp_path / "default.bank").read_bytes()
     for bad in (["--confidence", "1.5"], ["--false-alarm-rate", "0"]):

@@ -270,3 +270,23 @@ def test_bank_calibrate_takes_an_ensemble(ensemble, test_images, tmp_path):
     assert isinstance(calibrated, EnsembleBank) and calibrated.calibration.method == "f1"
     assert calibrated.calibration.threshold == pytest.approx(expected, rel=1e-4)
     assert calibrated.calibration.good_scores == ensemble.calibration.good_scores
+
+
+def test_ensemble_members_must_share_their_threshold_confidence(ensemble):
+    """Members at different confidences are refused (with the command that aligns them); members from before
+    confidences (None) give the ensemble the plug-in quantile of the combined good scores."""
+    from dataclasses import replace
+
+    from scorer.calibration import fit_tail
+    from scorer.ensemble import combine
+
+    first, second = ensemble.members
+    other = CalibrationConfig().confidence + 0.1
+    mixed = second.with_calibration(replace(second.calibration, confidence=other))
+    with pytest.raises(ValueError, match="bank threshold"):
+        ensemble_of([first, mixed], ensemble.combine)
+    old = [m.with_calibration(replace(m.calibration, confidence=None)) for m in ensemble.members]
+    combined = ensemble_of(old, ensemble.combine)
+    good = combine([np.array(m.calibration.good_scores) for m in old], combined.normalisation, ensemble.combine)
+    assert combined.calibration.confidence is None
+    assert combined.calibration.threshold == pytest.approx(fit_tail(good).quantile(old[0].calibration.false_alarm_rate))

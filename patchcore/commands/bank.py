@@ -215,8 +215,7 @@ def bank_calibrate(
     previous = loaded.calibration
     calibration = Calibration(threshold=threshold, method="f1", f1=f1,
                               good_scores=previous.good_scores if previous else (),
-                              folds=previous.folds if previous else None,
-                              confidence=previous.confidence if previous else None)  # for `bank threshold`
+                              folds=previous.folds if previous else None)
     save_bank(loaded.with_calibration(calibration), out or bank)
     typer.echo(json.dumps({"bank": str(out or bank), "threshold": threshold, "f1": f1,
                            "previous_threshold": previous.threshold if previous else None}, indent=2))
@@ -228,8 +227,8 @@ def bank_threshold(
     false_alarm_rate: Annotated[Optional[float], typer.Option(
         help="Target share of good images at or over the threshold (default: the bank's).")] = None,
     confidence: Annotated[Optional[float], typer.Option(
-        help="How sure the threshold is to hold the rate: 0.5 = the fitted tail's own estimate, 0.9 = in 9 of 10 "
-             "training sets (default: the bank's).")] = None,
+        help="How sure the threshold is to hold the rate, in [0.5, 1): 0.5 = as likely over as under, 0.9 = at or "
+             "under it in 9 of 10 training sets (default: the bank's; for an F1 threshold the build's default).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write here instead of overwriting BANK.")] = None,
 ) -> None:
     """Refit the good-only threshold from the good scores the bank stores, at another false-alarm rate or
@@ -245,7 +244,12 @@ def bank_threshold(
     if rate is None:
         fail(f"{bank}'s threshold ({previous.method}) has no target false-alarm rate: give --false-alarm-rate for a "
              f"good-only one")
-    level = confidence if confidence is not None else previous.confidence  # None (older banks): the plug-in quantile
+    if confidence is not None:
+        level = confidence
+    elif previous.false_alarm_rate is None:  # an F1 threshold has no confidence to keep: the build's default
+        level = CalibrationConfig().confidence
+    else:
+        level = previous.confidence  # None (good-only banks from before confidences): the plug-in quantile
     try:
         CalibrationConfig(false_alarm_rate=rate, **({} if level is None else {"confidence": level}))  # range checks
         method = previous.method if previous.false_alarm_rate is not None else GOOD_ONLY_REFIT
