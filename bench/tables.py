@@ -113,6 +113,14 @@ def threshold_rows(figures: list[dict]) -> list[dict]:
             for threshold in row.get("thresholds") or [{**row[m], "method": m} for m in ("leave-out", "kfold") if m in row]]
 
 
+# bench/backbones.py's row columns after the ones that name the configuration
+BACKBONE_EVAL_COLUMNS = (
+    ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"),
+    ("threshold", "{threshold:.2f}"), ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
+    ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}"), ("build s", "{build_s:.0f}"),
+    ("images/s", "{images_per_s:.2f}"), ("load", "{load_average_1min:.1f}"))
+
+
 def eval_speed_table(result: str, this: str) -> Table:
     """bench/eval_speed.py's rows: a baseline checkout against this one (`this`: the column's name)."""
     return Table((result,), (
@@ -194,17 +202,9 @@ TABLES: dict[str, Table] = {
         ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"), ("F1 (optimal)", "{f1_optimal:.3f}"),
         ("build s", "{build_s}"), ("images/s", "{images_per_s:.2f}"))),
     "backbones-eval": Table(("backbones-eval",), (
-        ("data", "{data}"), ("backbone(s)", "{config}"), ("combine", "{combine}"),
-        ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"),
-        ("threshold", "{threshold:.2f}"), ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
-        ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}"), ("build s", "{build_s:.0f}"),
-        ("images/s", "{images_per_s:.2f}"), ("load", "{load_average_1min:.1f}"))),
+        ("data", "{data}"), ("backbone(s)", "{config}"), ("combine", "{combine}"), *BACKBONE_EVAL_COLUMNS)),
     "views-efficientnet_lite2": Table(("views-efficientnet_lite2",), (
-        ("data", "{data}"), ("backbone, view", "{config}, {view}"),
-        ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"),
-        ("threshold", "{threshold:.2f}"), ("false_alarm_rate", "{false_alarm_rate:.2f}"), ("recall", "{recall:.2f}"),
-        ("best recall at FAR <= 0.05", "{best_recall_at_0_05:.2f}"), ("build s", "{build_s:.0f}"),
-        ("images/s", "{images_per_s:.2f}"), ("load", "{load_average_1min:.1f}"))),
+        ("data", "{data}"), ("backbone, view", "{config}, {view}"), *BACKBONE_EVAL_COLUMNS)),
     "detail-eval": Table(("detail-eval",), (
         ("data", "{data}"), ("bank", "{config}"), ("taps", "{layers}"), ("bank size", "{bank_size}"),
         ("image AUROC", "{image_auroc:.4f}"), ("pixel AUROC", "{pixel_auroc:.4f}"), ("PRO", "{pro:.4f}"),

@@ -58,7 +58,7 @@ np.random.seed(0); torch.manual_seed(0)  # its fix_seeds(0)
 device = torch.device("cpu")
 source, name = str(Path(folder).parent), Path(folder).name
 backbone = torchvision.models.mobilenet_v2(weights=None)
-backbone.load_state_dict(torch.load(weights))
+backbone.load_state_dict(torch.load(weights, weights_only=True))
 backbone.eval()
 model = patchcore.patchcore.PatchCore(device)
 model.load(backbone=backbone, layers_to_extract_from=__LAYERS__, device=device, input_shape=(3, 224, 224),

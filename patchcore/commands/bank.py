@@ -256,8 +256,9 @@ def bank_threshold(
         calibration = Calibration.fitted(previous.good_scores, rate, method, previous.folds, level)
     except ValueError as exc:
         fail(str(exc))
-    save_bank(loaded.with_calibration(calibration), out or bank)
-    echo_advice(loaded.with_calibration(calibration))
+    refitted = loaded.with_calibration(calibration)
+    save_bank(refitted, out or bank)
+    echo_advice(refitted)
     typer.echo(json.dumps({"bank": str(out or bank), "threshold": calibration.threshold,
                            "false_alarm_rate": rate, "confidence": level,
                            "rate_interval": list(calibration.rate_interval),
