@@ -38,6 +38,7 @@ from .config import CoresetConfig
 
 BLOCKS_PER_SQRT_N = 8.0  # measured on bottle features: 2 -> 11 s, 8 -> 9 s, 24 -> slower
 PROJECTION_ROWS = 512  # rows per matrix product: fixed, so any chunking gives the same floats
+BLOCK_ELEMENTS = 1 << 22  # distance-matrix elements per block of a nearest-row search (16 MB: stays in cache)
 CHUNKS = 200  # pass choice and progress every 1/CHUNKS of the steps
 # pruned pass while (computed + reached / 4) stays below this share of all points per step (_pruning_pays);
 # measured: on textures the pruned pass computes ~98 % of the points at every step, on bottle far fewer
@@ -92,19 +93,23 @@ def start_distances(projected: np.ndarray, n_start: int, seed: int) -> np.ndarra
     return np.sqrt(np.maximum(sq, 0.0)).mean(axis=1).astype(np.float32)
 
 
-def nearest_distance(points: np.ndarray, core: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """[N] Euclidean distance from each point to its nearest row of `core` (float32, batched)."""
+def nearest_distance(points: np.ndarray, core: np.ndarray, batch: int | None = None) -> np.ndarray:
+    """[N] Euclidean distance from each point to its nearest row of `core` (float32, in blocks of `batch`
+    points; by default as many as keep a block's distance matrix near BLOCK_ELEMENTS, in cache)."""
     core = np.asarray(core, dtype=np.float32)
     core_sq = (core * core).sum(1)
+    step = batch or max(1, BLOCK_ELEMENTS // max(len(core), 1))
     out = np.empty(len(points), dtype=np.float32)
-    for begin in range(0, len(points), batch):
-        block = np.asarray(points[begin:begin + batch], dtype=np.float32)
-        sq = (block * block).sum(1)[:, None] + core_sq[None, :] - 2.0 * block @ core.T
-        out[begin:begin + batch] = np.sqrt(np.maximum(sq.min(axis=1), 0.0))
+    for begin in range(0, len(points), step):
+        block = np.asarray(points[begin:begin + step], dtype=np.float32)
+        partial = block @ core.T  # |c|^2 - 2 p.c, in place: the point's own |p|^2 is added to the minimum
+        partial *= -2.0
+        partial += core_sq[None, :]
+        out[begin:begin + step] = np.sqrt(np.maximum(partial.min(axis=1) + (block * block).sum(1), 0.0))
     return out
 
 
-def coverage_radius(points: np.ndarray, coreset: np.ndarray, batch: int = 4096) -> float:
+def coverage_radius(points: np.ndarray, coreset: np.ndarray, batch: int | None = None) -> float:
     """Largest distance from any point to its nearest coreset point (in the given space)."""
     return float(nearest_distance(points, points[coreset], batch).max())
 
@@ -143,9 +148,9 @@ def select_coreset(features: np.ndarray | None, config: CoresetConfig, progress:
     return _greedy(points, initial, False, n_select, -1.0, config.seed, progress, engine, device, half)
 
 
-def extend_coreset(existing: np.ndarray, new: np.ndarray, radius: float, max_new: int,
+def extend_coreset(existing: np.ndarray | None, new: np.ndarray, radius: float, max_new: int,
                    progress: Callable[[int], None] | None = None, *, engine: str = "numba", device: str = "cpu",
-                   half: bool = False) -> CoresetSelection:
+                   half: bool = False, initial: np.ndarray | None = None) -> CoresetSelection:
     """Continue the greedy selection of a bank over new points (bank updates without a full rebuild).
 
     existing [M, d]: the bank's coreset, new [K, d]: the new patches, both projected with the bank's
@@ -153,16 +158,23 @@ def extend_coreset(existing: np.ndarray, new: np.ndarray, radius: float, max_new
     distance to the nearest existing coreset point; farthest-point steps over them stop as soon as every
     new point is within `radius` (so already covered data adds nothing) or after `max_new` points (a bank
     update passes coreset_size(K, fraction), the build's own budget for K points).
+    initial [K]: the new points' distances to `existing`, when the caller has them (`existing` may then be None).
     Returns the indices into `new` of the points to add, in order, and the coverage radius of the new
     points by the extended coreset (the bank's radius afterwards is max(radius, that)).
     """
-    if existing.ndim != 2 or new.ndim != 2 or existing.shape[1] != new.shape[1]:
-        raise ValueError(f"coreset {existing.shape} and new points {new.shape} must be [M, d] and [K, d]")
-    if len(new) == 0 or max_new < 1:
+    if new.ndim != 2 or (existing is not None and (existing.ndim != 2 or existing.shape[1] != new.shape[1])):
+        raise ValueError(f"coreset {getattr(existing, 'shape', None)} and new points {new.shape} must be [M, d] and "
+                         f"[K, d]")
+    if initial is None:
+        if existing is None:
+            raise ValueError("extending a coreset needs its points or the new points' distances to them (initial)")
         initial = nearest_distance(new, existing) if len(new) else np.zeros(1, np.float32)
-        return CoresetSelection(np.empty(0, dtype=np.int64), float(initial.max()))
+    elif initial.shape != (len(new),):
+        raise ValueError(f"initial distances {initial.shape} must be one per new point ({len(new)})")
+    if len(new) == 0 or max_new < 1:
+        return CoresetSelection(np.empty(0, dtype=np.int64), float(initial.max()) if len(initial) else 0.0)
     new = np.ascontiguousarray(new, dtype=np.float32)
-    initial = nearest_distance(new, existing)
+    initial = np.ascontiguousarray(initial, dtype=np.float32)
     return _greedy(new, initial, True, max_new, float(radius), 0, progress, engine, device, half)
 
 

@@ -15,6 +15,13 @@ them is back within the coverage radius or the removed points' budget is spent. 
 shipped bank's size and coverage and never saw image i: a leave-one-out coreset for the price of a small
 extension per image. Scoring: the scorer's exact search and Eq. 7 on that bank (equal to
 `PatchCoreScorer(bank, search="exact").score_patches`, tests/test_calibration.py).
+
+Cost. The shipped coreset's vectors are read once; image i's bank is that array with its removed rows masked
+(`HeldOutBank`), never a copy. An image's score needs only its highest patch distance, so each patch gets an
+upper bound first - its true distance to its nearest kept point in the projected space (`nearest_cells`, one
+pass over all patches for every image at once) - and only patches whose bound can still beat the highest
+exact distance found are searched exactly, in decreasing order of bound: on bottle (209 images, 16k-row
+bank) one chunk of 32 patches per image instead of 784, the calibration 5x faster, scores unchanged.
 """
 from __future__ import annotations
 
@@ -23,9 +30,9 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from .coreset import extend_coreset
+from .coreset import BLOCK_ELEMENTS, extend_coreset
 
-BLOCK_ELEMENTS = 1 << 25  # distance-matrix elements per block of queries: bounds a block's memory
+EXACT_CHUNK = 32  # patches searched exactly at a time, in decreasing order of their bound
 
 
 class PatchSource(Protocol):
@@ -53,39 +60,111 @@ def exclusion_ranges(n_images: int, twin_window: int) -> np.ndarray:
     return np.stack([np.maximum(i - twin_window, 0), np.minimum(i + twin_window, n_images - 1)], axis=1)
 
 
-def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, k: int = 1) -> torch.Tensor:
-    """Indices [Q, k] of each query's k nearest bank rows (squared-distance expansion, in blocks)."""
-    bank_sq = (bank * bank).sum(dim=1)
-    step = max(1, BLOCK_ELEMENTS // max(len(bank), 1))
-    out = []
-    for begin in range(0, len(queries), step):
-        block = queries[begin:begin + step]
-        distances = (block * block).sum(dim=1, keepdim=True) + bank_sq[None, :] - 2.0 * block @ bank.T
-        out.append(distances.topk(k, dim=1, largest=False).indices)
-    return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.int64)
+def nearest_cells(projected: torch.Tensor, centres: torch.Tensor, owners: np.ndarray,
+                  patch_images: np.ndarray, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each training patch's nearest centre (its cell), and its nearest centre owned by no image its own image
+    leaves out (-1 when every centre is): [P] int64 each, in the projected space the selection used.
+
+    projected [P, d]: the patches; centres [M, d]: the coreset; owners [M]: each centre's image;
+    patch_images [P]: each patch's image; excluded [N, 2]: the inclusive image range each image leaves out.
+    One pass over each block's distances: an image's left-out centres (few) are read aside, then masked."""
+    by_owner = np.argsort(owners, kind="stable")  # image j's left-out centres: by_owner[first[j]:end[j]]
+    first = np.searchsorted(owners[by_owner], excluded[:, 0], side="left")
+    end = np.searchsorted(owners[by_owner], excluded[:, 1], side="right")
+    centres_sq = (centres * centres).sum(dim=1)
+    step = max(1, BLOCK_ELEMENTS // max(len(centres), 1))
+    cell = np.empty(len(projected), dtype=np.int64)
+    held = np.empty(len(projected), dtype=np.int64)
+    for begin in range(0, len(projected), step):
+        partial = torch.addmm(centres_sq, projected[begin:begin + step], centres.T, beta=1.0, alpha=-2.0)
+        aside = torch.full((len(partial),), float("inf"))
+        aside_where = torch.zeros(len(partial), dtype=torch.int64)
+        images, starts = np.unique(patch_images[begin:begin + len(partial)], return_index=True)
+        for image, top, bottom in zip(images, starts, np.r_[starts[1:], len(partial)]):
+            columns = torch.from_numpy(by_owner[first[image]:end[image]])
+            if len(columns):
+                rows = partial[top:bottom]
+                best, where = rows.index_select(1, columns).min(dim=1)
+                aside[top:bottom], aside_where[top:bottom] = best, columns[where]
+                rows.index_fill_(1, columns, float("inf"))
+        best, where = partial.min(dim=1)
+        cell[begin:begin + len(partial)] = torch.where(aside < best, aside_where, where).numpy()
+        held[begin:begin + len(partial)] = torch.where(torch.isinf(best), -1, where).numpy()
+    return cell, held
 
 
-def exact_image_score(patches: torch.Tensor, bank: torch.Tensor, neighbours: int) -> float:
-    """An image's score against a bank [M, D]: its highest patch distance |q - m*| (true L2, not the
-    expansion), times Eq. 7's 1 - softmax(d)[0] over the distances to m*'s `neighbours` nearest bank rows."""
-    nearest = nearest_rows(patches, bank)[:, 0]
-    distances = torch.linalg.vector_norm(patches - bank[nearest], dim=1)
-    top, where = distances.max(dim=0)
-    return float(top) * eq7_weight(patches[where], int(nearest[where]), bank, neighbours)
+class HeldOutBank:
+    """One image's leave-one-out coreset without copying the shipped one: the shipped coreset's rows [M, D]
+    with the removed ones masked out, then the rows the repair added [A, D]. A row's id is its position in
+    that order (0..M-1 shipped, M.. added); the same rows as `LeaveOut.rows(i)`, whose order differs."""
 
+    def __init__(self, shipped: torch.Tensor, shipped_sq: torch.Tensor, removed: torch.Tensor,
+                 added: torch.Tensor):
+        self.shipped, self.shipped_sq, self.removed, self.added = shipped, shipped_sq, removed, added
+        self.added_sq = (added * added).sum(dim=1)
+        self.size = len(shipped) - int(removed.sum()) + len(added)
 
-def eq7_weight(patch: torch.Tensor, anchor: int, bank: torch.Tensor, neighbours: int) -> float:
-    """Eq. 7's 1 - softmax(d)[0] for an image's highest patch [D] whose nearest bank row is `anchor`: d its
-    distances to m*'s `neighbours` nearest bank rows (1.0 for neighbours <= 1: the plain maximum)."""
-    if neighbours <= 1:
-        return 1.0
-    support = nearest_rows(bank[anchor][None], bank, min(neighbours, len(bank)))[0]
-    d = torch.linalg.vector_norm(bank[support] - patch[None], dim=1)
-    return float(1.0 - torch.softmax(d, dim=0)[0])
+    def partial(self, queries: torch.Tensor) -> torch.Tensor:
+        """[Q, M + A] squared distances less |q|^2 (the order of a query's rows); removed rows +inf."""
+        out = torch.addmm(self.shipped_sq, queries, self.shipped.T, beta=1.0, alpha=-2.0)
+        out.masked_fill_(self.removed[None, :], float("inf"))
+        if len(self.added):
+            out = torch.cat([out, torch.addmm(self.added_sq, queries, self.added.T, beta=1.0, alpha=-2.0)], dim=1)
+        return out
+
+    def nearest(self, queries: torch.Tensor, k: int = 1) -> torch.Tensor:
+        """Row ids [Q, k] of each query's k nearest rows (k <= size), nearest first, in blocks."""
+        step = max(1, BLOCK_ELEMENTS // (len(self.shipped) + len(self.added)))
+        out = []
+        for begin in range(0, len(queries), step):
+            partial = self.partial(queries[begin:begin + step])
+            out.append(partial.argmin(dim=1, keepdim=True) if k == 1 else partial.topk(k, dim=1, largest=False).indices)
+        return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.int64)
+
+    def vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows [..., D] of row ids [...]."""
+        flat = ids.reshape(-1)
+        out = torch.empty((len(flat), self.shipped.shape[1]), dtype=self.shipped.dtype)
+        shipped = flat < len(self.shipped)
+        out[shipped] = self.shipped[flat[shipped]]
+        out[~shipped] = self.added[flat[~shipped] - len(self.shipped)]
+        return out.reshape(*ids.shape, -1)
+
+    def distances(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's true L2 distance to its nearest row [Q] (|q - m*|, not the expansion) and that row's id [Q]."""
+        nearest = self.nearest(queries)[:, 0]
+        return torch.linalg.vector_norm(queries - self.vectors(nearest), dim=1), nearest
+
+    def eq7_weight(self, patch: torch.Tensor, anchor: int, neighbours: int) -> float:
+        """Eq. 7's 1 - softmax(d)[0] for an image's highest patch [D] whose nearest row is `anchor`: d its
+        distances to the anchor's `neighbours` nearest rows (1.0 for neighbours <= 1: the plain maximum)."""
+        if neighbours <= 1:
+            return 1.0
+        support = self.nearest(self.vectors(torch.tensor([anchor])), min(neighbours, self.size))[0]
+        d = torch.linalg.vector_norm(self.vectors(support) - patch[None], dim=1)
+        return float(1.0 - torch.softmax(d, dim=0)[0])
+
+    def image_score(self, patches: torch.Tensor, bounds: torch.Tensor, neighbours: int) -> float:
+        """An image's score: its highest patch distance times Eq. 7's weight, as the exact search gives it.
+
+        patches [P, D]; bounds [P]: an upper bound of each patch's distance (its true distance to some rows).
+        Patches are searched exactly in decreasing order of their bound, and the search stops at the first
+        whose bound is below the highest exact distance found: no patch left can exceed it."""
+        order = torch.argsort(bounds, descending=True)
+        top, where, anchor = -1.0, 0, 0
+        for begin in range(0, len(order), EXACT_CHUNK):
+            chunk = order[begin:begin + EXACT_CHUNK]
+            if float(bounds[chunk[0]]) < top:
+                break
+            distances, nearest = self.distances(patches[chunk])
+            best = int(distances.argmax())
+            if float(distances[best]) > top:
+                top, where, anchor = float(distances[best]), int(chunk[best]), int(nearest[best])
+        return top * self.eq7_weight(patches[where], anchor, neighbours)
 
 
 class LeaveOut:
-    """Leave-one-out coresets of a built coreset (see the module doc): `rows(i)` and `scores(neighbours)`."""
+    """Leave-one-out coresets of a built coreset (see the module doc): `rows(i)`, `bank(i)` and `scores(neighbours)`."""
 
     def __init__(self, store: PatchSource, selected: np.ndarray, radius: float, excluded: np.ndarray):
         """selected: the shipped coreset's global patch indices [M]; radius: its coverage radius (projected);
@@ -95,38 +174,81 @@ class LeaveOut:
         self.radius = float(radius)
         self.excluded = np.asarray(excluded, dtype=np.int64)
         self.owners = bank_owners(self.selected, store.offsets)
-        centres = torch.from_numpy(np.ascontiguousarray(store.projected[self.selected]))
-        # each training patch's nearest coreset point (its cell), in the projected space the selection used
-        self.cell = nearest_rows(torch.from_numpy(np.ascontiguousarray(store.projected)), centres)[:, 0].numpy()
+        self.centres = torch.from_numpy(np.ascontiguousarray(store.projected[self.selected]))  # [M, d]
+        self.centres_sq = (self.centres * self.centres).sum(dim=1)
+        patch_images = np.searchsorted(store.offsets, np.arange(store.offsets[-1]), side="right") - 1
+        # each training patch's nearest coreset point (its cell), and its nearest one that stays in its own
+        # image's leave-one-out coreset (a row to bound its distance there from above)
+        self.cell, self.held_cell = nearest_cells(torch.from_numpy(np.ascontiguousarray(store.projected)), self.centres,
+                                                  self.owners, patch_images, self.excluded)
+        self._shipped: torch.Tensor | None = None  # the coreset's full vectors [M, D], read once when first scored
 
-    def rows(self, i: int) -> np.ndarray:
-        """Global patch indices of image i's leave-one-out coreset: the kept points, then the repair's."""
+    def split(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image i's leave-one-out coreset as (removed [M] bool over the shipped coreset, the repair's added
+        global patch indices [A])."""
         lo, hi = (int(v) for v in self.excluded[i])
         removed = (self.owners >= lo) & (self.owners <= hi)
-        kept = self.selected[~removed]
-        if not len(kept):
+        none = np.zeros(0, dtype=np.int64)
+        if removed.all():
             raise ValueError(f"image {i}: every coreset point belongs to an excluded image; nothing to score against")
         if not removed.any():
-            return kept
+            return removed, none
         first, last = self.store.offsets[lo], self.store.offsets[hi + 1]
         orphans = np.flatnonzero(removed[self.cell])
         orphans = orphans[(orphans < first) | (orphans >= last)]  # the excluded images' own patches stay out
         if not len(orphans):
-            return kept
-        projected = self.store.projected
-        added = extend_coreset(projected[kept], projected[orphans], self.radius, max_new=int(removed.sum())).indices
-        return np.concatenate([kept, orphans[added]])
+            return removed, none
+        # the orphans' distances to the kept coreset (the removed points masked), then the greedy continues there
+        points = torch.from_numpy(np.ascontiguousarray(self.store.projected[orphans]))
+        kept = HeldOutBank(self.centres, self.centres_sq, torch.from_numpy(removed), self.centres[:0])
+        initial = kept.distances(points)[0].numpy()
+        added = extend_coreset(None, points.numpy(), self.radius, max_new=int(removed.sum()), initial=initial).indices
+        return removed, orphans[added]
+
+    def rows(self, i: int) -> np.ndarray:
+        """Global patch indices of image i's leave-one-out coreset: the kept points, then the repair's."""
+        removed, added = self.split(i)
+        return np.concatenate([self.selected[~removed], added])
+
+    def bank(self, i: int) -> HeldOutBank:
+        """Image i's leave-one-out coreset (the full vectors)."""
+        if self._shipped is None:
+            self._shipped = torch.from_numpy(self.store.gather(self.selected))
+            self._shipped_sq = (self._shipped * self._shipped).sum(dim=1)
+        removed, added = self.split(i)
+        return HeldOutBank(self._shipped, self._shipped_sq, torch.from_numpy(removed),
+                           torch.from_numpy(self.store.gather(added)))
+
+    def patches(self, i: int) -> torch.Tensor:
+        """Image i's patches [P, D] (memmap rows: a copy)."""
+        return torch.from_numpy(np.array(self.store.image(i), dtype=np.float32))
+
+    def bounds(self, i: int, bank: HeldOutBank, patches: torch.Tensor) -> torch.Tensor:
+        """Upper bounds [P] of image i's patch distances in its leave-one-out coreset: the true distance to the
+        nearest kept row in the projected space, or to the nearest row the repair added if that is nearer."""
+        span = slice(int(self.store.offsets[i]), int(self.store.offsets[i + 1]))
+        held = torch.from_numpy(self.held_cell[span])
+        out = torch.full((len(patches),), float("inf"))
+        kept = held >= 0
+        out[kept] = torch.linalg.vector_norm(patches[kept] - bank.shipped[held[kept]], dim=1)
+        if len(bank.added):
+            nearest = torch.addmm(bank.added_sq, patches, bank.added.T, beta=1.0, alpha=-2.0).argmin(dim=1)
+            out = torch.minimum(out, torch.linalg.vector_norm(patches - bank.added[nearest], dim=1))
+        return out
 
     @torch.inference_mode()
     def scores(self, neighbours: int, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Every training image's score [N] float64 against its leave-one-out coreset (Eq. 7 with b =
-        `neighbours`; <= 1: the plain highest patch distance); progress(1) after each image."""
+        `neighbours`; <= 1: the plain highest patch distance); progress(1) after each image.
+
+        Each patch's distance is bounded from above (`bounds`), and only patches whose bound can still beat
+        the image's highest exact distance are searched exactly (`HeldOutBank.image_score`): the exact
+        search's score, for a few dozen patches' full searches instead of every patch's."""
         n_images = len(self.store.offsets) - 1
         out = np.zeros(n_images, dtype=np.float64)
         for i in range(n_images):
-            bank = torch.from_numpy(self.store.gather(self.rows(i)))
-            patches = torch.from_numpy(np.array(self.store.image(i), dtype=np.float32))  # memmap rows: a copy
-            out[i] = exact_image_score(patches, bank, neighbours)
+            bank, patches = self.bank(i), self.patches(i)
+            out[i] = bank.image_score(patches, self.bounds(i, bank, patches), neighbours)
             if progress is not None:
                 progress(1)
         return out
@@ -142,10 +264,7 @@ class LeaveOut:
                              f"need one layout (images of one size)")
         out = np.zeros((n_images, int(counts[0])), dtype=np.float32)
         for i in range(n_images):
-            bank = torch.from_numpy(self.store.gather(self.rows(i)))
-            patches = torch.from_numpy(np.array(self.store.image(i), dtype=np.float32))
-            nearest = nearest_rows(patches, bank)[:, 0]
-            out[i] = torch.linalg.vector_norm(patches - bank[nearest], dim=1).numpy()
+            out[i] = self.bank(i).distances(self.patches(i))[0].numpy()
             if progress is not None:
                 progress(1)
         return out
@@ -160,9 +279,9 @@ class LeaveOut:
             where = int(np.argmax(row))
             weight = 1.0
             if neighbours > 1:
-                bank = torch.from_numpy(self.store.gather(self.rows(i)))
+                full = self.bank(i)
                 patch = torch.from_numpy(np.array(self.store.image(i)[where], dtype=np.float32))
-                weight = eq7_weight(patch, int(nearest_rows(patch[None], bank)[0, 0]), bank, neighbours)
+                weight = full.eq7_weight(patch, int(full.nearest(patch[None])[0, 0]), neighbours)
             out[i] = float(row[where]) * weight
             if progress is not None:
                 progress(1)
