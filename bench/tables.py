@@ -168,6 +168,12 @@ TABLES: dict[str, Table] = {
         ("images/s", "{images_per_second:.2f}"), ("this / official", "x{ratio:.2f} || -"),
         ("build s", "{build_seconds:.1f}"), ("bank", "{bank:,} || -"), ("image AUROC", "{image_auroc:.4f}"),
         ("pixel AUROC", "{pixel_auroc:.4f}"))),
+    "build_time": Table(("build_time",), (
+        ("data", "{data}"), ("backbone", "{backbone}"), ("images", "{images}"), ("bank", "{bank:,}"),
+        ("baseline build s", "{baseline_build_seconds:.1f}"), ("this build s", "{this_build_seconds:.1f}"),
+        ("ratio", "x{ratio:.2f}"),
+        ("after features s (baseline / this)", "{baseline_after_features_seconds:.1f} / {this_after_features_seconds:.1f}"),
+        ("same coreset", "{same_coreset}"), ("good scores, largest relative difference", "{good_scores_max_relative_difference:.1e}"))),
     "worker_speed": Table(("worker_speed",), (
         ("mode", "{mode}"), ("baseline frames/s", "{baseline_frames_per_second:.1f}"),
         ("this frames/s", "{this_frames_per_second:.1f}"), ("ratio", "x{ratio:.2f}"),
