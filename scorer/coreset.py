@@ -158,7 +158,8 @@ def extend_coreset(existing: np.ndarray | None, new: np.ndarray, radius: float, 
     distance to the nearest existing coreset point; farthest-point steps over them stop as soon as every
     new point is within `radius` (so already covered data adds nothing) or after `max_new` points (a bank
     update passes coreset_size(K, fraction), the build's own budget for K points).
-    initial [K]: the new points' distances to `existing`, when the caller has them (`existing` may then be None).
+    initial [K]: the new points' distances to `existing`, when the caller has them (`existing` is then not
+    read and may be None).
     Returns the indices into `new` of the points to add, in order, and the coverage radius of the new
     points by the extended coreset (the bank's radius afterwards is max(radius, that)).
     """
@@ -169,12 +170,12 @@ def extend_coreset(existing: np.ndarray | None, new: np.ndarray, radius: float, 
         if existing is None:
             raise ValueError("extending a coreset needs its points or the new points' distances to them (initial)")
         initial = nearest_distance(new, existing) if len(new) else np.zeros(1, np.float32)
-    elif initial.shape != (len(new),):
-        raise ValueError(f"initial distances {initial.shape} must be one per new point ({len(new)})")
+    elif np.shape(initial) != (len(new),):
+        raise ValueError(f"initial distances {np.shape(initial)} must be one per new point ({len(new)})")
+    initial = np.ascontiguousarray(initial, dtype=np.float32)
     if len(new) == 0 or max_new < 1:
         return CoresetSelection(np.empty(0, dtype=np.int64), float(initial.max()) if len(initial) else 0.0)
     new = np.ascontiguousarray(new, dtype=np.float32)
-    initial = np.ascontiguousarray(initial, dtype=np.float32)
     return _greedy(new, initial, True, max_new, float(radius), 0, progress, engine, device, half)
 
 

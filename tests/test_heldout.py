@@ -72,3 +72,43 @@ def test_an_image_score_searched_by_bounds_equals_brute_force_however_loose_the_
     distances, nearest = bank.distances(torch.from_numpy(patches))
     np.testing.assert_allclose(distances.numpy(), exact.numpy(), rtol=1e-5)
     assert not removed[nearest[nearest < len(shipped)].numpy()].any()  # never a removed row
+
+
+class FeatureStore:
+    """A PatchSource in memory: full vectors, their projection and each image's span."""
+
+    def __init__(self, features: np.ndarray, projected: np.ndarray, offsets: np.ndarray):
+        self.features, self.projected, self.offsets = features, projected, offsets
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        return self.features[np.asarray(indices, dtype=np.int64)]
+
+    def image(self, i: int) -> np.ndarray:
+        return self.features[self.offsets[i]:self.offsets[i + 1]]
+
+
+@pytest.mark.parametrize("twin_window,neighbours", [(0, 3), (1, 1)])
+def test_leave_out_scores_and_patch_distances_equal_brute_force_on_each_images_held_out_rows(twin_window, neighbours):
+    """LeaveOut end to end (its cells, bounds and pruned search): each image's score equals the highest patch
+    distance (and Eq. 7) computed in float64 against all rows of its leave-one-out coreset, which holds none of
+    the image's (or its near-twins') features; every patch distance likewise."""
+    from scorer.config import CoresetConfig
+    from scorer.coreset import select_coreset
+
+    rng = np.random.default_rng(23)
+    counts = np.full(10, 48)
+    offsets = np.r_[0, np.cumsum(counts)].astype(np.int64)
+    features = clustered(rng, int(offsets[-1]), 64, centres=6)
+    projected = (features @ rng.normal(0, 1 / 4, size=(64, 16))).astype(np.float32)
+    selection = select_coreset(None, CoresetConfig(fraction=0.15, projection_dim=16), projected=projected)
+    store = FeatureStore(features, projected, offsets)
+    leave = heldout.LeaveOut(store, selection.indices, selection.radius, exclusion_ranges(len(counts), twin_window))
+    scores = leave.scores(neighbours)
+    distances = leave.patch_distances()
+    owner = np.repeat(np.arange(len(counts)), counts)
+    for i in range(len(counts)):
+        rows = leave.rows(i)
+        assert np.all(np.abs(owner[rows] - i) > twin_window)
+        assert scores[i] == pytest.approx(brute_score(store.image(i), features[rows], neighbours), rel=1e-5)
+        full = np.sqrt(((store.image(i)[:, None].astype(np.float64) - features[rows][None]) ** 2).sum(-1))
+        np.testing.assert_allclose(distances[i], full.min(1), rtol=1e-5)
