@@ -21,7 +21,7 @@ Cost. The shipped coreset's vectors are read once; image i's bank is that array 
 upper bound first - its true distance to its nearest kept point in the projected space (`nearest_cells`, one
 pass over all patches for every image at once) - and only patches whose bound can still beat the highest
 exact distance found are searched exactly, in decreasing order of bound: on bottle (209 images, 16k-row
-bank) one chunk of 32 patches per image instead of 784 (counted), the build 3-4x faster (bench/build_time.py)
+bank) one chunk of 32 patches per image instead of 784 (counted), the build ~3x faster (bench/build_time.py)
 with the same scores up to float rounding (identical on bottle and macaroni1).
 """
 from __future__ import annotations

@@ -371,8 +371,14 @@ def test_out_of_order_results_raise_the_in_order_alarms(redis_server):
     shuffled = sorted(range(60), key=lambda s: s + jitter[s])  # each result fewer than 5 places late
     for camera, order in (("inorder", in_order), ("shuffled", shuffled)):
         add_results(client, [result(camera=camera, seq=s, score=5.0 if over[s] else 0.1) for s in order], camera)
-    s = store(redis_server.url, batch=1, reorder=5)
-    for _ in range(200):
+    s = store(redis_server.url, batch=1, reorder=5, quiet_s=0.3)
+    for _ in range(400):  # until every result is handled, then past quiet_s: the tail's waiting frames decided
+        s._step()
+        if s.report.results == 120:
+            break
+    assert s.report.results == 120
+    settled = time.monotonic() + 1.0
+    while time.monotonic() < settled:
         s._step()
     got = {camera: [a.seq for a in alarms(client) if a.camera == camera] for camera in ("inorder", "shuffled")}
     assert got["inorder"] and got["shuffled"] == got["inorder"]
