@@ -20,7 +20,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from .config import AUTO_BACKBONE
+from .config import AUTO_BACKBONE, AUTO_PREFERENCE
 from .efficientnet_lite import (LITE_MEAN, LITE_STD, convert_ported_state_dict, efficientnet_lite0, efficientnet_lite1,
                                efficientnet_lite2)
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -73,11 +73,6 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-# What "auto" picks: the first whose ImageNet weights are present. wide_resnet50_2 is the paper's; without it,
-# efficientnet_lite2, whose weights are a package dependency (present on every install) and which measured best
-# of the offline backbones and ensembles on macaroni1 and bottle (the table and its reading: docs/scorer.md,
-# "Backbones and ensembles (eval)"); then Lite0 and mobilenet_v2.
-AUTO_PREFERENCE = ("wide_resnet50_2", "efficientnet_lite2", "efficientnet_lite0", "mobilenet_v2")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ from .views import ViewConfig
 
 
 AUTO_BACKBONE = "auto"  # resolved when features are built: scorer.backbones.resolve_backbone
+# What "auto" picks: the first whose ImageNet weights are present. wide_resnet50_2 is the paper's; without it,
+# efficientnet_lite2, whose weights are a package dependency (present on every install) and which measured best
+# of the offline backbones and ensembles on macaroni1 and bottle (the table and its reading: docs/scorer.md,
+# "Backbones and ensembles (eval)"); then Lite0 and mobilenet_v2.
+AUTO_PREFERENCE = ("wide_resnet50_2", "efficientnet_lite2", "efficientnet_lite0", "mobilenet_v2")
 COMBINES = ("mean", "max")  # how an ensemble's normalised member scores combine (scorer/ensemble.py)
 
 
@@ -16,9 +21,10 @@ class FeatureConfig:
     """Everything that determines a patch feature vector."""
 
     backbone: str = field(default=AUTO_BACKBONE, metadata={  # a bank always stores the resolved name
-        "help": "auto (wide_resnet50_2, the paper's, when its weights are present, else efficientnet_lite0; "
-                "`patchcore weights list`), wide_resnet50_2, resnet18, resnet50, mobilenet_v2, efficientnet_lite0, "
-                "efficientnet_lite1, efficientnet_lite2, or an ensemble of several joined by + "
+        "help": f"auto (the first of {', '.join(AUTO_PREFERENCE)} whose weights are present: the paper's "
+                "wide_resnet50_2 where it is; `patchcore weights list`), wide_resnet50_2, resnet18, resnet50, "
+                "mobilenet_v2, efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, or an ensemble of several "
+                "joined by + "
                 "(mobilenet_v2+efficientnet_lite0)."})
     layers: tuple[str, ...] = ()  # empty: the backbone's default taps
     weights_sha256: str = ""  # filled in from the weights actually loaded

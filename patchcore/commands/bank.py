@@ -20,7 +20,7 @@ from scorer import (BackboneError, BankError, BuildConfig, Calibration, Calibrat
 from scorer.evaluate import bank_summary, labelled_scores
 from scorer.metrics import f1_optimal_threshold
 from scorer.preprocess import list_images
-from scorer.backbones import resolve_backbone
+from scorer.backbones import BACKBONES, resolve_backbone
 from scorer.bank import MemoryBank
 from scorer.config import AUTO_BACKBONE
 from scorer.ensemble import ensemble_of, scorer_for
@@ -38,7 +38,8 @@ from .common import Connection, Progress, connection, fail
 
 app = Typer()  # the commands of `patchcore bank` defined here (patchcore/cli.py makes the group)
 
-Layers = Annotated[Optional[str], typer.Option(help="Comma-separated taps; default: the backbone's (layer2,layer3 / features.6,features.13 / features.5,features.11).")]
+DEFAULT_TAPS = "; ".join(f"{name} {','.join(spec.default_layers)}" for name, spec in BACKBONES.items())
+Layers = Annotated[Optional[str], typer.Option(help=f"Comma-separated taps; default: the backbone's ({DEFAULT_TAPS}).")]
 Roi = Annotated[Optional[Path], typer.Option(help="Region-of-interest mask image (white = inspect), any resolution, stretched over the frame.")]
 Device = field_option(WorkerSettings, "device")
 Index = field_option(WorkerSettings, "index")

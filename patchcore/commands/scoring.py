@@ -29,7 +29,8 @@ Frames = field_option(UpSettings, "frames")  # up's --frames defaults to None: a
 
 @app.command("worker")
 @settings_options(WorkerSettings, "max_batch", "max_wait_ms", "claim_idle_ms", "max_frame_bytes", "result_maps",
-                  "max_pixels", "max_deliveries", "device", "index", into="worker")
+                  "max_pixels", "max_deliveries", "overlay_ttl_s", "device", "index",
+                  into="worker")
 @settings_options(WorkerSettings, "weights", "precision", "channels_last", "engine", "prefetch", into="backbone")
 @settings_options(WorkerSettings, "wait_replicas", "wait_ms", into="replication")
 @connection
