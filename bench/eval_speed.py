@@ -4,6 +4,7 @@ change, checked out with its own .venv) against this one, interleaved over --rou
 
     .venv/bin/python bench/eval_speed.py --baseline /path/to/old/checkout --banks DIR [--data ROOT] [--rounds 2]
         [--precision int8]   # this checkout with an option (the baseline with its default): eval_speed-int8.json
+        [--label NAME]       # e.g. the baseline's commit: eval_speed[-P]-NAME.json (beside another baseline's)
 
 DIR holds <category>.bank for each category (built once, e.g. by the baseline: both score the same bank).
 """
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--precision", default=None,
                         help="run this checkout with --precision P (e.g. int8; the baseline keeps its default); "
                              "writes eval_speed-P.json")
+    parser.add_argument("--label", default=None,
+                        help="suffix of the results file (e.g. the baseline's commit): eval_speed[-P]-LABEL.json")
     args = parser.parse_args()
     extra = {"this": ("--precision", args.precision) if args.precision else (), "baseline": ()}
     runs = {(name, which): [] for name in CATEGORIES for which in ("baseline", "this")}
@@ -65,7 +68,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     baseline_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline, capture_output=True,
                                      text=True).stdout.strip()
-    name = "eval_speed" + (f"-{args.precision}" if args.precision else "")
+    name = "-".join(["eval_speed", *(part for part in (args.precision, args.label) if part)])
     write_result(name, {"baseline_commit": baseline_commit, "precision": args.precision, "rows": rows},
                  command=" ".join(["bench/eval_speed.py", *sys.argv[1:]]))
 

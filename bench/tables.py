@@ -131,6 +131,16 @@ def eval_speed_table(result: str, this: str) -> Table:
         ("PRO", "{baseline_pro:.4f} / {this_pro:.4f}")))
 
 
+def worker_speed_table(result: str) -> Table:
+    """bench/worker_speed.py's rows: `patchcore up` of a baseline checkout against this one."""
+    return Table((result,), (
+        ("mode", "{mode}"), ("baseline frames/s", "{baseline_frames_per_second:.1f}"),
+        ("this frames/s", "{this_frames_per_second:.1f}"), ("ratio", "x{ratio:.2f}"),
+        ("latency p50 ms (baseline / this)", "{baseline_latency_ms_p50:.0f} / {this_latency_ms_p50:.0f}"),
+        ("latency p99 ms (baseline / this)", "{baseline_latency_ms_p99:.0f} / {this_latency_ms_p99:.0f}"),
+        ("every frame scored", "{complete}")))
+
+
 def int8_eval_table(result: str) -> Table:
     """bench/int8.py's end-to-end rows: `patchcore eval` of one set of banks in fp32 and in int8."""
     return Table((result,), (
@@ -163,6 +173,8 @@ TABLES: dict[str, Table] = {
         lambda figures: profile_rows(figures, ("mobilenet_v2", "efficientnet_lite2"))),
     "eval_speed": eval_speed_table("eval_speed", "this images/s"),
     "eval_speed-int8": eval_speed_table("eval_speed-int8", "this, int8, images/s"),
+    "eval_speed-685cfcb": eval_speed_table("eval_speed-685cfcb", "this images/s"),
+    "eval_speed-int8-685cfcb": eval_speed_table("eval_speed-int8-685cfcb", "this, int8, images/s"),
     "vs_official": Table(("vs_official",), (
         ("set", "{set}"), ("implementation", "{implementation}"), ("backbone", "{backbone}"),
         ("images/s", "{images_per_second:.2f}"), ("this / official", "x{ratio:.2f} || -"),
@@ -174,12 +186,8 @@ TABLES: dict[str, Table] = {
         ("ratio", "x{ratio:.2f}"),
         ("after features s (baseline / this)", "{baseline_after_features_seconds:.1f} / {this_after_features_seconds:.1f}"),
         ("same coreset", "{same_coreset}"), ("good scores, largest relative difference", "{good_scores_max_relative_difference:.1e}"))),
-    "worker_speed": Table(("worker_speed",), (
-        ("mode", "{mode}"), ("baseline frames/s", "{baseline_frames_per_second:.1f}"),
-        ("this frames/s", "{this_frames_per_second:.1f}"), ("ratio", "x{ratio:.2f}"),
-        ("latency p50 ms (baseline / this)", "{baseline_latency_ms_p50:.0f} / {this_latency_ms_p50:.0f}"),
-        ("latency p99 ms (baseline / this)", "{baseline_latency_ms_p99:.0f} / {this_latency_ms_p99:.0f}"),
-        ("every frame scored", "{complete}"))),
+    "worker_speed": worker_speed_table("worker_speed"),
+    "worker_speed-685cfcb": worker_speed_table("worker_speed-685cfcb"),
     "int8-features": Table(("int8",), (
         ("backbone", "{backbone}"), ("fp32 images/s", "{fp32_images_per_s:.1f}"),
         ("int8 images/s", "{int8_images_per_s:.1f}"), ("speed-up", "x{speedup:.2f}"),

@@ -4,6 +4,7 @@ a baseline (e.g. the commit before a change, checked out with its own .venv) and
 --rounds. Prints a row per run and writes bench/results/worker_speed.json.
 
     .venv/bin/python bench/worker_speed.py --baseline /path/to/old/checkout [--rounds 2] [--frames 400]
+        [--label NAME]   # e.g. the baseline's commit: worker_speed-NAME.json (beside another baseline's)
 
 Both run the same source and backbone (`--backbone`, default mobilenet_v2, so the ratio compares the code, not the
 backbone `auto` resolves to in each checkout); each run builds its bank from the source's first frames, untimed.
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--paced-frames", type=int, default=200, help="frames of each paced run (0: none)")
     parser.add_argument("--source", default="synthetic")
     parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--label", default=None,
+                        help="suffix of the results file (e.g. the baseline's commit): worker_speed-LABEL.json")
     args = parser.parse_args()
     common = ["--source", args.source, "--backbone", args.backbone]
     modes = {"unthrottled": [*common, "--frames", str(args.frames), "--fps", "0"]}
@@ -65,7 +68,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     baseline_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline, capture_output=True,
                                      text=True).stdout.strip()
-    write_result("worker_speed", {"baseline_commit": baseline_commit, "rows": rows},
+    write_result("-".join(["worker_speed", *([args.label] if args.label else [])]), {"baseline_commit": baseline_commit, "rows": rows},
                  command=" ".join(["bench/worker_speed.py", *sys.argv[1:]]))
 
 
