@@ -68,7 +68,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     baseline_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline, capture_output=True,
                                      text=True).stdout.strip()
-    write_result("-".join(["worker_speed", *([args.label] if args.label else [])]), {"baseline_commit": baseline_commit, "rows": rows},
+    name = "-".join(["worker_speed", *([args.label] if args.label else [])])
+    write_result(name, {"baseline_commit": baseline_commit, "rows": rows},
                  command=" ".join(["bench/worker_speed.py", *sys.argv[1:]]))
 
 
