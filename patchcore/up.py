@@ -62,7 +62,7 @@ class UpSettings:
     warmup_frames: int = field(default=60, metadata={  # good frames the bank is built from
         "help": "Without --bank/--train: build the bank from the source's first frames."})
     frames: int | None = field(default=200, metadata={  # the synthetic line never ends: a demo of this many frames
-        "help": "Stop after this many frames."})
+        "min": 1, "help": "Stop after this many frames."})
     seconds: float | None = field(default=None, metadata={"help": "Stop after this many seconds."})
     # None: a camera's rate for recorded and synthetic sources (ingest.sources.replay_fps); 0: unpaced
     fps: float | None = field(default=None, metadata={"min": 0, "help": (

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -359,12 +361,36 @@ def bank_checksum(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_bank(bank: AnyBank, path: str | Path) -> None:
+def check_bank_path(path: str | Path) -> None:
+    """BankError unless a bank can be written at `path` (its folder is made): checked before a long build, so a
+    folder, an unwritable place or a missing parent is said at once, not after the work."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(bank_to_bytes(bank))
-    tmp.replace(path)  # atomic: a crash never leaves a half-written bank
+    if path.is_dir():
+        raise BankError(f"cannot write bank {path}: it is a folder (give a file name, e.g. {path / 'model.bank'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BankError(f"cannot write bank {path}: {exc.strerror or exc}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise BankError(f"cannot write bank {path}: its folder {path.parent} is not writable")
+
+
+def save_bank(bank: AnyBank, path: str | Path) -> None:
+    """Write `bank` at `path` atomically: a temporary file beside it (its own name, the umask's mode), renamed
+    over it; a failure (BankError) leaves neither a half-written bank nor the temporary file, and an existing bank
+    at `path` unchanged."""
+    path = Path(path)
+    check_bank_path(path)
+    data = bank_to_bytes(bank)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BankError(f"cannot write bank {path}: {exc.strerror or exc}") from None
 
 
 def load_bank(path: str | Path, max_bytes: int = DEFAULT_MAX_BANK_BYTES) -> AnyBank:

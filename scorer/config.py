@@ -67,8 +67,8 @@ class BuildConfig:
     # threshold from good images only: k-fold scores of every training image, Gumbel tail at a target rate
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     # b of the paper's Eq. 7; 1 means plain max of the patch scores
-    reweight_neighbours: int = field(default=9, metadata={"help": "b of the paper's Eq. 7 reweighting; 1 = plain max patch score."})
-    batch_size: int = field(default=16, metadata={"help": "Images per backbone pass."})
+    reweight_neighbours: int = field(default=9, metadata={"min": 1, "help": "b of the paper's Eq. 7 reweighting; 1 = plain max patch score."})
+    batch_size: int = field(default=16, metadata={"min": 1, "help": "Images per backbone pass."})
     # an ensemble bank (backbone "a+b"): members' scores, each normalised by its own held-out good scores,
     # combined by this (scorer/ensemble.py)
     combine: str = field(default="mean", metadata={
@@ -79,6 +79,9 @@ class BuildConfig:
                 "(threshold in z units); never for parts that move, rotate or change scale (docs/scorer.md)."})
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.reweight_neighbours < 1:
+            raise ValueError(f"batch_size and reweight_neighbours must be at least 1, not {self.batch_size} and "
+                             f"{self.reweight_neighbours}")
         if self.combine not in COMBINES:
             raise ValueError(f"unknown combination {self.combine!r}; choose from {', '.join(COMBINES)}")
         if self.position_norm and self.calibration.folds and self.calibration.method != "leave-out":

@@ -1,6 +1,7 @@
 """Evaluation on an MVTec-AD-layout category: train/good, test/<type>, ground_truth/<type>/<name>_mask.png."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from .metrics import best_recall_at_rate, f1_optimal_threshold, image_auroc, pix
 from .model import Verdicts, iter_image_batches  # Verdicts: PatchCoreScorer or scorer.ensemble.EnsembleScorer
 from .preprocess import list_images
 from .views import ViewConfig, frame_mask, layout
+
+log = logging.getLogger("patchcore.scorer")
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,15 @@ def test_samples(category: str | Path) -> list[TestSample]:
     samples = []
     for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
         for image in list_images(type_dir):
-            mask = root / "ground_truth" / type_dir.name / f"{image.stem}_mask.png"
+            sample = TestSample(image, type_dir.name, None)
+            mask = expected_mask(root, sample)
             samples.append(TestSample(image, type_dir.name, mask if mask.is_file() else None))
     return samples
+
+
+def expected_mask(category: str | Path, sample: TestSample) -> Path:
+    """Where the MVTec layout keeps a test image's ground truth: ground_truth/<type>/<stem>_mask.png."""
+    return Path(category) / "ground_truth" / sample.defect_type / f"{sample.path.stem}_mask.png"
 
 
 def load_masks(samples: list[TestSample], images: list[np.ndarray], view: ViewConfig) -> list[np.ndarray]:
@@ -71,8 +80,9 @@ class EvalReport:
     compute: dict  # the backbone's precision and layout, as it ran (ComputeConfig, resolved, with its reason)
     cpu: dict  # the CPU's model and the flags that decide fast low precision (scorer.hardware)
     image_auroc: float
-    pixel_auroc: float
-    pro: float
+    pixel_auroc: float | None  # None when no defective test image has a ground-truth mask
+    pro: float | None
+    defects_without_mask: int  # defective test images left out of the pixel metrics (no ground_truth mask file)
     fit_seconds: float
     images_per_second: float
     n_test_images: int
@@ -116,7 +126,17 @@ def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_s
     seconds = time.perf_counter() - started
     scores_all = np.concatenate(scores)
     labels = np.array([s.is_anomalous for s in samples])
-    masks = load_masks(samples, images, scorer.view)
+    # pixel metrics over the good images and the defective ones with a mask: a defect without its mask would count
+    # as all-good pixels and inflate both; left out, counted and said instead
+    unmasked = [s for s in samples if s.is_anomalous and s.mask_path is None]
+    if unmasked:
+        log.warning("defective test images without a ground-truth mask are left out of pixel AUROC and PRO",
+                    extra={"count": len(unmasked), "first": str(unmasked[0].path),
+                           "expected": str(expected_mask(category, unmasked[0]))})
+    pixel = [i for i, s in enumerate(samples) if not (s.is_anomalous and s.mask_path is None)]
+    masks = load_masks([samples[i] for i in pixel], [images[i] for i in pixel], scorer.view)
+    pixel_maps = [maps[i] for i in pixel]
+    measured = len(unmasked) < int(labels.sum())  # some defect has a mask: the pixel metrics mean something
     threshold = scorer.threshold
     flagged = scorer.verdict(scores_all)
     f1_threshold, f1 = f1_optimal_threshold(labels, scores_all)
@@ -126,8 +146,9 @@ def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_s
         compute=scorer.extractor.compute.to_dict(),
         cpu=cpu_features().to_dict(),
         image_auroc=image_auroc(labels, scores_all),
-        pixel_auroc=pixel_auroc(masks, maps),
-        pro=pro_score(masks, maps),
+        pixel_auroc=pixel_auroc(masks, pixel_maps) if measured else None,
+        pro=pro_score(masks, pixel_maps) if measured else None,
+        defects_without_mask=len(unmasked),
         fit_seconds=round(fit_seconds, 2),
         images_per_second=round(len(images) / seconds, 2),
         n_test_images=len(images),

@@ -21,7 +21,7 @@ from scorer.evaluate import bank_summary, labelled_scores
 from scorer.metrics import f1_optimal_threshold
 from scorer.preprocess import list_images
 from scorer.backbones import BACKBONES, resolve_backbone
-from scorer.bank import MemoryBank
+from scorer.bank import MemoryBank, check_bank_path
 from scorer.config import AUTO_BACKBONE
 from scorer.ensemble import ensemble_of, scorer_for
 from scorer.features import ComputeConfig, ComputeError
@@ -145,6 +145,7 @@ def bank_build(
 ) -> None:
     """Build a memory bank from good images (features, coreset, threshold calibration)."""
     compute = compute_config(precision, channels_last, device, engine)
+    bank_out(out)
     if warmup_source is not None:  # frames of a line: near-twins, so contiguous folds
         calibration = {**calibration, "contiguous": True}
     config = build_config(features, layers, coreset, view, calibration, build)
@@ -159,9 +160,26 @@ def bank_build(
             bank = build_from_folder(Path(folder), config, weights, device, progress, roi_mask(roi), compute)
     else:
         bank = build_from_folder(train, config, weights, device, progress, roi_mask(roi), compute)
-    save_bank(bank, out)
+    write_bank(bank, out)
     echo_advice(bank)
     typer.echo(json.dumps({"bank": str(out), **bank_summary(bank)}, indent=2))
+
+
+def bank_out(path: Path) -> Path:
+    """`path` if a bank can be written there (said before any work), else exit 2 saying why."""
+    try:
+        check_bank_path(path)
+    except BankError as exc:
+        fail(str(exc))
+    return path
+
+
+def write_bank(bank, path: Path) -> None:
+    """save_bank, its failure one line (exit 2) instead of a traceback."""
+    try:
+        save_bank(bank, path)
+    except BankError as exc:
+        fail(str(exc))
 
 
 @app.command("combine")
@@ -172,6 +190,7 @@ def bank_combine(
     combine: Combine = BuildConfig.combine,
 ) -> None:
     """An ensemble bank from member banks built separately (as `bank build --backbone a+b` would make it)."""
+    bank_out(out)
     try:
         banks = [load_bank(path) for path in members]
         if not all(isinstance(bank, MemoryBank) for bank in banks):
@@ -182,7 +201,7 @@ def bank_combine(
         bank = ensemble_of(banks, combine, info)
     except (BankError, ValueError) as exc:
         fail(str(exc))
-    save_bank(bank, out)
+    write_bank(bank, out)
     typer.echo(json.dumps({"bank": str(out), **bank_summary(bank)}, indent=2))
 
 
@@ -204,6 +223,7 @@ def bank_calibrate(
     index: Index = WorkerSettings.index, progress: Progress = True,
 ) -> None:
     """Set the F1-optimal threshold from labelled validation images (keeps the good-only statistics)."""
+    bank_out(out or bank)
     try:
         loaded = load_bank(bank)
         scorer = scorer_for(loaded, device=device, index=index, weights=weights)
@@ -217,7 +237,7 @@ def bank_calibrate(
     calibration = Calibration(threshold=threshold, method="f1", f1=f1,
                               good_scores=previous.good_scores if previous else (),
                               folds=previous.folds if previous else None)
-    save_bank(loaded.with_calibration(calibration), out or bank)
+    write_bank(loaded.with_calibration(calibration), out or bank)
     typer.echo(json.dumps({"bank": str(out or bank), "threshold": threshold, "f1": f1,
                            "previous_threshold": previous.threshold if previous else None}, indent=2))
 
@@ -258,7 +278,7 @@ def bank_threshold(
     except ValueError as exc:
         fail(str(exc))
     refitted = loaded.with_calibration(calibration)
-    save_bank(refitted, out or bank)
+    write_bank(refitted, out or bank)
     echo_advice(refitted)
     typer.echo(json.dumps({"bank": str(out or bank), "threshold": calibration.threshold,
                            "false_alarm_rate": rate, "confidence": level,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import cv2
+import numpy as np
 import typer
 
 from scorer import BackboneError, BankError, BuildConfig, ImageDecodeError, load_bank, load_image
@@ -103,9 +104,14 @@ def score_command(
     sensitivity: dict = None, roi_polygon: RoiPolygon = None, roi_mask: RoiMask = None,
     conn: Connection = None,
 ) -> None:
-    """Score images: one JSON line per image with score, threshold and verdict (under a camera's settings, as a
+    """Score images: one JSON line per image with score, threshold and verdict (`anomalous`; under a camera's settings, as a
     worker applies them, with --camera or the sensitivity and ROI options)."""
     compute = compute_config(precision, channels_last, device, engine)
+    if heatmaps is not None:  # said before the bank loads, not after the images are scored
+        try:
+            heatmaps.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            fail(f"--heatmaps {heatmaps}: {exc.strerror or exc} (a folder to write the overlays into)")
     flags = roi_polygon is not None or roi_mask is not None or any(v is not None for v in sensitivity.values())
     settings = stored_settings(conn, camera) if camera is not None else None  # as stored: its version recorded
     if flags:  # options on top: settings of no stored version (0)
@@ -117,34 +123,39 @@ def score_command(
         fail(str(exc))
     threshold = scorer.threshold if settings is None else settings.effective_threshold(scorer.threshold)
     regions = CameraRegions()
-    failed = 0
+    failed = []
     for begin in range(0, len(images), batch_size):
-        paths, decoded = [], []
-        for path in images[begin:begin + batch_size]:
+        batch = images[begin:begin + batch_size]
+        lines: list[dict] = [{"image": str(path)} for path in batch]  # printed in input order, errors included
+        decoded: dict[int, np.ndarray] = {}
+        for i, path in enumerate(batch):
             try:
-                decoded.append(load_image(path))
-                paths.append(path)
+                decoded[i] = load_image(path)
             except ImageDecodeError as exc:
-                failed += 1
-                typer.echo(json.dumps({"image": str(path), "error": str(exc)}))
-        if not decoded:
-            continue
-        result = scorer.score(decoded, maps=heatmaps is not None,
-                              regions=[regions.region(settings, *image.shape[:2]) for image in decoded])
-        verdicts = scorer.verdict(result.image_scores, thresholds([settings] * len(decoded), scorer.threshold))
-        for i, path in enumerate(paths):
-            score = float(result.image_scores[i])
-            line = {"image": str(path), "score": round(score, 4), "threshold": threshold,
-                    "anomalous": None if threshold is None else bool(verdicts[i])}
-            if settings is not None:
-                line["settings_version"] = settings.version
-            if heatmaps is not None:
-                heatmaps.mkdir(parents=True, exist_ok=True)
-                target = heatmaps / f"{begin + i:05d}_{path.stem}_heatmap.png"  # unique even for equal names
-                cv2.imwrite(str(target), scorer.overlay(decoded[i], result.maps[i], score, threshold))
-                line["heatmap"] = str(target)
+                failed.append(str(path))
+                lines[i]["error"] = str(exc)
+        if decoded:
+            order, pictures = list(decoded), list(decoded.values())
+            result = scorer.score(pictures, maps=heatmaps is not None,
+                                  regions=[regions.region(settings, *image.shape[:2]) for image in pictures])
+            verdicts = scorer.verdict(result.image_scores, thresholds([settings] * len(pictures), scorer.threshold))
+            for j, i in enumerate(order):
+                score = float(result.image_scores[j])
+                line = lines[i]
+                line.update(score=round(score, 4), threshold=threshold,
+                            anomalous=None if threshold is None else bool(verdicts[j]))
+                if settings is not None:
+                    line["settings_version"] = settings.version
+                if heatmaps is not None:
+                    target = heatmaps / f"{begin + i:05d}_{batch[i].stem}_heatmap.png"  # unique even for equal names
+                    if not cv2.imwrite(str(target), scorer.overlay(pictures[j], result.maps[j], score, threshold)):
+                        fail(f"cannot write the heatmap {target}")
+                    line["heatmap"] = str(target)
+        for line in lines:
             typer.echo(json.dumps(line))
     if failed:
+        typer.secho(f"error: {len(failed)} of {len(images)} images could not be read: {', '.join(failed[:5])}"
+                    f"{' ...' if len(failed) > 5 else ''}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
 
 
