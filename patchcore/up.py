@@ -197,7 +197,8 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         version = registry.publish(settings.bank_name, bank_to_bytes(bank),
                                    {"source": "patchcore up", **bank_summary(bank)}, activate=True)
         threshold = bank.calibration.threshold if bank.calibration else None
-        echo(f"bank {settings.bank_name} v{version}: {bank_size(bank)} features, threshold {threshold}")
+        echo(f"bank {settings.bank_name} v{version}: {bank_size(bank)} features, threshold "
+             f"{'none' if threshold is None else f'{threshold:.4g}'}")
         if settings.console_port is not None:
             from console.app import ConsoleError, ConsoleServer, ConsoleSettings
 
