@@ -4,6 +4,7 @@ Loading parses a JSON header and raw little-endian arrays; nothing in a bank fil
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -387,10 +388,15 @@ def save_bank(bank: AnyBank, path: str | Path) -> None:
         descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise BankError(f"cannot write bank {path}: {exc.strerror or exc}") from None
+    except BaseException as exc:  # Ctrl-C included: never a temporary file left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise BankError(f"cannot write bank {path}: {exc.strerror or exc}") from None
+        raise
 
 
 def load_bank(path: str | Path, max_bytes: int = DEFAULT_MAX_BANK_BYTES) -> AnyBank:

@@ -131,8 +131,8 @@ def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_s
     unmasked = [s for s in samples if s.is_anomalous and s.mask_path is None]
     if unmasked:
         log.warning("defective test images without a ground-truth mask are left out of pixel AUROC and PRO",
-                    extra={"count": len(unmasked), "first": str(unmasked[0].path),
-                           "expected": str(expected_mask(category, unmasked[0]))})
+                    extra={"fields": {"count": len(unmasked), "first": str(unmasked[0].path),
+                                      "expected": str(expected_mask(category, unmasked[0]))}})
     pixel = [i for i, s in enumerate(samples) if not (s.is_anomalous and s.mask_path is None)]
     masks = load_masks([samples[i] for i in pixel], [images[i] for i in pixel], scorer.view)
     pixel_maps = [maps[i] for i in pixel]

@@ -28,7 +28,7 @@ class WorkerSettings:
     claim_idle_ms: int = field(default=30_000, metadata={
         "help": "Reclaim frames left unacknowledged this long by a dead worker."})
     results_maxlen: int = 10_000
-    overlay_ttl_s: int = field(default=3600, metadata={
+    overlay_ttl_s: int = field(default=3600, metadata={"min": 1,
         "help": "Keep the overlay and the frame of every anomalous result this many seconds (the frame is what "
                 "`alarm dismiss` adds to a bank's update queue)."})
     result_maps: bool = field(default=False, metadata={  # the patch-distance grid (uint8, e.g. 28x28)

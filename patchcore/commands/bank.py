@@ -223,7 +223,8 @@ def bank_calibrate(
     index: Index = WorkerSettings.index, progress: Progress = True,
 ) -> None:
     """Set the F1-optimal threshold from labelled validation images (keeps the good-only statistics)."""
-    bank_out(out or bank)
+    if out is not None:  # said before the images are scored (BANK itself is checked by reading it)
+        bank_out(out)
     try:
         loaded = load_bank(bank)
         scorer = scorer_for(loaded, device=device, index=index, weights=weights)
