@@ -73,8 +73,6 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-
-
 @dataclass(frozen=True)
 class BackboneChoice:
     name: str
