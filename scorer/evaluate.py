@@ -45,15 +45,14 @@ def test_samples(category: str | Path) -> list[TestSample]:
     samples = []
     for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
         for image in list_images(type_dir):
-            sample = TestSample(image, type_dir.name, None)
-            mask = expected_mask(root, sample)
+            mask = expected_mask(root, type_dir.name, image)
             samples.append(TestSample(image, type_dir.name, mask if mask.is_file() else None))
     return samples
 
 
-def expected_mask(category: str | Path, sample: TestSample) -> Path:
+def expected_mask(category: str | Path, defect_type: str, image: Path) -> Path:
     """Where the MVTec layout keeps a test image's ground truth: ground_truth/<type>/<stem>_mask.png."""
-    return Path(category) / "ground_truth" / sample.defect_type / f"{sample.path.stem}_mask.png"
+    return Path(category) / "ground_truth" / defect_type / f"{image.stem}_mask.png"
 
 
 def load_masks(samples: list[TestSample], images: list[np.ndarray], view: ViewConfig) -> list[np.ndarray]:
@@ -128,15 +127,16 @@ def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_s
     labels = np.array([s.is_anomalous for s in samples])
     # pixel metrics over the good images and the defective ones with a mask: a defect without its mask would count
     # as all-good pixels and inflate both; left out, counted and said instead
-    unmasked = [s for s in samples if s.is_anomalous and s.mask_path is None]
-    if unmasked:
+    unmasked = [s.is_anomalous and s.mask_path is None for s in samples]
+    pixel = [i for i, left_out in enumerate(unmasked) if not left_out]
+    if len(pixel) < len(samples):
+        first = samples[unmasked.index(True)]
         log.warning("defective test images without a ground-truth mask are left out of pixel AUROC and PRO",
-                    extra={"fields": {"count": len(unmasked), "first": str(unmasked[0].path),
-                                      "expected": str(expected_mask(category, unmasked[0]))}})
-    pixel = [i for i, s in enumerate(samples) if not (s.is_anomalous and s.mask_path is None)]
+                    extra={"fields": {"count": sum(unmasked), "first": str(first.path),
+                                      "expected": str(expected_mask(category, first.defect_type, first.path))}})
     masks = load_masks([samples[i] for i in pixel], [images[i] for i in pixel], scorer.view)
     pixel_maps = [maps[i] for i in pixel]
-    measured = len(unmasked) < int(labels.sum())  # some defect has a mask: the pixel metrics mean something
+    measured = sum(unmasked) < int(labels.sum())  # some defect has a mask: the pixel metrics mean something
     threshold = scorer.threshold
     flagged = scorer.verdict(scores_all)
     f1_threshold, f1 = f1_optimal_threshold(labels, scores_all)
@@ -148,7 +148,7 @@ def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_s
         image_auroc=image_auroc(labels, scores_all),
         pixel_auroc=pixel_auroc(masks, pixel_maps) if measured else None,
         pro=pro_score(masks, pixel_maps) if measured else None,
-        defects_without_mask=len(unmasked),
+        defects_without_mask=sum(unmasked),
         fit_seconds=round(fit_seconds, 2),
         images_per_second=round(len(images) / seconds, 2),
         n_test_images=len(images),

@@ -165,13 +165,12 @@ def bank_build(
     typer.echo(json.dumps({"bank": str(out), **bank_summary(bank)}, indent=2))
 
 
-def bank_out(path: Path) -> Path:
-    """`path` if a bank can be written there (said before any work), else exit 2 saying why."""
+def bank_out(path: Path) -> None:
+    """Exit 2 saying why unless a bank can be written at `path` (said before any work)."""
     try:
         check_bank_path(path)
     except BankError as exc:
         fail(str(exc))
-    return path
 
 
 def write_bank(bank, path: Path) -> None:

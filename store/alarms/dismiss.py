@@ -22,7 +22,7 @@ def dismiss_alarm(client: redis.Redis, keys: Keys, camera: str, seq: int, by: st
     raw = client.get(keys.frame_copy(camera, seq))
     if raw is None:
         raise DismissError(f"no stored frame for {camera} seq {seq}: only anomalous frames are kept, and only "
-                          f"for `patchcore worker --overlay-ttl-s` (default 1 h)")
+                          f"for `patchcore worker --overlay-ttl-s`")
     try:
         frame = Frame.unpack(raw)
     except MessageError as exc:
