@@ -173,9 +173,9 @@ def test_what_a_failover_loses_under_a_write_storm(cluster, wait_replicas):
     cluster.kill(victim)
     cluster.resume(replica)
     cluster.wait_ok(60)
+    cluster.restart(victim)  # back as the new master's replica, as a restarted pod: WAIT 1 is answered again
     for thread in threads:
         thread.join(120)
-    cluster.restart(victim)
     assert errors == [] and len(reports) == len(cameras)
     client = connect(cluster.url)
     lost = {c: reports[c].frames - client.xlen(KEYS.frames(c)) for c in cameras}

@@ -37,7 +37,7 @@ def test_bench_runs_end_to_end_on_the_cpu(tmp_path):
     out = tmp_path / "report.json"
     # the bench needs nothing of the project: run it from outside the checkout, without PYTHONPATH
     run = subprocess.run([sys.executable, str(SCRIPT), "--redis-server", find_redis_server(), "--device", "cpu",
-                          "--seconds", "3", "--batches", "8", "--backbones", "mobilenet_v2", "--bank-images", "4",
+                          "--seconds", "1", "--batches", "8", "--backbones", "mobilenet_v2", "--bank-images", "4",
                           "--cameras", "4", "--precision", "fp32", "--no-channels-last", "--json", str(out)],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr[-3000:]

@@ -14,6 +14,9 @@ import cv2
 import numpy as np
 import pytest
 
+from typer.testing import CliRunner
+
+from patchcore.cli import app
 from scorer import BankError, bank_from_bytes, save_bank
 
 from .conftest import synthetic_part
@@ -22,7 +25,16 @@ BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_bo
 
 
 def patchcore(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The CLI as its own process (eval: its log lines on stderr as an operator sees them)."""
     return subprocess.run([sys.executable, "-m", "patchcore", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def invoke(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in this process (the refusals: no torch import per call); its result shaped as `patchcore`'s."""
+    done = CliRunner().invoke(app, list(args))
+    if done.exception is not None and not isinstance(done.exception, SystemExit):
+        raise done.exception
+    return subprocess.CompletedProcess(args, done.exit_code, done.stdout, done.stderr)
 
 
 def error_lines(done: subprocess.CompletedProcess) -> list[str]:
@@ -82,7 +94,7 @@ def test_bank_build_into_a_folder_is_refused_before_the_build(tmp_path):
     out, empty = tmp_path / "banks", tmp_path / "no-images"
     out.mkdir()
     empty.mkdir()  # a build would stop at once on it ("no images"): the refusal must come before
-    done = patchcore("bank", "build", "--train", str(empty), "--out", str(out), "--backbone", "mobilenet_v2",
+    done = invoke("bank", "build", "--train", str(empty), "--out", str(out), "--backbone", "mobilenet_v2",
                      "--no-progress")
     assert done.returncode == 2 and error_lines(done) == [
         f"error: cannot write bank {out}: it is a folder (give a file name, e.g. {out / 'model.bank'})"]
@@ -92,32 +104,32 @@ def test_bank_build_into_a_folder_is_refused_before_the_build(tmp_path):
 def test_score_heatmaps_that_cannot_be_a_folder_is_refused_first(tmp_path, bank_file, images):
     blocker = tmp_path / "heatmaps"
     blocker.write_text("a file")
-    done = patchcore("score", str(bank_file), str(images["good"]), "--heatmaps", str(blocker))
+    done = invoke("score", str(bank_file), str(images["good"]), "--heatmaps", str(blocker))
     assert done.returncode == 2 and len(error_lines(done)) == 1 and "--heatmaps" in error_lines(done)[0]
     assert done.stdout == ""
 
 
 @pytest.mark.parametrize("option", [("--batch-size", "0"), ("--batch-size", "-1")])
 def test_score_refuses_a_batch_size_below_one(bank_file, images, option):
-    done = patchcore("score", str(bank_file), str(images["good"]), *option)
+    done = invoke("score", str(bank_file), str(images["good"]), *option)
     assert done.returncode == 2 and "Traceback" not in done.stderr and "batch-size" in done.stderr
     assert done.stdout == ""
 
 
 def test_bank_build_refuses_neighbours_below_one(tmp_path, images):
-    done = patchcore("bank", "build", "--train", str(images["good"].parent), "--out", str(tmp_path / "b.bank"),
+    done = invoke("bank", "build", "--train", str(images["good"].parent), "--out", str(tmp_path / "b.bank"),
                      "--backbone", "mobilenet_v2", "--neighbours", "0", "--no-progress")
     assert done.returncode == 2 and "neighbours" in done.stderr and not (tmp_path / "b.bank").exists()
 
 
 def test_up_refuses_zero_frames():
-    done = patchcore("up", "--frames", "0")
+    done = invoke("up", "--frames", "0")
     assert done.returncode == 2 and "frames" in done.stderr
 
 
 def test_score_prints_lines_in_input_order_and_says_what_failed(bank_file, images):
     order = [images["good"], images["broken"], images["defect"], images["good"]]
-    done = patchcore("score", str(bank_file), *map(str, order), "--batch-size", "3")
+    done = invoke("score", str(bank_file), *map(str, order), "--batch-size", "3")
     assert done.returncode == 1
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [line["image"] for line in lines] == [str(path) for path in order]
