@@ -419,14 +419,23 @@ def onnx_graph(extractor: PatchFeatureExtractor, size: tuple[int, int]) -> tuple
     return graph.getvalue(), grid
 
 
+ORT_SPINNING = "session.intra_op.allow_spinning"  # ONNX Runtime's session config key
+
+
 def ort_session(graph: bytes, threads: int | None = None) -> object:
     """An ONNX Runtime CPU session of a serialised graph; by default it gets torch's thread count
-    (scorer.hardware.thread_plan: the two run one after the other, never at once)."""
+    (scorer.hardware.thread_plan: the two run one after the other, never at once).
+
+    Its threads do not spin once a run is done (ONNX Runtime's default keeps them spinning, waiting for the next
+    run): here the search's OpenMP team runs right after the backbone, on the same cores, and a spinning thread
+    holds one of them (an A/B on the 2-core AMD EPYC, mobilenet_v2 crop banks, 96 test images with maps, three
+    interleaved rounds: 46.7 -> 53.3 images/s on bottle, 46.4 -> 52.0 on macaroni1; docs/scorer.md, CPU speed)."""
     import onnxruntime  # the [onnx] extra (ComputeConfig.resolve refused the engine without it)
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or thread_plan().intra_op
     options.inter_op_num_threads = 1
+    options.add_session_config_entry(ORT_SPINNING, "0")
     options.log_severity_level = 3  # errors only: logs stay quiet
     return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 

@@ -126,6 +126,7 @@ class OnnxScorer:
         self.threshold = self.settings.get("threshold")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # free the cores for the search
         self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         self._rows = max(1, max_block_bytes // (4 * len(self.features)))
         self._bank_sq = (self.features.astype(np.float64) ** 2).sum(1).astype(np.float32)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scorer import BuildConfig, CalibrationConfig, CoresetConfig, FeatureConfig, PatchCoreScorer, build_bank
-from scorer.features import ComputeConfig, ComputeError
+from scorer.features import ORT_SPINNING, ComputeConfig, ComputeError
 from scorer.model import build_extractor
 from scorer.preprocess import list_images, load_image, preprocess
 
@@ -62,6 +62,9 @@ def test_onnxruntime_at_another_input_size_and_batch(mobilenet):
     scale = np.abs(reference).max()
     assert np.abs(batch.numpy() - reference).max() <= ENGINE_RTOL * scale
     assert np.abs(single.numpy() - reference[:1]).max() <= ENGINE_RTOL * scale
+    # its threads stop spinning after a run: the search that follows gets both cores (docs/scorer.md, CPU speed)
+    session, _ = extractor._onnx_session((256, 256))
+    assert session.get_session_options().get_session_config_entry(ORT_SPINNING) == "0"
 
 
 def _small_bank(compute: ComputeConfig):
