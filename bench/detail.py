@@ -26,7 +26,8 @@ from results import RESULTS, write_result  # bench/results.py, beside this scrip
 
 NAME = "detail-eval"
 STRIDE4_TAPS = {"efficientnet_lite0": "features.3,features.5,features.11",  # + the stride-4 stage's end (24 ch)
-                "efficientnet_lite2": "features.4,features.7,features.15",  # + features.4 (24 ch, 56 x 56)
+                "efficientnet_lite1": "features.4,features.7,features.15",  # + features.4 (24 ch, 56 x 56)
+                "efficientnet_lite2": "features.4,features.7,features.15",  # the same layout as Lite1
                 "mobilenet_v2": "features.3,features.6,features.13"}
 # each configuration's build options beyond --backbone and --seed
 CONFIGS = {"baseline": [], "position-norm": ["--position-norm"],
