@@ -27,6 +27,7 @@ from scorer import (BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_
                     load_image)
 from scorer.backbones import BackboneError, resolve_backbone
 from scorer.calibration import CalibrationConfig
+from scorer.features import ComputeConfig
 from scorer.bank import bank_size
 from scorer.evaluate import bank_summary
 from scorer.index import SearchConfig
@@ -73,6 +74,11 @@ class UpSettings:
     max_wait_ms: int = field(default=WorkerSettings.max_wait_ms, metadata={"help": "Worker batching wait."})
     prefetch: bool = field(default=WorkerSettings.prefetch, metadata=fields_of(WorkerSettings)["prefetch"].metadata)
     device: str = field(default=WorkerSettings.device, metadata=fields_of(WorkerSettings)["device"].metadata)
+    # the backbone's precision, layout and engine: the bank's build and the worker run the same (as `eval`)
+    precision: str = field(default=WorkerSettings.precision, metadata=fields_of(WorkerSettings)["precision"].metadata)
+    channels_last: bool | None = field(default=WorkerSettings.channels_last,
+                                       metadata=fields_of(WorkerSettings)["channels_last"].metadata)
+    engine: str = field(default=WorkerSettings.engine, metadata=fields_of(WorkerSettings)["engine"].metadata)
     search: SearchConfig = WorkerSettings.search  # nearest-neighbour search
     # a demo line alarms sooner and more often than the store's default rule: 3 of 4 frames, 2 s apart
     rule: AlarmRule = AlarmRule(k=3, n=4, cooldown_s=2.0)
@@ -89,6 +95,11 @@ class UpSettings:
 
 class UpError(RuntimeError):
     pass
+
+
+def compute_of(settings: UpSettings) -> ComputeConfig:
+    """The backbone's compute settings of the run (resolved per device where the bank is built and scored)."""
+    return ComputeConfig(settings.precision, settings.channels_last, settings.engine)
 
 
 def warmup_images(source_spec: str, count: int, folder: Path) -> list[Path]:
@@ -113,7 +124,7 @@ def warmup_images(source_spec: str, count: int, folder: Path) -> list[Path]:
 def warmup_bank(settings: UpSettings, workdir: Path, progress: bool) -> MemoryBank:
     """A bank from the source's own first frames."""
     paths = warmup_images(settings.source, settings.warmup_frames, workdir / "warmup")
-    return build_bank(paths, settings.build, device=settings.device, progress=progress)
+    return build_bank(paths, settings.build, device=settings.device, progress=progress, compute=compute_of(settings))
 
 
 def build_up_bank(settings: UpSettings, workdir: Path, echo: Callable[[str], None], progress: bool) -> MemoryBank:
@@ -124,7 +135,8 @@ def build_up_bank(settings: UpSettings, workdir: Path, echo: Callable[[str], Non
         if settings.train is not None:
             from scorer.preprocess import list_images
 
-            return build_bank(list_images(settings.train), settings.build, device=settings.device, progress=progress)
+            return build_bank(list_images(settings.train), settings.build, device=settings.device, progress=progress,
+                              compute=compute_of(settings))
         echo(f"building a bank from the first {settings.warmup_frames} frames of {settings.source}")
         return warmup_bank(settings, workdir, progress)
     except BackboneError as exc:
@@ -230,7 +242,8 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
         worker = Worker(connect(url), WorkerSettings(name="worker-1", max_batch=settings.max_batch,
                                                      max_wait_ms=settings.max_wait_ms, device=settings.device,
                                                      search=settings.search, prefetch=settings.prefetch,
-                                                     bank_key=bank_key), keys, stop)
+                                                     precision=settings.precision, channels_last=settings.channels_last,
+                                                     engine=settings.engine, bank_key=bank_key), keys, stop)
         # load the bank (and run the network once on a frame of the source) before the camera starts:
         # start-up is not latency
         active = worker.banks.get(settings.bank_name)
@@ -333,5 +346,6 @@ def run_up(settings: UpSettings, echo: Callable[[str], None] = print, progress: 
             "threshold": threshold,
             "max_batch": settings.max_batch,
             "pipelined": worker.settings.prefetch,
+            "compute": None if active is None else active.scorer.extractor.compute.to_dict(),  # as it ran
         }
         return summary

@@ -13,7 +13,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from typer.testing import CliRunner
 
 from patchcore.cli import app
@@ -95,7 +94,7 @@ def test_bank_build_into_a_folder_is_refused_before_the_build(tmp_path):
     out.mkdir()
     empty.mkdir()  # a build would stop at once on it ("no images"): the refusal must come before
     done = invoke("bank", "build", "--train", str(empty), "--out", str(out), "--backbone", "mobilenet_v2",
-                     "--no-progress")
+                  "--no-progress")
     assert done.returncode == 2 and error_lines(done) == [
         f"error: cannot write bank {out}: it is a folder (give a file name, e.g. {out / 'model.bank'})"]
     assert list(out.iterdir()) == []
@@ -118,7 +117,7 @@ def test_score_refuses_a_batch_size_below_one(bank_file, images, option):
 
 def test_bank_build_refuses_neighbours_below_one(tmp_path, images):
     done = invoke("bank", "build", "--train", str(images["good"].parent), "--out", str(tmp_path / "b.bank"),
-                     "--backbone", "mobilenet_v2", "--neighbours", "0", "--no-progress")
+                  "--backbone", "mobilenet_v2", "--neighbours", "0", "--no-progress")
     assert done.returncode == 2 and "neighbours" in done.stderr and not (tmp_path / "b.bank").exists()
 
 

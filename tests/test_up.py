@@ -45,6 +45,22 @@ def test_up_with_fps_0_is_a_throughput_run(tmp_path, synthetic_bank_bytes):
     assert summary["pipelined"] is False and summary["results_out"] == 16 and summary["deadlettered"] == 0
 
 
+
+def test_up_runs_the_backbone_in_the_precision_asked_and_refuses_one_it_cannot(tmp_path, synthetic_bank_bytes):
+    """`up --precision int8`: the worker scores every frame with the int8 graph (the bank's calibration windows), and
+    the summary says how the backbone ran; a combination the CPU cannot run is refused before anything starts."""
+    bank = tmp_path / "synthetic.bank"
+    bank.write_bytes(synthetic_bank_bytes)
+    summary, _ = run_up(tmp_path, "--frames", "12", "--fps", "0", "--bank", str(bank), "--precision", "int8")
+    assert summary["results_out"] == 12 and summary["deadlettered"] == 0
+    assert (summary["compute"]["precision"], summary["compute"]["engine"]) == ("int8", "onnxruntime")
+    default, _ = run_up(tmp_path, "--frames", "4", "--fps", "0", "--bank", str(bank))
+    assert default["compute"]["precision"] == "fp32"  # the CPU's default, as eval reports it
+    refused = CliRunner().invoke(app, ["up", "--precision", "int8", "--engine", "torch", "--frames", "4"])
+    assert refused.exit_code == 2 and "int8 runs in engine onnxruntime only" in refused.output
+    assert "embedded redis-server" not in refused.output  # refused first
+
+
 @needs_video
 def test_up_on_the_real_video(tmp_path, mobilenet):
     summary, _ = run_up(tmp_path, "--source", str(VIDEO), "--frames", "40", "--warmup-frames", "20")

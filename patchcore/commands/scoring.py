@@ -64,7 +64,7 @@ def worker_command(
 @settings_options(UP.build.view, "kind", "size", "scale", "tile", "overlap", into="view", rename={"kind": "view"})
 @settings_options(UP, "fps", "max_batch", "max_wait_ms", "prefetch", into="pace")
 @rule_options(UP.rule)
-@settings_options(UP, "device", into="compute")
+@settings_options(UP, "device", "precision", "channels_last", "engine", into="compute")
 @settings_options(UP, "redis_url", "bank_name", "force", into="registry")
 @settings_options(UP, "metrics_port", "console_port", into="serve")
 def up_command(
@@ -78,6 +78,8 @@ def up_command(
     """The whole service in one command: embedded Redis, bank, ingest, worker, store; prints alarms.
 
     The bank is signed with --signing-key-file's key, or with a key made for this run."""
+    # refused here, clearly, before Redis starts and a bank is built
+    compute_config(compute["precision"], compute["channels_last"], compute["device"], compute["engine"])
     if frames is None and run["seconds"] is None and source["source"].startswith("synthetic"):
         frames = UP.frames  # the synthetic line never ends; files end by themselves, live sources at Ctrl-C
     try:
