@@ -188,6 +188,7 @@ TABLES: dict[str, Table] = {
         ("same coreset", "{same_coreset}"), ("good scores, largest relative difference", "{good_scores_max_relative_difference:.1e}"))),
     "worker_speed": worker_speed_table("worker_speed"),
     "worker_speed-685cfcb": worker_speed_table("worker_speed-685cfcb"),
+    "worker_speed-int8-685cfcb": worker_speed_table("worker_speed-int8-685cfcb"),
     "int8-features": Table(("int8",), (
         ("backbone", "{backbone}"), ("fp32 images/s", "{fp32_images_per_s:.1f}"),
         ("int8 images/s", "{int8_images_per_s:.1f}"), ("speed-up", "x{speedup:.2f}"),

@@ -5,6 +5,7 @@ a baseline (e.g. the commit before a change, checked out with its own .venv) and
 
     .venv/bin/python bench/worker_speed.py --baseline /path/to/old/checkout [--rounds 2] [--frames 400]
         [--label NAME]   # e.g. the baseline's commit: worker_speed-NAME.json (beside another baseline's)
+        [--precision int8]   # this checkout's `up` with an option (the baseline with its default)
 
 Both run the same source and backbone (`--backbone`, default mobilenet_v2, so the ratio compares the code, not the
 backbone `auto` resolves to in each checkout); each run builds its bank from the source's first frames, untimed.
@@ -36,6 +37,9 @@ def main() -> None:
     parser.add_argument("--paced-frames", type=int, default=200, help="frames of each paced run (0: none)")
     parser.add_argument("--source", default="synthetic")
     parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--precision", default=None,
+                        help="run this checkout's `up` with --precision P (e.g. int8; the baseline keeps its default); "
+                             "the results file is then worker_speed-P[-LABEL].json")
     parser.add_argument("--label", default=None,
                         help="suffix of the results file (e.g. the baseline's commit): worker_speed-LABEL.json")
     args = parser.parse_args()
@@ -43,11 +47,12 @@ def main() -> None:
     modes = {"unthrottled": [*common, "--frames", str(args.frames), "--fps", "0"]}
     if args.paced_frames:
         modes["paced"] = [*common, "--frames", str(args.paced_frames)]
+    extra = {"this": ["--precision", args.precision] if args.precision else [], "baseline": []}
     runs = {(mode, which): [] for mode in modes for which in ("baseline", "this")}
     for _ in range(args.rounds):
         for mode, up_args in modes.items():
             for which, checkout in (("baseline", args.baseline), ("this", ROOT)):
-                summary = run_up(checkout, up_args)
+                summary = run_up(checkout, [*up_args, *extra[which]])
                 runs[mode, which].append(summary)
                 print(json.dumps({"mode": mode, "checkout": which, **{key: summary.get(key) for key in (
                     "frames_in", "results_out", "frames_per_second", "latency_ms_p50", "latency_ms_p99",
@@ -68,8 +73,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     baseline_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline, capture_output=True,
                                      text=True).stdout.strip()
-    name = "-".join(["worker_speed", *([args.label] if args.label else [])])
-    write_result(name, {"baseline_commit": baseline_commit, "rows": rows},
+    name = "-".join(["worker_speed", *(part for part in (args.precision, args.label) if part)])
+    write_result(name, {"baseline_commit": baseline_commit, "precision": args.precision, "rows": rows},
                  command=" ".join(["bench/worker_speed.py", *sys.argv[1:]]))
 
 
