@@ -45,7 +45,6 @@ def test_up_with_fps_0_is_a_throughput_run(tmp_path, synthetic_bank_bytes):
     assert summary["pipelined"] is False and summary["results_out"] == 16 and summary["deadlettered"] == 0
 
 
-
 def test_up_runs_the_backbone_in_the_precision_asked_and_refuses_one_it_cannot(tmp_path, synthetic_bank_bytes):
     """`up --precision int8`: the worker scores every frame with the int8 graph (the bank's calibration windows), and
     the summary says how the backbone ran; a combination the CPU cannot run is refused before anything starts."""
