@@ -25,21 +25,16 @@ from datadir import category  # bench/datadir.py, beside this script
 from results import RESULTS, write_result  # bench/results.py, beside this script
 
 NAME = "detail-eval"
-STRIDE4_TAPS = {"efficientnet_lite0": "features.3,features.5,features.11",  # + the stride-4 stage's end (24 ch)
-                "efficientnet_lite1": "features.4,features.7,features.15",  # + features.4 (24 ch, 56 x 56)
-                "efficientnet_lite2": "features.4,features.7,features.15",  # the same layout as Lite1
-                "mobilenet_v2": "features.3,features.6,features.13"}
-# each configuration's build options beyond --backbone and --seed
-CONFIGS = {"baseline": [], "position-norm": ["--position-norm"],
-           # the stride-4 grid has 4x the patches: a quarter of the coreset fraction keeps the bank's size
-           "stride4": ["--layers", "{stride4}", "--coreset", "0.025"],
-           "stride4+position-norm": ["--layers", "{stride4}", "--coreset", "0.025", "--position-norm"]}
+# each configuration's build options beyond --backbone and --seed; "stride4" is the preset `--layers fine` (the
+# backbone's stride-4 taps, scorer/backbones.py BackboneSpec.fine_layers, with a quarter of the coreset fraction:
+# the 4x finer grid's bank the default taps' size)
+CONFIGS = {"baseline": [], "position-norm": ["--position-norm"], "stride4": ["--layers", "fine"],
+           "stride4+position-norm": ["--layers", "fine", "--position-norm"]}
 
 
 def build(data: Path, config: str, backbone: str, path: Path) -> Path:
-    options = [o.replace("{stride4}", STRIDE4_TAPS[backbone]) for o in CONFIGS[config]]
     patchcore("bank", "build", "--train", str(data / "train" / "good"), "--out", str(path), "--backbone", backbone,
-              "--seed", "0", "--no-progress", *options)
+              "--seed", "0", "--no-progress", *CONFIGS[config])
     return path
 
 

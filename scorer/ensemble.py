@@ -26,7 +26,7 @@ import torch
 
 from .backbones import BackboneError, ensemble_members
 from .bank import AnyBank, BankError, EnsembleBank, MemoryBank
-from .config import BuildConfig, FeatureConfig
+from .config import FINE_TAPS, BuildConfig, FeatureConfig
 from .features import ComputeConfig, PatchFeatureExtractor
 from .index import SearchConfig
 from .model import Image, PatchCoreScorer, ScoreResult, Verdicts, build_bank, resolve_device, update_member
@@ -83,8 +83,9 @@ def build_ensemble(images: Sequence[Image], config: BuildConfig, weights: str | 
     names = ensemble_members(config.features.backbone)
     if weights is not None:
         raise ValueError("an ensemble loads each member's ImageNet weights: --weights is for one backbone")
-    if config.features.layers:
-        raise ValueError("an ensemble taps each member's default layers: --layers is for one backbone")
+    if config.features.layers and config.features.layers != (FINE_TAPS,):
+        raise ValueError("an ensemble taps each member's default layers, or each one's finer taps (--layers "
+                         f"{FINE_TAPS}): tap names are for one backbone")
     started = time.perf_counter()
     members = [build_bank(images, replace(config, features=replace(config.features, backbone=name)), None, device,
                           progress, roi, index, compute) for name in names]

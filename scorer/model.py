@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .backbones import BACKBONES, ensemble_members, load_backbone, resolve_backbone
 from .bank import AnyBank, BankError, Calibration, EnsembleBank, MemoryBank
 from .calibration import fold_ids
-from .config import BuildConfig, CoresetConfig, FeatureConfig
+from .config import FINE_CORESET_SCALE, FINE_TAPS, BuildConfig, CoresetConfig, FeatureConfig
 from .coreset import coreset_size, extend_coreset, random_projection, select_coreset
 from .features import ComputeConfig, Int8Calibration, PatchFeatureExtractor
 from .hardware import apply_thread_plan, thread_plan
@@ -52,7 +52,7 @@ def build_extractor(config: FeatureConfig, weights: str | Path | None = None, de
     config = replace(config, backbone=resolve_backbone(config.backbone, weights).name)
     backbone, weights_sha = load_backbone(config.backbone, weights)
     spec = BACKBONES[config.backbone]
-    layers = config.layers or spec.default_layers
+    layers = spec.fine_layers if config.layers == (FINE_TAPS,) else config.layers or spec.default_layers
     extractor = PatchFeatureExtractor(backbone, layers, config.patch_size, config.pretrain_dim, config.target_dim,
                                       spec.mean, spec.std)
     extractor.config = replace(config, layers=tuple(layers), weights_sha256=weights_sha)
@@ -544,6 +544,8 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
     device = resolve_device(device)
     apply_thread_plan()
     extractor, feature_config = build_extractor(config.features, weights, device, compute)
+    if config.features.layers == (FINE_TAPS,):  # 4x the patches: the bank's size as the default taps' (FINE_CORESET_SCALE)
+        config = replace(config, coreset=replace(config.coreset, fraction=config.coreset.fraction * FINE_CORESET_SCALE))
     roi = None if roi is None else np.asarray(roi).astype(bool)
     layouts = [] if config.position_norm else None
     windows = calibration_windows(images, config.view, device)  # stored: any bank can be scored in int8

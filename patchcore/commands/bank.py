@@ -22,7 +22,7 @@ from scorer.metrics import f1_optimal_threshold
 from scorer.preprocess import list_images
 from scorer.backbones import BACKBONES, resolve_backbone
 from scorer.bank import MemoryBank, check_bank_path
-from scorer.config import AUTO_BACKBONE
+from scorer.config import AUTO_BACKBONE, FINE_CORESET_SCALE, FINE_TAPS
 from scorer.ensemble import ensemble_of, scorer_for
 from scorer.features import ComputeConfig, ComputeError
 from scorer.model import resolve_device
@@ -39,7 +39,10 @@ from .common import Connection, Progress, connection, fail
 app = Typer()  # the commands of `patchcore bank` defined here (patchcore/cli.py makes the group)
 
 DEFAULT_TAPS = "; ".join(f"{name} {','.join(spec.default_layers)}" for name, spec in BACKBONES.items())
-Layers = Annotated[Optional[str], typer.Option(help=f"Comma-separated taps; default: the backbone's ({DEFAULT_TAPS}).")]
+Layers = Annotated[Optional[str], typer.Option(help=(
+    f"Comma-separated taps; default: the backbone's ({DEFAULT_TAPS}). `{FINE_TAPS}`: the backbone's finer taps "
+    f"(the stride-4 stage's end as well, a 4x finer grid) with {FINE_CORESET_SCALE:g} x --coreset (the same bank "
+    "size), for defects of a few pixels: half the images/s, and worse where defects are large (docs/scorer.md)."))]
 Roi = Annotated[Optional[Path], typer.Option(help="Region-of-interest mask image (white = inspect), any resolution, stretched over the frame.")]
 Device = field_option(WorkerSettings, "device")
 Index = field_option(WorkerSettings, "index")
