@@ -48,7 +48,7 @@ def spread(paths: list[Path], count: int) -> list[Path]:
 
 
 def feature_rows(folder: Path, backbones: list[str], images: int, rounds: int) -> list[dict]:
-    view = ViewConfig()  # the crop view, as the banks
+    view = ViewConfig(kind="crop")  # the crop view, as the banks
     train = spread(list_images(folder / "train" / "good"), 64)
     windows = Int8Calibration(calibration_windows(train, view, torch.device("cpu")))
     tests = spread([p for sub in sorted((folder / "test").iterdir()) if sub.is_dir() for p in list_images(sub)],

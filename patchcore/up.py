@@ -135,12 +135,16 @@ def build_up_bank(settings: UpSettings, workdir: Path, echo: Callable[[str], Non
         if settings.train is not None:
             from scorer.preprocess import list_images
 
-            return build_bank(list_images(settings.train), settings.build, device=settings.device, progress=progress,
+            bank = build_bank(list_images(settings.train), settings.build, device=settings.device, progress=progress,
                               compute=compute_of(settings))
-        echo(f"building a bank from the first {settings.warmup_frames} frames of {settings.source}")
-        return warmup_bank(settings, workdir, progress)
+        else:
+            echo(f"building a bank from the first {settings.warmup_frames} frames of {settings.source}")
+            bank = warmup_bank(settings, workdir, progress)
     except BackboneError as exc:
         raise UpError(str(exc)) from None
+    if bank.info.get("view_choice") and bank.view.kind != "crop":  # "auto" departed from the paper's crop
+        echo(f"view: {bank.view.describe()} ({bank.info['view_choice']})")
+    return bank
 
 
 def percentile(values: list[float], q: float) -> float:

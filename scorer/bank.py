@@ -22,7 +22,7 @@ from .calibration import (RATE_INTERVAL_LEVEL, RATE_SPREAD_ADVICE, TAIL_MISFIT_P
                           tail_fit_pvalue)
 from .config import COMBINES, CoresetConfig, FeatureConfig
 from .position import PositionNorm
-from .views import ViewConfig
+from .views import AUTO_VIEW, ViewConfig
 
 BANK_FORMAT = "patchcore-bank"
 BANK_FORMAT_VERSION = 2  # 2: view and region of interest; version 1 files read as the crop view
@@ -127,12 +127,17 @@ class MemoryBank:
     calibration: Calibration | None = None
     reweight_neighbours: int = 9
     info: dict[str, Any] = field(default_factory=dict)  # n_train_images, n_train_patches, build_seconds, ...
-    view: ViewConfig = field(default_factory=ViewConfig)
+    view: ViewConfig = field(default_factory=lambda: ViewConfig(kind="crop"))  # concrete: never "auto"
     roi: np.ndarray | None = None  # bool [H, W] region of interest in frame coordinates (any resolution)
     position: PositionNorm | None = None  # per-position statistics of good patch scores (--position-norm)
     # float16 [N, 3, h, w]: good training windows, ImageNet-normalised, that int8 scoring quantises with
     # (scorer.features.Int8Calibration); None in banks built before int8 (they score in fp32 only)
     calibration_windows: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.view.kind == AUTO_VIEW:
+            raise BankError("a bank's view is the one its build chose: 'auto' is resolved from the training frames "
+                            "(scorer.model.build_bank)")
 
     def metadata(self) -> dict[str, Any]:
         extra = {} if self.position is None else {"position_norm": self.position.settings()}

@@ -31,8 +31,8 @@ from .position import PositionNorm, leave_one_out_z, position_norm
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb, upload
 from .scoring import reweight, smooth, window_maps
 from .stages import stage
-from .views import (Layout, Region, ViewConfig, ViewError, layout, shape_groups, stitch, valid_patches, windows,
-                    inspected_box)
+from .views import (AUTO_VIEW, Layout, Region, ViewConfig, ViewError, inspected_box, layout, shape_groups, stitch,
+                    valid_patches, windows)
 
 Image = Union[np.ndarray, str, Path]  # an RGB uint8 array, or an image file
 CALIBRATION_WINDOW_COUNT = 16  # good training windows a bank keeps for int8 scoring (scorer.features.Int8Calibration)
@@ -520,6 +520,15 @@ class BankFit:
                                   settings.confidence)
 
 
+def resolve_view(view: ViewConfig, images: Sequence[Image]) -> tuple[ViewConfig, str]:
+    """The view a build of `images` uses and why (ViewConfig.resolve at the first image's size; "" unless auto)."""
+    if view.kind != AUTO_VIEW:
+        return view, ""
+    first = images[0]
+    height, width = (first if isinstance(first, np.ndarray) else load_image(first)).shape[:2]
+    return view.resolve(height, width)
+
+
 def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), weights: str | Path | None = None,
                device: str | torch.device = "auto", progress: bool = True, roi: np.ndarray | None = None,
                index: str = "auto", compute: ComputeConfig = ComputeConfig()) -> MemoryBank:
@@ -534,12 +543,16 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
     """
     if not len(images):
         raise ValueError("no training images given")
+    view, view_choice = resolve_view(config.view, images)  # "auto": from the first training frame's size
+    config = replace(config, view=view)
+    chosen = {"view_choice": view_choice} if view_choice else {}
     if ensemble_members(config.features.backbone):  # "a+b": one member bank per backbone
         if config.position_norm:
             raise ValueError("--position-norm is for single-backbone banks, not ensembles")
         from .ensemble import build_ensemble  # scorer.ensemble builds on this module
 
-        return build_ensemble(images, config, weights, device, progress, roi, index, compute)
+        bank = build_ensemble(images, config, weights, device, progress, roi, index, compute)
+        return replace(bank, info={**bank.info, **chosen})
     started = time.perf_counter()
     device = resolve_device(device)
     apply_thread_plan()
@@ -570,7 +583,8 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
                 # add new patches until they do too
                 "coverage_radius": round(float(fit.radius["coreset"]), 6),
                 "feature_seconds": round(feature_seconds, 2), "build_seconds": round(time.perf_counter() - started, 2),
-                "compute": extractor.compute.to_dict()}  # how the features were computed (any bank scores with any)
+                "compute": extractor.compute.to_dict(),  # how the features were computed (any bank scores with any)
+                **chosen}  # why "auto" chose this view
         return fit.bank_of(selected, calibration, info, position)
 
 

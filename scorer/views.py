@@ -18,7 +18,7 @@ knows where each window's patches lie in the working frame, so one code path ser
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Hashable, Sequence
 
@@ -27,7 +27,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-VIEW_KINDS = ("crop", "full", "tiles")
+VIEW_KINDS = ("auto", "crop", "full", "tiles")
+AUTO_VIEW = "auto"  # resolved from the training frames' size when a bank is built (ViewConfig.resolve); never stored
+# auto: the crop view where its centre square covers at least this share of the resized frame (square frames 77 %,
+# 4:3 57 %, 3:2 51 %), else the whole frame at the crop view's scale (16:9 frames: the crop would cover 43 %)
+AUTO_CROP_COVERAGE = 0.5
 PAD_MULTIPLE = 32  # input sides are padded to this (the deepest taps used are stride 16)
 MAX_WINDOWS = 256  # a frame cut into more tiles than this is refused (a scale far too large for the frame)
 
@@ -40,8 +44,10 @@ class ViewError(ValueError):
 class ViewConfig:
     """Which pixels the network sees. Stored in the bank; a scorer refuses a bank of another view."""
 
-    kind: str = field(default="crop", metadata={
-        "help": "crop (paper: resize, centre crop), full (whole frame, aspect kept) or tiles (overlapping tiles)."})
+    kind: str = field(default=AUTO_VIEW, metadata={
+        "help": "auto (crop where its centre square covers at least half of the training frames, else full at the "
+                "crop's scale), crop (paper: resize, centre crop), full (whole frame, aspect kept) or tiles "
+                "(overlapping tiles)."})
     resize: int = field(default=256, metadata={"help": "crop view: shorter side after resizing, pixels."})
     crop: int = field(default=224, metadata={"help": "crop view: centre-crop side, pixels."})
     size: int = field(default=320, metadata={"help": "full view: long side of the resized frame, pixels."})
@@ -52,7 +58,7 @@ class ViewConfig:
     def __post_init__(self) -> None:
         if self.kind not in VIEW_KINDS:
             raise ViewError(f"unknown view {self.kind!r}; choose from {', '.join(VIEW_KINDS)}")
-        if self.kind == "crop" and not 0 < self.crop <= self.resize:
+        if self.kind in ("crop", AUTO_VIEW) and not 0 < self.crop <= self.resize:
             raise ViewError(f"crop view needs 0 < crop <= resize, got crop={self.crop}, resize={self.resize}")
         if self.kind == "full" and not 32 <= self.size <= 4096:
             raise ViewError(f"full view needs 32 <= size <= 4096, got {self.size}")
@@ -64,13 +70,30 @@ class ViewConfig:
             if not 0 <= self.overlap < 1:
                 raise ViewError(f"tiles view needs 0 <= overlap < 1, got {self.overlap}")
 
+    def resolve(self, height: int, width: int) -> tuple["ViewConfig", str]:
+        """The concrete view for frames of `height` x `width` and why ("" unless auto): auto is the crop view
+        where the centre crop covers at least AUTO_CROP_COVERAGE of the resized frame; otherwise the whole frame
+        (full) at the crop view's scale, its long side the crop view's resized long side, so no part of an
+        elongated frame goes uninspected and nothing is seen smaller than the crop view would."""
+        if self.kind != AUTO_VIEW:
+            return self, ""
+        crop = replace(self, kind="crop")
+        resized = layout(crop, height, width).resized
+        coverage = self.crop * self.crop / (resized[0] * resized[1])
+        if coverage >= AUTO_CROP_COVERAGE:
+            return crop, f"auto: the centre crop covers {coverage:.0%} of these {width}x{height} frames"
+        size = min(4096, max(32, *resized))
+        return (replace(self, kind="full", size=size),
+                f"auto: the centre crop would cover only {coverage:.0%} of these {width}x{height} frames; the whole "
+                f"frame at the crop's scale instead")
+
     def window_size(self) -> tuple[int, int] | None:
         """The backbone's input size (H, W) whatever the frame, or None where it follows the frame (full view)."""
         return {"crop": (self.crop, self.crop), "tiles": (self.tile, self.tile)}.get(self.kind)
 
     def relevant(self) -> dict:
         """The fields that matter for this kind (the others are ignored and not compared)."""
-        names = {"crop": ("kind", "resize", "crop"), "full": ("kind", "size"),
+        names = {"auto": ("kind", "resize", "crop"), "crop": ("kind", "resize", "crop"), "full": ("kind", "size"),
                  "tiles": ("kind", "scale", "tile", "overlap")}[self.kind]
         return {name: getattr(self, name) for name in names}
 
@@ -144,6 +167,9 @@ def layout(view: ViewConfig, height: int, width: int) -> Layout:
     """The layout of an `height` x `width` frame under `view`."""
     if height < 1 or width < 1:
         raise ViewError(f"empty frame {height}x{width}")
+    if view.kind == AUTO_VIEW:
+        raise ViewError("the view 'auto' is resolved from the training frames when a bank is built "
+                        "(ViewConfig.resolve); a bank stores the view it chose")
     if view.kind == "crop":
         # torchvision's resize rule for a single size: shorter side -> resize, longer side truncated
         short, long = (height, width) if height <= width else (width, height)

@@ -112,10 +112,19 @@ def build_from_folder(train: Path, config: BuildConfig, weights: Optional[str], 
         fail(f"no PNG/JPEG/BMP images in {train}")
     try:
         echo_backbone(config.features.backbone, weights)
-        return build_bank(paths, config, weights, device, progress, roi=roi,
+        bank = build_bank(paths, config, weights, device, progress, roi=roi,
                           compute=compute or compute_config(WorkerSettings.precision, WorkerSettings.channels_last, device))
     except (BackboneError, ValueError) as exc:
         fail(str(exc))
+    echo_view(bank)
+    return bank
+
+
+def echo_view(bank) -> None:
+    """Say on stderr when "auto" chose another view than the paper's crop for the training frames
+    (ViewConfig.resolve), and why (the bank's info keeps the reason either way)."""
+    if bank.info.get("view_choice") and bank.view.kind != "crop":
+        typer.echo(f"view: {bank.view.describe()} ({bank.info['view_choice']})", err=True)
 
 
 def echo_advice(bank) -> None:
