@@ -7,7 +7,7 @@
 
 Data come from --data (or $PATCHCORE_DATA: the folder holding mvtec_bottle and visa_macaroni1) and --video (or
 $PATCHCORE_VIDEO). A bank per source is loaded from --banks (<name>.bank) or built there once (mobilenet_v2, the
-defaults; the video's from its first --warmup-frames frames, as `patchcore up` does).
+defaults, --view auto unless given; the video's from its first --warmup-frames frames, as `patchcore up` does).
 
 Per batch the path is the eval's and the worker's: decode (files: read + cv2; video: JPEG frames as ingest sends
 them, decoded by the worker's decoder), resize/normalise, backbone, pooling, search, Eq. 7, the maps (upsampling
@@ -29,6 +29,7 @@ import torch
 
 from contracts.framecodec import encode_frame
 from scorer import BuildConfig, FeatureConfig, PatchCoreScorer, build_bank, load_bank, save_bank
+from scorer.views import ViewConfig
 from scorer.evaluate import test_samples, train_images
 from scorer.features import ComputeConfig
 from scorer.hardware import cpu_features
@@ -66,11 +67,11 @@ def video_frames(path: Path, first: int, count: int, step: int) -> list[np.ndarr
     return frames
 
 
-def bank_for(name: str, banks: Path, train: list, backbone: str, contiguous: bool) -> object:
+def bank_for(name: str, banks: Path, train: list, backbone: str, contiguous: bool, view: str) -> object:
     path = banks / f"{name}.bank"
     if path.is_file():
         return load_bank(path)
-    config = BuildConfig(features=FeatureConfig(backbone=backbone))
+    config = BuildConfig(features=FeatureConfig(backbone=backbone), view=ViewConfig(kind=view))
     if contiguous:
         from dataclasses import replace
 
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="default: the CPU's (ComputeConfig.resolve)")
     parser.add_argument("--engine", default=None, help="torch or onnxruntime (default: the CPU's, ComputeConfig.resolve)")
+    parser.add_argument("--view", default=ViewConfig.kind, help="view of the banks built (default: auto, as bank build)")
     parser.add_argument("--sources", default="bottle,macaroni1,video", help="which of bottle, macaroni1, video")
     parser.add_argument("--label", default="after", help="bench/results/profile_path-<label>.json (e.g. before, after)")
     args = parser.parse_args()
@@ -154,11 +156,11 @@ def main() -> None:
 
     for name, train, items, decode, contiguous in sources:
         print(f"{name}: {len(items)} images", flush=True)
-        bank = bank_for(name, args.banks, train(), args.backbone, contiguous)
+        bank = bank_for(name, args.banks, train(), args.backbone, contiguous, args.view)
         scorer = PatchCoreScorer(bank, device="cpu", compute=compute)
         batches = [items[b:b + args.batch_size] for b in range(0, len(items), args.batch_size)]
         result = profile(scorer, batches, decode)
-        report["sources"][name] = result
+        report["sources"][name] = {**result, "view": bank.view.describe()}
         print(f"  {result['images_per_second']:.2f} images/s (under load); "
               + ", ".join(f"{stage} {v['share']:.0%}" for stage, v in
                           sorted(result["stages"].items(), key=lambda kv: -kv[1]["seconds"])), flush=True)

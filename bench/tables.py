@@ -171,6 +171,10 @@ TABLES: dict[str, Table] = {
         ("backbone", "{run}"), ("source", "{source}"), ("images/s", "{images_per_second:.2f}"),
         *((f"{stage} %", "{" + stage + ":.0f}") for stage in STAGES)),
         lambda figures: profile_rows(figures, ("mobilenet_v2", "efficientnet_lite2"))),
+    "profile_path-views": Table(("profile_path-video-view-crop", "profile_path-video-view-auto"), (
+        ("view", "{run}"), ("source", "{source}"), ("images/s", "{images_per_second:.2f}"),
+        *((f"{stage} %", "{" + stage + ":.0f}") for stage in STAGES)),
+        lambda figures: profile_rows(figures, tuple(next(iter(f["sources"].values()))["view"] for f in figures))),
     "eval_speed": eval_speed_table("eval_speed", "this images/s"),
     "eval_speed-int8": eval_speed_table("eval_speed-int8", "this, int8, images/s"),
     "eval_speed-685cfcb": eval_speed_table("eval_speed-685cfcb", "this images/s"),

@@ -85,7 +85,7 @@ class ViewConfig:
         size = min(4096, max(32, *resized))
         return (replace(self, kind="full", size=size),
                 f"auto: the centre crop would cover only {coverage:.0%} of these {width}x{height} frames; the whole "
-                f"frame at the crop's scale instead")
+                f"frame at the crop's scale instead (--view crop: the centre only, faster)")
 
     def window_size(self) -> tuple[int, int] | None:
         """The backbone's input size (H, W) whatever the frame, or None where it follows the frame (full view)."""
