@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--no-keep", dest="keep", action="store_false",
                         help="drop the file's rows of configurations not run now")
     parser.add_argument("--bank-options", default="", help='more `bank build` options for every bank, e.g. '
-                        '--bank-options="--view full --size 320" (default: none, the default crop view)')
+                        '--bank-options="--view full --size 320" (default: none, the default view: auto, the crop on MVTec and VisA)')
     parser.add_argument("--label", default=NAME, help="the result file's name (bench/results/LABEL.json)")
     args = parser.parse_args()
     view = tuple(args.bank_options.split())

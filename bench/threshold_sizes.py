@@ -34,6 +34,7 @@ from scorer.calibration import TailFits, fit_tail
 from scorer.evaluate import test_samples, train_images
 from scorer.metrics import best_recall_at_rate, image_auroc
 from scorer.model import BankFit, PatchStore, build_extractor, extract_patches
+from scorer.views import ViewConfig
 
 from datadir import category as data_set  # bench/datadir.py
 from results import write_result  # bench/results.py
@@ -129,7 +130,8 @@ def main() -> None:
         write_result("threshold_sizes", merged)
         print(render("threshold_sizes"))
         return
-    config = BuildConfig(features=FeatureConfig(backbone=args.backbone), coreset=CoresetConfig(fraction=0.1, seed=0),
+    config = BuildConfig(features=FeatureConfig(backbone=args.backbone), view=ViewConfig(kind="crop"),
+                         coreset=CoresetConfig(fraction=0.1, seed=0),
                          calibration=CalibrationConfig(folds=5, false_alarm_rate=args.rate))
     extractor, feature_config = build_extractor(config.features, device="cpu")
     rows = []

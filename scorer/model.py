@@ -520,13 +520,14 @@ class BankFit:
                                   settings.confidence)
 
 
-def resolve_view(view: ViewConfig, images: Sequence[Image]) -> tuple[ViewConfig, str]:
-    """The view a build of `images` uses and why (ViewConfig.resolve at the first image's size; "" unless auto)."""
+def resolve_view(view: ViewConfig, images: Sequence[Image], roi: np.ndarray | None = None) -> tuple[ViewConfig, str]:
+    """The view a build of `images` (and `roi`) uses and why (ViewConfig.resolve at the first image's size; ""
+    unless auto)."""
     if view.kind != AUTO_VIEW:
         return view, ""
     first = images[0]
     height, width = (first if isinstance(first, np.ndarray) else load_image(first)).shape[:2]
-    return view.resolve(height, width)
+    return view.resolve(height, width, None if roi is None else np.asarray(roi).astype(bool))
 
 
 def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), weights: str | Path | None = None,
@@ -543,7 +544,7 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
     """
     if not len(images):
         raise ValueError("no training images given")
-    view, view_choice = resolve_view(config.view, images)  # "auto": from the first training frame's size
+    view, view_choice = resolve_view(config.view, images, roi)  # "auto": from the first training frame's size
     config = replace(config, view=view)
     chosen = {"view_choice": view_choice} if view_choice else {}
     if ensemble_members(config.features.backbone):  # "a+b": one member bank per backbone

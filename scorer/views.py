@@ -70,22 +70,30 @@ class ViewConfig:
             if not 0 <= self.overlap < 1:
                 raise ViewError(f"tiles view needs 0 <= overlap < 1, got {self.overlap}")
 
-    def resolve(self, height: int, width: int) -> tuple["ViewConfig", str]:
+    def resolve(self, height: int, width: int, roi: np.ndarray | None = None) -> tuple["ViewConfig", str]:
         """The concrete view for frames of `height` x `width` and why ("" unless auto): auto is the crop view
-        where the centre crop covers at least AUTO_CROP_COVERAGE of the resized frame; otherwise the whole frame
-        (full) at the crop view's scale, its long side the crop view's resized long side, so no part of an
-        elongated frame goes uninspected and nothing is seen smaller than the crop view would."""
+        where the centre crop covers at least AUTO_CROP_COVERAGE of the resized frame (with a region of interest,
+        bool [h, w] stretched over the frame: of the region); otherwise the whole frame (full) at the crop view's
+        scale, its long side the crop view's resized long side (at most 4096 px), so no part of an elongated frame
+        goes uninspected and, up to that limit, nothing is seen smaller than the crop view would show it."""
         if self.kind != AUTO_VIEW:
             return self, ""
         crop = replace(self, kind="crop")
-        resized = layout(crop, height, width).resized
-        coverage = self.crop * self.crop / (resized[0] * resized[1])
+        lay = layout(crop, height, width)
+        (top, left), (rh, rw) = lay.offset, lay.resized
+        if roi is None:
+            coverage, of = self.crop * self.crop / (rh * rw), f"these {width}x{height} frames"
+        else:  # the crop's box in the mask's own resolution
+            mh, mw = roi.shape
+            inside = roi[round(top / rh * mh):round((top + self.crop) / rh * mh),
+                         round(left / rw * mw):round((left + self.crop) / rw * mw)]
+            coverage = float(inside.sum()) / max(1, int(roi.sum()))
+            of = f"the region of interest of these {width}x{height} frames"
         if coverage >= AUTO_CROP_COVERAGE:
-            return crop, f"auto: the centre crop covers {coverage:.0%} of these {width}x{height} frames"
-        size = min(4096, max(32, *resized))
-        return (replace(self, kind="full", size=size),
-                f"auto: the centre crop would cover only {coverage:.0%} of these {width}x{height} frames; the whole "
-                f"frame at the crop's scale instead (--view crop: the centre only, faster)")
+            return crop, f"auto: the centre crop covers {coverage:.0%} of {of}"
+        return (replace(self, kind="full", size=min(4096, max(32, rh, rw))),
+                f"auto: the centre crop would cover only {coverage:.0%} of {of}; the whole frame at the crop's "
+                f"scale instead (--view crop: the centre only, faster)")
 
     def window_size(self) -> tuple[int, int] | None:
         """The backbone's input size (H, W) whatever the frame, or None where it follows the frame (full view)."""

@@ -32,6 +32,18 @@ def test_auto_keeps_the_crop_where_it_covers_half_the_frame(height, width, kind,
         assert "would cover only" in reason
 
 
+def test_with_a_region_of_interest_auto_asks_how_much_of_the_region_the_crop_holds():
+    # 4:3 frames (the crop alone would do: 57 %), the region a band down the left side: the crop (columns 58-282
+    # of the 341 px wide resized frame, rows 16-240 of 256) holds 5 of its 12 mask columns and 26 of 30 rows
+    left = np.zeros((30, 40), bool)
+    left[:, :12] = True
+    view, reason = ViewConfig().resolve(240, 320, left)
+    assert view.kind == "full" and view.size == 341 and "only 36% of the region of interest" in reason
+    centre = np.zeros((30, 40), bool)
+    centre[10:20, 15:25] = True
+    assert ViewConfig().resolve(240, 320, centre)[0].kind == "crop"
+
+
 def test_explicit_views_are_kept_and_auto_never_lays_out_a_frame():
     for view in (ViewConfig(kind="crop"), ViewConfig(kind="full", size=512), ViewConfig(kind="tiles")):
         assert view.resolve(360, 640) == (view, "")
