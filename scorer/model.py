@@ -31,7 +31,7 @@ from .position import PositionNorm, leave_one_out_z, position_norm
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb, upload
 from .scoring import reweight, smooth, window_maps
 from .stages import stage
-from .views import (AUTO_VIEW, Layout, Region, ViewConfig, ViewError, inspected_box, layout, shape_groups, stitch,
+from .views import (Layout, Region, ViewConfig, ViewError, inspected_box, layout, shape_groups, stitch,
                     valid_patches, windows)
 
 Image = Union[np.ndarray, str, Path]  # an RGB uint8 array, or an image file
@@ -227,9 +227,13 @@ class PatchCoreScorer(Verdicts):
 
 
     def warm_up(self) -> None:
-        """Ready the backbone for this bank's input size where the view fixes it (crop, tiles): see
-        PatchFeatureExtractor.warm_up."""
+        """Ready the backbone for this bank's input size (PatchFeatureExtractor.warm_up): the view's where it fixes
+        it (crop, tiles), else (full) the padded size of the training frames' (info.frame_size; banks built before
+        it was stored are readied by their first frame)."""
         size = self.bank.view.window_size()
+        frame = self.bank.info.get("frame_size")
+        if size is None and frame:
+            size = layout(self.bank.view, *frame).window
         if size is not None:
             self.extractor.warm_up(size, self.int8)
 
@@ -520,14 +524,10 @@ class BankFit:
                                   settings.confidence)
 
 
-def resolve_view(view: ViewConfig, images: Sequence[Image], roi: np.ndarray | None = None) -> tuple[ViewConfig, str]:
-    """The view a build of `images` (and `roi`) uses and why (ViewConfig.resolve at the first image's size; ""
-    unless auto)."""
-    if view.kind != AUTO_VIEW:
-        return view, ""
+def frame_size(images: Sequence[Image]) -> tuple[int, int]:
+    """(height, width) of the first of `images` (a file is decoded: EXIF orientation as scoring sees it)."""
     first = images[0]
-    height, width = (first if isinstance(first, np.ndarray) else load_image(first)).shape[:2]
-    return view.resolve(height, width, None if roi is None else np.asarray(roi).astype(bool))
+    return tuple((first if isinstance(first, np.ndarray) else load_image(first)).shape[:2])
 
 
 def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), weights: str | Path | None = None,
@@ -544,9 +544,10 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
     """
     if not len(images):
         raise ValueError("no training images given")
-    view, view_choice = resolve_view(config.view, images, roi)  # "auto": from the first training frame's size
+    frame = frame_size(images)  # "auto" resolves from it; a worker readies the backbone for it (warm_up)
+    view, view_choice = config.view.resolve(*frame, None if roi is None else np.asarray(roi).astype(bool))
     config = replace(config, view=view)
-    chosen = {"view_choice": view_choice} if view_choice else {}
+    chosen = {"frame_size": list(frame), **({"view_choice": view_choice} if view_choice else {})}
     if ensemble_members(config.features.backbone):  # "a+b": one member bank per backbone
         if config.position_norm:
             raise ValueError("--position-norm is for single-backbone banks, not ensembles")

@@ -85,10 +85,14 @@ def test_elongated_frames_get_the_whole_frame_and_a_defect_outside_the_centre_is
     assert banks["crop"].view.kind == "crop" and "view_choice" not in banks["crop"].info and "view:" not in said["crop"]
     assert banks["auto"].info["view_choice"].startswith("auto: the centre crop would cover only 26%")
 
+    assert banks["auto"].info["frame_size"] == [SLOT, 3 * SLOT]
     scored = {}
     for view, bank in banks.items():
-        result = PatchCoreScorer(bank, device="cpu").score([*tests["good"], tests["defect left"]])
-        scored[view] = result
+        scorer = PatchCoreScorer(bank, device="cpu")
+        scorer.warm_up()  # a worker's bank load: the backbone readied for the training frames' input size
+        # the crop's 224 x 224; the whole strip's 256 x 768 (already multiples of 32), known from info.frame_size
+        assert {size for size, _ in scorer.extractor._sessions} == {(224, 224) if view == "crop" else (SLOT, 3 * SLOT)}
+        scored[view] = scorer.score([*tests["good"], tests["defect left"]])
     auto = scored["auto"]
     # the whole strip: the broken bottle on the left scores above every good strip, its map peaks in the left third
     assert auto.image_scores[-1] > 1.2 * auto.image_scores[:-1].max()
