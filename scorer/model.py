@@ -586,7 +586,7 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
                 "coverage_radius": round(float(fit.radius["coreset"]), 6),
                 "feature_seconds": round(feature_seconds, 2), "build_seconds": round(time.perf_counter() - started, 2),
                 "compute": extractor.compute.to_dict(),  # how the features were computed (any bank scores with any)
-                **chosen}  # why "auto" chose this view
+                **chosen}  # the training frames' size; for "auto", why this view
         return fit.bank_of(selected, calibration, info, position)
 
 
