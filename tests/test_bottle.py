@@ -40,6 +40,8 @@ def test_eval_reaches_the_official_numbers(bottle_bank, tmp_path):
     assert report["pro"] >= 0.93
     # the good-images-only threshold (1 % target false-alarm rate) catches the defects the scores rank
     assert report["view"] == "kind=crop, resize=256, crop=224"
+    # the default view, auto, chose the crop: 224^2 of the 256 x 256 its 900 x 900 frames resize to
+    assert report["view_choice"] == "auto: the centre crop covers 77% of these 900x900 frames"
     # the CPU default, as it ran: 2 sqrt(16 385) cells
     assert report["search"] == "ivf, dims=128, ivf_lists=256, ivf_probes=16, shortlist=8"
     assert report["false_alarm_rate"] <= 0.05

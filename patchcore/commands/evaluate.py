@@ -80,7 +80,7 @@ def evaluate_command(
                   else loaded.position.settings(),
                   coreset=members[0].coreset.fraction, seed=members[0].coreset.seed, bank_size=bank_size(loaded),
                   reweight_neighbours=scorer.neighbours, index=scorer.index.kind,
-                  device=str(scorer.device))
+                  device=str(scorer.device), view_choice=loaded.info.get("view_choice"))
     images = report.pop("images")  # per-image scores: in the JSON file, not on the terminal
     typer.echo(json.dumps(report, indent=2))
     if json_out:
