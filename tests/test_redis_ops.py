@@ -10,6 +10,7 @@ from runtime.connection import connect
 from contracts.keys import Keys
 from patchcore.cli import app
 from patchcore.embedded_redis import EmbeddedRedis, free_port
+from store.service import StoreSettings
 
 from .test_pipeline import Running, ingest, results, wait_for
 
@@ -64,7 +65,10 @@ def test_redis_restart_with_aof_loses_nothing_acknowledged(tmp_path, synthetic_b
             server = EmbeddedRedis(port=port, appendonly=True, data_dir=data).start()
             feeder.join(timeout=180)
             wait_for(lambda: client.xlen(KEYS.results("cam-1")) == 60, timeout=180)
-            wait_for(lambda: running.store.report.results >= 60, timeout=60)
+            # results the store was handed just before the restart are taken over once idle for its claim window
+            # (StoreSettings.claim_idle_ms) at its next refresh: wait two windows and a minute, not a fixed minute
+            wait_for(lambda: running.store.report.results >= 60,
+                     timeout=2 * StoreSettings().claim_idle_ms / 1000 + 60)
         got = results(client)
         assert sorted(r.seq for r in got) == list(range(60))  # every frame once, across the restart
     finally:
