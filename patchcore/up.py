@@ -29,7 +29,7 @@ from scorer.backbones import BackboneError, resolve_backbone
 from scorer.calibration import CalibrationConfig
 from scorer.features import ComputeConfig
 from scorer.bank import bank_size
-from scorer.evaluate import bank_summary, view_notice
+from scorer.evaluate import bank_summary
 from scorer.index import SearchConfig
 from store.alarms.rules import AlarmRule
 from store.service import ResultsStore, StoreSettings
@@ -142,9 +142,8 @@ def build_up_bank(settings: UpSettings, workdir: Path, echo: Callable[[str], Non
             bank = warmup_bank(settings, workdir, progress)
     except BackboneError as exc:
         raise UpError(str(exc)) from None
-    notice = view_notice(bank)  # "auto" departed from the paper's crop
-    if notice:
-        echo(notice)
+    if bank.info.get("view_choice") and bank.view.kind != "crop":  # "auto" departed from the paper's crop
+        echo(f"view: {bank.view.describe()} ({bank.info['view_choice']})")
     return bank
 
 

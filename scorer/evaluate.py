@@ -194,13 +194,6 @@ def labelled_scores(scorer: Verdicts, category: str | Path, batch_size: int = 16
     return np.array([s.is_anomalous for s in samples]), result.image_scores
 
 
-def view_notice(bank: AnyBank) -> str | None:
-    """The line an operator is shown when the default view (auto) chose another than the paper's crop for the
-    training frames (ViewConfig.resolve), with why; None otherwise (the bank's info keeps the reason either way)."""
-    choice = bank.info.get("view_choice")
-    return f"view: {bank.view.describe()} ({choice})" if choice and bank.view.kind != "crop" else None
-
-
 def bank_summary(bank: AnyBank) -> dict:
     if isinstance(bank, EnsembleBank):
         return {"backbone": bank.backbone, "view": bank.view.relevant(), "bank_size": bank.size,

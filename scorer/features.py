@@ -419,6 +419,9 @@ def onnx_graph(extractor: PatchFeatureExtractor, size: tuple[int, int]) -> tuple
     return graph.getvalue(), grid
 
 
+ORT_SPINNING = "session.intra_op.allow_spinning"  # ONNX Runtime's session config key
+
+
 def ort_session(graph: bytes, threads: int | None = None) -> object:
     """An ONNX Runtime CPU session of a serialised graph; by default it gets torch's thread count
     (scorer.hardware.thread_plan: the two run one after the other, never at once).
@@ -428,8 +431,6 @@ def ort_session(graph: bytes, threads: int | None = None) -> object:
     holds one of them (an A/B on the 2-core AMD EPYC, mobilenet_v2 crop banks, 96 test images with maps, three
     interleaved rounds: 46.7 -> 53.3 images/s on bottle, 46.4 -> 52.0 on macaroni1; docs/scorer.md, CPU speed)."""
     import onnxruntime  # the [onnx] extra (ComputeConfig.resolve refused the engine without it)
-
-    from .onnx_runtime import ORT_SPINNING
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or thread_plan().intra_op

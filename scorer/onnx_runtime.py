@@ -101,11 +101,6 @@ def gaussian_weights(n: int, sigma: float = MAP_SIGMA) -> np.ndarray:
     return weights
 
 
-# ONNX Runtime's session config key: its threads stop spinning once a run is done (scorer.features.ort_session
-# says why); spelled here, the torch-free runtime, and read by the torch scorer's sessions too
-ORT_SPINNING = "session.intra_op.allow_spinning"
-
-
 class OnnxScorer:
     """The exported bank's scorer: `score(images)` -> (image scores [B], maps [B, crop, crop] or None)."""
 
@@ -131,7 +126,7 @@ class OnnxScorer:
         self.threshold = self.settings.get("threshold")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        options.add_session_config_entry(ORT_SPINNING, "0")  # free the cores for the search
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # free the cores for the search
         self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         self._rows = max(1, max_block_bytes // (4 * len(self.features)))
         self._bank_sq = (self.features.astype(np.float64) ** 2).sum(1).astype(np.float32)

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from scorer import BuildConfig, CalibrationConfig, CoresetConfig, FeatureConfig, PatchCoreScorer, build_bank
-from scorer.features import ComputeConfig, ComputeError
+from scorer.features import ORT_SPINNING, ComputeConfig, ComputeError
 from scorer.model import build_extractor
-from scorer.onnx_runtime import ORT_SPINNING
 from scorer.preprocess import list_images, load_image, preprocess
 
 from .conftest import BOTTLE, SHARED, needs_bottle

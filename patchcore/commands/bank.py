@@ -17,7 +17,7 @@ from ingest.sources import SourceError
 from scorer import (BackboneError, BankError, BuildConfig, Calibration, CalibrationConfig, CoresetConfig,
                     FeatureConfig, ImageDecodeError, ViewConfig, ViewError, build_bank, load_bank,
                     save_bank)
-from scorer.evaluate import bank_summary, labelled_scores, view_notice
+from scorer.evaluate import bank_summary, labelled_scores
 from scorer.metrics import f1_optimal_threshold
 from scorer.preprocess import list_images
 from scorer.backbones import BACKBONES, resolve_backbone
@@ -121,10 +121,10 @@ def build_from_folder(train: Path, config: BuildConfig, weights: Optional[str], 
 
 
 def echo_view(bank) -> None:
-    """scorer.evaluate.view_notice on stderr, when there is one."""
-    notice = view_notice(bank)
-    if notice:
-        typer.echo(notice, err=True)
+    """Say on stderr when "auto" chose another view than the paper's crop for the training frames
+    (ViewConfig.resolve), and why (the bank's info keeps the reason either way)."""
+    if bank.info.get("view_choice") and bank.view.kind != "crop":
+        typer.echo(f"view: {bank.view.describe()} ({bank.info['view_choice']})", err=True)
 
 
 def echo_advice(bank) -> None:
