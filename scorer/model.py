@@ -28,11 +28,11 @@ from .heldout import LeaveOut, exclusion_ranges
 from .index import SearchConfig, make_index
 from .overlay import heatmap_overlay
 from .position import PositionNorm, leave_one_out_z, position_norm
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb, upload
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb
 from .scoring import reweight, smooth, window_maps
 from .stages import stage
-from .views import (Layout, Region, ViewConfig, ViewError, inspected_box, layout, shape_groups, stitch,
-                    valid_patches, windows)
+from .views import (Layout, Region, ViewConfig, ViewError, frame_windows, inspected_box, layout, shape_groups,
+                    stitch, valid_patches)
 
 Image = Union[np.ndarray, str, Path]  # an RGB uint8 array, or an image file
 CALIBRATION_WINDOW_COUNT = 16  # good training windows a bank keeps for int8 scoring (scorer.features.Int8Calibration)
@@ -245,8 +245,7 @@ class PatchCoreScorer(Verdicts):
         """Equally sized RGB images -> their view's ImageNet-normalised windows [B * T, 3, h, w], frame-major, on
         the device (what every backbone takes: an extractor maps them onto its own normalisation)."""
         with stage("resize_normalise"):
-            batch = upload(images, self.device)
-            return windows(batch, self.view, lay, IMAGENET_MEAN, IMAGENET_STD)
+            return frame_windows(images, self.view, lay, IMAGENET_MEAN, IMAGENET_STD, self.device)
 
     def score_windows(self, inputs: torch.Tensor, lay: Layout, n_images: int,
                       regions: list[Region | None] | None = None) -> tuple[np.ndarray, torch.Tensor]:
@@ -403,8 +402,7 @@ def extract_patches(extractor: PatchFeatureExtractor, sources: Sequence[Image], 
             where: list = [None] * len(images)  # each image's (layout, grid, valid mask)
             for (height, width, *_), rows in shape_groups(images).items():
                 lay = layout(view, height, width)
-                batch = upload([images[i] for i in rows], device)
-                inputs = windows(batch, view, lay, IMAGENET_MEAN, IMAGENET_STD)
+                inputs = frame_windows([images[i] for i in rows], view, lay, IMAGENET_MEAN, IMAGENET_STD, device)
                 chunks = [extractor(inputs[b:b + PatchCoreScorer.max_windows_per_pass], int8)
                           for b in range(0, len(inputs), PatchCoreScorer.max_windows_per_pass)]
                 grid = chunks[0][1]
@@ -434,7 +432,7 @@ def calibration_windows(sources: Sequence[Image], view: ViewConfig, device: torc
     for i in picks:
         image = to_rgb(sources[i]) if isinstance(sources[i], np.ndarray) else load_image(sources[i])
         lay = layout(view, image.shape[0], image.shape[1])
-        found.append(windows(upload([image], device), view, lay, IMAGENET_MEAN, IMAGENET_STD).cpu())
+        found.append(frame_windows([image], view, lay, IMAGENET_MEAN, IMAGENET_STD, device).cpu())
     size = found[0].shape[-2:]
     every = torch.cat([w for w in found if w.shape[-2:] == size])
     count = max(1, min(count, CALIBRATION_BYTES // (2 * every[0].numel())))

@@ -122,11 +122,11 @@ def preprocess(images: Sequence[np.ndarray], resize: int, crop: int, device: tor
 
     Images of equal size are resized together; each image's result does not depend on the others.
     """
-    from .views import ViewConfig, layout, shape_groups, windows
+    from .views import ViewConfig, frame_windows, layout, shape_groups
 
     view = ViewConfig(kind="crop", resize=resize, crop=crop)
     out = torch.empty((len(images), 3, crop, crop), dtype=torch.float32, device=device)
     for (height, width, *_), indices in shape_groups(images).items():
-        batch = upload([images[i] for i in indices], device)
-        out[indices] = windows(batch, view, layout(view, height, width), IMAGENET_MEAN, IMAGENET_STD)
+        out[indices] = frame_windows([images[i] for i in indices], view, layout(view, height, width), IMAGENET_MEAN,
+                                     IMAGENET_STD, device)
     return out

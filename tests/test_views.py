@@ -6,7 +6,11 @@ import torch.nn.functional as F
 
 from scorer import BankError, BuildConfig, CoresetConfig, FeatureConfig, PatchCoreScorer, build_bank
 from scorer.calibration import CalibrationConfig
-from scorer.views import ViewConfig, ViewError, frame_mask, inspected_box, layout, patch_canvas, stitch
+from scorer.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, upload
+from scorer.views import (ViewConfig, ViewError, frame_mask, frame_windows, inspected_box, layout, patch_canvas, stitch,
+                          windows)
+
+from .conftest import BOTTLE, needs_bottle
 
 
 def textured(rng, height, width):
@@ -138,3 +142,22 @@ def test_frames_of_any_size_and_aspect_score_in_every_view(mobilenet, good_image
     # batch companions do not change a frame's score
     alone = [scorer.score([f]).image_scores[0] for f in frames[:3]]
     np.testing.assert_allclose(alone, result.image_scores[:3], rtol=1e-4)
+
+
+@needs_bottle
+@pytest.mark.parametrize("view", [ViewConfig("crop"), ViewConfig("full", size=320),
+                                  ViewConfig("tiles", scale=0.4, tile=224, overlap=0.25)], ids=lambda v: v.kind)
+def test_frame_by_frame_windows_equal_the_stacked_batch(view):
+    """On the CPU frame_windows resizes each array from its own memory (no stacked copy of the full-resolution
+    batch): the windows must equal those of the stacked batch to the bit, for arrays of any memory layout."""
+    images = [load_image(p) for p in sorted((BOTTLE / "test" / "broken_large").glob("*.png"))[:3]]
+    flipped = np.ascontiguousarray(images[1][:, :, ::-1])[:, :, ::-1]  # RGB again, through negative strides
+    framed = np.zeros((images[2].shape[0] + 10, images[2].shape[1] + 14, 3), np.uint8)
+    framed[5:-5, 7:-7] = images[2]
+    inputs = [images[0], flipped, framed[5:-5, 7:-7]]  # contiguous, negative strides, a view into a larger frame
+    assert not flipped.flags.c_contiguous and not inputs[2].flags.c_contiguous
+    lay = layout(view, *images[0].shape[:2])
+    stacked = windows(upload(images, "cpu"), view, lay, IMAGENET_MEAN, IMAGENET_STD)
+    framewise = frame_windows(inputs, view, lay, IMAGENET_MEAN, IMAGENET_STD, "cpu")
+    assert framewise.shape == stacked.shape and framewise.shape[0] == 3 * len(lay.origins)
+    assert torch.equal(framewise, stacked)
