@@ -230,8 +230,13 @@ def frame_windows(images: Sequence[np.ndarray | torch.Tensor], view: ViewConfig,
     device = torch.device(device)
     if device.type != "cpu" or not len(images) or any(isinstance(image, torch.Tensor) for image in images):
         return windows(upload(images, device), view, lay, mean, std)
-    return torch.cat([windows(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], view, lay, mean, std)
-                      for image in images])
+    return torch.cat([windows(_as_tensor(image).permute(2, 0, 1)[None], view, lay, mean, std) for image in images])
+
+
+def _as_tensor(image: np.ndarray) -> torch.Tensor:
+    """An HxWx3 array as a tensor on its own memory; a copy only where torch cannot share it (negative strides) or
+    may not (a read-only array, e.g. np.asarray of a PIL image: torch would warn that it is not writable)."""
+    return torch.from_numpy(np.ascontiguousarray(image) if image.flags.writeable else np.array(image))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
 """Views (crop, full, tiles), the region of interest, and view checks - against independent computations."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -150,14 +152,19 @@ def test_frames_of_any_size_and_aspect_score_in_every_view(mobilenet, good_image
 def test_frame_by_frame_windows_equal_the_stacked_batch(view):
     """On the CPU frame_windows resizes each array from its own memory (no stacked copy of the full-resolution
     batch): the windows must equal those of the stacked batch to the bit, for arrays of any memory layout."""
-    images = [load_image(p) for p in sorted((BOTTLE / "test" / "broken_large").glob("*.png"))[:3]]
+    images = [load_image(p) for p in sorted((BOTTLE / "test" / "broken_large").glob("*.png"))[:4]]
     flipped = np.ascontiguousarray(images[1][:, :, ::-1])[:, :, ::-1]  # RGB again, through negative strides
     framed = np.zeros((images[2].shape[0] + 10, images[2].shape[1] + 14, 3), np.uint8)
     framed[5:-5, 7:-7] = images[2]
-    inputs = [images[0], flipped, framed[5:-5, 7:-7]]  # contiguous, negative strides, a view into a larger frame
+    read_only = images[3].copy()
+    read_only.flags.writeable = False  # as np.asarray of a PIL image
+    # contiguous, negative strides, a view into a larger frame, read-only
+    inputs = [images[0], flipped, framed[5:-5, 7:-7], read_only]
     assert not flipped.flags.c_contiguous and not inputs[2].flags.c_contiguous
     lay = layout(view, *images[0].shape[:2])
     stacked = windows(upload(images, "cpu"), view, lay, IMAGENET_MEAN, IMAGENET_STD)
-    framewise = frame_windows(inputs, view, lay, IMAGENET_MEAN, IMAGENET_STD, "cpu")
-    assert framewise.shape == stacked.shape and framewise.shape[0] == 3 * len(lay.origins)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable" warning would fail the test
+        framewise = frame_windows(inputs, view, lay, IMAGENET_MEAN, IMAGENET_STD, "cpu")
+    assert framewise.shape == stacked.shape and framewise.shape[0] == 4 * len(lay.origins)
     assert torch.equal(framewise, stacked)
