@@ -171,6 +171,10 @@ TABLES: dict[str, Table] = {
         ("backbone", "{run}"), ("source", "{source}"), ("images/s", "{images_per_second:.2f}"),
         *((f"{stage} %", "{" + stage + ":.0f}") for stage in STAGES)),
         lambda figures: profile_rows(figures, ("mobilenet_v2", "efficientnet_lite2"))),
+    "profile_path-copies": Table(("profile_path-copies-before", "profile_path-copies-after"), (
+        ("run", "{run}"), ("source", "{source}"), ("images/s", "{images_per_second:.2f}"),
+        *((f"{stage} %", "{" + stage + ":.0f}") for stage in STAGES)),
+        lambda figures: profile_rows(figures, ("b0d3462 (before)", "after"))),
     "profile_path-views": Table(("profile_path-video-view-crop", "profile_path-video-view-auto"), (
         ("view", "{run}"), ("source", "{source}"), ("images/s", "{images_per_second:.2f}"),
         *((f"{stage} %", "{" + stage + ":.0f}") for stage in STAGES)),
