@@ -120,7 +120,8 @@ def list_images(folder: str | Path) -> list[Path]:
 def preprocess(images: Sequence[np.ndarray], resize: int, crop: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """RGB uint8 images of any sizes -> the paper's crop view: normalised float batch [B, 3, crop, crop].
 
-    Images of equal size are resized together; each image's result does not depend on the others.
+    Grouped by size (scorer.views.frame_windows: on the CPU each image resized from its own memory, on a GPU a batch
+    per size); each image's result does not depend on the others.
     """
     from .views import ViewConfig, frame_windows, layout, shape_groups
 
