@@ -28,7 +28,7 @@ from scorer import (BuildConfig, CoresetConfig, FeatureConfig, MemoryBank, bank_
 from scorer.backbones import BackboneError, resolve_backbone
 from scorer.calibration import CalibrationConfig
 from scorer.features import ComputeConfig
-from scorer.bank import bank_size
+from scorer.bank import bank_size, view_notice
 from scorer.evaluate import bank_summary
 from scorer.index import SearchConfig
 from store.alarms.rules import AlarmRule
@@ -142,8 +142,9 @@ def build_up_bank(settings: UpSettings, workdir: Path, echo: Callable[[str], Non
             bank = warmup_bank(settings, workdir, progress)
     except BackboneError as exc:
         raise UpError(str(exc)) from None
-    if bank.info.get("view_choice") and bank.view.kind != "crop":  # "auto" departed from the paper's crop
-        echo(f"view: {bank.view.describe()} ({bank.info['view_choice']})")
+    notice = view_notice(bank)
+    if notice:
+        echo(notice)
     return bank
 
 

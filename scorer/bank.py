@@ -227,6 +227,14 @@ class EnsembleBank:
 AnyBank = MemoryBank | EnsembleBank
 
 
+def view_notice(bank: AnyBank) -> str | None:
+    """What to tell the operator when the build's "auto" chose another view than the paper's crop (the bank's
+    info.view_choice says why), e.g. "view: kind=full, size=455 (auto: ...)"; None otherwise."""
+    if bank.info.get("view_choice") and bank.view.kind != "crop":
+        return f"view: {bank.view.describe()} ({bank.info['view_choice']})"
+    return None
+
+
 def bank_size(bank: AnyBank) -> int:
     """Feature vectors a bank holds (over all members of an ensemble)."""
     return bank.size if isinstance(bank, EnsembleBank) else len(bank.features)

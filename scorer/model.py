@@ -542,8 +542,9 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
     """
     if not len(images):
         raise ValueError("no training images given")
+    roi = None if roi is None else np.asarray(roi).astype(bool)
     frame = frame_size(images)  # "auto" resolves from it; a worker readies the backbone for it (warm_up)
-    view, view_choice = config.view.resolve(*frame, None if roi is None else np.asarray(roi).astype(bool))
+    view, view_choice = config.view.resolve(*frame, roi)
     config = replace(config, view=view)
     chosen = {"frame_size": list(frame), **({"view_choice": view_choice} if view_choice else {})}
     if ensemble_members(config.features.backbone):  # "a+b": one member bank per backbone
@@ -559,7 +560,6 @@ def build_bank(images: Sequence[Image], config: BuildConfig = BuildConfig(), wei
     extractor, feature_config = build_extractor(config.features, weights, device, compute)
     if config.features.layers == (FINE_TAPS,):  # 4x the patches: the bank's size as the default taps' (FINE_CORESET_SCALE)
         config = replace(config, coreset=replace(config.coreset, fraction=config.coreset.fraction * FINE_CORESET_SCALE))
-    roi = None if roi is None else np.asarray(roi).astype(bool)
     layouts = [] if config.position_norm else None
     windows = calibration_windows(images, config.view, device)  # stored: any bank can be scored in int8
     with tempfile.TemporaryDirectory(prefix="patchcore-build-") as folder:

@@ -21,7 +21,7 @@ from scorer.evaluate import bank_summary, labelled_scores
 from scorer.metrics import f1_optimal_threshold
 from scorer.preprocess import list_images
 from scorer.backbones import BACKBONES, resolve_backbone
-from scorer.bank import MemoryBank, check_bank_path
+from scorer.bank import MemoryBank, check_bank_path, view_notice
 from scorer.config import AUTO_BACKBONE, FINE_CORESET_SCALE, FINE_TAPS
 from scorer.ensemble import ensemble_of, scorer_for
 from scorer.features import ComputeConfig, ComputeError
@@ -123,8 +123,9 @@ def build_from_folder(train: Path, config: BuildConfig, weights: Optional[str], 
 def echo_view(bank) -> None:
     """Say on stderr when "auto" chose another view than the paper's crop for the training frames
     (ViewConfig.resolve), and why (the bank's info keeps the reason either way)."""
-    if bank.info.get("view_choice") and bank.view.kind != "crop":
-        typer.echo(f"view: {bank.view.describe()} ({bank.info['view_choice']})", err=True)
+    notice = view_notice(bank)
+    if notice:
+        typer.echo(notice, err=True)
 
 
 def echo_advice(bank) -> None:
