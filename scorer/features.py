@@ -429,13 +429,19 @@ def ort_session(graph: bytes, threads: int | None = None) -> object:
     Its threads do not spin once a run is done (ONNX Runtime's default keeps them spinning, waiting for the next
     run): here the search's OpenMP team runs right after the backbone, on the same cores, and a spinning thread
     holds one of them (an A/B on the 2-core AMD EPYC, mobilenet_v2 crop banks, 96 test images with maps, three
-    interleaved rounds: 46.7 -> 53.3 images/s on bottle, 46.4 -> 52.0 on macaroni1; docs/scorer.md, CPU speed)."""
+    interleaved rounds: 46.7 -> 53.3 images/s on bottle, 46.4 -> 52.0 on macaroni1; docs/scorer.md, CPU speed).
+
+    No memory pattern: with it ONNX Runtime records a new batch shape's allocations on its first run and lays them
+    out as one fresh block on the second, so the largest batch pays a second slow run (16 crops: ~175 against
+    ~100 ms once warm; 8: ~10 against ~6 ms per crop). Without it the arena the first run grew serves the runs
+    after, at the same speed (/tmp timing, mobilenet_v2's graph; docs/scorer.md, CPU speed)."""
     import onnxruntime  # the [onnx] extra (ComputeConfig.resolve refused the engine without it)
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or thread_plan().intra_op
     options.inter_op_num_threads = 1
     options.add_session_config_entry(ORT_SPINNING, "0")
+    options.enable_mem_pattern = False
     options.log_severity_level = 3  # errors only: logs stay quiet
     return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
