@@ -209,9 +209,10 @@ class PatchFeatureExtractor(nn.Module):
     resized to the first tap's grid -> the C*9 values adaptive-average-pooled to `pretrain_dim`;
     the layers' vectors are concatenated and pooled again to `target_dim` (as the official code).
 
-    Neighbourhood and both poolings are one fixed linear map per layer (`pooling_weights`), applied as
-    one convolution on the layer's own grid (before the resize, which commutes with it): the official
-    unfold/resize/pool result (to ~1e-7 relative) without materialising the C*9-channel patches.
+    Neighbourhood and both poolings are one fixed linear map per layer (`pooling_weights`), applied on the
+    layer's own grid (before the resize, which commutes with it) as gathers of the few values each output mixes,
+    or as one convolution where it mixes many (`LayerPooling`): the official unfold/resize/pool result (to ~1e-7
+    relative).
     """
 
     def __init__(self, backbone: nn.Module, layers: tuple[str, ...], patch_size: int = 3,
@@ -230,7 +231,7 @@ class PatchFeatureExtractor(nn.Module):
         self.pretrain_dim = pretrain_dim
         self.target_dim = target_dim
         self.config = None  # the FeatureConfig it implements, set by scorer.model.build_extractor
-        self._pooling: dict = {}  # (layer, channels, device) -> (first, last output column, conv weight)
+        self._pooling: dict = {}  # (layer, channels, device) -> LayerPooling
         self.use(ComputeConfig("fp32", False, "torch"))  # the reference arithmetic until build_extractor sets the default
 
     def use(self, compute: ComputeConfig = ComputeConfig()) -> "PatchFeatureExtractor":
@@ -337,15 +338,14 @@ class PatchFeatureExtractor(nn.Module):
             maps = self._backbone(images)
         with stage("pooling"):
             grid = tuple(maps[self.layers[0]].shape[-2:])
-            out = None
+            parts = []  # (pooling, [B, last - first, *grid]) per layer
             for position, layer in enumerate(self.layers):
-                fmap = maps[layer]
-                first, last, weight = self._pooling_conv(position, fmap)
-                part = F.conv2d(fmap, weight.to(fmap.dtype), padding=(self.patch_size - 1) // 2)
+                pooling = self._layer_pooling(position, maps[layer])
+                part = pooling.apply(maps[layer], self.patch_size)
                 if tuple(part.shape[-2:]) != grid:
                     part = F.interpolate(part, size=grid, mode="bilinear", align_corners=False)
-                part = F.pad(part, (0, 0, 0, 0, first, self.target_dim - last))  # its columns of the final vector
-                out = part if out is None else out + part
+                parts.append((pooling, part))
+            out = join_columns(parts, self.target_dim)
             features = out.permute(0, 2, 3, 1).reshape(images.shape[0], grid[0] * grid[1], self.target_dim)
         return features, (int(grid[0]), int(grid[1]))
 
@@ -359,17 +359,90 @@ class PatchFeatureExtractor(nn.Module):
             maps = self.body(images)
         return {name: fmap.float().contiguous() for name, fmap in maps.items()}
 
-    def _pooling_conv(self, position: int, fmap: torch.Tensor) -> tuple[int, int, torch.Tensor]:
-        """The convolution that gives this layer's share of the final vector: its output columns [first, last)."""
-        channels, k = int(fmap.shape[1]), self.patch_size  # int(): a traced size (ONNX export) is a tensor
+    def _layer_pooling(self, position: int, fmap: torch.Tensor) -> "LayerPooling":
+        """How this layer's share of the final vector is computed (built once per layer, channels and device)."""
+        channels = int(fmap.shape[1])  # int(): a traced size (ONNX export) is a tensor
         key = (position, channels, fmap.device)
         if key not in self._pooling:
-            weights = pooling_weights(channels * k * k, len(self.layers), position, self.pretrain_dim, self.target_dim)
-            fed = torch.nonzero(weights.abs().sum(0))[:, 0]
-            first, last = int(fed[0]), int(fed[-1]) + 1
-            conv = weights[:, first:last].T.reshape(last - first, channels, k, k)  # unfold's (c, ky, kx) order
-            self._pooling[key] = first, last, conv.to(device=fmap.device, dtype=torch.float32).contiguous()
+            weights = pooling_weights(channels * self.patch_size ** 2, len(self.layers), position, self.pretrain_dim,
+                                      self.target_dim)
+            self._pooling[key] = LayerPooling.of(weights, channels, self.patch_size, fmap.device)
         return self._pooling[key]
+
+
+GATHER_TERMS = 4  # the most values one output column may mix for a layer's pooling to run as gathers
+
+
+@dataclass(frozen=True)
+class LayerPooling:
+    """One tapped layer's share of the final vector, its output columns [first, last): a fixed linear map of each
+    position's k x k neighbourhood (`pooling_weights`), computed one of two ways.
+
+    Few terms per column (at most GATHER_TERMS: 2-4 for mobilenet_v2 and the EfficientNet-Lites, whose C*9 values
+    are pooled up to 1024 and then in pairs): as gathers, column j = sum_s coefs[s, j] * the neighbourhood value
+    rows[s, j] (rows, coefs [S, last - first]; a column with fewer terms repeats a row with coefficient 0). The
+    convolution would multiply every column by all C*k*k values, nearly all of them by 0: on mobilenet_v2's graph
+    in ONNX Runtime the pooling took half of the 6.1 ms per crop (docs/scorer.md, CPU speed).
+    Many terms (wide_resnet50_2's and resnet50's 9 and 18, where the C*9 values are pooled down; resnet18's
+    layer3, 5): as the convolution `conv`
+    [last - first, C, k, k], which does not hold the C*k*k neighbourhood values of every position at once."""
+
+    first: int
+    last: int
+    conv: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    coefs: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, weights: torch.Tensor, channels: int, k: int, device: torch.device) -> "LayerPooling":
+        """weights [C*k*k, target_dim] (rows in unfold's (c, ky, kx) order) -> the layer's pooling on `device`."""
+        fed = torch.nonzero(weights.abs().sum(0))[:, 0]
+        first, last = int(fed[0]), int(fed[-1]) + 1
+        used = weights[:, first:last]
+        nonzero = used != 0
+        terms = int(nonzero.sum(0).max())
+        if terms > GATHER_TERMS:
+            conv = used.T.reshape(last - first, channels, k, k)
+            return cls(first, last, conv=conv.to(device=device, dtype=torch.float32).contiguous())
+        # each column's nonzero rows first (a stable sort keeps their order), then rows of coefficient 0
+        rows = torch.argsort((~nonzero).to(torch.int8), dim=0, stable=True)[:terms]
+        coefs = used.gather(0, rows)
+        return cls(first, last, rows=rows.to(device), coefs=coefs.to(device=device, dtype=torch.float32)[:, :, None, None])
+
+    def apply(self, fmap: torch.Tensor, k: int) -> torch.Tensor:
+        """fmap [B, C, H, W] -> [B, last - first, H', W'] (zero padding (k - 1) // 2: H' = H for odd k)."""
+        if self.conv is not None:
+            return F.conv2d(fmap, self.conv.to(fmap.dtype), padding=(k - 1) // 2)
+        values = neighbourhoods(fmap, k)
+        out = None
+        for rows, coefs in zip(self.rows, self.coefs):
+            term = values.index_select(1, rows) * coefs.to(fmap.dtype)
+            out = term if out is None else out + term
+        return out
+
+
+def neighbourhoods(fmap: torch.Tensor, k: int) -> torch.Tensor:
+    """fmap [B, C, H, W] -> each position's k x k neighbourhood values [B, C*k*k, H', W'] in unfold's (c, ky, kx)
+    order, zero padding (k - 1) // 2 (H' = H + 2 * pad - k + 1, as the convolution's output)."""
+    pad = (k - 1) // 2
+    height, width = fmap.shape[-2] + 2 * pad - k + 1, fmap.shape[-1] + 2 * pad - k + 1
+    padded = F.pad(fmap, (pad, pad, pad, pad))
+    taps = [padded[:, :, dy:dy + height, dx:dx + width] for dy in range(k) for dx in range(k)]
+    return torch.stack(taps, 2).reshape(fmap.shape[0], -1, height, width)
+
+
+def join_columns(parts: list[tuple[LayerPooling, torch.Tensor]], target_dim: int) -> torch.Tensor:
+    """The layers' parts [B, last - first, h, w] -> the final vectors [B, target_dim, h, w]: concatenated where they
+    tile the columns in order (each layer its own), else each padded to its columns and summed (a column averaged
+    across two layers' vectors)."""
+    bounds = [0] + [pooling.last for pooling, _ in parts]
+    if [pooling.first for pooling, _ in parts] == bounds[:-1] and bounds[-1] == target_dim:
+        return torch.cat([part for _, part in parts], 1)
+    out = None
+    for pooling, part in parts:
+        part = F.pad(part, (0, 0, 0, 0, pooling.first, target_dim - pooling.last))
+        out = part if out is None else out + part
+    return out
 
 
 ONNX_OPSET = 17  # as scorer/onnx_export.py's export

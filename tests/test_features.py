@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from scorer.backbones import load_backbone
+from scorer import features as features_module
 from scorer.features import PatchFeatureExtractor, unfolded_pooling
 
 
@@ -61,20 +62,33 @@ def test_network_stops_at_the_deepest_tap():
     assert taps.names[-1] == "features.13" and len(taps.stages) == 14
 
 
-@pytest.mark.parametrize("backbone_name, layers, pretrain_dim, target_dim", [
-    ("mobilenet_v2", ("features.6", "features.13"), 1024, 1024),  # 288 and 864 values: pooled up and down
-    ("resnet18", ("layer2", "layer3"), 1024, 1024),
-    ("resnet18", ("layer1", "layer2", "layer3"), 700, 333),  # windows that straddle the layers' boundaries
+# every layer one way, then the other, then as shipped (resnet18: layer2 by gathers, layer3 by the convolution)
+@pytest.mark.parametrize("gather_terms", [0, 64, None], ids=["convolution", "gathers", "default"])
+@pytest.mark.parametrize("backbone_name, layers, pretrain_dim, target_dim, patch_size", [
+    ("mobilenet_v2", ("features.6", "features.13"), 1024, 1024, 3),  # 288 and 864 values: pooled up and down
+    ("mobilenet_v2", ("features.6", "features.13"), 1024, 1024, 5),  # 5 x 5 neighbourhoods
+    ("resnet18", ("layer2", "layer3"), 1024, 1024, 3),
+    ("resnet18", ("layer1", "layer2", "layer3"), 700, 333, 3),  # windows that straddle the layers' boundaries
 ])
-def test_pooling_convolution_equals_adaptive_average_pooling(backbone_name, layers, pretrain_dim, target_dim):
+def test_pooling_equals_adaptive_average_pooling(monkeypatch, gather_terms, backbone_name, layers, pretrain_dim,
+                                                 target_dim, patch_size):
+    if gather_terms is not None:
+        monkeypatch.setattr(features_module, "GATHER_TERMS", gather_terms)
     backbone, _ = load_backbone(backbone_name, "random")
-    extractor = PatchFeatureExtractor(backbone, layers, pretrain_dim=pretrain_dim, target_dim=target_dim)
+    extractor = PatchFeatureExtractor(backbone, layers, patch_size=patch_size, pretrain_dim=pretrain_dim,
+                                      target_dim=target_dim)
     images = torch.randn(2, 3, 96, 128)
     features, grid = extractor(images)
+    used = [pooling.conv is None for pooling in extractor._pooling.values()]
+    assert len(used) == len(layers)
+    if gather_terms is not None:
+        assert all(used) == (gather_terms > 0) and any(used) == (gather_terms > 0)
+    elif backbone_name == "resnet18" and layers == ("layer2", "layer3"):
+        assert used == [True, False]
     with torch.no_grad():
         taps = extractor.body(images)
-    # the official unfold / adaptive_avg_pool1d path, independent of the convolution
-    expected = unfolded_pooling([taps[layer] for layer in layers], 3, pretrain_dim, target_dim)
+    # the official unfold / adaptive_avg_pool1d path, independent of the convolution and the gathers
+    expected = unfolded_pooling([taps[layer] for layer in layers], patch_size, pretrain_dim, target_dim)
     assert features.shape == expected.shape == (2, grid[0] * grid[1], target_dim)
     scale = float(expected.abs().max())
     assert float((features - expected).abs().max()) <= 1e-6 * scale
