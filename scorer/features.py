@@ -331,7 +331,7 @@ class PatchFeatureExtractor(nn.Module):
         return digest.hexdigest()
 
     def patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """forward without inference mode (what ONNX export traces: convolutions, resizes, pads and sums)."""
+        """forward without inference mode (what ONNX export traces: convolutions, gathers, resizes and sums)."""
         with stage("backbone"):
             if self.renormalise:
                 images = images * self.scale + self.shift
