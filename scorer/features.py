@@ -373,7 +373,7 @@ class PatchFeatureExtractor(nn.Module):
 GATHER_TERMS = 4  # the most values one output column may mix for a layer's pooling to run as gathers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class LayerPooling:
     """One tapped layer's share of the final vector, its output columns [first, last): a fixed linear map of each
     position's k x k neighbourhood (`pooling_weights`), computed one of two ways.
@@ -384,8 +384,8 @@ class LayerPooling:
     convolution would multiply every column by all C*k*k values, nearly all of them by 0: on mobilenet_v2's graph
     in ONNX Runtime the pooling took half of the 6.1 ms per crop (docs/scorer.md, CPU speed).
     Many terms (wide_resnet50_2's and resnet50's 9 and 18, where the C*9 values are pooled down; resnet18's
-    layer3, 5): as the convolution `conv`
-    [last - first, C, k, k], which does not hold the C*k*k neighbourhood values of every position at once."""
+    layer3, 5): as the convolution `conv` [last - first, C, k, k], which does not hold the C*k*k neighbourhood
+    values of every position at once."""
 
     first: int
     last: int
