@@ -132,13 +132,13 @@ def eval_speed_table(result: str, this: str) -> Table:
 
 
 def worker_speed_table(result: str) -> Table:
-    """bench/worker_speed.py's rows: `patchcore up` of a baseline checkout against this one."""
+    """bench/worker_speed.py's rows: `patchcore up` of a baseline checkout against this one, and their scorers alone."""
     return Table((result,), (
         ("mode", "{mode}"), ("baseline frames/s", "{baseline_frames_per_second:.1f}"),
         ("this frames/s", "{this_frames_per_second:.1f}"), ("ratio", "x{ratio:.2f}"),
-        ("latency p50 ms (baseline / this)", "{baseline_latency_ms_p50:.0f} / {this_latency_ms_p50:.0f}"),
-        ("latency p99 ms (baseline / this)", "{baseline_latency_ms_p99:.0f} / {this_latency_ms_p99:.0f}"),
-        ("every frame scored", "{complete}")))
+        ("latency p50 ms (baseline / this)", "{baseline_latency_ms_p50:.0f} / {this_latency_ms_p50:.0f} || -"),
+        ("latency p99 ms (baseline / this)", "{baseline_latency_ms_p99:.0f} / {this_latency_ms_p99:.0f} || -"),
+        ("every frame scored", "{complete} || -")))  # the scorer-alone row has neither
 
 
 def int8_eval_table(result: str) -> Table:

@@ -6,6 +6,11 @@ a baseline (e.g. the commit before a change, checked out with its own .venv) and
     .venv/bin/python bench/worker_speed.py --baseline /path/to/old/checkout [--rounds 2] [--frames 400]
         [--label NAME]   # e.g. the baseline's commit: worker_speed-NAME.json (beside another baseline's)
         [--precision int8]   # this checkout's `up` with an option (the baseline with its default)
+        [--scorer-frames 400]   # each round also times each checkout's scorer alone (bench/scorer_alone.py); 0: not
+
+The scorer alone is the worker's ceiling: the same frames and bank, decoded and scored in the worker's batches
+with nothing else on the cores (no camera, Redis or store); its row says how much of the scorer's own gain `up`
+shows.
 
 Both run the same source and backbone (`--backbone`, default mobilenet_v2, so the ratio compares the code, not the
 backbone `auto` resolves to in each checkout); each run builds its bank from the source's first frames, untimed.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +35,17 @@ def run_up(checkout: Path, args: list[str]) -> dict:
     return patchcore_json(checkout, "up", *args, timeout=1800)
 
 
+def run_scorer_alone(checkout: Path, frames: int, backbone: str, precision: str | None) -> dict:
+    """bench/scorer_alone.py run by a checkout's own .venv on that checkout's code: its JSON line."""
+    command = [str(checkout / ".venv" / "bin" / "python"), str(ROOT / "bench" / "scorer_alone.py"),
+               "--frames", str(frames), "--backbone", backbone, *(["--precision", precision] if precision else [])]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=checkout, timeout=1800,
+                          env={**os.environ, "PYTHONPATH": str(checkout)})
+    if done.returncode != 0:
+        raise SystemExit(f"scorer_alone.py failed in {checkout}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", type=Path, required=True, help="checkout of the baseline, with its .venv")
@@ -40,6 +57,8 @@ def main() -> None:
     parser.add_argument("--precision", default=None,
                         help="run this checkout's `up` with --precision P (e.g. int8; the baseline keeps its default); "
                              "the results file is then worker_speed-P[-LABEL].json")
+    parser.add_argument("--scorer-frames", type=int, default=400,
+                        help="frames of each checkout's scorer-alone run per round (0: none)")
     parser.add_argument("--label", default=None,
                         help="suffix of the results file (e.g. the baseline's commit): worker_speed-LABEL.json")
     args = parser.parse_args()
@@ -49,6 +68,7 @@ def main() -> None:
         modes["paced"] = [*common, "--frames", str(args.paced_frames)]
     extra = {"this": ["--precision", args.precision] if args.precision else [], "baseline": []}
     runs = {(mode, which): [] for mode in modes for which in ("baseline", "this")}
+    alone = {"baseline": [], "this": []}
     for _ in range(args.rounds):
         for mode, up_args in modes.items():
             for which, checkout in (("baseline", args.baseline), ("this", ROOT)):
@@ -57,6 +77,10 @@ def main() -> None:
                 print(json.dumps({"mode": mode, "checkout": which, **{key: summary.get(key) for key in (
                     "frames_in", "results_out", "frames_per_second", "latency_ms_p50", "latency_ms_p99",
                     "kept_up")}}), flush=True)
+        for which, checkout in (("baseline", args.baseline), ("this", ROOT)) if args.scorer_frames else ():
+            alone[which].append(run_scorer_alone(checkout, args.scorer_frames, args.backbone,
+                                                 args.precision if which == "this" else None))
+            print(json.dumps({"mode": "scorer alone", "checkout": which, **alone[which][-1]}), flush=True)
     rows = []
     for mode in modes:
         median = {(which, key): statistics.median(s[key] for s in runs[mode, which])
@@ -70,6 +94,17 @@ def main() -> None:
                      "rounds": args.rounds,
                      "baseline_runs": [s["frames_per_second"] for s in runs[mode, "baseline"]],
                      "this_runs": [s["frames_per_second"] for s in runs[mode, "this"]]})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.scorer_frames:
+        median = {which: statistics.median(r["scorer_frames_per_second"] for r in alone[which]) for which in alone}
+        rows.append({"mode": "scorer alone", "command": f"bench/scorer_alone.py --frames {args.scorer_frames}",
+                     "baseline_frames_per_second": median["baseline"], "this_frames_per_second": median["this"],
+                     "ratio": round(median["this"] / median["baseline"], 2), "rounds": args.rounds,
+                     "baseline_runs": [r["scorer_frames_per_second"] for r in alone["baseline"]],
+                     "this_runs": [r["scorer_frames_per_second"] for r in alone["this"]],
+                     "bank": alone["this"][0]["bank"], "batch": alone["this"][0]["batch"],
+                     "camera_ms_per_frame": statistics.median(r["camera_ms_per_frame"] for which in alone
+                                                              for r in alone[which])})
         print(json.dumps(rows[-1]), flush=True)
     baseline_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline, capture_output=True,
                                      text=True).stdout.strip()
