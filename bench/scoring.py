@@ -118,7 +118,7 @@ def onnx_row(bank, samples, images) -> tuple[float, float, float, float]:
             maps.extend(batch_maps)
         rate = len(images) / (time.perf_counter() - started)
     labels = np.array([s.is_anomalous for s in samples])
-    masks = load_masks(samples, images, bank.view)
+    masks = load_masks(samples, [image.shape[:2] for image in images], bank.view)
     return image_auroc(labels, np.concatenate(scores)), pixel_auroc(masks, maps), pro_score(masks, maps), rate
 
 

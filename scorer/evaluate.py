@@ -55,19 +55,21 @@ def expected_mask(category: str | Path, defect_type: str, image: Path) -> Path:
     return Path(category) / "ground_truth" / defect_type / f"{image.stem}_mask.png"
 
 
-def load_masks(samples: list[TestSample], images: list[np.ndarray], view: ViewConfig) -> list[np.ndarray]:
+def load_masks(samples: list[TestSample], shapes: list[tuple[int, int]], view: ViewConfig) -> list[np.ndarray]:
     """Ground truth aligned with the view's maps: nearest-neighbour resizing of the whole frame's mask to
-    the working frame (crop: then the centre crop, the paper's protocol). Good images: all False."""
+    the working frame (crop: then the centre crop, the paper's protocol). shapes: each image's (height, width).
+    Good images: all False."""
     masks = []
-    for sample, image in zip(samples, images):
+    for sample, shape in zip(samples, shapes):
+        shape = tuple(shape[:2])
         if sample.mask_path is None:
-            masks.append(np.zeros(layout(view, *image.shape[:2]).work, dtype=bool))
+            masks.append(np.zeros(layout(view, *shape).work, dtype=bool))
             continue
         raw = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE)
         if raw is None:
             raise ValueError(f"cannot read mask {sample.mask_path}")
-        if raw.shape != image.shape[:2]:
-            raise ValueError(f"mask {sample.mask_path} is {raw.shape}, its image {image.shape[:2]}")
+        if raw.shape != shape:
+            raise ValueError(f"mask {sample.mask_path} is {raw.shape}, its image {shape}")
         masks.append(frame_mask(raw, view))
     return masks
 
@@ -107,22 +109,26 @@ class EvalReport:
 
 def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_size: int = 16,
              progress: bool = True, images: list[np.ndarray] | None = None) -> EvalReport:
-    """images: the test images already decoded, in test_samples order (one decoding for several scorers)."""
-    samples = test_samples(category)
-    if images is None:  # decode outside the timing
-        images = [img for batch in iter_image_batches([s.path for s in samples], batch_size) for img in batch]
-    scorer.score(images[:1])  # warm-up: first-call allocations are not throughput
+    """images: the test images already decoded, in test_samples order (one decoding for several scorers). Without
+    them each batch is decoded just before it is scored, and not while it is: the timing is the scoring's alone, and
+    memory holds one batch of frames, not the whole test set (VisA macaroni1's 200 frames: 900 MB decoded)."""
     from tqdm.auto import tqdm
 
-    started = time.perf_counter()
-    scores, maps = [], []
-    with tqdm(total=len(images), desc="evaluating", unit="img", disable=not progress) as bar:
-        for begin in range(0, len(images), batch_size):
-            result = scorer.score(images[begin:begin + batch_size])
+    samples = test_samples(category)
+    batches = (iter_image_batches([s.path for s in samples], batch_size, prefetch=False) if images is None else
+               (images[begin:begin + batch_size] for begin in range(0, len(images), batch_size)))
+    seconds, scores, maps, shapes = 0.0, [], [], []
+    with tqdm(total=len(samples), desc="evaluating", unit="img", disable=not progress) as bar:
+        for batch in batches:
+            if not shapes:
+                scorer.score(batch[:1])  # warm-up: first-call allocations are not throughput
+            started = time.perf_counter()
+            result = scorer.score(batch)
+            seconds += time.perf_counter() - started
             scores.append(result.image_scores)
             maps.extend(result.maps)
-            bar.update(len(result.image_scores))
-    seconds = time.perf_counter() - started
+            shapes.extend(image.shape[:2] for image in batch)
+            bar.update(len(batch))
     scores_all = np.concatenate(scores)
     labels = np.array([s.is_anomalous for s in samples])
     # pixel metrics over the good images and the defective ones with a mask: a defect without its mask would count
@@ -134,7 +140,7 @@ def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_s
         log.warning("defective test images without a ground-truth mask are left out of pixel AUROC and PRO",
                     extra={"fields": {"count": sum(unmasked), "first": str(first.path),
                                       "expected": str(expected_mask(category, first.defect_type, first.path))}})
-    masks = load_masks([samples[i] for i in pixel], [images[i] for i in pixel], scorer.view)
+    masks = load_masks([samples[i] for i in pixel], [shapes[i] for i in pixel], scorer.view)
     pixel_maps = [maps[i] for i in pixel]
     measured = sum(unmasked) < int(labels.sum())  # some defect has a mask: the pixel metrics mean something
     threshold = scorer.threshold
@@ -150,8 +156,8 @@ def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_s
         pro=pro_score(masks, pixel_maps) if measured else None,
         defects_without_mask=sum(unmasked),
         fit_seconds=round(fit_seconds, 2),
-        images_per_second=round(len(images) / seconds, 2),
-        n_test_images=len(images),
+        images_per_second=round(len(samples) / seconds, 2),
+        n_test_images=len(samples),
         threshold=threshold,
         threshold_calibration=threshold_calibration(scorer),
         false_alarm_rate=float(flagged[~labels].mean()) if threshold is not None else None,

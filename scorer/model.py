@@ -59,8 +59,10 @@ def build_extractor(config: FeatureConfig, weights: str | Path | None = None, de
     return extractor.to(device).use(compute), extractor.config
 
 
-def iter_image_batches(sources: Sequence[Image], batch_size: int) -> Iterator[list[np.ndarray]]:
-    """Decoded RGB batches of image files or arrays; files of the next batch are read in threads meanwhile."""
+def iter_image_batches(sources: Sequence[Image], batch_size: int, prefetch: bool = True
+                       ) -> Iterator[list[np.ndarray]]:
+    """Decoded RGB batches of image files or arrays, decoded in threads; with `prefetch` the next batch is decoded
+    while the caller works on this one, without it only when asked for (nothing decodes while the caller is timed)."""
     def load(source: Image) -> np.ndarray:
         return to_rgb(source) if isinstance(source, np.ndarray) else load_image(source)
 
@@ -69,7 +71,8 @@ def iter_image_batches(sources: Sequence[Image], batch_size: int) -> Iterator[li
         for begin in range(0, len(sources), batch_size):
             current = pending or [pool.submit(load, p) for p in sources[begin:begin + batch_size]]
             nxt = begin + batch_size
-            pending = [pool.submit(load, p) for p in sources[nxt:nxt + batch_size]] if nxt < len(sources) else None
+            pending = ([pool.submit(load, p) for p in sources[nxt:nxt + batch_size]]
+                       if prefetch and nxt < len(sources) else None)
             yield [f.result() for f in current]
 
 
