@@ -14,6 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -43,9 +44,12 @@ def main() -> None:
     args.category = str(category(args.category, args.data))
     samples = test_samples(args.category)
     scorer = PatchCoreScorer(load_bank(args.bank), device="cpu")
-    patch = scorer.score_paths([s.path for s in samples], maps=False).patch_scores  # [N, h, w]
-    masks = load_masks(samples, scorer.config.resize, scorer.config.crop)
-    size = scorer.config.crop
+    if scorer.view.kind != "crop":
+        raise SystemExit(f"bench/maps.py compares the crop view's maps; this bank's view is {scorer.view.describe()}")
+    patch = np.stack(scorer.score_paths([s.path for s in samples], maps=False).patch_scores)[:, 0]  # [N, h, w]
+    shapes = [cv2.imread(str(s.path), cv2.IMREAD_UNCHANGED).shape[:2] for s in samples]
+    masks = load_masks(samples, shapes, scorer.view)
+    size = scorer.view.crop
     grid = patch.shape[1:]
     print(f"{Path(args.category).name}: {len(samples)} test images, grid {grid}, backbone {scorer.config.backbone}")
     official = official_maps(patch, size, 4.0)
