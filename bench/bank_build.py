@@ -155,9 +155,9 @@ def main() -> None:
                 rows += compare(name, texture, config, args.max_steps, engines)
             else:
                 rng = np.random.default_rng(1)
-                rows = rng.integers(0, len(texture), args.large_points)
+                picks = rng.integers(0, len(texture), args.large_points)
                 scale = np.float32(0.05 * texture.std())
-                large = texture[rows] + scale * rng.standard_normal((args.large_points, texture.shape[1]),
+                large = texture[picks] + scale * rng.standard_normal((args.large_points, texture.shape[1]),
                                                                     dtype=np.float32)
                 rows += compare(f"large ({args.large_points:,} texture-like points)", large, config, args.large_steps,
                                 engines)

@@ -146,7 +146,7 @@ def main() -> None:
             paths = [s.path for s in test_samples(category)]
             step = max(1, len(paths) // args.images)  # spread over the defect types
             chosen = paths[::step][:args.images]
-            sources.append((name, lambda: train_images(category), chosen, load_many, False))
+            sources.append((name, lambda category=category: train_images(category), chosen, load_many, False))
     if args.video is not None and "video" in args.sources.split(","):
         warm = video_frames(args.video, 0, args.warmup_frames, 1)
         frames = video_frames(args.video, args.warmup_frames, args.images, 5)

@@ -34,6 +34,8 @@ def main() -> None:
     samples = test_samples(args.category)
     labels = np.array([s.is_anomalous for s in samples])
     scorer = PatchCoreScorer(load_bank(args.bank), device="cpu")
+    if scorer.view.kind != "crop":
+        raise SystemExit(f"bench/reweighting.py scores the crop view; this bank's view is {scorer.view.describe()}")
     # one backbone pass per image; each setting of b then re-scores the same features
     # the crop view (the paper's); patch features of each image, extracted once
     patches = [features for images in iter_image_batches([s.path for s in samples], 16)

@@ -79,13 +79,14 @@ def fastest(run, repeats: int = 3) -> tuple[float, object]:
 
 
 def pooling(scorer: PatchCoreScorer, images) -> tuple[float, float, float]:
-    """(ms per image of the convolution, of the official path, their largest relative difference) at batch 16."""
+    """(ms per image of the pooling (gathers or convolution), of the official path, their largest relative difference)
+    at batch 16, both in torch (the extractor's torch path, whatever engine the scorer runs)."""
     extractor = scorer.extractor
     batch = preprocess(images[:16], scorer.view.resize, scorer.view.crop)
     with torch.inference_mode():
         backbone, taps = fastest(lambda: extractor.body(batch))
         maps = [taps[layer] for layer in extractor.layers]
-        whole, features = fastest(lambda: extractor(batch)[0])  # backbone + convolutions
+        whole, features = fastest(lambda: extractor.patch_features(batch)[0])  # backbone + pooling, in torch
         official, expected = fastest(lambda: unfolded_pooling(maps, extractor.patch_size, extractor.pretrain_dim,
                                                               extractor.target_dim))
     difference = float((features - expected).abs().max() / expected.abs().max())
@@ -125,6 +126,8 @@ def onnx_row(bank, samples, images) -> tuple[float, float, float, float]:
 def run_category(bank_path: str, category: str) -> dict:
     """Every option on one bank and data set; prints the table and returns its figures (bench/results.py)."""
     bank = load_bank(bank_path)
+    if bank.view.kind != "crop":
+        raise SystemExit(f"bench/scoring.py compares the crop view's paths; this bank's view is {bank.view.describe()}")
     samples = test_samples(category)
     images = [img for b in iter_image_batches([s.path for s in samples], 16) for img in b]
     exact = PatchCoreScorer(bank, device="cpu", index="faiss-cpu", search=SearchConfig("exact"))
@@ -134,7 +137,7 @@ def run_category(bank_path: str, category: str) -> dict:
     print(f"\n{category}: bank {len(bank.features)} x {bank.features.shape[1]} ({bank.feature_config.backbone}, "
           f"{bank.view.describe()}), {len(images)} test images")
     conv_ms, unfold_ms, difference = pooling(exact, images)
-    print(f"  feature pooling, batch 16: one convolution per layer {conv_ms:.1f} ms/image, official unfold + "
+    print(f"  feature pooling, batch 16: gathers or one convolution per layer {conv_ms:.1f} ms/image, official unfold + "
           f"adaptive_avg_pool1d {unfold_ms:.1f} ms/image (x{unfold_ms / conv_ms:.1f}), largest relative difference {difference:.1e}")
     print(f"  {'option':46s} {'build s':>7s} {'search ms/img':>13s} {'x exact':>7s} {'same NN':>7s} {'img/s':>6s} "
           f"{'x exact':>7s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'PRO':>6s}")
