@@ -160,7 +160,7 @@ def main() -> None:
         scorer = PatchCoreScorer(bank, device="cpu", compute=compute)
         batches = [items[b:b + args.batch_size] for b in range(0, len(items), args.batch_size)]
         result = profile(scorer, batches, decode)
-        report["sources"][name] = {**result, "view": bank.view.describe()}
+        report["sources"][name] = {**result, "view": bank.view.describe(), "bank_size": len(bank.features)}
         print(f"  {result['images_per_second']:.2f} images/s (under load); "
               + ", ".join(f"{stage} {v['share']:.0%}" for stage, v in
                           sorted(result["stages"].items(), key=lambda kv: -kv[1]["seconds"])), flush=True)
