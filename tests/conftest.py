@@ -15,6 +15,23 @@ needs_bottle = pytest.mark.skipif(not BOTTLE.is_dir(), reason="../shared/dataset
 needs_video = pytest.mark.skipif(not VIDEO.is_file(), reason="../shared/media/bottle-detection.mp4 is absent")
 
 
+def bottle_category(root: Path, good: list[str], broken: list[str], train: int = 8) -> Path:
+    """A small MVTec-layout category of real bottle images (symlinks into ../shared): test/good `good`,
+    test/broken_large `broken` with their masks, and the first `train` training images."""
+    for kind, names in (("good", good), ("broken_large", broken)):
+        (root / "test" / kind).mkdir(parents=True)
+        for name in names:
+            os.symlink(BOTTLE / "test" / kind / f"{name}.png", root / "test" / kind / f"{name}.png")
+            if kind != "good":
+                (root / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
+                os.symlink(BOTTLE / "ground_truth" / kind / f"{name}_mask.png",
+                           root / "ground_truth" / kind / f"{name}_mask.png")
+    (root / "train" / "good").mkdir(parents=True)
+    for i in range(train):
+        os.symlink(BOTTLE / "train" / "good" / f"{i:03d}.png", root / "train" / "good" / f"{i:03d}.png")
+    return root
+
+
 def cpu_flags() -> set[str]:
     """The flags line of /proc/cpuinfo, read here independently of scorer.hardware (the tests' own expectation)."""
     try:

@@ -3,47 +3,32 @@ from images decoded up front, and no more than the batch being scored is ever de
 frames, not the whole test set, and no decoding runs inside the timed scoring)."""
 from __future__ import annotations
 
-import os
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import scorer.preprocess as preprocess
-from .conftest import BOTTLE, needs_bottle
 from scorer import BuildConfig, FeatureConfig, PatchCoreScorer, build_bank
 from scorer import evaluate as evaluation
 from scorer.preprocess import load_image
 
-
-def small_category(root: Path) -> Path:
-    """A few real bottle images in the MVTec layout (symlinks): 5 good and 4 broken test images, 8 training."""
-    for kind, names in (("good", ["000", "001", "002", "003", "004"]), ("broken_large", ["000", "001", "002", "003"])):
-        (root / "test" / kind).mkdir(parents=True)
-        for name in names:
-            os.symlink(BOTTLE / "test" / kind / f"{name}.png", root / "test" / kind / f"{name}.png")
-            if kind != "good":
-                (root / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
-                os.symlink(BOTTLE / "ground_truth" / kind / f"{name}_mask.png",
-                           root / "ground_truth" / kind / f"{name}_mask.png")
-    (root / "train" / "good").mkdir(parents=True)
-    for i in range(8):
-        os.symlink(BOTTLE / "train" / "good" / f"{i:03d}.png", root / "train" / "good" / f"{i:03d}.png")
-    return root
+from .conftest import bottle_category, needs_bottle
 
 
 @needs_bottle
 def test_eval_decodes_one_batch_at_a_time(tmp_path, monkeypatch):
-    category = small_category(tmp_path / "bottle")
+    # 5 good and 4 broken test images, 8 training images
+    category = bottle_category(tmp_path / "bottle", ["000", "001", "002", "003", "004"], ["000", "001", "002", "003"])
     train = sorted((category / "train" / "good").iterdir())
     bank = build_bank(train, BuildConfig(features=FeatureConfig(backbone="mobilenet_v2")), device="cpu",
                       progress=False)
     scorer = PatchCoreScorer(bank, device="cpu")
     samples = evaluation.test_samples(category)
     decoded_up_front = [load_image(s.path) for s in samples]
-    reference = evaluation.evaluate(scorer, category, 0.0, batch_size=4, progress=False, images=decoded_up_front).to_dict()
+    reference = evaluation.evaluate(scorer, category, 0.0, batch_size=4, progress=False,
+                                    images=decoded_up_front).to_dict()
 
     decoded, lock = [], threading.Lock()
     real_decode = preprocess.decode_image

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from patchcore.cli import app
 from scorer import BankError, bank_from_bytes, save_bank
 
-from .conftest import synthetic_part
+from .conftest import bottle_category, synthetic_part
 
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_bottle"
 
@@ -144,18 +144,7 @@ def test_eval_leaves_defects_without_a_mask_out_of_the_pixel_metrics(tmp_path):
     """A copy of a few bottle test images: with every mask, then with one defect's mask deleted. The pixel metrics
     of the second equal those of the first without that image (an independent run on a set that lacks it)."""
     def category(root: Path, defects: list[str]) -> Path:
-        for kind, names in (("good", ["000", "001", "002"]), ("broken_large", defects)):
-            (root / "test" / kind).mkdir(parents=True)
-            for name in names:
-                os.symlink(BOTTLE / "test" / kind / f"{name}.png", root / "test" / kind / f"{name}.png")
-                if kind != "good":
-                    (root / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
-                    os.symlink(BOTTLE / "ground_truth" / kind / f"{name}_mask.png",
-                               root / "ground_truth" / kind / f"{name}_mask.png")
-        (root / "train" / "good").mkdir(parents=True)
-        for i in range(8):
-            os.symlink(BOTTLE / "train" / "good" / f"{i:03d}.png", root / "train" / "good" / f"{i:03d}.png")
-        return root
+        return bottle_category(root, ["000", "001", "002"], defects)
 
     warnings = {}
 
