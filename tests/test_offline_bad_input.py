@@ -139,6 +139,30 @@ def test_score_prints_lines_in_input_order_and_says_what_failed(bank_file, image
     assert error_lines(done) == [f"error: 1 of 4 images could not be read: {images['broken']}"]
 
 
+def test_eval_refuses_an_unreadable_test_image(tmp_path, bank_file):
+    """A test image that cannot be decoded stops eval with one line naming it (exit 2), and no report is written:
+    metrics over the readable images alone would describe another test set."""
+    rng = np.random.default_rng(3)
+    category = tmp_path / "parts"
+    for kind, defect in (("good", False), ("scratch", True)):
+        (category / "test" / kind).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(category / "test" / kind / f"{i:03d}.png"), synthetic_part(rng, defect=defect))
+    broken = category / "test" / "scratch" / "003.png"
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "report.json"
+    done = invoke("eval", "--data", str(category), "--bank", str(bank_file), "--batch-size", "2", "--no-progress",
+                  "--json", str(out))
+    assert done.returncode == 2
+    assert error_lines(done) == [f"error: a test image cannot be read, so nothing was evaluated: {broken}: "
+                                 "not a decodable PNG/JPEG/BMP image"]
+    assert not out.exists()
+    broken.unlink()  # the same set without it evaluates: the refusal was that image's
+    done = invoke("eval", "--data", str(category), "--bank", str(bank_file), "--batch-size", "2", "--no-progress",
+                  "--json", str(out))
+    assert done.returncode == 0 and json.loads(out.read_text())["n_test_images"] == 6
+
+
 @pytest.mark.skipif(not BOTTLE.is_dir(), reason="needs ../shared/datasets/mvtec_bottle")
 def test_eval_leaves_defects_without_a_mask_out_of_the_pixel_metrics(tmp_path):
     """A copy of a few bottle test images: with every mask, then with one defect's mask deleted. The pixel metrics

@@ -70,7 +70,10 @@ def evaluate_command(
     except (BankError, BackboneError, IndexError_) as exc:
         fail(str(exc))
     echo_advice(loaded)
-    report = evaluate(scorer, data, fit_seconds, build["batch_size"], progress).to_dict()
+    try:
+        report = evaluate(scorer, data, fit_seconds, build["batch_size"], progress).to_dict()
+    except ImageDecodeError as exc:  # metrics over the readable images alone would silently describe another set
+        fail(f"a test image cannot be read, so nothing was evaluated: {exc}")
     members = loaded.members if isinstance(loaded, EnsembleBank) else (loaded,)
     report.update(backbone=loaded.backbone if isinstance(loaded, EnsembleBank) else loaded.feature_config.backbone,
                   layers=[list(m.feature_config.layers) for m in members] if len(members) > 1
