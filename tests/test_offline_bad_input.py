@@ -18,9 +18,7 @@ from typer.testing import CliRunner
 from patchcore.cli import app
 from scorer import BankError, bank_from_bytes, save_bank
 
-from .conftest import bottle_category, synthetic_part
-
-BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_bottle"
+from .conftest import bottle_category, needs_bottle, synthetic_part
 
 
 def patchcore(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -163,7 +161,7 @@ def test_eval_refuses_an_unreadable_test_image(tmp_path, bank_file):
     assert done.returncode == 0 and json.loads(out.read_text())["n_test_images"] == 6
 
 
-@pytest.mark.skipif(not BOTTLE.is_dir(), reason="needs ../shared/datasets/mvtec_bottle")
+@needs_bottle
 def test_eval_leaves_defects_without_a_mask_out_of_the_pixel_metrics(tmp_path):
     """A copy of a few bottle test images: with every mask, then with one defect's mask deleted. The pixel metrics
     of the second equal those of the first without that image (an independent run on a set that lacks it)."""
