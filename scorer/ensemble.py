@@ -155,9 +155,10 @@ class EnsembleScorer(Verdicts):
         for member in self.members:
             member.warm_up()
 
-    def _score_group(self, images: list[np.ndarray], lay: Layout, regions: list[Region | None] | None = None
-                     ) -> tuple[np.ndarray, torch.Tensor]:
-        """Equally sized images -> combined scores [B] and patch distances [B, n_windows, gh, gw]: one upload and
+    def _score_group(self, images: list[np.ndarray], lay: Layout, regions: list[Region | None] | None = None,
+                     grids_over: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor, None]:
+        """Equally sized images -> combined scores [B] and patch distances [B, n_windows, gh, gw] (every row: the
+        verdict is on the combined score, so `grids_over` does not bound the members' searches): one upload and
         resize/normalisation for all members, then each member's backbone and search (a camera's region applied
         by every member, PatchCoreScorer.score_windows)."""
         inputs = self.members[0].prepare_windows(images, lay)
@@ -167,7 +168,7 @@ class EnsembleScorer(Verdicts):
             raise BankError(f"ensemble members' patch grids differ for a {lay.frame[0]}x{lay.frame[1]} frame: "
                             f"{sorted(grids)}")
         return (combine([s for s, _ in results], self.bank.normalisation, self.bank.combine),
-                combine([g for _, g in results], self.bank.normalisation, self.bank.combine))
+                combine([g for _, g in results], self.bank.normalisation, self.bank.combine), None)
 
     def _maps(self, patch_scores: torch.Tensor, lay: Layout) -> torch.Tensor:
         return self.members[0]._maps(patch_scores, lay)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import bounded
 from .backbones import BACKBONES, ensemble_members, load_backbone, resolve_backbone
 from .bank import AnyBank, BankError, Calibration, EnsembleBank, MemoryBank
 from .calibration import fold_ids
@@ -80,7 +81,8 @@ def iter_image_batches(sources: Sequence[Image], batch_size: int, prefetch: bool
 class ScoreResult:
     image_scores: np.ndarray  # [B] float32
     maps: list[np.ndarray] | None  # per image [h, w] float32 in the view's working coordinates, or None
-    patch_scores: list[np.ndarray]  # per image [n_windows, gh, gw] float32 (0 outside the frame / ROI)
+    patch_scores: list[np.ndarray | None]  # per image [n_windows, gh, gw] float32 (0 outside the frame / ROI);
+    #                                        None for an image under its `grids_over` (PatchCoreScorer.score)
     layouts: list[Layout]  # per image: where its windows lie
 
 
@@ -123,15 +125,20 @@ class Verdicts:
 
     @torch.inference_mode()
     def score(self, images: Sequence[np.ndarray], maps: bool = True,
-              regions: Sequence[Region | None] | None = None) -> ScoreResult:
+              regions: Sequence[Region | None] | None = None, grids_over: np.ndarray | None = None) -> ScoreResult:
         """RGB uint8 images (any sizes) -> scores (and anomaly maps); per group of equally sized images one
         `_score_group` (one backbone pass and one search per backbone) and one `_maps`. An image's result does not
         depend on its batch companions.
 
         regions: per image, a region of interest that replaces the bank's (None: the bank's): patches outside it
-        are left out of the image score and are 0 in the maps."""
+        are left out of the image score and are 0 in the maps.
+        grids_over (with maps=False): per image, the score at or over which its patch distances are wanted (the
+        threshold its verdict uses; NaN: never); the others' patch_scores are None and their patches need not
+        all be searched in full (scorer/bounded.py; the scores are the same). None: every image's."""
         if regions is not None and len(regions) != len(images):
             raise ValueError(f"{len(regions)} regions for {len(images)} images")
+        if grids_over is not None and (maps or len(grids_over) != len(images)):
+            raise ValueError("grids_over takes one threshold per image, and only with maps=False")
         scores = np.zeros(len(images), dtype=np.float32)
         heat: list = [None] * len(images)
         patches: list = [None] * len(images)
@@ -139,11 +146,14 @@ class Verdicts:
         for (height, width, *_), rows in shape_groups(images).items():
             lay = layout(self.view, height, width)
             group_regions = None if regions is None else [regions[i] for i in rows]
-            group_scores, group_patches = self._score_group([images[i] for i in rows], lay, group_regions)
+            group_over = None if grids_over is None else np.asarray(grids_over, dtype=np.float64)[rows]
+            group_scores, group_patches, has_grid = self._score_group([images[i] for i in rows], lay, group_regions,
+                                                                      group_over)
             group_maps = self._maps(group_patches, lay).cpu().numpy() if maps else None
             group_patches = group_patches.cpu().numpy()
             for j, i in enumerate(rows):
-                scores[i], patches[i], layouts[i] = group_scores[j], group_patches[j], lay
+                scores[i], layouts[i] = group_scores[j], lay
+                patches[i] = group_patches[j] if has_grid is None or has_grid[j] else None
                 if maps:
                     heat[i] = group_maps[j]
         return ScoreResult(scores, heat if maps else None, patches, layouts)
@@ -240,9 +250,15 @@ class PatchCoreScorer(Verdicts):
         if size is not None:
             self.extractor.warm_up(size, self.int8)
 
-    def _score_group(self, images: list[np.ndarray], lay: Layout, regions: list[Region | None] | None = None
-                     ) -> tuple[np.ndarray, torch.Tensor]:
-        return self.score_windows(self.prepare_windows(images, lay), lay, len(images), regions)
+    def _score_group(self, images: list[np.ndarray], lay: Layout, regions: list[Region | None] | None = None,
+                     grids_over: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None]:
+        """Equally sized images -> scores [B], patch distances [B, n_windows, gh, gw] and which rows hold them
+        (bool [B]; None: all). With `grids_over`, one window per frame, no per-position statistics and the ivf
+        search: the bounded path (scorer/bounded.py); otherwise every patch is searched in full."""
+        inputs = self.prepare_windows(images, lay)
+        if grids_over is not None and len(lay.origins) == 1 and self._position is None and bounded.supports(self.index):
+            return self.score_bounded(inputs, lay, regions, grids_over)
+        return (*self.score_windows(inputs, lay, len(images), regions), None)
 
     def prepare_windows(self, images: list[np.ndarray], lay: Layout) -> torch.Tensor:
         """Equally sized RGB images -> their view's ImageNet-normalised windows [B * T, 3, h, w], frame-major, on
@@ -283,6 +299,38 @@ class PatchCoreScorer(Verdicts):
                               self.neighbours)
             scores = torch.where(torch.isfinite(top), scores, 0.0)  # nothing to inspect (empty region of interest)
         return scores.cpu().numpy().astype(np.float32), torch.cat(grids).reshape(n_images, n_windows, *grid)
+
+    def score_bounded(self, inputs: torch.Tensor, lay: Layout, regions: list[Region | None] | None,
+                      grids_over: np.ndarray) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+        """score_windows for one window per frame when only the images at or over `grids_over` [B] need their patch
+        distances: each pass's windows get their maxima from bounded.bounded_distances, their Eq. 7 scores, and
+        the patch distances of those at or over their `grids_over` (bounded.complete). Returns the scores [B], the
+        patch distances [B, 1, gh, gw] (0 in the rows not wanted) and which rows hold them (bool [B])."""
+        n_images = len(inputs)
+        scores, grids, wanted, masks = [], [], [], None
+        for begin in range(0, n_images, self.max_windows_per_pass):
+            features, grid = self.extractor(inputs[begin:begin + self.max_windows_per_pass], self.int8)
+            with stage("search"):
+                count = len(features)
+                if masks is None:
+                    masks = self._batch_masks(lay, grid, regions, n_images)
+                valid = masks[begin:begin + count]  # [c, L]
+                found = bounded.bounded_distances(self.index, features, valid)
+                top, where = torch.where(valid, found.distances, float("-inf")).max(dim=1)
+            with stage("reweight"):
+                rows = torch.arange(count, device=features.device)
+                part = reweight(top, found.nearest[rows, where], features[rows, where], self._bank, self.index,
+                                self.neighbours)
+                part = torch.where(torch.isfinite(top), part, 0.0).cpu().numpy().astype(np.float32)
+            with stage("search"):
+                want = np.asarray(self.verdict(part, grids_over[begin:begin + count]), dtype=bool)
+                if want.any():
+                    bounded.complete(self.index, features, found, valid, torch.from_numpy(want))
+                kept = torch.from_numpy(want).to(valid.device)[:, None] & valid
+                grids.append(torch.where(kept, found.distances, 0.0))
+            scores.append(part)
+            wanted.append(want)
+        return (np.concatenate(scores), torch.cat(grids).reshape(n_images, 1, *grid), np.concatenate(wanted))
 
     def _valid_mask(self, lay: Layout, grid: tuple[int, int], region: Region | None = None) -> torch.Tensor:
         """bool [n_windows, L]: the patches inspected in each window, under `region` (None: the bank's ROI)."""

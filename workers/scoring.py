@@ -95,7 +95,9 @@ class ScoreStage:
         started = time.perf_counter()
         try:
             regions = [self.regions.region(self.cameras.of(d.frame.camera), *d.image.shape[:2]) for d in items]
-            result = active.scorer.score([d.image for d in items], maps=False, regions=regions)
+            # patch distances only for the frames found anomalous (their overlays), unless every result carries them
+            grids_over = None if self.settings.result_maps else self._limits(items, active.scorer)
+            result = active.scorer.score([d.image for d in items], maps=False, regions=regions, grids_over=grids_over)
         except HOST_FAULTS:
             raise
         except Exception as exc:  # noqa: BLE001 - a poison batch must not take good frames down with it
@@ -112,7 +114,7 @@ class ScoreStage:
         scorer = active.scorer
         now = time.time()
         settings = [self.cameras.of(d.frame.camera) for d in items]
-        limits = thresholds(settings, scorer.threshold)  # [B] each camera's threshold, or None: the bank's
+        limits = self._limits(items, scorer)
         verdicts = scorer.verdict(result.image_scores, limits)
         rows = np.flatnonzero(verdicts).tolist()
         maps = dict(zip(rows, scorer.heatmaps(result, rows)))
@@ -121,7 +123,7 @@ class ScoreStage:
             entry, frame, image = d.entry, d.frame, d.image
             score = float(result.image_scores[i])
             anomalous = bool(verdicts[i])
-            threshold = scorer.threshold if limits is None else None if np.isnan(limits[i]) else float(limits[i])
+            threshold = None if np.isnan(limits[i]) else float(limits[i])
             overlay_key = jpeg = None
             if anomalous:
                 overlay_key = self.keys.overlay(frame.camera, frame.seq)
@@ -140,6 +142,14 @@ class ScoreStage:
                                             if self.settings.result_maps else {}))
             out.append((entry, Scored(message, jpeg, d.decode_ms, score_ms)))
         return out
+
+    def _limits(self, items: list[Decoded], scorer) -> np.ndarray:
+        """Each frame's threshold [B] (NaN: none): its camera's (settings read at this batch's start), else the
+        bank's. The verdicts and the scorer's `grids_over` both take these."""
+        limits = thresholds([self.cameras.of(d.frame.camera) for d in items], scorer.threshold)
+        if limits is None:
+            limits = np.full(len(items), np.nan if scorer.threshold is None else scorer.threshold, dtype=np.float64)
+        return limits
 
 
 def _patch_map(grid: np.ndarray) -> dict:
