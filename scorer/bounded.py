@@ -47,6 +47,7 @@ class BoundedDistances:
     distances: torch.Tensor  # [c, L] searched in full where `full`, else the cheap upper bound
     nearest: torch.Tensor  # [c, L] int64: the bank feature each distance is to
     full: torch.Tensor  # [c, L] bool: searched in full
+    projected: torch.Tensor  # [c * L, dims]: the patches' coordinates in the index's coarse search (reused)
 
 
 def bounded_distances(index: ShortlistIndex, features: torch.Tensor, valid: torch.Tensor) -> BoundedDistances:
@@ -54,10 +55,11 @@ def bounded_distances(index: ShortlistIndex, features: torch.Tensor, valid: torc
     exact enough that `where(valid, distances, -inf).max(1)` equals the full search's maximum and its patch."""
     count, patches, dim = features.shape
     queries = features.reshape(-1, dim)
-    distances, nearest = index.search(queries, k=1, probes=BOUND_PROBES)
+    projected = index.project(queries)  # once: the cheap shortlist and every full search start from it
+    distances, nearest = index.search(queries, k=1, probes=BOUND_PROBES, projected=projected)
     result = BoundedDistances(distances[:, 0].reshape(count, patches).clone(),
                               nearest[:, 0].reshape(count, patches).clone(),
-                              torch.zeros(count, patches, dtype=torch.bool, device=valid.device))
+                              torch.zeros(count, patches, dtype=torch.bool, device=valid.device), projected)
     upper = torch.where(valid, result.distances, float("-inf"))
     seeds = torch.zeros_like(valid).scatter_(1, upper.topk(min(SEED_PATCHES, patches), dim=1).indices, True)
     _search_fully(index, queries, result, seeds & valid)
@@ -79,7 +81,7 @@ def _search_fully(index: ShortlistIndex, queries: torch.Tensor, bounded: Bounded
     """The full search for the patches `which` [c, L]; each keeps the nearer of its two shortlists' best."""
     flat = which.reshape(-1).nonzero()[:, 0]
     if len(flat):
-        distances, nearest = index.search(queries[flat], k=1)
+        distances, nearest = index.search(queries[flat], k=1, projected=bounded.projected[flat])
         current = bounded.distances.view(-1)
         closer = distances[:, 0] < current[flat]
         current[flat] = torch.where(closer, distances[:, 0], current[flat])

@@ -295,23 +295,31 @@ class ShortlistIndex:
             self._faiss.hnsw.efSearch = search.hnsw_ef
         self._faiss.add(projected)
 
+    def project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """vectors [Q, D] -> the coordinates [Q, dims] the coarse search runs on (subspace, ivf, hnsw): to pass
+        to `search(projected=...)` when the same queries are searched more than once (scorer/bounded.py)."""
+        if self.search_config.method == "half":
+            raise IndexError_("the half search runs on the vectors themselves: nothing to project")
+        return self._project(vectors.to(self.device, torch.float32))
+
     def _project(self, vectors: torch.Tensor) -> torch.Tensor:
         """vectors [Q, D] -> their centred coordinates [Q, dims] in the principal directions. The mean comes off
         after the product (its projection, once): no centred copy of the queries (51 MB for a batch of 16 crops),
         which took ~40 % of the projection's time (2.3 -> 1.4 ms per image, macaroni1's bank, /tmp timing)."""
         return (vectors @ self._basis).sub_(self._offset)
 
-    def search(self, queries: torch.Tensor, k: int = 1, probes: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int = 1, probes: int | None = None,
+               projected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [Q, D] -> (distances [Q, k] true L2, indices [Q, k] int64), on the queries' device.
 
         probes (ivf only): visit this many cells instead of the configured `ivf_probes`: a cheaper shortlist whose
-        distances are still true distances to bank features (scorer/bounded.py starts from them)."""
+        distances are still true distances to bank features (scorer/bounded.py starts from them).
+        projected: `project(queries)` when the caller has it already (not recomputed)."""
         if probes is not None and self.search_config.method != "ivf":
             raise IndexError_(f"probes apply to the ivf search, not {self.search_config.method}")
         k = min(k, self.size)
         local = queries.to(self.device, torch.float32)
-        candidates = self.candidates(local, min(self.size, self.search_config.shortlist + k - 1), probes)
+        candidates = self.candidates(local, min(self.size, self.search_config.shortlist + k - 1), probes, projected)
         if self.search_config.method in ("ivf", "hnsw"):  # only FAISS's graph/cells can come back short (-1s);
             short = (candidates[:, :k] < 0).any(1)  # those rows are searched exactly (no device sync for the others)
             if bool(short.any()):
@@ -326,12 +334,13 @@ class ShortlistIndex:
             self._fallback = NearestNeighbourIndex(self._bank.cpu().numpy(), "auto", self.device, self._max_block_bytes)
         return self._fallback
 
-    def candidates(self, queries: torch.Tensor, count: int, probes: int | None = None) -> torch.Tensor:
+    def candidates(self, queries: torch.Tensor, count: int, probes: int | None = None,
+                   projected: torch.Tensor | None = None) -> torch.Tensor:
         """Indices [Q, count] of the shortlist (-1 where the method found fewer), on this index's device. probes:
-        ivf cells visited (None: the configured ones)."""
+        ivf cells visited (None: the configured ones); projected: the queries' `project`, if known."""
         if self.search_config.method == "half":
             return self._half_search(queries, count)
-        projected = self._project(queries)
+        projected = self._project(queries) if projected is None else projected
         if self.search_config.method == "subspace":
             return self._coarse.candidates(projected, count)
         # the probes as a per-call parameter, not by setting nprobe: scorers in other threads share this index

@@ -133,3 +133,20 @@ def test_real_bottles_score_the_same_bounded(tmp_path):
     np.testing.assert_array_equal(result.image_scores, full.image_scores)
     assert all(grid is None for grid in result.patch_scores)
     assert full.image_scores[:4].min() > full.image_scores[4:].max()  # broken bottles over the good ones
+
+
+def test_the_worker_bounds_only_while_few_frames_are_flagged():
+    from workers.scoring import FlaggedShare
+
+    flagged = FlaggedShare()
+    assert flagged.low("a") and flagged.low("b")  # a bank with no history: bounded
+    for _ in range(5):  # 40 frames, all anomalous: the share after n frames is 1 - 0.98^n
+        flagged.add("a", 8, 8)
+    assert flagged.shares["a"] == pytest.approx(1 - 0.98 ** 40) and not flagged.low("a")
+    assert flagged.low("b")  # per bank
+    for _ in range(10):  # 80 good frames: 0.554 * 0.98^80 = 0.11
+        flagged.add("a", 0, 8)
+    assert flagged.shares["a"] == pytest.approx((1 - 0.98 ** 40) * 0.98 ** 80) and flagged.low("a")
+    for _ in range(100):  # a steady 25 % flagged stays bounded
+        flagged.add("b", 2, 8)
+    assert flagged.shares["b"] == pytest.approx(0.25, abs=1e-3) and flagged.low("b")

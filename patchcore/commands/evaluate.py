@@ -140,7 +140,9 @@ def score_command(
         if decoded:
             order, pictures = list(decoded), list(decoded.values())
             result = scorer.score(pictures, maps=heatmaps is not None,
-                                  regions=[regions.region(settings, *image.shape[:2]) for image in pictures])
+                                  regions=[regions.region(settings, *image.shape[:2]) for image in pictures],
+                                  # no heatmaps: no patch distances wanted, the scores need only each maximum
+                                  grids_over=None if heatmaps is not None else np.full(len(pictures), np.inf))
             verdicts = scorer.verdict(result.image_scores, thresholds([settings] * len(pictures), scorer.threshold))
             for j, i in enumerate(order):
                 score = float(result.image_scores[j])
