@@ -115,34 +115,36 @@ def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_s
     from tqdm.auto import tqdm
 
     samples = test_samples(category)
+    labels = np.array([s.is_anomalous for s in samples])
+    # pixel metrics over the good images and the defective ones with a mask: a defect without its mask would count
+    # as all-good pixels and inflate both; left out, counted and said instead
+    unmasked = [s.is_anomalous and s.mask_path is None for s in samples]
+    measured = sum(unmasked) < int(labels.sum())  # some defect has a mask: the pixel metrics mean something
+    # without any mask no map is drawn, and no patch distance is wanted: each image's maximum alone (scorer/bounded.py)
+    options = (lambda count: {}) if measured else (lambda count: {"maps": False, "grids_over": np.full(count, np.inf)})
     batches = (iter_image_batches([s.path for s in samples], batch_size, prefetch=False) if images is None else
                (images[begin:begin + batch_size] for begin in range(0, len(images), batch_size)))
     seconds, scores, maps, shapes = 0.0, [], [], []
     with tqdm(total=len(samples), desc="evaluating", unit="img", disable=not progress) as bar:
         for batch in batches:
             if not shapes:
-                scorer.score(batch[:1])  # warm-up: first-call allocations are not throughput
+                scorer.score(batch[:1], **options(1))  # warm-up: first-call allocations are not throughput
             started = time.perf_counter()
-            result = scorer.score(batch)
+            result = scorer.score(batch, **options(len(batch)))
             seconds += time.perf_counter() - started
             scores.append(result.image_scores)
-            maps.extend(result.maps)
+            maps.extend(result.maps or ())
             shapes.extend(image.shape[:2] for image in batch)
             bar.update(len(batch))
     scores_all = np.concatenate(scores)
-    labels = np.array([s.is_anomalous for s in samples])
-    # pixel metrics over the good images and the defective ones with a mask: a defect without its mask would count
-    # as all-good pixels and inflate both; left out, counted and said instead
-    unmasked = [s.is_anomalous and s.mask_path is None for s in samples]
     pixel = [i for i, left_out in enumerate(unmasked) if not left_out]
     if len(pixel) < len(samples):
         first = samples[unmasked.index(True)]
         log.warning("defective test images without a ground-truth mask are left out of pixel AUROC and PRO",
                     extra={"fields": {"count": sum(unmasked), "first": str(first.path),
                                       "expected": str(expected_mask(category, first.defect_type, first.path))}})
-    masks = load_masks([samples[i] for i in pixel], [shapes[i] for i in pixel], scorer.view)
-    pixel_maps = [maps[i] for i in pixel]
-    measured = sum(unmasked) < int(labels.sum())  # some defect has a mask: the pixel metrics mean something
+    masks = load_masks([samples[i] for i in pixel], [shapes[i] for i in pixel], scorer.view) if measured else []
+    pixel_maps = [maps[i] for i in pixel] if measured else []
     threshold = scorer.threshold
     flagged = scorer.verdict(scores_all)
     f1_threshold, f1 = f1_optimal_threshold(labels, scores_all)
@@ -170,7 +172,7 @@ def evaluate(scorer: Verdicts, category: str | Path, fit_seconds: float, batch_s
         false_alarm_rate_at_f1=float((scores_all[~labels] >= f1_threshold).mean()),
         best_recall_at_rate={str(rate): best_recall_at_rate(labels, scores_all, rate)
                              for rate in sorted({0.01, 0.05, *scorer_rate(scorer)})},
-        map_size=list(maps[0].shape),
+        map_size=list(layout(scorer.view, *shapes[0]).work),
         images=[{"image": str(s.path.relative_to(Path(category))), "type": s.defect_type, "score": float(v)}
                 for s, v in zip(samples, scores_all)],
     )

@@ -87,3 +87,28 @@ def test_prefetch_decodes_the_next_batch_only_when_on(tmp_path, monkeypatch, pre
     time.sleep(0.5)  # time for a prefetch, were one running, to finish
     assert len(decoded) == (4 if prefetch else 2)
     assert [len(batch) for batch in batches] == [2, 1] and len(decoded) == 5
+
+
+@needs_bottle
+def test_eval_of_a_set_without_masks_draws_no_maps_and_scores_the_same(tmp_path, monkeypatch):
+    """Good / defective folders and no ground truth: no map is drawn (the scores need only each image's maximum,
+    scorer/bounded.py), and the report's scores equal those of the same images evaluated with masks."""
+    import shutil
+
+    masked = bottle_category(tmp_path / "masked", ["000", "001", "002"], ["000", "001", "002"])
+    bare = bottle_category(tmp_path / "bare", ["000", "001", "002"], ["000", "001", "002"])
+    shutil.rmtree(bare / "ground_truth")
+    train = sorted((masked / "train" / "good").iterdir())
+    scorer = PatchCoreScorer(build_bank(train, BuildConfig(features=FeatureConfig(backbone="mobilenet_v2")),
+                                        device="cpu", progress=False), device="cpu")
+    reference = evaluation.evaluate(scorer, masked, 0.0, batch_size=4, progress=False).to_dict()
+    asked = []
+    real_score = scorer.score
+    monkeypatch.setattr(scorer, "score", lambda images, **kwargs: asked.append(kwargs) or real_score(images, **kwargs))
+    report = evaluation.evaluate(scorer, bare, 0.0, batch_size=4, progress=False).to_dict()
+    assert asked and all(kwargs.get("maps") is False and "grids_over" in kwargs for kwargs in asked)
+    assert reference["pixel_auroc"] is not None and report["pixel_auroc"] is None and report["pro"] is None
+    assert report["defects_without_mask"] == 3 and report["map_size"] == reference["map_size"] == [224, 224]
+    assert [row["score"] for row in report["images"]] == [row["score"] for row in reference["images"]]
+    for key in ("image_auroc", "threshold", "false_alarm_rate", "recall", "f1_threshold"):
+        assert report[key] == reference[key], key
