@@ -295,10 +295,14 @@ class PatchCoreScorer(Verdicts):
             best_t = torch.cat(best).reshape(n_images, n_windows)
             top, window = best_t.max(dim=1)  # each image's highest patch over all its windows
             pick = torch.arange(n_images, device=top.device) * n_windows + window
-            scores = reweight(top, torch.cat(anchor)[pick], torch.cat(best_feature)[pick], self._bank, self.index,
-                              self.neighbours)
-            scores = torch.where(torch.isfinite(top), scores, 0.0)  # nothing to inspect (empty region of interest)
-        return scores.cpu().numpy().astype(np.float32), torch.cat(grids).reshape(n_images, n_windows, *grid)
+            scores = self._image_scores(top, torch.cat(anchor)[pick], torch.cat(best_feature)[pick])
+        return scores, torch.cat(grids).reshape(n_images, n_windows, *grid)
+
+    def _image_scores(self, top: torch.Tensor, anchor: torch.Tensor, feature: torch.Tensor) -> np.ndarray:
+        """Eq. 7 of each image's highest patch distance `top` [B], its nearest bank feature `anchor` [B] and its
+        feature [B, D] -> float32 scores [B]; 0 where nothing is inspected (an empty region of interest)."""
+        scores = reweight(top, anchor, feature, self._bank, self.index, self.neighbours)
+        return torch.where(torch.isfinite(top), scores, 0.0).cpu().numpy().astype(np.float32)
 
     def score_bounded(self, inputs: torch.Tensor, lay: Layout, regions: list[Region | None] | None,
                       grids_over: np.ndarray) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
@@ -319,9 +323,7 @@ class PatchCoreScorer(Verdicts):
                 top, where = torch.where(valid, found.distances, float("-inf")).max(dim=1)
             with stage("reweight"):
                 rows = torch.arange(count, device=features.device)
-                part = reweight(top, found.nearest[rows, where], features[rows, where], self._bank, self.index,
-                                self.neighbours)
-                part = torch.where(torch.isfinite(top), part, 0.0).cpu().numpy().astype(np.float32)
+                part = self._image_scores(top, found.nearest[rows, where], features[rows, where])
             with stage("search"):
                 want = np.asarray(self.verdict(part, grids_over[begin:begin + count]), dtype=bool)
                 if want.any():

@@ -117,11 +117,12 @@ class ScoreStage:
         their own are found. Returns ([(items, ScoreResult, ms per frame)], [(item, error)])."""
         started = time.perf_counter()
         try:
-            regions = [self.regions.region(self.cameras.of(d.frame.camera), *d.image.shape[:2]) for d in items]
+            settings = [self.cameras.of(d.frame.camera) for d in items]
+            regions = [self.regions.region(s, *d.image.shape[:2]) for s, d in zip(settings, items)]
             # patch distances only for the frames found anomalous (their overlays), unless every result carries
             # them or most frames are anomalous lately (FlaggedShare)
             bounded = not self.settings.result_maps and self.flagged.low(active.name)
-            grids_over = self._limits(items, active.scorer) if bounded else None
+            grids_over = _limits(settings, active.scorer) if bounded else None
             result = active.scorer.score([d.image for d in items], maps=False, regions=regions, grids_over=grids_over)
         except HOST_FAULTS:
             raise
@@ -139,7 +140,7 @@ class ScoreStage:
         scorer = active.scorer
         now = time.time()
         settings = [self.cameras.of(d.frame.camera) for d in items]
-        limits = self._limits(items, scorer)
+        limits = _limits(settings, scorer)
         verdicts = scorer.verdict(result.image_scores, limits)
         self.flagged.add(active.name, int(verdicts.sum()), len(items))
         rows = np.flatnonzero(verdicts).tolist()
@@ -169,13 +170,14 @@ class ScoreStage:
             out.append((entry, Scored(message, jpeg, d.decode_ms, score_ms)))
         return out
 
-    def _limits(self, items: list[Decoded], scorer) -> np.ndarray:
-        """Each frame's threshold [B] (NaN: none): its camera's (settings read at this batch's start), else the
-        bank's. The verdicts and the scorer's `grids_over` both take these."""
-        limits = thresholds([self.cameras.of(d.frame.camera) for d in items], scorer.threshold)
-        if limits is None:
-            limits = np.full(len(items), np.nan if scorer.threshold is None else scorer.threshold, dtype=np.float64)
-        return limits
+
+def _limits(settings: list, scorer) -> np.ndarray:
+    """Each frame's threshold [B] (NaN: none) from its camera's settings (read at the batch's start), else the
+    bank's. The verdicts and the scorer's `grids_over` both take these."""
+    limits = thresholds(settings, scorer.threshold)
+    if limits is None:
+        limits = np.full(len(settings), np.nan if scorer.threshold is None else scorer.threshold, dtype=np.float64)
+    return limits
 
 
 def _patch_map(grid: np.ndarray) -> dict:
