@@ -24,6 +24,7 @@ import torch
 
 from results import write_result  # bench/results.py
 from scorer import bounded, load_bank
+from scorer.index import BOUND_DIMS
 from scorer.model import PatchCoreScorer
 from scorer.preprocess import load_image
 from scorer.views import layout
@@ -126,6 +127,7 @@ def main() -> None:
         rows.append(measure(bank_path, category, args.rounds, args.batch, args.every, args.shares))
         print(rows[-1], flush=True)
     write_result("bounded", {"rows": rows, "shares": args.shares, "bound_probes": bounded.BOUND_PROBES,
+                             "bound_candidates": bounded.BOUND_CANDIDATES, "bound_dims": BOUND_DIMS,
                              "seed_patches": bounded.SEED_PATCHES})
 
 

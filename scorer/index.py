@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - both packages are optional at import t
 
 INDEX_KINDS = ("auto", "faiss-cpu", "faiss-gpu", "torch")
 SEARCH_METHODS = ("auto", "exact", "subspace", "half", "ivf", "hnsw")
+BOUND_DIMS = 32  # ivf: the leading principal directions of the cheap shortlist (`upper_bounds`, scorer/bounded.py)
 
 
 class IndexError_(RuntimeError):
@@ -286,21 +287,33 @@ class ShortlistIndex:
         if faiss is None:
             raise IndexError_(f"search {search.method} needs faiss, which is not installed")
         if search.method == "ivf":
-            self._faiss = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dims), self.dims, lists)
-            self._faiss.cp.min_points_per_centroid = 1  # small banks: train anyway, without faiss's warning
-            self._faiss.train(projected)
+            self._faiss = _ivf(projected, lists)
             self._faiss.nprobe = min(search.ivf_probes, lists)
+            # the cheap shortlist's own cells, over the first BOUND_DIMS of the same coordinates (upper_bounds)
+            self._bound_dims = min(BOUND_DIMS, self.dims)
+            self._bound = _ivf(np.ascontiguousarray(projected[:, :self._bound_dims]), lists)
+            self._bound.add(np.ascontiguousarray(projected[:, :self._bound_dims]))
         else:
             self._faiss = faiss.IndexHNSWFlat(self.dims, search.hnsw_links)
             self._faiss.hnsw.efSearch = search.hnsw_ef
         self._faiss.add(projected)
 
-    def project(self, vectors: torch.Tensor) -> torch.Tensor:
-        """vectors [Q, D] -> the coordinates [Q, dims] the coarse search runs on (subspace, ivf, hnsw): to pass
-        to `search(projected=...)` when the same queries are searched more than once (scorer/bounded.py)."""
-        if self.search_config.method == "half":
-            raise IndexError_("the half search runs on the vectors themselves: nothing to project")
-        return self._project(vectors.to(self.device, torch.float32))
+    def upper_bounds(self, queries: torch.Tensor, probes: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ivf only: queries [Q, D] -> (distances [Q], indices [Q] int64): for each query the nearest of `count`
+        candidates from its `probes` nearest cells of the cheap shortlist (an ivf over the bank's first BOUND_DIMS
+        principal coordinates), re-ranked exactly. Each distance is a true distance to a bank feature, so never
+        below what any search reports for the query: an upper bound (scorer/bounded.py). A quarter of the full
+        search's projection; a cell short of `count` features leaves -1s, re-ranked as bank feature 0 (a true
+        distance still)."""
+        if self.search_config.method != "ivf":
+            raise IndexError_(f"the cheap shortlist is the ivf search's, not {self.search_config.method}'s")
+        local = queries.to(self.device, torch.float32)
+        coarse = (local @ self._basis[:, :self._bound_dims]).sub_(self._offset[:self._bound_dims])
+        params = faiss.SearchParametersIVF(nprobe=min(probes, self._bound.nlist))
+        _, found = self._bound.search(np.ascontiguousarray(coarse.cpu().numpy()), min(count, self.size), params=params)
+        candidates = torch.from_numpy(found).to(self.device).clamp_(min=0)
+        distances, best = exact_distances(local, self._bank, candidates).min(dim=1)
+        return distances.to(queries.device), candidates.gather(1, best[:, None])[:, 0].to(queries.device)
 
     def _project(self, vectors: torch.Tensor) -> torch.Tensor:
         """vectors [Q, D] -> their centred coordinates [Q, dims] in the principal directions. The mean comes off
@@ -308,18 +321,11 @@ class ShortlistIndex:
         which took ~40 % of the projection's time (2.3 -> 1.4 ms per image, macaroni1's bank, /tmp timing)."""
         return (vectors @ self._basis).sub_(self._offset)
 
-    def search(self, queries: torch.Tensor, k: int = 1, probes: int | None = None,
-               projected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries [Q, D] -> (distances [Q, k] true L2, indices [Q, k] int64), on the queries' device.
-
-        probes (ivf only): visit this many cells instead of the configured `ivf_probes`: a cheaper shortlist whose
-        distances are still true distances to bank features (scorer/bounded.py starts from them).
-        projected: `project(queries)` when the caller has it already (not recomputed)."""
-        if probes is not None and self.search_config.method != "ivf":
-            raise IndexError_(f"probes apply to the ivf search, not {self.search_config.method}")
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [Q, D] -> (distances [Q, k] true L2, indices [Q, k] int64), on the queries' device."""
         k = min(k, self.size)
         local = queries.to(self.device, torch.float32)
-        candidates = self.candidates(local, min(self.size, self.search_config.shortlist + k - 1), probes, projected)
+        candidates = self.candidates(local, min(self.size, self.search_config.shortlist + k - 1))
         if self.search_config.method in ("ivf", "hnsw"):  # only FAISS's graph/cells can come back short (-1s);
             short = (candidates[:, :k] < 0).any(1)  # those rows are searched exactly (no device sync for the others)
             if bool(short.any()):
@@ -334,18 +340,14 @@ class ShortlistIndex:
             self._fallback = NearestNeighbourIndex(self._bank.cpu().numpy(), "auto", self.device, self._max_block_bytes)
         return self._fallback
 
-    def candidates(self, queries: torch.Tensor, count: int, probes: int | None = None,
-                   projected: torch.Tensor | None = None) -> torch.Tensor:
-        """Indices [Q, count] of the shortlist (-1 where the method found fewer), on this index's device. probes:
-        ivf cells visited (None: the configured ones); projected: the queries' `project`, if known."""
+    def candidates(self, queries: torch.Tensor, count: int) -> torch.Tensor:
+        """Indices [Q, count] of the shortlist (-1 where the method found fewer), on this index's device."""
         if self.search_config.method == "half":
             return self._half_search(queries, count)
-        projected = self._project(queries) if projected is None else projected
+        projected = self._project(queries)
         if self.search_config.method == "subspace":
             return self._coarse.candidates(projected, count)
-        # the probes as a per-call parameter, not by setting nprobe: scorers in other threads share this index
-        params = None if probes is None else faiss.SearchParametersIVF(nprobe=min(probes, self._faiss.nlist))
-        _, idx = self._faiss.search(np.ascontiguousarray(projected.detach().cpu().numpy()), count, params=params)
+        _, idx = self._faiss.search(np.ascontiguousarray(projected.detach().cpu().numpy()), count)
         return torch.from_numpy(idx).to(self.device)
 
     def _half_search(self, queries: torch.Tensor, count: int) -> torch.Tensor:
@@ -356,3 +358,11 @@ class ShortlistIndex:
             products = (low[begin:begin + rows] @ self._low_bank.T).float()
             found.append(torch.topk(self._low_sq[None, :] - 2.0 * products, count, dim=1, largest=False).indices)
         return torch.cat(found) if found else queries.new_zeros((0, count), dtype=torch.int64)
+
+
+def _ivf(points: np.ndarray, lists: int) -> "faiss.IndexIVFFlat":
+    """A trained (empty) faiss IVF of `lists` k-means cells over points [N, d] (float32, C order)."""
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(points.shape[1]), points.shape[1], lists)
+    index.cp.min_points_per_centroid = 1  # small banks: train anyway, without faiss's warning
+    index.train(points)
+    return index

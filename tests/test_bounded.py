@@ -65,6 +65,9 @@ def test_each_windows_maximum_is_the_full_searchs_and_most_patches_skip_it(line_
     assert bool((found.distances >= exact - 1e-4).all())
     assert bool((found.distances[found.full] <= full[found.full] + 1e-5).all())
     assert not bool(found.full[~valid].any())
+    # and it is the distance to the bank feature it names (the cheap shortlist's or the full search's)
+    named = torch.linalg.vector_norm(features - torch.as_tensor(line_scorer.bank.features)[found.nearest], dim=2)
+    assert torch.allclose(found.distances[valid], named[valid], rtol=1e-4)
     assert found.full.float().mean() < 0.2  # the point of it: most patches never get the full search
     if seeds == 1:
         assert int(found.full.sum()) > int(valid.any(1).sum())  # more than the seeds were needed
@@ -117,8 +120,8 @@ def test_searches_without_a_cheap_shortlist_score_every_patch(synthetic_bank_byt
     result = exact.score(images, maps=False, grids_over=np.full(len(images), np.inf))
     np.testing.assert_array_equal(result.image_scores, exact.score(images, maps=False).image_scores)
     assert all(grid is not None for grid in result.patch_scores)
-    with pytest.raises(IndexError_, match="probes"):
-        make_index(bank.features[:300], "hnsw").search(torch.zeros(1, bank.features.shape[1]), probes=2)
+    with pytest.raises(IndexError_, match="cheap shortlist"):
+        make_index(bank.features[:300], "hnsw").upper_bounds(torch.zeros(1, bank.features.shape[1]), 2, 4)
 
 
 @needs_bottle
