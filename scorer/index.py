@@ -24,7 +24,8 @@ Eq. 7's image score can then move either way (another m*, another support set). 
 - "half": the flat search as one 16-bit matrix product over the centred bank (float16 on CUDA,
   bfloat16 where float16 products are slow, e.g. the CPU).
 - "ivf", "hnsw": FAISS IVF-Flat / HNSW graph on the CPU, in the bank's `dims` leading principal
-  directions (the same projection as "subspace"; 0: all of them).
+  directions (the same projection as "subspace"; 0: all of them). An ivf index also holds a cheap shortlist,
+  a second IVF-Flat over the first BOUND_DIMS of those directions (`upper_bounds`: scorer/bounded.py).
 """
 from __future__ import annotations
 
