@@ -310,6 +310,7 @@ class ShortlistIndex:
             raise IndexError_(f"the cheap shortlist is the ivf search's, not {self.search_config.method}'s")
         local = queries.to(self.device, torch.float32)
         coarse = (local @ self._basis[:, :self._bound_dims]).sub_(self._offset[:self._bound_dims])
+        # the probes as a per-call parameter, never set on the index: scorers in other threads may share it
         params = faiss.SearchParametersIVF(nprobe=min(probes, self._bound.nlist))
         _, found = self._bound.search(np.ascontiguousarray(coarse.cpu().numpy()), min(count, self.size), params=params)
         candidates = torch.from_numpy(found).to(self.device).clamp_(min=0)
