@@ -39,8 +39,8 @@ class FlaggedShare:
     """Each bank's recent share of frames found anomalous: an exponential average weighted per frame (about the
     last 50 frames). The bounded score (scorer/bounded.py) saves while few frames are flagged and costs more than
     it saves when most are (each flagged frame's patches are then all searched anyway; bench/bounded.py's sweep,
-    docs/scorer.md: even at about half flagged on bottle and macaroni1), so the worker bounds only while the
-    share is under LIMIT. Used by the scoring thread alone."""
+    docs/scorer.md: x1.08-1.11 at half flagged on bottle and macaroni1, x0.92-1.07 at three quarters, even between
+    the two), so the worker bounds only while the share is under LIMIT. Used by the scoring thread alone."""
 
     FRAME_WEIGHT = 0.02
     LIMIT = 0.5
