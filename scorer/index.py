@@ -291,9 +291,9 @@ class ShortlistIndex:
             self._faiss = _ivf(projected, lists)
             self._faiss.nprobe = min(search.ivf_probes, lists)
             # the cheap shortlist's own cells, over the first BOUND_DIMS of the same coordinates (upper_bounds)
-            self._bound_dims = min(BOUND_DIMS, self.dims)
-            self._bound = _ivf(np.ascontiguousarray(projected[:, :self._bound_dims]), lists)
-            self._bound.add(np.ascontiguousarray(projected[:, :self._bound_dims]))
+            leading = np.ascontiguousarray(projected[:, :BOUND_DIMS])
+            self._bound = _ivf(leading, lists)
+            self._bound.add(leading)
         else:
             self._faiss = faiss.IndexHNSWFlat(self.dims, search.hnsw_links)
             self._faiss.hnsw.efSearch = search.hnsw_ef
@@ -309,7 +309,8 @@ class ShortlistIndex:
         if self.search_config.method != "ivf":
             raise IndexError_(f"the cheap shortlist is the ivf search's, not {self.search_config.method}'s")
         local = queries.to(self.device, torch.float32)
-        coarse = (local @ self._basis[:, :self._bound_dims]).sub_(self._offset[:self._bound_dims])
+        dims = self._bound.d  # BOUND_DIMS, or fewer for a bank of lower rank
+        coarse = (local @ self._basis[:, :dims]).sub_(self._offset[:dims])
         # the probes as a per-call parameter, never set on the index: scorers in other threads may share it
         params = faiss.SearchParametersIVF(nprobe=min(probes, self._bound.nlist))
         _, found = self._bound.search(np.ascontiguousarray(coarse.cpu().numpy()), min(count, self.size), params=params)
